@@ -1,0 +1,1 @@
+"""A simulated IB Gateway speaking the TWS API text protocol (server version 178)."""

@@ -1,0 +1,48 @@
+"""Framing of the TWS text protocol."""
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from guardd.sim.wire import FrameBuffer, FrameError, encode_frame, format_field
+
+field_text = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=20)
+
+
+@given(st.lists(st.lists(field_text, min_size=1, max_size=8), max_size=5), st.integers(1, 7))
+def test_frames_split_at_any_boundary_then_decode_intact(frames: list[list[str]], chunk: int) -> None:
+    data = b"".join(encode_frame(f) for f in frames)
+    buf = FrameBuffer()
+    out: list[list[str]] = []
+    for i in range(0, len(data), chunk):
+        out.extend(buf.feed(data[i : i + chunk]))
+    assert out == frames
+
+
+def test_fields_formatted_as_tws_writes_them() -> None:
+    assert [format_field(v) for v in (True, False, None, 3, 2.5, 100.0)] == [
+        "1",
+        "0",
+        "",
+        "3",
+        "2.5",
+        "100",
+    ]
+
+
+def test_oversized_frame_then_frame_error() -> None:
+    with pytest.raises(FrameError):
+        FrameBuffer().feed(struct.pack(">I", 1 << 30))
+
+
+def test_api_prefix_taken_only_when_present() -> None:
+    buf = FrameBuffer()
+    buf.append(b"AP")
+    assert buf.take_prefix(b"API\0") is None
+    buf.append(b"I\0")
+    assert buf.take_prefix(b"API\0") is True
+    other = FrameBuffer()
+    other.append(b"GET / HTTP/1.1")
+    assert other.take_prefix(b"API\0") is False
