@@ -1,0 +1,102 @@
+"""guardd's one error tree.
+
+Foreign exceptions (pydantic, OSError, ibapi, aiohttp, aiomqtt) are translated into these at the
+boundary where they happen (``raise JournalError(...) from exc``); code above that boundary catches
+only ``GuarddError`` subclasses. A risk breach is never an exception: rules return findings.
+
+::
+
+    GuarddError                    anything guardd raises on purpose             exit 70
+     ├── ConfigError               bad configuration: key path + rule broken     exit 78
+     ├── BrokerError               talking to TWS / IB Gateway failed            exit 69
+     │    ├── BrokerConnectError       cannot connect / handshake / account not managed
+     │    └── BrokerDisconnectedError  dropped, or a request needs a connection
+     ├── JournalError              the audit journal cannot be written or read   exit 74
+     ├── LatchError                the kill latch file cannot be written         exit 74
+     └── CommandError              a kill / arm command refused (HTTP 400)
+          ├── AuthError            missing, wrong or under-privileged credential (401/403)
+          └── ReplayError          stale timestamp or a nonce already seen (MQTT)
+
+Exit codes follow sysexits.h (70 EX_SOFTWARE, 78 EX_CONFIG, 69 EX_UNAVAILABLE, 74 EX_IOERR).
+The systemd unit should list 78 in RestartPreventExitStatus so that a broken config file is not
+restarted in a loop.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "EX_CONFIG",
+    "AuthError",
+    "BrokerConnectError",
+    "BrokerDisconnectedError",
+    "BrokerError",
+    "CommandError",
+    "ConfigError",
+    "GuarddError",
+    "JournalError",
+    "LatchError",
+    "ReplayError",
+]
+
+EX_CONFIG = 78
+
+
+class GuarddError(Exception):
+    """Base of every error guardd raises on purpose; ``exit_code`` is what the daemon exits with."""
+
+    exit_code: ClassVar[int] = 70  # EX_SOFTWARE
+
+
+class ConfigError(GuarddError):
+    """The configuration broke a rule: ``key_path`` names the key, ``rule`` says what is wrong.
+
+    ``str(err)`` is ``"<key_path>: <rule>"`` (or just the rule when no single key is to blame, e.g.
+    a TOML syntax error), ready to print to the operator.
+    """
+
+    exit_code: ClassVar[int] = EX_CONFIG
+
+    def __init__(self, key_path: str, rule: str) -> None:
+        self.key_path = key_path
+        self.rule = rule
+        super().__init__(f"{key_path}: {rule}" if key_path else rule)
+
+
+class BrokerError(GuarddError):
+    """Talking to TWS / IB Gateway failed."""
+
+    exit_code: ClassVar[int] = 69  # EX_UNAVAILABLE
+
+
+class BrokerConnectError(BrokerError):
+    """Could not connect, the handshake failed, or the login does not manage the guarded account."""
+
+
+class BrokerDisconnectedError(BrokerError):
+    """The connection dropped, or a request was made while not connected."""
+
+
+class JournalError(GuarddError):
+    """The audit journal could not be written (the record is not durable) or could not be read."""
+
+    exit_code: ClassVar[int] = 74  # EX_IOERR
+
+
+class LatchError(GuarddError):
+    """The kill latch state file could not be written durably."""
+
+    exit_code: ClassVar[int] = 74  # EX_IOERR
+
+
+class CommandError(GuarddError):
+    """A kill / arm / status command was refused: malformed, or not allowed in this state."""
+
+
+class AuthError(CommandError):
+    """The command's credential is missing, wrong, or lacks the role the command needs."""
+
+
+class ReplayError(CommandError):
+    """A signed command's timestamp is outside the window, or its nonce was already used."""
