@@ -1,0 +1,246 @@
+"""Broker events: the plain, frozen facts the broker adapter produces from ibapi callbacks.
+
+The adapter (`guardd.broker`) translates each EWrapper callback into one of these dataclasses and
+stamps it with `ts`, the receive time in float epoch seconds. The core folds them into a `Book`
+(`guardd.core.book`) and never sees ibapi types. Quantities and prices are floats; unset IB
+doubles (`1.7976931348623157e+308`) should arrive here as NaN, which the rules treat as missing.
+Every class is keyword-only so that a reordered field cannot silently swap two numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NewType
+
+PermId = NewType("PermId", int)
+"""IB's permanent order id: unique per login, stable across clients and reconnects."""
+OrderId = NewType("OrderId", int)
+"""An API client's own order id (0 for orders entered in TWS)."""
+ClientId = NewType("ClientId", int)
+"""The API client id that placed an order (0 for TWS / the auto-bind client)."""
+ConId = NewType("ConId", int)
+"""IB's contract id."""
+
+PriceField = Literal["bid", "ask", "last", "mark"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Connected:
+    """The API session is up: handshake done, managedAccounts and nextValidId received."""
+
+    server_version: int
+    managed_accounts: tuple[str, ...]
+    next_order_id: int
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Disconnected:
+    """The socket to TWS / IB Gateway is closed (or the handshake failed)."""
+
+    reason: str
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectivityLost:
+    """Error 1100: TWS lost its connection to IB's servers; the API socket is still open."""
+
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectivityRestored:
+    """Error 1101 (`data_lost=True`: subscriptions must be renewed) or 1102 (data kept)."""
+
+    data_lost: bool
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PositionUpdate:
+    """One `position` callback (reqPositions): the broker-confirmed quantity of one contract."""
+
+    account: str
+    con_id: ConId
+    symbol: str
+    sec_type: str
+    currency: str
+    multiplier: float  # 1.0 when IB sends "" (stocks)
+    exchange: str
+    quantity: float  # signed: short positions are negative
+    avg_cost: float
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PositionsEnd:
+    """`positionEnd`: the position download that followed a (re)subscription is complete."""
+
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccountValue:
+    """One `updateAccountValue` / `accountSummary` value, e.g. NetLiquidation or ExchangeRate.
+
+    `value` stays the string IB sent; numbers are parsed by the reader. For `ExchangeRate`,
+    `currency` names the foreign currency and `value` is base-currency units per unit of it.
+    """
+
+    account: str
+    key: str
+    value: str
+    currency: str
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccountDownloadEnd:
+    """`accountDownloadEnd`: the first full batch of account values has arrived."""
+
+    account: str
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PnLUpdate:
+    """`pnl` (reqPnL): the account's PnL in its base currency, about once a second."""
+
+    account: str
+    daily: float
+    unrealized: float
+    realized: float
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PositionValue:
+    """`pnlSingle` (reqPnLSingle): live PnL and market value of one position.
+
+    `value` is taken to be in the position's own currency (like updatePortfolio's marketValue).
+    """
+
+    account: str
+    con_id: ConId
+    position: float
+    daily: float
+    unrealized: float
+    realized: float
+    value: float
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PriceTick:
+    """`tickPrice` for a contract, already mapped from IB's tick type to a field name."""
+
+    con_id: ConId
+    field: PriceField
+    price: float
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenOrder:
+    """`openOrder`: an order's terms (and status) as TWS reports them to the master client.
+
+    `currency` and `multiplier` come from the order's contract so notional can be valued.
+    """
+
+    perm_id: PermId
+    order_id: OrderId
+    client_id: ClientId
+    account: str
+    con_id: ConId
+    symbol: str
+    sec_type: str
+    action: str  # "BUY" / "SELL"
+    quantity: float
+    order_type: str  # "MKT", "LMT", ...
+    lmt_price: float  # NaN when unset
+    order_ref: str
+    status: str
+    currency: str
+    multiplier: float
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OrderStatus:
+    """`orderStatus`: fill progress of an order; may arrive before its `openOrder`."""
+
+    perm_id: PermId
+    order_id: OrderId
+    client_id: ClientId
+    status: str
+    filled: float
+    remaining: float
+    avg_fill_price: float
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenOrdersEnd:
+    """`openOrderEnd`: the open-order download is complete."""
+
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Execution:
+    """`execDetails`: one fill. IB may send the same `exec_id` more than once."""
+
+    exec_id: str
+    perm_id: PermId
+    order_id: OrderId
+    client_id: ClientId
+    account: str
+    con_id: ConId
+    symbol: str
+    side: str  # "BOT" / "SLD"
+    shares: float
+    price: float
+    time: str  # IB's execution time string, kept verbatim
+    order_ref: str
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerError:
+    """`error`: any IB error or notice not translated into a more specific event."""
+
+    req_id: int
+    code: int
+    message: str
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat:
+    """A trading bot's liveness signal (from MQTT or HTTP); `ts` is when guardd received it."""
+
+    bot: str
+    ts: float
+
+
+BrokerEvent = (
+    Connected
+    | Disconnected
+    | ConnectivityLost
+    | ConnectivityRestored
+    | PositionUpdate
+    | PositionsEnd
+    | AccountValue
+    | AccountDownloadEnd
+    | PnLUpdate
+    | PositionValue
+    | PriceTick
+    | OpenOrder
+    | OrderStatus
+    | OpenOrdersEnd
+    | Execution
+    | BrokerError
+    | Heartbeat
+)
+"""Everything the Book folds."""
