@@ -128,7 +128,7 @@ class PriceProcess:
         """Best bid: last - spread/2 rounded down to the tick grid, at least one tick."""
         half = self.spread / 2
         ticks = math.floor((self.last - half) / self.min_tick + _EPS)
-        if half > 0:
+        if self.spread > 0:
             # a positive spread always leaves the bid at least a tick under the last price
             ticks = min(ticks, round(self.last / self.min_tick) - 1)
         return self._snap(max(1, ticks))
@@ -139,7 +139,7 @@ class PriceProcess:
         half = self.spread / 2
         ticks = math.ceil((self.last + half) / self.min_tick - _EPS)
         bid_ticks = round(self.bid / self.min_tick)
-        if half > 0:
+        if self.spread > 0:
             ticks = max(ticks, bid_ticks + 1)
         return self._snap(max(ticks, bid_ticks))
 
