@@ -53,15 +53,17 @@ class ConfigError(GuarddError):
     """The configuration broke a rule: ``key_path`` names the key, ``rule`` says what is wrong.
 
     ``str(err)`` is ``"<key_path>: <rule>"`` (or just the rule when no single key is to blame, e.g.
-    a TOML syntax error), ready to print to the operator.
+    a TOML syntax error), followed by one line per further problem in ``more``, ready to print.
     """
 
     exit_code: ClassVar[int] = EX_CONFIG
 
-    def __init__(self, key_path: str, rule: str) -> None:
+    def __init__(self, key_path: str, rule: str, *, more: tuple[str, ...] = ()) -> None:
         self.key_path = key_path
         self.rule = rule
-        super().__init__(f"{key_path}: {rule}" if key_path else rule)
+        self.more = more  # further problems found in the same file, each "<key_path>: <rule>"
+        first = f"{key_path}: {rule}" if key_path else rule
+        super().__init__("\n".join((first, *more)))
 
 
 class BrokerError(GuarddError):

@@ -1,0 +1,654 @@
+"""guardd's configuration: one TOML file read into typed, frozen models and checked at start.
+
+Every model is frozen, strict (a TOML string is never silently read as a number) and forbids unknown
+keys, so a typo fails the start instead of switching a limit off. ``load_config`` is the boundary:
+a missing file, a TOML syntax error or a broken rule all become one ``ConfigError`` that names the
+key path and the rule, e.g. ``limits.leverage.kill: must be greater than or equal to
+limits.leverage.reduce (2.0)``; the daemon exits 78 (EX_CONFIG) on it.
+
+``configs/guardd.example.toml`` documents every key. Limits read naturally:
+``cfg.limits.leverage.kill`` is the leverage that halts the account, or None when not set, and
+``cfg.limits.leverage.breached(2.4)`` is the worst level a value breaches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Self, cast
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from guardd.errors import ConfigError
+
+__all__ = [
+    "LEVELS",
+    "BotHeartbeat",
+    "BudgetConfig",
+    "Config",
+    "ConnectivityLimits",
+    "ControlConfig",
+    "DailyLossLimit",
+    "DrawdownLimit",
+    "FlattenConfig",
+    "HeartbeatLimits",
+    "HttpControlConfig",
+    "IbConfig",
+    "KillConfig",
+    "KillMode",
+    "Level",
+    "LevelLimit",
+    "LeverageLimit",
+    "Limits",
+    "LogConfig",
+    "MaintMarginRatioLimit",
+    "MarginCushionLimit",
+    "MarginSpikeLimit",
+    "MetricsConfig",
+    "MqttControlConfig",
+    "OrderPolicy",
+    "OrderRateLimits",
+    "PerOrderLimits",
+    "PositionLimits",
+    "RateLimit",
+    "SecType",
+    "TokenFiles",
+    "VolatilityLimit",
+    "load_config",
+    "parse_config",
+]
+
+Level = Literal["warn", "reduce", "kill"]
+LEVELS: tuple[Level, ...] = ("warn", "reduce", "kill")  # least to most severe
+KillMode = Literal["cancel", "flatten"]
+SecType = Literal[
+    "STK",
+    "OPT",
+    "FUT",
+    "FOP",
+    "CASH",
+    "CFD",
+    "BOND",
+    "WAR",
+    "IOPT",
+    "FUND",
+    "CMDTY",
+    "CRYPTO",
+    "BAG",
+]
+OrderKind = Literal["MKT", "LMT"]
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def _broken(key: str, rule: str) -> PydanticCustomError:
+    """A rule broken by ``key`` of the model being validated.
+
+    ``@name`` in ``rule`` refers to another key by its path relative to the same model; the
+    translation in ``_config_error`` turns both into full key paths (``limits.leverage.reduce``).
+    """
+    return PydanticCustomError("guardd_rule", "{key}: {rule}", {"key": key, "rule": rule})
+
+
+def _non_empty_path(value: object) -> object:
+    # Path("") is Path("."): an empty string would quietly mean "the working directory".
+    if isinstance(value, str) and not value.strip():
+        raise PydanticCustomError("guardd_empty_path", "must not be empty")
+    return value
+
+
+# Paths and lists arrive from TOML as str and list: read them laxly, everything else strictly.
+FilePath = Annotated[Path, BeforeValidator(_non_empty_path), Field(strict=False)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+Host = Annotated[str, Field(min_length=1, pattern=r"^\S+$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", strict=True, allow_inf_nan=False, validate_default=False
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits
+
+
+class LevelLimit(_Model):
+    """A rule's thresholds: each of warn / reduce / kill is optional; unset levels never fire.
+
+    For a "higher is worse" rule a value breaches a level when ``value >= level`` and the levels
+    must be ordered warn <= reduce <= kill; for a "lower is worse" rule (margin cushion) a value
+    breaches when ``value <= level`` and the order is reversed. A rule breaks only after
+    ``debounce`` consecutive breaching evaluations on data no older than ``max_data_age_s``.
+    """
+
+    higher_is_worse: ClassVar[bool] = True
+
+    warn: Annotated[float, Field(ge=0)] | None = None
+    reduce: Annotated[float, Field(ge=0)] | None = None
+    kill: Annotated[float, Field(ge=0)] | None = None
+    debounce: Annotated[int, Field(ge=1)] = 1
+    max_data_age_s: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _levels_in_order(self) -> Self:
+        set_levels = self.thresholds()
+        for (lower_name, lower), (name, value) in itertools.pairwise(set_levels):
+            if self.higher_is_worse and value < lower:
+                raise _broken(name, f"must be greater than or equal to @{lower_name} ({lower})")
+            if not self.higher_is_worse and value > lower:
+                raise _broken(name, f"must be less than or equal to @{lower_name} ({lower})")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """True when at least one level is set."""
+        return bool(self.thresholds())
+
+    def thresholds(self) -> tuple[tuple[Level, float], ...]:
+        """The levels that are set, least severe first: ``(("warn", 1.5), ("kill", 3.0))``."""
+        return tuple(
+            (level, value)
+            for level in LEVELS
+            if (value := getattr(self, level)) is not None  # getattr: LEVELS names the fields
+        )
+
+    def breaches(self, value: float, level: Level) -> bool:
+        """Whether ``value`` breaches ``level``; an unset level, NaN or infinity never breaches.
+
+        NaN and missing data are their own findings: a rule must not halt an account on them.
+        """
+        threshold: float | None = getattr(self, level)
+        if threshold is None or value != value or value in (float("inf"), float("-inf")):
+            return False
+        return value >= threshold if self.higher_is_worse else value <= threshold
+
+    def breached(self, value: float) -> Level | None:
+        """The most severe level ``value`` breaches, or None."""
+        worst: Level | None = None
+        for level in LEVELS:
+            if self.breaches(value, level):
+                worst = level
+        return worst
+
+
+class _FractionLimit(LevelLimit):
+    warn: Fraction | None = None
+    reduce: Fraction | None = None
+    kill: Fraction | None = None
+
+
+class LeverageLimit(LevelLimit):
+    """Leverage = gross position value / net liquidation, both in base currency (x, e.g. 3.0)."""
+
+
+class MarginCushionLimit(_FractionLimit):
+    """Cushion = excess liquidity / net liquidation (fraction); lower is worse, kill <= warn."""
+
+    higher_is_worse: ClassVar[bool] = False
+
+
+class MaintMarginRatioLimit(LevelLimit):
+    """Maintenance margin requirement / net liquidation (fraction; 1.0 means margin call)."""
+
+
+class MarginSpikeLimit(LevelLimit):
+    """Fractional jump of the maintenance requirement while positions are unchanged.
+
+    value = maint_now / lowest maint seen within ``window_s`` with the same positions - 1.
+    """
+
+    window_s: Seconds = 300.0
+
+
+class DailyLossLimit(_FractionLimit):
+    """Loss today as a fraction of start-of-day net liquidation; positive = loss (0.05 = 5 %)."""
+
+
+class DrawdownLimit(_FractionLimit):
+    """Fall of net liquidation from today's intraday peak, as a fraction of the peak."""
+
+
+class VolatilityLimit(LevelLimit):
+    """Realised volatility of returns over ``window_s`` (fraction, 0.40 = 40 %).
+
+    ``horizon`` says whether levels are annualised or daily figures. A reduce breach brings the
+    account down to ``target_leverage`` (required when ``reduce`` is set).
+    """
+
+    horizon: Literal["annualised", "daily"] = "annualised"
+    window_s: Seconds = 3600.0
+    target_leverage: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _reduce_needs_target(self) -> Self:
+        if self.reduce is not None and self.target_leverage is None:
+            raise _broken("target_leverage", "is required when @reduce is set")
+        return self
+
+
+class RateLimit(LevelLimit):
+    """New orders counted in one window (orders per window)."""
+
+
+class OrderRateLimits(_Model):
+    """New-order rates per API client id and over all clients, in 1 s and 60 s windows."""
+
+    per_client_1s: RateLimit = Field(default_factory=RateLimit)
+    per_client_60s: RateLimit = Field(default_factory=RateLimit)
+    total_1s: RateLimit = Field(default_factory=RateLimit)
+    total_60s: RateLimit = Field(default_factory=RateLimit)
+
+
+class PerOrderLimits(_Model):
+    """Checks on each order seen; a breach triggers ``action`` ("kill" = global cancel + halt).
+
+    A foreign order cannot be cancelled alone, so there is no "cancel this order" action.
+    """
+
+    max_quantity: Annotated[float, Field(gt=0)] | None = None
+    max_notional: Annotated[float, Field(gt=0)] | None = None  # base currency
+    price_collar: Fraction | None = None  # |limit price / last - 1|
+    forbidden_order_types: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    forbidden_sec_types: Annotated[tuple[SecType, ...], Field(strict=False)] = ()
+    action: Literal["kill", "warn"] = "kill"
+
+    @field_validator("forbidden_order_types")
+    @classmethod
+    def _order_types_upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # IB order type codes are upper case ("STP LMT"); compare them that way.
+        return tuple(order_type.strip().upper() for order_type in value)
+
+    @property
+    def enabled(self) -> bool:
+        """True when any check is configured."""
+        return bool(
+            self.max_quantity is not None
+            or self.max_notional is not None
+            or self.price_collar is not None
+            or self.forbidden_order_types
+            or self.forbidden_sec_types
+        )
+
+
+class PositionLimits(_Model):
+    """Position checks: per-symbol absolute quantity and notional, count, allowed asset classes."""
+
+    max_quantity: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    max_notional: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    max_count: Annotated[int, Field(ge=0)] | None = None
+    allowed_sec_types: Annotated[tuple[SecType, ...], Field(strict=False)] | None = None
+    action: Level = "kill"
+    debounce: Annotated[int, Field(ge=1)] = 1
+
+
+class BotHeartbeat(_Model):
+    """One bot's heartbeat: silence longer than ``timeout_s`` triggers ``action``."""
+
+    timeout_s: Seconds
+    action: Level = "warn"
+
+
+class HeartbeatLimits(_Model):
+    """Bots that publish heartbeats, by name (the name used in the heartbeat topic)."""
+
+    bots: dict[Name, BotHeartbeat] = Field(default_factory=dict)
+
+
+class ConnectivityLimits(_Model):
+    """Alerts (and optionally a kill) when IB is disconnected or events stop arriving.
+
+    A kill decided while disconnected stays latched and is carried out on reconnect.
+    """
+
+    disconnected_warn_after_s: Annotated[float, Field(ge=0)] | None = 5.0
+    disconnected_kill_after_s: Seconds | None = None
+    max_event_age_s: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _warn_before_kill(self) -> Self:
+        warn, kill = self.disconnected_warn_after_s, self.disconnected_kill_after_s
+        if warn is not None and kill is not None and kill < warn:
+            raise _broken(
+                "disconnected_kill_after_s",
+                f"must be greater than or equal to @disconnected_warn_after_s ({warn})",
+            )
+        return self
+
+
+class Limits(_Model):
+    """Every rule's limits; a rule with no level set is off."""
+
+    leverage: LeverageLimit = Field(default_factory=LeverageLimit)
+    margin_cushion: MarginCushionLimit = Field(default_factory=MarginCushionLimit)
+    maint_margin_ratio: MaintMarginRatioLimit = Field(default_factory=MaintMarginRatioLimit)
+    margin_spike: MarginSpikeLimit = Field(default_factory=MarginSpikeLimit)
+    daily_loss: DailyLossLimit = Field(default_factory=DailyLossLimit)
+    drawdown: DrawdownLimit = Field(default_factory=DrawdownLimit)
+    volatility: VolatilityLimit = Field(default_factory=VolatilityLimit)
+    order_rate: OrderRateLimits = Field(default_factory=OrderRateLimits)
+    per_order: PerOrderLimits = Field(default_factory=PerOrderLimits)
+    positions: PositionLimits = Field(default_factory=PositionLimits)
+    heartbeats: HeartbeatLimits = Field(default_factory=HeartbeatLimits)
+    connectivity: ConnectivityLimits = Field(default_factory=ConnectivityLimits)
+
+    @model_validator(mode="after")
+    def _volatility_target_below_leverage_kill(self) -> Self:
+        # Reducing "to" a leverage that is itself a kill would turn every volatility breach
+        # into a halt.
+        target, kill = self.volatility.target_leverage, self.leverage.kill
+        if target is not None and kill is not None and target >= kill:
+            raise _broken(
+                "volatility.target_leverage", f"must be less than @leverage.kill ({kill})"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Actions, pacing
+
+
+class KillConfig(_Model):
+    """What a kill does: "cancel" cancels every order; "flatten" also closes every position."""
+
+    mode: KillMode = "cancel"
+    cancel_verify_timeout_s: Seconds = 5.0
+
+
+class OrderPolicy(_Model):
+    """How guardd closes positions of one asset class.
+
+    "LMT" is a marketable limit: last price -/+ ``collar`` (fraction) for a sell / buy.
+    """
+
+    regular_hours: OrderKind = "MKT"
+    outside_hours: OrderKind = "LMT"
+    collar: Annotated[float, Field(gt=0, le=0.5)] = 0.01
+
+
+_DEFAULT_ORDER_POLICY: dict[SecType, dict[str, Any]] = {
+    "STK": {"regular_hours": "MKT", "outside_hours": "LMT", "collar": 0.01},
+    "FUT": {"regular_hours": "MKT", "outside_hours": "MKT"},
+}
+
+
+def _default_policies() -> dict[SecType, OrderPolicy]:
+    return {
+        sec_type: OrderPolicy.model_validate(policy)
+        for sec_type, policy in _DEFAULT_ORDER_POLICY.items()
+    }
+
+
+class FlattenConfig(_Model):
+    """Flatten orders: policy per asset class, child order size, how long to wait for "flat"."""
+
+    verify_timeout_s: Seconds = 30.0
+    max_child_qty: Annotated[float, Field(gt=0)] | None = None
+    order_policy: dict[SecType, OrderPolicy] = Field(default_factory=_default_policies)
+
+    @field_validator("order_policy", mode="before")
+    @classmethod
+    def _over_defaults(cls, value: object) -> object:
+        # A table for OPT must not silently drop the STK and FUT defaults.
+        if isinstance(value, Mapping):
+            return {**_DEFAULT_ORDER_POLICY, **value}
+        return value
+
+    @field_validator("order_policy")
+    @classmethod
+    def _stocks_never_market_outside_hours(
+        cls, value: dict[SecType, OrderPolicy]
+    ) -> dict[SecType, OrderPolicy]:
+        stk = value.get("STK")
+        if stk is not None and stk.outside_hours == "MKT":
+            raise _broken(
+                "STK.outside_hours",
+                'must be "LMT": IB rejects market orders for stocks outside regular hours',
+            )
+        return value
+
+    def policy_for(self, sec_type: str) -> OrderPolicy | None:
+        """The policy for an asset class, or None: guardd does not close that class itself."""
+        return self.order_policy.get(cast(SecType, sec_type))
+
+
+class BudgetConfig(_Model):
+    """guardd's own message pacing towards IB, which disconnects a client above 50 msg/s."""
+
+    messages_per_second: Annotated[int, Field(gt=0, lt=50)] = 40
+    kill_reserve: Annotated[int, Field(ge=0)] = 10
+
+    @model_validator(mode="after")
+    def _reserve_below_budget(self) -> Self:
+        if self.kill_reserve >= self.messages_per_second:
+            raise _broken(
+                "kill_reserve",
+                f"must be less than @messages_per_second ({self.messages_per_second})",
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Connections, control, observability
+
+
+class IbConfig(_Model):
+    """The TWS / IB Gateway socket guardd connects to as the Master API client."""
+
+    host: Host = "127.0.0.1"
+    port: Port = 4002
+    client_id: Annotated[int, Field(ge=0)]
+    connect_timeout_s: Seconds = 5.0
+    reconnect_backoff_min_s: Seconds = 1.0
+    reconnect_backoff_max_s: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _backoff_in_order(self) -> Self:
+        if self.reconnect_backoff_max_s < self.reconnect_backoff_min_s:
+            raise _broken(
+                "reconnect_backoff_max_s",
+                f"must be greater than or equal to @reconnect_backoff_min_s "
+                f"({self.reconnect_backoff_min_s})",
+            )
+        return self
+
+
+class TokenFiles(_Model):
+    """Files holding each role's bearer-token credential; a role without a file is refused."""
+
+    read: FilePath | None = None
+    kill: FilePath | None = None
+    arm: FilePath | None = None
+
+
+class HttpControlConfig(_Model):
+    """The HTTP control server (kill, arm, status, health, and /metrics by default)."""
+
+    enabled: bool = True
+    host: Host = "127.0.0.1"
+    port: Port = 8787
+    token_files: TokenFiles = Field(default_factory=TokenFiles)
+    tls_cert_file: FilePath | None = None
+    tls_key_file: FilePath | None = None
+    max_body_bytes: Annotated[int, Field(gt=0, le=1_048_576)] = 16_384
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            missing = "tls_key_file" if self.tls_key_file is None else "tls_cert_file"
+            other = "tls_cert_file" if missing == "tls_key_file" else "tls_key_file"
+            raise _broken(missing, f"is required when @{other} is set")
+        return self
+
+
+class MqttControlConfig(_Model):
+    """MQTT: signed kill / arm commands in, retained state and events out."""
+
+    enabled: bool = False
+    host: Host = "127.0.0.1"
+    port: Port = 1883
+    topic_prefix: Annotated[str, Field(pattern=r"^[^/+#\s]+(/[^/+#\s]+)*$")] = "guardd"
+    username: str | None = None
+    password_file: FilePath | None = None
+    tls: bool = False
+    tls_ca_file: FilePath | None = None
+    operator_key_files: dict[Name, FilePath] = Field(default_factory=dict)
+    window_s: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _password_needs_username(self) -> Self:
+        if self.password_file is not None and self.username is None:
+            raise _broken("username", "is required when @password_file is set")
+        return self
+
+
+class ControlConfig(_Model):
+    """Where kill / arm / status commands come in."""
+
+    http: HttpControlConfig = Field(default_factory=HttpControlConfig)
+    mqtt: MqttControlConfig = Field(default_factory=MqttControlConfig)
+
+
+class MetricsConfig(_Model):
+    """Prometheus metrics: on the control HTTP server, or on a listener of their own."""
+
+    enabled: bool = True
+    listen: Literal["control", "separate"] = "control"
+    host: Host = "127.0.0.1"  # used when listen = "separate"
+    port: Port = 9464  # used when listen = "separate"
+
+
+class LogConfig(_Model):
+    """structlog output: "auto" is console on a terminal and JSON otherwise."""
+
+    format: Literal["json", "console", "auto"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Model):
+    """The whole configuration of one guardd, which guards one IB login and one account."""
+
+    account: Name
+    ib: IbConfig
+    state_dir: FilePath
+    dry_run: bool = False
+    limits: Limits = Field(default_factory=Limits)
+    kill: KillConfig = Field(default_factory=KillConfig)
+    flatten: FlattenConfig = Field(default_factory=FlattenConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _metrics_have_a_server(self) -> Self:
+        metrics = self.metrics
+        if metrics.enabled and metrics.listen == "control" and not self.control.http.enabled:
+            raise _broken(
+                "metrics.listen", 'is "control" but @control.http.enabled is false; use "separate"'
+            )
+        return self
+
+    @property
+    def latch_path(self) -> Path:
+        """The kill latch state file."""
+        return self.state_dir / "latch.json"
+
+    @property
+    def journal_path(self) -> Path:
+        """The append-only audit journal."""
+        return self.state_dir / "journal.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Path) -> Config:
+    """Read and check a TOML config file; any problem raises ``ConfigError`` naming the key."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError("", f"{path}: config file not found") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError("", f"{path}: cannot read config file ({exc.strerror})") from exc
+    return parse_config(text, source=str(path))
+
+
+def parse_config(text: str, *, source: str = "<config>") -> Config:
+    """Check TOML text as a config; ``source`` names it in a syntax error."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{source}: TOML syntax error: {exc}") from exc
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc) from exc
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    problems = [_problem(error) for error in exc.errors(include_url=False)]
+    (key_path, rule), rest = problems[0], problems[1:]
+    return ConfigError(key_path, rule, more=tuple(f"{key}: {why}" for key, why in rest))
+
+
+_SIBLING = re.compile(r"@([A-Za-z0-9_.]+)")
+
+
+def _problem(error: Mapping[str, Any]) -> tuple[str, str]:
+    """One pydantic error as (key path, rule) in the operator's terms."""
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    if kind == "guardd_rule":
+        ctx = error["ctx"]
+        prefix = _key_path(loc)
+
+        def full(key: str) -> str:
+            return f"{prefix}.{key}" if prefix else key
+
+        rule = _SIBLING.sub(lambda match: full(match[1]), str(ctx["rule"]))
+        return full(str(ctx["key"])), rule
+    key_path = _key_path(loc)
+    if kind == "missing":
+        return key_path, "required key is missing"
+    if kind == "extra_forbidden":
+        return key_path, "unknown key"
+    message = str(error["msg"])
+    rule = message[:1].lower() + message[1:]
+    return key_path, f"{rule} (got {_short_repr(error.get('input'))})"
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part == "[key]":
+            path += " (key)"
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
