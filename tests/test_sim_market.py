@@ -18,7 +18,7 @@ def _process(seed: int = 1, **overrides: float) -> PriceProcess:
 
 
 def _path(process: PriceProcess, steps: int, dt: float = 1.0) -> list[tuple[float, ...]]:
-    out = []
+    out: list[tuple[float, ...]] = []
     for _ in range(steps):
         process.step(dt)
         q = process.quote()

@@ -519,7 +519,7 @@ class Exchange:
             account=self._resolve_account(req.account),
             instrument=inst,
             action=action,
-            total_quantity=req.total_quantity,
+            total_quantity=float(req.total_quantity),
             order_type=order_type,
             lmt_price=req.lmt_price if order_type == "LMT" else None,
             tif=req.tif,
@@ -547,7 +547,7 @@ class Exchange:
         if reason is not None:
             # a refused modification leaves the order working as it was
             return [OrderRejected(replace(order), ORDER_REJECTED, reason)]
-        order.total_quantity = req.total_quantity
+        order.total_quantity = float(req.total_quantity)
         if order.order_type == "LMT":
             order.lmt_price = req.lmt_price
         order.tif = req.tif
@@ -609,9 +609,10 @@ class Exchange:
         if done:
             order.status = "Filled"
             del self._working[order.perm_id]
+        exec_id = f"{_EXEC_ID_BASE + self._exec_seq:08x}.{int(now) & 0xFFFFFFFF:08x}.01.01"
         self._exec_seq += 1
         fill = Fill(
-            exec_id=f"{_EXEC_ID_BASE + self._exec_seq:08x}.{int(now) & 0xFFFFFFFF:08x}.01.01",
+            exec_id=exec_id,
             perm_id=order.perm_id,
             order_id=order.order_id,
             client_id=order.client_id,
