@@ -1,0 +1,838 @@
+"""The Book: guardd's picture of one IB account, folded incrementally from broker events.
+
+`Book.fold(event)` is O(1) amortised per event: running totals (gross position value per currency,
+count of working orders, new-order rate windows) are adjusted as events arrive, never recomputed
+over all positions or orders. The only O(n) steps are the re-sync sweeps at the End barriers after
+a (re)connect, once per connection.
+
+Design choice: the Book is a mutable object owned by one task, and every read returns frozen
+values (`Position`, `Order`, `Quote`, `Exposure`) or read-only mapping views, so rules and the
+planner can hold what they read without it changing under them.
+
+Scope: positions, account values and PnL are totalled for the guarded `account` only (one guardd
+guards one account; a multi-account login's other positions are kept but not totalled). Orders of
+every account and client are kept, because reqGlobalCancel reaches all of them.
+
+Sync: after `Connected` (or a 1101 "data lost" restore) the Book is unsynced until both
+`PositionsEnd` and `OpenOrdersEnd` arrive; at those barriers positions and orders that were not
+re-reported since the (re)connect are swept away. Nothing else is cleared: prices and account
+values keep their timestamps, and the rules judge their age.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import assert_never
+
+from guardd.core.events import (
+    AccountDownloadEnd,
+    AccountValue,
+    BrokerError,
+    BrokerEvent,
+    ClientId,
+    ConId,
+    Connected,
+    ConnectivityLost,
+    ConnectivityRestored,
+    Disconnected,
+    Execution,
+    Heartbeat,
+    OpenOrder,
+    OpenOrdersEnd,
+    OrderId,
+    OrderStatus,
+    PermId,
+    PnLUpdate,
+    PositionsEnd,
+    PositionUpdate,
+    PositionValue,
+    PriceTick,
+)
+
+TERMINAL_STATUSES = frozenset({"Filled", "Cancelled", "ApiCancelled", "Inactive"})
+"""Order statuses after which an order no longer works (Inactive counts as done: rejected)."""
+
+BASE = "BASE"
+NO_CONTRACT = ConId(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """One position as the broker confirmed it, with its latest market value.
+
+    `value` is signed, in the position's own `currency`, or None while unknown (no price and no
+    pnlSingle value yet); `value_ts` is when the price or value behind it was received.
+    """
+
+    account: str
+    con_id: ConId
+    symbol: str
+    sec_type: str
+    currency: str
+    multiplier: float
+    exchange: str
+    quantity: float
+    avg_cost: float
+    updated: float
+    value: float | None = None
+    value_ts: float | None = None
+    daily_pnl: float | None = None
+    generation: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """One order keyed by permId. `has_terms` is False while only orderStatus has been seen."""
+
+    perm_id: PermId
+    order_id: OrderId
+    client_id: ClientId
+    status: str
+    first_seen: float
+    updated: float
+    has_terms: bool = False
+    account: str = ""
+    con_id: ConId = NO_CONTRACT
+    symbol: str = ""
+    sec_type: str = ""
+    action: str = ""
+    quantity: float = math.nan
+    order_type: str = ""
+    lmt_price: float = math.nan
+    order_ref: str = ""
+    currency: str = ""
+    multiplier: float = 1.0
+    filled: float = 0.0
+    remaining: float = math.nan
+    avg_fill_price: float = math.nan
+    generation: int = 0
+
+    @property
+    def working(self) -> bool:
+        """True until the order reaches a terminal status (filled, cancelled, inactive)."""
+        return self.status not in TERMINAL_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """Latest prices of one contract; NaN where a field was never received."""
+
+    bid: float = math.nan
+    ask: float = math.nan
+    last: float = math.nan
+    mark: float = math.nan
+    ts: float = math.nan
+
+    @property
+    def reference(self) -> float:
+        """Price to value a position with: mark, else last, else the bid/ask midpoint, else NaN."""
+        if math.isfinite(self.mark) and self.mark > 0:
+            return self.mark
+        if math.isfinite(self.last) and self.last > 0:
+            return self.last
+        if math.isfinite(self.bid) and math.isfinite(self.ask) and self.bid > 0 and self.ask > 0:
+            return (self.bid + self.ask) / 2.0
+        return math.nan
+
+
+@dataclass(frozen=True, slots=True)
+class Exposure:
+    """Gross position value of the guarded account in the base currency.
+
+    `gross` is None when it cannot be trusted: `missing_rates` lists currencies held without an
+    ExchangeRate, `unvalued` counts non-zero positions without a value.
+    """
+
+    gross: float | None
+    missing_rates: tuple[str, ...]
+    unvalued: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """A timestamped number (an account value, a PnL figure)."""
+
+    value: float
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class MarginChange:
+    """The last two MaintMarginReq readings and the positions version at each."""
+
+    previous: float
+    previous_positions_version: int
+    current: float
+    current_positions_version: int
+    ts: float
+
+
+class RateWindow:
+    """Timestamps of events within the last `span` seconds; O(1) amortised per add and count."""
+
+    __slots__ = ("_times", "span")
+
+    def __init__(self, span: float) -> None:
+        self.span = span
+        self._times: deque[float] = deque()
+
+    def add(self, ts: float) -> None:
+        """Record one event at `ts` and drop those older than the span."""
+        self._times.append(ts)
+        self._expire(ts)
+
+    def count(self, now: float) -> int:
+        """Events in (now - span, now]; drops expired ones (calls must use non-decreasing `now`)."""
+        self._expire(now)
+        return len(self._times)
+
+    def _expire(self, now: float) -> None:
+        times = self._times
+        while times and times[0] <= now - self.span:
+            times.popleft()
+
+
+def parse_number(text: str) -> float:
+    """Parse an IB account value string; NaN when it is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+class Book:
+    """Positions, orders, account values, PnL and prices of one guarded IB account.
+
+    `fold(event)` applies one broker event; reads return frozen values.
+    """
+
+    def __init__(
+        self,
+        account: str,
+        base_currency: str = "USD",
+        *,
+        created_at: float,
+        rate_windows_s: tuple[float, ...] = (1.0, 60.0),
+        price_history_s: float = 900.0,
+        price_sample_s: float = 1.0,
+    ) -> None:
+        self.account = account
+        self.base_currency = base_currency
+        self.created_at = created_at
+        self.rate_windows_s = rate_windows_s
+        self.price_history_s = price_history_s
+        self.price_sample_s = price_sample_s
+
+        # connection and sync
+        self.connected = False
+        self.server_connected = True
+        self.disconnected_since: float | None = created_at
+        self.server_lost_since: float | None = None
+        self.generation = 0
+        self.positions_synced = False
+        self.orders_synced = False
+        self.account_download_done = False
+        self.managed_accounts: tuple[str, ...] = ()
+        self.next_order_id = 0
+        self.server_version = 0
+        self.last_event_ts: float | None = None
+        self.last_error: BrokerError | None = None
+
+        # positions and running totals (guarded account only)
+        self._positions: dict[tuple[str, ConId], Position] = {}
+        self._gross_local: dict[str, float] = {}
+        self._valued_count: dict[str, int] = {}
+        self._unvalued = 0
+        self._nonzero = 0
+        self.positions_version = 0
+
+        # account values, PnL, equity
+        self._values: dict[tuple[str, str], Sample] = {}
+        self._margin_change: MarginChange | None = None
+        self.pnl_daily: Sample | None = None
+        self.pnl_unrealized: Sample | None = None
+        self.pnl_realized: Sample | None = None
+        self._start_of_day: float | None = None
+        self._peak_equity: float | None = None
+        self._equity_history: deque[tuple[float, float]] = deque()
+
+        # prices
+        self._quotes: dict[ConId, Quote] = {}
+        self._price_history: dict[ConId, deque[tuple[float, float]]] = {}
+
+        # orders
+        self._orders: dict[PermId, Order] = {}
+        self._working: set[PermId] = set()
+        self._provisional: dict[tuple[ClientId, OrderId], PermId] = {}
+        self._perm_by_client_order: dict[tuple[ClientId, OrderId], PermId] = {}
+        self._next_provisional = -1
+        self.order_seq = 0
+        self._rates_total = tuple(RateWindow(s) for s in rate_windows_s)
+        self._rates_by_client: dict[ClientId, tuple[RateWindow, ...]] = {}
+
+        # fills and heartbeats
+        self._executions: dict[str, Execution] = {}
+        self._heartbeats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ folding
+
+    def fold(self, event: BrokerEvent) -> None:
+        """Apply one broker event to the Book (O(1) amortised, except the re-sync sweeps)."""
+        self.last_event_ts = event.ts
+        match event:
+            case Connected():
+                self._on_connected(event)
+            case Disconnected():
+                self.connected = False
+                self.positions_synced = False
+                self.orders_synced = False
+                if self.disconnected_since is None:
+                    self.disconnected_since = event.ts
+            case ConnectivityLost():
+                self.server_connected = False
+                if self.server_lost_since is None:
+                    self.server_lost_since = event.ts
+            case ConnectivityRestored():
+                self.server_connected = True
+                self.server_lost_since = None
+                if event.data_lost:
+                    self._begin_resync()
+            case PositionUpdate():
+                self._on_position(event)
+            case PositionsEnd():
+                self._on_positions_end()
+            case AccountValue():
+                self._on_account_value(event)
+            case AccountDownloadEnd():
+                if event.account == self.account:
+                    self.account_download_done = True
+            case PnLUpdate():
+                self._on_pnl(event)
+            case PositionValue():
+                self._on_position_value(event)
+            case PriceTick():
+                self._on_price(event)
+            case OpenOrder():
+                self._on_open_order(event)
+            case OrderStatus():
+                self._on_order_status(event)
+            case OpenOrdersEnd():
+                self._on_open_orders_end()
+            case Execution():
+                self._executions.setdefault(event.exec_id, event)
+            case BrokerError():
+                self.last_error = event
+            case Heartbeat():
+                self._heartbeats[event.bot] = event.ts
+            case _:
+                assert_never(event)
+
+    def _on_connected(self, event: Connected) -> None:
+        self.connected = True
+        self.disconnected_since = None
+        self.server_connected = True
+        self.server_lost_since = None
+        self.managed_accounts = event.managed_accounts
+        self.next_order_id = event.next_order_id
+        self.server_version = event.server_version
+        self._begin_resync()
+
+    def _begin_resync(self) -> None:
+        self.generation += 1
+        self.positions_synced = False
+        self.orders_synced = False
+        self.account_download_done = False
+
+    # positions -------------------------------------------------------------
+
+    def _on_position(self, event: PositionUpdate) -> None:
+        key = (event.account, event.con_id)
+        old = self._positions.get(key)
+        value: float | None
+        value_ts: float | None
+        if event.quantity == 0:
+            value, value_ts = 0.0, event.ts
+        elif old is not None and old.value is not None and old.quantity != 0:
+            # same implied price, new size
+            value, value_ts = old.value * (event.quantity / old.quantity), old.value_ts
+        else:
+            price = self.quote(event.con_id).reference
+            if math.isfinite(price):
+                value = event.quantity * event.multiplier * price
+                value_ts = self._quotes[event.con_id].ts
+            else:
+                value, value_ts = None, None
+        new = Position(
+            account=event.account,
+            con_id=event.con_id,
+            symbol=event.symbol,
+            sec_type=event.sec_type,
+            currency=event.currency,
+            multiplier=event.multiplier,
+            exchange=event.exchange,
+            quantity=event.quantity,
+            avg_cost=event.avg_cost,
+            updated=event.ts,
+            value=value,
+            value_ts=value_ts,
+            daily_pnl=old.daily_pnl if old is not None else None,
+            generation=self.generation,
+        )
+        if event.account == self.account and (old is None or old.quantity != event.quantity):
+            self.positions_version += 1
+        self._replace_position(key, old, new)
+
+    def _replace_position(
+        self, key: tuple[str, ConId], old: Position | None, new: Position | None
+    ) -> None:
+        """Swap one position and adjust the running totals by the difference only."""
+        if old is not None and old.account == self.account:
+            self._untally(old)
+        if new is None:
+            self._positions.pop(key, None)
+        else:
+            self._positions[key] = new
+            if new.account == self.account:
+                self._tally(new)
+
+    def _tally(self, p: Position) -> None:
+        if p.quantity != 0:
+            self._nonzero += 1
+        if p.value is None:
+            if p.quantity != 0:
+                self._unvalued += 1
+            return
+        self._gross_local[p.currency] = self._gross_local.get(p.currency, 0.0) + abs(p.value)
+        self._valued_count[p.currency] = self._valued_count.get(p.currency, 0) + 1
+
+    def _untally(self, p: Position) -> None:
+        if p.quantity != 0:
+            self._nonzero -= 1
+        if p.value is None:
+            if p.quantity != 0:
+                self._unvalued -= 1
+            return
+        left = self._valued_count[p.currency] - 1
+        if left == 0:
+            # reset exactly so float drift cannot outlive the positions behind it
+            del self._valued_count[p.currency]
+            del self._gross_local[p.currency]
+        else:
+            self._valued_count[p.currency] = left
+            self._gross_local[p.currency] -= abs(p.value)
+
+    def _on_positions_end(self) -> None:
+        if not self.positions_synced:
+            stale = [k for k, p in self._positions.items() if p.generation < self.generation]
+            for key in stale:
+                old = self._positions[key]
+                if old.account == self.account and old.quantity != 0:
+                    self.positions_version += 1
+                self._replace_position(key, old, None)
+        self.positions_synced = True
+
+    def _on_position_value(self, event: PositionValue) -> None:
+        key = (event.account, event.con_id)
+        old = self._positions.get(key)
+        if old is None:
+            return  # the position message will come; a value alone has no currency
+        value = event.value if math.isfinite(event.value) else None
+        if value is None and old.quantity != 0:
+            new = replace(old, daily_pnl=event.daily)
+        else:
+            new = replace(old, value=value, value_ts=event.ts, daily_pnl=event.daily)
+        self._replace_position(key, old, new)
+
+    # prices -----------------------------------------------------------------
+
+    def _on_price(self, event: PriceTick) -> None:
+        if not math.isfinite(event.price) or event.price <= 0:
+            return  # IB sends -1 / 0 for "no price"; keep the last good one
+        q = self._quotes.get(event.con_id, Quote())
+        match event.field:
+            case "bid":
+                q = replace(q, bid=event.price, ts=event.ts)
+            case "ask":
+                q = replace(q, ask=event.price, ts=event.ts)
+            case "last":
+                q = replace(q, last=event.price, ts=event.ts)
+            case "mark":
+                q = replace(q, mark=event.price, ts=event.ts)
+            case _:
+                assert_never(event.field)
+        self._quotes[event.con_id] = q
+        ref = q.reference
+        if not math.isfinite(ref):
+            return
+        self._record_sample(self._price_history.setdefault(event.con_id, deque()), event.ts, ref)
+        key = (self.account, event.con_id)
+        old = self._positions.get(key)
+        if old is not None and old.quantity != 0:
+            new = replace(old, value=old.quantity * old.multiplier * ref, value_ts=event.ts)
+            self._replace_position(key, old, new)
+
+    def _record_sample(self, history: deque[tuple[float, float]], ts: float, x: float) -> None:
+        """Keep at most one sample per `price_sample_s`, and only `price_history_s` of them."""
+        if history and ts - history[-1][0] < self.price_sample_s:
+            history[-1] = (history[-1][0], x)
+        else:
+            history.append((ts, x))
+        while history and history[0][0] < ts - self.price_history_s:
+            history.popleft()
+
+    # account values and PnL ------------------------------------------------------
+
+    def _on_account_value(self, event: AccountValue) -> None:
+        if event.account != self.account:
+            return
+        number = parse_number(event.value)
+        if event.key == "MaintMarginReq" and event.currency in (self.base_currency, BASE, ""):
+            prev = self._values.get((event.key, event.currency))
+            if prev is not None:
+                prev_version = (
+                    self._margin_change.current_positions_version
+                    if self._margin_change is not None
+                    else self.positions_version
+                )
+                self._margin_change = MarginChange(
+                    previous=prev.value,
+                    previous_positions_version=prev_version,
+                    current=number,
+                    current_positions_version=self.positions_version,
+                    ts=event.ts,
+                )
+            else:
+                self._margin_change = MarginChange(
+                    previous=math.nan,
+                    previous_positions_version=self.positions_version,
+                    current=number,
+                    current_positions_version=self.positions_version,
+                    ts=event.ts,
+                )
+        self._values[(event.key, event.currency)] = Sample(number, event.ts)
+        if event.key == "NetLiquidation":
+            self._maybe_start_day(event.ts)
+
+    def _on_pnl(self, event: PnLUpdate) -> None:
+        if event.account != self.account:
+            return
+        self.pnl_daily = Sample(event.daily, event.ts)
+        self.pnl_unrealized = Sample(event.unrealized, event.ts)
+        self.pnl_realized = Sample(event.realized, event.ts)
+        self._maybe_start_day(event.ts)
+        self._track_equity(event.ts)
+
+    def _maybe_start_day(self, ts: float) -> None:
+        """Latch start-of-day net liquidation as NetLiq − daily PnL when both are first known."""
+        if self._start_of_day is not None:
+            return
+        nl = self.net_liquidation
+        if nl is None or self.pnl_daily is None:
+            return
+        if math.isfinite(nl.value) and math.isfinite(self.pnl_daily.value) and nl.value > 0:
+            self._start_of_day = nl.value - self.pnl_daily.value
+            self._track_equity(ts)
+
+    def _track_equity(self, ts: float) -> None:
+        equity = self.equity
+        if equity is None:
+            return
+        if self._peak_equity is None or equity > self._peak_equity:
+            self._peak_equity = equity
+        self._record_sample(self._equity_history, ts, equity)
+
+    def set_start_of_day(self, net_liquidation: float) -> None:
+        """Set start-of-day net liquidation explicitly (e.g. restored from the journal)."""
+        self._start_of_day = net_liquidation
+        self._peak_equity = None
+        self._equity_history.clear()
+
+    def start_new_day(self) -> None:
+        """Forget start-of-day equity and the intraday peak; they re-latch from the next values."""
+        self._start_of_day = None
+        self._peak_equity = None
+        self._equity_history.clear()
+
+    # orders -----------------------------------------------------------------
+
+    def _resolve(self, perm_id: PermId, client_id: ClientId, order_id: OrderId) -> PermId:
+        """Find the key of an order, re-keying a provisional (permId 0) order once its permId is
+        known. Unknown orders with permId 0 get a negative provisional key."""
+        co = (client_id, order_id)
+        if perm_id != 0:
+            prov = self._provisional.pop(co, None) if order_id != 0 else None
+            if prov is not None and prov in self._orders:
+                order = replace(self._orders.pop(prov), perm_id=perm_id)
+                self._orders[perm_id] = order
+                if prov in self._working:
+                    self._working.discard(prov)
+                    self._working.add(perm_id)
+            if order_id != 0:
+                self._perm_by_client_order[co] = perm_id
+            return perm_id
+        known = self._perm_by_client_order.get(co) if order_id != 0 else None
+        if known is not None:
+            return known
+        prov = self._provisional.get(co) if order_id != 0 else None
+        if prov is None:
+            prov = PermId(self._next_provisional)
+            self._next_provisional -= 1
+            if order_id != 0:
+                self._provisional[co] = prov
+        return prov
+
+    def _store_order(self, key: PermId, old: Order | None, new: Order) -> None:
+        if old is not None and not old.working:
+            new = replace(new, status=old.status)  # terminal is final
+        self._orders[key] = new
+        if new.working:
+            self._working.add(key)
+        else:
+            self._working.discard(key)
+        if old is None:
+            self.order_seq += 1
+            if self.orders_synced:
+                self._count_new_order(new.client_id, new.first_seen)
+
+    def _count_new_order(self, client_id: ClientId, ts: float) -> None:
+        windows = self._rates_by_client.get(client_id)
+        if windows is None:
+            windows = tuple(RateWindow(s) for s in self.rate_windows_s)
+            self._rates_by_client[client_id] = windows
+        for w in windows:
+            w.add(ts)
+        for w in self._rates_total:
+            w.add(ts)
+
+    def _on_open_order(self, event: OpenOrder) -> None:
+        key = self._resolve(event.perm_id, event.client_id, event.order_id)
+        old = self._orders.get(key)
+        base = old or Order(
+            perm_id=key,
+            order_id=event.order_id,
+            client_id=event.client_id,
+            status=event.status,
+            first_seen=event.ts,
+            updated=event.ts,
+        )
+        new = replace(
+            base,
+            order_id=event.order_id or base.order_id,
+            client_id=event.client_id,
+            status=event.status or base.status,
+            updated=event.ts,
+            has_terms=True,
+            account=event.account,
+            con_id=event.con_id,
+            symbol=event.symbol,
+            sec_type=event.sec_type,
+            action=event.action,
+            quantity=event.quantity,
+            order_type=event.order_type,
+            lmt_price=event.lmt_price,
+            order_ref=event.order_ref,
+            currency=event.currency,
+            multiplier=event.multiplier,
+            generation=self.generation,
+        )
+        self._store_order(key, old, new)
+
+    def _on_order_status(self, event: OrderStatus) -> None:
+        key = self._resolve(event.perm_id, event.client_id, event.order_id)
+        old = self._orders.get(key)
+        base = old or Order(
+            perm_id=key,
+            order_id=event.order_id,
+            client_id=event.client_id,
+            status=event.status,
+            first_seen=event.ts,
+            updated=event.ts,
+        )
+        new = replace(
+            base,
+            order_id=event.order_id or base.order_id,
+            status=event.status or base.status,
+            updated=event.ts,
+            filled=event.filled,
+            remaining=event.remaining,
+            avg_fill_price=event.avg_fill_price,
+            generation=self.generation,
+        )
+        self._store_order(key, old, new)
+
+    def _on_open_orders_end(self) -> None:
+        if not self.orders_synced:
+            # orders not re-reported since the (re)connect ended while we were away; order ids
+            # may have rolled back after a gateway restart, so rebuild the id index too
+            for key in [k for k, o in self._orders.items() if o.generation < self.generation]:
+                self._working.discard(key)
+                del self._orders[key]
+            self._perm_by_client_order = {
+                (o.client_id, o.order_id): k
+                for k, o in self._orders.items()
+                if k > 0 and o.order_id != 0
+            }
+            self._provisional = {co: k for co, k in self._provisional.items() if k in self._orders}
+        self.orders_synced = True
+
+    # ------------------------------------------------------------------ reads
+
+    @property
+    def synced(self) -> bool:
+        """True once connected and both End barriers arrived since the last (re)connect."""
+        return self.connected and self.positions_synced and self.orders_synced
+
+    @property
+    def positions(self) -> Mapping[tuple[str, ConId], Position]:
+        """All positions of every account, keyed by (account, con_id); read-only view."""
+        return MappingProxyType(self._positions)
+
+    def position(self, con_id: ConId, account: str | None = None) -> Position | None:
+        """The position in `con_id` of `account` (default: the guarded account)."""
+        return self._positions.get((account or self.account, con_id))
+
+    def guarded_positions(self) -> Iterator[Position]:
+        """Non-zero positions of the guarded account."""
+        return (
+            p for p in self._positions.values() if p.account == self.account and p.quantity != 0
+        )
+
+    @property
+    def position_count(self) -> int:
+        """Number of non-zero positions in the guarded account (running count)."""
+        return self._nonzero
+
+    @property
+    def orders(self) -> Mapping[PermId, Order]:
+        """Every known order keyed by permId (negative: provisional, permId not yet known)."""
+        return MappingProxyType(self._orders)
+
+    def order(self, perm_id: PermId) -> Order | None:
+        """The order with this permId, if known."""
+        return self._orders.get(perm_id)
+
+    def working_orders(self) -> Iterator[Order]:
+        """Orders not yet filled, cancelled or inactive, of every client and account."""
+        return (self._orders[k] for k in self._working)
+
+    @property
+    def working_order_count(self) -> int:
+        """How many orders are working, across every client and account."""
+        return len(self._working)
+
+    def new_orders(self, client_id: ClientId | None, span: float, now: float) -> int:
+        """New orders first seen in (now − span, now] from `client_id`, or from all when None.
+
+        `span` must be one of `rate_windows_s`. Orders seen while the open-order download was
+        incomplete are pre-existing, not new, and are not counted.
+        """
+        i = self.rate_windows_s.index(span)
+        if client_id is None:
+            return self._rates_total[i].count(now)
+        windows = self._rates_by_client.get(client_id)
+        return 0 if windows is None else windows[i].count(now)
+
+    @property
+    def order_clients(self) -> tuple[ClientId, ...]:
+        """Client ids that have placed new orders since the Book started."""
+        return tuple(self._rates_by_client)
+
+    def quote(self, con_id: ConId) -> Quote:
+        """Latest prices of a contract (all NaN when none were received)."""
+        return self._quotes.get(con_id, Quote())
+
+    def price_history(self, con_id: ConId) -> tuple[tuple[float, float], ...]:
+        """(ts, reference price) samples of a contract, oldest first."""
+        return tuple(self._price_history.get(con_id, ()))
+
+    @property
+    def equity_history(self) -> tuple[tuple[float, float], ...]:
+        """(ts, equity) samples, equity = start-of-day net liquidation + daily PnL."""
+        return tuple(self._equity_history)
+
+    def value(self, key: str, currency: str | None = None) -> Sample | None:
+        """A numeric account value of the guarded account; NaN value when it did not parse.
+
+        With no currency: the base currency's, else "BASE", else a currency-less one.
+        """
+        if currency is not None:
+            return self._values.get((key, currency))
+        for ccy in (self.base_currency, BASE, ""):
+            found = self._values.get((key, ccy))
+            if found is not None:
+                return found
+        return None
+
+    @property
+    def net_liquidation(self) -> Sample | None:
+        """NetLiquidation in the base currency."""
+        return self.value("NetLiquidation")
+
+    @property
+    def margin_change(self) -> MarginChange | None:
+        """The last MaintMarginReq change and whether positions moved in between."""
+        return self._margin_change
+
+    def exchange_rate(self, currency: str) -> float | None:
+        """Base-currency units per unit of `currency`; None when IB has not sent a usable one."""
+        if currency in (self.base_currency, BASE):
+            return 1.0
+        s = self._values.get(("ExchangeRate", currency))
+        if s is None or not math.isfinite(s.value) or s.value <= 0:
+            return None
+        return s.value
+
+    def gross_local(self) -> Mapping[str, float]:
+        """Running gross (absolute) position value per currency, guarded account."""
+        return MappingProxyType(self._gross_local)
+
+    def exposure(self) -> Exposure:
+        """Gross position value converted to the base currency (O(number of currencies))."""
+        gross = 0.0
+        missing: list[str] = []
+        for ccy, local in self._gross_local.items():
+            rate = self.exchange_rate(ccy)
+            if rate is None:
+                if local != 0:
+                    missing.append(ccy)
+                continue
+            gross += local * rate
+        trusted = not missing and self._unvalued == 0
+        return Exposure(
+            gross=gross if trusted else None,
+            missing_rates=tuple(sorted(missing)),
+            unvalued=self._unvalued,
+        )
+
+    @property
+    def start_of_day(self) -> float | None:
+        """Start-of-day net liquidation (base currency), once known."""
+        return self._start_of_day
+
+    @property
+    def equity(self) -> float | None:
+        """Live equity estimate: start-of-day net liquidation + daily PnL (base currency)."""
+        if self._start_of_day is None or self.pnl_daily is None:
+            return None
+        if not math.isfinite(self.pnl_daily.value):
+            return None
+        return self._start_of_day + self.pnl_daily.value
+
+    @property
+    def peak_equity(self) -> float | None:
+        """Highest equity seen since the start of day."""
+        return self._peak_equity
+
+    @property
+    def executions(self) -> Mapping[str, Execution]:
+        """Fills by exec id; a repeated exec id is kept once."""
+        return MappingProxyType(self._executions)
+
+    @property
+    def heartbeats(self) -> Mapping[str, float]:
+        """Last heartbeat receive time per bot."""
+        return MappingProxyType(self._heartbeats)

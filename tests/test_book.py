@@ -1,0 +1,350 @@
+"""Book folding: positions, orders by permId, sync barriers, duplicates, running totals."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guardd.core.book import Book, RateWindow
+from guardd.core.events import (
+    AccountValue,
+    BrokerEvent,
+    ClientId,
+    ConId,
+    Connected,
+    Disconnected,
+    Execution,
+    OpenOrder,
+    OpenOrdersEnd,
+    OrderId,
+    OrderStatus,
+    PermId,
+    PnLUpdate,
+    PositionsEnd,
+    PositionUpdate,
+    PositionValue,
+    PriceTick,
+)
+
+ACC = "DU111"
+
+
+def connected(ts: float = 0.0) -> Connected:
+    return Connected(server_version=178, managed_accounts=(ACC,), next_order_id=1, ts=ts)
+
+
+def pos(
+    con_id: int,
+    qty: float,
+    ts: float = 1.0,
+    currency: str = "USD",
+    account: str = ACC,
+    mult: float = 1.0,
+) -> PositionUpdate:
+    return PositionUpdate(
+        account=account,
+        con_id=ConId(con_id),
+        symbol=f"S{con_id}",
+        sec_type="STK",
+        currency=currency,
+        multiplier=mult,
+        exchange="SMART",
+        quantity=qty,
+        avg_cost=10.0,
+        ts=ts,
+    )
+
+
+def open_order(
+    perm: int, order_id: int = 0, client: int = 0, status: str = "Submitted", ts: float = 1.0
+) -> OpenOrder:
+    return OpenOrder(
+        perm_id=PermId(perm),
+        order_id=OrderId(order_id),
+        client_id=ClientId(client),
+        account=ACC,
+        con_id=ConId(1),
+        symbol="S1",
+        sec_type="STK",
+        action="BUY",
+        quantity=10,
+        order_type="LMT",
+        lmt_price=100.0,
+        order_ref="",
+        status=status,
+        currency="USD",
+        multiplier=1.0,
+        ts=ts,
+    )
+
+
+def order_status(
+    perm: int, status: str = "Submitted", order_id: int = 0, client: int = 0, ts: float = 1.0
+) -> OrderStatus:
+    return OrderStatus(
+        perm_id=PermId(perm),
+        order_id=OrderId(order_id),
+        client_id=ClientId(client),
+        status=status,
+        filled=0.0,
+        remaining=10.0,
+        avg_fill_price=0.0,
+        ts=ts,
+    )
+
+
+def tick(con_id: int, price: float, ts: float = 1.0) -> PriceTick:
+    return PriceTick(con_id=ConId(con_id), field="last", price=price, ts=ts)
+
+
+def synced_book(*events: BrokerEvent) -> Book:
+    book = Book(ACC, "USD", created_at=0.0)
+    for e in (connected(), PositionsEnd(ts=0.0), OpenOrdersEnd(ts=0.0), *events):
+        book.fold(e)
+    return book
+
+
+def test_new_book_then_unsynced_and_disconnected() -> None:
+    book = Book(ACC, created_at=5.0)
+    assert not book.synced
+    assert book.disconnected_since == 5.0
+
+
+def test_connected_without_both_barriers_then_unsynced() -> None:
+    book = Book(ACC, created_at=0.0)
+    book.fold(connected())
+    book.fold(PositionsEnd(ts=1.0))
+    assert not book.synced
+    book.fold(OpenOrdersEnd(ts=2.0))
+    assert book.synced
+
+
+def test_reconnect_then_unsynced_until_barriers_and_unreported_swept() -> None:
+    book = synced_book(pos(1, 100), pos(2, 50), open_order(11), open_order(12))
+    book.fold(Disconnected(reason="eof", ts=5.0))
+    assert not book.synced
+    book.fold(connected(ts=6.0))
+    book.fold(pos(1, 100, ts=6.1))
+    book.fold(open_order(11, ts=6.2))
+    assert not book.synced
+    assert book.position_count == 2  # nothing swept before the barrier
+    book.fold(PositionsEnd(ts=6.3))
+    book.fold(OpenOrdersEnd(ts=6.4))
+    assert book.synced
+    assert book.position(ConId(2)) is None
+    assert book.position_count == 1
+    assert {o.perm_id for o in book.working_orders()} == {PermId(11)}
+
+
+def test_position_then_valued_from_price_and_totalled() -> None:
+    book = synced_book(pos(1, 100, mult=1.0), tick(1, 20.0), pos(2, -5, mult=50.0), tick(2, 4.0))
+    assert book.exposure().gross == 100 * 20.0 + 5 * 50 * 4.0
+    assert book.position(ConId(2)) is not None
+
+
+def test_position_without_price_then_exposure_untrusted() -> None:
+    book = synced_book(pos(1, 100))
+    exp = book.exposure()
+    assert exp.gross is None
+    assert exp.unvalued == 1
+
+
+def test_foreign_currency_without_rate_then_missing_rate_not_zero() -> None:
+    book = synced_book(pos(1, 10, currency="EUR"), tick(1, 100.0))
+    assert book.exposure().gross is None
+    assert book.exposure().missing_rates == ("EUR",)
+    book.fold(AccountValue(account=ACC, key="ExchangeRate", value="1.1", currency="EUR", ts=2))
+    assert book.exposure().gross == 10 * 100.0 * 1.1
+
+
+def test_position_value_then_used_and_quantity_change_scales_it() -> None:
+    book = synced_book(pos(1, 100))
+    book.fold(
+        PositionValue(
+            account=ACC,
+            con_id=ConId(1),
+            position=100,
+            daily=0,
+            unrealized=0,
+            realized=0,
+            value=5000.0,
+            ts=2.0,
+        )
+    )
+    assert book.exposure().gross == 5000.0
+    book.fold(pos(1, 50, ts=3.0))
+    assert book.exposure().gross == 2500.0
+
+
+def test_other_account_position_then_kept_but_not_totalled() -> None:
+    book = synced_book(pos(1, 100, account="DU999"), tick(1, 10.0))
+    assert book.position(ConId(1), account="DU999") is not None
+    assert book.position_count == 0
+    assert book.exposure().gross == 0.0
+
+
+def test_order_status_before_open_order_then_one_order_with_terms() -> None:
+    book = synced_book(order_status(77, status="PreSubmitted"), open_order(77, status="Submitted"))
+    order = book.order(PermId(77))
+    assert order is not None
+    assert order.has_terms
+    assert order.status == "Submitted"
+    assert book.working_order_count == 1
+    assert book.order_seq == 1
+
+
+def test_tws_orders_with_order_id_zero_then_keyed_by_perm_id() -> None:
+    book = synced_book(open_order(1, order_id=0), open_order(2, order_id=0))
+    assert book.working_order_count == 2
+
+
+def test_perm_id_zero_then_provisional_and_rekeyed_when_known() -> None:
+    book = synced_book(order_status(0, order_id=5, client=3))
+    assert book.working_order_count == 1
+    book.fold(open_order(900, order_id=5, client=3))
+    assert book.order(PermId(900)) is not None
+    assert book.working_order_count == 1
+    assert all(k > 0 for k in book.orders)
+
+
+def test_filled_order_then_not_working_and_stays_terminal() -> None:
+    book = synced_book(open_order(5), order_status(5, status="Filled"))
+    assert book.working_order_count == 0
+    book.fold(open_order(5, status="Submitted", ts=2.0))  # late duplicate
+    assert book.working_order_count == 0
+
+
+def test_duplicate_execution_then_kept_once() -> None:
+    ex = Execution(
+        exec_id="0001.01",
+        perm_id=PermId(1),
+        order_id=OrderId(1),
+        client_id=ClientId(1),
+        account=ACC,
+        con_id=ConId(1),
+        symbol="S1",
+        side="BOT",
+        shares=10,
+        price=1.0,
+        time="20250101 10:00:00",
+        order_ref="",
+        ts=1.0,
+    )
+    book = synced_book(ex, ex)
+    assert len(book.executions) == 1
+
+
+def test_new_orders_then_counted_per_client_in_windows() -> None:
+    book = synced_book(
+        *(open_order(100 + i, order_id=i + 1, client=7, ts=10.0 + i * 0.1) for i in range(5))
+    )
+    assert book.new_orders(ClientId(7), 1.0, now=10.45) == 5
+    assert book.new_orders(ClientId(7), 1.0, now=11.25) == 2
+    assert book.new_orders(ClientId(7), 60.0, now=11.25) == 5
+    assert book.new_orders(None, 60.0, now=80.0) == 0
+
+
+def test_orders_downloaded_before_barrier_then_not_counted_as_new() -> None:
+    book = Book(ACC, created_at=0.0)
+    book.fold(connected())
+    for i in range(10):
+        book.fold(open_order(i + 1, client=1, ts=1.0))
+    book.fold(OpenOrdersEnd(ts=1.0))
+    assert book.new_orders(None, 1.0, now=1.0) == 0
+    assert book.working_order_count == 10
+
+
+def test_pnl_and_net_liq_then_start_of_day_and_peak() -> None:
+    book = synced_book(
+        AccountValue(account=ACC, key="NetLiquidation", value="100000", currency="USD", ts=1),
+        PnLUpdate(account=ACC, daily=500.0, unrealized=0.0, realized=0.0, ts=2),
+        PnLUpdate(account=ACC, daily=-1000.0, unrealized=0.0, realized=0.0, ts=3),
+    )
+    assert book.start_of_day == 99500.0
+    assert book.peak_equity == 100000.0
+    assert book.equity == 98500.0
+
+
+def test_rate_window_then_expires_old_events() -> None:
+    w = RateWindow(1.0)
+    for t in (0.0, 0.5, 0.9):
+        w.add(t)
+    assert w.count(1.0) == 2
+    assert w.count(2.0) == 0
+
+
+# -- property: running totals equal a from-scratch recomputation --------------------------------
+
+_con = st.integers(min_value=1, max_value=4)
+_events = st.one_of(
+    st.builds(
+        lambda c, q, ccy, acc, t: pos(c, q, ts=t, currency=ccy, account=acc),
+        _con,
+        st.sampled_from([0.0, 1.0, -3.0, 100.0, 2.5]),
+        st.sampled_from(["USD", "EUR"]),
+        st.sampled_from([ACC, "DU999"]),
+        st.floats(0, 100),
+    ),
+    st.builds(tick, _con, st.sampled_from([1.0, 10.0, 33.3, math.nan, -1.0]), st.floats(0, 100)),
+    st.builds(
+        lambda c, v, t: PositionValue(
+            account=ACC,
+            con_id=ConId(c),
+            position=1.0,
+            daily=0.0,
+            unrealized=0.0,
+            realized=0.0,
+            value=v,
+            ts=t,
+        ),
+        _con,
+        st.sampled_from([0.0, 123.0, -77.0, math.nan]),
+        st.floats(0, 100),
+    ),
+    st.builds(
+        lambda p, o, s: order_status(p, order_id=o, status=s),
+        st.integers(0, 5),
+        st.integers(0, 3),
+        st.sampled_from(["Submitted", "Filled", "Cancelled", "PreSubmitted"]),
+    ),
+    st.builds(
+        lambda p, o, s: open_order(p, order_id=o, status=s),
+        st.integers(0, 5),
+        st.integers(0, 3),
+        st.sampled_from(["Submitted", "Filled", "Cancelled"]),
+    ),
+    st.just(connected(0.0)),
+    st.just(Disconnected(reason="x", ts=0.0)),
+    st.just(PositionsEnd(ts=0.0)),
+    st.just(OpenOrdersEnd(ts=0.0)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_events, max_size=40))
+def test_any_event_sequence_then_running_totals_match_recomputation(
+    events: list[BrokerEvent],
+) -> None:
+    book = Book(ACC, "USD", created_at=0.0)
+    for e in events:
+        book.fold(e)
+    gross: dict[str, float] = {}
+    unvalued = 0
+    nonzero = 0
+    for p in book.positions.values():
+        if p.account != ACC:
+            continue
+        nonzero += p.quantity != 0
+        if p.value is None:
+            unvalued += p.quantity != 0
+        else:
+            gross[p.currency] = gross.get(p.currency, 0.0) + abs(p.value)
+    assert book.position_count == nonzero
+    assert book.exposure().unvalued == unvalued
+    running = book.gross_local()
+    assert set(running) == set(gross)
+    for ccy, total in gross.items():
+        assert math.isclose(running[ccy], total, rel_tol=1e-9, abs_tol=1e-6)
+    assert book.working_order_count == sum(1 for o in book.orders.values() if o.working)
