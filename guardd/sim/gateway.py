@@ -1,0 +1,938 @@
+"""The simulated IB Gateway: an asyncio TCP server speaking the TWS API text protocol (version 178).
+
+It owns the pure exchange model (`exchange.py`) and routes what the model emits to the clients that
+would see it at a real gateway: an order's events go to the client that placed it and to the Master
+API client; positions to every `reqPositions` subscriber; account values to `reqAccountUpdates`
+subscribers. Orders live in the gateway, not in a session: a client that disconnects leaves its
+orders working, and they are reported again when it reconnects.
+
+Faults (drops, connectivity notices, rejects, delayed or duplicated position updates, price jumps,
+margin changes, restarts with order-id rollback) are methods of `SimGateway`; `scenario.py` drives
+them from a TOML file on a schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from guardd.sim import codec
+from guardd.sim.exchange import Exchange, OrderNotCancellableError, OrderNotFoundError
+from guardd.sim.types import (
+    AccountChanged,
+    ContractSpec,
+    Executed,
+    Instrument,
+    OrderChanged,
+    OrderRejected,
+    OrderRequest,
+    PositionChanged,
+    PositionView,
+    SimEvent,
+    SimOrder,
+)
+from guardd.sim.wire import API_PREFIX, Field, FrameBuffer, FrameError, encode_frame
+
+log = logging.getLogger("guardd.sim")
+
+SERVER_VERSION = 178
+NO_VALID_ID = -1
+
+# Client -> server message ids (text protocol).
+REQ_MKT_DATA = 1
+CANCEL_MKT_DATA = 2
+PLACE_ORDER = 3
+CANCEL_ORDER = 4
+REQ_OPEN_ORDERS = 5
+REQ_ACCOUNT_UPDATES = 6
+REQ_EXECUTIONS = 7
+REQ_IDS = 8
+REQ_CONTRACT_DETAILS = 9
+REQ_AUTO_OPEN_ORDERS = 15
+REQ_ALL_OPEN_ORDERS = 16
+REQ_CURRENT_TIME = 49
+REQ_GLOBAL_CANCEL = 58
+REQ_MARKET_DATA_TYPE = 59
+REQ_POSITIONS = 61
+REQ_ACCOUNT_SUMMARY = 62
+CANCEL_ACCOUNT_SUMMARY = 63
+CANCEL_POSITIONS = 64
+START_API = 71
+REQ_ACCOUNT_UPDATES_MULTI = 76
+CANCEL_ACCOUNT_UPDATES_MULTI = 77
+REQ_PNL = 92
+CANCEL_PNL = 93
+REQ_PNL_SINGLE = 94
+CANCEL_PNL_SINGLE = 95
+REQ_COMPLETED_ORDERS = 99
+
+# Tick types.
+TICK_BID_SIZE, TICK_BID, TICK_ASK, TICK_ASK_SIZE, TICK_LAST, TICK_LAST_SIZE = 0, 1, 2, 3, 4, 5
+
+_VERSION_RANGE = re.compile(r"^v(\d+)(?:\.\.(\d+))?")
+
+SUMMARY_TAGS = (
+    "AccountType",
+    "NetLiquidation",
+    "TotalCashValue",
+    "GrossPositionValue",
+    "InitMarginReq",
+    "MaintMarginReq",
+    "ExcessLiquidity",
+    "AvailableFunds",
+    "Cushion",
+    "BuyingPower",
+    "EquityWithLoanValue",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """How the simulated gateway behaves; every field has a sensible default."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 picks a free port; read `SimGateway.port` after start
+    master_client_id: int | None = 0
+    pacing_limit: int = 50  # messages per `pacing_window_s` before error 100
+    pacing_window_s: float = 1.0
+    pacing_disconnect: bool = True
+    pnl_interval_s: float = 1.0  # reqPnL / reqPnLSingle / portfolio stream period
+    market_interval_s: float = 0.1  # price steps, resting order matching, market data ticks
+    fill_latency_s: float = 0.0  # delay between accepting an order and matching it
+    first_order_id: int = 1
+    farm_notices: bool = True
+
+
+@dataclass(slots=True)
+class _Subscriptions:
+    positions: bool = False
+    account_updates: str | None = None  # account code of reqAccountUpdates
+    account_multi: dict[int, str] = field(default_factory=dict)  # reqId -> account
+    pnl: dict[int, str] = field(default_factory=dict)  # reqId -> account
+    pnl_single: dict[int, tuple[str, int]] = field(default_factory=dict)  # reqId -> (acct, conId)
+    market_data: dict[int, int] = field(default_factory=dict)  # reqId -> conId
+    last_quote: dict[int, tuple[float, float, float]] = field(default_factory=dict)
+
+
+class Session:
+    """One client connection: handshake state, pacing window and subscriptions."""
+
+    def __init__(
+        self, gateway: SimGateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.gateway = gateway
+        self.reader = reader
+        self.writer = writer
+        self.client_id: int | None = None
+        self.client_version = 0
+        self.subs = _Subscriptions()
+        self.received = 0
+        self._window: deque[float] = deque()
+        self._closed = False
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    @property
+    def is_master(self) -> bool:
+        return self.client_id is not None and self.client_id == self.gateway.config.master_client_id
+
+    @property
+    def started(self) -> bool:
+        return self.client_id is not None and not self._closed
+
+    def send(self, fields: Sequence[Field]) -> None:
+        """Queue one message for this client (dropped once the session is closing)."""
+        if self._closed or self.writer.is_closing():
+            return
+        self.writer.write(encode_frame(fields))
+        self.gateway.sent_messages += 1
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(Exception):
+                self.writer.close()
+
+    def over_pace(self, now: float) -> bool:
+        """Count one message; True when this one exceeds the pacing limit."""
+        cfg = self.gateway.config
+        window = self._window
+        window.append(now)
+        while window and now - window[0] >= cfg.pacing_window_s:
+            window.popleft()
+        return len(window) > cfg.pacing_limit
+
+
+class SimGateway:
+    """The simulated IB Gateway. Use as `async with SimGateway(exchange, config) as gw:`."""
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        config: GatewayConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.exchange = exchange
+        self.config = config or GatewayConfig()
+        self.clock = clock
+        self.sessions: dict[int, Session] = {}  # started sessions by client id
+        self._pending: set[Session] = set()  # connected, not yet started
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._port = self.config.port
+        self._next_order_id = self.config.first_order_id
+        self.accepting = True
+        self.connectivity_ok = True
+        # Faults on position updates.
+        self.position_delay_s = 0.0
+        self.position_duplicates = 0
+        # Counters for tests and benchmarks.
+        self.pacing_violations = 0
+        self.global_cancels = 0
+        self.global_cancel_times: list[float] = []
+        self.sent_messages = 0
+        self.received_by_id: Counter[int] = Counter()
+        self.received_by_client: Counter[int] = Counter()
+        self._listeners: list[Callable[[int, int, list[str]], None]] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    async def start(self) -> None:
+        """Listen, and start the market loop."""
+        await self._listen()
+        self._spawn(self._market_loop(), "sim_market_loop")
+        self._spawn(self._pnl_loop(), "sim_pnl_loop")
+        log.info(
+            "gateway listening on %s:%d (server version %d)",
+            self.config.host,
+            self._port,
+            SERVER_VERSION,
+        )
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(
+            self._on_connect, self.config.host, self._port, reuse_address=True
+        )
+        sock = self._server.sockets[0]
+        self._port = sock.getsockname()[1]
+        self.accepting = True
+
+    async def stop(self) -> None:
+        """Close every session and the listener, and stop the loops."""
+        await self._close_listener()
+        for session in list(self.sessions.values()) + list(self._pending):
+            session.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.sessions.clear()
+        self._pending.clear()
+
+    async def _close_listener(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+        self.accepting = False
+
+    async def __aenter__(self) -> SimGateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def on_message(self, listener: Callable[[int, int, list[str]], None]) -> None:
+        """Call `listener(client_id, msg_id, fields)` for every message a started client sends."""
+        self._listeners.append(listener)
+
+    # ---- connections -----------------------------------------------------------------------
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = Session(self, reader, writer)
+        self._pending.add(session)
+        log.info("client connected from %s", session.peer)
+        try:
+            await self._serve(session)
+        except (ConnectionError, asyncio.IncompleteReadError, FrameError) as exc:
+            log.info("client %s connection ended: %s", session.client_id, exc)
+        finally:
+            self._forget(session)
+            session.close()
+
+    def _forget(self, session: Session) -> None:
+        self._pending.discard(session)
+        if session.client_id is not None and self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+            log.info("client %d disconnected; its orders stay working", session.client_id)
+
+    async def _serve(self, session: Session) -> None:
+        buf = FrameBuffer()
+        # Handshake: "API\0" then a frame "v<min>..<max>[ options]".
+        while True:
+            data = await session.reader.read(65536)
+            if not data:
+                return
+            buf.append(data)
+            taken = buf.take_prefix(API_PREFIX)
+            if taken is False:
+                log.warning("client %s sent no API prefix; closing", session.peer)
+                return
+            if taken:
+                break
+        frames = buf.frames()
+        while not frames:
+            data = await session.reader.read(65536)
+            if not data:
+                return
+            frames = buf.feed(data)
+        if not self._negotiate(session, frames[0]):
+            return
+        await session.writer.drain()
+        pending = frames[1:]
+        while True:
+            for fields in pending:
+                self._handle(session, fields)
+                if session._closed:
+                    return
+            await session.writer.drain()
+            data = await session.reader.read(65536)
+            if not data:  # EOF, including a half-close (write_eof) by ib_async
+                return
+            pending = buf.feed(data)
+
+    def _negotiate(self, session: Session, fields: list[str]) -> bool:
+        text = fields[0] if fields else ""
+        match = _VERSION_RANGE.match(text)
+        if match is None:
+            log.warning("client %s sent a bad version range %r; closing", session.peer, text)
+            return False
+        low = int(match.group(1))
+        high = int(match.group(2) or match.group(1))
+        version = min(SERVER_VERSION, high)
+        if version < low:
+            log.warning(
+                "client %s needs versions %d..%d; we speak %d",
+                session.peer,
+                low,
+                high,
+                SERVER_VERSION,
+            )
+            return False
+        session.client_version = version
+        conn_time = time.strftime("%Y%m%d %H:%M:%S UTC", time.gmtime(self.clock()))
+        # Exactly one frame: ibapi parses only the first frame of the handshake read.
+        session.writer.write(encode_frame([version, conn_time]))
+        return True
+
+    def _start_api(self, session: Session, fields: list[str]) -> None:
+        try:
+            client_id = int(fields[2])
+        except (IndexError, ValueError):
+            session.send(codec.error_fields(NO_VALID_ID, 505, "Fatal error: bad startApi"))
+            session.close()
+            return
+        if client_id in self.sessions:
+            log.warning("client id %d already in use; refusing %s", client_id, session.peer)
+            session.send(
+                codec.error_fields(
+                    NO_VALID_ID,
+                    326,
+                    "Unable to connect as the client id is already in use. "
+                    "Retry with a unique client id.",
+                )
+            )
+            session.close()
+            return
+        session.client_id = client_id
+        self._pending.discard(session)
+        self.sessions[client_id] = session
+        log.info(
+            "client %d started (version %d)%s",
+            client_id,
+            session.client_version,
+            " as master" if session.is_master else "",
+        )
+        session.send(codec.managed_accounts_fields(self.exchange.accounts))
+        session.send(codec.next_valid_id_fields(self._next_order_id))
+        if self.config.farm_notices:
+            for code, msg in (
+                (2104, "Market data farm connection is OK:usfarm"),
+                (2106, "HMDS data farm connection is OK:ushmds"),
+                (2158, "Sec-def data farm connection is OK:secdefnj"),
+            ):
+                session.send(codec.error_fields(NO_VALID_ID, code, msg))
+        # Orders survive disconnects: report this client's working orders again.
+        for order in self._visible_orders(session, working_only=True):
+            session.send(codec.open_order_fields(order))
+            session.send(codec.order_status_fields(order))
+
+    # ---- dispatch --------------------------------------------------------------------------
+
+    def _handle(self, session: Session, fields: list[str]) -> None:
+        if not fields:
+            return
+        try:
+            msg_id = int(fields[0])
+        except ValueError:
+            log.warning("client %s sent a non-numeric message id %r", session.client_id, fields[0])
+            return
+        now = self.clock()
+        session.received += 1
+        if session.client_id is None:
+            if msg_id == START_API:
+                self._start_api(session, fields)
+            else:
+                log.warning("message %d before startApi from %s ignored", msg_id, session.peer)
+            return
+        self.received_by_id[msg_id] += 1
+        self.received_by_client[session.client_id] += 1
+        if session.over_pace(now):
+            self.pacing_violations += 1
+            log.warning(
+                "client %d exceeded %d msg/s: error 100",
+                session.client_id,
+                self.config.pacing_limit,
+            )
+            session.send(
+                codec.error_fields(
+                    NO_VALID_ID, 100, "Max rate of messages per second has been exceeded."
+                )
+            )
+            if self.config.pacing_disconnect:
+                self._forget(session)
+                session.close()
+            return
+        for listener in self._listeners:
+            listener(session.client_id, msg_id, fields)
+        handler = self._handlers.get(msg_id)
+        if handler is None:
+            log.debug("client %d sent unsupported message %d; ignored", session.client_id, msg_id)
+            return
+        try:
+            handler(self, session, fields, now)
+        except codec.CodecError as exc:
+            log.warning("client %d sent a malformed message %d: %s", session.client_id, msg_id, exc)
+            session.send(codec.error_fields(NO_VALID_ID, 320, f"Error reading request: {exc}"))
+
+    def _req_ids(self, session: Session, fields: list[str], now: float) -> None:
+        session.send(codec.next_valid_id_fields(self._next_order_id))
+
+    def _req_current_time(self, session: Session, fields: list[str], now: float) -> None:
+        session.send(codec.current_time_fields(int(now)))
+
+    def _place_order(self, session: Session, fields: list[str], now: float) -> None:
+        assert session.client_id is not None
+        req = codec.decode_place_order(fields)
+        self._next_order_id = max(self._next_order_id, req.order_id + 1)
+        log.info(
+            "client %d places order %d: %s %s %s %s%s",
+            session.client_id,
+            req.order_id,
+            req.action,
+            _qty(req.total_quantity),
+            req.contract.symbol or req.contract.con_id,
+            req.order_type,
+            f" @ {req.lmt_price}" if req.lmt_price is not None else "",
+        )
+        client_id = session.client_id
+        if self.config.fill_latency_s > 0:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.config.fill_latency_s, self._place_now, client_id, req)
+        else:
+            self._place_now(client_id, req)
+
+    def _place_now(self, client_id: int, req: OrderRequest) -> None:
+        self.route(self.exchange.place_order(client_id, req, self.clock()))
+
+    def _cancel_order(self, session: Session, fields: list[str], now: float) -> None:
+        assert session.client_id is not None
+        order_id = codec.decode_cancel_order(fields)
+        try:
+            events = self.exchange.cancel_order(session.client_id, order_id, now)
+        except OrderNotFoundError:
+            session.send(
+                codec.error_fields(
+                    order_id, 10147, f"OrderId {order_id} that needs to be cancelled is not found."
+                )
+            )
+            return
+        except OrderNotCancellableError:
+            session.send(
+                codec.error_fields(
+                    order_id,
+                    161,
+                    f"Cancel attempted when order {order_id} is not in a cancellable state.",
+                )
+            )
+            return
+        log.info("client %d cancels order %d", session.client_id, order_id)
+        self.route(events, cancel_notice=True)
+
+    def _global_cancel(self, session: Session, fields: list[str], now: float) -> None:
+        self.global_cancels += 1
+        self.global_cancel_times.append(now)
+        events = self.exchange.global_cancel(now)
+        log.info("client %d: global cancel, %d orders cancelled", session.client_id, len(events))
+        self.route(events, cancel_notice=True)
+
+    def _req_open_orders(self, session: Session, fields: list[str], now: float) -> None:
+        self._send_open_orders(session, self._visible_orders(session, working_only=True))
+
+    def _req_all_open_orders(self, session: Session, fields: list[str], now: float) -> None:
+        self._send_open_orders(session, [o for o in self.exchange.orders() if o.is_working])
+
+    def _send_open_orders(self, session: Session, orders: Iterable[SimOrder]) -> None:
+        for order in orders:
+            session.send(codec.open_order_fields(order))
+            session.send(codec.order_status_fields(order))
+        session.send(codec.open_order_end_fields())
+
+    def _req_auto_open_orders(self, session: Session, fields: list[str], now: float) -> None:
+        if session.client_id != 0:
+            session.send(
+                codec.error_fields(
+                    NO_VALID_ID, 327, "Only the default client (i.e 0) can auto bind orders"
+                )
+            )
+
+    def _req_completed_orders(self, session: Session, fields: list[str], now: float) -> None:
+        for order in self._visible_orders(session, working_only=False):
+            if not order.is_working:
+                session.send(codec.completed_order_fields(order))
+        session.send(codec.completed_orders_end_fields())
+
+    def _req_executions(self, session: Session, fields: list[str], now: float) -> None:
+        request = codec.decode_executions_request(fields)
+        for fill in self.exchange.fills():
+            if not (session.is_master or fill.client_id == session.client_id):
+                continue
+            if request.client_id and fill.client_id != request.client_id:
+                continue
+            if request.account and fill.account != request.account:
+                continue
+            if request.symbol and fill.instrument.symbol != request.symbol:
+                continue
+            session.send(codec.exec_details_fields(request.req_id, fill))
+            session.send(codec.commission_report_fields(fill))
+        session.send(codec.exec_details_end_fields(request.req_id))
+
+    def _req_positions(self, session: Session, fields: list[str], now: float) -> None:
+        session.subs.positions = True
+        for account in self.exchange.accounts:
+            for pos in self.exchange.positions(account):
+                session.send(codec.position_fields(pos))
+        session.send(codec.position_end_fields())
+
+    def _cancel_positions(self, session: Session, fields: list[str], now: float) -> None:
+        session.subs.positions = False
+
+    def _req_account_summary(self, session: Session, fields: list[str], now: float) -> None:
+        req_id = _int(fields, 2)
+        tags = {t for t in _str(fields, 4).split(",") if t}
+        for account in self.exchange.accounts:
+            values = {
+                key: (value, cur) for key, value, cur in self.exchange.account_values(account)
+            }
+            values["AccountType"] = ("INDIVIDUAL", "")
+            for tag in SUMMARY_TAGS:
+                if tags and tag not in tags:
+                    continue
+                if tag in values:
+                    value, cur = values[tag]
+                    session.send(codec.account_summary_fields(req_id, account, tag, value, cur))
+        session.send(codec.account_summary_end_fields(req_id))
+
+    def _req_account_updates(self, session: Session, fields: list[str], now: float) -> None:
+        subscribe = _str(fields, 2) == "1"
+        account = _str(fields, 3) or self.exchange.accounts[0]
+        if not subscribe:
+            session.subs.account_updates = None
+            return
+        if account not in self.exchange.accounts:
+            session.send(codec.error_fields(NO_VALID_ID, 321, f"Account {account} not found"))
+            return
+        session.subs.account_updates = account
+        for key, value, cur in self.exchange.account_values(account):
+            session.send(codec.account_value_fields(key, value, cur, account))
+        for pos in self.exchange.positions(account):
+            session.send(codec.portfolio_fields(pos))
+        session.send(codec.account_time_fields(time.strftime("%H:%M", time.gmtime(now))))
+        session.send(codec.account_download_end_fields(account))
+
+    def _req_account_updates_multi(self, session: Session, fields: list[str], now: float) -> None:
+        req_id = _int(fields, 2)
+        account = _str(fields, 3) or self.exchange.accounts[0]
+        model = _str(fields, 4)
+        accounts = self.exchange.accounts if account == "All" else [account]
+        for acct in accounts:
+            if acct not in self.exchange.accounts:
+                session.send(codec.error_fields(req_id, 321, f"Account {acct} not found"))
+                continue
+            session.subs.account_multi[req_id] = acct
+            for key, value, cur in self.exchange.account_values(acct):
+                session.send(
+                    codec.account_update_multi_fields(req_id, acct, model, key, value, cur)
+                )
+        session.send(codec.account_update_multi_end_fields(req_id))
+
+    def _cancel_account_updates_multi(
+        self, session: Session, fields: list[str], now: float
+    ) -> None:
+        session.subs.account_multi.pop(_int(fields, 2), None)
+
+    def _req_pnl(self, session: Session, fields: list[str], now: float) -> None:
+        req_id, account = _int(fields, 1), _str(fields, 2)
+        if account not in self.exchange.accounts:
+            session.send(codec.error_fields(req_id, 321, f"Account {account} not found"))
+            return
+        session.subs.pnl[req_id] = account
+        session.send(codec.pnl_fields(req_id, *self.exchange.pnl(account)))
+
+    def _cancel_pnl(self, session: Session, fields: list[str], now: float) -> None:
+        session.subs.pnl.pop(_int(fields, 1), None)
+
+    def _req_pnl_single(self, session: Session, fields: list[str], now: float) -> None:
+        req_id, account, con_id = _int(fields, 1), _str(fields, 2), _int(fields, 4)
+        if account not in self.exchange.accounts:
+            session.send(codec.error_fields(req_id, 321, f"Account {account} not found"))
+            return
+        if self.exchange.find_instrument(ContractSpec(con_id=con_id)) is None:
+            session.send(
+                codec.error_fields(
+                    req_id, 200, "No security definition has been found for the request"
+                )
+            )
+            return
+        session.subs.pnl_single[req_id] = (account, con_id)
+        session.send(codec.pnl_single_fields(req_id, *self.exchange.pnl_single(account, con_id)))
+
+    def _cancel_pnl_single(self, session: Session, fields: list[str], now: float) -> None:
+        session.subs.pnl_single.pop(_int(fields, 1), None)
+
+    def _req_mkt_data(self, session: Session, fields: list[str], now: float) -> None:
+        request = codec.decode_mkt_data_request(fields)
+        instrument = self.exchange.find_instrument(request.contract)
+        if instrument is None:
+            session.send(
+                codec.error_fields(
+                    request.req_id, 200, "No security definition has been found for the request"
+                )
+            )
+            return
+        if not request.snapshot:
+            session.subs.market_data[request.req_id] = instrument.con_id
+        self._send_quote(session, request.req_id, instrument.con_id, force=True)
+
+    def _cancel_mkt_data(self, session: Session, fields: list[str], now: float) -> None:
+        req_id = _int(fields, 2)
+        session.subs.market_data.pop(req_id, None)
+        session.subs.last_quote.pop(req_id, None)
+
+    def _req_market_data_type(self, session: Session, fields: list[str], now: float) -> None:
+        session.send(codec.market_data_type_fields(NO_VALID_ID, _int(fields, 2)))
+
+    def _req_contract_details(self, session: Session, fields: list[str], now: float) -> None:
+        req_id, spec = codec.decode_contract_details_request(fields)
+        instrument = self.exchange.find_instrument(spec)
+        if instrument is None:
+            session.send(
+                codec.error_fields(
+                    req_id, 200, "No security definition has been found for the request"
+                )
+            )
+            return
+        session.send(codec.contract_details_fields(req_id, instrument))
+        session.send(codec.contract_details_end_fields(req_id))
+
+    def _ignore(self, session: Session, fields: list[str], now: float) -> None:
+        """Cancels of subscriptions we keep no state for, and a second startApi."""
+
+    _handlers: ClassVar[dict[int, Callable[[SimGateway, Session, list[str], float], None]]] = {
+        REQ_MKT_DATA: _req_mkt_data,
+        CANCEL_MKT_DATA: _cancel_mkt_data,
+        PLACE_ORDER: _place_order,
+        CANCEL_ORDER: _cancel_order,
+        REQ_OPEN_ORDERS: _req_open_orders,
+        REQ_ACCOUNT_UPDATES: _req_account_updates,
+        REQ_EXECUTIONS: _req_executions,
+        REQ_IDS: _req_ids,
+        REQ_CONTRACT_DETAILS: _req_contract_details,
+        REQ_AUTO_OPEN_ORDERS: _req_auto_open_orders,
+        REQ_ALL_OPEN_ORDERS: _req_all_open_orders,
+        REQ_CURRENT_TIME: _req_current_time,
+        REQ_GLOBAL_CANCEL: _global_cancel,
+        REQ_MARKET_DATA_TYPE: _req_market_data_type,
+        REQ_POSITIONS: _req_positions,
+        REQ_ACCOUNT_SUMMARY: _req_account_summary,
+        CANCEL_ACCOUNT_SUMMARY: _ignore,
+        CANCEL_POSITIONS: _cancel_positions,
+        START_API: _ignore,
+        REQ_ACCOUNT_UPDATES_MULTI: _req_account_updates_multi,
+        CANCEL_ACCOUNT_UPDATES_MULTI: _cancel_account_updates_multi,
+        REQ_PNL: _req_pnl,
+        CANCEL_PNL: _cancel_pnl,
+        REQ_PNL_SINGLE: _req_pnl_single,
+        CANCEL_PNL_SINGLE: _cancel_pnl_single,
+        REQ_COMPLETED_ORDERS: _req_completed_orders,
+    }
+
+    # ---- routing ---------------------------------------------------------------------------
+
+    def _visible_orders(self, session: Session, *, working_only: bool) -> list[SimOrder]:
+        return [
+            o
+            for o in self.exchange.orders()
+            if (session.is_master or o.client_id == session.client_id)
+            and (o.is_working or not working_only)
+        ]
+
+    def _order_audience(self, client_id: int) -> list[Session]:
+        out = []
+        owner = self.sessions.get(client_id)
+        if owner is not None:
+            out.append(owner)
+        master_id = self.config.master_client_id
+        if master_id is not None and master_id != client_id:
+            master = self.sessions.get(master_id)
+            if master is not None:
+                out.append(master)
+        return out
+
+    def route(self, events: Iterable[SimEvent], *, cancel_notice: bool = False) -> None:
+        """Send what the exchange model emitted to the clients that would see it."""
+        for event in events:
+            match event:
+                case OrderChanged(order=order, open_order=open_order):
+                    for s in self._order_audience(order.client_id):
+                        if open_order:
+                            s.send(codec.open_order_fields(order))
+                        s.send(codec.order_status_fields(order))
+                        if (
+                            cancel_notice
+                            and order.status == "Cancelled"
+                            and s.client_id == order.client_id
+                        ):
+                            s.send(
+                                codec.error_fields(order.order_id, 202, "Order Canceled - reason:")
+                            )
+                case OrderRejected(order=order, code=code, reason=reason):
+                    log.info(
+                        "order %d of client %d rejected: %s",
+                        order.order_id,
+                        order.client_id,
+                        reason,
+                    )
+                    for s in self._order_audience(order.client_id):
+                        if s.client_id == order.client_id:
+                            s.send(codec.error_fields(order.order_id, code, reason))
+                        s.send(codec.order_status_fields(order))
+                case Executed(fill=fill):
+                    log.info(
+                        "fill: client %d order %d %s %s %s @ %s",
+                        fill.client_id,
+                        fill.order_id,
+                        fill.side,
+                        _qty(fill.shares),
+                        fill.instrument.symbol,
+                        fill.price,
+                    )
+                    for s in self._order_audience(fill.client_id):
+                        s.send(codec.exec_details_fields(NO_VALID_ID, fill))
+                        s.send(codec.commission_report_fields(fill))
+                case PositionChanged(position=pos):
+                    self._route_position(pos)
+                case AccountChanged(account=account, values=values):
+                    self._route_account_values(account, values)
+
+    def _route_position(self, pos: PositionView) -> None:
+        for s in list(self.sessions.values()):
+            if s.subs.account_updates == pos.account:
+                s.send(codec.portfolio_fields(pos))
+        copies = 1 + self.position_duplicates
+        if self.position_delay_s > 0:
+            asyncio.get_running_loop().call_later(
+                self.position_delay_s, self._send_position, pos, copies
+            )
+        else:
+            self._send_position(pos, copies)
+
+    def _send_position(self, pos: PositionView, copies: int) -> None:
+        for s in list(self.sessions.values()):
+            if s.subs.positions:
+                for _ in range(copies):
+                    s.send(codec.position_fields(pos))
+
+    def _route_account_values(self, account: str, values: Iterable[tuple[str, str, str]]) -> None:
+        values = tuple(values)
+        for s in list(self.sessions.values()):
+            if s.subs.account_updates == account:
+                for key, value, cur in values:
+                    s.send(codec.account_value_fields(key, value, cur, account))
+            for req_id, acct in s.subs.account_multi.items():
+                if acct == account:
+                    for key, value, cur in values:
+                        s.send(
+                            codec.account_update_multi_fields(req_id, account, "", key, value, cur)
+                        )
+
+    def _send_quote(
+        self, session: Session, req_id: int, con_id: int, *, force: bool = False
+    ) -> None:
+        quote = self.exchange.quote(con_id)
+        key = (quote.bid, quote.ask, quote.last)
+        if not force and session.subs.last_quote.get(req_id) == key:
+            return
+        session.subs.last_quote[req_id] = key
+        session.send(codec.tick_price_fields(req_id, TICK_BID, quote.bid, quote.bid_size))
+        session.send(codec.tick_size_fields(req_id, TICK_BID_SIZE, quote.bid_size))
+        session.send(codec.tick_price_fields(req_id, TICK_ASK, quote.ask, quote.ask_size))
+        session.send(codec.tick_size_fields(req_id, TICK_ASK_SIZE, quote.ask_size))
+        session.send(codec.tick_price_fields(req_id, TICK_LAST, quote.last, quote.last_size))
+        session.send(codec.tick_size_fields(req_id, TICK_LAST_SIZE, quote.last_size))
+
+    async def _market_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.market_interval_s)
+            self.step_market()
+
+    def step_market(self) -> None:
+        """Advance prices and resting orders to now, and send market data that changed."""
+        self.route(self.exchange.advance(self.clock()))
+        for s in list(self.sessions.values()):
+            for req_id, con_id in list(s.subs.market_data.items()):
+                self._send_quote(s, req_id, con_id)
+
+    async def _pnl_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.pnl_interval_s)
+            self.send_pnl()
+
+    def send_pnl(self) -> None:
+        """One round of the PnL, value-per-position and portfolio streams."""
+        for s in list(self.sessions.values()):
+            for req_id, account in s.subs.pnl.items():
+                s.send(codec.pnl_fields(req_id, *self.exchange.pnl(account)))
+            for req_id, (account, con_id) in s.subs.pnl_single.items():
+                s.send(codec.pnl_single_fields(req_id, *self.exchange.pnl_single(account, con_id)))
+            if s.subs.account_updates is not None:
+                for pos in self.exchange.positions(s.subs.account_updates):
+                    s.send(codec.portfolio_fields(pos))
+
+    # ---- faults ----------------------------------------------------------------------------
+
+    def broadcast_error(self, code: int, message: str) -> None:
+        for s in list(self.sessions.values()):
+            s.send(codec.error_fields(NO_VALID_ID, code, message))
+
+    async def drop_all_clients(self, seconds: float) -> None:
+        """Close every connection and refuse new ones for `seconds` (a network drop)."""
+        log.warning("fault: dropping all clients for %.1f s", seconds)
+        await self._close_listener()
+        for s in list(self.sessions.values()) + list(self._pending):
+            s.close()
+            self._forget(s)
+        await asyncio.sleep(seconds)
+        await self._listen()
+        log.warning("fault over: accepting clients again on port %d", self._port)
+
+    def connectivity_lost(self) -> None:
+        """Error 1100 to every client; the sockets stay up."""
+        log.warning("fault: connectivity between IB and the gateway lost (1100)")
+        self.connectivity_ok = False
+        self.broadcast_error(1100, "Connectivity between IB and Trader Workstation has been lost.")
+
+    def connectivity_restored(self, *, data_lost: bool = False) -> None:
+        """Error 1101 (data lost: clients must resubscribe) or 1102 (data kept)."""
+        self.connectivity_ok = True
+        if data_lost:
+            log.warning("fault over: connectivity restored, data lost (1101)")
+            for s in self.sessions.values():
+                s.subs = _Subscriptions()
+            self.broadcast_error(
+                1101, "Connectivity between IB and TWS has been restored- data lost.*"
+            )
+        else:
+            log.warning("fault over: connectivity restored, data maintained (1102)")
+            self.broadcast_error(
+                1102,
+                "Connectivity between IB and Trader Workstation has been restored - "
+                "data maintained.",
+            )
+
+    def reject_orders(
+        self, predicate: Callable[[OrderRequest, Instrument], str | None] | None
+    ) -> None:
+        """Reject (201) each order for which `predicate` gives a reason; None lifts the filter."""
+        log.warning("fault: order reject filter %s", "set" if predicate else "cleared")
+        self.exchange.set_reject_filter(predicate)
+
+    def delay_positions(self, seconds: float) -> None:
+        log.warning("fault: position updates delayed by %.2f s", seconds)
+        self.position_delay_s = seconds
+
+    def duplicate_positions(self, copies: int) -> None:
+        log.warning("fault: every position update sent %d extra time(s)", copies)
+        self.position_duplicates = copies
+
+    def jump_price(self, con_id: int, fraction: float) -> None:
+        log.warning("fault: price of %d jumps by %+.1f %%", con_id, fraction * 100)
+        self.route(self.exchange.jump_price(con_id, fraction, self.clock()))
+
+    def set_volatility(self, con_id: int, daily_vol: float) -> None:
+        log.warning("fault: volatility of %d set to %.4f per day", con_id, daily_vol)
+        self.exchange.set_volatility(con_id, daily_vol)
+
+    def change_margin(self, multiplier: float) -> None:
+        log.warning("fault: margin requirements x%.2f", multiplier)
+        self.exchange.set_margin_multiplier(multiplier)
+        for account in self.exchange.accounts:
+            self._route_account_values(account, self.exchange.account_values(account))
+
+    async def restart(self, down_seconds: float, *, next_order_id: int | None = None) -> None:
+        """Restart the gateway: clients dropped, port closed, and order ids maybe rolled back.
+
+        Working orders live at IB, not in the gateway, so they survive the restart.
+        """
+        if next_order_id is not None:
+            log.warning("fault: restart with order ids rolled back to %d", next_order_id)
+            self._next_order_id = next_order_id
+        await self.drop_all_clients(down_seconds)
+
+
+def _int(fields: list[str], index: int) -> int:
+    try:
+        text = fields[index]
+        return int(text) if text else 0
+    except (IndexError, ValueError) as exc:
+        raise codec.CodecError(f"field {index} is not an integer") from exc
+
+
+def _str(fields: list[str], index: int) -> str:
+    return fields[index] if index < len(fields) else ""
+
+
+def _qty(q: float) -> str:
+    return str(int(q)) if float(q).is_integer() else str(q)

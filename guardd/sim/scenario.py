@@ -1,0 +1,346 @@
+"""Scenario files for the simulated gateway: accounts, instruments, starting positions and a
+schedule of faults, in TOML. `load_scenario` validates the whole file and names the offending
+key on error; `run_faults` plays the schedule against a running `SimGateway`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from guardd.sim.exchange import Exchange
+from guardd.sim.gateway import GatewayConfig, SimGateway
+from guardd.sim.types import Instrument
+
+log = logging.getLogger("guardd.sim")
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used; the message names the key and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySection(_Strict):
+    seed: int = 1
+    master_client_id: int | None = 0
+    pacing_limit: Annotated[int, Field(gt=0)] = 50
+    pacing_window_s: Annotated[float, Field(gt=0)] = 1.0
+    pacing_disconnect: bool = True
+    pnl_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    market_interval_s: Annotated[float, Field(gt=0)] = 0.1
+    fill_latency_s: Annotated[float, Field(ge=0)] = 0.0
+    partial_fill_quantity: Annotated[float, Field(gt=0)] | None = None
+    first_order_id: Annotated[int, Field(ge=1)] = 1
+
+
+class AccountSection(_Strict):
+    id: Annotated[str, Field(min_length=1)]
+    cash: Annotated[float, Field(ge=0)] = 1_000_000.0
+
+
+class InstrumentSection(_Strict):
+    symbol: Annotated[str, Field(min_length=1)]
+    sec_type: Literal["STK", "FUT"] = "STK"
+    con_id: Annotated[int, Field(gt=0)]
+    exchange: str = ""
+    primary_exchange: str = ""
+    currency: str = "USD"
+    multiplier: Annotated[float, Field(gt=0)] = 1.0
+    last_trade_date: str = ""
+    local_symbol: str = ""
+    trading_class: str = ""
+    price: Annotated[float, Field(gt=0)] = 100.0
+    volatility: Annotated[float, Field(ge=0)] = 0.02
+    spread: Annotated[float, Field(ge=0)] = 0.02
+    min_tick: Annotated[float, Field(gt=0)] = 0.01
+    initial_margin_rate: Annotated[float, Field(ge=0, le=1)] = 0.25
+    maint_margin_rate: Annotated[float, Field(ge=0, le=1)] = 0.25
+    initial_margin_per_contract: Annotated[float, Field(ge=0)] = 0.0
+    maint_margin_per_contract: Annotated[float, Field(ge=0)] = 0.0
+
+    def to_instrument(self) -> Instrument:
+        is_future = self.sec_type == "FUT"
+        return Instrument(
+            con_id=self.con_id,
+            symbol=self.symbol,
+            sec_type=self.sec_type,
+            exchange=self.exchange or ("CME" if is_future else "SMART"),
+            primary_exchange=self.primary_exchange or ("CME" if is_future else "NASDAQ"),
+            currency=self.currency,
+            multiplier=self.multiplier,
+            last_trade_date=self.last_trade_date,
+            local_symbol=self.local_symbol or self.symbol,
+            trading_class=self.trading_class or self.symbol,
+            initial_price=self.price,
+            volatility=self.volatility,
+            spread=self.spread,
+            min_tick=self.min_tick,
+            initial_margin_rate=self.initial_margin_rate,
+            maint_margin_rate=self.maint_margin_rate,
+            initial_margin_per_contract=self.initial_margin_per_contract,
+            maint_margin_per_contract=self.maint_margin_per_contract,
+        )
+
+
+class PositionSection(_Strict):
+    account: str = ""  # default: the first account
+    symbol: Annotated[str, Field(min_length=1)]
+    quantity: float
+    avg_price: Annotated[float, Field(gt=0)] | None = None  # default: the instrument's price
+
+
+class _Fault(_Strict):
+    at_s: Annotated[float, Field(ge=0)]  # seconds after the gateway starts
+
+
+class DropClients(_Fault):
+    kind: Literal["drop_clients"]
+    seconds: Annotated[float, Field(gt=0)]
+
+
+class ConnectivityLost(_Fault):
+    kind: Literal["connectivity_lost"]
+    seconds: Annotated[float, Field(gt=0)]
+    data_lost: bool = False  # restored with 1101 (True) or 1102 (False)
+
+
+class RejectOrders(_Fault):
+    kind: Literal["reject_orders"]
+    symbol: str = ""  # empty: every symbol
+    action: Literal["", "BUY", "SELL"] = ""
+    reason: str = "Order rejected by the simulated gateway"
+    seconds: Annotated[float, Field(gt=0)] | None = None  # None: for the rest of the run
+
+
+class DelayPositions(_Fault):
+    kind: Literal["delay_positions"]
+    delay_s: Annotated[float, Field(ge=0)]
+
+
+class DuplicatePositions(_Fault):
+    kind: Literal["duplicate_positions"]
+    copies: Annotated[int, Field(ge=0)] = 1
+
+
+class PriceJump(_Fault):
+    kind: Literal["price_jump"]
+    symbol: str
+    fraction: Annotated[float, Field(gt=-1)]
+
+
+class Volatility(_Fault):
+    kind: Literal["volatility"]
+    symbol: str
+    daily_vol: Annotated[float, Field(ge=0)]
+
+
+class MarginChange(_Fault):
+    kind: Literal["margin_change"]
+    multiplier: Annotated[float, Field(gt=0)]
+
+
+class Restart(_Fault):
+    kind: Literal["restart"]
+    down_s: Annotated[float, Field(gt=0)]
+    next_order_id: Annotated[int, Field(ge=1)] | None = None
+
+
+Fault = Annotated[
+    DropClients
+    | ConnectivityLost
+    | RejectOrders
+    | DelayPositions
+    | DuplicatePositions
+    | PriceJump
+    | Volatility
+    | MarginChange
+    | Restart,
+    Field(discriminator="kind"),
+]
+
+
+class Scenario(_Strict):
+    """A whole scenario file."""
+
+    gateway: GatewaySection = GatewaySection()
+    accounts: Annotated[list[AccountSection], Field(min_length=1)] = [AccountSection(id="DU000001")]
+    instruments: Annotated[list[InstrumentSection], Field(min_length=1)] = [
+        InstrumentSection(symbol="AAPL", con_id=265598, primary_exchange="NASDAQ", price=190.0),
+        InstrumentSection(symbol="MSFT", con_id=272093, primary_exchange="NASDAQ", price=420.0),
+        InstrumentSection(symbol="SPY", con_id=756733, primary_exchange="ARCA", price=560.0),
+        InstrumentSection(
+            symbol="ES",
+            sec_type="FUT",
+            con_id=620731015,
+            exchange="CME",
+            multiplier=50,
+            last_trade_date="20261218",
+            local_symbol="ESZ6",
+            price=6000.0,
+            volatility=0.012,
+            spread=0.25,
+            min_tick=0.25,
+            initial_margin_per_contract=16_000,
+            maint_margin_per_contract=14_500,
+        ),
+    ]
+    positions: list[PositionSection] = []
+    faults: list[Fault] = []
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Scenario:
+        accounts = [a.id for a in self.accounts]
+        if len(set(accounts)) != len(accounts):
+            raise ValueError("accounts: duplicate account id")
+        con_ids = [i.con_id for i in self.instruments]
+        if len(set(con_ids)) != len(con_ids):
+            raise ValueError("instruments: duplicate con_id")
+        symbols = {i.symbol for i in self.instruments}
+        for n, pos in enumerate(self.positions):
+            if pos.account and pos.account not in accounts:
+                raise ValueError(f"positions[{n}].account: unknown account {pos.account!r}")
+            if pos.symbol not in symbols:
+                raise ValueError(f"positions[{n}].symbol: unknown symbol {pos.symbol!r}")
+        for n, fault in enumerate(self.faults):
+            symbol = getattr(fault, "symbol", "")
+            if symbol and symbol not in symbols:
+                raise ValueError(f"faults[{n}].symbol: unknown symbol {symbol!r}")
+        return self
+
+    def gateway_config(self, *, host: str = "127.0.0.1", port: int = 0) -> GatewayConfig:
+        g = self.gateway
+        return GatewayConfig(
+            host=host,
+            port=port,
+            master_client_id=g.master_client_id,
+            pacing_limit=g.pacing_limit,
+            pacing_window_s=g.pacing_window_s,
+            pacing_disconnect=g.pacing_disconnect,
+            pnl_interval_s=g.pnl_interval_s,
+            market_interval_s=g.market_interval_s,
+            fill_latency_s=g.fill_latency_s,
+            first_order_id=g.first_order_id,
+        )
+
+    def build_exchange(self, *, now: float) -> Exchange:
+        """The exchange model with this scenario's accounts, instruments and starting positions."""
+        instruments = [i.to_instrument() for i in self.instruments]
+        exchange = Exchange(
+            instruments,
+            {a.id: a.cash for a in self.accounts},
+            seed=self.gateway.seed,
+            partial_fill_quantity=self.gateway.partial_fill_quantity,
+            now=now,
+        )
+        by_symbol = {i.symbol: i for i in instruments}
+        for pos in self.positions:
+            instrument = by_symbol[pos.symbol]
+            exchange.set_position(
+                pos.account or self.accounts[0].id,
+                instrument.con_id,
+                pos.quantity,
+                pos.avg_price if pos.avg_price is not None else instrument.initial_price,
+            )
+        return exchange
+
+    def con_id(self, symbol: str) -> int:
+        return next(i.con_id for i in self.instruments if i.symbol == symbol)
+
+
+def parse_scenario(data: dict[str, object], *, source: str = "scenario") -> Scenario:
+    """Validate scenario data; a ScenarioError names the key and the problem."""
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
+            problems.append(f"{where or '(top level)'}: {err['msg']}")
+        raise ScenarioError(f"{source}: " + "; ".join(problems)) from exc
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and part in {
+        "drop_clients",
+        "connectivity_lost",
+        "reject_orders",
+        "delay_positions",
+        "duplicate_positions",
+        "price_jump",
+        "volatility",
+        "margin_change",
+        "restart",
+    }
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read and validate a scenario TOML file."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_scenario(data, source=str(path))
+
+
+async def run_faults(
+    gateway: SimGateway, scenario: Scenario, faults: Sequence[Fault] | None = None
+) -> None:
+    """Play the fault schedule against a running gateway (times relative to this call)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    pending: set[asyncio.Task[None]] = set()
+    for fault in sorted(faults if faults is not None else scenario.faults, key=lambda f: f.at_s):
+        delay = start + fault.at_s - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.ensure_future(_apply(gateway, scenario, fault))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.gather(*pending)
+
+
+async def _apply(gateway: SimGateway, scenario: Scenario, fault: Fault) -> None:
+    match fault:
+        case DropClients(seconds=seconds):
+            await gateway.drop_all_clients(seconds)
+        case ConnectivityLost(seconds=seconds, data_lost=data_lost):
+            gateway.connectivity_lost()
+            await asyncio.sleep(seconds)
+            gateway.connectivity_restored(data_lost=data_lost)
+        case RejectOrders(symbol=symbol, action=action, reason=reason, seconds=seconds):
+
+            def rejects(req: object, instrument: Instrument) -> str | None:
+                if symbol and instrument.symbol != symbol:
+                    return None
+                if action and getattr(req, "action", "") != action:
+                    return None
+                return reason
+
+            gateway.reject_orders(rejects)
+            if seconds is not None:
+                await asyncio.sleep(seconds)
+                gateway.reject_orders(None)
+        case DelayPositions(delay_s=delay_s):
+            gateway.delay_positions(delay_s)
+        case DuplicatePositions(copies=copies):
+            gateway.duplicate_positions(copies)
+        case PriceJump(symbol=symbol, fraction=fraction):
+            gateway.jump_price(scenario.con_id(symbol), fraction)
+        case Volatility(symbol=symbol, daily_vol=daily_vol):
+            gateway.set_volatility(scenario.con_id(symbol), daily_vol)
+        case MarginChange(multiplier=multiplier):
+            gateway.change_margin(multiplier)
+        case Restart(down_s=down_s, next_order_id=next_order_id):
+            await gateway.restart(down_s, next_order_id=next_order_id)

@@ -1,0 +1,51 @@
+"""Shared fixtures: a simulated gateway on a free loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from guardd.sim.gateway import SimGateway
+from guardd.sim.scenario import Scenario, parse_scenario
+from guardd.sim.server import build_gateway
+
+SCENARIO = {
+    "gateway": {"seed": 3, "market_interval_s": 0.05, "pnl_interval_s": 0.2},
+    "accounts": [{"id": "DU000001", "cash": 1_000_000}],
+    "instruments": [
+        {"symbol": "AAPL", "con_id": 265598, "price": 190.0, "volatility": 0.0},
+        {"symbol": "MSFT", "con_id": 272093, "price": 420.0, "volatility": 0.0},
+        {
+            "symbol": "ES",
+            "sec_type": "FUT",
+            "con_id": 620731015,
+            "exchange": "CME",
+            "multiplier": 50,
+            "last_trade_date": "20261218",
+            "local_symbol": "ESZ6",
+            "price": 6000.0,
+            "spread": 0.25,
+            "min_tick": 0.25,
+            "volatility": 0.0,
+            "initial_margin_per_contract": 16000,
+            "maint_margin_per_contract": 14500,
+        },
+    ],
+    "positions": [
+        {"symbol": "AAPL", "quantity": 1000, "avg_price": 180.0},
+        {"symbol": "ES", "quantity": -2, "avg_price": 6010.0},
+    ],
+}
+
+
+@pytest.fixture
+def scenario() -> Scenario:
+    return parse_scenario(SCENARIO)
+
+
+@pytest.fixture
+async def sim(scenario: Scenario) -> AsyncIterator[SimGateway]:
+    """A running simulated gateway on a free loopback port (volatility 0: prices stay put)."""
+    async with build_gateway(scenario, host="127.0.0.1", port=0) as gateway:
+        yield gateway
