@@ -203,6 +203,11 @@ class MarginCushionLimit(_FractionLimit):
 
     higher_is_worse: ClassVar[bool] = False
 
+    # 0 is a real level here: no excess liquidity left is the margin call itself.
+    warn: Annotated[float, Field(ge=0, le=1)] | None = None
+    reduce: Annotated[float, Field(ge=0, le=1)] | None = None
+    kill: Annotated[float, Field(ge=0, le=1)] | None = None
+
 
 class MaintMarginRatioLimit(LevelLimit):
     """Maintenance margin requirement / net liquidation (fraction; 1.0 means margin call)."""
