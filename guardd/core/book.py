@@ -282,7 +282,8 @@ class Book:
 
     def fold(self, event: BrokerEvent) -> None:
         """Apply one broker event to the Book (O(1) amortised, except the re-sync sweeps)."""
-        self.last_event_ts = event.ts
+        if not isinstance(event, Heartbeat):
+            self.last_event_ts = event.ts  # a bot's heartbeat says nothing about IB's data
         match event:
             case Connected():
                 self._on_connected(event)
