@@ -1,0 +1,309 @@
+"""Tests for guardd.journal: durable appends, torn tails moved aside, never a lost record."""
+
+from __future__ import annotations
+
+import enum
+import errno
+import json
+import math
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guardd.errors import JournalError
+from guardd.journal import TORN_TAIL_KIND, Journal, read_journal
+
+
+def _clock() -> float:
+    return 1_700_000_000.5
+
+
+def _write_records(path: Path, count: int) -> list[dict[str, Any]]:
+    with Journal(path, clock=_clock) as journal:
+        return [journal.append("decision", n=n) for n in range(count)]
+
+
+def test_append_then_record_returned_and_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "dir" / "journal.jsonl"
+
+    with Journal(path, clock=_clock) as journal:
+        record = journal.append("kill_requested", source="http", reason="runaway bot")
+
+    assert record == {"ts": 1_700_000_000.5, "kind": "kill_requested", "source": "http",
+                      "reason": "runaway bot"}  # fmt: skip
+    assert list(read_journal(path)) == [record]
+    assert path.read_bytes().count(b"\n") == 1
+
+
+def test_explicit_ts_then_kept(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j", clock=_clock) as journal:
+        record = journal.append("event", ts=12.0)
+
+    assert record["ts"] == 12.0
+
+
+def test_append_then_fsynced_before_returning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path / "j", clock=_clock)
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(os.fstat(fd).st_size)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    record = journal.append("order_cancelled", perm_id=7)
+
+    line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+    assert calls == [len(line)]  # synced once, with the whole line in the file
+    journal.close()
+
+
+def test_reopen_then_appends_after_existing_records(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    first = _write_records(path, 2)
+
+    second = _write_records(path, 1)
+
+    assert list(read_journal(path)) == first + second
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [b'{"ts":1,"kind":"dec', b'{"ts":1,"kind":"decision"}', b"garbage\n", b"[1,2]\n", b"\n"],
+    ids=["cut mid-record", "no newline", "not json", "not an object", "empty line"],
+)
+def test_torn_tail_on_open_then_moved_aside_and_recorded(tmp_path: Path, tail: bytes) -> None:
+    path = tmp_path / "j"
+    complete = _write_records(path, 3)
+    with path.open("ab") as handle:
+        handle.write(tail)
+
+    journal = Journal(path, clock=_clock)
+    after = journal.append("decision", n=99)
+    journal.close()
+
+    records = list(read_journal(path))
+    assert records[:3] == complete  # no complete record lost
+    assert records[3]["kind"] == TORN_TAIL_KIND
+    assert records[3]["torn_bytes"] == len(tail)
+    assert records[4] == after
+    torn = tmp_path / "j.torn-1"
+    assert journal.torn_tail == torn
+    assert records[3]["torn_path"] == str(torn)
+    assert torn.read_bytes() == tail
+
+
+def test_torn_tail_twice_then_second_copy_gets_next_number(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    _write_records(path, 1)
+    for _ in range(2):
+        with path.open("ab") as handle:
+            handle.write(b'{"torn')
+        Journal(path).close()
+
+    assert (tmp_path / "j.torn-1").read_bytes() == b'{"torn'
+    assert (tmp_path / "j.torn-2").read_bytes() == b'{"torn'
+    assert [r["kind"] for r in read_journal(path)] == ["decision", TORN_TAIL_KIND, TORN_TAIL_KIND]
+
+
+def test_only_a_torn_line_then_file_keeps_just_the_torn_record(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    path.write_bytes(b"x" * 200_000)  # one huge torn line, longer than a read block
+
+    Journal(path, clock=_clock).close()
+
+    records = list(read_journal(path))
+    assert [r["kind"] for r in records] == [TORN_TAIL_KIND]
+    assert records[0]["torn_bytes"] == 200_000
+
+
+def test_clean_journal_on_open_then_nothing_moved(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    records = _write_records(path, 2)
+
+    journal = Journal(path)
+    journal.close()
+
+    assert journal.torn_tail is None
+    assert list(read_journal(path)) == records
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_read_torn_tail_then_skipped_without_changing_file(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    records = _write_records(path, 2)
+    with path.open("ab") as handle:
+        handle.write(b'{"ts":')
+    before = path.read_bytes()
+
+    assert list(read_journal(path)) == records
+    assert path.read_bytes() == before
+
+
+def test_damaged_middle_line_then_read_raises_journal_error(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    _write_records(path, 2)
+    first, second = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(first + b"not json\n" + second)
+
+    with pytest.raises(JournalError, match=r":2: damaged"):
+        list(read_journal(path))
+
+
+def test_missing_journal_then_read_raises_journal_error(tmp_path: Path) -> None:
+    with pytest.raises(JournalError, match="cannot read"):
+        read_journal(tmp_path / "absent")
+
+
+def test_unopenable_path_then_journal_error(tmp_path: Path) -> None:
+    with pytest.raises(JournalError, match="cannot open"):
+        Journal(tmp_path)  # a directory
+
+
+class _Side(enum.Enum):
+    BUY = "BUY"
+
+
+@dataclass(frozen=True, slots=True)
+class _Order:
+    perm_id: int
+    side: _Side
+
+
+def test_rich_values_then_stored_as_plain_json(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+
+    with Journal(path, clock=_clock) as journal:
+        record = journal.append(
+            "finding",
+            value=math.nan,
+            limits=(math.inf, -math.inf, 1.5),
+            order=_Order(perm_id=5, side=_Side.BUY),
+            file=Path("/x/y"),
+            tags={"b", "a"},
+        )
+
+    assert record["value"] == "nan"
+    assert record["limits"] == ["inf", "-inf", 1.5]
+    assert record["order"] == {"perm_id": 5, "side": "BUY"}
+    assert record["file"] == "/x/y"
+    assert record["tags"] == ["a", "b"]
+    assert list(read_journal(path)) == [record]
+
+
+def test_unstorable_value_then_journal_error_and_file_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    journal = Journal(path, clock=_clock)
+    kept = journal.append("decision")
+
+    with pytest.raises(JournalError, match=r"detail\.callback"):
+        journal.append("decision", detail={"callback": object()})
+
+    journal.close()
+    assert list(read_journal(path)) == [kept]
+
+
+def test_failed_write_then_partial_line_cut_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j"
+    journal = Journal(path, clock=_clock)
+    kept = journal.append("decision", n=1)
+    real_write = os.write
+
+    def half_then_disk_full(fd: int, data: bytes | memoryview) -> int:
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_disk_full)
+    with pytest.raises(JournalError, match="No space"):
+        journal.append("decision", n=2)
+    monkeypatch.undo()
+
+    later = journal.append("decision", n=3)
+    journal.close()
+    assert list(read_journal(path)) == [kept, later]
+
+
+def test_append_after_close_then_journal_error(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j")
+    journal.close()
+
+    with pytest.raises(JournalError, match="closed"):
+        journal.append("decision")
+
+
+def test_appends_from_many_threads_then_every_line_whole(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    journal = Journal(path, clock=_clock)
+    payload = "x" * 5000  # long lines make interleaving visible if the lock were missing
+
+    def worker(thread: int) -> None:
+        for n in range(25):
+            journal.append("decision", thread=thread, n=n, payload=payload)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    journal.close()
+
+    records = list(read_journal(path))
+    assert len(records) == 100
+    assert {(r["thread"], r["n"]) for r in records} == {(t, n) for t in range(4) for n in range(25)}
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(fields=st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), json_values))
+def test_any_json_fields_then_read_back_equal(fields: dict[str, Any]) -> None:
+    fields.pop("ts", None)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "j"
+        with Journal(path, clock=_clock) as journal:
+            record = journal.append("event", **fields)
+
+        assert list(read_journal(path)) == [record]
+
+
+@settings(max_examples=60, deadline=None)
+@given(count=st.integers(min_value=1, max_value=5), data=st.data())
+def test_crash_cut_anywhere_then_every_complete_record_survives(
+    count: int, data: st.DataObject
+) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "j"
+        written = _write_records(path, count)
+        content = path.read_bytes()
+        cut = data.draw(st.integers(min_value=0, max_value=len(content)), label="cut")
+        path.write_bytes(content[:cut])
+        complete = content[:cut].count(b"\n")
+
+        Journal(path, clock=_clock).close()
+
+        records = list(read_journal(path))
+        assert records[:complete] == written[:complete]
+        torn = cut not in (0, *(i + 1 for i, b in enumerate(content) if b == ord("\n")))
+        assert [r["kind"] for r in records[complete:]] == ([TORN_TAIL_KIND] if torn else [])
