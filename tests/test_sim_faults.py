@@ -195,3 +195,29 @@ def test_guardd_sim_with_bad_scenario_then_exit_78(tmp_path: Path) -> None:
     )
     assert result.returncode == 78
     assert "gateway.pacing_limit" in result.stderr
+
+
+async def test_what_if_order_then_refused_and_nothing_placed(sim: SimGateway) -> None:
+    client = await connected(sim, 3)
+    try:
+        order = market_order("BUY", 10)
+        order.whatIf = True
+        oid = client.named("nextValidId")[0][0]
+        client.placeOrder(oid, stock("AAPL"), order)
+        refused = await client.wait_for("error", lambda a: a[2] == 201)
+        assert "what-if" in refused[0][3]
+        assert sim.exchange.orders() == []
+    finally:
+        await client.stop()
+
+
+async def test_client_that_cannot_speak_178_then_closed_without_reply(sim: SimGateway) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", sim.port)
+    try:
+        payload = b"v100..176"
+        writer.write(b"API\0" + len(payload).to_bytes(4, "big") + payload)
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 5)
+        assert reply == b""
+    finally:
+        writer.close()

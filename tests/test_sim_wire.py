@@ -12,7 +12,9 @@ field_text = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126)
 
 
 @given(st.lists(st.lists(field_text, min_size=1, max_size=8), max_size=5), st.integers(1, 7))
-def test_frames_split_at_any_boundary_then_decode_intact(frames: list[list[str]], chunk: int) -> None:
+def test_frames_split_at_any_boundary_then_decode_intact(
+    frames: list[list[str]], chunk: int
+) -> None:
     data = b"".join(encode_frame(f) for f in frames)
     buf = FrameBuffer()
     out: list[list[str]] = []

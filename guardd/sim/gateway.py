@@ -331,8 +331,10 @@ class SimGateway:
             return False
         low = int(match.group(1))
         high = int(match.group(2) or match.group(1))
-        version = min(SERVER_VERSION, high)
-        if version < low:
+        # Every message layout here is the one of version 178: a client that cannot speak 178
+        # would misread them, so it is refused rather than served a version it did not offer.
+        version = SERVER_VERSION
+        if not low <= version <= high:
             log.warning(
                 "client %s needs versions %d..%d; we speak %d",
                 session.peer,
@@ -445,7 +447,8 @@ class SimGateway:
 
     def _place_order(self, session: Session, fields: list[str], now: float) -> None:
         assert session.client_id is not None
-        req = codec.decode_place_order(fields)
+        placed = codec.decode_place_order_in_full(fields)
+        req = placed.order
         self._next_order_id = max(self._next_order_id, req.order_id + 1)
         log.info(
             "client %d places order %d: %s %s %s %s%s",
@@ -458,6 +461,13 @@ class SimGateway:
             f" @ {req.lmt_price}" if req.lmt_price is not None else "",
         )
         client_id = session.client_id
+        refusal = _unsupported(placed)
+        if refusal is not None:
+            log.info("order %d of client %d refused: %s", req.order_id, client_id, refusal)
+            session.send(
+                codec.error_fields(req.order_id, 201, f"Order rejected - reason:{refusal}")
+            )
+            return
         if self.config.fill_latency_s > 0:
             loop = asyncio.get_running_loop()
             loop.call_later(self.config.fill_latency_s, self._place_now, client_id, req)
@@ -920,6 +930,15 @@ class SimGateway:
             log.warning("fault: restart with order ids rolled back to %d", next_order_id)
             self._next_order_id = next_order_id
         await self.drop_all_clients(down_seconds)
+
+
+def _unsupported(placed: codec.PlacedOrder) -> str | None:
+    """Why the simulator will not take this order (it would rather refuse than half-execute)."""
+    if placed.what_if:
+        return "what-if orders are not simulated"
+    if placed.features:
+        return "not simulated: " + ", ".join(placed.features)
+    return None
 
 
 def _int(fields: list[str], index: int) -> int:

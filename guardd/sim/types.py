@@ -1,9 +1,9 @@
 """Plain data shared by the simulated gateway's parts: contracts, orders, fills and the events the
 exchange model emits for the gateway to route to clients.
 
-The exchange model (`exchange.py`) is pure: it takes `now` (epoch seconds) as an argument and returns
-events; the TCP gateway (`gateway.py`) turns events into TWS messages (`codec.py`) for the clients
-that should see them (the order's owner and the master API client).
+The exchange model (`exchange.py`) is pure: it takes `now` (epoch seconds) as an argument and
+returns events; the TCP gateway (`gateway.py`) turns events into TWS messages (`codec.py`) for
+the clients that should see them (the order's owner and the master API client).
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class PositionView:
 
 @dataclass(frozen=True, slots=True)
 class OrderChanged:
-    """An order's status or fill state changed: send openOrder (when `open_order`) and orderStatus."""
+    """An order's status or fills changed: send openOrder (when `open_order`) and orderStatus."""
 
     order: SimOrder
     open_order: bool = True

@@ -84,7 +84,7 @@ class FrameBuffer:
         return frames
 
     def take_prefix(self, prefix: bytes) -> bool | None:
-        """Consume `prefix` if the buffer starts with it: True; False if it cannot; None if unsure."""
+        """Consume `prefix` if the buffer starts with it: True; False if not; None if unsure yet."""
         if len(self._buf) < len(prefix):
             return None if prefix.startswith(bytes(self._buf)) else False
         if self._buf.startswith(prefix):
