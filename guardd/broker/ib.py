@@ -1,0 +1,937 @@
+"""The broker adapter: the official `ibapi` client bridged into asyncio as a stream of BrokerEvents.
+
+Threads: ibapi's `connect()` does a blocking handshake (no timeout of its own) and starts an
+EReader thread; `EClient.run()` decodes frames and calls the EWrapper on its own thread. Each
+connection attempt is an `_IbSession` (one EClient + EWrapper); its callbacks become BrokerEvents
+on the ibapi thread and cross into the event loop with `loop.call_soon_threadsafe`. Requests are
+sent from the event loop through the one `PacedSender` (ibapi's socket send holds a lock).
+
+Connection life: `IbBroker.__aenter__` connects once and raises BrokerConnectError when it cannot
+(timeout, refused, client id in use, account not managed by the login). After that the
+`_reconnect_loop` keeps the session alive: a drop emits `Disconnected`, then the broker reconnects
+with bounded, jittered exponential backoff (slower after error 326), never giving up while it runs.
+After every (re)connect it emits `Connected` and resubscribes: positions, account updates, PnL,
+every client's open orders, executions, per-position PnL and watched prices. The `PositionsEnd`
+and `OpenOrdersEnd` barriers therefore follow every `Connected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Final, cast
+
+import structlog
+from ibapi.client import EClient
+from ibapi.contract import Contract
+from ibapi.execution import ExecutionFilter
+from ibapi.order import Order
+from ibapi.order_cancel import OrderCancel
+from ibapi.wrapper import EWrapper
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
+from tenacity.wait import wait_exponential_jitter
+
+from guardd.broker.pacer import DEFAULT_MESSAGES_PER_SECOND, Lane, PacedSender
+from guardd.core import events as ev
+from guardd.errors import BrokerConnectError, BrokerDisconnectedError
+
+__all__ = ["ClientIdInUseError", "IbBroker"]
+
+log = structlog.get_logger(__name__)
+
+UNSET_DOUBLE: Final = 1.7976931348623157e308
+UNSET_DECIMAL: Final = Decimal(2**127 - 1)
+NO_REQ_ID: Final = -1
+
+# IB error and notice codes the adapter acts on.
+PACING_VIOLATION: Final = 100
+CLIENT_ID_IN_USE: Final = 326
+NOT_CONNECTED: Final = 504
+CONNECTIVITY_LOST: Final = 1100
+RESTORED_DATA_LOST: Final = 1101
+RESTORED_DATA_KEPT: Final = 1102
+SERVER_CONNECTIVITY_BROKEN: Final = 2110
+NOTICES: Final = frozenset({2104, 2106, 2107, 2108, 2158})  # farm OK / inactive: informational
+
+# tickPrice tick types -> price field (live and delayed).
+TICK_FIELDS: Final[dict[int, ev.PriceField]] = {
+    1: "bid",
+    2: "ask",
+    4: "last",
+    37: "mark",
+    66: "bid",
+    67: "ask",
+    68: "last",
+}
+
+_SENTINEL: Final = object()
+
+
+class ClientIdInUseError(BrokerConnectError):
+    """Error 326: another session already uses guardd's client id at the gateway."""
+
+
+def _number(value: Any) -> float:
+    """IB's number as a float; IB's "unset" markers (max double, max decimal) become NaN."""
+    if value is None or value == "":
+        return math.nan
+    if isinstance(value, Decimal):
+        return math.nan if value == UNSET_DECIMAL else float(value)
+    number = float(value)
+    return math.nan if number >= UNSET_DOUBLE else number
+
+
+def _multiplier(text: str) -> float:
+    try:
+        return float(text) if text else 1.0
+    except ValueError:
+        return 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Accounts:
+    """managedAccounts arrived (internal, never emitted)."""
+
+    accounts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _NextId:
+    """nextValidId arrived (internal, never emitted)."""
+
+    order_id: int
+
+
+class _IbSession(EWrapper, EClient):  # type: ignore[misc]
+    """One connection to the gateway: an ibapi client that is its own wrapper.
+
+    Callbacks run on the ibapi thread; each becomes a BrokerEvent (or an internal note) stamped
+    with the broker's clock and handed to the broker on the event loop. Request-id maps are
+    written on the event loop before the request is sent, so the ibapi thread only reads them.
+    """
+
+    def __init__(self, broker: IbBroker, number: int) -> None:
+        EWrapper.__init__(self)
+        EClient.__init__(self, wrapper=self)
+        self._broker = broker
+        self.number = number
+        self.managed: tuple[str, ...] | None = None
+        self.first_order_id: int | None = None
+        self.next_id: int | None = None
+        self.announced = False
+        self.ready: asyncio.Future[None] = broker.loop.create_future()
+        self.ready.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+        self.last_error: tuple[int, str] | None = None
+        self.pnl_req: dict[int, str] = {}  # reqId -> account
+        self.pnl_single_req: dict[int, ev.ConId] = {}
+        self.pnl_single_con: set[int] = set()
+        self.tick_req: dict[int, ev.ConId] = {}
+        self.run_thread: threading.Thread | None = None
+
+    # ---- bridge ----------------------------------------------------------------------------
+
+    def _post(self, item: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            self._broker.loop.call_soon_threadsafe(self._broker._on_item, self, item)
+
+    def _ts(self) -> float:
+        return self._broker.clock()
+
+    def abort(self) -> None:
+        """Close the socket so that a handshake or the reader thread ends at once (any thread)."""
+        conn = self.conn
+        sock = getattr(conn, "socket", None)
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv; the reader then disconnects
+        except OSError:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+
+    # ---- EWrapper --------------------------------------------------------------------------
+
+    def connectAck(self) -> None:
+        pass
+
+    def managedAccounts(self, accountsList: str) -> None:
+        accounts = tuple(a.strip() for a in accountsList.split(",") if a.strip())
+        self._post(_Accounts(accounts))
+
+    def nextValidId(self, orderId: int) -> None:
+        self._post(_NextId(int(orderId)))
+
+    def error(
+        self,
+        reqId: int,
+        errorTime: int,
+        errorCode: int,
+        errorString: str,
+        advancedOrderRejectJson: str = "",
+    ) -> None:
+        self._post(
+            ev.BrokerError(
+                req_id=int(reqId), code=int(errorCode), message=str(errorString), ts=self._ts()
+            )
+        )
+
+    def connectionClosed(self) -> None:
+        pass  # the end of the run thread is the one signal (see IbBroker._run_session)
+
+    def position(self, account: str, contract: Contract, position: Decimal, avgCost: float) -> None:
+        self._post(
+            ev.PositionUpdate(
+                account=account,
+                con_id=ev.ConId(int(contract.conId)),
+                symbol=contract.symbol,
+                sec_type=contract.secType,
+                currency=contract.currency,
+                multiplier=_multiplier(contract.multiplier),
+                exchange=contract.exchange or contract.primaryExchange,
+                quantity=_number(position),
+                avg_cost=_number(avgCost),
+                ts=self._ts(),
+            )
+        )
+
+    def positionEnd(self) -> None:
+        self._post(ev.PositionsEnd(ts=self._ts()))
+
+    def updateAccountValue(self, key: str, val: str, currency: str, accountName: str) -> None:
+        self._post(
+            ev.AccountValue(
+                account=accountName, key=key, value=val, currency=currency, ts=self._ts()
+            )
+        )
+
+    def updatePortfolio(self, *args: Any) -> None:
+        pass  # per-position values come from reqPnLSingle, which IB refreshes about once a second
+
+    def updateAccountTime(self, timeStamp: str) -> None:
+        pass
+
+    def accountDownloadEnd(self, accountName: str) -> None:
+        self._post(ev.AccountDownloadEnd(account=accountName, ts=self._ts()))
+
+    def pnl(self, reqId: int, dailyPnL: float, unrealizedPnL: float, realizedPnL: float) -> None:
+        account = self.pnl_req.get(reqId)
+        if account is None:
+            return
+        self._post(
+            ev.PnLUpdate(
+                account=account,
+                daily=_number(dailyPnL),
+                unrealized=_number(unrealizedPnL),
+                realized=_number(realizedPnL),
+                ts=self._ts(),
+            )
+        )
+
+    def pnlSingle(
+        self,
+        reqId: int,
+        pos: Decimal,
+        dailyPnL: float,
+        unrealizedPnL: float,
+        realizedPnL: float,
+        value: float,
+    ) -> None:
+        con_id = self.pnl_single_req.get(reqId)
+        if con_id is None:
+            return
+        self._post(
+            ev.PositionValue(
+                account=self._broker.account,
+                con_id=con_id,
+                position=_number(pos),
+                daily=_number(dailyPnL),
+                unrealized=_number(unrealizedPnL),
+                realized=_number(realizedPnL),
+                value=_number(value),
+                ts=self._ts(),
+            )
+        )
+
+    def tickPrice(self, reqId: int, tickType: int, price: float, attrib: Any) -> None:
+        con_id = self.tick_req.get(reqId)
+        price_field = TICK_FIELDS.get(int(tickType))
+        if con_id is None or price_field is None:
+            return
+        value = _number(price)
+        if value == -1.0:  # IB's "no price available"
+            value = math.nan
+        self._post(ev.PriceTick(con_id=con_id, field=price_field, price=value, ts=self._ts()))
+
+    def tickSize(self, *args: Any) -> None:
+        pass
+
+    def tickString(self, *args: Any) -> None:
+        pass
+
+    def tickGeneric(self, *args: Any) -> None:
+        pass
+
+    def openOrder(self, orderId: int, contract: Contract, order: Order, orderState: Any) -> None:
+        self._post(
+            ev.OpenOrder(
+                perm_id=ev.PermId(int(order.permId)),
+                order_id=ev.OrderId(int(orderId)),
+                client_id=ev.ClientId(int(order.clientId)),
+                account=order.account,
+                con_id=ev.ConId(int(contract.conId)),
+                symbol=contract.symbol,
+                sec_type=contract.secType,
+                action=order.action,
+                quantity=_number(order.totalQuantity),
+                order_type=order.orderType,
+                lmt_price=_number(order.lmtPrice),
+                order_ref=order.orderRef or "",
+                status=orderState.status,
+                currency=contract.currency,
+                multiplier=_multiplier(contract.multiplier),
+                ts=self._ts(),
+            )
+        )
+
+    def orderStatus(
+        self,
+        orderId: int,
+        status: str,
+        filled: Decimal,
+        remaining: Decimal,
+        avgFillPrice: float,
+        permId: int,
+        parentId: int,
+        lastFillPrice: float,
+        clientId: int,
+        whyHeld: str,
+        mktCapPrice: float,
+    ) -> None:
+        self._post(
+            ev.OrderStatus(
+                perm_id=ev.PermId(int(permId)),
+                order_id=ev.OrderId(int(orderId)),
+                client_id=ev.ClientId(int(clientId)),
+                status=status,
+                filled=_number(filled),
+                remaining=_number(remaining),
+                avg_fill_price=_number(avgFillPrice),
+                ts=self._ts(),
+            )
+        )
+
+    def openOrderEnd(self) -> None:
+        self._post(ev.OpenOrdersEnd(ts=self._ts()))
+
+    def orderBound(self, *args: Any) -> None:
+        pass
+
+    def execDetails(self, reqId: int, contract: Contract, execution: Any) -> None:
+        self._post(
+            ev.Execution(
+                exec_id=execution.execId,
+                perm_id=ev.PermId(int(execution.permId)),
+                order_id=ev.OrderId(int(execution.orderId)),
+                client_id=ev.ClientId(int(execution.clientId)),
+                account=execution.acctNumber,
+                con_id=ev.ConId(int(contract.conId)),
+                symbol=contract.symbol,
+                side=execution.side,
+                shares=_number(execution.shares),
+                price=_number(execution.price),
+                time=execution.time,
+                order_ref=execution.orderRef or "",
+                ts=self._ts(),
+            )
+        )
+
+    def execDetailsEnd(self, reqId: int) -> None:
+        pass
+
+    def commissionAndFeesReport(self, *args: Any) -> None:
+        pass
+
+    def currentTime(self, time: int) -> None:
+        pass
+
+
+def _order_contract(
+    *,
+    con_id: int,
+    symbol: str,
+    sec_type: str,
+    exchange: str,
+    currency: str,
+    last_trade_date: str,
+    multiplier: str,
+    local_symbol: str,
+) -> Contract:
+    contract = Contract()
+    contract.conId = con_id
+    contract.symbol = symbol
+    contract.secType = sec_type
+    contract.exchange = exchange
+    contract.currency = currency
+    contract.lastTradeDateOrContractMonth = last_trade_date
+    contract.multiplier = multiplier
+    contract.localSymbol = local_symbol
+    return contract
+
+
+class IbBroker:
+    """guardd's connection to TWS / IB Gateway as the Master API client.
+
+    Use as `async with IbBroker(host, port, client_id, account) as broker:` and read
+    `async for event in broker.events()`. Every request goes through one PacedSender; a request
+    made while disconnected raises BrokerDisconnectedError (the caller's latch carries a kill
+    over to the next `Connected`).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: int,
+        account: str,
+        connect_timeout_s: float = 10.0,
+        messages_per_second: float = DEFAULT_MESSAGES_PER_SECOND,
+        *,
+        clock: Callable[[], float] = time.time,
+        reconnect_initial_s: float = 0.5,
+        reconnect_max_s: float = 30.0,
+        client_id_in_use_wait_s: float = 15.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.client_id = client_id
+        self.account = account
+        self.connect_timeout_s = connect_timeout_s
+        self.clock = clock
+        self.reconnect_initial_s = reconnect_initial_s
+        self.reconnect_max_s = reconnect_max_s
+        self.client_id_in_use_wait_s = client_id_in_use_wait_s
+        self._messages_per_second = messages_per_second
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sender: PacedSender | None = None
+        self._events: asyncio.Queue[object] = asyncio.Queue()
+        self._session: _IbSession | None = None
+        self._sessions = itertools.count(1)
+        self._req_ids = itertools.count(1)
+        self._lost = asyncio.Event()
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stopped = False
+        self._watched: set[ev.ConId] = set()
+        self._exchanges: dict[ev.ConId, str] = {}
+        self._threads: list[threading.Thread] = []
+        self.pacing_violations = 0
+        self.reconnects = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "IbBroker is used outside `async with`"
+        return self._loop
+
+    @property
+    def connected(self) -> bool:
+        """True while a session is up and announced (`Connected` emitted, not yet dropped)."""
+        return self._session is not None and self._session.announced
+
+    async def __aenter__(self) -> IbBroker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect once (raising BrokerConnectError on failure), then keep the connection alive."""
+        self._loop = asyncio.get_running_loop()
+        self._sender = PacedSender(self._messages_per_second)
+        self._sender.start()
+        try:
+            await self._connect_once()
+        except BaseException:
+            await self._sender.stop()
+            raise
+        self._reconnect_task = asyncio.create_task(self._reconnect_loop(), name="ib_reconnect_loop")
+
+    async def stop(self) -> None:
+        """Disconnect, end the reconnect loop and the sender, join the ibapi threads."""
+        if self._stopped:
+            return
+        self._stopping = True
+        task, self._reconnect_task = self._reconnect_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        session = self._session
+        if session is not None:
+            session.abort()
+        if self._sender is not None:
+            await self._sender.stop()
+        await self._join_threads()
+        if session is not None and self._session is session:
+            self._end_session(session, "stopped")
+        self._stopped = True
+        self._events.put_nowait(_SENTINEL)
+        log.info("broker_stopped", client_id=self.client_id)
+
+    async def events(self) -> AsyncIterator[ev.BrokerEvent]:
+        """Every BrokerEvent in arrival order, until the broker stops."""
+        while True:
+            item = await self._events.get()
+            if item is _SENTINEL:
+                self._events.put_nowait(_SENTINEL)  # a second reader ends too
+                return
+            yield cast(ev.BrokerEvent, item)
+
+    # ---- connecting ------------------------------------------------------------------------
+
+    def _spawn_thread(self, target: Callable[[], None], name: str) -> threading.Thread:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
+    async def _join_threads(self, timeout_s: float = 5.0) -> None:
+        threads, self._threads = self._threads, []
+        alive = [t for t in threads if t.is_alive()]
+        deadline = time.monotonic() + timeout_s
+        for thread in alive:
+            await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in alive if t.is_alive()]
+        if stuck:
+            log.warning("ibapi_threads_not_joined", threads=stuck)
+            self._threads.extend(t for t in alive if t.is_alive())
+
+    async def _connect_once(self) -> None:
+        """One attempt: handshake, run thread, managedAccounts and nextValidId, resubscribe."""
+        session = _IbSession(self, next(self._sessions))
+        deadline = self.loop.time() + self.connect_timeout_s
+        handshake: asyncio.Future[None] = self.loop.create_future()
+
+        def do_connect() -> None:
+            exc: BaseException | None = None
+            try:
+                session.connect(self.host, self.port, self.client_id)
+            except Exception as err:  # ibapi raises on odd states; report it to the loop
+                exc = err
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(_settle, handshake, exc)
+
+        log.info("broker_connecting", host=self.host, port=self.port, client_id=self.client_id)
+        connect_thread = self._spawn_thread(do_connect, f"ibapi-connect-{self.client_id}")
+        done, _ = await asyncio.wait({handshake}, timeout=self.connect_timeout_s)
+        if not done:
+            session.abort()
+            await asyncio.wait({handshake}, timeout=2.0)
+            await asyncio.to_thread(connect_thread.join, 0.5)
+            raise BrokerConnectError(
+                f"no API handshake from {self.host}:{self.port} within {self.connect_timeout_s} s"
+            )
+        if (exc := handshake.exception()) is not None:
+            raise BrokerConnectError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        if not session.isConnected():
+            detail = session.last_error[1] if session.last_error else "connection failed"
+            raise BrokerConnectError(f"cannot connect to {self.host}:{self.port}: {detail}")
+
+        self._session = session
+        session.run_thread = self._spawn_thread(
+            lambda: self._run_session(session), f"ibapi-run-{self.client_id}"
+        )
+        if session.reader is not None:  # ibapi's EReader thread
+            self._threads.append(session.reader)
+        try:
+            remaining = max(0.0, deadline - self.loop.time())
+            await asyncio.wait_for(asyncio.shield(session.ready), remaining)
+        except TimeoutError as exc:
+            self._give_up(session)
+            raise BrokerConnectError(
+                f"no managedAccounts / nextValidId within {self.connect_timeout_s} s"
+            ) from exc
+        except BaseException:
+            self._give_up(session)
+            raise
+        log.info(
+            "broker_connected",
+            client_id=self.client_id,
+            server_version=session.serverVersion(),
+            accounts=list(session.managed or ()),
+            next_order_id=session.next_id,
+        )
+        self._resubscribe(session)
+
+    def _give_up(self, session: _IbSession) -> None:
+        session.abort()
+        if self._session is session:
+            self._end_session(session, "connect attempt abandoned")
+
+    def _run_session(self, session: _IbSession) -> None:
+        """Target of the run thread: decode until the socket closes, then tell the loop."""
+        try:
+            session.run()
+        except Exception as exc:  # e.g. a message decoded after ibapi reset its state
+            log.warning("ibapi_run_failed", error=repr(exc))
+        finally:
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._on_session_ended, session)
+
+    def _on_session_ended(self, session: _IbSession) -> None:
+        if not session.ready.done():
+            code, text = session.last_error or (0, "connection closed during the handshake")
+            error_type = ClientIdInUseError if code == CLIENT_ID_IN_USE else BrokerConnectError
+            session.ready.set_exception(error_type(f"IB error {code}: {text}"))
+        if self._session is session:
+            reason = "connection closed"
+            if self._stopping:
+                reason = "stopped"
+            elif session.last_error is not None:
+                reason = f"connection closed after IB error {session.last_error[0]}"
+            was_up = session.announced
+            self._end_session(session, reason)
+            if was_up and not self._stopping:
+                self._lost.set()  # a failed attempt is retried by the attempt's own caller
+
+    def _end_session(self, session: _IbSession, reason: str) -> None:
+        self._session = None
+        if session.announced:
+            self._emit(ev.Disconnected(reason=reason, ts=self.clock()))
+            log.warning("broker_disconnected", reason=reason, client_id=self.client_id)
+        if self._sender is not None:
+            self._sender.fail_pending(reason)
+
+    def _backoff(self, state: RetryCallState) -> float:
+        wait = wait_exponential_jitter(
+            initial=self.reconnect_initial_s,
+            max=self.reconnect_max_s,
+            jitter=self.reconnect_initial_s,
+        )(state)
+        outcome = state.outcome
+        if outcome is not None and isinstance(outcome.exception(), ClientIdInUseError):
+            wait = max(wait, self.client_id_in_use_wait_s)
+        return min(wait, max(self.reconnect_max_s, self.client_id_in_use_wait_s))
+
+    async def _reconnect_loop(self) -> None:
+        """Wait for a lost session and connect again, backing off, for as long as we run."""
+        while True:
+            await self._lost.wait()
+            self._lost.clear()
+            retrying = AsyncRetrying(
+                wait=self._backoff,
+                retry=retry_if_exception_type(Exception),  # log, back off, never give up
+                stop=stop_never,
+                before_sleep=self._log_retry,
+                reraise=True,
+            )
+            async for attempt in retrying:
+                with attempt:
+                    await self._connect_once()
+            self.reconnects += 1
+
+    @staticmethod
+    def _log_retry(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        sleep = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning(
+            "broker_reconnect_failed",
+            attempt=state.attempt_number,
+            error=str(exc),
+            retry_in_s=sleep,
+        )
+
+    # ---- callbacks on the loop -------------------------------------------------------------
+
+    def _emit(self, event: ev.BrokerEvent) -> None:
+        self._events.put_nowait(event)
+
+    def _on_item(self, session: _IbSession, item: object) -> None:
+        """Handle one bridged callback on the event loop, in the order the ibapi thread saw it."""
+        if session is not self._session:
+            if isinstance(item, ev.BrokerError):
+                session.last_error = (item.code, item.message)
+            return  # a late message of a session we already gave up
+        match item:
+            case _Accounts(accounts=accounts):
+                session.managed = accounts
+                self._maybe_announce(session)
+            case _NextId(order_id=order_id):
+                if session.first_order_id is None:
+                    session.first_order_id = order_id
+                    session.next_id = order_id
+                    self._maybe_announce(session)
+                else:  # an answer to reqIds: never go below what this session already used
+                    session.next_id = max(session.next_id or order_id, order_id)
+            case ev.BrokerError():
+                self._on_error(session, item)
+            case ev.PositionUpdate():
+                self._exchanges.setdefault(item.con_id, item.exchange)
+                self._emit(item)
+                if item.account == self.account and item.con_id not in session.pnl_single_con:
+                    self._request_position_value(session, item.con_id)
+            case _:
+                self._emit(cast(ev.BrokerEvent, item))
+
+    def _maybe_announce(self, session: _IbSession) -> None:
+        if session.managed is None or session.first_order_id is None or session.ready.done():
+            return
+        if self.account not in session.managed:
+            session.ready.set_exception(
+                BrokerConnectError(
+                    f"account {self.account} is not managed by this login "
+                    f"(managedAccounts: {', '.join(session.managed) or 'none'}); "
+                    "reqGlobalCancel reaches every account of a login: run one guardd per login"
+                )
+            )
+            return
+        session.announced = True
+        self._emit(
+            ev.Connected(
+                server_version=int(session.serverVersion() or 0),
+                managed_accounts=session.managed,
+                next_order_id=session.first_order_id,
+                ts=self.clock(),
+            )
+        )
+        session.ready.set_result(None)
+
+    def _on_error(self, session: _IbSession, error: ev.BrokerError) -> None:
+        code = error.code
+        if code not in NOTICES:
+            session.last_error = (code, error.message)
+        match code:
+            case 1100:
+                log.warning("ib_connectivity_lost", code=code, message=error.message)
+                self._emit(ev.ConnectivityLost(ts=error.ts))
+            case 2110:
+                log.warning("ib_server_connectivity_broken", code=code, message=error.message)
+                self._emit(ev.ConnectivityLost(ts=error.ts))
+            case 1101 | 1102:
+                data_lost = code == RESTORED_DATA_LOST
+                log.warning("ib_connectivity_restored", code=code, data_lost=data_lost)
+                self._emit(ev.ConnectivityRestored(data_lost=data_lost, ts=error.ts))
+                if data_lost and session.announced:
+                    self._resubscribe(session)
+            case 100:
+                self.pacing_violations += 1
+                log.error(
+                    "ib_pacing_violated",
+                    total=self.pacing_violations,
+                    message=error.message,
+                    client_id=self.client_id,
+                )
+                self._emit(error)
+            case 326:
+                log.error("ib_client_id_in_use", client_id=self.client_id, message=error.message)
+                self._emit(error)
+            case 504:
+                log.warning("ib_not_connected", message=error.message)
+                self._emit(error)
+                session.abort()  # the run thread ends and the reconnect loop takes over
+            case _:
+                if code in NOTICES:
+                    log.info("ib_notice", code=code, message=error.message)
+                else:
+                    log.warning("ib_error", req_id=error.req_id, code=code, message=error.message)
+                self._emit(error)
+
+    # ---- subscriptions ---------------------------------------------------------------------
+
+    def _request(
+        self, session: _IbSession, lane: Lane, label: str, call: Callable[[_IbSession], None]
+    ) -> asyncio.Future[None]:
+        """Queue one ibapi request for `session` on the paced sender."""
+        assert self._sender is not None
+
+        def send() -> None:
+            if session is not self._session or not session.isConnected():
+                raise BrokerDisconnectedError(f"{label}: not connected to IB")
+            call(session)
+
+        return self._sender.submit(lane, label, send)
+
+    def _resubscribe(self, session: _IbSession) -> None:
+        """Everything the Book needs after a (re)connect or a 1101; both barriers follow."""
+        session.pnl_req.clear()
+        session.pnl_single_req.clear()
+        session.pnl_single_con.clear()
+        session.tick_req.clear()
+        account = self.account
+        pnl_id = next(self._req_ids)
+        session.pnl_req[pnl_id] = account
+        exec_id = next(self._req_ids)
+        normal = Lane.NORMAL
+        self._request(session, normal, "reqPositions", lambda s: s.reqPositions())
+        self._request(session, normal, "reqAllOpenOrders", lambda s: s.reqAllOpenOrders())
+        self._request(
+            session, normal, "reqAccountUpdates", lambda s: s.reqAccountUpdates(True, account)
+        )
+        self._request(session, normal, "reqPnL", lambda s: s.reqPnL(pnl_id, account, ""))
+        self._request(
+            session, normal, "reqExecutions", lambda s: s.reqExecutions(exec_id, ExecutionFilter())
+        )
+        for con_id in sorted(self._watched):
+            self._request_prices(session, con_id)
+
+    def _request_position_value(self, session: _IbSession, con_id: ev.ConId) -> None:
+        req_id = next(self._req_ids)
+        session.pnl_single_req[req_id] = con_id
+        session.pnl_single_con.add(con_id)
+        account = self.account
+        self._request(
+            session,
+            Lane.NORMAL,
+            "reqPnLSingle",
+            lambda s: s.reqPnLSingle(req_id, account, "", con_id),
+        )
+
+    def _request_prices(self, session: _IbSession, con_id: ev.ConId) -> None:
+        req_id = next(self._req_ids)
+        session.tick_req[req_id] = con_id
+        contract = Contract()
+        contract.conId = con_id
+        contract.exchange = self._exchanges.get(con_id) or "SMART"
+        self._request(
+            session,
+            Lane.NORMAL,
+            "reqMktData",
+            lambda s: s.reqMktData(req_id, contract, "", False, False, []),
+        )
+
+    def watch_prices(
+        self, con_ids: Iterable[int], *, exchanges: dict[int, str] | None = None
+    ) -> None:
+        """Stream bid/ask/last for these contracts, now and after every reconnect.
+
+        The exchange for reqMktData is taken from `exchanges`, else from the contract's position,
+        else SMART.
+        """
+        for con_id, exchange in (exchanges or {}).items():
+            self._exchanges[ev.ConId(con_id)] = exchange
+        session = self._session
+        for raw in con_ids:
+            con_id = ev.ConId(raw)
+            if con_id in self._watched:
+                continue
+            self._watched.add(con_id)
+            if session is not None and session.announced:
+                self._request_prices(session, con_id)
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def _live_session(self, what: str) -> _IbSession:
+        session = self._session
+        if session is None or not session.announced:
+            raise BrokerDisconnectedError(f"{what}: not connected to IB")
+        return session
+
+    def next_order_id(self) -> ev.OrderId:
+        """A fresh order id of this session (an id from before a reconnect is never reused)."""
+        session = self._live_session("next_order_id")
+        assert session.next_id is not None
+        order_id = session.next_id
+        session.next_id = order_id + 1
+        return ev.OrderId(order_id)
+
+    async def place_order(
+        self,
+        order_id: int,
+        *,
+        con_id: int = 0,
+        symbol: str = "",
+        sec_type: str = "STK",
+        exchange: str = "SMART",
+        currency: str = "USD",
+        last_trade_date: str = "",
+        multiplier: str = "",
+        local_symbol: str = "",
+        action: str,
+        quantity: Decimal | float,
+        order_type: str,
+        lmt_price: float | None = None,
+        order_ref: str = "",
+        outside_rth: bool = False,
+        account: str | None = None,
+        tif: str = "DAY",
+        lane: Lane,
+    ) -> None:
+        """Send one order (paced on `lane`); returns once it has been written to the socket."""
+        session = self._live_session("place_order")
+        contract = _order_contract(
+            con_id=con_id,
+            symbol=symbol,
+            sec_type=sec_type,
+            exchange=exchange,
+            currency=currency,
+            last_trade_date=last_trade_date,
+            multiplier=multiplier,
+            local_symbol=local_symbol,
+        )
+        order = Order()
+        order.action = action
+        order.totalQuantity = quantity if isinstance(quantity, Decimal) else Decimal(str(quantity))
+        order.orderType = order_type
+        if lmt_price is not None:
+            order.lmtPrice = lmt_price
+        order.orderRef = order_ref
+        order.outsideRth = outside_rth
+        order.account = account or self.account
+        order.tif = tif
+        order.transmit = True
+        log.info(
+            "order_sending",
+            order_id=order_id,
+            symbol=symbol,
+            con_id=con_id,
+            action=action,
+            quantity=str(quantity),
+            order_type=order_type,
+            lmt_price=lmt_price,
+            order_ref=order_ref,
+            lane=lane.name,
+        )
+        await self._request(
+            session,
+            lane,
+            f"placeOrder {order_id}",
+            lambda s: s.placeOrder(order_id, contract, order),
+        )
+
+    async def cancel_order(self, order_id: int, lane: Lane) -> None:
+        """Cancel one of guardd's own orders by id (foreign orders need `global_cancel`)."""
+        session = self._live_session("cancel_order")
+        await self._request(
+            session,
+            lane,
+            f"cancelOrder {order_id}",
+            lambda s: s.cancelOrder(order_id, OrderCancel()),
+        )
+
+    async def global_cancel(self) -> None:
+        """reqGlobalCancel on the kill lane: every open order of the login, every client's."""
+        session = self._live_session("global_cancel")
+        log.warning("global_cancel_sending", client_id=self.client_id)
+        await self._request(
+            session, Lane.KILL, "reqGlobalCancel", lambda s: s.reqGlobalCancel(OrderCancel())
+        )
+
+
+def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)

@@ -1,0 +1,246 @@
+"""The one paced sender: every message guardd sends to IB passes through here, kill path first.
+
+IB allows about 50 messages a second per API client and answers more with error 100, after which
+it may drop the client. guardd spends a smaller budget (default 40 a second) and splits it into
+priority lanes: `Lane.KILL` (global cancel, kill-path cancels) always goes before `Lane.FLATTEN`
+(close orders) before `Lane.NORMAL` (subscriptions, resync requests).
+
+Two layers:
+- `MessageBudget` and `LaneQueue` are pure: no clock reads, no asyncio. `MessageBudget` is a token
+  bucket (rate `budget / window`, capacity `burst`) for smooth spacing, capped by a sliding log so
+  that no half-open window of `window` seconds ever holds more than `budget` sends — the same
+  way IB (and the simulated gateway) count.
+- `PacedSender` owns one queue and one task (`_send_loop`) that drains the lanes in priority
+  order. It sleeps until the next token is due and picks the lane only when it may send, so a
+  kill message enqueued while the task waits goes out on the very next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Generic, TypeVar
+
+import structlog
+
+from guardd.errors import BrokerDisconnectedError
+
+__all__ = ["DEFAULT_MESSAGES_PER_SECOND", "Lane", "LaneQueue", "MessageBudget", "PacedSender"]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MESSAGES_PER_SECOND = 40.0
+"""guardd's default budget: IB's limit is 50 messages a second per client."""
+
+T = TypeVar("T")
+
+
+class Lane(IntEnum):
+    """A priority lane of the sender; a lower value always goes first."""
+
+    KILL = 0
+    FLATTEN = 1
+    NORMAL = 2
+
+
+class MessageBudget:
+    """Pure send budget: a token bucket capped by a sliding window, driven by the caller's clock.
+
+    At most `budget` sends fall in any half-open interval `[t, t + window)`, whatever the
+    pattern of requests. Between bursts of at most `burst` messages, sends are spaced
+    `window / budget` apart.
+    """
+
+    def __init__(self, budget: int, *, window: float = 1.0, burst: int = 1, now: float) -> None:
+        if budget < 1:
+            raise ValueError("budget must be at least 1 message per window")
+        if window <= 0:
+            raise ValueError("window must be positive")
+        if not 1 <= burst <= budget:
+            raise ValueError("burst must be between 1 and budget")
+        self.budget = budget
+        self.window = window
+        self.burst = burst
+        self._rate = budget / window
+        self._tokens = float(burst)
+        self._updated = now
+        self._sent: deque[float] = deque()  # send times inside the last window
+
+    def _refill(self, now: float) -> None:
+        if now > self._updated:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._updated) * self._rate)
+            self._updated = now
+        while self._sent and now - self._sent[0] >= self.window:
+            self._sent.popleft()
+
+    def delay(self, now: float) -> float:
+        """Seconds from `now` until one message may be sent (0.0: now)."""
+        self._refill(now)
+        bucket_wait = 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self._rate
+        window_wait = 0.0
+        if len(self._sent) >= self.budget:
+            # The oldest send that must leave the window before one more fits in it.
+            window_wait = self._sent[-self.budget] + self.window - now
+        return max(bucket_wait, window_wait, 0.0)
+
+    def try_take(self, now: float) -> bool:
+        """Spend one message at `now` if the budget allows it; True when it was spent."""
+        if self.delay(now) > 0.0:
+            return False
+        self._tokens -= 1.0
+        self._sent.append(now)
+        return True
+
+
+@dataclass(slots=True)
+class LaneQueue(Generic[T]):
+    """Pure FIFO queues per lane; `pop` takes from the most urgent non-empty lane."""
+
+    _lanes: dict[Lane, deque[T]] = field(default_factory=lambda: {lane: deque() for lane in Lane})
+
+    def push(self, lane: Lane, item: T) -> None:
+        """Queue `item` at the back of `lane`."""
+        self._lanes[lane].append(item)
+
+    def pop(self) -> T:
+        """The oldest item of the most urgent non-empty lane; IndexError when all are empty."""
+        for lane in Lane:
+            queue = self._lanes[lane]
+            if queue:
+                return queue.popleft()
+        raise IndexError("pop from an empty LaneQueue")
+
+    def drain(self) -> list[T]:
+        """Remove and return everything queued, most urgent lane first."""
+        items = [item for lane in Lane for item in self._lanes[lane]]
+        for queue in self._lanes.values():
+            queue.clear()
+        return items
+
+    def __len__(self) -> int:
+        return sum(len(queue) for queue in self._lanes.values())
+
+    def depth(self, lane: Lane) -> int:
+        """How many items wait in `lane`."""
+        return len(self._lanes[lane])
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    lane: Lane
+    label: str
+    send: Callable[[], None]
+    sent: asyncio.Future[None]
+    enqueued: float
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    # A caller may fire and forget; mark a failure as seen so asyncio does not log it as lost.
+    if not future.cancelled():
+        future.exception()
+
+
+class PacedSender:
+    """One queue and one task that send messages under a `MessageBudget`, most urgent lane first.
+
+    Use as `async with PacedSender(...) as sender:`; `submit` queues a message and returns a
+    future that completes when the message has been handed to the socket (or fails with the
+    error the send raised). `clock` must be monotonic; it is only read on the event loop.
+    """
+
+    def __init__(
+        self,
+        messages_per_second: float = DEFAULT_MESSAGES_PER_SECOND,
+        *,
+        burst: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        budget = max(1, math.floor(messages_per_second))
+        self._clock = clock
+        self._budget = MessageBudget(budget, window=1.0, burst=min(burst, budget), now=clock())
+        self._queue: LaneQueue[_Outgoing] = LaneQueue()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.sent_total = 0
+        self.sent_by_lane: dict[Lane, int] = dict.fromkeys(Lane, 0)
+
+    async def __aenter__(self) -> PacedSender:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def start(self) -> None:
+        """Start the send task (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._send_loop(), name="paced_send_loop")
+
+    async def stop(self) -> None:
+        """Stop the send task; anything still queued fails with BrokerDisconnectedError."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.fail_pending("sender stopped")
+
+    def submit(self, lane: Lane, label: str, send: Callable[[], None]) -> asyncio.Future[None]:
+        """Queue `send` (one message) on `lane`; the future completes once it is sent."""
+        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        sent.add_done_callback(_retrieve)
+        self._queue.push(lane, _Outgoing(lane, label, send, sent, self._clock()))
+        self._wakeup.set()
+        return sent
+
+    def fail_pending(self, reason: str) -> int:
+        """Fail every queued message with BrokerDisconnectedError(reason); returns how many."""
+        dropped = self._queue.drain()
+        for item in dropped:
+            if not item.sent.done():
+                item.sent.set_exception(BrokerDisconnectedError(f"{item.label} not sent: {reason}"))
+        if dropped:
+            log.warning("queued_messages_dropped", count=len(dropped), reason=reason)
+        return len(dropped)
+
+    def depth(self, lane: Lane) -> int:
+        """How many messages wait in `lane`."""
+        return self._queue.depth(lane)
+
+    async def _send_loop(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            wait = self._budget.delay(self._clock())
+            if wait > 0.0:
+                await asyncio.sleep(wait)
+                continue
+            if not self._budget.try_take(self._clock()):
+                continue
+            item = self._queue.pop()  # the lane is chosen only now, when a token is in hand
+            if item.sent.done():  # the caller gave up waiting
+                continue
+            try:
+                item.send()
+            except Exception as exc:  # the send function translates; never kill the loop
+                log.warning("message_send_failed", label=item.label, error=str(exc))
+                item.sent.set_exception(exc)
+                continue
+            self.sent_total += 1
+            self.sent_by_lane[item.lane] += 1
+            item.sent.set_result(None)
+            if item.lane is not Lane.NORMAL:
+                log.info(
+                    "message_sent",
+                    label=item.label,
+                    lane=item.lane.name,
+                    queued_s=round(self._clock() - item.enqueued, 4),
+                )
