@@ -1,0 +1,162 @@
+"""The seam between the control plane and the guard: commands in, outcomes out.
+
+HTTP, MQTT and ``guardctl`` turn what an operator sent into a ``ControlCommand`` and hand it to a
+``CommandHandler`` (implemented by the app, which feeds the engine and journals the command). A
+command the control plane refuses before it reaches ``handle`` (bad credential, bad signature,
+replay, stale, malformed) is journaled through ``CommandHandler.audit`` with a ``refusal_record``.
+
+The checks on the fields an operator types (reason, mode, force) live here so that every channel
+applies the same rule: a reason is 1..500 characters, not blank, with no control characters (the
+MQTT canonical form joins fields with newlines, so a newline inside a field must be impossible).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal, Protocol, get_args
+
+from guardd.errors import CommandError, GuarddError
+
+__all__ = [
+    "ACTIONS",
+    "CHANNELS",
+    "KILL_MODES",
+    "MAX_REASON_CHARS",
+    "Action",
+    "Channel",
+    "CommandHandler",
+    "CommandOutcome",
+    "ControlCommand",
+    "KillMode",
+    "check_force",
+    "check_mode",
+    "check_reason",
+    "refusal_record",
+]
+
+Action = Literal["kill", "arm"]
+Channel = Literal["http", "mqtt", "cli"]
+KillMode = Literal["cancel", "flatten"]
+
+ACTIONS: Final[tuple[Action, ...]] = get_args(Action)
+CHANNELS: Final[tuple[Channel, ...]] = get_args(Channel)
+KILL_MODES: Final[tuple[KillMode, ...]] = get_args(KillMode)
+MAX_REASON_CHARS: Final = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ControlCommand:
+    """A kill or re-arm an operator asked for, already authenticated and checked."""
+
+    action: Action
+    principal: str  # who: token name / MQTT key id / operator
+    channel: Channel
+    reason: str
+    mode: KillMode | None = None  # kill only; None = the configured default
+    force: bool = False  # arm only: re-arm although a kill-level breach still holds
+    request_id: str = ""  # MQTT nonce or a generated id, for the journal
+
+
+@dataclass(frozen=True, slots=True)
+class CommandOutcome:
+    """What the guard did with a command.
+
+    ``pending`` is for the two-person re-arm rule: the first of two arms is recorded but does not
+    re-arm yet (``accepted`` is False, ``state`` still HALTED). HTTP answers it with 202.
+    """
+
+    accepted: bool
+    state: str  # engine state after the command: ARMED / WARNING / REDUCING / HALTED
+    message: str
+    decision_id: str | None = None
+    pending: bool = False
+
+    def as_json(self) -> dict[str, object]:
+        """The outcome as a JSON-able mapping (what HTTP answers and MQTT publishes as an event)."""
+        return {
+            "accepted": self.accepted,
+            "pending": self.pending,
+            "state": self.state,
+            "message": self.message,
+            "decision_id": self.decision_id,
+        }
+
+
+class CommandHandler(Protocol):
+    """The guard's side of the seam; the app implements it."""
+
+    async def handle(self, command: ControlCommand) -> CommandOutcome:
+        """Carry out (or refuse) a command and journal it; returns the resulting state."""
+        ...
+
+    def status(self) -> Mapping[str, object]:
+        """The guard's status, JSON-able."""
+        ...
+
+    def ready(self) -> bool:
+        """True once the latch is restored and the broker is synced."""
+        ...
+
+    def audit(self, record: Mapping[str, object]) -> None:
+        """Journal a command the control plane refused (who, channel, what, why)."""
+        ...
+
+
+def check_reason(value: object) -> str:
+    """The operator's reason, unchanged, or ``CommandError`` saying what is wrong with it."""
+    if not isinstance(value, str):
+        raise CommandError("reason must be a string")
+    if not value.strip():
+        raise CommandError("reason must not be empty")
+    if len(value) > MAX_REASON_CHARS:
+        raise CommandError(f"reason must be at most {MAX_REASON_CHARS} characters")
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
+        raise CommandError("reason must not contain control characters or newlines")
+    return value
+
+
+def check_mode(value: object) -> KillMode | None:
+    """A kill mode (``cancel`` / ``flatten``), None when absent, or ``CommandError``."""
+    if value is None:
+        return None
+    if value == "cancel":
+        return "cancel"
+    if value == "flatten":
+        return "flatten"
+    raise CommandError('mode must be "cancel" or "flatten"')
+
+
+def check_force(value: object) -> bool:
+    """The arm ``force`` flag: a JSON boolean, False when absent, or ``CommandError``."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise CommandError("force must be true or false")
+    return value
+
+
+def refusal_record(
+    *,
+    channel: Channel,
+    principal: str | None,
+    action: str | None,
+    reason: object,
+    error: GuarddError,
+    request_id: str = "",
+    **where: object,
+) -> dict[str, object]:
+    """The audit record of a refused command: who, channel, what, why (and where it came from)."""
+    shown_reason = reason[:MAX_REASON_CHARS] if isinstance(reason, str) else None
+    return {
+        "kind": "command_refused",
+        "channel": channel,
+        "principal": principal,
+        "action": action,
+        "reason": shown_reason,
+        "refused_because": str(error),
+        "error": type(error).__name__,
+        "request_id": request_id,
+        **where,
+    }
