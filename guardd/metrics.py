@@ -1,0 +1,449 @@
+"""guardd's Prometheus metrics, and a small listener that serves them.
+
+The app creates one `Metrics` on a `CollectorRegistry` it owns and calls its methods as it folds
+broker events, evaluates rules, decides and acts. Every series carries an ``account`` label (one
+guardd guards one account), so that one Prometheus and one dashboard serve many guards.
+
+Exported (prefix ``guardd_``; counters end in ``_total``)::
+
+    guardd_state{state}                               1 for the current state, 0 for the others
+    guardd_rule_value{rule,subject}                   each rule's measured figure (NaN: no data)
+    guardd_rule_limit{rule,level}                     warn / reduce / kill limits
+    guardd_rule_kill_usage{rule,subject}              how close to the kill limit (1 = at it)
+    guardd_breaches_total{rule,level}                 rule breaches
+    guardd_kills_total{source}                        kills by source (rule, http, mqtt, cli, ...)
+    guardd_orders_cancelled_total                     orders seen cancelled by the guard
+    guardd_flatten_child_orders_total                 child orders sent to close positions
+    guardd_gross_position_value                       gross position value, base currency
+    guardd_net_liquidation                            net liquidation, base currency
+    guardd_leverage                                   gross / net liquidation
+    guardd_cushion                                    excess liquidity / net liquidation
+    guardd_order_rate{client_id,window}               new orders per second, per client id
+    guardd_ib_connected                               1 while connected to TWS / IB Gateway
+    guardd_last_event_age_seconds                     age of the last broker event (at scrape)
+    guardd_mqtt_connected                             1 while connected to the MQTT broker
+    guardd_trigger_to_cancel_seconds                  histogram: trigger to first cancel sent
+    guardd_event_processing_seconds                   histogram: one broker event, fold to decision
+    guardd_flatten_pending                            positions not yet flat while a flatten runs
+    guardd_flatten_overdue                            1 when a flatten has not gone flat in time
+    guardd_build_info{version}                        always 1
+
+``guardd_rule_kill_usage`` makes "near the kill limit" one comparison for every rule: for a
+higher-is-worse rule it is value / kill limit; for a lower-is-worse rule (margin cushion) it is
+kill limit / value (+Inf once the value is at or below zero). Alerts and the dashboard use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Final, Self
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from guardd.core.rules import Thresholds
+
+__all__ = [
+    "EVENT_PROCESSING_BUCKETS",
+    "KILL_SOURCES",
+    "LIMIT_LEVELS",
+    "STATES",
+    "TRIGGER_TO_CANCEL_BUCKETS",
+    "Metrics",
+    "MetricsServer",
+    "metrics_app",
+    "metrics_handler",
+]
+
+STATES: Final = ("ARMED", "WARNING", "REDUCING", "HALTED")
+"""The engine's states, in the order the dashboard shows them."""
+
+LIMIT_LEVELS: Final = ("warn", "reduce", "kill")
+"""The levels a rule's limits are exported for."""
+
+KILL_SOURCES: Final = ("rule", "http", "mqtt", "cli", "restored")
+"""Where a kill comes from; ``restored`` is the latch found on start. Counted from zero."""
+
+TRIGGER_TO_CANCEL_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+"""0.1 ms to 1 s: from the decision that triggers a kill to the first cancel sent."""
+
+EVENT_PROCESSING_BUCKETS: Final = (
+    0.000001,
+    0.0000025,
+    0.000005,
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+)
+"""1 µs to 10 ms: folding one broker event into the Book and deciding."""
+
+LimitsLike = Thresholds | Mapping[str, float | None]
+"""A rule's limits: a `Thresholds`, or a mapping with any of the keys warn / reduce / kill."""
+
+
+def _limit(limits: LimitsLike, level: str) -> float | None:
+    if isinstance(limits, Thresholds):
+        value: float | None = getattr(limits, level)
+        return value
+    return limits.get(level)
+
+
+def kill_usage(value: float | None, kill: float | None, *, higher_is_worse: bool = True) -> float:
+    """How close `value` is to the `kill` limit: 1.0 at the limit, above 1 past it; NaN if unknown.
+
+    Higher is worse: value / kill. Lower is worse (margin cushion): kill / value, +Inf at or
+    below zero. NaN when the value is missing or the rule has no usable kill limit.
+    """
+    if value is None or kill is None or math.isnan(value) or math.isnan(kill):
+        return math.nan
+    if higher_is_worse:
+        return value / kill if kill > 0 else math.nan
+    if kill <= 0:
+        return math.nan
+    return kill / value if value > 0 else math.inf
+
+
+class _LastEventAge(Collector):
+    """``guardd_last_event_age_seconds``, computed at scrape from the clock and the last event."""
+
+    def __init__(self, account: str, clock: Callable[[], float], since: float) -> None:
+        self._account = account
+        self._clock = clock
+        self.last_event: float = since
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "guardd_last_event_age_seconds",
+            "Seconds since the last broker event (since start when none arrived yet).",
+            labels=["account"],
+        )
+        family.add_metric([self._account], max(0.0, self._clock() - self.last_event))
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        # Describing without collecting keeps the registry from calling the clock at register.
+        yield GaugeMetricFamily("guardd_last_event_age_seconds", "", labels=["account"])
+
+
+class Metrics:
+    """Every guardd metric, registered on `registry`, labelled with `account`.
+
+    `clock` (epoch seconds, like the broker events' timestamps) is read only at scrape time to
+    compute the age of the last broker event; before the first event the age counts from the
+    moment this object was made, so a guard that never heard from IB looks stale, not fresh.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        account: str,
+        version: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.account = account
+        a = ("account",)
+        r = registry
+        self._state = Gauge(
+            "guardd_state", "1 for the guard's current state.", (*a, "state"), registry=r
+        )
+        self._rule_value = Gauge(
+            "guardd_rule_value", "A rule's measured figure.", (*a, "rule", "subject"), registry=r
+        )
+        self._rule_limit = Gauge(
+            "guardd_rule_limit", "A rule's limit at one level.", (*a, "rule", "level"), registry=r
+        )
+        self._kill_usage = Gauge(
+            "guardd_rule_kill_usage",
+            "How close a rule is to its kill limit: 1 at the limit (value/kill, or kill/value "
+            "for lower-is-worse rules).",
+            (*a, "rule", "subject"),
+            registry=r,
+        )
+        self._breaches = Counter(
+            "guardd_breaches_total", "Rule breaches by level.", (*a, "rule", "level"), registry=r
+        )
+        self._kills = Counter("guardd_kills_total", "Kills by source.", (*a, "source"), registry=r)
+        self._cancelled = Counter(
+            "guardd_orders_cancelled_total", "Orders cancelled by the guard.", a, registry=r
+        )
+        self._flatten_children = Counter(
+            "guardd_flatten_child_orders_total",
+            "Child orders sent to close positions.",
+            a,
+            registry=r,
+        )
+        self._gross = Gauge(
+            "guardd_gross_position_value", "Gross position value, base currency.", a, registry=r
+        )
+        self._net_liq = Gauge(
+            "guardd_net_liquidation", "Net liquidation, base currency.", a, registry=r
+        )
+        self._leverage = Gauge(
+            "guardd_leverage", "Gross position value / net liquidation.", a, registry=r
+        )
+        self._cushion = Gauge(
+            "guardd_cushion", "Excess liquidity / net liquidation.", a, registry=r
+        )
+        self._order_rate = Gauge(
+            "guardd_order_rate",
+            "New orders per second over a window, per client id.",
+            (*a, "client_id", "window"),
+            registry=r,
+        )
+        self._ib_connected = Gauge(
+            "guardd_ib_connected", "1 while connected to TWS / IB Gateway.", a, registry=r
+        )
+        self._mqtt_connected = Gauge(
+            "guardd_mqtt_connected", "1 while connected to the MQTT broker.", a, registry=r
+        )
+        self._trigger_to_cancel = Histogram(
+            "guardd_trigger_to_cancel_seconds",
+            "From the decision that triggers a kill to the first cancel sent.",
+            a,
+            buckets=TRIGGER_TO_CANCEL_BUCKETS,
+            registry=r,
+        )
+        self._event_processing = Histogram(
+            "guardd_event_processing_seconds",
+            "Folding one broker event and deciding.",
+            a,
+            buckets=EVENT_PROCESSING_BUCKETS,
+            registry=r,
+        )
+        self._flatten_pending = Gauge(
+            "guardd_flatten_pending", "Positions not yet flat while a flatten runs.", a, registry=r
+        )
+        self._flatten_overdue = Gauge(
+            "guardd_flatten_overdue", "1 when a flatten has not gone flat in time.", a, registry=r
+        )
+        build_info = Gauge(
+            "guardd_build_info", "guardd's version; always 1.", (*a, "version"), registry=r
+        )
+        self._last_event = _LastEventAge(account, clock, since=clock())
+        registry.register(self._last_event)
+
+        # Series that exist from the start, so that rate() and alerts see them from zero.
+        build_info.labels(account, version).set(1)
+        for state in STATES:
+            self._state.labels(account, state).set(0)
+        for source in KILL_SOURCES:
+            self._kills.labels(account, source)
+        self._cancelled.labels(account)
+        self._flatten_children.labels(account)
+        self._ib_connected.labels(account).set(0)
+        self._flatten_pending.labels(account).set(0)
+        self._flatten_overdue.labels(account).set(0)
+        self._trigger_to_cancel.labels(account)
+        self._event_processing.labels(account)
+        # guardd_mqtt_connected appears on the first set_mqtt_connected(): a guard without MQTT
+        # exports no such series, so the MqttDisconnected alert stays quiet for it.
+
+    # ------------------------------------------------------------------------------ state, rules
+
+    def set_state(self, state: str) -> None:
+        """Mark `state` (ARMED, WARNING, REDUCING, HALTED, or a `State`) as the current one."""
+        current = str(getattr(state, "value", state))
+        if current not in STATES:
+            raise ValueError(f"unknown state {current!r}; expected one of {', '.join(STATES)}")
+        for name in STATES:
+            self._state.labels(self.account, name).set(1 if name == current else 0)
+
+    def observe_rule(
+        self,
+        rule: str,
+        subject: str,
+        value: float | None,
+        limits: LimitsLike,
+        *,
+        higher_is_worse: bool = True,
+    ) -> None:
+        """Export a rule's value for `subject` ("" for the account) and its warn/reduce/kill limits.
+
+        A missing value (a "data" finding) is exported as NaN; an unset limit is not exported.
+        """
+        figure = math.nan if value is None else float(value)
+        self._rule_value.labels(self.account, rule, subject).set(figure)
+        for level in LIMIT_LEVELS:
+            limit = _limit(limits, level)
+            if limit is None:
+                self._remove(self._rule_limit, rule, level)
+            else:
+                self._rule_limit.labels(self.account, rule, level).set(limit)
+        usage = kill_usage(value, _limit(limits, "kill"), higher_is_worse=higher_is_worse)
+        self._kill_usage.labels(self.account, rule, subject).set(usage)
+
+    def forget_subject(self, rule: str, subject: str) -> None:
+        """Drop a subject's series (a position closed, a client went away)."""
+        self._remove(self._rule_value, rule, subject)
+        self._remove(self._kill_usage, rule, subject)
+
+    def count_breach(self, rule: str, level: str) -> None:
+        """Count one breach of `rule` at `level` (warn, reduce, kill)."""
+        self._breaches.labels(self.account, rule, level).inc()
+
+    def count_kill(self, source: str) -> None:
+        """Count one kill from `source` (rule, http, mqtt, cli, restored)."""
+        self._kills.labels(self.account, source).inc()
+
+    # ------------------------------------------------------------------------------ actions
+
+    def count_cancelled(self, n: int = 1) -> None:
+        """Count `n` orders cancelled by the guard."""
+        if n < 0:
+            raise ValueError("a count of cancelled orders cannot be negative")
+        self._cancelled.labels(self.account).inc(n)
+
+    def count_flatten_child(self) -> None:
+        """Count one child order sent to close a position."""
+        self._flatten_children.labels(self.account).inc()
+
+    def set_flatten(self, pending: int, overdue: bool) -> None:
+        """Positions not yet flat while a flatten runs, and whether it has overrun its deadline."""
+        self._flatten_pending.labels(self.account).set(pending)
+        self._flatten_overdue.labels(self.account).set(1 if overdue else 0)
+
+    # ------------------------------------------------------------------------------ account
+
+    def set_exposure(
+        self,
+        gross: float | None,
+        net_liq: float | None,
+        leverage: float | None,
+        cushion: float | None,
+    ) -> None:
+        """Gross value and net liquidation (base currency), leverage, cushion; None is NaN."""
+        for gauge, value in (
+            (self._gross, gross),
+            (self._net_liq, net_liq),
+            (self._leverage, leverage),
+            (self._cushion, cushion),
+        ):
+            gauge.labels(self.account).set(math.nan if value is None else value)
+
+    def set_order_rate(self, client_id: int | str, window: str, rate: float) -> None:
+        """New orders per second of `client_id` ("total" for all) over `window` ("1s", "60s")."""
+        self._order_rate.labels(self.account, str(client_id), window).set(rate)
+
+    # ------------------------------------------------------------------------------ connectivity
+
+    def set_ib_connected(self, connected: bool) -> None:
+        """Whether the guard is connected to TWS / IB Gateway."""
+        self._ib_connected.labels(self.account).set(1 if connected else 0)
+
+    def mark_event(self, ts: float) -> None:
+        """Record the time (epoch seconds, the clock's scale) of the latest broker event."""
+        self._last_event.last_event = max(self._last_event.last_event, ts)
+
+    def set_mqtt_connected(self, connected: bool) -> None:
+        """Whether the guard is connected to the MQTT broker."""
+        self._mqtt_connected.labels(self.account).set(1 if connected else 0)
+
+    # ------------------------------------------------------------------------------ latencies
+
+    def observe_trigger_to_cancel(self, seconds: float) -> None:
+        """Record the time from a kill's trigger to its first cancel sent."""
+        self._trigger_to_cancel.labels(self.account).observe(seconds)
+
+    def observe_event_processing(self, seconds: float) -> None:
+        """Record the time taken to fold one broker event and decide."""
+        self._event_processing.labels(self.account).observe(seconds)
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _remove(self, gauge: Gauge, *labels: str) -> None:
+        with contextlib.suppress(KeyError):
+            gauge.remove(self.account, *labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving /metrics
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def metrics_handler(registry: CollectorRegistry) -> Handler:
+    """An aiohttp handler that renders `registry` (text format, or OpenMetrics when asked for).
+
+    The control server mounts it with ``app.router.add_get("/metrics", metrics_handler(reg))``.
+    """
+
+    async def handle_metrics(request: web.Request) -> web.StreamResponse:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
+
+    return handle_metrics
+
+
+def metrics_app(registry: CollectorRegistry) -> web.Application:
+    """An aiohttp application serving only ``GET /metrics`` from `registry`."""
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler(registry))
+    return app
+
+
+class MetricsServer:
+    """The metrics listener of its own: ``async with MetricsServer(registry, host, port) as s``.
+
+    Port 0 picks a free port; `port` holds the bound one once entered.
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9464):
+        self._runner = web.AppRunner(metrics_app(registry), access_log=None)
+        self.host = host
+        self.port = port
+
+    async def __aenter__(self) -> Self:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        addresses = self._runner.addresses
+        if addresses:
+            self.port = int(addresses[0][1])
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._runner.cleanup()
+
+    @property
+    def url(self) -> str:
+        """The /metrics URL being served."""
+        return f"http://{self.host}:{self.port}/metrics"
