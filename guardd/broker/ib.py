@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import math
+import random
 import socket
 import threading
 import time
@@ -37,7 +38,6 @@ from ibapi.order import Order
 from ibapi.order_cancel import OrderCancel
 from ibapi.wrapper import EWrapper
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
-from tenacity.wait import wait_exponential_jitter
 
 from guardd.broker.pacer import DEFAULT_MESSAGES_PER_SECOND, Lane, PacedSender
 from guardd.core import events as ev
@@ -544,9 +544,11 @@ class IbBroker:
             )
         if (exc := handshake.exception()) is not None:
             raise BrokerConnectError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
-        if not session.isConnected():
+        if session.connState != EClient.CONNECTED:  # the handshake itself failed
             detail = session.last_error[1] if session.last_error else "connection failed"
             raise BrokerConnectError(f"cannot connect to {self.host}:{self.port}: {detail}")
+        # Even if the socket has closed already (error 326 then close), the run thread decodes
+        # what was received, and its end settles `session.ready`.
 
         self._session = session
         session.run_thread = self._spawn_thread(
@@ -614,15 +616,14 @@ class IbBroker:
             self._sender.fail_pending(reason)
 
     def _backoff(self, state: RetryCallState) -> float:
-        wait = wait_exponential_jitter(
-            initial=self.reconnect_initial_s,
-            max=self.reconnect_max_s,
-            jitter=self.reconnect_initial_s,
-        )(state)
+        """Exponential from `reconnect_initial_s`, capped, jittered; slower after error 326."""
+        exponent = min(state.attempt_number - 1, 30)
+        wait = min(self.reconnect_max_s, self.reconnect_initial_s * 2.0**exponent)
+        wait += random.uniform(0.0, self.reconnect_initial_s)  # spread many guards apart
         outcome = state.outcome
         if outcome is not None and isinstance(outcome.exception(), ClientIdInUseError):
             wait = max(wait, self.client_id_in_use_wait_s)
-        return min(wait, max(self.reconnect_max_s, self.client_id_in_use_wait_s))
+        return wait
 
     async def _reconnect_loop(self) -> None:
         """Wait for a lost session and connect again, backing off, for as long as we run."""
@@ -636,9 +637,15 @@ class IbBroker:
                 before_sleep=self._log_retry,
                 reraise=True,
             )
-            async for attempt in retrying:
-                with attempt:
-                    await self._connect_once()
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        await self._connect_once()
+            except Exception as exc:  # a bug in the retry machinery must not end the guard
+                log.exception("broker_reconnect_loop_failed", error=repr(exc))
+                await asyncio.sleep(self.reconnect_max_s)
+                self._lost.set()
+                continue
             self.reconnects += 1
 
     @staticmethod

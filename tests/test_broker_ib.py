@@ -1,0 +1,394 @@
+"""IbBroker against the simulated gateway over TCP: the real ibapi client, no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from guardd.broker.ib import IbBroker
+from guardd.broker.pacer import Lane
+from guardd.core import events as ev
+from guardd.errors import BrokerConnectError, BrokerDisconnectedError, BrokerError
+from guardd.sim.gateway import SimGateway
+from tests.ibapi_harness import IbapiClient, limit_order, stock
+
+pytestmark = pytest.mark.integration
+
+ACCOUNT = "DU000001"
+AAPL, MSFT, ES = 265598, 272093, 620731015
+GUARD_ID = 0  # the sim's master API client id
+BOT_ID = 7
+
+
+class Recorder:
+    """Collects a broker's events in a background task; tests wait on predicates."""
+
+    def __init__(self, broker: IbBroker) -> None:
+        self.events: list[ev.BrokerEvent] = []
+        self._changed = asyncio.Condition()
+        self._task = asyncio.create_task(self._collect_loop(broker), name="test_collect_loop")
+
+    async def _collect_loop(self, broker: IbBroker) -> None:
+        async for event in broker.events():
+            async with self._changed:
+                self.events.append(event)
+                self._changed.notify_all()
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    async def wait_for(
+        self,
+        kind: type[Any],
+        pred: Callable[[Any], bool] = lambda e: True,
+        *,
+        count: int = 1,
+        after: int = 0,
+        timeout: float = 5.0,
+    ) -> list[Any]:
+        """Events of `kind` matching `pred` at index >= `after`, once there are `count`."""
+
+        def hits() -> list[Any]:
+            return [e for e in self.events[after:] if isinstance(e, kind) and pred(e)]
+
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: len(hits()) >= count), timeout)
+        return hits()
+
+    def index(self, kind: type[Any], after: int = 0) -> int:
+        return next(i for i, e in enumerate(self.events) if i >= after and isinstance(e, kind))
+
+    async def close(self) -> None:
+        await asyncio.wait_for(self._task, 5)
+
+
+@pytest.fixture
+async def guard(sim: SimGateway) -> AsyncIterator[tuple[IbBroker, Recorder]]:
+    broker = IbBroker(
+        "127.0.0.1",
+        sim.port,
+        GUARD_ID,
+        ACCOUNT,
+        connect_timeout_s=5.0,
+        messages_per_second=40,
+        reconnect_initial_s=0.2,
+        reconnect_max_s=1.0,
+    )
+    await broker.start()
+    recorder = Recorder(broker)
+    try:
+        yield broker, recorder
+    finally:
+        await broker.stop()
+        await recorder.close()
+        assert sim.pacing_violations == 0
+        assert broker.pacing_violations == 0
+
+
+@contextlib.asynccontextmanager
+async def bot(sim: SimGateway) -> AsyncIterator[IbapiClient]:
+    client = IbapiClient()
+    await client.start(sim.port, BOT_ID)
+    try:
+        yield client
+    finally:
+        await stop_bot(client)
+
+
+async def stop_bot(client: IbapiClient) -> None:
+    """End a harness client by closing its socket and joining its run thread.
+
+    `IbapiClient.stop()` calls `EClient.disconnect()`, which resets the client's server version
+    while `run()` may still be decoding queued messages; the run thread then dies with a
+    TypeError. Closing the socket lets `run()` drain its queue and end by itself.
+    """
+    sock = getattr(client.conn, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    thread = client._thread
+    if thread is not None:
+        await asyncio.to_thread(thread.join, 5.0)
+        assert not thread.is_alive()
+
+
+async def synced(recorder: Recorder, after: int = 0) -> None:
+    await recorder.wait_for(ev.PositionsEnd, after=after)
+    await recorder.wait_for(ev.OpenOrdersEnd, after=after)
+
+
+def ibapi_threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name.startswith("ibapi-")}
+
+
+async def test_connect_then_positions_account_pnl_and_both_barriers(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    broker, recorder = guard
+
+    await synced(recorder)
+    await recorder.wait_for(ev.AccountValue, lambda e: e.key == "NetLiquidation")
+    await recorder.wait_for(ev.AccountDownloadEnd)
+    pnl = await recorder.wait_for(ev.PnLUpdate)
+    values = await recorder.wait_for(ev.PositionValue, count=2)
+
+    connected = recorder.of(ev.Connected)
+    assert len(connected) == 1 and recorder.index(ev.Connected) == 0
+    assert ACCOUNT in connected[0].managed_accounts and connected[0].next_order_id >= 1
+    positions = {e.con_id: e for e in recorder.of(ev.PositionUpdate)}
+    assert positions[AAPL].quantity == 1000 and positions[AAPL].symbol == "AAPL"
+    assert positions[ES].quantity == -2 and positions[ES].multiplier == 50
+    assert recorder.index(ev.PositionUpdate) < recorder.index(ev.PositionsEnd)
+    assert pnl[0].account == ACCOUNT
+    assert {v.con_id for v in values} == {AAPL, ES}
+    aapl_value = next(v for v in values if v.con_id == AAPL)
+    assert aapl_value.value == pytest.approx(1000 * 190.0, rel=0.01)
+    assert broker.connected
+
+
+async def test_injected_clock_then_events_stamped_with_it(sim: SimGateway) -> None:
+    async with IbBroker("127.0.0.1", sim.port, 3, ACCOUNT, 5.0, clock=lambda: 1234.5) as broker:
+        recorder = Recorder(broker)
+        await recorder.wait_for(ev.PositionsEnd)
+    await recorder.close()
+    assert recorder.events and all(e.ts == 1234.5 for e in recorder.events)
+
+
+async def test_bot_places_order_then_master_sees_open_order_and_status(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    _, recorder = guard
+    await synced(recorder)
+    async with bot(sim) as client:
+        order_id = client.named("nextValidId")[0][0]
+        client.placeOrder(order_id, stock("MSFT"), limit_order("BUY", 10, 1.0))
+
+        opened = await recorder.wait_for(
+            ev.OpenOrder, lambda e: e.client_id == BOT_ID and e.order_id == order_id
+        )
+        status = await recorder.wait_for(
+            ev.OrderStatus, lambda e: e.client_id == BOT_ID and e.status == "Submitted"
+        )
+
+    assert opened[0].symbol == "MSFT" and opened[0].action == "BUY"
+    assert opened[0].quantity == 10 and opened[0].lmt_price == 1.0
+    assert opened[0].perm_id > 0 and status[0].perm_id == opened[0].perm_id
+    assert status[0].remaining == 10
+
+
+async def test_global_cancel_then_bot_orders_cancelled_at_gateway(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    broker, recorder = guard
+    await synced(recorder)
+    async with bot(sim) as client:
+        first = client.named("nextValidId")[0][0]
+        for i in range(3):
+            client.placeOrder(first + i, stock("MSFT"), limit_order("BUY", 10, 1.0 + i))
+        await recorder.wait_for(
+            ev.OrderStatus, lambda e: e.client_id == BOT_ID and e.status == "Submitted", count=3
+        )
+        assert len(sim.exchange.working_orders()) == 3
+
+        await broker.global_cancel()
+
+        await recorder.wait_for(
+            ev.OrderStatus, lambda e: e.client_id == BOT_ID and e.status == "Cancelled", count=3
+        )
+    assert sim.exchange.working_orders() == []
+    assert sim.global_cancels == 1
+
+
+async def test_place_and_cancel_own_order_then_gateway_follows(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    broker, recorder = guard
+    await synced(recorder)
+    order_id = broker.next_order_id()
+    assert broker.next_order_id() == order_id + 1
+
+    await broker.place_order(
+        order_id,
+        con_id=MSFT,
+        symbol="MSFT",
+        action="BUY",
+        quantity=5,
+        order_type="LMT",
+        lmt_price=2.0,
+        order_ref="guardd:flatten:test",
+        lane=Lane.FLATTEN,
+    )
+    opened = await recorder.wait_for(ev.OpenOrder, lambda e: e.order_id == order_id)
+    assert opened[0].client_id == GUARD_ID and opened[0].order_ref == "guardd:flatten:test"
+    assert len(sim.exchange.working_orders()) == 1
+
+    await broker.cancel_order(order_id, Lane.KILL)
+    await recorder.wait_for(
+        ev.OrderStatus, lambda e: e.order_id == order_id and e.status == "Cancelled"
+    )
+    assert sim.exchange.working_orders() == []
+
+
+async def test_watch_prices_then_bid_ask_ticks_for_the_contract(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    broker, recorder = guard
+    await synced(recorder)
+
+    broker.watch_prices([AAPL, ES])
+
+    wanted = {(AAPL, "bid"), (AAPL, "ask"), (ES, "bid"), (ES, "ask")}
+    ticks = await recorder.wait_for(ev.PriceTick, lambda t: (t.con_id, t.field) in wanted, count=4)
+    while {(t.con_id, t.field) for t in ticks} < wanted:
+        ticks = await recorder.wait_for(
+            ev.PriceTick, lambda t: (t.con_id, t.field) in wanted, count=len(ticks) + 1
+        )
+    aapl_bid = next(t for t in ticks if t.con_id == AAPL and t.field == "bid")
+    assert aapl_bid.price == pytest.approx(190.0, rel=0.01)
+
+
+async def test_gateway_drops_clients_then_disconnected_reconnected_and_resynced(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    broker, recorder = guard
+    await synced(recorder)
+    broker.watch_prices([AAPL])
+    await recorder.wait_for(ev.PriceTick)
+    old_id = broker.next_order_id()
+
+    await sim.drop_all_clients(0.5)
+
+    gone = await recorder.wait_for(ev.Disconnected)
+    after = recorder.events.index(gone[0])
+    await recorder.wait_for(ev.Connected, after=after, timeout=10)
+    back = recorder.index(ev.Connected, after=after)
+    await synced(recorder, after=back)
+    await recorder.wait_for(ev.PriceTick, after=back)
+    await recorder.wait_for(ev.PnLUpdate, after=back)
+    assert broker.connected and broker.reconnects == 1
+    # Order ids restart from the gateway's nextValidId, never from the old session's counter.
+    reconnected = recorder.events[back]
+    assert isinstance(reconnected, ev.Connected)
+    assert broker.next_order_id() == reconnected.next_order_id
+    assert reconnected.next_order_id == old_id  # the sim never saw order `old_id`
+
+
+async def test_disconnected_then_requests_refused(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    broker, recorder = guard
+    await synced(recorder)
+    drop = asyncio.create_task(sim.drop_all_clients(1.0))
+    await recorder.wait_for(ev.Disconnected)
+
+    with pytest.raises(BrokerDisconnectedError):
+        await broker.global_cancel()
+    with pytest.raises(BrokerDisconnectedError):
+        broker.next_order_id()
+    await drop
+    await recorder.wait_for(ev.Connected, count=2, timeout=10)
+
+
+async def test_connectivity_notices_then_lost_and_restored_with_resync(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    _, recorder = guard
+    await synced(recorder)
+    mark = len(recorder.events)
+
+    sim.connectivity_lost()
+    await recorder.wait_for(ev.ConnectivityLost, after=mark)
+    sim.connectivity_restored(data_lost=True)
+
+    restored = await recorder.wait_for(ev.ConnectivityRestored, after=mark)
+    assert restored[0].data_lost
+    resync = recorder.events.index(restored[0])
+    await synced(recorder, after=resync)  # 1101: everything was requested again
+    await recorder.wait_for(ev.PnLUpdate, after=resync)
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[int]:
+    """A TCP listener that accepts connections and never says a word."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_loop() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                accepted.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept_loop, name="silent_listener", daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(2)
+        for conn in accepted:
+            conn.close()
+        server.close()
+
+
+async def test_listener_never_answers_then_connect_error_within_timeout(
+    silent_listener: int,
+) -> None:
+    broker = IbBroker("127.0.0.1", silent_listener, GUARD_ID, ACCOUNT, connect_timeout_s=0.5)
+    started = time.monotonic()
+
+    with pytest.raises(BrokerConnectError, match="handshake"):
+        await broker.start()
+
+    assert time.monotonic() - started < 3.0
+    await asyncio.sleep(0.2)
+    assert not any(name.startswith("ibapi-connect") for name in ibapi_threads())
+
+
+async def test_nothing_listening_then_connect_error() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    broker = IbBroker("127.0.0.1", port, GUARD_ID, ACCOUNT, connect_timeout_s=2.0)
+
+    with pytest.raises(BrokerConnectError):
+        await broker.start()
+
+
+async def test_account_not_managed_then_refused(sim: SimGateway) -> None:
+    broker = IbBroker("127.0.0.1", sim.port, GUARD_ID, "U9999999", connect_timeout_s=5.0)
+
+    with pytest.raises(BrokerError, match="not managed"):
+        await broker.start()
+
+    await broker.stop()
+    assert sim.pacing_violations == 0
+
+
+async def test_client_id_in_use_then_connect_error(sim: SimGateway) -> None:
+    async with bot(sim):
+        broker = IbBroker("127.0.0.1", sim.port, BOT_ID, ACCOUNT, connect_timeout_s=5.0)
+        with pytest.raises(BrokerConnectError, match="326"):
+            await broker.start()
+
+
+async def test_stop_then_threads_joined_and_events_end(sim: SimGateway) -> None:
+    broker = IbBroker("127.0.0.1", sim.port, GUARD_ID, ACCOUNT, connect_timeout_s=5.0)
+    await broker.start()
+    recorder = Recorder(broker)
+    await recorder.wait_for(ev.PositionsEnd)
+
+    await broker.stop()
+
+    await recorder.close()  # events() ended
+    assert isinstance(recorder.events[-1], ev.Disconnected)
+    assert recorder.events[-1].reason == "stopped"
+    assert ibapi_threads() == set()
+    assert sim.pacing_violations == 0
