@@ -86,11 +86,14 @@ def _wait_accepting(proc: subprocess.Popen[bytes], port: int, log: Path) -> None
     pytest.fail(f"mosquitto did not accept on port {port} within 10 s: {log.read_text()}")
 
 
-def start_broker(directory: Path, *, with_password: bool = False) -> tuple[Broker, Stopper]:
-    """Start mosquitto in ``directory``; returns the broker and a function that stops it."""
+def start_broker(
+    directory: Path, *, with_password: bool = False, port: int | None = None
+) -> tuple[Broker, Stopper]:
+    """Start mosquitto in ``directory`` (on ``port``, or a free one); returns the broker and a
+    function that stops it."""
     binary = mosquitto_binary()
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     lines = [f"listener {port} 127.0.0.1", "persistence false", "log_type error warning"]
     lines.append("user root" if os.geteuid() == 0 else "")
     if with_password:
