@@ -32,7 +32,7 @@ will, at most, take away
 counts of live children are not needed at all). So after every live child fills, the position
 is u(P0) - committed >= origin - committed =: projected. The planner only sends while projected
 is above the target, and only as much as brings projected down to the target, so the position can
-at most reach the target. This is the brief's rule "count a child's fills as already in the
+at most reach the target. This is the rule "count a child's fills as already in the
 position only when the confirmed position has moved past its baseline by that much", applied to
 all children at once: origin - u(confirmed) is exactly the fill the position provably contains.
 When unsure it assumes the worst: a stale position raises nothing above u(P0), a fill not seen
