@@ -348,3 +348,26 @@ def test_any_event_sequence_then_running_totals_match_recomputation(
     for ccy, total in gross.items():
         assert math.isclose(running[ccy], total, rel_tol=1e-9, abs_tol=1e-6)
     assert book.working_order_count == sum(1 for o in book.orders.values() if o.working)
+
+
+def test_own_close_orders_then_not_counted_for_the_sweep() -> None:
+    from dataclasses import replace
+
+    bot = open_order(1, order_id=5, client=7)
+    child = replace(open_order(2, order_id=9, client=0), order_ref="guardd:flatten:3:1")
+    book = synced_book(bot, child)
+    assert book.working_order_count == 2
+    assert book.foreign_working_count == 1
+    seq = book.foreign_order_seq
+    book.fold(replace(child, perm_id=PermId(3), order_id=OrderId(10)))  # another child
+    assert book.foreign_order_seq == seq
+    book.fold(order_status(1, "Cancelled", order_id=5, client=7))
+    assert book.foreign_working_count == 0
+
+
+def test_status_without_terms_then_not_swept_until_terms_known() -> None:
+    book = synced_book(order_status(4, order_id=3, client=7))
+    assert book.working_order_count == 1
+    assert book.foreign_working_count == 0
+    book.fold(open_order(4, order_id=3, client=7))
+    assert book.foreign_working_count == 1

@@ -58,6 +58,7 @@ TERMINAL_STATUSES = frozenset({"Filled", "Cancelled", "ApiCancelled", "Inactive"
 
 BASE = "BASE"
 NO_CONTRACT = ConId(0)
+OWN_REF_PREFIX = "guardd:"  # orderRef prefix of guardd's own close orders (flatten, reduce)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +220,10 @@ class Book:
         rate_windows_s: tuple[float, ...] = (1.0, 60.0),
         price_history_s: float = 900.0,
         price_sample_s: float = 1.0,
+        own_ref_prefix: str = OWN_REF_PREFIX,
     ) -> None:
         self.account = account
+        self.own_ref_prefix = own_ref_prefix
         self.base_currency = base_currency
         self.created_at = created_at
         self.rate_windows_s = rate_windows_s
@@ -267,6 +270,11 @@ class Book:
         # orders
         self._orders: dict[PermId, Order] = {}
         self._working: set[PermId] = set()
+        # Working orders that are not guardd's own close orders (orderRef prefix) and whose terms
+        # are known: what a sweep while HALTED must cancel. Kept apart so that guardd's flatten
+        # children never trigger a sweep that would cancel them.
+        self._working_foreign: set[PermId] = set()
+        self.foreign_order_seq = 0
         self._provisional: dict[tuple[ClientId, OrderId], PermId] = {}
         self._perm_by_client_order: dict[tuple[ClientId, OrderId], PermId] = {}
         self._next_provisional = -1
@@ -572,6 +580,9 @@ class Book:
                 if prov in self._working:
                     self._working.discard(prov)
                     self._working.add(perm_id)
+                if prov in self._working_foreign:
+                    self._working_foreign.discard(prov)
+                    self._working_foreign.add(perm_id)
             if order_id != 0:
                 self._perm_by_client_order[co] = perm_id
             return perm_id
@@ -594,6 +605,13 @@ class Book:
             self._working.add(key)
         else:
             self._working.discard(key)
+        foreign = new.working and new.has_terms and not self.is_own(new)
+        if foreign:
+            if key not in self._working_foreign:
+                self.foreign_order_seq += 1
+            self._working_foreign.add(key)
+        else:
+            self._working_foreign.discard(key)
         if old is None:
             self.order_seq += 1
             if self.orders_synced:
@@ -671,6 +689,7 @@ class Book:
             # may have rolled back after a gateway restart, so rebuild the id index too
             for key in [k for k, o in self._orders.items() if o.generation < self.generation]:
                 self._working.discard(key)
+                self._working_foreign.discard(key)
                 del self._orders[key]
             self._perm_by_client_order = {
                 (o.client_id, o.order_id): k
@@ -724,6 +743,15 @@ class Book:
     def working_order_count(self) -> int:
         """How many orders are working, across every client and account."""
         return len(self._working)
+
+    @property
+    def foreign_working_count(self) -> int:
+        """Working orders with known terms that are not guardd's own close orders."""
+        return len(self._working_foreign)
+
+    def is_own(self, order: Order) -> bool:
+        """Is this one of guardd's own close orders (recognised by its orderRef prefix)?"""
+        return order.order_ref.startswith(self.own_ref_prefix)
 
     def new_orders(self, client_id: ClientId | None, span: float, now: float) -> int:
         """New orders first seen in (now − span, now] from `client_id`, or from all when None.

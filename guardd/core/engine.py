@@ -70,8 +70,10 @@ class Evaluation:
 
     @classmethod
     def of(cls, book: Book, findings: Sequence[Finding]) -> Evaluation:
-        """Bundle findings with the Book's sync state and working-order counters."""
-        return cls(tuple(findings), book.synced, book.working_order_count, book.order_seq)
+        """Bundle findings with the Book's sync state and the counters of the orders a sweep must
+        cancel: every working order but guardd's own close orders, which a sweep would otherwise
+        cancel in the middle of a flatten."""
+        return cls(tuple(findings), book.synced, book.foreign_working_count, book.foreign_order_seq)
 
 
 @dataclass(frozen=True, slots=True)
