@@ -312,7 +312,7 @@ class MqttControl:
                     log.info("mqtt_connected", host=self._host, port=self._port)
                     self.publish_state(self._handler.status())
                     async for message in client.messages:
-                        await self.handle_payload(str(message.topic), _as_bytes(message.payload))
+                        await self.handle_payload(str(message.topic), message.payload)
             except aiomqtt.MqttError as exc:  # swallowed here only: reconnect, log and back off
                 log.warning("mqtt_disconnected", error=str(exc), retry_in_s=delay)
             finally:
@@ -342,11 +342,3 @@ class MqttControl:
             status = dict(self._handler.status())
             if status != self._last_status:
                 self.publish_state(status)
-
-
-def _as_bytes(payload: object) -> bytes:
-    if isinstance(payload, bytes | bytearray):
-        return bytes(payload)
-    if isinstance(payload, str):
-        return payload.encode()
-    return b""
