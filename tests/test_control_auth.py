@@ -254,6 +254,8 @@ def test_any_tampered_field_or_other_target_then_refused(
     "payload",
     [
         b"not json",
+        b"[" * 5000,
+        b"\xff\xfe",
         b"[]",
         b'{"action": "kill"}',
         json.dumps({**make(), "extra": 1}).encode(),

@@ -335,6 +335,38 @@ async def test_replayed_and_bad_signature_over_broker_then_refused_and_audited(
     assert [r["error"] for r in handler.audited] == ["ReplayError", "AuthError"]
 
 
+GARBAGE = [
+    b"",
+    b"\xff\xfe\x00",
+    b"null",
+    b"{}",
+    b"[" * 2000,
+    b'{"action": "kill", "reason": "x"}',
+    json.dumps({**payload(nonce="nonce-stale-1"), "ts": 1}).encode(),
+    json.dumps(payload(nonce="nonce-unkn-01", key_id="mallory")).encode(),
+    b"x" * 100_000,
+]
+
+
+async def test_garbage_over_broker_then_each_refused_audited_and_still_connected(
+    mqtt_broker: Broker, subscriber: aiomqtt.Client
+) -> None:
+    handler = MemoryHandler()
+    await subscriber.subscribe(f"guardd/{ACCOUNT}/events", qos=1)
+    async with control(handler, mqtt_broker) as mqtt:
+        await eventually(lambda: mqtt.connected)
+
+        for raw in GARBAGE:
+            await subscriber.publish(KILL_TOPIC, raw, qos=1)
+        events = [json.loads(_text(await next_message(subscriber))) for _ in GARBAGE]
+
+        assert mqtt.connected
+    assert [e["type"] for e in events] == ["command_refused"] * len(GARBAGE)
+    assert len(handler.audited) == len(GARBAGE)
+    assert handler.state == "ARMED"
+    assert handler.handled == []
+
+
 async def test_clean_exit_then_retained_state_offline(mqtt_broker: Broker) -> None:
     handler = MemoryHandler()
     async with control(handler, mqtt_broker) as mqtt:

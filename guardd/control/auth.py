@@ -351,7 +351,7 @@ def parse_signed_command(payload: bytes, *, topic_action: Action) -> SignedComma
     """Parse and check an MQTT command payload's shape; ``CommandError`` says what is wrong."""
     try:
         data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested arrays
         raise CommandError("payload is not JSON") from exc
     if not isinstance(data, dict):
         raise CommandError("payload must be a JSON object")

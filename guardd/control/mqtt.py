@@ -312,13 +312,20 @@ class MqttControl:
                     log.info("mqtt_connected", host=self._host, port=self._port)
                     self.publish_state(self._handler.status())
                     async for message in client.messages:
-                        await self.handle_payload(str(message.topic), message.payload)
+                        await self._handle_message(message)
             except aiomqtt.MqttError as exc:  # swallowed here only: reconnect, log and back off
                 log.warning("mqtt_disconnected", error=str(exc), retry_in_s=delay)
             finally:
                 self._client = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, backoff_max)
+
+    async def _handle_message(self, message: aiomqtt.Message) -> None:
+        """One message; a bug in handling it must not take the kill channel down with it."""
+        try:
+            await self.handle_payload(str(message.topic), message.payload)
+        except Exception:
+            log.exception("mqtt_message_crashed", topic=str(message.topic))
 
     async def _publish_loop(self) -> None:
         while True:
