@@ -1,24 +1,28 @@
 """Deployment files: systemd units verify and are hardened, alert rules pass their promtool tests,
 the Grafana dashboard is valid PromQL over metrics that guardd exports.
 
-Needs `systemd-analyze` (systemd) and `promtool` (Debian package `prometheus`) on PATH; a missing
-tool fails the test with the package to install.
+Needs `systemd-analyze` (systemd), `promtool` and `prometheus` (Debian package `prometheus`) on
+PATH; a missing tool fails the test with the package to install. The end-to-end test runs its own
+Prometheus server on a free loopback port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
 from guardd.core.rules import Thresholds
-from guardd.metrics import Metrics
+from guardd.metrics import Metrics, MetricsServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -252,3 +256,73 @@ def test_dashboard_exprs_then_use_only_exported_metrics() -> None:
     used |= {m for expr in annotation_exprs for m in METRIC_NAME.findall(expr)}
     assert used - exported == set()
     assert "guardd_rule_kill_usage" in used
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.mark.integration
+async def test_real_prometheus_scrapes_a_halted_guard_then_guardd_halted_fires(
+    tmp_path: Path,
+) -> None:
+    binary = tool("prometheus", "prometheus")
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, account="DU1", version="test")
+    metrics.set_ib_connected(True)
+    metrics.set_state("HALTED")
+    web_port = free_port()
+
+    async with MetricsServer(registry, "127.0.0.1", 0) as server:
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": [
+                {
+                    "job_name": "guardd",
+                    "static_configs": [{"targets": [f"127.0.0.1:{server.port}"]}],
+                }
+            ],
+        }
+        (tmp_path / "prometheus.yml").write_text(json.dumps(config))
+        process = await asyncio.create_subprocess_exec(
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{web_port}",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            firing = await wait_for_alert(f"http://127.0.0.1:{web_port}", "GuarddHalted", 30.0)
+        finally:
+            process.terminate()
+            _, stderr = await process.communicate()
+
+    assert firing is not None, stderr.decode()[-2000:]
+    assert firing["labels"]["account"] == "DU1"
+    assert firing["labels"]["job"] == "guardd"
+
+
+async def wait_for_alert(url: str, name: str, timeout: float) -> dict[str, Any] | None:
+    """The first firing alert called `name` on the Prometheus at `url`, or None at `timeout`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aiohttp.ClientSession() as session:
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                async with session.get(f"{url}/api/v1/alerts") as response:
+                    body = await response.json()
+            except aiohttp.ClientError:
+                body = {"data": {"alerts": []}}
+            for alert in body["data"]["alerts"]:
+                if alert["labels"]["alertname"] == name and alert["state"] == "firing":
+                    found: dict[str, Any] = alert
+                    return found
+            await asyncio.sleep(0.25)
+    return None
