@@ -40,7 +40,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Protocol, Self
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -48,16 +48,16 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from guardd.core.rules import Thresholds
-
 __all__ = [
     "EVENT_PROCESSING_BUCKETS",
     "KILL_SOURCES",
     "LIMIT_LEVELS",
     "STATES",
     "TRIGGER_TO_CANCEL_BUCKETS",
+    "LevelLimits",
     "Metrics",
     "MetricsServer",
+    "kill_usage",
     "metrics_app",
     "metrics_handler",
 ]
@@ -105,15 +105,27 @@ EVENT_PROCESSING_BUCKETS: Final = (
 )
 """1 µs to 10 ms: folding one broker event into the Book and deciding."""
 
-LimitsLike = Thresholds | Mapping[str, float | None]
-"""A rule's limits: a `Thresholds`, or a mapping with any of the keys warn / reduce / kill."""
+
+class LevelLimits(Protocol):
+    """Anything with warn / reduce / kill limits: `core.rules.Thresholds`, `config.LevelLimit`."""
+
+    @property
+    def warn(self) -> float | None: ...
+    @property
+    def reduce(self) -> float | None: ...
+    @property
+    def kill(self) -> float | None: ...
+
+
+LimitsLike = LevelLimits | Mapping[str, float | None]
+"""A rule's limits: an object with warn / reduce / kill, or a mapping with any of those keys."""
 
 
 def _limit(limits: LimitsLike, level: str) -> float | None:
-    if isinstance(limits, Thresholds):
-        value: float | None = getattr(limits, level)
-        return value
-    return limits.get(level)
+    if isinstance(limits, Mapping):
+        return limits.get(level)
+    value: float | None = getattr(limits, level)
+    return value
 
 
 def kill_usage(value: float | None, kill: float | None, *, higher_is_worse: bool = True) -> float:

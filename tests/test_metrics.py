@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from guardd.config import LeverageLimit
 from guardd.core.rules import Thresholds
 from guardd.metrics import Metrics, MetricsServer, kill_usage
 
@@ -102,6 +103,15 @@ def test_lower_is_worse_rule_then_usage_rises_as_value_falls() -> None:
     assert far == pytest.approx(0.1)
     assert near == pytest.approx(0.8)
     assert gone == math.inf
+
+
+def test_config_level_limit_then_its_levels_exported(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    metrics.observe_rule("leverage", "", 1.0, LeverageLimit(warn=1.5, kill=3.0))
+
+    assert value(registry, "guardd_rule_limit", rule="leverage", level="warn") == 1.5
+    assert value(registry, "guardd_rule_limit", rule="leverage", level="reduce") is None
 
 
 def test_forget_subject_then_its_series_disappear(
