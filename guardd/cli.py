@@ -1,18 +1,32 @@
-"""The `guardd` command line: `sim` (the simulated gateway), and the guard's own commands."""
+"""The `guardd` command line: run the guard, check a config, the demo, and the simulated gateway."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-EX_CONFIG = 78  # sysexits.h: configuration error; systemd does not restart on it
+from guardd.errors import EX_CONFIG, ConfigError, GuarddError
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="guard an IB account")
+    run.add_argument("-c", "--config", type=Path, required=True, help="guardd TOML file")
+    run.add_argument(
+        "--fresh-start",
+        action="store_true",
+        help="start ARMED when the latch file is missing (first start only; an unreadable "
+        "latch still starts HALTED)",
+    )
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("config", type=Path)
+    sub.add_parser("demo", help="guard the embedded simulated gateway against a runaway bot")
     sim = sub.add_parser("sim", help="run the simulated IB Gateway")
     sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     sim.add_argument("--port", type=int, default=7497, help="TCP port (default 7497)")
@@ -32,4 +46,59 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ScenarioError as exc:
             print(f"guardd sim: {exc}", file=sys.stderr)
             return EX_CONFIG
+    if args.command == "check-config":
+        return _check_config(args.config)
+    if args.command == "run":
+        return _run(args.config, fresh_start=args.fresh_start)
+    if args.command == "demo":
+        from guardd.demo import demo_main
+
+        return demo_main()
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _check_config(path: Path) -> int:
+    from guardd.config import load_config
+
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        print(f"guardd: {path}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    print(
+        f"{path}: ok (account {cfg.account}, IB {cfg.ib.host}:{cfg.ib.port}, kill {cfg.kill.mode})"
+    )
+    return 0
+
+
+def _run(path: Path, *, fresh_start: bool) -> int:
+    from guardd.config import load_config
+    from guardd.logs import configure_logging
+
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        print(f"guardd: {path}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    configure_logging(cfg.log.format, cfg.log.level)
+    try:
+        return asyncio.run(_guard(cfg, fresh_start=fresh_start))
+    except GuarddError as exc:
+        print(f"guardd: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+async def _guard(cfg: object, *, fresh_start: bool) -> int:
+    from guardd.app import Guard
+    from guardd.config import Config
+    from guardd.sdnotify import Notifier
+
+    assert isinstance(cfg, Config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    guard = Guard(cfg, fresh_start=fresh_start, notifier=Notifier.from_env())
+    await guard.run(stop)
+    return 0

@@ -1,0 +1,479 @@
+"""The guard: broker events -> Book -> rules -> engine -> executor -> broker, and commands in.
+
+`Guard` wires the pure core to its adapters and owns the long-running tasks in one TaskGroup:
+
+- `_event_loop` folds every broker event into the Book; order events go through the fast path
+  (order-rate and per-order checks, then the engine) so a runaway bot is stopped on the order that
+  breaks the limit, not on the next timer tick.
+- `_evaluate_loop` evaluates every rule on a short timer (time-based rules: staleness,
+  connectivity, heartbeats, decaying rate windows) and publishes metrics.
+- the control plane (HTTP, MQTT), metrics listener and systemd watchdog when configured.
+
+Start-up order matters: the latch is read and restored BEFORE connecting to IB, so a guard that
+was HALTED comes back HALTED and carries the kill out as soon as the Book has re-synced. Every
+engine step and its execution happen under one lock, so the latch of a kill is on disk before
+any cancel of any later decision is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from guardd import __version__
+from guardd.broker.ib import IbBroker
+from guardd.config import Config
+from guardd.control.auth import KeyStore, TokenStore, read_secret_file
+from guardd.control.commands import CommandOutcome, ControlCommand
+from guardd.control.http import ControlHttpServer, server_ssl_context
+from guardd.control.mqtt import MqttControl
+from guardd.core import events as ev
+from guardd.core.book import Book
+from guardd.core.engine import Arm, Decision, Engine, Evaluation, Kill, Latch, State
+from guardd.core.rules import Finding, Thresholds
+from guardd.errors import BrokerConnectError
+from guardd.executor import Executor, journal_children
+from guardd.journal import Journal
+from guardd.latch import FRESH_START, read_latch, write_latch
+from guardd.metrics import Metrics, MetricsServer, metrics_handler
+from guardd.rulebook import build_close_policy, build_policy, build_rules
+from guardd.sdnotify import HealthWatchdog, Notifier, watchdog_interval
+
+log = structlog.get_logger(__name__)
+
+EVALUATE_EVERY_S = 0.25
+_ORDER_EVENTS = (ev.OpenOrder, ev.OrderStatus)
+_BOOK_CHANGES = (ev.PositionUpdate, ev.OpenOrder, ev.OrderStatus, ev.Execution, ev.PositionsEnd)
+
+
+class Guard:
+    """One guardd instance guarding one IB account (and, through reqGlobalCancel, its login)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        clock: Callable[[], float] = time.time,
+        registry: CollectorRegistry | None = None,
+        fresh_start: bool = False,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry, account=cfg.account, version=__version__)
+        self.notifier = notifier or Notifier(None)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(cfg.journal_path, clock=clock)
+        now = clock()
+        # The latch first: restored before anything connects.
+        restored = read_latch(cfg.latch_path, allow_missing=fresh_start, now=now)
+        if not restored.halted and restored.reason == FRESH_START:
+            write_latch(cfg.latch_path, restored)
+        self.journal.append(
+            "guard_started",
+            account=cfg.account,
+            version=__version__,
+            halted=restored.halted,
+            latch_reason=restored.reason,
+            dry_run=cfg.dry_run,
+        )
+        latch = None
+        if restored.halted:
+            decision_id = _int_or(restored.decision_id, 0)
+            latch = Latch(
+                reason=restored.reason,
+                source=restored.source,
+                principal="restored",
+                mode=restored.mode,
+                since=restored.since,
+                decision_id=decision_id,
+            )
+            log.warning("latch_restored", reason=restored.reason, mode=restored.mode)
+            self.metrics.count_kill("restored")
+        self.rules = build_rules(cfg)
+        self._rule_limits: dict[str, Thresholds] = {}
+        for rule in self.rules.periodic:
+            limits = getattr(rule, "limits", None)
+            if isinstance(limits, Thresholds):
+                self._rule_limits[rule.name] = limits
+        if self.rules.order_rate is not None:
+            self._rule_limits["order_rate"] = self.rules.order_rate.per_client_1s
+        self.engine = Engine(build_policy(cfg), latch=latch, first_decision_id=_next_decision(cfg))
+        self.book = Book(cfg.account, created_at=now)
+        self.broker = IbBroker(
+            cfg.ib.host,
+            cfg.ib.port,
+            cfg.ib.client_id,
+            cfg.account,
+            connect_timeout_s=cfg.ib.connect_timeout_s,
+            messages_per_second=cfg.budget.messages_per_second,
+            clock=clock,
+            reconnect_initial_s=cfg.ib.reconnect_backoff_min_s,
+            reconnect_max_s=cfg.ib.reconnect_backoff_max_s,
+        )
+        self.executor = Executor(
+            broker=self.broker,
+            book=self.book,
+            journal=self.journal,
+            latch_path=cfg.latch_path,
+            close_policy=build_close_policy(cfg),
+            client_id=cfg.ib.client_id,
+            account=cfg.account,
+            dry_run=cfg.dry_run,
+            flatten_timeout_s=cfg.flatten.verify_timeout_s,
+            messages_per_second=cfg.budget.messages_per_second,
+            metrics=self.metrics,
+            clock=clock,
+        )
+        if latch is not None and latch.mode == "flatten" and latch.decision_id:
+            children = journal_children(cfg.journal_path, latch.decision_id)
+            if children:
+                self.executor.restore_children(latch.decision_id, children)
+                log.warning("close_children_restored", count=len(children))
+        self._findings: dict[str, Finding] = {}
+        self._lock = asyncio.Lock()
+        self._last_decision: Decision | None = None
+        self.http: ControlHttpServer | None = None
+        self.mqtt: MqttControl | None = None
+        self.ready_event = asyncio.Event()
+        self.metrics.set_state(self.engine.state)
+
+    # ---- running ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Guard until `stop` is set (or forever)."""
+        stop = stop or asyncio.Event()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                await self._connect()
+                stack.push_async_callback(self.broker.stop)
+                await self._start_control(stack)
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._event_loop(), name="event_loop")
+                    tasks.create_task(self._evaluate_loop(), name="evaluate_loop")
+                    interval = watchdog_interval()
+                    if self.notifier.enabled and interval is not None:
+                        watchdog = HealthWatchdog(self.notifier, interval, self._broker_alive)
+                        tasks.create_task(watchdog.run(), name="watchdog_loop")
+                    await stop.wait()
+                    raise _StopError
+        except* _StopError:
+            pass
+        finally:
+            self.notifier.notify("STOPPING=1")
+            await self.executor.stop_episode("shutting down")
+            self.journal.append("guard_stopped", account=self.cfg.account)
+            self.journal.close()
+
+    async def _connect(self) -> None:
+        delay = self.cfg.ib.reconnect_backoff_min_s
+        while True:
+            try:
+                await self.broker.start()
+                return
+            except BrokerConnectError as exc:
+                # Not fatal: the gateway may be restarting. The latch is already restored and a
+                # kill decided meanwhile is carried out once connected.
+                log.warning("ib_connect_failed", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.cfg.ib.reconnect_backoff_max_s)
+
+    async def _start_control(self, stack: contextlib.AsyncExitStack) -> None:
+        http_cfg = self.cfg.control.http
+        routes = []
+        if self.cfg.metrics.enabled and self.cfg.metrics.listen == "control":
+            from aiohttp import web
+
+            routes.append(web.get("/metrics", metrics_handler(self.registry)))
+        elif self.cfg.metrics.enabled:
+            server = MetricsServer(self.registry, self.cfg.metrics.host, self.cfg.metrics.port)
+            await stack.enter_async_context(server)
+        if http_cfg.enabled:
+            files = http_cfg.token_files
+            tokens = TokenStore.from_role_files(read=files.read, kill=files.kill, arm=files.arm)
+            context: ssl.SSLContext | None = None
+            if http_cfg.tls_cert_file is not None and http_cfg.tls_key_file is not None:
+                context = server_ssl_context(http_cfg.tls_cert_file, http_cfg.tls_key_file)
+            self.http = ControlHttpServer(
+                self,
+                tokens=tokens,
+                host=http_cfg.host,
+                port=http_cfg.port,
+                ssl=context,
+                max_body_bytes=http_cfg.max_body_bytes,
+                routes=routes,
+            )
+            await stack.enter_async_context(self.http)
+        mqtt_cfg = self.cfg.control.mqtt
+        if mqtt_cfg.enabled:
+            password = None
+            if mqtt_cfg.password_file is not None:
+                password = read_secret_file(mqtt_cfg.password_file, what="MQTT password")
+            tls = None
+            if mqtt_cfg.tls:
+                tls = ssl.create_default_context(
+                    cafile=str(mqtt_cfg.tls_ca_file) if mqtt_cfg.tls_ca_file else None
+                )
+            self.mqtt = MqttControl(
+                self,
+                account=self.cfg.account,
+                keys=KeyStore.from_files(dict(mqtt_cfg.operator_key_files)),
+                host=mqtt_cfg.host,
+                port=mqtt_cfg.port,
+                username=mqtt_cfg.username,
+                password=password,
+                tls=tls,
+                window_s=mqtt_cfg.window_s,
+                topic_prefix=mqtt_cfg.topic_prefix,
+                clock=self.clock,
+            )
+            await stack.enter_async_context(self.mqtt)
+
+    def _broker_alive(self) -> bool:
+        # Progress, not connectivity: a reconnect loop that keeps trying is alive.
+        return True
+
+    async def _event_loop(self) -> None:
+        async for event in self.broker.events():
+            started = time.perf_counter()
+            self.book.fold(event)
+            self.metrics.mark_event(event.ts)
+            match event:
+                case ev.Connected():
+                    self.metrics.set_ib_connected(True)
+                    self.journal.append("ib_connected", next_order_id=event.next_order_id)
+                case ev.Disconnected(reason=reason):
+                    self.metrics.set_ib_connected(False)
+                    self.journal.append("ib_disconnected", reason=reason)
+                case ev.BrokerError():
+                    self.executor.on_broker_error(event)
+                case _:
+                    pass
+            if isinstance(event, _ORDER_EVENTS):
+                await self._on_order_event(event)
+            if isinstance(event, _BOOK_CHANGES):
+                self.executor.notice()
+            if isinstance(event, (ev.PositionsEnd, ev.OpenOrdersEnd)) and self.book.synced:
+                await self._evaluate(self.clock(), trigger_ts=event.ts)
+                if not self.ready_event.is_set():
+                    self.ready_event.set()
+                    self.notifier.notify("READY=1", "STATUS=guarding")
+                    log.info("guard_ready", state=self.engine.state)
+            self.metrics.observe_event_processing(time.perf_counter() - started)
+
+    async def _on_order_event(self, event: ev.OpenOrder | ev.OrderStatus) -> None:
+        """The fast path: a new order may break the order-rate or a per-order limit now."""
+        now = self.clock()
+        changed = False
+        if self.rules.order_rate is not None:
+            self._findings["order_rate"] = self.rules.order_rate.evaluate(self.book, now)
+            changed = True
+        if self.rules.order_checks is not None and isinstance(event, ev.OpenOrder):
+            order = self.book.order(event.perm_id)
+            if order is not None and order.working and not self.book.is_own(order):
+                finding = self.rules.order_checks.check(order, self.book, now)
+                if finding.breach or self._findings.get("order_checks") is None:
+                    self._findings["order_checks"] = finding
+                    changed = True
+        if changed or self.engine.state == State.HALTED:
+            await self._evaluate(now, trigger_ts=event.ts)
+
+    async def _evaluate_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EVALUATE_EVERY_S)
+            now = self.clock()
+            for rule in self.rules.periodic:
+                finding = rule.evaluate(self.book, now)
+                self._findings[finding.rule] = finding
+            if self.rules.order_rate is not None:
+                self._findings["order_rate"] = self.rules.order_rate.evaluate(self.book, now)
+            stale_check = self._findings.get("order_checks")
+            if stale_check is not None and stale_check.breach and self.engine.state != "HALTED":
+                # A per-order breach that did not halt (warn) clears once no order breaks it.
+                self._findings.pop("order_checks", None)
+            await self._evaluate(now, trigger_ts=now)
+            self._publish_metrics()
+
+    async def _evaluate(self, now: float, *, trigger_ts: float | None) -> None:
+        async with self._lock:
+            evaluation = Evaluation.of(self.book, tuple(self._findings.values()))
+            decision = self.engine.step(evaluation, now)
+            await self._carry_out(decision, trigger_ts)
+
+    async def _carry_out(self, decision: Decision, trigger_ts: float | None) -> None:
+        changed = decision.state != decision.previous_state
+        if not (changed or decision.actions or decision.refused):
+            return
+        self._last_decision = decision
+        self.journal.append(
+            "decision",
+            decision_id=decision.decision_id,
+            state=str(decision.state),
+            previous_state=str(decision.previous_state),
+            actions=[type(a).__name__ for a in decision.actions],
+            reasons=list(decision.reasons),
+            refused=decision.refused,
+        )
+        if changed:
+            log.warning(
+                "state_changed",
+                state=str(decision.state),
+                previous=str(decision.previous_state),
+                reasons=list(decision.reasons),
+            )
+            self.metrics.set_state(decision.state)
+            if decision.state == State.HALTED:
+                for finding in self._findings.values():
+                    if finding.level == "kill":
+                        self.metrics.count_breach(finding.rule, "kill")
+        await self.executor.carry_out(decision, trigger_ts=trigger_ts)
+        if self.mqtt is not None and changed:
+            self.mqtt.publish_state(self.status())
+
+    def _publish_metrics(self) -> None:
+        for finding in self._findings.values():
+            if finding.value is not None and math.isfinite(finding.value):
+                limits = self._rule_limits.get(finding.rule, Thresholds())
+                self.metrics.observe_rule(
+                    finding.rule,
+                    finding.subject,
+                    finding.value,
+                    limits,
+                    higher_is_worse=finding.rule != "margin_cushion",
+                )
+        exposure = self.book.exposure()
+        nl = self.book.net_liquidation
+        cushion = self.book.value("Cushion")
+        net_liq = nl.value if nl is not None else None
+        leverage = None
+        if exposure.gross is not None and net_liq is not None and net_liq > 0:
+            leverage = exposure.gross / net_liq
+        self.metrics.set_exposure(
+            exposure.gross, net_liq, leverage, cushion.value if cushion is not None else None
+        )
+        if self.mqtt is not None:
+            self.metrics.set_mqtt_connected(self.mqtt.connected)
+
+    # ---- the control plane's seam (guardd.control.commands.CommandHandler) --------------------
+
+    async def handle(self, command: ControlCommand) -> CommandOutcome:
+        """A kill or re-arm from a person (HTTP, MQTT or the CLI), already authenticated."""
+        now = self.clock()
+        item: Kill | Arm
+        if command.action == "kill":
+            item = Kill(
+                source=command.channel,
+                principal=command.principal,
+                reason=command.reason,
+                mode=command.mode,
+            )
+        else:
+            item = Arm(principal=command.principal, reason=command.reason, force=command.force)
+        async with self._lock:
+            decision = self.engine.step(item, now)
+            self.journal.append(
+                "command",
+                action=command.action,
+                principal=command.principal,
+                channel=command.channel,
+                reason=command.reason,
+                mode=command.mode,
+                force=command.force,
+                request_id=command.request_id,
+                accepted=not decision.refused,
+                decision_id=decision.decision_id,
+            )
+            if command.action == "kill" and not decision.refused:
+                self.metrics.count_kill(command.channel)
+            await self._carry_out(decision, trigger_ts=now)
+        message = "; ".join(decision.reasons) or str(decision.state)
+        return CommandOutcome(
+            accepted=not decision.refused,
+            state=str(decision.state),
+            message=message,
+            decision_id=str(decision.decision_id),
+        )
+
+    def status(self) -> Mapping[str, object]:
+        """What `GET /v1/status` and the retained MQTT state say."""
+        latch = self.engine.latch
+        episode = self.executor.episode
+        nl = self.book.net_liquidation
+        return {
+            "account": self.cfg.account,
+            "state": str(self.engine.state),
+            "online": True,
+            "dry_run": self.cfg.dry_run,
+            "ib_connected": self.book.connected,
+            "synced": self.book.synced,
+            "latch": None
+            if latch is None
+            else {
+                "reason": latch.reason,
+                "source": latch.source,
+                "principal": latch.principal,
+                "mode": latch.mode,
+                "since": latch.since,
+                "decision_id": latch.decision_id,
+            },
+            "positions": sum(1 for _ in self.book.guarded_positions()),
+            "working_orders": self.book.working_order_count,
+            "net_liquidation": None if nl is None else nl.value,
+            "close": None
+            if episode is None
+            else {
+                "kind": episode.kind,
+                "decision_id": episode.decision_id,
+                "children": len(episode.children),
+                "done": episode.done,
+                "overdue": episode.escalated,
+            },
+            "findings": {
+                name: {"level": f.level, "value": f.value, "message": f.message}
+                for name, f in self._findings.items()
+                if f.level != "ok"
+            },
+        }
+
+    def ready(self) -> bool:
+        """Latch restored (always, at construction) and the broker synced."""
+        return self.book.synced
+
+    def audit(self, record: Mapping[str, object]) -> None:
+        """Journal a refused command (bad token, signature, replay, malformed)."""
+        fields: dict[str, Any] = {k: v for k, v in record.items() if k != "kind"}
+        self.journal.append("command_refused", **fields)
+
+
+class _StopError(Exception):
+    """Raised inside the TaskGroup to end it when `stop` is set."""
+
+
+def _int_or(value: object, default: int) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        return default
+
+
+def _next_decision(cfg: Config) -> int:
+    """Decision ids continue across restarts, so journal records stay unambiguous."""
+    last = 0
+    path = cfg.journal_path
+    if path.exists():
+        from guardd.journal import read_journal
+
+        for rec in read_journal(path):
+            value = rec.get("decision_id")
+            if isinstance(value, int) and value > last:
+                last = value
+    return last + 1

@@ -1,0 +1,649 @@
+"""The executor: carries out the engine's decisions against the broker, in order, and verifies.
+
+- `LatchHalt` writes the latch file (atomic, fsynced) BEFORE anything else of the decision is sent:
+  a guard that dies right after sending a cancel comes back HALTED.
+- `CancelAll` sends reqGlobalCancel on the kill lane (every order of the login, every client's).
+  While disconnected it is deferred: the latch holds, and the engine repeats it on re-sync.
+- `Flatten` / `Reduce` start a close episode: a `_close_loop` that plans child orders with the pure
+  planner (`guardd.core.planner`), sends them paced on the flatten lane, re-plans on fills, rejects
+  and reconnects, verifies flat from broker-confirmed positions, and escalates (log + journal) when
+  not flat in time. It never reports flat unconfirmed.
+- `ClearLatch` (an accepted re-arm) rewrites the latch as armed and ends any close episode.
+- Dry run: every decision and every child order that would be sent is journaled; nothing is sent.
+
+Every action and its outcome is a journal record. Child orders are journaled with the position
+they were planned against BEFORE they are sent, so a restarted guard rebuilds the episode from the
+journal and never duplicates a child (`restore_children`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal, Protocol, assert_never
+from zoneinfo import ZoneInfo
+
+import structlog
+
+from guardd.broker.pacer import Lane
+from guardd.core import planner
+from guardd.core.book import Book, Order
+from guardd.core.engine import (
+    Action,
+    Alert,
+    CancelAll,
+    ClearLatch,
+    Decision,
+    Flatten,
+    LatchHalt,
+    Reduce,
+)
+from guardd.core.events import BrokerError, ClientId, OrderId
+from guardd.core.events import ConId as EventConId
+from guardd.errors import GuarddError
+from guardd.journal import Journal, read_journal
+from guardd.latch import LatchState, write_latch
+from guardd.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+_NEW_YORK = ZoneInfo("America/New_York")
+_REJECT_CODES = frozenset({201, 203, 10147, 110, 200})
+CloseKind = Literal["flatten", "reduce"]
+
+
+class BrokerPort(Protocol):
+    """What the executor needs of the broker adapter (`guardd.broker.ib.IbBroker`)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def next_order_id(self) -> OrderId: ...
+
+    async def global_cancel(self) -> None: ...
+
+    async def place_order(
+        self,
+        order_id: int,
+        *,
+        con_id: int = 0,
+        symbol: str = "",
+        sec_type: str = "STK",
+        exchange: str = "SMART",
+        currency: str = "USD",
+        action: str,
+        quantity: Decimal | float,
+        order_type: str,
+        lmt_price: float | None = None,
+        order_ref: str = "",
+        outside_rth: bool = False,
+        account: str | None = None,
+        lane: Lane,
+    ) -> None: ...
+
+
+def regular_hours(now: float) -> bool:
+    """US equity regular trading hours, 09:30-16:00 New York time, Monday to Friday.
+
+    Holidays are not known here; outside these hours stocks close with marketable limit orders
+    (outsideRth), which also work inside them, so a holiday costs nothing but order type.
+    """
+    t = datetime.fromtimestamp(now, _NEW_YORK)
+    minutes = t.hour * 60 + t.minute
+    return t.weekday() < 5 and 9 * 60 + 30 <= minutes < 16 * 60
+
+
+@dataclass(slots=True)
+class _Child:
+    """One of our close orders, as the executor tracks it through the episode."""
+
+    order_id: int
+    ref: str
+    key: planner.PositionKey
+    action: planner.Action
+    quantity: Decimal
+    planned_against: Decimal | None
+    generation: int  # the Book's connection generation when it was sent
+    status: planner.ChildStatus = planner.ChildStatus.PENDING_ACK
+    filled: Decimal = Decimal(0)
+
+    def as_input(self) -> planner.ChildOrder:
+        return planner.ChildOrder(
+            key=self.key,
+            order_ref=self.ref,
+            action=self.action,
+            quantity=self.quantity,
+            filled=min(self.filled, self.quantity),
+            status=self.status,
+            planned_against=self.planned_against,
+        )
+
+
+@dataclass(slots=True)
+class CloseEpisode:
+    """A flatten or reduce in progress, from its decision until confirmed at target."""
+
+    kind: CloseKind
+    decision_id: int
+    started: float
+    targets: dict[planner.PositionKey, Decimal] | None = None
+    children: dict[str, _Child] = field(default_factory=dict)
+    sequence: int = 1
+    escalated: bool = False
+    done: bool = False
+    rejects_seen: int = 0
+
+    @property
+    def decision_ref(self) -> planner.DecisionId:
+        return planner.DecisionId(str(self.decision_id))
+
+
+class Executor:
+    """Carries out decisions; owns the close episode task."""
+
+    def __init__(
+        self,
+        *,
+        broker: BrokerPort,
+        book: Book,
+        journal: Journal,
+        latch_path: Path,
+        close_policy: planner.ClosePolicy,
+        client_id: int,
+        account: str,
+        dry_run: bool = False,
+        flatten_timeout_s: float = 30.0,
+        messages_per_second: int = 40,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        round_s: float = 0.1,
+    ) -> None:
+        self.broker = broker
+        self.book = book
+        self.journal = journal
+        self.latch_path = latch_path
+        self.close_policy = close_policy
+        self.client_id = client_id
+        self.account = account
+        self.dry_run = dry_run
+        self.flatten_timeout_s = flatten_timeout_s
+        self.metrics = metrics
+        self.clock = clock
+        self.round_s = round_s
+        # New children per planning round: a quarter of a second's budget, at least one.
+        self.round_budget = max(1, messages_per_second // 4)
+        self.episode: CloseEpisode | None = None
+        self._episode_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.global_cancels_sent = 0
+        self.last_flat_confirmed: float | None = None
+
+    # ---- decisions -------------------------------------------------------------------------
+
+    async def carry_out(self, decision: Decision, *, trigger_ts: float | None = None) -> None:
+        """Carry out a decision's actions in order (the latch first when there is one)."""
+        for action in decision.actions:
+            await self._act(action, decision, trigger_ts)
+
+    async def _act(self, action: Action, decision: Decision, trigger_ts: float | None) -> None:
+        match action:
+            case LatchHalt(latch=latch):
+                state = LatchState(
+                    halted=True,
+                    reason=latch.reason,
+                    source=latch.source,
+                    since=latch.since,
+                    decision_id=str(latch.decision_id),
+                    mode=latch.mode,
+                    detail=f"principal={latch.principal}",
+                )
+                await asyncio.to_thread(write_latch, self.latch_path, state)
+                self._journal(
+                    "latch_written",
+                    decision_id=decision.decision_id,
+                    reason=latch.reason,
+                    source=latch.source,
+                    mode=latch.mode,
+                )
+                log.warning("kill_latched", reason=latch.reason, source=latch.source)
+            case CancelAll(reason=reason):
+                await self._cancel_all(decision, reason, trigger_ts)
+            case Flatten():
+                self._start_episode("flatten", decision, None)
+            case Reduce(target_leverage=target):
+                self._start_reduce(decision, target)
+            case Alert(level=level, message=message, rule=rule):
+                log.warning("alert", level=level, rule=rule, message=message)
+                self._journal("alert", decision_id=decision.decision_id, level=level, rule=rule)
+            case ClearLatch():
+                await asyncio.to_thread(
+                    write_latch,
+                    self.latch_path,
+                    LatchState(halted=False, reason="re-armed", source="arm", since=self.clock()),
+                )
+                self._journal("latch_cleared", decision_id=decision.decision_id)
+                await self.stop_episode("re-armed")
+            case _:
+                assert_never(action)
+
+    async def _cancel_all(self, decision: Decision, reason: str, trigger_ts: float | None) -> None:
+        if self.dry_run:
+            self._journal("global_cancel_dry_run", decision_id=decision.decision_id, reason=reason)
+            return
+        if not self.broker.connected:
+            self._journal("global_cancel_deferred", decision_id=decision.decision_id, reason=reason)
+            log.warning("global_cancel_deferred", reason=reason)
+            return
+        try:
+            await self.broker.global_cancel()
+        except GuarddError as exc:
+            self._journal(
+                "global_cancel_deferred",
+                decision_id=decision.decision_id,
+                reason=reason,
+                error=str(exc),
+            )
+            log.warning("global_cancel_deferred", reason=reason, error=str(exc))
+            return
+        sent = self.clock()
+        self.global_cancels_sent += 1
+        working = self.book.foreign_working_count
+        if self.metrics is not None:
+            self.metrics.count_cancelled(working)
+            if trigger_ts is not None:
+                self.metrics.observe_trigger_to_cancel(max(0.0, sent - trigger_ts))
+        self._journal(
+            "global_cancel_sent",
+            decision_id=decision.decision_id,
+            reason=reason,
+            working_orders=working,
+            latency_s=None if trigger_ts is None else round(sent - trigger_ts, 6),
+        )
+
+    # ---- close episodes --------------------------------------------------------------------
+
+    def _start_reduce(self, decision: Decision, target_leverage: float) -> None:
+        nl = self.book.net_liquidation
+        positions = list(self._confirmed_positions(set()))
+        keep = None
+        if nl is not None and math.isfinite(nl.value) and nl.value > 0:
+            keep = planner.keep_fraction_for_gross(positions, target_leverage * nl.value)
+        if keep is None:
+            self._journal(
+                "reduce_not_planned",
+                decision_id=decision.decision_id,
+                why="net liquidation or a position value is unknown",
+            )
+            log.warning("reduce_not_planned", target_leverage=target_leverage)
+            return
+        # Targets are frozen once per decision: re-computing them each round would keep reducing.
+        targets = planner.reduce_targets(positions, keep)
+        self._start_episode("reduce", decision, targets)
+
+    def _start_episode(
+        self,
+        kind: CloseKind,
+        decision: Decision,
+        targets: dict[planner.PositionKey, Decimal] | None,
+    ) -> None:
+        current = self.episode
+        if current is not None and not current.done:
+            if current.kind == kind == "flatten":
+                self._wake.set()  # already flattening: carry on with the same children
+                return
+            if current.kind == "reduce" and kind == "flatten":
+                # A kill during a reduce: flatten takes over, keeping the reduce children so
+                # their quantity still counts against the position.
+                current.kind = "flatten"
+                current.targets = None
+                current.escalated = False
+                self._journal("reduce_escalated_to_flatten", decision_id=decision.decision_id)
+                self._wake.set()
+                return
+        self.episode = CloseEpisode(
+            kind=kind, decision_id=decision.decision_id, started=self.clock(), targets=targets
+        )
+        self._journal("close_started", decision_id=decision.decision_id, close=kind)
+        log.warning("close_started", kind=kind, decision_id=decision.decision_id)
+        self._ensure_task()
+
+    def _ensure_task(self) -> None:
+        if self._episode_task is None or self._episode_task.done():
+            self._episode_task = asyncio.create_task(self._close_loop(), name="close_loop")
+
+    def restore_children(self, decision_id: int, records: Iterable[Mapping[str, Any]]) -> int:
+        """Rebuild a close episode's children from journal records after a restart."""
+        episode = self.episode
+        if episode is None or episode.decision_id != decision_id:
+            episode = CloseEpisode(kind="flatten", decision_id=decision_id, started=self.clock())
+            self.episode = episode
+        count = 0
+        for rec in records:
+            if rec.get("kind") != "child_order_sent" or rec.get("decision_id") != decision_id:
+                continue
+            ref = str(rec["order_ref"])
+            key = planner.PositionKey(
+                planner.AccountId(str(rec["account"])), planner.ConId(int(rec["con_id"]))
+            )
+            baseline = rec.get("planned_against")
+            episode.children[ref] = _Child(
+                order_id=int(rec["order_id"]),
+                ref=ref,
+                key=key,
+                action=planner.Action(str(rec["action"])),
+                quantity=Decimal(str(rec["quantity"])),
+                planned_against=None if baseline is None else Decimal(str(baseline)),
+                generation=-1,  # from a previous life: lost unless the broker reports it
+            )
+            episode.sequence = max(episode.sequence, _sequence_of(ref) + 1)
+            count += 1
+        return count
+
+    def notice(self) -> None:
+        """Something changed in the Book: let the close loop re-plan now."""
+        if self.episode is not None and not self.episode.done:
+            self._wake.set()
+
+    def on_broker_error(self, error: BrokerError) -> None:
+        """A reject of one of our children (201 etc. with its order id)."""
+        episode = self.episode
+        if episode is None or error.code not in _REJECT_CODES:
+            return
+        for child in episode.children.values():
+            if child.order_id == error.req_id and child.status in (
+                planner.ChildStatus.PENDING_ACK,
+                planner.ChildStatus.WORKING,
+            ):
+                child.status = planner.ChildStatus.REJECTED
+                episode.rejects_seen += 1
+                self._journal(
+                    "child_order_rejected",
+                    decision_id=episode.decision_id,
+                    order_ref=child.ref,
+                    code=error.code,
+                    message=error.message,
+                )
+                log.warning("child_order_rejected", order_ref=child.ref, code=error.code)
+                self._wake.set()
+
+    async def stop_episode(self, why: str) -> None:
+        """End the close episode (re-armed, shutting down)."""
+        if self.episode is not None and not self.episode.done:
+            self.episode.done = True
+            self._journal("close_stopped", decision_id=self.episode.decision_id, why=why)
+        task = self._episode_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._episode_task = None
+
+    async def _close_loop(self) -> None:
+        backoff = 0.0
+        while True:
+            episode = self.episode
+            if episode is None or episode.done:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(self.round_s, backoff))
+            self._wake.clear()
+            if not self.book.synced or (not self.broker.connected and not self.dry_run):
+                continue
+            rejects_before = episode.rejects_seen
+            try:
+                await self._close_round(episode)
+            except Exception as exc:  # the flatten must outlive any one bad round
+                log.exception("close_round_failed", error=str(exc))
+                self._journal("close_round_failed", decision_id=episode.decision_id, error=str(exc))
+                backoff = min(10.0, max(0.5, backoff * 2))
+                continue
+            if episode.rejects_seen > rejects_before:
+                backoff = min(10.0, max(0.5, backoff * 2))  # a rejected close: retry slower
+            else:
+                backoff = 0.0
+
+    async def _close_round(self, episode: CloseEpisode) -> None:
+        now = self.clock()
+        self._refresh_children(episode)
+        children = [c.as_input() for c in episode.children.values()]
+        keys = {c.key for c in episode.children.values()}
+        positions = list(self._confirmed_positions(keys))
+        if episode.kind == "reduce" and episode.targets is not None:
+            plan = planner.plan_reduce(
+                positions,
+                children,
+                episode.targets,
+                self.close_policy,
+                decision_id=episode.decision_ref,
+                budget=self.round_budget,
+                sequence_start=episode.sequence,
+            )
+        else:
+            plan = planner.plan_flatten(
+                positions,
+                children,
+                self.close_policy,
+                decision_id=episode.decision_ref,
+                budget=self.round_budget,
+                sequence_start=episode.sequence,
+            )
+        for note in plan.notes:
+            if note.kind in (planner.NoteKind.OVER_WORKING, planner.NoteKind.PAST_TARGET):
+                log.error("close_note", kind=str(note.kind), con_id=note.key.con_id)
+        for order in plan.orders:
+            await self._send_child(episode, order)
+        if self.dry_run:
+            episode.done = True
+            self._journal("close_dry_run_planned", decision_id=episode.decision_id)
+            return
+        live = any(
+            c.status in (planner.ChildStatus.PENDING_ACK, planner.ChildStatus.WORKING)
+            for c in episode.children.values()
+        )
+        pending = self._positions_off_target(episode, positions)
+        if self.metrics is not None:
+            overdue = now - episode.started > self.flatten_timeout_s
+            self.metrics.set_flatten(pending, overdue and pending > 0)
+        if pending == 0 and not live and not plan.orders:
+            episode.done = True
+            self.last_flat_confirmed = now
+            kind = "flat_confirmed" if episode.kind == "flatten" else "reduce_confirmed"
+            self._journal(kind, decision_id=episode.decision_id, children=len(episode.children))
+            log.warning(kind, decision_id=episode.decision_id, children=len(episode.children))
+            return
+        if not episode.escalated and now - episode.started > self.flatten_timeout_s:
+            episode.escalated = True
+            self._journal(
+                "close_overdue",
+                decision_id=episode.decision_id,
+                close=episode.kind,
+                positions_off_target=pending,
+                after_s=round(now - episode.started, 3),
+            )
+            log.error("close_overdue", kind=episode.kind, positions_off_target=pending)
+
+    def _positions_off_target(
+        self, episode: CloseEpisode, positions: Iterable[planner.ConfirmedPosition]
+    ) -> int:
+        off = 0
+        for p in positions:
+            target = Decimal(0)
+            if episode.targets is not None:
+                target = episode.targets.get(p.key, p.quantity)
+            if p.quantity != target:
+                off += 1
+        return off
+
+    async def _send_child(self, episode: CloseEpisode, order: planner.NewChildOrder) -> None:
+        position = self.book.position(EventConId(order.key.con_id), order.key.account)
+        assert position is not None  # the planner only closes positions it was given
+        episode.sequence = max(episode.sequence, _sequence_of(order.order_ref) + 1)
+        if self.dry_run:
+            self._journal(
+                "child_order_dry_run",
+                decision_id=episode.decision_id,
+                order_ref=order.order_ref,
+                symbol=order.symbol,
+                action=str(order.action),
+                quantity=str(order.quantity),
+                order_type=str(order.order_type),
+            )
+            return
+        order_id = int(self.broker.next_order_id())
+        child = _Child(
+            order_id=order_id,
+            ref=order.order_ref,
+            key=order.key,
+            action=order.action,
+            quantity=order.quantity,
+            planned_against=order.planned_against,
+            generation=self.book.generation,
+        )
+        episode.children[child.ref] = child
+        # Journaled before it is sent: a restart must know this child may exist.
+        self._journal(
+            "child_order_sent",
+            decision_id=episode.decision_id,
+            order_id=order_id,
+            order_ref=order.order_ref,
+            account=order.key.account,
+            con_id=order.key.con_id,
+            symbol=order.symbol,
+            action=str(order.action),
+            quantity=str(order.quantity),
+            order_type=str(order.order_type),
+            limit_price=order.limit_price,
+            planned_against=str(order.planned_against),
+        )
+        if self.metrics is not None:
+            self.metrics.count_flatten_child()
+        try:
+            await self.broker.place_order(
+                order_id,
+                con_id=position.con_id,
+                symbol=position.symbol,
+                sec_type=position.sec_type,
+                exchange=position.exchange or "SMART",
+                currency=position.currency,
+                action=str(order.action),
+                quantity=order.quantity,
+                order_type=str(order.order_type),
+                lmt_price=order.limit_price,
+                order_ref=order.order_ref,
+                outside_rth=order.outside_rth,
+                account=order.key.account,
+                lane=Lane.FLATTEN,
+            )
+        except GuarddError as exc:
+            # It may or may not have reached the socket: it stays pending until a re-sync
+            # shows whether the broker has it (never a duplicate in between).
+            log.warning("child_order_send_failed", order_ref=child.ref, error=str(exc))
+
+    def _refresh_children(self, episode: CloseEpisode) -> None:
+        """Bring each child's status and fill up to date from the Book (orders and executions)."""
+        own = ClientId(self.client_id)
+        by_ref: dict[str, Order] = {}
+        by_id: dict[int, Order] = {}
+        for order in self.book.orders.values():
+            if order.order_ref.startswith(planner.ORDER_REF_PREFIX):
+                by_ref[order.order_ref] = order
+            elif order.client_id == own and order.order_id:
+                by_id[int(order.order_id)] = order
+        fills: dict[str, Decimal] = {}
+        for execution in self.book.executions.values():
+            if execution.order_ref.startswith(planner.ORDER_REF_PREFIX):
+                fills[execution.order_ref] = fills.get(execution.order_ref, Decimal(0)) + Decimal(
+                    str(execution.shares)
+                )
+        for child in episode.children.values():
+            found = by_ref.get(child.ref) or by_id.get(child.order_id)
+            filled = fills.get(child.ref, Decimal(0))
+            if found is not None:
+                filled = max(filled, Decimal(str(found.filled)))
+                child.status = _child_status(found.status, child.status)
+            elif (
+                child.status == planner.ChildStatus.PENDING_ACK
+                and self.book.synced
+                and self.book.generation != child.generation
+                and filled == 0
+            ):
+                # Re-synced since it was sent and the broker does not report it: never had it.
+                child.status = planner.ChildStatus.CANCELLED
+                self._journal(
+                    "child_order_lost", decision_id=episode.decision_id, order_ref=child.ref
+                )
+            child.filled = max(child.filled, filled)
+            if child.filled >= child.quantity and child.status != planner.ChildStatus.REJECTED:
+                child.status = planner.ChildStatus.FILLED
+
+    def _confirmed_positions(
+        self, keys: set[planner.PositionKey]
+    ) -> Iterable[planner.ConfirmedPosition]:
+        """Broker-confirmed positions of the guarded account (non-zero, or with our children)."""
+        rth = regular_hours(self.clock())
+        for p in self.book.positions.values():
+            if p.account != self.account:
+                continue
+            key = planner.PositionKey(planner.AccountId(p.account), planner.ConId(p.con_id))
+            if p.quantity == 0 and key not in keys:
+                continue
+            price = self.book.quote(p.con_id).reference
+            if not math.isfinite(price) and p.value is not None and p.quantity:
+                price = abs(p.value / (p.quantity * (p.multiplier or 1.0)))
+            yield planner.ConfirmedPosition(
+                key=key,
+                symbol=p.symbol,
+                sec_type=p.sec_type,
+                exchange=p.exchange,
+                currency=p.currency,
+                quantity=Decimal(str(p.quantity)),
+                price=price if math.isfinite(price) and price > 0 else None,
+                fx_rate=self.book.exchange_rate(p.currency),
+                multiplier=p.multiplier or 1.0,
+                # The Book does not know contract tick sizes; futures close with MKT by default.
+                min_tick=Decimal("0.01"),
+                regular_hours=rth or p.sec_type != "STK",
+            )
+
+    def _journal(self, kind: str, **fields: Any) -> None:
+        fields.setdefault("account", self.account)
+        if self.dry_run:
+            fields["dry_run"] = True
+        self.journal.append(kind, **fields)
+
+
+def _child_status(status: str, previous: planner.ChildStatus) -> planner.ChildStatus:
+    if status == "Filled":
+        return planner.ChildStatus.FILLED
+    if status in ("Cancelled", "ApiCancelled"):
+        return planner.ChildStatus.CANCELLED
+    if status == "Inactive":
+        return planner.ChildStatus.REJECTED
+    if previous in (planner.ChildStatus.REJECTED, planner.ChildStatus.CANCELLED):
+        return previous
+    return planner.ChildStatus.WORKING
+
+
+def _sequence_of(order_ref: str) -> int:
+    try:
+        return int(order_ref.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def journal_children(path: Path, decision_id: int) -> list[dict[str, Any]]:
+    """The `child_order_sent` records of one decision, for `Executor.restore_children`."""
+    if not path.exists():
+        return []
+    return [
+        rec
+        for rec in read_journal(path)
+        if rec.get("kind") == "child_order_sent" and rec.get("decision_id") == decision_id
+    ]

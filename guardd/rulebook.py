@@ -1,0 +1,171 @@
+"""From the validated configuration to the pure core's rules, engine policy and close policy.
+
+The core knows nothing of the config models (it stays free of pydantic); this module is the one
+place where a config key becomes a rule's threshold, so `docs/rules.md` can point here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from guardd.config import Config, LevelLimit
+from guardd.core import rules
+from guardd.core.engine import Policy
+from guardd.core.events import ClientId
+from guardd.core.planner import ClosePolicy, OrderType, OrderTypeRule
+
+_SECONDS_PER_DAY_SESSION = 6.5 * 3600  # a "daily" volatility horizon: one trading session
+
+
+def thresholds(limit: LevelLimit) -> rules.Thresholds:
+    """A config limit's warn / reduce / kill as the core's Thresholds."""
+    return rules.Thresholds(warn=limit.warn, reduce=limit.reduce, kill=limit.kill)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    """The rules evaluated on a timer, and the per-order checks run on every new order."""
+
+    periodic: tuple[rules.Rule, ...]
+    order_checks: rules.OrderChecks | None
+    order_rate: rules.OrderRate | None
+
+
+def build_rules(cfg: Config) -> RuleSet:
+    """Every rule the configuration enables (a rule with no level set is left out)."""
+    lim = cfg.limits
+    periodic: list[rules.Rule] = []
+    if lim.leverage.enabled:
+        periodic.append(
+            rules.Leverage(thresholds(lim.leverage), max_value_age_s=lim.leverage.max_data_age_s)
+        )
+    if lim.margin_cushion.enabled:
+        periodic.append(rules.MarginCushion(thresholds(lim.margin_cushion)))
+    if lim.maint_margin_ratio.enabled:
+        periodic.append(rules.MaintMargin(thresholds(lim.maint_margin_ratio)))
+    if lim.margin_spike.enabled:
+        periodic.append(rules.MarginSpike(thresholds(lim.margin_spike)))
+    if lim.daily_loss.enabled:
+        periodic.append(
+            rules.DailyLoss(thresholds(lim.daily_loss), max_age_s=lim.daily_loss.max_data_age_s)
+        )
+    if lim.drawdown.enabled:
+        periodic.append(
+            rules.Drawdown(thresholds(lim.drawdown), max_age_s=lim.drawdown.max_data_age_s)
+        )
+    vol = lim.volatility
+    if vol.enabled:
+        periodic.append(
+            rules.Volatility(
+                thresholds(vol),
+                target_leverage=vol.target_leverage or 1.0,
+                window_s=vol.window_s,
+                max_age_s=vol.max_data_age_s,
+                annualisation_s=(
+                    rules.SECONDS_PER_TRADING_YEAR
+                    if vol.horizon == "annualised"
+                    else _SECONDS_PER_DAY_SESSION
+                ),
+            )
+        )
+    pos = lim.positions
+    if pos.max_quantity or pos.max_notional or pos.max_count is not None or pos.allowed_sec_types:
+        periodic.append(
+            rules.PositionLimits(
+                max_quantity=dict(pos.max_quantity),
+                max_notional=dict(pos.max_notional),
+                max_positions=pos.max_count,
+                allowed_sec_types=(
+                    frozenset(pos.allowed_sec_types) if pos.allowed_sec_types else None
+                ),
+                level=pos.action,
+            )
+        )
+    beats = lim.heartbeats.bots
+    for level in ("warn", "reduce", "kill"):
+        timeouts = {name: bot.timeout_s for name, bot in beats.items() if bot.action == level}
+        if timeouts:
+            periodic.append(rules.Heartbeats(timeouts, level=level))
+    conn = lim.connectivity
+    if conn.disconnected_warn_after_s is not None:
+        periodic.append(rules.Connectivity(conn.disconnected_warn_after_s, level="warn"))
+    if conn.disconnected_kill_after_s is not None:
+        periodic.append(
+            rules.Connectivity(
+                conn.disconnected_kill_after_s, level="kill", name="connectivity_kill"
+            )
+        )
+    periodic.append(rules.Staleness(conn.max_event_age_s, level="warn"))
+
+    rate = lim.order_rate
+    order_rate = None
+    if any(
+        r.enabled for r in (rate.per_client_1s, rate.per_client_60s, rate.total_1s, rate.total_60s)
+    ):
+        order_rate = rules.OrderRate(
+            per_client_1s=thresholds(rate.per_client_1s),
+            per_client_60s=thresholds(rate.per_client_60s),
+            total_1s=thresholds(rate.total_1s),
+            total_60s=thresholds(rate.total_60s),
+            exempt_clients=frozenset({ClientId(cfg.ib.client_id)}),
+        )
+    po = lim.per_order
+    order_checks = None
+    if (
+        po.max_quantity is not None
+        or po.max_notional is not None
+        or po.price_collar is not None
+        or po.forbidden_order_types
+        or po.forbidden_sec_types
+    ):
+        order_checks = rules.OrderChecks(
+            max_quantity=po.max_quantity,
+            max_notional=po.max_notional,
+            collar=po.price_collar,
+            forbidden_order_types=frozenset(po.forbidden_order_types),
+            forbidden_sec_types=frozenset(po.forbidden_sec_types),
+            level=po.action,
+        )
+    return RuleSet(tuple(periodic), order_checks, order_rate)
+
+
+def build_policy(cfg: Config) -> Policy:
+    """The engine's policy: kill mode, debounce per rule, sweep interval, default target."""
+    lim = cfg.limits
+    debounce = {
+        "leverage": lim.leverage.debounce,
+        "margin_cushion": lim.margin_cushion.debounce,
+        "maint_margin": lim.maint_margin_ratio.debounce,
+        "margin_spike": lim.margin_spike.debounce,
+        "daily_loss": lim.daily_loss.debounce,
+        "drawdown": lim.drawdown.debounce,
+        "volatility": lim.volatility.debounce,
+        "positions": lim.positions.debounce,
+    }
+    return Policy(
+        kill_mode=cfg.kill.mode,
+        debounce={rule: n for rule, n in debounce.items() if n > 1},
+        resweep_s=cfg.kill.cancel_verify_timeout_s,
+        default_target_leverage=lim.volatility.target_leverage or 1.0,
+    )
+
+
+def build_close_policy(cfg: Config) -> ClosePolicy:
+    """How flatten and reduce orders are made, per asset class."""
+    order_types: dict[str, OrderTypeRule] = {
+        str(sec_type): OrderTypeRule(
+            OrderType(policy.regular_hours),
+            collar=policy.collar,
+            limit_outside_rth=policy.outside_hours == "LMT",
+        )
+        for sec_type, policy in cfg.flatten.order_policy.items()
+    }
+    max_child = cfg.flatten.max_child_qty
+    return ClosePolicy(
+        order_types=order_types,
+        max_child_quantity=Decimal(str(max_child)) if max_child is not None else Decimal(10_000),
+        # Never give up on a position: a rejected close (market closed) is retried, with a
+        # back-off in the executor, and escalated when not flat in time.
+        max_rejects=None,
+    )
