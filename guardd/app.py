@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from guardd import __version__
 from guardd.broker.ib import IbBroker
 from guardd.config import Config
-from guardd.control.auth import KeyStore, TokenStore, read_secret_file
+from guardd.control.auth import KeyStore, TokenStore, TwoPersonRule, read_secret_file
 from guardd.control.commands import CommandOutcome, ControlCommand
 from guardd.control.http import ControlHttpServer, server_ssl_context
 from guardd.control.mqtt import MqttControl
@@ -226,7 +226,9 @@ class Guard:
             self.mqtt = MqttControl(
                 self,
                 account=self.cfg.account,
-                keys=KeyStore.from_files(dict(mqtt_cfg.operator_key_files)),
+                keys=KeyStore.from_files(
+                    dict(mqtt_cfg.operator_key_files), roles=dict(mqtt_cfg.operator_key_roles)
+                ),
                 host=mqtt_cfg.host,
                 port=mqtt_cfg.port,
                 username=mqtt_cfg.username,
@@ -379,17 +381,36 @@ class Guard:
         else:
             item = Arm(principal=command.principal, reason=command.reason, force=command.force)
         async with self._lock:
+            rule = self._two_person_rule()
+            if rule is not None and isinstance(item, Kill):
+                rule.clear()
+            elif rule is not None and self.engine.state == State.HALTED:
+                verdict = rule.offer(command.principal, now=now)
+                if not verdict.confirmed:
+                    self._rearm_first_force = command.force
+                    self.journal.append(
+                        "command",
+                        **_command_fields(command),
+                        accepted=False,
+                        pending=True,
+                        decision_id=None,
+                        message=verdict.message,
+                    )
+                    return CommandOutcome(
+                        accepted=False,
+                        state=str(self.engine.state),
+                        message=verdict.message,
+                        pending=True,
+                    )
+                forced = command.force and self._rearm_first_force
+                reason = f"{command.reason} (two-person: {verdict.first} and {command.principal})"
+                item = Arm(principal=command.principal, reason=reason, force=forced)
             decision = self.engine.step(item, now)
             self.journal.append(
                 "command",
-                action=command.action,
-                principal=command.principal,
-                channel=command.channel,
-                reason=command.reason,
-                mode=command.mode,
-                force=command.force,
-                request_id=command.request_id,
+                **_command_fields(command),
                 accepted=not decision.refused,
+                pending=False,
                 decision_id=decision.decision_id,
             )
             if command.action == "kill" and not decision.refused:
@@ -402,6 +423,14 @@ class Guard:
             message=message,
             decision_id=str(decision.decision_id),
         )
+
+    def _two_person_rule(self) -> TwoPersonRule | None:
+        control = self.cfg.control
+        if not control.two_person_rearm:
+            return None
+        if self._two_person is None:
+            self._two_person = TwoPersonRule(window_s=control.rearm_window_s)
+        return self._two_person
 
     def status(self) -> Mapping[str, object]:
         """What `GET /v1/status` and the retained MQTT state say."""
@@ -456,6 +485,19 @@ class Guard:
 
 class _StopError(Exception):
     """Raised inside the TaskGroup to end it when `stop` is set."""
+
+
+def _command_fields(command: ControlCommand) -> dict[str, object]:
+    """A command as the journal records it (who, channel, what, why)."""
+    return {
+        "action": command.action,
+        "principal": command.principal,
+        "channel": command.channel,
+        "reason": command.reason,
+        "mode": command.mode,
+        "force": command.force,
+        "request_id": command.request_id,
+    }
 
 
 def _int_or(value: object, default: int) -> int:

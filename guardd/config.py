@@ -58,6 +58,7 @@ __all__ = [
     "MarginSpikeLimit",
     "MetricsConfig",
     "MqttControlConfig",
+    "OperatorRole",
     "OrderPolicy",
     "OrderRateLimits",
     "PerOrderLimits",
@@ -89,6 +90,7 @@ SecType = Literal[
     "BAG",
 ]
 OrderKind = Literal["MKT", "LMT"]
+OperatorRole = Literal["kill", "arm"]
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
@@ -514,6 +516,10 @@ class MqttControlConfig(_Model):
     tls: bool = False
     tls_ca_file: FilePath | None = None
     operator_key_files: dict[Name, FilePath] = Field(default_factory=dict)
+    # key id -> roles; a key not listed may kill only (a re-arm needs a key granted "arm").
+    operator_key_roles: dict[
+        Name, Annotated[tuple[OperatorRole, ...], Field(strict=False, min_length=1)]
+    ] = Field(default_factory=dict)
     window_s: Seconds = 30.0
 
     @model_validator(mode="after")
@@ -522,12 +528,28 @@ class MqttControlConfig(_Model):
             raise _broken("username", "is required when @password_file is set")
         return self
 
+    @model_validator(mode="after")
+    def _roles_for_known_keys(self) -> Self:
+        for key_id in self.operator_key_roles:
+            if key_id not in self.operator_key_files:
+                raise _broken(
+                    f"operator_key_roles.{key_id}",
+                    f"names key id {key_id!r}, which has no entry in @operator_key_files",
+                )
+        return self
+
 
 class ControlConfig(_Model):
-    """Where kill / arm / status commands come in."""
+    """Where kill / arm / status commands come in, and who must agree to a re-arm.
+
+    With ``two_person_rearm`` a re-arm needs arms from two different principals (HTTP token
+    names and MQTT key ids, counted together) within ``rearm_window_s`` seconds.
+    """
 
     http: HttpControlConfig = Field(default_factory=HttpControlConfig)
     mqtt: MqttControlConfig = Field(default_factory=MqttControlConfig)
+    two_person_rearm: bool = False
+    rearm_window_s: Seconds = 300.0
 
 
 class MetricsConfig(_Model):
