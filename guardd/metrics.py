@@ -10,7 +10,7 @@ Exported (prefix ``guardd_``; counters end in ``_total``)::
     guardd_rule_value{rule,subject}                   each rule's measured figure (NaN: no data)
     guardd_rule_limit{rule,level}                     warn / reduce / kill limits
     guardd_rule_kill_usage{rule,subject}              how close to the kill limit (1 = at it)
-    guardd_breaches_total{rule,level}                 rule breaches
+    guardd_breaches_total{rule,level}                 rule breaches (counted when first reached)
     guardd_kills_total{source}                        kills by source (rule, http, mqtt, cli, ...)
     guardd_orders_cancelled_total                     orders seen cancelled by the guard
     guardd_flatten_child_orders_total                 child orders sent to close positions
@@ -260,6 +260,7 @@ class Metrics:
         build_info = Gauge(
             "guardd_build_info", "guardd's version; always 1.", (*a, "version"), registry=r
         )
+        self._levels: dict[str, str] = {}
         self._last_event = _LastEventAge(account, clock, since=clock())
         registry.register(self._last_event)
 
@@ -321,6 +322,20 @@ class Metrics:
     def count_breach(self, rule: str, level: str) -> None:
         """Count one breach of `rule` at `level` (warn, reduce, kill)."""
         self._breaches.labels(self.account, rule, level).inc()
+
+    def observe_level(self, rule: str, level: str) -> bool:
+        """Note `rule`'s current level; count a breach when it enters warn, reduce or kill.
+
+        Rules are evaluated several times a second: a breach that holds is counted once, when
+        its level is first reached (or changes, e.g. warn to kill), not on every evaluation.
+        Any other level ("ok", "data") ends the breach. True when a breach was counted.
+        """
+        previous = self._levels.get(rule)
+        self._levels[rule] = level
+        if level in LIMIT_LEVELS and level != previous:
+            self.count_breach(rule, level)
+            return True
+        return False
 
     def count_kill(self, source: str) -> None:
         """Count one kill from `source` (rule, http, mqtt, cli, restored)."""
