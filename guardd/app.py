@@ -333,16 +333,19 @@ class Guard:
                 reasons=list(decision.reasons),
             )
             self.metrics.set_state(decision.state)
-            if decision.state == State.HALTED:
-                for finding in self._findings.values():
-                    if finding.level == "kill":
-                        self.metrics.count_breach(finding.rule, "kill")
+            latch = self.engine.latch
+            by_rule = latch is not None and latch.source.startswith("rule")
+            if decision.state == State.HALTED and by_rule:
+                self.metrics.count_kill("rule")  # commands are counted in `handle`
+        for finding in self._findings.values():
+            self.metrics.observe_level(finding.rule, finding.level)
         await self.executor.carry_out(decision, trigger_ts=trigger_ts)
         if self.mqtt is not None and changed:
             self.mqtt.publish_state(self.status())
 
     def _publish_metrics(self) -> None:
         for finding in self._findings.values():
+            self.metrics.observe_level(finding.rule, finding.level)  # counts a breach once
             if finding.value is not None and math.isfinite(finding.value):
                 limits = self._rule_limits.get(finding.rule, Thresholds())
                 self.metrics.observe_rule(
@@ -362,6 +365,15 @@ class Guard:
         self.metrics.set_exposure(
             exposure.gross, net_liq, leverage, cushion.value if cushion is not None else None
         )
+        now = self.clock()
+        for client in self.book.order_clients:
+            for span, window in ((1.0, "1s"), (60.0, "60s")):
+                rate = self.book.new_orders(client, span, now) / span
+                self.metrics.set_order_rate(client, window, rate)
+        if self.book.order_clients:
+            for span, window in ((1.0, "1s"), (60.0, "60s")):
+                rate = self.book.new_orders(None, span, now) / span
+                self.metrics.set_order_rate("total", window, rate)
         if self.mqtt is not None:
             self.metrics.set_mqtt_connected(self.mqtt.connected)
 
