@@ -392,3 +392,29 @@ def test_breach_held_over_many_evaluations_then_counted_once_per_level() -> None
 
     assert counted == [False, True, False, False, True, False, False, False, True]
     assert (breaches("warn"), breaches("kill")) == (2.0, 1.0)
+
+
+# ------------------------------------------------------------------------ first start (docs)
+
+
+async def test_first_start_without_latch_then_halted_until_an_operator_arms(
+    sim: SimGateway, tmp_path: Path
+) -> None:
+    # docs/deployment.md: a service started without --fresh-start comes up HALTED (no latch
+    # file yet); the operator checks it and re-arms.
+    (tmp_path / "state").mkdir()
+    cfg = guard_config(sim.port, tmp_path / "state")
+    guard = Guard(cfg)  # no fresh_start, as the systemd unit runs it
+
+    async with running(guard):
+        await asyncio.wait_for(guard.ready_event.wait(), 10)
+        halted = guard.status()["state"]
+        reason = guard.engine.latch.reason if guard.engine.latch is not None else None
+        outcome = await guard.handle(
+            ControlCommand(action="arm", principal="test", channel="cli", reason="first start")
+        )
+        latch = json.loads(cfg.latch_path.read_text())
+
+    assert (halted, reason) == ("HALTED", "latch_missing")
+    assert outcome.accepted and outcome.state == "ARMED"
+    assert latch["halted"] is False
