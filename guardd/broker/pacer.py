@@ -8,8 +8,8 @@ priority lanes: `Lane.KILL` (global cancel, kill-path cancels) always goes befor
 Two layers:
 - `MessageBudget` and `LaneQueue` are pure: no clock reads, no asyncio. `MessageBudget` is a token
   bucket (rate `budget / window`, capacity `burst`) for smooth spacing, capped by a sliding log so
-  that no half-open window of `window` seconds ever holds more than `budget` sends — the same
-  way IB (and the simulated gateway) count.
+  that no half-open window of `window` seconds ever holds more than `budget` sends — the way
+  IB (and the simulated gateway) count.
 - `PacedSender` owns one queue and one task (`_send_loop`) that drains the lanes in priority
   order. It sleeps until the next token is due and picks the lane only when it may send, so a
   kill message enqueued while the task waits goes out on the very next token.
@@ -54,7 +54,9 @@ class MessageBudget:
 
     At most `budget` sends fall in any half-open interval `[t, t + window)`, whatever the
     pattern of requests. Between bursts of at most `burst` messages, sends are spaced
-    `window / budget` apart.
+    `window / budget` apart. The bucket is kept in its time form (GCRA: a theoretical arrival
+    time), and every check compares absolute times, so `due(now)` is exactly the first time at
+    which `try_take` succeeds — no rounding can leave a caller waiting for an epsilon forever.
     """
 
     def __init__(self, budget: int, *, window: float = 1.0, burst: int = 1, now: float) -> None:
@@ -67,33 +69,30 @@ class MessageBudget:
         self.budget = budget
         self.window = window
         self.burst = burst
-        self._rate = budget / window
-        self._tokens = float(burst)
-        self._updated = now
+        self._interval = window / budget  # one token per interval
+        self._tolerance = (burst - 1) * self._interval  # how far ahead a burst may run
+        self._arrival = now  # theoretical arrival time of the next message at the full rate
         self._sent: deque[float] = deque()  # send times inside the last window
 
-    def _refill(self, now: float) -> None:
-        if now > self._updated:
-            self._tokens = min(float(self.burst), self._tokens + (now - self._updated) * self._rate)
-            self._updated = now
-        while self._sent and now - self._sent[0] >= self.window:
+    def due(self, now: float) -> float:
+        """The earliest time, not before `now`, at which one message may be sent."""
+        while self._sent and now >= self._sent[0] + self.window:
             self._sent.popleft()
+        due = max(now, self._arrival - self._tolerance)
+        if len(self._sent) >= self.budget:
+            # The send that must leave the window before one more fits in it.
+            due = max(due, self._sent[-self.budget] + self.window)
+        return due
 
     def delay(self, now: float) -> float:
         """Seconds from `now` until one message may be sent (0.0: now)."""
-        self._refill(now)
-        bucket_wait = 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self._rate
-        window_wait = 0.0
-        if len(self._sent) >= self.budget:
-            # The oldest send that must leave the window before one more fits in it.
-            window_wait = self._sent[-self.budget] + self.window - now
-        return max(bucket_wait, window_wait, 0.0)
+        return self.due(now) - now
 
     def try_take(self, now: float) -> bool:
         """Spend one message at `now` if the budget allows it; True when it was spent."""
-        if self.delay(now) > 0.0:
+        if self.due(now) > now:
             return False
-        self._tokens -= 1.0
+        self._arrival = max(self._arrival, now) + self._interval
         self._sent.append(now)
         return True
 
@@ -219,9 +218,10 @@ class PacedSender:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            wait = self._budget.delay(self._clock())
-            if wait > 0.0:
-                await asyncio.sleep(wait)
+            now = self._clock()
+            due = self._budget.due(now)
+            if due > now:
+                await asyncio.sleep(due - now)
                 continue
             if not self._budget.try_take(self._clock()):
                 continue

@@ -1,0 +1,196 @@
+"""The message budget, the lane queue and the paced sender."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guardd.broker.pacer import Lane, LaneQueue, MessageBudget, PacedSender
+from guardd.errors import BrokerDisconnectedError
+
+
+def most_in_any_window(times: list[float], window: float) -> int:
+    """The largest number of `times` inside any half-open interval [t, t + window)."""
+    ordered = sorted(times)
+    # A densest window can always start at a send time.
+    return max(
+        (bisect.bisect_left(ordered, t + window) - i for i, t in enumerate(ordered)), default=0
+    )
+
+
+def drive(budget: MessageBudget, attempts: list[float]) -> list[float]:
+    """Ask the budget at each attempt time (sorted); return the times it granted."""
+    granted = []
+    for now in sorted(attempts):
+        if budget.try_take(now):
+            granted.append(now)
+    return granted
+
+
+def test_fresh_budget_then_burst_then_spaced_by_rate() -> None:
+    budget = MessageBudget(40, burst=2, now=0.0)
+
+    assert budget.try_take(0.0) and budget.try_take(0.0)
+    assert not budget.try_take(0.0)
+    assert budget.delay(0.0) == pytest.approx(1 / 40)
+    assert budget.try_take(1 / 40)
+
+
+def test_window_full_then_delay_until_oldest_leaves() -> None:
+    budget = MessageBudget(3, window=1.0, burst=3, now=0.0)
+    for t in (0.0, 0.1, 0.2):
+        assert budget.try_take(t)
+
+    # The bucket has refilled by 0.5 s, but three sends already fall in [0.0, 1.0).
+    assert budget.delay(0.5) == pytest.approx(0.5)
+    assert not budget.try_take(0.99)
+    assert budget.try_take(1.0)
+
+
+@pytest.mark.parametrize(("budget", "burst", "window"), [(0, 1, 1.0), (5, 6, 1.0), (5, 1, 0.0)])
+def test_bad_budget_then_value_error(budget: int, burst: int, window: float) -> None:
+    with pytest.raises(ValueError):
+        MessageBudget(budget, window=window, burst=burst, now=0.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    budget=st.integers(1, 50),
+    burst_fraction=st.floats(0.0, 1.0),
+    attempts=st.lists(st.floats(0.0, 5.0, allow_nan=False), max_size=400),
+    regular=st.booleans(),
+)
+def test_any_request_pattern_then_never_more_than_budget_per_window(
+    budget: int, burst_fraction: float, attempts: list[float], regular: bool
+) -> None:
+    burst = max(1, round(budget * burst_fraction))
+    if regular:  # evenly spaced requests hit the window boundaries exactly
+        attempts = [i / (2 * budget) for i in range(6 * budget)]
+    pacer = MessageBudget(budget, window=1.0, burst=burst, now=0.0)
+
+    granted = drive(pacer, attempts)
+
+    assert most_in_any_window(granted, 1.0) <= budget
+
+
+@settings(max_examples=100, deadline=None)
+@given(budget=st.integers(1, 50), burst=st.integers(1, 50))
+def test_asking_whenever_due_then_full_rate_and_still_within_budget(
+    budget: int, burst: int
+) -> None:
+    burst = min(burst, budget)
+    pacer = MessageBudget(budget, window=1.0, burst=burst, now=0.0)
+    now, granted = 0.0, []
+    while now < 5.0:
+        now = pacer.due(now)
+        assert pacer.try_take(now)  # due is exact: no epsilon left to wait for
+        granted.append(now)
+
+    assert most_in_any_window(granted, 1.0) <= budget
+    assert len(granted) >= 5 * budget - 1  # the budget is actually used, not wasted
+
+
+@given(
+    before=st.lists(st.sampled_from([Lane.NORMAL, Lane.FLATTEN]), max_size=60),
+    popped=st.integers(0, 60),
+)
+def test_kill_behind_other_messages_then_popped_next(before: list[Lane], popped: int) -> None:
+    queue: LaneQueue[str] = LaneQueue()
+    for i, lane in enumerate(before):
+        queue.push(lane, f"{lane.name}-{i}")
+    for _ in range(min(popped, len(before))):
+        queue.pop()
+
+    queue.push(Lane.KILL, "kill")
+
+    assert queue.pop() == "kill"
+
+
+def test_lanes_then_priority_order_and_fifo_within_a_lane() -> None:
+    queue: LaneQueue[str] = LaneQueue()
+    for item, lane in [
+        ("n1", Lane.NORMAL),
+        ("f1", Lane.FLATTEN),
+        ("n2", Lane.NORMAL),
+        ("k1", Lane.KILL),
+        ("f2", Lane.FLATTEN),
+        ("k2", Lane.KILL),
+    ]:
+        queue.push(lane, item)
+
+    assert [queue.pop() for _ in range(len(queue))] == ["k1", "k2", "f1", "f2", "n1", "n2"]
+    with pytest.raises(IndexError):
+        queue.pop()
+
+
+async def test_sender_then_paced_at_budget_in_priority_order() -> None:
+    sent: list[tuple[str, float]] = []
+    async with PacedSender(100, clock=time.monotonic) as sender:
+
+        def message(label: str) -> asyncio.Future[None]:
+            return sender.submit(
+                Lane.NORMAL if label.startswith("n") else Lane.KILL,
+                label,
+                lambda: sent.append((label, time.monotonic())),
+            )
+
+        normals = [message(f"n{i}") for i in range(30)]
+        await asyncio.sleep(0.055)  # a few have gone out
+        kill = message("kill")
+        await kill
+        await asyncio.gather(*normals)
+
+    labels = [label for label, _ in sent]
+    assert len(labels) == 31
+    at = labels.index("kill")
+    assert 0 < at <= 8  # sent on the next token, ahead of the ~25 normal messages still queued
+    assert labels[:at] == [f"n{i}" for i in range(at)]
+    times = [t for _, t in sent]
+    assert most_in_any_window(times, 1.0) <= 100
+    # Spaced by the token rate (1/100 s), with a little slack for timer granularity.
+    assert times[-1] - times[0] >= 30 * 0.01 * 0.9
+
+
+async def test_sender_idle_then_message_sent_at_once() -> None:
+    sent: list[float] = []
+    async with PacedSender(40) as sender:
+        await asyncio.sleep(0.05)  # the task is waiting for work
+        started = time.monotonic()
+        await sender.submit(Lane.KILL, "reqGlobalCancel", lambda: sent.append(time.monotonic()))
+
+    assert len(sent) == 1 and sent[0] - started < 0.02
+    assert sender.sent_by_lane[Lane.KILL] == 1
+
+
+async def test_send_raises_then_future_fails_and_sender_goes_on() -> None:
+    def broken() -> None:
+        raise BrokerDisconnectedError("socket gone")
+
+    sent: list[str] = []
+    async with PacedSender(200) as sender:
+        failing = sender.submit(Lane.NORMAL, "broken", broken)
+        fine = sender.submit(Lane.NORMAL, "fine", lambda: sent.append("fine"))
+        with pytest.raises(BrokerDisconnectedError):
+            await failing
+        await fine
+
+    assert sent == ["fine"]
+
+
+async def test_stop_with_queued_messages_then_they_fail_disconnected() -> None:
+    sender = PacedSender(1)
+    sender.start()
+    first = sender.submit(Lane.NORMAL, "first", lambda: None)
+    second = sender.submit(Lane.NORMAL, "second", lambda: None)
+    await first  # the one token of this second
+
+    await sender.stop()
+
+    with pytest.raises(BrokerDisconnectedError):
+        await second
+    assert sender.depth(Lane.NORMAL) == 0
