@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import socket
 import threading
 import time
@@ -12,11 +13,14 @@ from typing import Any
 
 import pytest
 
-from guardd.broker.ib import IbBroker
+from guardd.broker.ib import ClientIdInUseError, IbBroker, reconnect_delay
 from guardd.broker.pacer import Lane
 from guardd.core import events as ev
 from guardd.errors import BrokerConnectError, BrokerDisconnectedError, BrokerError
 from guardd.sim.gateway import SimGateway
+from guardd.sim.scenario import parse_scenario
+from guardd.sim.server import build_gateway
+from tests.conftest import SCENARIO
 from tests.ibapi_harness import IbapiClient, limit_order, stock
 
 pytestmark = pytest.mark.integration
@@ -392,3 +396,42 @@ async def test_stop_then_threads_joined_and_events_end(sim: SimGateway) -> None:
     assert recorder.events[-1].reason == "stopped"
     assert ibapi_threads() == set()
     assert sim.pacing_violations == 0
+
+
+async def test_gateway_pacing_tighter_than_budget_then_error_100_counted() -> None:
+    strict = copy.deepcopy(SCENARIO)
+    strict["gateway"] |= {"pacing_limit": 3, "pacing_disconnect": False}
+    async with (
+        build_gateway(parse_scenario(strict), host="127.0.0.1", port=0) as gateway,
+        IbBroker("127.0.0.1", gateway.port, GUARD_ID, ACCOUNT, 5.0, 40) as broker,
+    ):
+        recorder = Recorder(broker)
+        # reqPositions, reqAllOpenOrders, reqAccountUpdates, reqPnL, reqExecutions in 0.1 s.
+        errors = await recorder.wait_for(ev.BrokerError, lambda e: e.code == 100)
+        await asyncio.sleep(0.3)  # let the rest of the burst be answered
+        assert errors and broker.pacing_violations >= 1
+        assert broker.pacing_violations == gateway.pacing_violations
+        assert broker.connected  # this gateway only warns
+    await recorder.close()
+
+
+@pytest.mark.parametrize(
+    ("attempt", "error", "jitter", "expected"),
+    [
+        (1, BrokerConnectError("refused"), 0.0, 0.5),
+        (2, BrokerConnectError("refused"), 0.0, 1.0),
+        (4, BrokerConnectError("refused"), 0.5, 4.25),
+        (20, BrokerConnectError("refused"), 0.0, 30.0),  # capped
+        (20, BrokerConnectError("refused"), 0.99, 30.495),  # capped, then jittered
+        (1, ClientIdInUseError("326"), 0.0, 15.0),  # slower after 326
+        (10, ClientIdInUseError("326"), 0.0, 30.0),  # the capped exponential wins when slower
+    ],
+)
+def test_reconnect_attempt_then_backoff_grows_capped_and_slower_after_326(
+    attempt: int, error: BaseException, jitter: float, expected: float
+) -> None:
+    delay = reconnect_delay(
+        attempt, error, initial_s=0.5, max_s=30.0, client_id_in_use_s=15.0, jitter=jitter
+    )
+
+    assert delay == pytest.approx(expected)

@@ -43,7 +43,7 @@ from guardd.broker.pacer import DEFAULT_MESSAGES_PER_SECOND, Lane, PacedSender
 from guardd.core import events as ev
 from guardd.errors import BrokerConnectError, BrokerDisconnectedError
 
-__all__ = ["ClientIdInUseError", "IbBroker"]
+__all__ = ["ClientIdInUseError", "IbBroker", "reconnect_delay"]
 
 log = structlog.get_logger(__name__)
 
@@ -363,6 +363,28 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
         pass
 
 
+def reconnect_delay(
+    attempt: int,
+    error: BaseException | None,
+    *,
+    initial_s: float,
+    max_s: float,
+    client_id_in_use_s: float,
+    jitter: float,
+) -> float:
+    """Seconds before reconnect attempt `attempt + 1`: exponential, capped, jittered.
+
+    `initial_s * 2**(attempt - 1)` capped at `max_s`, plus `jitter * initial_s` (jitter in [0, 1)
+    spreads guards that lost the same gateway). After error 326 (our client id still held by a
+    session the gateway has not noticed is dead) wait at least `client_id_in_use_s`.
+    """
+    wait = min(max_s, initial_s * 2.0 ** min(max(attempt - 1, 0), 30))
+    wait += jitter * initial_s
+    if isinstance(error, ClientIdInUseError):
+        wait = max(wait, client_id_in_use_s)
+    return wait
+
+
 def _order_contract(
     *,
     con_id: int,
@@ -616,14 +638,15 @@ class IbBroker:
             self._sender.fail_pending(reason)
 
     def _backoff(self, state: RetryCallState) -> float:
-        """Exponential from `reconnect_initial_s`, capped, jittered; slower after error 326."""
-        exponent = min(state.attempt_number - 1, 30)
-        wait = min(self.reconnect_max_s, self.reconnect_initial_s * 2.0**exponent)
-        wait += random.uniform(0.0, self.reconnect_initial_s)  # spread many guards apart
         outcome = state.outcome
-        if outcome is not None and isinstance(outcome.exception(), ClientIdInUseError):
-            wait = max(wait, self.client_id_in_use_wait_s)
-        return wait
+        return reconnect_delay(
+            state.attempt_number,
+            outcome.exception() if outcome is not None else None,
+            initial_s=self.reconnect_initial_s,
+            max_s=self.reconnect_max_s,
+            client_id_in_use_s=self.client_id_in_use_wait_s,
+            jitter=random.random(),
+        )
 
     async def _reconnect_loop(self) -> None:
         """Wait for a lost session and connect again, backing off, for as long as we run."""
