@@ -875,6 +875,7 @@ class SimGateway:
         *,
         tick_s: float = 0.001,
         max_buffer_bytes: int = 256 * 1024,
+        stop: asyncio.Event | None = None,
     ) -> FloodStats:
         """Send streaming updates to subscribed clients at `events_per_s` for `seconds`.
 
@@ -884,7 +885,8 @@ class SimGateway:
         sent in small batches every `tick_s`, so the gateway keeps answering requests in between.
         An event whose client already has `max_buffer_bytes` unsent is skipped (counted in
         `FloodStats.skipped`): the flood measures what a client absorbs, and never grows memory
-        without bound. Bounded in time by `seconds` and in count by `events_per_s * seconds`.
+        without bound. Bounded in time by `seconds` and in count by `events_per_s * seconds`;
+        setting `stop` ends it early (with its stats, unlike cancelling the task).
         """
         if events_per_s <= 0 or seconds <= 0:
             raise ValueError("events_per_s and seconds must be positive")
@@ -900,7 +902,7 @@ class SimGateway:
         attempted = 0
         while attempted < limit:
             now = loop.time()
-            if now >= end:
+            if now >= end or (stop is not None and stop.is_set()):
                 break
             if now - refreshed >= 0.1:
                 streams = self._flood_frames()
