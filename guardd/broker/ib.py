@@ -485,6 +485,7 @@ class IbBroker:
             await self._connect_once()
         except BaseException:
             await self._sender.stop()
+            await self._join_threads()  # a refused attempt leaves no ibapi thread behind
             raise
         self._reconnect_task = asyncio.create_task(self._reconnect_loop(), name="ib_reconnect_loop")
 
