@@ -1,0 +1,401 @@
+"""The control plane against the REAL guard: signed MQTT kills and HTTP kills halt a `Guard`
+connected over TCP to the simulated IB Gateway, refused commands change nothing at the gateway,
+per-operator key roles, and the two-person re-arm rule across HTTP and MQTT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiomqtt
+import pytest
+
+from guardd.app import Guard
+from guardd.config import load_config, parse_config
+from guardd.control.auth import signed_payload
+from guardd.demo import DEMO_CONFIG, demo_config
+from guardd.errors import ConfigError
+from guardd.journal import read_journal
+from guardd.sim.bot import RunawayBot
+from guardd.sim.gateway import SimGateway
+from tests.mqtt_broker import Broker, mqtt_broker
+from tests.test_guardctl import doc_example, guardctl, require_tools, run_shell
+
+__all__ = ["mqtt_broker"]  # fixture used by name
+
+ACCOUNT = "DU000001"
+BOT_CLIENT_ID = 7
+# alice's key is not granted roles: kill only. bob's may kill and re-arm.
+KEYS = {"alice": "alice-secret-key-0123456789", "bob": "bob-secret-key-0123456789ab"}
+KEY_ROLES = {"bob": ["kill", "arm"]}
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not in {timeout:g} s: {what}"
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Running:
+    """A running guard with HTTP and MQTT control, and what a test needs to drive it."""
+
+    guard: Guard
+    sim: SimGateway
+    broker: Broker
+    url: str
+    tokens: dict[str, str]  # role -> bearer token
+    token_files: dict[str, Path]
+
+    @property
+    def state(self) -> str:
+        return str(self.guard.engine.state)
+
+    def journal(self, kind: str) -> list[dict[str, Any]]:
+        return [r for r in read_journal(self.guard.cfg.journal_path) if r["kind"] == kind]
+
+    async def publish(self, action: str, payload: dict[str, object] | bytes) -> None:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        async with aiomqtt.Client(self.broker.host, self.broker.port) as client:
+            await client.publish(f"guardd/{ACCOUNT}/cmd/{action}", body, qos=1)
+
+    async def retained_state(self) -> dict[str, Any]:
+        """What a subscriber joining now is told first: the retained state."""
+        async with aiomqtt.Client(self.broker.host, self.broker.port) as client:
+            await client.subscribe(f"guardd/{ACCOUNT}/state", qos=1)
+            async with asyncio.timeout(5):
+                async for message in client.messages:
+                    assert message.retain and isinstance(message.payload, bytes)
+                    state: dict[str, Any] = json.loads(message.payload)
+                    return state
+        raise AssertionError("no retained state")
+
+    async def post(self, action: str, body: dict[str, object], role: str | None) -> Any:
+        headers = {} if role is None else {"Authorization": f"Bearer {self.tokens[role]}"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{self.url}/v1/{action}", json=body, headers=headers) as response,
+        ):
+            return response.status, await response.json()
+
+
+def signed(action: str, key_id: str, *, ts: int | None = None, **extra: Any) -> dict[str, object]:
+    return signed_payload(
+        action="kill" if action == "kill" else "arm",
+        target=ACCOUNT,
+        reason=extra.pop("reason", "runaway bot"),
+        key_id=key_id,
+        secret=extra.pop("secret", KEYS.get(key_id, "x" * 20)).encode(),
+        ts=int(time.time()) if ts is None else ts,
+        nonce=secrets.token_hex(16),
+        **extra,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_guard(
+    sim: SimGateway, broker: Broker, tmp_path: Path, *, two_person: bool = False
+) -> AsyncIterator[Running]:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    cfg = demo_config(load_config(DEMO_CONFIG), ib_port=sim.port, state_dir=state_dir)
+    key_files = {}
+    for key_id, key in KEYS.items():
+        path = tmp_path / f"{key_id}.key"
+        path.write_text(key + "\n")
+        path.chmod(0o600)
+        key_files[key_id] = path
+    mqtt = cfg.control.mqtt.model_copy(
+        update={
+            "enabled": True,
+            "host": broker.host,
+            "port": broker.port,
+            "operator_key_files": key_files,
+            "operator_key_roles": {k: tuple(v) for k, v in KEY_ROLES.items()},
+        }
+    )
+    control = cfg.control.model_copy(
+        update={"mqtt": mqtt, "two_person_rearm": two_person, "rearm_window_s": 60.0}
+    )
+    cfg = cfg.model_copy(update={"control": control})
+    token_files = cfg.control.http.token_files
+    files = {"read": token_files.read, "kill": token_files.kill, "arm": token_files.arm}
+    tokens = {role: path.read_text().strip() for role, path in files.items() if path}
+    guard = Guard(cfg, fresh_start=True)
+    stop = asyncio.Event()
+    task = asyncio.create_task(guard.run(stop), name="guard")
+    try:
+        await asyncio.wait_for(guard.ready_event.wait(), 10)
+        await eventually(lambda: guard.mqtt is not None and guard.mqtt.connected, "MQTT up")
+        assert guard.http is not None
+        paths = {role: path for role, path in files.items() if path}
+        yield Running(guard, sim, broker, guard.http.url, tokens, paths)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def running(sim: SimGateway, mqtt_broker: Broker, tmp_path: Path) -> AsyncIterator[Running]:
+    async with running_guard(sim, mqtt_broker, tmp_path) as run:
+        yield run
+
+
+@pytest.fixture
+async def bot(sim: SimGateway) -> AsyncIterator[RunawayBot]:
+    robot = RunawayBot("127.0.0.1", sim.port, BOT_CLIENT_ID)
+    await robot.connect()
+    try:
+        yield robot
+    finally:
+        await robot.disconnect()
+
+
+def bot_orders(sim: SimGateway) -> list[int]:
+    return [o.order_id for o in sim.exchange.working_orders() if o.client_id == BOT_CLIENT_ID]
+
+
+def positions(sim: SimGateway) -> dict[str, float]:
+    return {p.instrument.symbol: p.position for p in sim.exchange.positions(ACCOUNT)}
+
+
+# ------------------------------------------------------------------------ signed MQTT kills
+
+
+async def test_signed_mqtt_kill_with_bot_orders_working_then_halted_and_cancelled_at_gateway(
+    running: Running, bot: RunawayBot
+) -> None:
+    for n in range(3):
+        bot.place_limit("AAPL", "BUY", 100, 150.0 - n)
+    await eventually(lambda: len(bot_orders(running.sim)) == 3, "the bot's orders rest")
+    await eventually(lambda: running.guard.book.working_order_count == 3, "the guard sees them")
+
+    await running.publish("kill", signed("kill", "alice", mode="cancel"))
+
+    await eventually(lambda: running.state == "HALTED", "HALTED")
+    await eventually(lambda: not running.sim.exchange.working_orders(), "orders cancelled")
+    assert running.sim.global_cancels >= 1
+    assert positions(running.sim) == {"AAPL": 1000, "ES": -2}  # cancel mode: no flatten
+    latch = running.guard.engine.latch
+    assert latch is not None and (latch.source, latch.principal) == ("mqtt", "alice")
+    [command] = running.journal("command")
+    assert (command["principal"], command["accepted"]) == ("alice", True)
+
+
+async def test_signed_mqtt_kill_flatten_then_positions_flat_at_gateway(running: Running) -> None:
+    assert positions(running.sim) == {"AAPL": 1000, "ES": -2}
+
+    await running.publish("kill", signed("kill", "bob", mode="flatten"))
+
+    await eventually(lambda: running.state == "HALTED", "HALTED")
+    await eventually(lambda: not running.sim.exchange.positions(ACCOUNT), "flat", timeout=20)
+    assert running.sim.global_cancels >= 1
+    assert not running.sim.exchange.working_orders()
+
+
+async def test_documented_openssl_mosquitto_pub_kill_then_guard_halted(running: Running) -> None:
+    require_tools("openssl", "mosquitto_pub", "bash")
+    env = {
+        "KEY_ID": "alice",
+        "KEY": KEYS["alice"],
+        "ACCOUNT": ACCOUNT,
+        "MQTT_HOST": running.broker.host,
+        "MQTT_PORT": str(running.broker.port),
+    }
+
+    code, out = await run_shell(doc_example("mqtt-kill"), env)
+
+    assert code == 0, out
+    await eventually(lambda: running.state == "HALTED", "HALTED")
+    await eventually(lambda: running.sim.global_cancels >= 1, "global cancel at the gateway")
+    assert running.journal("command_refused") == []
+
+
+def unsigned() -> dict[str, object]:
+    return {k: v for k, v in signed("kill", "alice").items() if k != "sig"}
+
+
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
+        pytest.param(unsigned, "CommandError", id="unsigned"),
+        pytest.param(
+            lambda: signed("kill", "alice", secret="not-alices-key-0123456789"),
+            "AuthError",
+            id="wrongly-signed",
+        ),
+        pytest.param(lambda: signed("kill", "mallory"), "AuthError", id="unknown-key"),
+        pytest.param(
+            lambda: signed("kill", "alice", ts=int(time.time()) - 600), "ReplayError", id="stale"
+        ),
+    ],
+)
+async def test_bad_mqtt_kill_then_armed_no_cancel_and_refusal_journaled(
+    running: Running, make: Callable[[], dict[str, object]], error: str
+) -> None:
+    payload = make()
+
+    await running.publish("kill", payload)
+
+    await eventually(lambda: bool(running.journal("command_refused")), "refusal journaled")
+    await asyncio.sleep(0.3)  # a kill that slipped through would have cancelled by now
+    assert running.state == "ARMED"
+    assert running.sim.global_cancels == 0
+    [refusal] = running.journal("command_refused")
+    assert (refusal["channel"], refusal["action"], refusal["error"]) == ("mqtt", "kill", error)
+    assert refusal["request_id"] == payload["nonce"]
+    assert running.journal("command") == []
+
+
+async def test_replayed_mqtt_kill_after_rearm_then_armed_and_no_new_cancel(
+    running: Running,
+) -> None:
+    kill = signed("kill", "alice", mode="cancel")
+    await running.publish("kill", kill)
+    await eventually(lambda: running.state == "HALTED", "HALTED")
+    await running.publish("arm", signed("arm", "bob", reason="bot fixed"))
+    await eventually(lambda: running.state == "ARMED", "re-armed")
+    await asyncio.sleep(0.3)  # the halted sweep has stopped
+    cancels = running.sim.global_cancels
+
+    await running.publish("kill", kill)  # the captured kill, byte for byte
+
+    await eventually(lambda: bool(running.journal("command_refused")), "refusal journaled")
+    await asyncio.sleep(0.3)
+    assert running.state == "ARMED"
+    assert running.sim.global_cancels == cancels
+    [refusal] = running.journal("command_refused")
+    assert (refusal["error"], refusal["request_id"]) == ("ReplayError", kill["nonce"])
+
+
+async def test_mqtt_arm_with_a_kill_only_key_then_refused_and_still_halted(
+    running: Running,
+) -> None:
+    await running.publish("kill", signed("kill", "alice", mode="cancel"))
+    await eventually(lambda: running.state == "HALTED", "HALTED")
+
+    await running.publish("arm", signed("arm", "alice", reason="all good"))
+
+    await eventually(lambda: bool(running.journal("command_refused")), "refusal journaled")
+    assert running.state == "HALTED"
+    [refusal] = running.journal("command_refused")
+    assert refusal["error"] == "AuthError" and "lacks the arm role" in refusal["refused_because"]
+
+
+async def test_retained_state_after_kill_then_halted_and_guardctl_status_via_http(
+    running: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await running.publish("kill", signed("kill", "alice", mode="cancel"))
+    await eventually(lambda: running.state == "HALTED", "HALTED")
+
+    retained = await running.retained_state()
+    deadline = time.monotonic() + 5
+    while retained["state"] != "HALTED" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # the guard publishes its new state a moment after the kill
+        retained = await running.retained_state()
+    code = await guardctl(
+        "status", "--via", "http", "--url", running.url,
+        "--token-file", str(running.token_files["read"]),
+    )  # fmt: skip
+
+    assert (retained["state"], retained["online"]) == ("HALTED", True)
+    assert retained["latch"]["principal"] == "alice"
+    assert code == 0
+    out = capsys.readouterr().out  # the guard's own log lines are captured here too
+    assert '"state": "HALTED"' in out and '"principal": "alice"' in out
+
+
+# ------------------------------------------------------------------------------------ HTTP
+
+
+async def test_http_without_token_or_with_read_token_then_401_403_and_gateway_untouched(
+    running: Running,
+) -> None:
+    no_token = await running.post("kill", {"reason": "x"}, role=None)
+    read_token = await running.post("kill", {"reason": "x"}, role="read")
+
+    assert no_token[0] == 401
+    assert read_token[0] == 403
+    await asyncio.sleep(0.3)
+    assert running.state == "ARMED"
+    assert running.sim.global_cancels == 0
+    refused = running.journal("command_refused")
+    assert [(r["status"], r["channel"]) for r in refused] == [(401, "http"), (403, "http")]
+
+
+async def test_http_kill_then_halted_at_gateway_and_arm_token_rearms(
+    running: Running, bot: RunawayBot
+) -> None:
+    bot.place_limit("MSFT", "BUY", 10, 300.0)
+    await eventually(lambda: len(bot_orders(running.sim)) == 1, "the bot's order rests")
+
+    status, kill = await running.post("kill", {"reason": "drill", "mode": "cancel"}, "kill")
+
+    assert (status, kill["state"], kill["accepted"]) == (200, "HALTED", True)
+    await eventually(lambda: not bot_orders(running.sim), "the bot's order cancelled")
+    assert running.sim.global_cancels >= 1
+    await asyncio.sleep(0.3)  # a few evaluations: no kill-level breach holds
+
+    status, arm = await running.post("arm", {"reason": "drill over"}, "arm")
+
+    assert (status, arm["state"], arm["accepted"]) == (200, "ARMED", True)
+    assert running.state == "ARMED"
+    assert running.guard.engine.latch is None
+
+
+async def test_two_person_rearm_http_then_mqtt_then_pending_then_armed(
+    sim: SimGateway, mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    async with running_guard(sim, mqtt_broker, tmp_path, two_person=True) as run:
+        await run.post("kill", {"reason": "drill", "mode": "cancel"}, "kill")
+        await eventually(lambda: run.state == "HALTED", "HALTED")
+
+        first = await run.post("arm", {"reason": "drill over"}, "arm")
+        again = await run.post("arm", {"reason": "drill over, really"}, "arm")
+        halted_between = run.state
+        await run.publish("arm", signed("arm", "bob", reason="agreed"))
+        await eventually(lambda: run.state == "ARMED", "re-armed by the second person")
+        commands = [r for r in run.journal("command") if r["action"] == "arm"]
+
+    assert (first[0], first[1]["pending"], first[1]["state"]) == (202, True, "HALTED")
+    assert again[0] == 202  # the same principal twice is still one person
+    assert halted_between == "HALTED"
+    assert [(c["channel"], c["pending"], c["accepted"]) for c in commands] == [
+        ("http", True, False),
+        ("http", True, False),
+        ("mqtt", False, True),
+    ]
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+def test_roles_for_an_unknown_key_id_then_config_error_naming_the_key(tmp_path: Path) -> None:
+    key = tmp_path / "alice.key"
+    key.write_text(KEYS["alice"])
+    text = f"""
+account = "{ACCOUNT}"
+state_dir = "{tmp_path}"
+[ib]
+port = 7497
+client_id = 0
+[control.mqtt]
+enabled = true
+operator_key_files = {{ alice = "{key}" }}
+operator_key_roles = {{ alice = ["kill"], bob = ["arm"] }}
+"""
+
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text)
+
+    assert "control.mqtt.operator_key_roles.bob" in str(raised.value)
+    assert "operator_key_files" in str(raised.value)
