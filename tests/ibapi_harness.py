@@ -8,6 +8,8 @@ messages on its own thread. Every EWrapper callback named in `RECORDED` is appen
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -100,9 +102,18 @@ class IbapiClient(EClient):
         await self.wait_for("nextValidId", timeout=timeout)
 
     async def stop(self) -> None:
-        self.disconnect()
+        """Close the socket, let `run()` drain its queue and end, then disconnect.
+
+        `EClient.disconnect()` first would reset the client's server version while `run()` may
+        still be decoding queued messages, and the run thread would die with a TypeError.
+        """
+        sock = getattr(self.conn, "socket", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
+        self.disconnect()
 
     def _wait(
         self, name: str, pred: Callable[[tuple[Any, ...]], bool], count: int, timeout: float
