@@ -237,6 +237,7 @@ class Guard:
                 window_s=mqtt_cfg.window_s,
                 topic_prefix=mqtt_cfg.topic_prefix,
                 clock=self.clock,
+                on_heartbeat=self.heartbeat if self.cfg.limits.heartbeats.bots else None,
             )
             await stack.enter_async_context(self.mqtt)
 
@@ -493,6 +494,12 @@ class Guard:
         """Journal a refused command (bad token, signature, replay, malformed)."""
         fields: dict[str, Any] = {k: v for k, v in record.items() if k != "kind"}
         self.journal.append("command_refused", **fields)
+
+    def heartbeat(self, bot: str) -> None:
+        """A bot said it is alive (MQTT `<prefix>/<account>/heartbeat/<bot>`); unknown bots are
+        ignored, so a stray publisher cannot grow the Book."""
+        if bot in self.cfg.limits.heartbeats.bots:
+            self.book.fold(ev.Heartbeat(bot=bot, ts=self.clock()))
 
 
 class _StopError(Exception):

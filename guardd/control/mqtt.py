@@ -2,13 +2,13 @@
 
 Topics (``prefix`` defaults to ``guardd``; see docs/control.md for the payload and signature):
 
-==================================  ==========================================================
-``<prefix>/<account>/cmd/kill``     signed kill for this account (subscribed, QoS 1)
-``<prefix>/<account>/cmd/arm``      signed re-arm for this account (subscribed, QoS 1)
-``<prefix>/all/cmd/kill``           fleet-wide signed kill (subscribed, QoS 1)
-``<prefix>/<account>/state``        the guard's status, retained; last will ``{"online": false}``
-``<prefix>/<account>/events``       one event per command handled or refused (not retained)
-==================================  ==========================================================
+- ``<prefix>/<account>/cmd/kill``: signed kill for this account (subscribed, QoS 1)
+- ``<prefix>/<account>/cmd/arm``: signed re-arm for this account (subscribed, QoS 1)
+- ``<prefix>/all/cmd/kill``: fleet-wide signed kill (subscribed, QoS 1)
+- ``<prefix>/<account>/heartbeat/<bot>``: a bot's liveness ping, any payload (subscribed, QoS 0,
+  only when the guard watches heartbeats)
+- ``<prefix>/<account>/state``: the guard's status, retained; last will ``{"online": false}``
+- ``<prefix>/<account>/events``: one event per command handled or refused (not retained)
 
 The adapter runs on its own task: a broker that is down never blocks HTTP or the guard. It
 reconnects with capped exponential backoff; while disconnected, ``publish_state`` keeps only the
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import ssl
 import time
 from collections import deque
@@ -60,7 +61,7 @@ def client_ssl_context(ca_file: Path | None = None) -> ssl.SSLContext:
 class Topics:
     """The topics of one guarded account under a prefix."""
 
-    __slots__ = ("account", "all_kill", "arm", "events", "kill", "prefix", "state")
+    __slots__ = ("account", "all_kill", "arm", "events", "heartbeat", "kill", "prefix", "state")
 
     def __init__(self, prefix: str, account: str) -> None:
         if account == "all":
@@ -72,6 +73,14 @@ class Topics:
         self.all_kill = f"{prefix}/all/cmd/kill"
         self.state = f"{prefix}/{account}/state"
         self.events = f"{prefix}/{account}/events"
+        self.heartbeat = f"{prefix}/{account}/heartbeat/"  # + the bot's name
+
+    def heartbeat_of(self, topic: str) -> str | None:
+        """The bot a heartbeat topic names, or None for any other topic (or a bad name)."""
+        if not topic.startswith(self.heartbeat):
+            return None
+        bot = topic[len(self.heartbeat) :]
+        return bot if _BOT_NAME.fullmatch(bot) else None
 
     def route(self, topic: str) -> tuple[Action, str] | None:
         """The (action, target) a command topic stands for, or None for any other topic."""
@@ -82,6 +91,9 @@ class Topics:
         if topic == self.all_kill:
             return "kill", "all"
         return None
+
+
+_BOT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def _peek(payload: bytes) -> dict[str, str]:
@@ -122,9 +134,11 @@ class MqttControl:
         backoff_max_s: float = 30.0,
         state_interval_s: float = 1.0,
         max_queued_events: int = 100,
+        on_heartbeat: Callable[[str], None] | None = None,
     ) -> None:
         self.topics = Topics(topic_prefix, account)
         self._handler = handler
+        self._on_heartbeat = on_heartbeat
         self._keys = keys
         self._host = host
         self._port = port
@@ -307,6 +321,8 @@ class MqttControl:
                     await client.subscribe(
                         [(self.topics.kill, 1), (self.topics.arm, 1), (self.topics.all_kill, 1)]
                     )
+                    if self._on_heartbeat is not None:
+                        await client.subscribe(self.topics.heartbeat + "+", qos=0)
                     self._client = client
                     delay = backoff_min
                     log.info("mqtt_connected", host=self._host, port=self._port)
@@ -322,6 +338,10 @@ class MqttControl:
 
     async def _handle_message(self, message: aiomqtt.Message) -> None:
         """One message; a bug in handling it must not take the kill channel down with it."""
+        bot = self.topics.heartbeat_of(str(message.topic))
+        if bot is not None and self._on_heartbeat is not None:
+            self._on_heartbeat(bot)  # liveness only: a bot's payload is not read
+            return
         try:
             await self.handle_payload(str(message.topic), message.payload)
         except Exception:
