@@ -30,7 +30,16 @@ from guardd.sim.scenario import parse_scenario
 from guardd.sim.server import build_gateway
 
 BOT_CLIENT_ID = 7
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.toml"
+_HERE = Path(__file__).resolve().parent
+# Installed wheels carry configs/demo.toml inside the package; a checkout has it at the top.
+DEMO_CONFIG = next(
+    (
+        path
+        for path in (_HERE / "_data" / "demo.toml", _HERE.parent / "configs" / "demo.toml")
+        if path.is_file()
+    ),
+    _HERE.parent / "configs" / "demo.toml",
+)
 
 DEMO_SCENARIO: dict[str, object] = {
     "gateway": {"seed": 11, "market_interval_s": 0.1, "pnl_interval_s": 0.5},
