@@ -221,3 +221,159 @@ async def test_client_that_cannot_speak_178_then_closed_without_reply(sim: SimGa
         assert reply == b""
     finally:
         writer.close()
+
+
+# ---- faults for the drills: freeze, split modifies, liquidation, daily reset --------------------
+
+
+async def test_freeze_then_nothing_answered_until_thawed_and_socket_kept(sim: SimGateway) -> None:
+    client = await connected(sim, 3)
+    try:
+        freeze = asyncio.create_task(sim.freeze(1.0))
+        await asyncio.sleep(0.1)
+        client.reqCurrentTime()
+        with pytest.raises(TimeoutError):
+            await client.wait_for("currentTime", timeout=0.6)
+        assert client.isConnected() and 3 in sim.sessions
+        await freeze
+        answered = await client.wait_for("currentTime", timeout=2.0)
+        assert len(answered) == 1
+        assert sim.freezes == 1 and not sim.frozen
+    finally:
+        await client.stop()
+
+
+async def test_freeze_then_new_connection_waits_for_the_thaw(sim: SimGateway) -> None:
+    freeze = asyncio.create_task(sim.freeze(0.8))
+    await asyncio.sleep(0.05)
+    client = IbapiClient()
+    started = asyncio.get_running_loop().time()
+    try:
+        await client.start(sim.port, 4)
+        assert asyncio.get_running_loop().time() - started >= 0.6
+    finally:
+        await freeze
+        await client.stop()
+
+
+async def test_freeze_then_exchange_keeps_trading_and_fills_reported_after(
+    sim: SimGateway,
+) -> None:
+    client = await connected(sim, 3)
+    try:
+        oid = client.named("nextValidId")[0][0]
+        client.placeOrder(oid, stock("AAPL"), limit_order("SELL", 10, 200.0))
+        await client.wait_for("orderStatus", lambda a: a[0] == oid and a[1] == "Submitted")
+        freeze = asyncio.create_task(sim.freeze(0.8))
+        await asyncio.sleep(0.05)
+        sim.jump_price(265598, 0.10)
+        assert sim.exchange.working_orders() == []  # filled at the exchange during the freeze
+        assert client.named("execDetails") == []
+        await freeze
+        await client.wait_for("orderStatus", lambda a: a[0] == oid and a[1] == "Filled")
+    finally:
+        await client.stop()
+
+
+async def test_split_modifies_during_connectivity_loss_then_two_orders(sim: SimGateway) -> None:
+    client = await connected(sim, 3)
+    try:
+        sim.split_modifies(True)
+        oid = client.named("nextValidId")[0][0]
+        client.placeOrder(oid, stock("AAPL"), limit_order("BUY", 10, 150.0))
+        await client.wait_for("orderStatus", lambda a: a[0] == oid and a[1] == "Submitted")
+        # Act: modify while connected (a real modify), then while connectivity is lost (split)
+        client.placeOrder(oid, stock("AAPL"), limit_order("BUY", 10, 151.0))
+        await asyncio.sleep(0.2)
+        assert len(sim.exchange.working_orders()) == 1
+        sim.connectivity_lost()
+        client.placeOrder(oid, stock("AAPL"), limit_order("BUY", 10, 152.0))
+        await asyncio.sleep(0.2)
+        sim.connectivity_restored()
+
+        working = sim.exchange.working_orders()
+        assert sorted(o.lmt_price or 0 for o in working) == [151.0, 152.0]
+        assert {o.order_id for o in working} == {oid}
+        assert len({o.perm_id for o in working}) == 2
+        assert sim.split_orders == 1
+        client.cancel(oid)  # cancelOrder reaches the original only
+        await asyncio.sleep(0.2)
+        assert [o.lmt_price for o in sim.exchange.working_orders()] == [152.0]
+        client.global_cancel()
+        await asyncio.sleep(0.2)
+        assert sim.exchange.working_orders() == []
+    finally:
+        await client.stop()
+
+
+async def test_liquidate_then_foreign_execution_and_position_reduced_never_past_zero(
+    sim: SimGateway,
+) -> None:
+    master = await connected(sim, 0)
+    try:
+        sim.liquidate("DU000001", 265598, 300)
+        execs = await master.wait_for("execDetails")
+        contract, execution = execs[0][1], execs[0][2]
+        assert contract.conId == 265598
+        assert (execution.side, float(execution.shares)) == ("SLD", 300.0)
+        assert execution.orderRef == "IB liquidation" and execution.orderId == 0
+        positions = {p.instrument.con_id: p.position for p in sim.exchange.positions("DU000001")}
+        assert positions[265598] == 700
+        sim.liquidate("DU000001", 620731015, 5)  # short 2 ES: only 2 can be bought back
+        assert all(p.instrument.con_id != 620731015 for p in sim.exchange.positions("DU000001"))
+        assert sim.exchange.position("DU000001", 620731015).position == 0
+        sim.liquidate("DU000001", 620731015, 1)  # flat: nothing happens
+        assert len(sim.exchange.fills()) == 2
+        assert sim.liquidations == 3
+    finally:
+        await master.stop()
+
+
+async def test_daily_reset_then_1100_then_dropped_and_accepting_again(sim: SimGateway) -> None:
+    client = await connected(sim, 3)
+    try:
+        await sim.daily_reset(0.3)
+        await client.wait_for("error", lambda a: a[2] == 1100)
+        await client.wait_for("connectionClosed")
+        assert sim.connectivity_ok and sim.accepting
+        again = await connected(sim, 3)
+        await again.stop()
+    finally:
+        await client.stop()
+
+
+async def test_scheduled_new_faults_then_parsed_and_played(
+    sim: SimGateway, scenario: Scenario
+) -> None:
+    faults = parse_scenario(
+        {
+            **SCENARIO,
+            "faults": [
+                {"at_s": 0.0, "kind": "freeze", "seconds": 0.1},
+                {"at_s": 0.0, "kind": "split_modifies", "seconds": 0.1},
+                {"at_s": 0.0, "kind": "liquidate", "symbol": "AAPL", "quantity": 100},
+                {"at_s": 0.05, "kind": "daily_reset", "seconds": 0.1},
+            ],
+        }
+    ).faults
+    await run_faults(sim, scenario, faults)
+    assert sim.freezes == 1 and sim.liquidations == 1
+    assert not sim.split_modifies_enabled and not sim.frozen and sim.connectivity_ok
+    assert sim.exchange.position("DU000001", 265598).position == 900
+
+
+def test_liquidate_fault_with_unknown_account_then_error_names_the_key() -> None:
+    with pytest.raises(ScenarioError, match=r"faults\[0\]\.account"):
+        parse_scenario(
+            {
+                "faults": [
+                    {
+                        "at_s": 1,
+                        "kind": "liquidate",
+                        "account": "X",
+                        "symbol": "AAPL",
+                        "quantity": 1,
+                    }
+                ]
+            }
+        )

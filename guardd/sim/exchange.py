@@ -460,6 +460,67 @@ class Exchange:
             )
         return self._cancel(order)
 
+    def place_as_new(self, client_id: int, req: OrderRequest, now: float) -> list[SimEvent]:
+        """Place `req` as a NEW order even when its (client id, order id) names a working one.
+
+        The `split_modifies` fault: a modification sent while IB's connectivity is lost is
+        taken as a second order. The original keeps working (and keeps its id for
+        cancelOrder); the new one gets its own permId and is reached by reqGlobalCancel.
+        """
+        existing = self._by_client_order.pop((client_id, req.order_id), None)
+        try:
+            events = self.place_order(client_id, req, now)
+        finally:
+            if existing is not None:
+                self._by_client_order[(client_id, req.order_id)] = existing
+        return events
+
+    def liquidate(
+        self,
+        account: str,
+        con_id: int,
+        quantity: float,
+        now: float,
+        *,
+        client_id: int = 0,
+        order_ref: str = "IB liquidation",
+    ) -> list[SimEvent]:
+        """The broker itself closes `quantity` of a position at the touch (a margin liquidation).
+
+        Not an API order: order id 0 (a TWS order), client id `client_id`, its own permId and
+        orderRef. It reduces the position toward zero and never past it; a flat position is left
+        alone (no events).
+        """
+        acct = self._account(account)
+        inst = self._instrument(con_id)
+        pos = acct.positions.get(con_id)
+        held = pos.quantity if pos is not None else 0.0
+        size = min(abs(float(quantity)), abs(held))
+        if not size > _ZERO:
+            return []
+        req = OrderRequest(
+            order_id=0,
+            contract=ContractSpec(con_id=con_id),
+            action="SELL" if held > 0 else "BUY",
+            total_quantity=size,
+            order_type="MKT",
+            lmt_price=None,
+            aux_price=None,
+            account=account,
+            order_ref=order_ref,
+        )
+        perm_id = self._next_perm_id
+        self._next_perm_id += 1
+        order = self._new_order(perm_id, client_id, req, inst)
+        order.status = "Submitted"
+        self._orders[perm_id] = order
+        self._working[perm_id] = order
+        process = self._processes[con_id]
+        touch = process.bid if held > 0 else process.ask
+        events: list[SimEvent] = [OrderChanged(replace(order))]
+        events.extend(self._fill(order, size, touch, now))
+        return events
+
     def global_cancel(self, now: float) -> list[SimEvent]:
         """Cancel every working order of every client (reqGlobalCancel)."""
         events: list[SimEvent] = []

@@ -7,8 +7,9 @@ subscribers. Orders live in the gateway, not in a session: a client that disconn
 orders working, and they are reported again when it reconnects.
 
 Faults (drops, connectivity notices, rejects, delayed or duplicated position updates, price jumps,
-margin changes, restarts with order-id rollback) are methods of `SimGateway`; `scenario.py` drives
-them from a TOML file on a schedule.
+margin changes, restarts with order-id rollback, a silent freeze of every connection, the daily
+reset, modifications split into new orders during a connectivity loss, broker liquidations) are
+methods of `SimGateway`; `scenario.py` drives them from a TOML file on a schedule.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ class Session:
         self.received = 0
         self._window: deque[float] = deque()
         self._closed = False
+        self._held: list[bytes] = []  # written while the gateway is frozen, sent on thaw
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
@@ -166,8 +168,20 @@ class Session:
         """Queue one message for this client (dropped once the session is closing)."""
         if self._closed or self.writer.is_closing():
             return
+        if self.gateway.frozen:
+            self._held.append(encode_frame(fields))  # TCP would retransmit it after the freeze
+            return
         self.writer.write(encode_frame(fields))
         self.gateway.sent_messages += 1
+
+    def release_held(self) -> None:
+        """Send what was held back while the gateway was frozen, in order."""
+        held, self._held = self._held, []
+        if self._closed or self.writer.is_closing():
+            return
+        for frame in held:
+            self.writer.write(frame)
+            self.gateway.sent_messages += 1
 
     def close(self) -> None:
         if not self._closed:
@@ -209,6 +223,15 @@ class SimGateway:
         # Faults on position updates.
         self.position_delay_s = 0.0
         self.position_duplicates = 0
+        # Silent freeze: nothing read or written on any connection, none closed.
+        self.frozen = False
+        self._thawed = asyncio.Event()
+        self._thawed.set()
+        self.freezes = 0
+        # A modification sent while connectivity is lost becomes a second order.
+        self.split_modifies_enabled = False
+        self.split_orders = 0
+        self.liquidations = 0
         # Counters for tests and benchmarks.
         self.pacing_violations = 0
         self.global_cancels = 0
@@ -308,6 +331,7 @@ class SimGateway:
         # Handshake: "API\0" then a frame "v<min>..<max>[ options]".
         while True:
             data = await session.reader.read(65536)
+            await self._thawed.wait()
             if not data:
                 return
             buf.append(data)
@@ -320,6 +344,7 @@ class SimGateway:
         frames = buf.frames()
         while not frames:
             data = await session.reader.read(65536)
+            await self._thawed.wait()
             if not data:
                 return
             frames = buf.feed(data)
@@ -334,6 +359,7 @@ class SimGateway:
                     return
             await session.writer.drain()
             data = await session.reader.read(65536)
+            await self._thawed.wait()  # frozen: what the client sent waits, unread
             if not data:  # EOF, including a half-close (write_eof) by ib_async
                 return
             pending = buf.feed(data)
@@ -490,6 +516,19 @@ class SimGateway:
             self._place_now(client_id, req)
 
     def _place_now(self, client_id: int, req: OrderRequest) -> None:
+        if self.split_modifies_enabled and not self.connectivity_ok:
+            if any(
+                o.client_id == client_id and o.order_id == req.order_id
+                for o in self.exchange.working_orders()
+            ):
+                self.split_orders += 1
+                log.warning(
+                    "fault: modification of order %d of client %d taken as a NEW order",
+                    req.order_id,
+                    client_id,
+                )
+            self.route(self.exchange.place_as_new(client_id, req, self.clock()))
+            return
         self.route(self.exchange.place_order(client_id, req, self.clock()))
 
     def _cancel_order(self, session: Session, fields: list[str], now: float) -> None:
@@ -1015,6 +1054,59 @@ class SimGateway:
         self.exchange.set_margin_multiplier(multiplier)
         for account in self.exchange.accounts:
             self._route_account_values(account, self.exchange.account_values(account))
+
+    async def freeze(self, seconds: float) -> None:
+        """Silent TCP death for `seconds`: nothing is read from or written to any connection
+        (new ones included), and none is closed. The exchange keeps trading. Afterwards what
+        clients sent is read and what was held back is sent, as TCP would once the path heals;
+        a client that gave up and closed meanwhile is then seen to be gone."""
+        if seconds <= 0:
+            raise ValueError("seconds must be positive")
+        log.warning("fault: every connection frozen for %.1f s", seconds)
+        self.freezes += 1
+        self.frozen = True
+        self._thawed.clear()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.frozen = False
+            for s in list(self.sessions.values()) + list(self._pending):
+                s.release_held()
+            self._thawed.set()
+            log.warning("fault over: connections thawed")
+
+    def split_modifies(self, enabled: bool = True) -> None:
+        """While connectivity is lost (after `connectivity_lost`, before it is restored), a
+        placeOrder that re-uses a working order's id creates a NEW order instead of modifying
+        it: the original keeps working, so the client now has two orders."""
+        log.warning(
+            "fault: modifications during a connectivity loss %s", "split" if enabled else "normal"
+        )
+        self.split_modifies_enabled = enabled
+
+    def liquidate(self, account: str, con_id: int, quantity: float, *, client_id: int = 0) -> None:
+        """IB itself closes `quantity` of a position (a margin liquidation): an execution of a
+        TWS order (order id 0, `client_id`, orderRef "IB liquidation") at the touch, never past
+        zero. Its openOrder, orderStatus, execDetails go to `client_id` and the Master client."""
+        log.warning("fault: IB liquidates %s of %d in %s", _qty(quantity), con_id, account)
+        self.liquidations += 1
+        self.route(
+            self.exchange.liquidate(account, con_id, quantity, self.clock(), client_id=client_id)
+        )
+
+    async def daily_reset(self, seconds: float) -> None:
+        """IB's daily server reset: error 1100 to every client, then every connection dropped
+        and refused for `seconds`; afterwards clients reconnect to a healthy gateway."""
+        log.warning("fault: daily reset for %.1f s", seconds)
+        self.connectivity_lost()
+        await asyncio.sleep(0)  # let the 1100 reach the sockets before they close
+        for s in list(self.sessions.values()):
+            with contextlib.suppress(Exception):
+                await s.writer.drain()
+        try:
+            await self.drop_all_clients(seconds)
+        finally:
+            self.connectivity_ok = True
 
     async def restart(self, down_seconds: float, *, next_order_id: int | None = None) -> None:
         """Restart the gateway: clients dropped, port closed, and order ids maybe rolled back.

@@ -154,6 +154,28 @@ class Restart(_Fault):
     next_order_id: Annotated[int, Field(ge=1)] | None = None
 
 
+class Freeze(_Fault):
+    kind: Literal["freeze"]
+    seconds: Annotated[float, Field(gt=0)]
+
+
+class DailyReset(_Fault):
+    kind: Literal["daily_reset"]
+    seconds: Annotated[float, Field(gt=0)]
+
+
+class SplitModifies(_Fault):
+    kind: Literal["split_modifies"]
+    seconds: Annotated[float, Field(gt=0)] | None = None  # None: for the rest of the run
+
+
+class Liquidate(_Fault):
+    kind: Literal["liquidate"]
+    account: str = ""  # default: the first account
+    symbol: str
+    quantity: Annotated[float, Field(gt=0)]
+
+
 Fault = Annotated[
     DropClients
     | ConnectivityLost
@@ -163,7 +185,11 @@ Fault = Annotated[
     | PriceJump
     | Volatility
     | MarginChange
-    | Restart,
+    | Restart
+    | Freeze
+    | DailyReset
+    | SplitModifies
+    | Liquidate,
     Field(discriminator="kind"),
 ]
 
@@ -214,6 +240,9 @@ class Scenario(_Strict):
             symbol = getattr(fault, "symbol", "")
             if symbol and symbol not in symbols:
                 raise ValueError(f"faults[{n}].symbol: unknown symbol {symbol!r}")
+            account = getattr(fault, "account", "")
+            if account and account not in accounts:
+                raise ValueError(f"faults[{n}].account: unknown account {account!r}")
         return self
 
     def gateway_config(self, *, host: str = "127.0.0.1", port: int = 0) -> GatewayConfig:
@@ -279,6 +308,10 @@ def _is_union_tag(part: object) -> bool:
         "volatility",
         "margin_change",
         "restart",
+        "freeze",
+        "daily_reset",
+        "split_modifies",
+        "liquidate",
     }
 
 
@@ -344,3 +377,14 @@ async def _apply(gateway: SimGateway, scenario: Scenario, fault: Fault) -> None:
             gateway.change_margin(multiplier)
         case Restart(down_s=down_s, next_order_id=next_order_id):
             await gateway.restart(down_s, next_order_id=next_order_id)
+        case Freeze(seconds=seconds):
+            await gateway.freeze(seconds)
+        case DailyReset(seconds=seconds):
+            await gateway.daily_reset(seconds)
+        case SplitModifies(seconds=seconds):
+            gateway.split_modifies(True)
+            if seconds is not None:
+                await asyncio.sleep(seconds)
+                gateway.split_modifies(False)
+        case Liquidate(account=account, symbol=symbol, quantity=quantity):
+            gateway.liquidate(account or scenario.accounts[0].id, scenario.con_id(symbol), quantity)
