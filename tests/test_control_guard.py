@@ -26,6 +26,9 @@ from guardd.errors import ConfigError
 from guardd.journal import read_journal
 from guardd.sim.bot import RunawayBot
 from guardd.sim.gateway import SimGateway
+from guardd.sim.scenario import parse_scenario
+from guardd.sim.server import build_gateway
+from tests.conftest import SCENARIO
 from tests.mqtt_broker import Broker, mqtt_broker
 from tests.test_guardctl import doc_example, guardctl, require_tools, run_shell
 
@@ -79,6 +82,13 @@ class Running:
                     return state
         raise AssertionError("no retained state")
 
+    async def arm_over_mqtt(self, key_id: str, **extra: Any) -> dict[str, Any]:
+        """Publish a signed arm and return the guard's journal record of it."""
+        before = len(self.journal("command"))
+        await self.publish("arm", signed("arm", key_id, reason="agreed", **extra))
+        await eventually(lambda: len(self.journal("command")) > before, "arm journaled")
+        return self.journal("command")[-1]
+
     async def post(self, action: str, body: dict[str, object], role: str | None) -> Any:
         headers = {} if role is None else {"Authorization": f"Bearer {self.tokens[role]}"}
         async with (
@@ -103,7 +113,12 @@ def signed(action: str, key_id: str, *, ts: int | None = None, **extra: Any) -> 
 
 @contextlib.asynccontextmanager
 async def running_guard(
-    sim: SimGateway, broker: Broker, tmp_path: Path, *, two_person: bool = False
+    sim: SimGateway,
+    broker: Broker,
+    tmp_path: Path,
+    *,
+    two_person: bool = False,
+    kill_mode: str | None = None,
 ) -> AsyncIterator[Running]:
     state_dir = tmp_path / "state"
     state_dir.mkdir()
@@ -127,6 +142,8 @@ async def running_guard(
         update={"mqtt": mqtt, "two_person_rearm": two_person, "rearm_window_s": 60.0}
     )
     cfg = cfg.model_copy(update={"control": control})
+    if kill_mode is not None:
+        cfg = cfg.model_copy(update={"kill": cfg.kill.model_copy(update={"mode": kill_mode})})
     token_files = cfg.control.http.token_files
     files = {"read": token_files.read, "kill": token_files.kill, "arm": token_files.arm}
     tokens = {role: path.read_text().strip() for role, path in files.items() if path}
@@ -217,6 +234,8 @@ async def test_documented_openssl_mosquitto_pub_kill_then_guard_halted(running: 
     assert code == 0, out
     await eventually(lambda: running.state == "HALTED", "HALTED")
     await eventually(lambda: running.sim.global_cancels >= 1, "global cancel at the gateway")
+    # no mode in the example: the configured kill.mode (flatten in configs/demo.toml) applies
+    await eventually(lambda: not running.sim.exchange.positions(ACCOUNT), "flat", timeout=20)
     assert running.journal("command_refused") == []
 
 
@@ -374,6 +393,31 @@ async def test_two_person_rearm_http_then_mqtt_then_pending_then_armed(
         ("http", True, False),
         ("mqtt", False, True),
     ]
+
+
+async def test_two_person_rearm_while_kill_breach_holds_then_refused_unless_both_force(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    leveraged = {**SCENARIO, "positions": [{"symbol": "ES", "quantity": -60, "avg_price": 6000.0}]}
+    async with (
+        build_gateway(parse_scenario(leveraged), host="127.0.0.1", port=0) as gateway,
+        running_guard(gateway, mqtt_broker, tmp_path, two_person=True, kill_mode="cancel") as run,
+    ):
+        # ~18x leverage against a kill limit of 3: halted by the rule, and the breach holds
+        await eventually(lambda: run.state == "HALTED", "HALTED by the leverage rule")
+
+        plain = await run.post("arm", {"reason": "looks fine"}, "arm")
+        refused = await run.arm_over_mqtt("bob")
+        one_forced = await run.post("arm", {"reason": "override", "force": True}, "arm")
+        not_both = await run.arm_over_mqtt("bob")
+        both_forced = await run.post("arm", {"reason": "override", "force": True}, "arm")
+        forced = await run.arm_over_mqtt("bob", force=True)
+
+    assert (plain[0], one_forced[0], both_forced[0]) == (202, 202, 202)
+    assert (refused["accepted"], refused["pending"]) == (False, False)  # the engine refused it
+    assert (not_both["accepted"], not_both["pending"]) == (False, False)  # force needs both
+    assert (forced["accepted"], forced["force"]) == (True, True)
+    assert positions(gateway) == {"ES": -60}  # cancel mode: nothing was closed
 
 
 # ---------------------------------------------------------------------------------- config
