@@ -164,6 +164,7 @@ class Executor:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         round_s: float = 0.1,
+        lost_grace_s: float = 2.0,
     ) -> None:
         self.broker = broker
         self.book = book
@@ -177,6 +178,11 @@ class Executor:
         self.metrics = metrics
         self.clock = clock
         self.round_s = round_s
+        # How long after a re-sync a child the broker does not report counts as gone. The fills
+        # of the previous connection (reqExecutions) arrive AFTER the position and open-order
+        # barriers: judging a child before they are in would forget its fills and over-flatten.
+        self.lost_grace_s = lost_grace_s
+        self._synced_at: tuple[int, float] | None = None
         # New children per planning round: a quarter of a second's budget, at least one.
         self.round_budget = max(1, messages_per_second // 4)
         self.episode: CloseEpisode | None = None
@@ -296,7 +302,10 @@ class Executor:
         current = self.episode
         if current is not None and not current.done:
             if current.kind == kind == "flatten":
-                self._wake.set()  # already flattening: carry on with the same children
+                # Already flattening: carry on with the same children. The episode may have been
+                # rebuilt from the journal after a restart (`restore_children`) with no task yet.
+                self._wake.set()
+                self._ensure_task()
                 return
             if current.kind == "reduce" and kind == "flatten":
                 # A kill during a reduce: flatten takes over, keeping the reduce children so
@@ -306,6 +315,7 @@ class Executor:
                 current.escalated = False
                 self._journal("reduce_escalated_to_flatten", decision_id=decision.decision_id)
                 self._wake.set()
+                self._ensure_task()
                 return
         self.episode = CloseEpisode(
             kind=kind, decision_id=decision.decision_id, started=self.clock(), targets=targets
@@ -411,7 +421,7 @@ class Executor:
 
     async def _close_round(self, episode: CloseEpisode) -> None:
         now = self.clock()
-        self._refresh_children(episode)
+        self._refresh_children(episode, now)
         children = [c.as_input() for c in episode.children.values()]
         keys = {c.key for c in episode.children.values()}
         positions = list(self._confirmed_positions(keys))
@@ -546,7 +556,16 @@ class Executor:
             # shows whether the broker has it (never a duplicate in between).
             log.warning("child_order_send_failed", order_ref=child.ref, error=str(exc))
 
-    def _refresh_children(self, episode: CloseEpisode) -> None:
+    def _synced_for(self, now: float) -> float:
+        """Seconds the Book has been synced on its current connection (0 while unsynced)."""
+        if not self.book.synced:
+            self._synced_at = None
+            return 0.0
+        if self._synced_at is None or self._synced_at[0] != self.book.generation:
+            self._synced_at = (self.book.generation, now)
+        return now - self._synced_at[1]
+
+    def _refresh_children(self, episode: CloseEpisode, now: float) -> None:
         """Bring each child's status and fill up to date from the Book (orders and executions)."""
         own = ClientId(self.client_id)
         by_ref: dict[str, Order] = {}
@@ -562,6 +581,7 @@ class Executor:
                 fills[execution.order_ref] = fills.get(execution.order_ref, Decimal(0)) + Decimal(
                     str(execution.shares)
                 )
+        settled = self._synced_for(now) >= self.lost_grace_s
         for child in episode.children.values():
             found = by_ref.get(child.ref) or by_id.get(child.order_id)
             filled = fills.get(child.ref, Decimal(0))
@@ -570,14 +590,19 @@ class Executor:
                 child.status = _child_status(found.status, child.status)
             elif (
                 child.status == planner.ChildStatus.PENDING_ACK
-                and self.book.synced
+                and settled
                 and self.book.generation != child.generation
-                and filled == 0
+                and max(child.filled, filled) < child.quantity
             ):
-                # Re-synced since it was sent and the broker does not report it: never had it.
+                # Re-synced since it was sent (and its fills have had time to arrive) and the
+                # broker does not report it working: it never reached the broker, or it was
+                # cancelled meanwhile. Either way it is finished with the fills it has.
                 child.status = planner.ChildStatus.CANCELLED
                 self._journal(
-                    "child_order_lost", decision_id=episode.decision_id, order_ref=child.ref
+                    "child_order_lost",
+                    decision_id=episode.decision_id,
+                    order_ref=child.ref,
+                    filled=str(max(child.filled, filled)),
                 )
             child.filled = max(child.filled, filled)
             if child.filled >= child.quantity and child.status != planner.ChildStatus.REJECTED:

@@ -16,6 +16,8 @@ from guardd.core.events import ClientId
 from guardd.core.planner import ClosePolicy, OrderType, OrderTypeRule
 
 _SECONDS_PER_DAY_SESSION = 6.5 * 3600  # a "daily" volatility horizon: one trading session
+_SAMPLES_PER_WINDOW = 40  # price samples the Book keeps per volatility window (rule needs 10)
+_MIN_HISTORY_S = 900.0
 
 
 def thresholds(limit: LevelLimit) -> rules.Thresholds:
@@ -128,6 +130,26 @@ def build_rules(cfg: Config) -> RuleSet:
             level=po.action,
         )
     return RuleSet(tuple(periodic), order_checks, order_rate)
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How the Book samples prices and equity for the volatility rule."""
+
+    sample_s: float
+    history_s: float
+
+
+def build_sampling(cfg: Config) -> Sampling:
+    """The Book's price sampling, fitted to the volatility window: it keeps at least the whole
+    window (a shorter history would silently judge a shorter window), and samples often enough
+    that the window holds ~40 samples, at most one per second (a window of a few seconds would
+    otherwise never reach the rule's 10 samples and stay a data finding forever)."""
+    vol = cfg.limits.volatility
+    if not vol.enabled:
+        return Sampling(sample_s=1.0, history_s=_MIN_HISTORY_S)
+    sample_s = min(1.0, vol.window_s / _SAMPLES_PER_WINDOW)
+    return Sampling(sample_s=sample_s, history_s=max(_MIN_HISTORY_S, vol.window_s))
 
 
 def build_policy(cfg: Config) -> Policy:

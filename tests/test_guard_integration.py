@@ -402,3 +402,32 @@ async def test_dry_run_breach_then_journaled_and_nothing_sent(
     assert len(sim.exchange.working_orders()) == 1
     assert starting_positions(sim) == start
     assert sim.pacing_violations == 0
+
+
+async def test_child_cancelled_while_guard_down_then_restart_closes_the_rest(
+    tmp_path: Path,
+) -> None:
+    # Arrange: stopped mid-flatten; while the guard is down the gateway cancels its half-filled
+    # child, so on restart the broker reports only its fills, never the order
+    async with sim_gateway(gateway={"partial_fill_quantity": 50, "market_interval_s": 0.1}) as sim:
+        start = starting_positions(sim)
+        refs = SentRefs(sim)
+        cfg = guard_config(sim.port, tmp_path, LEVERAGE_KILL)
+        async with running_guard(cfg) as guard:
+            await wait_until(lambda: guard_fill_totals(sim).get(AAPL, 0) < 0, what="a fill")
+            assert guard.engine.state == State.HALTED
+        sim.route(sim.exchange.global_cancel(sim.clock()))
+        assert not flat(sim) and not sim.exchange.working_orders()
+
+        # Act
+        async with running_guard(cfg, fresh_start=False) as again:
+            await wait_until(lambda: flat(sim), 20, what="flat at the gateway")
+            await wait_until(
+                lambda: again.executor.last_flat_confirmed is not None, 20, what="flat confirmed"
+            )
+
+        # Assert
+        assert refs.duplicates() == []
+        assert zero_crossings(sim, start) == []
+        assert guard_fill_totals(sim) == {con: -Decimal(str(q)) for con, q in start.items()}
+        assert sim.pacing_violations == 0
