@@ -44,7 +44,7 @@ from guardd.executor import Executor, journal_children
 from guardd.journal import Journal
 from guardd.latch import FRESH_START, read_latch, write_latch
 from guardd.metrics import Metrics, MetricsServer, metrics_handler
-from guardd.rulebook import build_close_policy, build_policy, build_rules
+from guardd.rulebook import build_close_policy, build_policy, build_rules, build_sampling
 from guardd.sdnotify import HealthWatchdog, Notifier, watchdog_interval
 
 log = structlog.get_logger(__name__)
@@ -108,7 +108,13 @@ class Guard:
         if self.rules.order_rate is not None:
             self._rule_limits["order_rate"] = self.rules.order_rate.per_client_1s
         self.engine = Engine(build_policy(cfg), latch=latch, first_decision_id=_next_decision(cfg))
-        self.book = Book(cfg.account, created_at=now)
+        sampling = build_sampling(cfg)
+        self.book = Book(
+            cfg.account,
+            created_at=now,
+            price_history_s=sampling.history_s,
+            price_sample_s=sampling.sample_s,
+        )
         self.broker = IbBroker(
             cfg.ib.host,
             cfg.ib.port,
@@ -140,6 +146,9 @@ class Guard:
                 self.executor.restore_children(latch.decision_id, children)
                 log.warning("close_children_restored", count=len(children))
         self._findings: dict[str, Finding] = {}
+        self._watched: set[ev.ConId] = set()
+        checks = self.rules.order_checks
+        self._watch_order_prices = checks is not None and checks.collar is not None
         self._lock = asyncio.Lock()
         self._last_decision: Decision | None = None
         self.http: ControlHttpServer | None = None
@@ -259,6 +268,14 @@ class Guard:
                     self.journal.append("ib_disconnected", reason=reason)
                 case ev.BrokerError():
                     self.executor.on_broker_error(event)
+                case ev.PositionUpdate(account=account, con_id=con_id, exchange=exchange):
+                    if account == self.cfg.account and event.quantity != 0:
+                        # Live prices of every held contract: volatility, position values
+                        # between PnL updates, and the planner's marketable-limit prices.
+                        self._watch_prices(con_id, exchange)
+                case ev.OpenOrder(con_id=con_id) if self._watch_order_prices:
+                    if not event.order_ref.startswith(self.book.own_ref_prefix):
+                        self._watch_prices(con_id, "")  # the price collar needs a last price
                 case _:
                     pass
             if isinstance(event, _ORDER_EVENTS):
@@ -272,6 +289,12 @@ class Guard:
                     self.notifier.notify("READY=1", "STATUS=guarding")
                     log.info("guard_ready", state=self.engine.state)
             self.metrics.observe_event_processing(time.perf_counter() - started)
+
+    def _watch_prices(self, con_id: ev.ConId, exchange: str) -> None:
+        if con_id in self._watched or not con_id:
+            return
+        self._watched.add(con_id)
+        self.broker.watch_prices([con_id], exchanges={con_id: exchange} if exchange else None)
 
     async def _on_order_event(self, event: ev.OpenOrder | ev.OrderStatus) -> None:
         """The fast path: a new order may break the order-rate or a per-order limit now."""
