@@ -435,3 +435,69 @@ def test_reconnect_attempt_then_backoff_grows_capped_and_slower_after_326(
     )
 
     assert delay == pytest.approx(expected)
+
+
+# ---- heartbeat: silent TCP death ----------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def heartbeat_broker(
+    sim: SimGateway, interval_s: float | None, timeout_s: float = 0.6
+) -> AsyncIterator[tuple[IbBroker, Recorder]]:
+    broker = IbBroker(
+        "127.0.0.1",
+        sim.port,
+        GUARD_ID,
+        ACCOUNT,
+        connect_timeout_s=3.0,
+        reconnect_initial_s=0.2,
+        reconnect_max_s=0.5,
+        heartbeat_interval_s=interval_s,
+        heartbeat_timeout_s=timeout_s,
+    )
+    await broker.start()
+    recorder = Recorder(broker)
+    try:
+        yield broker, recorder
+    finally:
+        await broker.stop()
+        await recorder.close()
+
+
+async def test_gateway_frozen_then_heartbeat_drops_session_and_reconnects_after_thaw(
+    sim: SimGateway,
+) -> None:
+    async with heartbeat_broker(sim, 0.3, 0.6) as (broker, recorder):
+        await synced(recorder)
+        loop = asyncio.get_running_loop()
+
+        frozen_at = loop.time()
+        freeze = asyncio.create_task(sim.freeze(3.0))
+        gone = await recorder.wait_for(ev.Disconnected, timeout=3.0)
+        noticed_after = loop.time() - frozen_at
+        assert "heartbeat" in gone[0].reason
+        assert noticed_after <= 0.3 + 0.6 + 0.5, "noticed within interval + timeout"
+        assert not broker.connected and broker.heartbeat_failures == 1
+        after = recorder.events.index(gone[0])
+        await freeze
+        await recorder.wait_for(ev.Connected, after=after, timeout=8)
+        back = recorder.index(ev.Connected, after=after)
+        await synced(recorder, after=back)
+        assert broker.connected
+        assert sim.pacing_violations == 0
+
+
+async def test_idle_gateway_answers_heartbeats_then_session_kept(sim: SimGateway) -> None:
+    async with heartbeat_broker(sim, 0.2, 0.5) as (broker, recorder):
+        await synced(recorder)
+        await asyncio.sleep(1.5)
+        assert recorder.of(ev.Disconnected) == []
+        assert broker.heartbeat_failures == 0
+        assert sim.received_by_id[49] >= 4  # reqCurrentTime
+
+
+async def test_heartbeat_disabled_then_no_current_time_requests(sim: SimGateway) -> None:
+    async with heartbeat_broker(sim, None) as (_, recorder):
+        await synced(recorder)
+        await asyncio.sleep(0.5)
+    assert sim.received_by_id[49] == 0

@@ -10,6 +10,12 @@ Connection life: `IbBroker.__aenter__` connects once and raises BrokerConnectErr
 (timeout, refused, client id in use, account not managed by the login). After that the
 `_reconnect_loop` keeps the session alive: a drop emits `Disconnected`, then the broker reconnects
 with bounded, jittered exponential backoff (slower after error 326), never giving up while it runs.
+
+Silent TCP death (a NAT or firewall forgets the connection; nothing is closed, nothing arrives) is
+noticed by an application heartbeat: every `heartbeat_interval_s` the session sends reqCurrentTime
+on the NORMAL lane, and when nothing at all (the answer or any other message) arrives within
+`heartbeat_timeout_s` of it being written, the session is dropped as dead and the reconnect loop
+takes over.
 After every (re)connect it emits `Connected` and resubscribes: positions, account updates, PnL,
 every client's open orders, executions, per-position PnL and watched prices. The `PositionsEnd`
 and `OpenOrdersEnd` barriers therefore follow every `Connected`.
@@ -41,7 +47,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from guardd.broker.pacer import DEFAULT_MESSAGES_PER_SECOND, Lane, PacedSender
 from guardd.core import events as ev
-from guardd.errors import BrokerConnectError, BrokerDisconnectedError
+from guardd.errors import BrokerConnectError, BrokerDisconnectedError, GuarddError
 
 __all__ = ["ClientIdInUseError", "IbBroker", "reconnect_delay"]
 
@@ -104,6 +110,13 @@ class _Accounts:
 
 
 @dataclass(frozen=True, slots=True)
+class _Pong:
+    """currentTime arrived: the answer to a heartbeat (internal, never emitted)."""
+
+    epoch_s: int
+
+
+@dataclass(frozen=True, slots=True)
 class _NextId:
     """nextValidId arrived (internal, never emitted)."""
 
@@ -135,6 +148,9 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
         self.pnl_single_con: set[int] = set()
         self.tick_req: dict[int, ev.ConId] = {}
         self.run_thread: threading.Thread | None = None
+        self.heard = asyncio.Event()  # set on the loop by every message of this session
+        self.heartbeat_task: asyncio.Task[None] | None = None
+        self.drop_reason: str | None = None  # why the broker itself dropped this session
 
     # ---- bridge ----------------------------------------------------------------------------
 
@@ -360,7 +376,7 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
         pass
 
     def currentTime(self, time: int) -> None:
-        pass
+        self._post(_Pong(int(time)))
 
 
 def reconnect_delay(
@@ -430,6 +446,8 @@ class IbBroker:
         reconnect_initial_s: float = 0.5,
         reconnect_max_s: float = 30.0,
         client_id_in_use_wait_s: float = 15.0,
+        heartbeat_interval_s: float | None = 5.0,
+        heartbeat_timeout_s: float = 5.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -440,6 +458,9 @@ class IbBroker:
         self.reconnect_initial_s = reconnect_initial_s
         self.reconnect_max_s = reconnect_max_s
         self.client_id_in_use_wait_s = client_id_in_use_wait_s
+        self.heartbeat_interval_s = heartbeat_interval_s  # None: no heartbeat
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.heartbeat_failures = 0
         self._messages_per_second = messages_per_second
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sender: PacedSender | None = None
@@ -502,6 +523,7 @@ class IbBroker:
         session = self._session
         if session is not None:
             session.abort()
+            await _cancelled(session.heartbeat_task)
         if self._sender is not None:
             await self._sender.stop()
         await self._join_threads()
@@ -598,6 +620,48 @@ class IbBroker:
             next_order_id=session.next_id,
         )
         self._resubscribe(session)
+        if self.heartbeat_interval_s is not None:
+            session.heartbeat_task = asyncio.create_task(
+                self._heartbeat_loop(session), name="ib_heartbeat_loop"
+            )
+
+    async def _heartbeat_loop(self, session: _IbSession) -> None:
+        """Send reqCurrentTime every interval; drop the session when nothing answers in time.
+
+        The timeout counts from the moment the request was written to the socket, so a paced
+        queue full of kill-lane work never passes for a dead connection; any message after the
+        write counts as an answer (a gateway busy streaming is alive).
+        """
+        interval = self.heartbeat_interval_s
+        assert interval is not None
+        timeout = self.heartbeat_timeout_s
+        while self._session is session:
+            await asyncio.sleep(interval)
+            if self._session is not session:
+                return
+            session.heard.clear()  # before the write, so a quick answer is never missed
+            sent = self._request(
+                session, Lane.NORMAL, "reqCurrentTime", lambda s: s.reqCurrentTime()
+            )
+            try:
+                await sent
+            except GuarddError:
+                return  # the session is already gone
+            try:
+                await asyncio.wait_for(session.heard.wait(), timeout)
+            except TimeoutError:
+                if self._session is not session:
+                    return
+                self.heartbeat_failures += 1
+                session.drop_reason = f"no answer to a heartbeat within {timeout:g} s"
+                log.error(
+                    "ib_heartbeat_missed",
+                    timeout_s=timeout,
+                    client_id=self.client_id,
+                    total=self.heartbeat_failures,
+                )
+                session.abort()  # the run thread ends; the reconnect loop takes over
+                return
 
     def _give_up(self, session: _IbSession) -> None:
         session.abort()
@@ -623,6 +687,8 @@ class IbBroker:
             reason = "connection closed"
             if self._stopping:
                 reason = "stopped"
+            elif session.drop_reason is not None:
+                reason = session.drop_reason
             elif session.last_error is not None:
                 reason = f"connection closed after IB error {session.last_error[0]}"
             was_up = session.announced
@@ -632,6 +698,9 @@ class IbBroker:
 
     def _end_session(self, session: _IbSession, reason: str) -> None:
         self._session = None
+        task = session.heartbeat_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
         if session.announced:
             self._emit(ev.Disconnected(reason=reason, ts=self.clock()))
             log.warning("broker_disconnected", reason=reason, client_id=self.client_id)
@@ -694,7 +763,10 @@ class IbBroker:
             if isinstance(item, ev.BrokerError):
                 session.last_error = (item.code, item.message)
             return  # a late message of a session we already gave up
+        session.heard.set()
         match item:
+            case _Pong():
+                pass
             case _Accounts(accounts=accounts):
                 session.managed = accounts
                 self._maybe_announce(session)
@@ -957,6 +1029,15 @@ class IbBroker:
         await self._request(
             session, Lane.KILL, "reqGlobalCancel", lambda s: s.reqGlobalCancel(OrderCancel())
         )
+
+
+async def _cancelled(task: asyncio.Task[None] | None) -> None:
+    """Cancel a task and wait for it to end."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
