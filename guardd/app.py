@@ -403,8 +403,20 @@ class Guard:
 
     # ---- the control plane's seam (guardd.control.commands.CommandHandler) --------------------
 
+    # The two-person re-arm rule (control.two_person_rearm), made on first use so that HTTP and
+    # MQTT arms count together; `_rearm_first_force` is whether the pending first arm forced.
+    _two_person: TwoPersonRule | None = None
+    _rearm_first_force: bool = False
+
     async def handle(self, command: ControlCommand) -> CommandOutcome:
-        """A kill or re-arm from a person (HTTP, MQTT or the CLI), already authenticated."""
+        """A kill or re-arm from a person (HTTP, MQTT or the CLI), already authenticated.
+
+        With ``control.two_person_rearm`` the first arm while HALTED is journaled and answered
+        pending (nothing changes); an arm from a different principal within
+        ``control.rearm_window_s`` then goes to the engine, which still refuses it while a kill
+        breach holds unless forced, and forced only when BOTH arms asked for force. A kill drops
+        a pending re-arm.
+        """
         now = self.clock()
         item: Kill | Arm
         if command.action == "kill":
