@@ -501,3 +501,47 @@ async def test_heartbeat_disabled_then_no_current_time_requests(sim: SimGateway)
         await synced(recorder)
         await asyncio.sleep(0.5)
     assert sim.received_by_id[49] == 0
+
+
+async def test_order_ids_roll_back_after_gateway_restart_then_working_ids_never_reused(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    broker, recorder = guard
+    await synced(recorder)
+    first = broker.next_order_id()
+    await broker.place_order(
+        first,
+        con_id=MSFT,
+        symbol="MSFT",
+        action="BUY",
+        quantity=5,
+        order_type="LMT",
+        lmt_price=2.0,
+        order_ref="guardd:flatten:1:1",
+        lane=Lane.FLATTEN,
+    )
+    await recorder.wait_for(ev.OpenOrder, lambda e: e.order_id == first)
+
+    await sim.restart(0.5, next_order_id=first)
+
+    gone = await recorder.wait_for(ev.Disconnected)
+    after = recorder.events.index(gone[0])
+    back = await recorder.wait_for(ev.Connected, after=after, timeout=10)
+    assert back[0].next_order_id == first  # the gateway rolled back
+    await synced(recorder, after=recorder.events.index(back[0]))
+    second = broker.next_order_id()
+    assert second != first and broker.order_ids_skipped >= 1
+    await broker.place_order(
+        second,
+        con_id=MSFT,
+        symbol="MSFT",
+        action="BUY",
+        quantity=5,
+        order_type="LMT",
+        lmt_price=2.5,
+        order_ref="guardd:flatten:1:2",
+        lane=Lane.FLATTEN,
+    )
+    await recorder.wait_for(ev.OpenOrder, lambda e: e.order_id == second)
+    working = sorted((o.order_ref, o.lmt_price) for o in sim.exchange.working_orders())
+    assert working == [("guardd:flatten:1:1", 2.0), ("guardd:flatten:1:2", 2.5)]

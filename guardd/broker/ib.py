@@ -461,6 +461,11 @@ class IbBroker:
         self.heartbeat_interval_s = heartbeat_interval_s  # None: no heartbeat
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.heartbeat_failures = 0
+        # Every order id of our client id seen in this process (sent, or reported by the gateway):
+        # after a gateway restart nextValidId may roll back, and re-sending a still-working
+        # order's id would MODIFY that order instead of placing a new one.
+        self._known_order_ids: set[int] = set()
+        self.order_ids_skipped = 0
         self._messages_per_second = messages_per_second
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sender: PacedSender | None = None
@@ -779,6 +784,11 @@ class IbBroker:
                     session.next_id = max(session.next_id or order_id, order_id)
             case ev.BrokerError():
                 self._on_error(session, item)
+            case ev.OpenOrder() | ev.OrderStatus() if (
+                item.client_id == self.client_id and item.order_id > 0
+            ):
+                self._known_order_ids.add(int(item.order_id))
+                self._emit(item)
             case ev.PositionUpdate():
                 self._exchanges.setdefault(item.con_id, item.exchange)
                 self._emit(item)
@@ -941,11 +951,20 @@ class IbBroker:
         return session
 
     def next_order_id(self) -> ev.OrderId:
-        """A fresh order id of this session (an id from before a reconnect is never reused)."""
+        """A fresh order id from this session's nextValidId, skipping every id of our client
+        already sent or reported (order ids can roll back after a gateway restart; re-using a
+        working order's id would modify it)."""
         session = self._live_session("next_order_id")
         assert session.next_id is not None
         order_id = session.next_id
+        if order_id in self._known_order_ids:
+            first = order_id
+            while order_id in self._known_order_ids:
+                order_id += 1
+            self.order_ids_skipped += order_id - first
+            log.warning("order_ids_rolled_back", next_valid_id=first, using=order_id)
         session.next_id = order_id + 1
+        self._known_order_ids.add(order_id)
         return ev.OrderId(order_id)
 
     async def place_order(
@@ -972,6 +991,7 @@ class IbBroker:
     ) -> None:
         """Send one order (paced on `lane`); returns once it has been written to the socket."""
         session = self._live_session("place_order")
+        self._known_order_ids.add(int(order_id))
         contract = _order_contract(
             con_id=con_id,
             symbol=symbol,
