@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
+from guardd.control.commands import ControlCommand
 from guardd.core.engine import State
 from guardd.sim import codec
 from guardd.sim.bot import RunawayBot
@@ -253,9 +254,9 @@ mode = "flatten"
 async def test_disconnect_during_flatten_then_resumes_flat_without_duplicate_children(
     tmp_path: Path,
 ) -> None:
-    # Arrange: AAPL 1000 fills 50 at a time, one slice per 0.1 s market step
+    # Arrange: AAPL 1000 fills 25 at a time, one slice per 0.1 s market step (~4 s)
     async with sim_gateway(
-        gateway={"partial_fill_quantity": 50, "market_interval_s": 0.1, "fill_latency_s": 0.2}
+        gateway={"partial_fill_quantity": 25, "market_interval_s": 0.1, "fill_latency_s": 0.2}
     ) as sim:
         start = starting_positions(sim)
         refs = SentRefs(sim)
@@ -274,7 +275,11 @@ async def test_disconnect_during_flatten_then_resumes_flat_without_duplicate_chi
 
             # Assert
             assert guard.engine.state == State.HALTED
-        assert "ib_disconnected" in journal_kinds(cfg)
+        kinds = journal_kinds(cfg)
+        reconnected = len(kinds) - 1 - kinds[::-1].index("ib_connected")
+        assert kinds.index("ib_disconnected") < reconnected
+        assert "child_order_sent" in kinds[reconnected:], "the flatten resumed after reconnect"
+        assert sim.global_cancels >= 2, "cancelled again on re-sync"
         assert refs.duplicates() == []
         order_refs = [o.order_ref for o in guard_orders(sim)]
         assert len(order_refs) == len(set(order_refs))
@@ -431,3 +436,38 @@ async def test_child_cancelled_while_guard_down_then_restart_closes_the_rest(
         assert zero_crossings(sim, start) == []
         assert guard_fill_totals(sim) == {con: -Decimal(str(q)) for con, q in start.items()}
         assert sim.pacing_violations == 0
+
+
+# ---- a kill while disconnected ----------------------------------------------------------------
+
+
+async def test_kill_while_disconnected_then_latched_and_carried_out_on_reconnect(
+    sim: SimGateway, tmp_path: Path
+) -> None:
+    # Arrange: a resting bot order, and the gateway about to drop every client for 1.5 s
+    cfg = guard_config(sim.port, tmp_path, '[kill]\nmode = "flatten"\n')
+    start = starting_positions(sim)
+    async with bot_on(sim) as bot, running_guard(cfg) as guard:
+        bot.place_limit("AAPL", "BUY", 100, 150.0)
+        await wait_until(lambda: len(sim.exchange.working_orders()) == 1, what="a bot order")
+        drop = asyncio.create_task(sim.drop_all_clients(1.5))
+        await wait_until(lambda: not guard.book.connected, what="the guard disconnected")
+
+        # Act
+        outcome = await guard.handle(
+            ControlCommand(action="kill", principal="ops", channel="cli", reason="drill")
+        )
+        latched = read_latch_file(cfg.latch_path)
+        cancels_while_down = sim.global_cancels
+        await drop
+        await wait_until(lambda: flat(sim), 15, what="flat at the gateway")
+        await wait_until(lambda: not sim.exchange.working_orders(), what="no working order")
+
+        # Assert
+        assert outcome.accepted and outcome.state == "HALTED"
+    assert latched["halted"] is True
+    assert cancels_while_down == 0
+    assert sim.global_cancels >= 1
+    assert "global_cancel_deferred" in journal_kinds(cfg)
+    assert zero_crossings(sim, start) == []
+    assert sim.pacing_violations == 0
