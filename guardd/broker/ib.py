@@ -964,7 +964,6 @@ class IbBroker:
             self.order_ids_skipped += order_id - first
             log.warning("order_ids_rolled_back", next_valid_id=first, using=order_id)
         session.next_id = order_id + 1
-        self._known_order_ids.add(order_id)
         return ev.OrderId(order_id)
 
     async def place_order(
