@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
+from guardd.app import Guard
 from guardd.control.commands import ControlCommand
 from guardd.core.engine import State
 from guardd.sim import codec
@@ -471,3 +472,23 @@ async def test_kill_while_disconnected_then_latched_and_carried_out_on_reconnect
     assert "global_cancel_deferred" in journal_kinds(cfg)
     assert zero_crossings(sim, start) == []
     assert sim.pacing_violations == 0
+
+
+# ---- the Book's sampling follows the volatility window ----------------------------------------
+
+
+async def test_volatility_window_then_book_keeps_the_whole_window_in_enough_samples(
+    tmp_path: Path,
+) -> None:
+    # Arrange / Act: a one-hour window (the default) and a five-second one
+    vol = "[limits.volatility]\nreduce = 0.9\ntarget_leverage = 1.0\n"
+    long = Guard(guard_config(1, tmp_path / "long", vol))
+    short = Guard(guard_config(1, tmp_path / "short", vol + "window_s = 5.0\n"))
+    long.journal.close()
+    short.journal.close()
+
+    # Assert: the rule needs 10 samples inside its window, and the window whole
+    assert long.book.price_history_s >= 3600.0
+    assert long.book.price_sample_s * 10 <= 3600.0
+    assert short.book.price_sample_s * 10 <= 5.0
+    assert short.book.price_history_s >= 5.0
