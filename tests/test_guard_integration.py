@@ -492,3 +492,30 @@ async def test_volatility_window_then_book_keeps_the_whole_window_in_enough_samp
     assert long.book.price_sample_s * 10 <= 3600.0
     assert short.book.price_sample_s * 10 <= 5.0
     assert short.book.price_history_s >= 5.0
+
+
+# ---- a runaway bot during a flatten -----------------------------------------------------------
+
+
+async def test_runaway_bot_during_slow_flatten_then_swept_and_flat_without_over_flatten(
+    tmp_path: Path,
+) -> None:
+    # Arrange: children fill 100 at a time, so they rest while the sweep keeps cancelling
+    async with sim_gateway(gateway={"partial_fill_quantity": 100, "market_interval_s": 0.1}) as sim:
+        start = starting_positions(sim)
+        refs = SentRefs(sim)
+        limits = RUNAWAY_LIMITS.replace('mode = "cancel"', 'mode = "flatten"')
+        cfg = guard_config(sim.port, tmp_path, limits)
+        async with running_guard(cfg) as guard, bot_on(sim) as bot:
+            # Act
+            await bot.run_away(symbol="MSFT", price=300.0, rate=12, count=30)
+            await wait_until(lambda: flat(sim), 20, what="flat at the gateway")
+            await wait_until(lambda: not sim.exchange.working_orders(), what="no working order")
+
+            # Assert
+            assert guard.engine.state == State.HALTED
+        assert {o.status for o in bot_orders(sim)} == {"Cancelled"}  # type: ignore[attr-defined]
+        assert refs.duplicates() == []
+        assert zero_crossings(sim, start) == []
+        assert guard_fill_totals(sim) == {con: -Decimal(str(q)) for con, q in start.items()}
+        assert sim.pacing_violations == 0
