@@ -651,8 +651,10 @@ def _child_status(status: str, previous: planner.ChildStatus) -> planner.ChildSt
         return planner.ChildStatus.CANCELLED
     if status == "Inactive":
         return planner.ChildStatus.REJECTED
-    if previous in (planner.ChildStatus.REJECTED, planner.ChildStatus.CANCELLED):
-        return previous
+    if previous == planner.ChildStatus.REJECTED:
+        return previous  # a broker reject is final, even if an earlier status arrives late
+    # Working at the broker: even a child given up as lost after a re-sync counts again, so
+    # its quantity is never planned twice.
     return planner.ChildStatus.WORKING
 
 
