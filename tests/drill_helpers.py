@@ -1,0 +1,284 @@
+"""Helpers for the fault drills (tests/test_drills.py): guards in process and as `guardd run`
+processes, a bot that modifies its orders, and checks on the gateway's own records.
+
+`GuardProcesses` starts `guardd run -c FILE` processes quickly: a zygote interpreter imports
+guardd once and forks one child per run, and each child runs exactly what the `guardd` console
+script runs (`guardd.cli.main(["run", "-c", FILE, ...])`), so a child is a real guard process that
+a test can SIGKILL at any instant. (A fresh interpreter spends about 1.5 s importing guardd; 100
+of them would not fit the drill's time budget.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from ibapi.contract import Contract
+from ibapi.order import Order
+
+from guardd.app import Guard
+from guardd.config import Config
+from guardd.control.commands import ControlCommand
+from guardd.sim import codec
+from guardd.sim.bot import RunawayBot
+from guardd.sim.gateway import PLACE_ORDER, SimGateway
+from tests.guard_harness import ACCOUNT, GUARD_CLIENT_ID, free_port
+
+REQ_POSITIONS, REQ_ALL_OPEN_ORDERS, REQ_GLOBAL_CANCEL = 61, 16, 58
+
+
+@contextlib.asynccontextmanager
+async def running(
+    cfg: Config,
+    *,
+    fresh_start: bool = True,
+    wait_ready: bool = True,
+    heartbeat: tuple[float, float] | None = None,
+    prepare: Callable[[Guard], None] | None = None,
+    **guard_kwargs: Any,
+) -> AsyncIterator[Guard]:
+    """A Guard running as a task (like tests.guard_harness.running_guard), with its broker's
+    heartbeat set to (interval, timeout) and `prepare(guard)` called before it runs."""
+    guard = Guard(cfg, fresh_start=fresh_start, **guard_kwargs)
+    if heartbeat is not None:
+        guard.broker.heartbeat_interval_s, guard.broker.heartbeat_timeout_s = heartbeat
+    if prepare is not None:
+        prepare(guard)
+    stop = asyncio.Event()
+    task = asyncio.create_task(guard.run(stop), name="guard")
+    try:
+        if wait_ready:
+            ready = asyncio.create_task(guard.ready_event.wait())
+            done, _ = await asyncio.wait({ready, task}, timeout=10, return_when="FIRST_COMPLETED")
+            if task in done:
+                ready.cancel()
+                task.result()
+                raise AssertionError("the guard stopped before it was ready")
+            if ready not in done:
+                ready.cancel()
+                raise AssertionError("the guard was not ready in 10 s")
+        yield guard
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+def kill_command(mode: str | None = None, reason: str = "drill") -> ControlCommand:
+    return ControlCommand(
+        action="kill",
+        principal="drill",
+        channel="http",
+        reason=reason,
+        mode=mode,  # type: ignore[arg-type]
+    )
+
+
+# ---- a bot that modifies ------------------------------------------------------------------------
+
+
+def modify_limit(
+    bot: RunawayBot, order_id: int, symbol: str, action: str, qty: float, px: float
+) -> None:
+    """Re-send a working order's id with a new limit price (a modification at IB)."""
+    contract = Contract()
+    contract.symbol, contract.secType, contract.exchange, contract.currency = (
+        symbol,
+        "STK",
+        "SMART",
+        "USD",
+    )
+    order = Order()
+    order.action, order.orderType, order.tif = action, "LMT", "DAY"
+    order.totalQuantity = Decimal(str(qty))
+    order.lmtPrice = px
+    bot.client.placeOrder(order_id, contract, order)
+
+
+# ---- what the guard sent, as the gateway received it --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    at: float
+    msg_id: int
+    order_id: int = 0
+    order_ref: str = ""
+
+
+class GuardWire:
+    """Every message the guard's client id sends, in arrival order (placeOrder decoded)."""
+
+    def __init__(self, sim: SimGateway, client_id: int = GUARD_CLIENT_ID) -> None:
+        self.sent: list[Sent] = []
+        self.client_id = client_id
+        sim.on_message(self._on_message)
+
+    def _on_message(self, client_id: int, msg_id: int, fields: list[str]) -> None:
+        if client_id != self.client_id:
+            return
+        if msg_id == PLACE_ORDER:
+            req = codec.decode_place_order(fields)
+            self.sent.append(Sent(time.monotonic(), msg_id, req.order_id, req.order_ref))
+        else:
+            self.sent.append(Sent(time.monotonic(), msg_id))
+
+    def places(self) -> list[Sent]:
+        return [s for s in self.sent if s.msg_id == PLACE_ORDER]
+
+    def mark(self) -> int:
+        return len(self.sent)
+
+
+# ---- `guardd run` processes ---------------------------------------------------------------------
+
+_ZYGOTE = r"""
+import os, signal, sys
+import guardd.cli
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+for line in sys.stdin:
+    args = line.split()
+    log = args.pop()
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        code = 1
+        try:
+            code = guardd.cli.main(args)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    print(pid, flush=True)
+"""
+
+
+class GuardProcesses:
+    """Forks `guardd run` processes from one pre-imported interpreter (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._zygote = subprocess.Popen(
+            [sys.executable, "-c", _ZYGOTE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+
+    def start(self, config: Path, log: Path, *, fresh_start: bool) -> int:
+        """Start `guardd run -c config [--fresh-start]`; returns its pid."""
+        assert self._zygote.stdin is not None and self._zygote.stdout is not None
+        args = ["run", "-c", str(config)] + (["--fresh-start"] if fresh_start else [])
+        self._zygote.stdin.write(" ".join([*args, str(log)]) + "\n")
+        return int(self._zygote.stdout.readline())
+
+    def close(self) -> None:
+        if self._zygote.stdin is not None:
+            self._zygote.stdin.close()
+        self._zygote.wait(timeout=10)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def wait_gone(pid: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"guard process {pid} did not end in {timeout_s} s")
+        await asyncio.sleep(0.01)
+
+
+def write_run_config(state_dir: Path, ib_port: int, extra_toml: str = "") -> tuple[Path, str, str]:
+    """A `guardd run` config for the gateway on `ib_port` with HTTP control on a free port.
+
+    Returns (config path, base URL, kill token)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    http_port = free_port()
+    tokens: dict[str, str] = {}
+    lines = []
+    for role in ("read", "kill", "arm"):
+        token = secrets.token_urlsafe(24)
+        path = state_dir / f"token-{role}"
+        path.write_text(token)
+        path.chmod(0o600)
+        tokens[role] = token
+        lines.append(f'{role} = "{path}"')
+    text = f"""
+account = "{ACCOUNT}"
+state_dir = "{state_dir}"
+
+[ib]
+host = "127.0.0.1"
+port = {ib_port}
+client_id = {GUARD_CLIENT_ID}
+connect_timeout_s = 3.0
+reconnect_backoff_min_s = 0.1
+reconnect_backoff_max_s = 0.5
+
+[budget]
+messages_per_second = 40
+
+[log]
+format = "json"
+level = "warning"
+
+[metrics]
+enabled = false
+
+[control.http]
+port = {http_port}
+
+[control.http.token_files]
+{chr(10).join(lines)}
+
+{extra_toml}
+"""
+    config = state_dir / "guardd.toml"
+    config.write_text(text)
+    return config, f"http://127.0.0.1:{http_port}", tokens["kill"]
+
+
+async def http_ready(session: aiohttp.ClientSession, url: str, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with session.get(f"{url}/readyz") as response:
+                if response.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} not ready in {timeout_s} s")
+        await asyncio.sleep(0.02)
+
+
+async def http_kill(
+    session: aiohttp.ClientSession, url: str, token: str, mode: str | None = "flatten"
+) -> tuple[int, dict[str, Any]]:
+    body: dict[str, object] = {"reason": "drill"}
+    if mode is not None:
+        body["mode"] = mode
+    headers = {"Authorization": f"Bearer {token}"}
+    async with session.post(f"{url}/v1/kill", json=body, headers=headers) as response:
+        return response.status, await response.json()
