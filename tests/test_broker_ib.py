@@ -545,3 +545,13 @@ async def test_order_ids_roll_back_after_gateway_restart_then_working_ids_never_
     await recorder.wait_for(ev.OpenOrder, lambda e: e.order_id == second)
     working = sorted((o.order_ref, o.lmt_price) for o in sim.exchange.working_orders())
     assert working == [("guardd:flatten:1:1", 2.0), ("guardd:flatten:1:2", 2.5)]
+
+
+async def test_reserved_order_ids_then_never_handed_out(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    broker, recorder = guard
+    await synced(recorder)
+    first = broker.next_order_id()
+    broker.reserve_order_ids([first + 1, first + 2])
+    assert broker.next_order_id() == first + 3

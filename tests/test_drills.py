@@ -260,9 +260,14 @@ async def test_guard_killed_at_random_points_of_a_kill_then_every_trial_halted_a
         try:
             async with aiohttp.ClientSession() as http:
                 for trial in range(TRIALS):
-                    problem = await _kill9_trial(sim, procs, http, tmp_path / f"t{trial}", rng)
+                    try:
+                        problem = await _kill9_trial(sim, procs, http, tmp_path / f"t{trial}", rng)
+                    except AssertionError as exc:
+                        problem = str(exc)
                     if problem:
                         failures.append(f"trial {trial}: {problem}")
+                    if len(failures) >= 3:
+                        break  # enough to diagnose; the rest would only spend the time budget
         finally:
             procs.close()
         assert failures == [], "\n".join(failures)
@@ -309,7 +314,7 @@ async def _kill9_trial(
                 r.get("kind") == "flat_confirmed" for r in recs[starts[1] :]
             )
 
-        await wait_until(done, 15, what=f"flat confirmed after restart ({jpath})")
+        await wait_until(done, 10, what=f"flat confirmed after restart ({jpath})")
         records = cfg_journal()
     finally:
         os.kill(second, signal.SIGTERM)

@@ -950,6 +950,11 @@ class IbBroker:
             raise BrokerDisconnectedError(f"{what}: not connected to IB")
         return session
 
+    def reserve_order_ids(self, order_ids: Iterable[int]) -> None:
+        """Never hand out these ids (e.g. child orders a previous life of the guard journaled:
+        they may be working at the gateway under our client id, or may arrive there late)."""
+        self._known_order_ids.update(int(i) for i in order_ids if int(i) > 0)
+
     def next_order_id(self) -> ev.OrderId:
         """A fresh order id from this session's nextValidId, skipping every id of our client
         already sent or reported (order ids can roll back after a gateway restart; re-using a
