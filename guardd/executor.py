@@ -69,6 +69,8 @@ class BrokerPort(Protocol):
 
     async def global_cancel(self) -> None: ...
 
+    async def cancel_order(self, order_id: int, lane: Lane) -> None: ...
+
     async def place_order(
         self,
         order_id: int,
@@ -113,8 +115,18 @@ class _Child:
     generation: int  # the Book's connection generation when it was sent
     status: planner.ChildStatus = planner.ChildStatus.PENDING_ACK
     filled: Decimal = Decimal(0)
+    finished_at: float | None = None  # when it was first seen finished (filled/cancelled/...)
+    retired: bool = False  # its effect is in a fresh confirmed position: no longer planned with
 
-    def as_input(self) -> planner.ChildOrder:
+    @property
+    def live(self) -> bool:
+        return self.status in (planner.ChildStatus.PENDING_ACK, planner.ChildStatus.WORKING)
+
+    def as_input(self, generation: int) -> planner.ChildOrder:
+        """The planner's view. A child sent on an earlier connection (or by a previous process)
+        keeps its quantity and fills but not its baseline: positions downloaded since are newer
+        than it, and an old baseline would overstate a position someone else has since reduced.
+        Leaving a baseline out can only make the planner send less, never more."""
         return planner.ChildOrder(
             key=self.key,
             order_ref=self.ref,
@@ -122,7 +134,7 @@ class _Child:
             quantity=self.quantity,
             filled=min(self.filled, self.quantity),
             status=self.status,
-            planned_against=self.planned_against,
+            planned_against=self.planned_against if self.generation == generation else None,
         )
 
 
@@ -139,6 +151,10 @@ class CloseEpisode:
     escalated: bool = False
     done: bool = False
     rejects_seen: int = 0
+    # Positions where fills that are not ours moved the position while our children worked
+    # (IB auto-liquidation, another client): our children there are cancelled, and the position
+    # is re-planned from the broker's own figure once they have all finished.
+    rebase_keys: set[planner.PositionKey] = field(default_factory=set)
 
     @property
     def decision_ref(self) -> planner.DecisionId:
@@ -190,6 +206,7 @@ class Executor:
         self._wake = asyncio.Event()
         self.global_cancels_sent = 0
         self.last_flat_confirmed: float | None = None
+        self._known_execs: set[str] = set()
 
     # ---- decisions -------------------------------------------------------------------------
 
@@ -397,16 +414,20 @@ class Executor:
 
     async def _close_loop(self) -> None:
         backoff = 0.0
+        rejects = filled = Decimal(-1)
         while True:
             episode = self.episode
             if episode is None or episode.done:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(self.round_s, backoff))
+            if backoff > 0:
+                # A rejected close (market closed...): retry slower, whatever wakes us meanwhile.
+                await asyncio.sleep(backoff)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.round_s)
             self._wake.clear()
             if not self.book.synced or (not self.broker.connected and not self.dry_run):
                 continue
-            rejects_before = episode.rejects_seen
             try:
                 await self._close_round(episode)
             except Exception as exc:  # the flatten must outlive any one bad round
@@ -414,17 +435,29 @@ class Executor:
                 self._journal("close_round_failed", decision_id=episode.decision_id, error=str(exc))
                 backoff = min(10.0, max(0.5, backoff * 2))
                 continue
-            if episode.rejects_seen > rejects_before:
-                backoff = min(10.0, max(0.5, backoff * 2))  # a rejected close: retry slower
-            else:
+            # Back off while children keep being rejected (counted between rounds too); any
+            # fill is progress and ends the back-off.
+            now_filled = sum((c.filled for c in episode.children.values()), Decimal(0))
+            if now_filled > filled >= 0:
                 backoff = 0.0
+            elif episode.rejects_seen > rejects >= 0:
+                backoff = min(10.0, max(0.5, backoff * 2))
+            rejects, filled = Decimal(episode.rejects_seen), now_filled
 
     async def _close_round(self, episode: CloseEpisode) -> None:
         now = self.clock()
         self._refresh_children(episode, now)
-        children = [c.as_input() for c in episode.children.values()]
+        await self._watch_foreign_fills(episode, now)
+        self._retire_settled(episode, now)
         keys = {c.key for c in episode.children.values()}
-        positions = list(self._confirmed_positions(keys))
+        all_positions = list(self._confirmed_positions(keys))
+        # A position waiting to be re-planned from the broker's figure gets no new child.
+        positions = [p for p in all_positions if p.key not in episode.rebase_keys]
+        children = [
+            c.as_input(self.book.generation)
+            for c in episode.children.values()
+            if not c.retired and c.key not in episode.rebase_keys
+        ]
         if episode.kind == "reduce" and episode.targets is not None:
             plan = planner.plan_reduce(
                 positions,
@@ -457,11 +490,11 @@ class Executor:
             c.status in (planner.ChildStatus.PENDING_ACK, planner.ChildStatus.WORKING)
             for c in episode.children.values()
         )
-        pending = self._positions_off_target(episode, positions)
+        pending = self._positions_off_target(episode, all_positions)
         if self.metrics is not None:
             overdue = now - episode.started > self.flatten_timeout_s
             self.metrics.set_flatten(pending, overdue and pending > 0)
-        if pending == 0 and not live and not plan.orders:
+        if pending == 0 and not live and not plan.orders and not episode.rebase_keys:
             episode.done = True
             self.last_flat_confirmed = now
             kind = "flat_confirmed" if episode.kind == "flatten" else "reduce_confirmed"
@@ -583,11 +616,18 @@ class Executor:
                 )
         settled = self._synced_for(now) >= self.lost_grace_s
         for child in episode.children.values():
-            found = by_ref.get(child.ref) or by_id.get(child.order_id)
+            found = by_ref.get(child.ref)
+            if found is None and child.generation == self.book.generation:
+                # Only an order of this connection may be matched by its id alone: ids roll
+                # back, and a restored child's id may now belong to another of our orders.
+                found = by_id.get(child.order_id)
             filled = fills.get(child.ref, Decimal(0))
+            was_live = child.live
             if found is not None:
                 filled = max(filled, Decimal(str(found.filled)))
                 child.status = _child_status(found.status, child.status)
+                if was_live and child.status == planner.ChildStatus.REJECTED:
+                    episode.rejects_seen += 1
             elif (
                 child.status == planner.ChildStatus.PENDING_ACK
                 and settled
@@ -607,6 +647,82 @@ class Executor:
             child.filled = max(child.filled, filled)
             if child.filled >= child.quantity and child.status != planner.ChildStatus.REJECTED:
                 child.status = planner.ChildStatus.FILLED
+            if child.live:
+                child.finished_at = None
+            elif child.finished_at is None:
+                child.finished_at = now
+
+    async def _watch_foreign_fills(self, episode: CloseEpisode, now: float) -> None:
+        """Fills on our positions that are not ours: cancel our children there and re-plan.
+
+        The planner's bound assumes our children are the only ones closing a position; IB's own
+        auto-liquidation or another client trading it breaks that. Only fills reported live
+        (not answers to reqExecutions, which are history) since the episode began are news.
+        """
+        keys = {c.key for c in episode.children.values() if not c.retired}
+        for exec_id, execution in self.book.executions.items():
+            if exec_id in self._known_execs:
+                continue
+            self._known_execs.add(exec_id)
+            if (
+                not execution.live
+                or execution.ts < episode.started
+                or execution.order_ref.startswith(planner.ORDER_REF_PREFIX)
+            ):
+                continue
+            key = planner.PositionKey(
+                planner.AccountId(execution.account), planner.ConId(execution.con_id)
+            )
+            if key not in keys or key in episode.rebase_keys:
+                continue
+            episode.rebase_keys.add(key)
+            self._journal(
+                "foreign_fill_on_close",
+                decision_id=episode.decision_id,
+                con_id=execution.con_id,
+                symbol=execution.symbol,
+                side=execution.side,
+                shares=execution.shares,
+                order_ref=execution.order_ref,
+            )
+            log.warning("foreign_fill_on_close", symbol=execution.symbol, shares=execution.shares)
+            for child in episode.children.values():
+                if child.key == key and child.live and not self.dry_run:
+                    with contextlib.suppress(GuarddError):
+                        await self.broker.cancel_order(child.order_id, Lane.FLATTEN)
+
+    def _retire_settled(self, episode: CloseEpisode, now: float) -> None:
+        """Stop planning with finished children whose effect a fresh position already shows.
+
+        - after a re-sync has settled, children sent on an earlier connection (or by a previous
+          process) that finished `lost_grace_s` ago: the positions since contain their fills,
+          and their old baselines may be stale (another client traded meanwhile);
+        - on a position awaiting a re-plan after foreign fills, every child once none is live
+          and the last finished `lost_grace_s` ago (time for the position update to arrive).
+        """
+        settled = self._synced_for(now) >= self.lost_grace_s
+        if not settled:
+            return
+        for key in list(episode.rebase_keys):
+            mine = [c for c in episode.children.values() if c.key == key and not c.retired]
+            if any(c.live for c in mine):
+                continue
+            last = max((c.finished_at or now for c in mine), default=now - self.lost_grace_s)
+            if now - last < self.lost_grace_s:
+                continue
+            for child in mine:
+                child.retired = True
+            episode.rebase_keys.discard(key)
+            self._journal("close_replanned", decision_id=episode.decision_id, con_id=key.con_id)
+        for child in episode.children.values():
+            if (
+                not child.retired
+                and not child.live
+                and child.generation != self.book.generation
+                and child.finished_at is not None
+                and now - child.finished_at >= self.lost_grace_s
+            ):
+                child.retired = True
 
     def _confirmed_positions(
         self, keys: set[planner.PositionKey]

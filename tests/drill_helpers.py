@@ -192,6 +192,8 @@ class GuardProcesses:
         if self._zygote.stdin is not None:
             self._zygote.stdin.close()
         self._zygote.wait(timeout=10)
+        if self._zygote.stdout is not None:
+            self._zygote.stdout.close()
 
 
 def alive(pid: int) -> bool:

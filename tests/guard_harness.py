@@ -203,14 +203,14 @@ def starting_positions(sim: SimGateway, account: str = ACCOUNT) -> dict[int, flo
 
 
 def zero_crossings(
-    sim: SimGateway, start: dict[int, float], account: str = ACCOUNT
+    sim: SimGateway, start: dict[int, float], account: str = ACCOUNT, *, since: int = 0
 ) -> list[tuple[int, float, float]]:
-    """Replay the gateway's fills from `start`: every (con_id, before, after) where a position
-    went through zero to the other side, or a guard order opened a position from flat. Empty
-    when nothing was ever over-flattened."""
+    """Replay the gateway's fills from `start` (the positions before fill number `since`): every
+    (con_id, before, after) where a position went through zero to the other side, or a guard
+    order opened a position from flat. Empty when nothing was ever over-flattened."""
     running = dict(start)
     crossed: list[tuple[int, float, float]] = []
-    for fill in sim.exchange.fills():
+    for fill in sim.exchange.fills()[since:]:
         if fill.account != account:
             continue
         con_id = fill.instrument.con_id

@@ -233,7 +233,7 @@ async def test_restart_after_positions_changed_while_down_then_closes_exactly_th
     assert msg_ids.index(REQ_POSITIONS) < first_action
     assert msg_ids.index(REQ_ALL_OPEN_ORDERS) < first_action
     assert guard_close_totals(sim, fills_before) == {AAPL: Decimal(-600), ES: Decimal(2)}
-    assert zero_crossings(sim, now) == []
+    assert zero_crossings(sim, now, since=fills_before) == []
     new_refs = guard_refs(sim, first_perm)
     old_refs = {str(r["order_ref"]) for r in journal(cfg)[:0]} | {
         o.order_ref for o in sim.exchange.orders() if o.perm_id <= first_perm
@@ -250,6 +250,7 @@ TRIALS = 50
 TRIAL_POSITIONS = {AAPL: 10.0, ES: -1.0}
 
 
+@pytest.mark.timeout(420)  # 50 trials of about 3 s each: start, kill, SIGKILL, restart, flat
 async def test_guard_killed_at_random_points_of_a_kill_then_every_trial_halted_and_flat(
     tmp_path: Path,
 ) -> None:
@@ -447,8 +448,15 @@ async def test_broker_liquidates_during_flatten_then_position_ends_at_zero_never
 
             # Act: IB liquidates 400 AAPL itself
             sim.liquidate(ACCOUNT, AAPL, 400)
-            await wait_until(lambda: not sim.exchange.working_orders(), 20, what="children done")
-            await asyncio.sleep(1.0)
+            # The guard cancels its working child there, waits for the broker's figure to
+            # settle, and closes what remains.
+            await wait_until(
+                lambda: position(sim, AAPL) == 0 and not sim.exchange.working_orders(),
+                20,
+                what="flat with no child working",
+            )
+            await asyncio.sleep(0.5)  # nothing more may be sent after flat
+            assert guard.executor.last_flat_confirmed is not None
 
         # Assert
         assert position(sim, AAPL) == 0

@@ -47,7 +47,12 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from guardd.broker.pacer import DEFAULT_MESSAGES_PER_SECOND, Lane, PacedSender
 from guardd.core import events as ev
-from guardd.errors import BrokerConnectError, BrokerDisconnectedError, GuarddError
+from guardd.errors import (
+    AccountNotManagedError,
+    BrokerConnectError,
+    BrokerDisconnectedError,
+    GuarddError,
+)
 
 __all__ = ["ClientIdInUseError", "IbBroker", "reconnect_delay"]
 
@@ -366,6 +371,7 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
                 time=execution.time,
                 order_ref=execution.orderRef or "",
                 ts=self._ts(),
+                live=reqId == -1,
             )
         )
 
@@ -802,7 +808,7 @@ class IbBroker:
             return
         if self.account not in session.managed:
             session.ready.set_exception(
-                BrokerConnectError(
+                AccountNotManagedError(
                     f"account {self.account} is not managed by this login "
                     f"(managedAccounts: {', '.join(session.managed) or 'none'}); "
                     "reqGlobalCancel reaches every account of a login: run one guardd per login"

@@ -204,6 +204,7 @@ class Execution:
     time: str  # IB's execution time string, kept verbatim
     order_ref: str
     ts: float
+    live: bool = False  # reported as it happened (reqId -1), not as an answer to reqExecutions
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
