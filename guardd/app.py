@@ -39,7 +39,7 @@ from guardd.core import events as ev
 from guardd.core.book import Book
 from guardd.core.engine import Arm, Decision, Engine, Evaluation, Kill, Latch, State
 from guardd.core.rules import Finding, Thresholds
-from guardd.errors import BrokerConnectError
+from guardd.errors import AccountNotManagedError, BrokerConnectError
 from guardd.executor import Executor, journal_children
 from guardd.journal import Journal
 from guardd.latch import FRESH_START, read_latch, write_latch
@@ -144,6 +144,8 @@ class Guard:
             children = journal_children(cfg.journal_path, latch.decision_id)
             if children:
                 self.executor.restore_children(latch.decision_id, children)
+                # Ids a previous process may have sent are never handed out again.
+                self.broker.reserve_order_ids(int(r["order_id"]) for r in children)
                 log.warning("close_children_restored", count=len(children))
         self._findings: dict[str, Finding] = {}
         self._watched: set[ev.ConId] = set()
@@ -189,6 +191,8 @@ class Guard:
             try:
                 await self.broker.start()
                 return
+            except AccountNotManagedError:
+                raise  # a wrong `account` for this login: exit 78, never retry
             except BrokerConnectError as exc:
                 # Not fatal: the gateway may be restarting. The latch is already restored and a
                 # kill decided meanwhile is carried out once connected.

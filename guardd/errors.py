@@ -9,7 +9,8 @@ only ``GuarddError`` subclasses. A risk breach is never an exception: rules retu
     GuarddError                    anything guardd raises on purpose             exit 70
      ├── ConfigError               bad configuration: key path + rule broken     exit 78
      ├── BrokerError               talking to TWS / IB Gateway failed            exit 69
-     │    ├── BrokerConnectError       cannot connect / handshake / account not managed
+     │    ├── BrokerConnectError       cannot connect / handshake failed
+     │    │    └── AccountNotManagedError  the login does not manage the account  exit 78
      │    └── BrokerDisconnectedError  dropped, or a request needs a connection
      ├── JournalError              the audit journal cannot be written or read   exit 74
      ├── LatchError                the kill latch file cannot be written         exit 74
@@ -28,6 +29,7 @@ from typing import ClassVar
 
 __all__ = [
     "EX_CONFIG",
+    "AccountNotManagedError",
     "AuthError",
     "BrokerConnectError",
     "BrokerDisconnectedError",
@@ -74,6 +76,13 @@ class BrokerError(GuarddError):
 
 class BrokerConnectError(BrokerError):
     """Could not connect, the handshake failed, or the login does not manage the guarded account."""
+
+
+class AccountNotManagedError(BrokerConnectError):
+    """The login does not manage the configured account: a configuration mistake, not an outage,
+    so the daemon stops with EX_CONFIG (systemd does not restart it) instead of retrying."""
+
+    exit_code: ClassVar[int] = EX_CONFIG
 
 
 class BrokerDisconnectedError(BrokerError):
