@@ -353,6 +353,8 @@ class Guard:
             reasons=list(decision.reasons),
             refused=decision.refused,
         )
+        # The actions first (on a kill: the latch, then the cancel); logs and metrics after.
+        await self.executor.carry_out(decision, trigger_ts=trigger_ts)
         if changed:
             log.warning(
                 "state_changed",
@@ -367,7 +369,6 @@ class Guard:
                 self.metrics.count_kill("rule")  # commands are counted in `handle`
         for finding in self._findings.values():
             self.metrics.observe_level(finding.rule, finding.level)
-        await self.executor.carry_out(decision, trigger_ts=trigger_ts)
         if self.mqtt is not None and changed:
             self.mqtt.publish_state(self.status())
 
