@@ -80,7 +80,10 @@ class Journal:
         ts = fields.pop("ts", None)
         record = _plain({"ts": self._clock() if ts is None else ts, "kind": kind, **fields}, "")
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        data = line.encode("utf-8") + b"\n"
+        try:
+            data = line.encode("utf-8") + b"\n"
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a refused JSON payload
+            raise JournalError(f"journal record {kind!r}: text UTF-8 cannot encode: {exc}") from exc
         with self._lock:
             if self._fd is None:
                 raise JournalError(f"journal {self._path} is closed")

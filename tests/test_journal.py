@@ -214,6 +214,19 @@ def test_unstorable_value_then_journal_error_and_file_untouched(tmp_path: Path) 
     assert list(read_journal(path)) == [kept]
 
 
+def test_unencodable_text_then_journal_error_and_file_untouched(tmp_path: Path) -> None:
+    # json.loads accepts "\\ud800", so a refused command's reason can carry a lone surrogate
+    path = tmp_path / "j"
+    journal = Journal(path, clock=_clock)
+    kept = journal.append("decision")
+
+    with pytest.raises(JournalError, match="command_refused"):
+        journal.append("command_refused", reason=json.loads('"\\ud800"'))
+
+    journal.close()
+    assert list(read_journal(path)) == [kept]
+
+
 def test_failed_write_then_partial_line_cut_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
