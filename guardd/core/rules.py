@@ -149,6 +149,22 @@ def _fresh_number(
     return sample.value
 
 
+def _per_net_liquidation(
+    book: Book, now: float, max_age_s: float, rule: str, key: str
+) -> float | Finding:
+    """Account value `key` / NetLiquidation, or a data finding: Book unsynced, either value
+    missing, NaN or older than `max_age_s`, NetLiquidation not positive."""
+    if (f := _unsynced(book, rule)) is not None:
+        return f
+    nl = _fresh_number(book.net_liquidation, now, max_age_s, rule, "NetLiquidation", True)
+    if isinstance(nl, Finding):
+        return nl
+    value = _fresh_number(book.value(key), now, max_age_s, rule, key, False)
+    if isinstance(value, Finding):
+        return value
+    return value / nl
+
+
 # ------------------------------------------------------------------------- exposure and margin
 
 
@@ -197,19 +213,10 @@ class MarginCushion:
 
     def evaluate(self, book: Book, now: float) -> Finding:
         """Grade excess liquidity / net liquidation."""
-        if (f := _unsynced(book, self.name)) is not None:
-            return f
-        nl = _fresh_number(
-            book.net_liquidation, now, self.max_age_s, self.name, "NetLiquidation", True
-        )
-        if isinstance(nl, Finding):
-            return nl
-        el = _fresh_number(
-            book.value("ExcessLiquidity"), now, self.max_age_s, self.name, "ExcessLiquidity", False
-        )
-        if isinstance(el, Finding):
-            return el
-        return grade(self.name, el / nl, self.limits, what="cushion", higher_is_worse=False)
+        ratio = _per_net_liquidation(book, now, self.max_age_s, self.name, "ExcessLiquidity")
+        if isinstance(ratio, Finding):
+            return ratio
+        return grade(self.name, ratio, self.limits, what="cushion", higher_is_worse=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,19 +230,10 @@ class MaintMargin:
 
     def evaluate(self, book: Book, now: float) -> Finding:
         """Grade maintenance requirement / net liquidation."""
-        if (f := _unsynced(book, self.name)) is not None:
-            return f
-        nl = _fresh_number(
-            book.net_liquidation, now, self.max_age_s, self.name, "NetLiquidation", True
-        )
-        if isinstance(nl, Finding):
-            return nl
-        mm = _fresh_number(
-            book.value("MaintMarginReq"), now, self.max_age_s, self.name, "MaintMarginReq", False
-        )
-        if isinstance(mm, Finding):
-            return mm
-        return grade(self.name, mm / nl, self.limits, what="maint margin ratio")
+        ratio = _per_net_liquidation(book, now, self.max_age_s, self.name, "MaintMarginReq")
+        if isinstance(ratio, Finding):
+            return ratio
+        return grade(self.name, ratio, self.limits, what="maint margin ratio")
 
 
 @dataclass(frozen=True, slots=True)
