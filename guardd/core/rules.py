@@ -85,6 +85,15 @@ def worst(findings: Sequence[Finding]) -> Finding | None:
     return best
 
 
+def _worst_or_highest(findings: Sequence[Finding]) -> Finding | None:
+    """The worst finding; when every one is "ok", the one with the highest value (the figure the
+    metric reports, e.g. the busiest client). None for no findings."""
+    found = worst(findings)
+    if found is not None and found.level == "ok":
+        return max(findings, key=lambda f: f.value or 0.0)
+    return found
+
+
 def evaluate_all(rules: Sequence[Rule], book: Book, now: float) -> tuple[Finding, ...]:
     """Evaluate every rule in order."""
     return tuple(rule.evaluate(book, now) for rule in rules)
@@ -385,12 +394,9 @@ class Volatility:
         ]
         if self.include_portfolio:
             findings.append(self._judge(book.equity_history, now, "portfolio"))
-        found = worst(findings)
+        found = _worst_or_highest(findings)
         if found is None:
             return Finding(self.name, "ok", 0.0, self.limits.warn, "no positions")
-        if found.level == "ok":
-            # report the highest volatility seen, for the metric
-            return max(findings, key=lambda f: f.value or 0.0)
         return found
 
 
@@ -437,10 +443,8 @@ class OrderRate:
             findings.append(
                 grade(self.name, n, limits, what=f"new orders in {span:.0f}s", subject="total")
             )
-        found = worst(findings)
+        found = _worst_or_highest(findings)
         assert found is not None  # the two totals are always there
-        if found.level == "ok":
-            return max(findings, key=lambda f: f.value or 0.0)
         return found
 
 
@@ -591,11 +595,9 @@ class Heartbeats:
                 findings.append(Finding(self.name, self.level, silence, timeout, msg, bot))
             else:
                 findings.append(Finding(self.name, "ok", silence, timeout, "alive", bot))
-        found = worst(findings)
+        found = _worst_or_highest(findings)
         if found is None:
             return Finding(self.name, "ok", 0.0, None, "no bots configured")
-        if found.level == "ok":
-            return max(findings, key=lambda f: f.value or 0.0)
         return found
 
 
