@@ -197,6 +197,18 @@ class RateWindow:
             times.popleft()
 
 
+def _first_seen(key: PermId, event: OpenOrder | OrderStatus) -> Order:
+    """A new order as its first message (openOrder or orderStatus) reveals it."""
+    return Order(
+        perm_id=key,
+        order_id=event.order_id,
+        client_id=event.client_id,
+        status=event.status,
+        first_seen=event.ts,
+        updated=event.ts,
+    )
+
+
 def parse_number(text: str) -> float:
     """Parse an IB account value string; NaN when it is not a number."""
     try:
@@ -630,14 +642,7 @@ class Book:
     def _on_open_order(self, event: OpenOrder) -> None:
         key = self._resolve(event.perm_id, event.client_id, event.order_id)
         old = self._orders.get(key)
-        base = old or Order(
-            perm_id=key,
-            order_id=event.order_id,
-            client_id=event.client_id,
-            status=event.status,
-            first_seen=event.ts,
-            updated=event.ts,
-        )
+        base = old or _first_seen(key, event)
         new = replace(
             base,
             order_id=event.order_id or base.order_id,
@@ -663,14 +668,7 @@ class Book:
     def _on_order_status(self, event: OrderStatus) -> None:
         key = self._resolve(event.perm_id, event.client_id, event.order_id)
         old = self._orders.get(key)
-        base = old or Order(
-            perm_id=key,
-            order_id=event.order_id,
-            client_id=event.client_id,
-            status=event.status,
-            first_seen=event.ts,
-            updated=event.ts,
-        )
+        base = old or _first_seen(key, event)
         new = replace(
             base,
             order_id=event.order_id or base.order_id,
