@@ -140,7 +140,7 @@ def _parse(raw: bytes) -> LatchState:
         raise ValueError(f"latch keys wrong (missing {missing}, unknown {unknown})")
     halted = _typed(document, "halted", bool)
     since = document["since"]
-    if isinstance(since, bool) or not isinstance(since, int | float) or not math.isfinite(since):
+    if isinstance(since, bool) or not isinstance(since, int | float) or not _finite(since):
         raise ValueError(f"latch since must be a finite number, got {since!r}")
     decision_id = document["decision_id"]
     if decision_id is not None and not isinstance(decision_id, str):
@@ -157,6 +157,13 @@ def _parse(raw: bytes) -> LatchState:
         mode=mode,
         detail=_typed(document, "detail", str),
     )
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float (JSON integers are unbounded)
+        return False
 
 
 def _typed(document: dict[str, Any], key: str, kind: type[_T]) -> _T:

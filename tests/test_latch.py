@@ -182,6 +182,8 @@ CORRUPT = {
     b'"decision_id":null,"mode":"cancel","detail":""}',
     "since NaN": b'{"version":1,"halted":false,"reason":"r","source":"s","since":NaN,'
     b'"decision_id":null,"mode":"cancel","detail":""}',
+    "since beyond float range": b'{"version":1,"halted":false,"reason":"r","source":"s",'
+    b'"since":1' + b"0" * 400 + b',"decision_id":null,"mode":"cancel","detail":""}',
     "unknown mode": b'{"version":1,"halted":false,"reason":"r","source":"s","since":1,'
     b'"decision_id":null,"mode":"nuke","detail":""}',
     "decision id a number": b'{"version":1,"halted":false,"reason":"r","source":"s","since":1,'
