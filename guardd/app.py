@@ -148,6 +148,14 @@ class Guard:
                 self.broker.reserve_order_ids(int(r["order_id"]) for r in children)
                 log.warning("close_children_restored", count=len(children))
         self._findings: dict[str, Finding] = {}
+        # The two-person re-arm rule (control.two_person_rearm): one for HTTP and MQTT, so their
+        # arms count together; `_rearm_first_force` is whether the pending first arm forced.
+        self._two_person = (
+            TwoPersonRule(window_s=cfg.control.rearm_window_s)
+            if cfg.control.two_person_rearm
+            else None
+        )
+        self._rearm_first_force = False
         self._watched: set[ev.ConId] = set()
         checks = self.rules.order_checks
         self._watch_order_prices = checks is not None and checks.collar is not None
@@ -408,11 +416,6 @@ class Guard:
 
     # ---- the control plane's seam (guardd.control.commands.CommandHandler) --------------------
 
-    # The two-person re-arm rule (control.two_person_rearm), made on first use so that HTTP and
-    # MQTT arms count together; `_rearm_first_force` is whether the pending first arm forced.
-    _two_person: TwoPersonRule | None = None
-    _rearm_first_force: bool = False
-
     async def handle(self, command: ControlCommand) -> CommandOutcome:
         """A kill or re-arm from a person (HTTP, MQTT or the CLI), already authenticated.
 
@@ -434,7 +437,7 @@ class Guard:
         else:
             item = Arm(principal=command.principal, reason=command.reason, force=command.force)
         async with self._lock:
-            rule = self._two_person_rule()
+            rule = self._two_person
             if rule is not None and isinstance(item, Kill):
                 rule.clear()
             elif rule is not None and self.engine.state == State.HALTED:
@@ -476,14 +479,6 @@ class Guard:
             message=message,
             decision_id=str(decision.decision_id),
         )
-
-    def _two_person_rule(self) -> TwoPersonRule | None:
-        control = self.cfg.control
-        if not control.two_person_rearm:
-            return None
-        if self._two_person is None:
-            self._two_person = TwoPersonRule(window_s=control.rearm_window_s)
-        return self._two_person
 
     def status(self) -> Mapping[str, object]:
         """What `GET /v1/status` and the retained MQTT state say."""
