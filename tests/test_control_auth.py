@@ -298,6 +298,14 @@ def test_timestamp_then_accepted_only_within_window(skew: int, fresh: bool) -> N
             verify(raw)
 
 
+def test_timestamp_beyond_float_range_then_replay_refused() -> None:
+    # JSON integers are unbounded; a signed one too large for a float is far outside the window
+    raw = json.dumps(make(ts=10**400)).encode()
+
+    with pytest.raises(ReplayError, match="-inf s from now"):
+        verify(raw)
+
+
 def test_same_nonce_twice_then_replay_refused_until_window_passed() -> None:
     cache = NonceCache(30)
     raw = json.dumps(make()).encode()

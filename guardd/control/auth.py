@@ -41,6 +41,7 @@ import hashlib
 import heapq
 import hmac
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -432,9 +433,13 @@ def verify_signed_command(
     if not hmac.compare_digest(expected, command.sig):
         raise AuthError(f"bad signature for key id {command.key_id!r}")
     Principal(key.key_id, key.roles).require(required_role(command.action))
-    if abs(now - command.ts) > window_s:
+    try:
+        skew = float(now - command.ts)
+    except OverflowError:  # an integer ts beyond float range (ts >= 0: far in the future)
+        skew = -math.inf
+    if abs(skew) > window_s:
         raise ReplayError(
-            f"timestamp {command.ts} is {now - command.ts:+.0f} s from now (window {window_s:g} s)"
+            f"timestamp {command.ts} is {skew:+.0f} s from now (window {window_s:g} s)"
         )
     nonces.remember(command.key_id, command.nonce, ts=command.ts, now=now)
     return ControlCommand(
