@@ -118,17 +118,7 @@ def position_fields(pos: PositionView) -> Fields:
         POSITION_DATA,
         3,
         pos.account,
-        inst.con_id,
-        inst.symbol,
-        inst.sec_type,
-        inst.last_trade_date,
-        0.0,  # strike
-        "",  # right
-        _multiplier(inst),
-        _listing_exchange(inst),
-        inst.currency,
-        _local_symbol(inst),
-        _trading_class(inst),
+        *_contract_fields(inst, _listing_exchange(inst)),
         pos.position,
         pos.avg_cost,
     ]
@@ -162,17 +152,7 @@ def portfolio_fields(pos: PositionView) -> Fields:
     return [
         PORTFOLIO_VALUE,
         8,
-        inst.con_id,
-        inst.symbol,
-        inst.sec_type,
-        inst.last_trade_date,
-        0.0,  # strike
-        "",  # right
-        _multiplier(inst),
-        inst.primary_exchange,
-        inst.currency,
-        _local_symbol(inst),
-        _trading_class(inst),
+        *_contract_fields(inst, inst.primary_exchange),
         pos.position,
         pos.market_price,
         pos.market_value,
@@ -225,19 +205,7 @@ def open_order_fields(order: SimOrder) -> Fields:
     """openOrder (5) at 178: no version field; every field ibapi's processOpenOrder reads."""
     inst = order.instrument
     f: Fields = [OPEN_ORDER, order.order_id]
-    f += [
-        inst.con_id,
-        inst.symbol,
-        inst.sec_type,
-        inst.last_trade_date,
-        0.0,  # strike
-        "",  # right
-        _multiplier(inst),
-        inst.exchange,
-        inst.currency,
-        _local_symbol(inst),
-        _trading_class(inst),
-    ]
+    f += _contract_fields(inst, inst.exchange)
     f += [
         order.action,
         order.total_quantity,
@@ -380,19 +348,7 @@ def completed_order_fields(
     """
     inst = order.instrument
     f: Fields = [COMPLETED_ORDER]
-    f += [
-        inst.con_id,
-        inst.symbol,
-        inst.sec_type,
-        inst.last_trade_date,
-        0.0,
-        "",
-        _multiplier(inst),
-        inst.exchange,
-        inst.currency,
-        _local_symbol(inst),
-        _trading_class(inst),
-    ]
+    f += _contract_fields(inst, inst.exchange)
     f += [
         order.action,
         order.total_quantity,
@@ -506,17 +462,7 @@ def exec_details_fields(req_id: int, fill: Fill, tz: str = TWS_TIMEZONE) -> Fiel
         EXECUTION_DATA,
         req_id,
         fill.order_id,
-        inst.con_id,
-        inst.symbol,
-        inst.sec_type,
-        inst.last_trade_date,
-        0.0,  # strike
-        "",  # right
-        _multiplier(inst),
-        inst.exchange,
-        inst.currency,
-        _local_symbol(inst),
-        _trading_class(inst),
+        *_contract_fields(inst, inst.exchange),
         fill.exec_id,
         format_tws_time(fill.time, tz),
         fill.account,
@@ -962,6 +908,25 @@ def decode_executions_request(fields: Sequence[str]) -> ExecutionsRequest:
 
 # ---------------------------------------------------------------------------------------------
 # Contract field conventions
+
+
+def _contract_fields(inst: Instrument, exchange: str) -> Fields:
+    """The contract run that position, portfolio, openOrder, completedOrder and execDetails share:
+    conId, symbol, secType, lastTradeDate, strike, right, multiplier, exchange, currency,
+    localSymbol, tradingClass. Only the exchange differs between them."""
+    return [
+        inst.con_id,
+        inst.symbol,
+        inst.sec_type,
+        inst.last_trade_date,
+        0.0,  # strike
+        "",  # right
+        _multiplier(inst),
+        exchange,
+        inst.currency,
+        _local_symbol(inst),
+        _trading_class(inst),
+    ]
 
 
 def _multiplier(inst: Instrument) -> str:
