@@ -223,6 +223,21 @@ async def test_client_that_cannot_speak_178_then_closed_without_reply(sim: SimGa
         writer.close()
 
 
+async def test_version_range_with_too_many_digits_then_refused_as_bad_and_closed(
+    sim: SimGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", sim.port)
+    try:
+        payload = b"v" + b"9" * 5000  # more digits than int() converts
+        writer.write(b"API\0" + len(payload).to_bytes(4, "big") + payload)
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 5)
+        assert reply == b""
+        assert "bad version range" in caplog.text
+    finally:
+        writer.close()
+
+
 # ---- faults for the drills: freeze, split modifies, liquidation, daily reset --------------------
 
 

@@ -366,12 +366,11 @@ class SimGateway:
 
     def _negotiate(self, session: Session, fields: list[str]) -> bool:
         text = fields[0] if fields else ""
-        match = _VERSION_RANGE.match(text)
-        if match is None:
+        versions = _version_range(text)
+        if versions is None:
             log.warning("client %s sent a bad version range %r; closing", session.peer, text)
             return False
-        low = int(match.group(1))
-        high = int(match.group(2) or match.group(1))
+        low, high = versions
         # Every message layout here is the one of version 178: a client that cannot speak 178
         # would misread them, so it is refused rather than served a version it did not offer.
         version = SERVER_VERSION
@@ -1117,6 +1116,17 @@ class SimGateway:
             log.warning("fault: restart with order ids rolled back to %d", next_order_id)
             self._next_order_id = next_order_id
         await self.drop_all_clients(down_seconds)
+
+
+def _version_range(text: str) -> tuple[int, int] | None:
+    """(min, max) of a handshake's `v<min>[..<max>][ options]`; None when it is not one."""
+    match = _VERSION_RANGE.match(text)
+    if match is None:
+        return None
+    try:
+        return int(match.group(1)), int(match.group(2) or match.group(1))
+    except ValueError:  # more digits than int() converts
+        return None
 
 
 def _unsupported(placed: codec.PlacedOrder) -> str | None:
