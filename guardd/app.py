@@ -23,7 +23,9 @@ import math
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -50,6 +52,7 @@ from guardd.sdnotify import HealthWatchdog, Notifier, watchdog_interval
 log = structlog.get_logger(__name__)
 
 EVALUATE_EVERY_S = 0.25
+_NEW_YORK = ZoneInfo("America/New_York")
 _ORDER_EVENTS = (ev.OpenOrder, ev.OrderStatus)
 _BOOK_CHANGES = (ev.PositionUpdate, ev.OpenOrder, ev.OrderStatus, ev.Execution, ev.PositionsEnd)
 
@@ -148,6 +151,7 @@ class Guard:
                 self.broker.reserve_order_ids(int(r["order_id"]) for r in children)
                 log.warning("close_children_restored", count=len(children))
         self._findings: dict[str, Finding] = {}
+        self._trading_day: str | None = None
         # The two-person re-arm rule (control.two_person_rearm): one for HTTP and MQTT, so their
         # arms count together; `_rearm_first_force` is whether the pending first arm forced.
         self._two_person = (
@@ -325,10 +329,21 @@ class Guard:
         if changed or self.engine.state == State.HALTED:
             await self._evaluate(now, trigger_ts=event.ts)
 
+    def _roll_day(self, now: float) -> None:
+        """At midnight New York a new trading day starts: daily loss and drawdown re-anchor
+        (start-of-day net liquidation and the intraday peak are taken afresh)."""
+        day = datetime.fromtimestamp(now, _NEW_YORK).date().isoformat()
+        if self._trading_day is not None and day != self._trading_day:
+            self.book.start_new_day()
+            self.journal.append("trading_day_started", day=day)
+            log.info("trading_day_started", day=day)
+        self._trading_day = day
+
     async def _evaluate_loop(self) -> None:
         while True:
             await asyncio.sleep(EVALUATE_EVERY_S)
             now = self.clock()
+            self._roll_day(now)
             for rule in self.rules.periodic:
                 finding = rule.evaluate(self.book, now)
                 self._findings[finding.rule] = finding
