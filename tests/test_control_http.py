@@ -382,3 +382,25 @@ async def test_fuzzed_bodies_then_never_5xx_and_change_only_when_valid_and_autho
             assert control.handler.state == start
 
     await asyncio.to_thread(check)
+
+
+async def test_guard_fails_to_carry_out_then_json_500_command_failed(tmp_path: Path) -> None:
+    from guardd.control.commands import CommandOutcome, ControlCommand
+    from guardd.errors import LatchError
+
+    class BrokenDisk(MemoryHandler):
+        async def handle(self, command: ControlCommand) -> CommandOutcome:
+            raise LatchError("cannot write the latch: disk full")
+
+    server = ControlHttpServer(BrokenDisk(), tokens=token_store(tmp_path), port=0)
+    async with (
+        server,
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.url + "/v1/kill", json={"reason": "runaway"}, headers=auth("kill")
+        ) as resp,
+    ):
+        status, body = resp.status, await resp.json()
+    assert status == 500
+    assert body["error"] == "command_failed"
+    assert "disk full" in str(body["message"])

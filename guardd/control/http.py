@@ -235,6 +235,9 @@ class ControlHttpServer:
             by_guard = _RefusedError(409, exc)
             self._audit_refusal(request, action, principal, command.reason, by_guard, request_id)
             return _error(409, "refused", str(exc), request_id=request_id)
+        except GuarddError as exc:  # the guard failed to carry it out (journal, latch): say so
+            log.error("command_failed", channel="http", action=action, error=str(exc))
+            return _error(500, "command_failed", str(exc), request_id=request_id)
         status = 200 if outcome.accepted else 202 if outcome.pending else 409
         log.info(
             "command_handled",
