@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from ib_async import IB, Future, LimitOrder, MarketOrder, Stock
 
 from guardd.sim.gateway import SimGateway
+from tests.ibapi_harness import until
 
 pytestmark = pytest.mark.integration
 
@@ -18,15 +17,6 @@ async def connected(sim: SimGateway, client_id: int) -> IB:
     ib = IB()
     await ib.connectAsync("127.0.0.1", sim.port, clientId=client_id, timeout=5)
     return ib
-
-
-async def until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def test_connect_then_positions_account_and_pnl(sim: SimGateway) -> None:

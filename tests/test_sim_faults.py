@@ -14,7 +14,7 @@ from ib_async import IB, MarketOrder, Stock
 from guardd.sim.gateway import SimGateway
 from guardd.sim.scenario import Scenario, ScenarioError, load_scenario, parse_scenario, run_faults
 from tests.conftest import SCENARIO
-from tests.ibapi_harness import IbapiClient, limit_order, market_order, stock
+from tests.ibapi_harness import IbapiClient, limit_order, market_order, stock, until
 
 pytestmark = pytest.mark.integration
 
@@ -299,11 +299,11 @@ async def test_split_modifies_during_connectivity_loss_then_two_orders(sim: SimG
         await client.wait_for("orderStatus", lambda a: a[0] == oid and a[1] == "Submitted")
         # Act: modify while connected (a real modify), then while connectivity is lost (split)
         client.placeOrder(oid, stock("AAPL"), limit_order("BUY", 10, 151.0))
-        await asyncio.sleep(0.2)
+        await until(lambda: [o.lmt_price for o in sim.exchange.working_orders()] == [151.0])
         assert len(sim.exchange.working_orders()) == 1
         sim.connectivity_lost()
         client.placeOrder(oid, stock("AAPL"), limit_order("BUY", 10, 152.0))
-        await asyncio.sleep(0.2)
+        await until(lambda: sim.split_orders == 1)
         sim.connectivity_restored()
 
         working = sim.exchange.working_orders()
@@ -312,10 +312,10 @@ async def test_split_modifies_during_connectivity_loss_then_two_orders(sim: SimG
         assert len({o.perm_id for o in working}) == 2
         assert sim.split_orders == 1
         client.cancel(oid)  # cancelOrder reaches the original only
-        await asyncio.sleep(0.2)
+        await until(lambda: len(sim.exchange.working_orders()) == 1)
         assert [o.lmt_price for o in sim.exchange.working_orders()] == [152.0]
         client.global_cancel()
-        await asyncio.sleep(0.2)
+        await until(lambda: sim.exchange.working_orders() == [])
         assert sim.exchange.working_orders() == []
     finally:
         await client.stop()
