@@ -43,7 +43,7 @@ from guardd.sim.wire import API_PREFIX, Field, FrameBuffer, FrameError, encode_f
 
 log = logging.getLogger("guardd.sim")
 
-SERVER_VERSION = 178
+SERVER_VERSION = codec.SERVER_VERSION  # the one version whose layouts codec.py writes
 NO_VALID_ID = -1
 
 # Client -> server message ids (text protocol).
@@ -683,11 +683,7 @@ class SimGateway:
             session.send(codec.error_fields(req_id, 321, f"Account {account} not found"))
             return
         if self.exchange.find_instrument(ContractSpec(con_id=con_id)) is None:
-            session.send(
-                codec.error_fields(
-                    req_id, 200, "No security definition has been found for the request"
-                )
-            )
+            session.send(_no_security_definition(req_id))
             return
         session.subs.pnl_single[req_id] = (account, con_id)
         session.send(codec.pnl_single_fields(req_id, *self.exchange.pnl_single(account, con_id)))
@@ -699,11 +695,7 @@ class SimGateway:
         request = codec.decode_mkt_data_request(fields)
         instrument = self.exchange.find_instrument(request.contract)
         if instrument is None:
-            session.send(
-                codec.error_fields(
-                    request.req_id, 200, "No security definition has been found for the request"
-                )
-            )
+            session.send(_no_security_definition(request.req_id))
             return
         if not request.snapshot:
             session.subs.market_data[request.req_id] = instrument.con_id
@@ -721,11 +713,7 @@ class SimGateway:
         req_id, spec = codec.decode_contract_details_request(fields)
         instrument = self.exchange.find_instrument(spec)
         if instrument is None:
-            session.send(
-                codec.error_fields(
-                    req_id, 200, "No security definition has been found for the request"
-                )
-            )
+            session.send(_no_security_definition(req_id))
             return
         session.send(codec.contract_details_fields(req_id, instrument))
         session.send(codec.contract_details_end_fields(req_id))
@@ -1127,6 +1115,11 @@ def _version_range(text: str) -> tuple[int, int] | None:
         return int(match.group(1)), int(match.group(2) or match.group(1))
     except ValueError:  # more digits than int() converts
         return None
+
+
+def _no_security_definition(req_id: int) -> codec.Fields:
+    """Error 200: TWS's answer to a request for a contract it does not know."""
+    return codec.error_fields(req_id, 200, "No security definition has been found for the request")
 
 
 def _unsupported(placed: codec.PlacedOrder) -> str | None:
