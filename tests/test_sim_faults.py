@@ -124,7 +124,7 @@ async def test_scheduled_faults_then_played_in_order(sim: SimGateway, scenario: 
         ({"gateway": {"colour": "red"}}, "gateway.colour"),
         ({"positions": [{"symbol": "NOPE", "quantity": 1}]}, "positions[0].symbol"),
         ({"faults": [{"at_s": 1, "kind": "meteor"}]}, "faults.0"),
-        ({"faults": [{"at_s": 1, "kind": "price_jump", "symbol": "AAPL"}]}, "fraction"),
+        ({"faults": [{"at_s": 1, "kind": "price_jump", "symbol": "AAPL"}]}, "faults.0.fraction"),
         ({"accounts": []}, "accounts"),
     ],
 )

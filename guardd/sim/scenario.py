@@ -10,13 +10,13 @@ import logging
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from guardd.sim.exchange import Exchange
 from guardd.sim.gateway import GatewayConfig, SimGateway
-from guardd.sim.types import Instrument
+from guardd.sim.types import Instrument, OrderRequest
 
 log = logging.getLogger("guardd.sim")
 
@@ -192,6 +192,12 @@ Fault = Annotated[
     | Liquidate,
     Field(discriminator="kind"),
 ]
+# Every fault's `kind`, read off the union so that a new fault needs no second list.
+_FAULT_KINDS = frozenset(
+    kind
+    for cls in get_args(get_args(Fault)[0])
+    for kind in get_args(cls.model_fields["kind"].annotation)
+)
 
 
 class Scenario(_Strict):
@@ -298,21 +304,7 @@ def parse_scenario(data: dict[str, object], *, source: str = "scenario") -> Scen
 
 
 def _is_union_tag(part: object) -> bool:
-    return isinstance(part, str) and part in {
-        "drop_clients",
-        "connectivity_lost",
-        "reject_orders",
-        "delay_positions",
-        "duplicate_positions",
-        "price_jump",
-        "volatility",
-        "margin_change",
-        "restart",
-        "freeze",
-        "daily_reset",
-        "split_modifies",
-        "liquidate",
-    }
+    return isinstance(part, str) and part in _FAULT_KINDS
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -354,10 +346,10 @@ async def _apply(gateway: SimGateway, scenario: Scenario, fault: Fault) -> None:
             gateway.connectivity_restored(data_lost=data_lost)
         case RejectOrders(symbol=symbol, action=action, reason=reason, seconds=seconds):
 
-            def rejects(req: object, instrument: Instrument) -> str | None:
+            def rejects(req: OrderRequest, instrument: Instrument) -> str | None:
                 if symbol and instrument.symbol != symbol:
                     return None
-                if action and getattr(req, "action", "") != action:
+                if action and req.action != action:
                     return None
                 return reason
 
