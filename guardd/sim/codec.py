@@ -206,18 +206,8 @@ def open_order_fields(order: SimOrder) -> Fields:
     inst = order.instrument
     f: Fields = [OPEN_ORDER, order.order_id]
     f += _contract_fields(inst, inst.exchange)
+    f += _order_head_fields(order)
     f += [
-        order.action,
-        order.total_quantity,
-        order.order_type,
-        order.lmt_price if order.lmt_price is not None else 0.0,
-        0.0,  # auxPrice
-        order.tif,
-        "",  # ocaGroup
-        order.account,
-        "",  # openClose
-        0,  # origin: customer
-        order.order_ref,
         order.client_id,
         order.perm_id,
         order.outside_rth,
@@ -349,18 +339,8 @@ def completed_order_fields(
     inst = order.instrument
     f: Fields = [COMPLETED_ORDER]
     f += _contract_fields(inst, inst.exchange)
+    f += _order_head_fields(order)
     f += [
-        order.action,
-        order.total_quantity,
-        order.order_type,
-        order.lmt_price if order.lmt_price is not None else 0.0,
-        0.0,  # auxPrice
-        order.tif,
-        "",  # ocaGroup
-        order.account,
-        "",  # openClose
-        0,  # origin
-        order.order_ref,
         order.perm_id,
         order.outside_rth,
         False,  # hidden
@@ -926,6 +906,25 @@ def _contract_fields(inst: Instrument, exchange: str) -> Fields:
         inst.currency,
         _local_symbol(inst),
         _trading_class(inst),
+    ]
+
+
+def _order_head_fields(order: SimOrder) -> Fields:
+    """The order fields openOrder and completedOrder both start with, after the contract:
+    action, totalQuantity, orderType, lmtPrice, auxPrice, tif, ocaGroup, account, openClose,
+    origin, orderRef."""
+    return [
+        order.action,
+        order.total_quantity,
+        order.order_type,
+        order.lmt_price if order.lmt_price is not None else 0.0,
+        0.0,  # auxPrice
+        order.tif,
+        "",  # ocaGroup
+        order.account,
+        "",  # openClose
+        0,  # origin: customer
+        order.order_ref,
     ]
 
 
