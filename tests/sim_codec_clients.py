@@ -175,8 +175,12 @@ async def ib_async_sent(
         writers.append(writer)
         assert await reader.readexactly(4) == b"API\0"
         buf = FrameBuffer()
-        while not (hello := buf.feed(await reader.read(4096))):
-            pass
+        hello: list[list[str]] = []
+        while not hello:
+            data = await reader.read(4096)
+            if not data:  # the client gave up before its version range: no busy loop on EOF
+                return
+            hello = buf.feed(data)
         assert hello[0][0].startswith("v157..178")
         writer.write(encode_raw_frame(f"{codec.SERVER_VERSION}\x0020250625 09:26:58 EST\x00"))
         while True:
