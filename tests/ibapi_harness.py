@@ -148,6 +148,13 @@ class IbapiClient(EClient):
         self.reqGlobalCancel(OrderCancel())
 
 
+async def connected(port: int, client_id: int) -> IbapiClient:
+    """A started client on `port` as `client_id`, past nextValidId."""
+    client = IbapiClient()
+    await client.start(port, client_id)
+    return client
+
+
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     """Poll the loop until `predicate()` holds; TimeoutError after `timeout` seconds."""
     loop = asyncio.get_running_loop()

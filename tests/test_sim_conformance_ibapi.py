@@ -7,17 +7,11 @@ import asyncio
 import pytest
 
 from guardd.sim.gateway import SimGateway
-from tests.ibapi_harness import IbapiClient, limit_order, market_order, stock
+from tests.ibapi_harness import IbapiClient, connected, limit_order, market_order, stock
 
 pytestmark = pytest.mark.integration
 
 ACCOUNT = "DU000001"
-
-
-async def connected(sim: SimGateway, client_id: int) -> IbapiClient:
-    client = IbapiClient()
-    await client.start(sim.port, client_id)
-    return client
 
 
 async def gone(sim: SimGateway, client_id: int) -> None:
@@ -34,7 +28,7 @@ async def gone(sim: SimGateway, client_id: int) -> None:
 
 
 async def test_connect_then_accounts_next_id_and_farm_notices(sim: SimGateway) -> None:
-    client = await connected(sim, 7)
+    client = await connected(sim.port, 7)
     try:
         assert client.named("managedAccounts") == [(ACCOUNT,)]
         assert client.named("nextValidId")[0][0] >= 1
@@ -45,7 +39,7 @@ async def test_connect_then_accounts_next_id_and_farm_notices(sim: SimGateway) -
 
 
 async def test_positions_account_summary_and_pnl_then_all_answered(sim: SimGateway) -> None:
-    client = await connected(sim, 7)
+    client = await connected(sim.port, 7)
     try:
         client.reqPositions()
         await client.wait_for("positionEnd")
@@ -70,7 +64,7 @@ async def test_positions_account_summary_and_pnl_then_all_answered(sim: SimGatew
 
 
 async def test_limit_and_market_orders_then_fills_and_position_moves(sim: SimGateway) -> None:
-    client = await connected(sim, 7)
+    client = await connected(sim.port, 7)
     try:
         first = client.named("nextValidId")[0][0]
         client.reqPositions()
@@ -97,7 +91,7 @@ async def test_limit_and_market_orders_then_fills_and_position_moves(sim: SimGat
 
 
 async def test_cancel_own_order_then_cancelled(sim: SimGateway) -> None:
-    client = await connected(sim, 7)
+    client = await connected(sim.port, 7)
     try:
         oid = client.named("nextValidId")[0][0]
         client.placeOrder(oid, stock("MSFT"), limit_order("BUY", 10, 1.0))
@@ -112,8 +106,8 @@ async def test_cancel_own_order_then_cancelled(sim: SimGateway) -> None:
 async def test_cancel_of_another_clients_order_then_10147_and_order_still_works(
     sim: SimGateway,
 ) -> None:
-    bot = await connected(sim, 7)
-    other = await connected(sim, 8)
+    bot = await connected(sim.port, 7)
+    other = await connected(sim.port, 8)
     try:
         oid = bot.named("nextValidId")[0][0]
         bot.placeOrder(oid, stock("MSFT"), limit_order("BUY", 10, 1.0))
@@ -127,8 +121,8 @@ async def test_cancel_of_another_clients_order_then_10147_and_order_still_works(
 
 
 async def test_global_cancel_by_another_client_then_every_order_cancelled(sim: SimGateway) -> None:
-    bot = await connected(sim, 7)
-    guard = await connected(sim, 0)
+    bot = await connected(sim.port, 7)
+    guard = await connected(sim.port, 0)
     try:
         oid = bot.named("nextValidId")[0][0]
         for n in range(3):
@@ -144,8 +138,8 @@ async def test_global_cancel_by_another_client_then_every_order_cancelled(sim: S
 
 
 async def test_master_client_then_sees_other_clients_orders_and_fills(sim: SimGateway) -> None:
-    master = await connected(sim, 0)
-    bot = await connected(sim, 7)
+    master = await connected(sim.port, 0)
+    bot = await connected(sim.port, 7)
     try:
         oid = bot.named("nextValidId")[0][0]
         bot.placeOrder(oid, stock("MSFT"), limit_order("BUY", 10, 1.0))
@@ -154,7 +148,7 @@ async def test_master_client_then_sees_other_clients_orders_and_fills(sim: SimGa
         bot.placeOrder(oid + 1, stock("AAPL"), market_order("SELL", 5))
         await master.wait_for("execDetails", lambda a: a[2].clientId == 7)
         # A client that is not the master does not see the bot's orders.
-        bystander = await connected(sim, 9)
+        bystander = await connected(sim.port, 9)
         bystander.reqOpenOrders()
         await bystander.wait_for("openOrderEnd")
         assert bystander.named("openOrder") == []
@@ -165,14 +159,14 @@ async def test_master_client_then_sees_other_clients_orders_and_fills(sim: SimGa
 
 
 async def test_orders_survive_disconnect_then_reported_on_reconnect(sim: SimGateway) -> None:
-    bot = await connected(sim, 7)
+    bot = await connected(sim.port, 7)
     oid = bot.named("nextValidId")[0][0]
     bot.placeOrder(oid, stock("MSFT"), limit_order("BUY", 10, 1.0))
     await bot.wait_for("orderStatus", lambda a: a[0] == oid and a[1] == "Submitted")
     await bot.stop()
     await gone(sim, 7)
     assert len(sim.exchange.working_orders()) == 1
-    again = await connected(sim, 7)
+    again = await connected(sim.port, 7)
     try:
         reported = await again.wait_for("openOrder", lambda a: a[0] == oid)
         assert reported[0][1].symbol == "MSFT"
@@ -181,7 +175,7 @@ async def test_orders_survive_disconnect_then_reported_on_reconnect(sim: SimGate
 
 
 async def test_duplicate_client_id_then_326_and_closed(sim: SimGateway) -> None:
-    first = await connected(sim, 7)
+    first = await connected(sim.port, 7)
     second = IbapiClient()
     try:
         await asyncio.wait_for(asyncio.to_thread(second.connect, "127.0.0.1", sim.port, 7), 5)
@@ -196,7 +190,7 @@ async def test_duplicate_client_id_then_326_and_closed(sim: SimGateway) -> None:
 
 
 async def test_message_flood_then_error_100_and_disconnect(sim: SimGateway) -> None:
-    client = await connected(sim, 7)
+    client = await connected(sim.port, 7)
     try:
         assert sim.pacing_violations == 0
         for _ in range(60):
@@ -210,14 +204,14 @@ async def test_message_flood_then_error_100_and_disconnect(sim: SimGateway) -> N
 
 
 async def test_gateway_restart_then_client_reconnects_and_orders_remain(sim: SimGateway) -> None:
-    bot = await connected(sim, 7)
+    bot = await connected(sim.port, 7)
     oid = bot.named("nextValidId")[0][0]
     bot.placeOrder(oid, stock("MSFT"), limit_order("BUY", 10, 1.0))
     await bot.wait_for("orderStatus", lambda a: a[0] == oid and a[1] == "Submitted")
     await sim.restart(0.3, next_order_id=1)
     await bot.wait_for("connectionClosed")
     await bot.stop()
-    again = await connected(sim, 7)
+    again = await connected(sim.port, 7)
     try:
         assert again.named("nextValidId")[0][0] == 1  # ids rolled back: ask, never assume
         await again.wait_for("openOrder", lambda a: a[0] == oid)

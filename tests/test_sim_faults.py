@@ -14,21 +14,15 @@ from ib_async import IB, MarketOrder, Stock
 from guardd.sim.gateway import SimGateway
 from guardd.sim.scenario import Scenario, ScenarioError, load_scenario, parse_scenario, run_faults
 from tests.conftest import SCENARIO
-from tests.ibapi_harness import IbapiClient, limit_order, market_order, stock, until
+from tests.ibapi_harness import IbapiClient, connected, limit_order, market_order, stock, until
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def connected(sim: SimGateway, client_id: int) -> IbapiClient:
-    client = IbapiClient()
-    await client.start(sim.port, client_id)
-    return client
-
-
 async def test_connectivity_lost_then_1100_and_1102_and_socket_kept(sim: SimGateway) -> None:
-    client = await connected(sim, 3)
+    client = await connected(sim.port, 3)
     try:
         sim.connectivity_lost()
         await client.wait_for("error", lambda a: a[2] == 1100)
@@ -41,7 +35,7 @@ async def test_connectivity_lost_then_1100_and_1102_and_socket_kept(sim: SimGate
 
 
 async def test_reject_filter_then_error_201_and_no_fill(sim: SimGateway) -> None:
-    client = await connected(sim, 3)
+    client = await connected(sim.port, 3)
     try:
         sim.reject_orders(lambda req, inst: "market closed" if inst.symbol == "AAPL" else None)
         oid = client.named("nextValidId")[0][0]
@@ -58,7 +52,7 @@ async def test_reject_filter_then_error_201_and_no_fill(sim: SimGateway) -> None
 async def test_duplicated_and_delayed_positions_then_each_update_sent_again_later(
     sim: SimGateway,
 ) -> None:
-    client = await connected(sim, 3)
+    client = await connected(sim.port, 3)
     try:
         client.reqPositions()
         await client.wait_for("positionEnd")
@@ -76,7 +70,7 @@ async def test_duplicated_and_delayed_positions_then_each_update_sent_again_late
 
 
 async def test_price_jump_then_resting_limit_fills(sim: SimGateway) -> None:
-    client = await connected(sim, 3)
+    client = await connected(sim.port, 3)
     try:
         oid = client.named("nextValidId")[0][0]
         client.placeOrder(oid, stock("AAPL"), limit_order("BUY", 10, 180.0))
@@ -99,7 +93,7 @@ async def test_margin_change_then_maintenance_requirement_scales(sim: SimGateway
 
 
 async def test_scheduled_faults_then_played_in_order(sim: SimGateway, scenario: Scenario) -> None:
-    client = await connected(sim, 3)
+    client = await connected(sim.port, 3)
     try:
         faults = parse_scenario(
             {
@@ -198,7 +192,7 @@ def test_guardd_sim_with_bad_scenario_then_exit_78(tmp_path: Path) -> None:
 
 
 async def test_what_if_order_then_refused_and_nothing_placed(sim: SimGateway) -> None:
-    client = await connected(sim, 3)
+    client = await connected(sim.port, 3)
     try:
         order = market_order("BUY", 10)
         order.whatIf = True
@@ -242,7 +236,7 @@ async def test_version_range_with_too_many_digits_then_refused_as_bad_and_closed
 
 
 async def test_freeze_then_nothing_answered_until_thawed_and_socket_kept(sim: SimGateway) -> None:
-    client = await connected(sim, 3)
+    client = await connected(sim.port, 3)
     try:
         freeze = asyncio.create_task(sim.freeze(1.0))
         await asyncio.sleep(0.1)
@@ -274,7 +268,7 @@ async def test_freeze_then_new_connection_waits_for_the_thaw(sim: SimGateway) ->
 async def test_freeze_then_exchange_keeps_trading_and_fills_reported_after(
     sim: SimGateway,
 ) -> None:
-    client = await connected(sim, 3)
+    client = await connected(sim.port, 3)
     try:
         oid = client.named("nextValidId")[0][0]
         client.placeOrder(oid, stock("AAPL"), limit_order("SELL", 10, 200.0))
@@ -291,7 +285,7 @@ async def test_freeze_then_exchange_keeps_trading_and_fills_reported_after(
 
 
 async def test_split_modifies_during_connectivity_loss_then_two_orders(sim: SimGateway) -> None:
-    client = await connected(sim, 3)
+    client = await connected(sim.port, 3)
     try:
         sim.split_modifies(True)
         oid = client.named("nextValidId")[0][0]
@@ -324,7 +318,7 @@ async def test_split_modifies_during_connectivity_loss_then_two_orders(sim: SimG
 async def test_liquidate_then_foreign_execution_and_position_reduced_never_past_zero(
     sim: SimGateway,
 ) -> None:
-    master = await connected(sim, 0)
+    master = await connected(sim.port, 0)
     try:
         sim.liquidate("DU000001", 265598, 300)
         execs = await master.wait_for("execDetails")
@@ -345,13 +339,13 @@ async def test_liquidate_then_foreign_execution_and_position_reduced_never_past_
 
 
 async def test_daily_reset_then_1100_then_dropped_and_accepting_again(sim: SimGateway) -> None:
-    client = await connected(sim, 3)
+    client = await connected(sim.port, 3)
     try:
         await sim.daily_reset(0.3)
         await client.wait_for("error", lambda a: a[2] == 1100)
         await client.wait_for("connectionClosed")
         assert sim.connectivity_ok and sim.accepting
-        again = await connected(sim, 3)
+        again = await connected(sim.port, 3)
         await again.stop()
     finally:
         await client.stop()
