@@ -10,7 +10,7 @@ import logging
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal, assert_never, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -380,3 +380,5 @@ async def _apply(gateway: SimGateway, scenario: Scenario, fault: Fault) -> None:
                 gateway.split_modifies(False)
         case Liquidate(account=account, symbol=symbol, quantity=quantity):
             gateway.liquidate(account or scenario.accounts[0].id, scenario.con_id(symbol), quantity)
+        case _:
+            assert_never(fault)
