@@ -22,7 +22,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, assert_never
 
 from guardd.sim import codec
 from guardd.sim.exchange import Exchange, OrderNotCancellableError, OrderNotFoundError
@@ -817,6 +817,8 @@ class SimGateway:
                     self._route_position(pos)
                 case AccountChanged(account=account, values=values):
                     self._route_account_values(account, values)
+                case _:
+                    assert_never(event)
 
     def _route_position(self, pos: PositionView) -> None:
         for s in list(self.sessions.values()):
