@@ -315,8 +315,17 @@ def test_unknown_contract_then_rejected_with_200() -> None:
         _order(1, order_type="LMT", lmt_price=None),
         _order(1, action="SHORT"),
         _order(1, account="U999"),
+        _order(1, quantity=1e308),
     ],
-    ids=["zero-qty", "negative-qty", "stop", "limit-without-price", "bad-action", "unknown-acct"],
+    ids=[
+        "zero-qty",
+        "negative-qty",
+        "stop",
+        "limit-without-price",
+        "bad-action",
+        "unknown-acct",
+        "absurd-qty",
+    ],
 )
 def test_invalid_order_then_rejected_with_201_and_nothing_works(request_: OrderRequest) -> None:
     exchange = _exchange()

@@ -87,6 +87,8 @@ class RunawayBot:
         self, *, symbol: str, price: float, rate: float, count: int, quantity: float = 100
     ) -> None:
         """Send `count` resting buy orders at `rate` per second, each a cent lower."""
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, got {rate}")
         for n in range(count):
             if not self.client.isConnected():
                 return

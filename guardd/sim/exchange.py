@@ -77,6 +77,7 @@ FIRST_PERM_ID = 1_000_000_001
 NO_SECURITY_DEFINITION = 200
 ORDER_REJECTED = 201
 DUPLICATE_ORDER_ID = 103
+MAX_ORDER_QUANTITY = 1e9  # larger is a typo or an attack, never a trade: refused with 201
 BUYING_POWER_FACTOR = 4.0  # Reg-T intraday: four times the excess of equity over initial margin
 _EXEC_ID_BASE = 0xE1A7  # execIds look like IB's: "0000e1a7.65f1e2b3.01.01"
 _ZERO = 1e-9  # quantities below this are float noise, not a position
@@ -559,6 +560,8 @@ class Exchange:
             return f"Invalid action {req.action!r}: BUY or SELL"
         if not (math.isfinite(req.total_quantity) and req.total_quantity > 0):
             return f"Order quantity must be positive, got {req.total_quantity}"
+        if req.total_quantity > MAX_ORDER_QUANTITY:
+            return f"Order quantity {req.total_quantity:g} exceeds {MAX_ORDER_QUANTITY:g}"
         order_type = req.order_type.upper()
         if order_type not in ("MKT", "LMT"):
             return f"Unsupported order type {req.order_type!r}: MKT or LMT"

@@ -368,7 +368,7 @@ class SimGateway:
         text = fields[0] if fields else ""
         versions = _version_range(text)
         if versions is None:
-            log.warning("client %s sent a bad version range %r; closing", session.peer, text)
+            log.warning("client %s sent a bad version range %r; closing", session.peer, text[:64])
             return False
         low, high = versions
         # Every message layout here is the one of version 178: a client that cannot speak 178
