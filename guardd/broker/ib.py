@@ -31,6 +31,7 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -156,12 +157,30 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
         self.heard = asyncio.Event()  # set on the loop by every message of this session
         self.heartbeat_task: asyncio.Task[None] | None = None
         self.drop_reason: str | None = None  # why the broker itself dropped this session
+        self._inbox: deque[object] = deque()  # callbacks posted by the ibapi thread, in order
+        self._inbox_lock = threading.Lock()
+        self._drain_scheduled = False
 
     # ---- bridge ----------------------------------------------------------------------------
 
     def _post(self, item: object) -> None:
+        """Hand one callback to the event loop, in order. Under load callbacks are batched: one
+        wake-up of the loop (a self-pipe write) drains everything posted since the last one."""
+        with self._inbox_lock:
+            self._inbox.append(item)
+            if self._drain_scheduled:
+                return
+            self._drain_scheduled = True
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-            self._broker.loop.call_soon_threadsafe(self._broker._on_item, self, item)
+            self._broker.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._inbox_lock:
+            items = list(self._inbox)
+            self._inbox.clear()
+            self._drain_scheduled = False
+        for item in items:
+            self._broker._on_item(self, item)
 
     def _ts(self) -> float:
         return self._broker.clock()
