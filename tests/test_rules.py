@@ -415,3 +415,12 @@ def test_no_broker_events_then_stale_and_heartbeat_does_not_refresh() -> None:
 def test_leverage_with_bad_net_liq_then_never_a_breach(nl: float, qty: float) -> None:
     book = book_with(av("NetLiquidation", str(nl)), pos(1, qty), tick(1, 100.0))
     assert LEV.evaluate(book, T).level == "data"
+
+
+def test_non_finite_value_then_data_not_ok_nor_breach() -> None:
+    from guardd.core.rules import Thresholds, grade
+
+    for value in (float("nan"), float("inf"), float("-inf")):
+        finding = grade("leverage", value, Thresholds(warn=1.0, kill=3.0), what="leverage")
+        assert finding.level == "data"
+        assert finding.value is None

@@ -108,7 +108,12 @@ def grade(
     higher_is_worse: bool = True,
     subject: str = "",
 ) -> Finding:
-    """Grade a finite `value` against `limits` (kill checked first, then reduce, then warn)."""
+    """Grade a finite `value` against `limits` (kill checked first, then reduce, then warn).
+
+    A value that is not finite (a NaN that slipped through an input) is a "data" finding: it can
+    neither breach nor pass for "within limits"."""
+    if not math.isfinite(value):
+        return data(rule, f"{what} is not a number ({value})", subject)
     ladder: tuple[tuple[Level, float | None], ...] = (
         ("kill", limits.kill),
         ("reduce", limits.reduce),
