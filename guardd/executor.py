@@ -416,7 +416,8 @@ class Executor:
 
     async def _close_loop(self) -> None:
         backoff = 0.0
-        rejects = filled = Decimal(-1)
+        rejects: int | None = None  # after the previous round
+        filled: Decimal | None = None
         while True:
             episode = self.episode
             if episode is None or episode.done:
@@ -440,11 +441,11 @@ class Executor:
             # Back off while children keep being rejected (counted between rounds too); any
             # fill is progress and ends the back-off.
             now_filled = sum((c.filled for c in episode.children.values()), Decimal(0))
-            if now_filled > filled >= 0:
+            if filled is not None and now_filled > filled:
                 backoff = 0.0
-            elif episode.rejects_seen > rejects >= 0:
+            elif rejects is not None and episode.rejects_seen > rejects:
                 backoff = min(10.0, max(0.5, backoff * 2))
-            rejects, filled = Decimal(episode.rejects_seen), now_filled
+            rejects, filled = episode.rejects_seen, now_filled
 
     async def _close_round(self, episode: CloseEpisode) -> None:
         now = self.clock()
