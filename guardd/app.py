@@ -10,9 +10,11 @@
 - the control plane (HTTP, MQTT), metrics listener and systemd watchdog when configured.
 
 Start-up order matters: the latch is read and restored BEFORE connecting to IB, so a guard that
-was HALTED comes back HALTED and carries the kill out as soon as the Book has re-synced. Every
-engine step and its execution happen under one lock, so the latch of a kill is on disk before
-any cancel of any later decision is sent.
+was HALTED comes back HALTED and carries the kill out as soon as the Book has re-synced. The
+journal is the latch's second witness: a kill decision it records later than the latch file's
+state means HALTED (and the file is rewritten). Every engine step and its execution happen under
+one lock; a kill's cancel goes out first, then its latch is written, then closing orders and the
+command's answer, which says whether the latch is durable.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from guardd.core.rules import Finding, Thresholds
 from guardd.errors import AccountNotManagedError, BrokerConnectError
 from guardd.executor import Executor, journal_children
 from guardd.journal import Journal
-from guardd.latch import FRESH_START, read_latch, write_latch
+from guardd.latch import FRESH_START, LatchState, later_of, read_latch, witness_step, write_latch
 from guardd.metrics import Metrics, MetricsServer, metrics_handler
 from guardd.rulebook import build_close_policy, build_policy, build_rules, build_sampling
 from guardd.sdnotify import HealthWatchdog, Notifier, watchdog_interval
@@ -77,16 +79,20 @@ class Guard:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(cfg.journal_path, clock=clock)
         now = clock()
-        # The latch first: restored before anything connects.
-        restored = read_latch(cfg.latch_path, allow_missing=fresh_start, now=now)
-        if not restored.halted and restored.reason == FRESH_START:
-            write_latch(cfg.latch_path, restored)
+        # The latch first: restored before anything connects, from the file or, when it records
+        # a later kill, from the journal (the second witness: a latch write may have failed).
+        on_disk = read_latch(cfg.latch_path, allow_missing=fresh_start, now=now)
+        if not on_disk.halted and on_disk.reason == FRESH_START:
+            write_latch(cfg.latch_path, on_disk)
+        last_decision, witness = _scan_journal(cfg)
+        restored = later_of(on_disk, witness)
         self.journal.append(
             "guard_started",
             account=cfg.account,
             version=__version__,
             halted=restored.halted,
             latch_reason=restored.reason,
+            latch_from="file" if restored is on_disk else "journal",
             dry_run=cfg.dry_run,
         )
         latch = None
@@ -110,7 +116,7 @@ class Guard:
                 self._rule_limits[rule.name] = limits
         if self.rules.order_rate is not None:
             self._rule_limits["order_rate"] = self.rules.order_rate.per_client_1s
-        self.engine = Engine(build_policy(cfg), latch=latch, first_decision_id=_next_decision(cfg))
+        self.engine = Engine(build_policy(cfg), latch=latch, first_decision_id=last_decision + 1)
         sampling = build_sampling(cfg)
         self.book = Book(
             cfg.account,
@@ -142,7 +148,11 @@ class Guard:
             messages_per_second=cfg.budget.messages_per_second,
             metrics=self.metrics,
             clock=clock,
+            latch_on_disk=on_disk,
         )
+        if restored is not on_disk:
+            log.error("latch_restored_from_journal", decision_id=restored.decision_id)
+            self.executor.persist_latch(restored)  # the file said less than the journal: repair
         if latch is not None and latch.mode == "flatten" and latch.decision_id:
             children = journal_children(cfg.journal_path, latch.decision_id)
             if children:
@@ -354,6 +364,7 @@ class Guard:
                 # A per-order breach that did not halt (warn) clears once no order breaks it.
                 self._findings.pop("order_checks", None)
             await self._evaluate(now, trigger_ts=now)
+            self.executor.retry_latch()
             self._publish_metrics()
 
     async def _evaluate(self, now: float, *, trigger_ts: float | None) -> None:
@@ -367,16 +378,8 @@ class Guard:
         if not (changed or decision.actions or decision.refused):
             return
         self._last_decision = decision
-        self.journal.append(
-            "decision",
-            decision_id=decision.decision_id,
-            state=str(decision.state),
-            previous_state=str(decision.previous_state),
-            actions=[type(a).__name__ for a in decision.actions],
-            reasons=list(decision.reasons),
-            refused=decision.refused,
-        )
-        # The actions first (on a kill: the latch, then the cancel); logs and metrics after.
+        # The actions first (on a kill: the cancel, the decision's record, the latch, closing
+        # orders); logs and metrics after.
         await self.executor.carry_out(decision, trigger_ts=trigger_ts)
         if changed:
             log.warning(
@@ -477,22 +480,28 @@ class Guard:
                 reason = f"{command.reason} (two-person: {verdict.first} and {command.principal})"
                 item = Arm(principal=command.principal, reason=reason, force=forced)
             decision = self.engine.step(item, now)
+            if command.action == "kill" and not decision.refused:
+                self.metrics.count_kill(command.channel)
+            # Carried out before the command's own record: a kill's cancel waits for no fsync.
+            await self._carry_out(decision, trigger_ts=now)
+            durable = self.executor.latch_durable
             self.journal.append(
                 "command",
                 **_command_fields(command),
                 accepted=not decision.refused,
                 pending=False,
                 decision_id=decision.decision_id,
+                latch_durable=durable,
             )
-            if command.action == "kill" and not decision.refused:
-                self.metrics.count_kill(command.channel)
-            await self._carry_out(decision, trigger_ts=now)
         message = "; ".join(decision.reasons) or str(decision.state)
+        if not durable:
+            message = f"{message}; LATCH NOT DURABLE: {self.executor.latch_error}"
         return CommandOutcome(
             accepted=not decision.refused,
             state=str(decision.state),
             message=message,
             decision_id=str(decision.decision_id),
+            latch_durable=durable,
         )
 
     def status(self) -> Mapping[str, object]:
@@ -500,6 +509,7 @@ class Guard:
         latch = self.engine.latch
         episode = self.executor.episode
         nl = self.book.net_liquidation
+        on_disk = self.executor.latch_on_disk
         return {
             "account": self.cfg.account,
             "state": str(self.engine.state),
@@ -516,6 +526,18 @@ class Guard:
                 "mode": latch.mode,
                 "since": latch.since,
                 "decision_id": latch.decision_id,
+            },
+            # What a restart would read from the latch file. It differs from `state` only while
+            # a latch write fails (`latch_durable` false, `latch_error` says why; retried).
+            "latch_durable": self.executor.latch_durable,
+            "latch_error": self.executor.latch_error,
+            "latch_file": None
+            if on_disk is None
+            else {
+                "halted": on_disk.halted,
+                "reason": on_disk.reason,
+                "mode": on_disk.mode,
+                "decision_id": on_disk.decision_id,
             },
             "positions": sum(1 for _ in self.book.guarded_positions()),
             "working_orders": self.book.working_order_count,
@@ -576,9 +598,11 @@ def _int_or(value: object, default: int) -> int:
         return default
 
 
-def _next_decision(cfg: Config) -> int:
-    """Decision ids continue across restarts, so journal records stay unambiguous."""
+def _scan_journal(cfg: Config) -> tuple[int, LatchState | None]:
+    """One pass over the journal: the last decision id (ids continue across restarts, so records
+    stay unambiguous) and the latch its decisions say holds (`witness_step`)."""
     last = 0
+    witness: LatchState | None = None
     path = cfg.journal_path
     if path.exists():
         from guardd.journal import read_journal
@@ -587,4 +611,5 @@ def _next_decision(cfg: Config) -> int:
             value = rec.get("decision_id")
             if isinstance(value, int) and value > last:
                 last = value
-    return last + 1
+            witness = witness_step(witness, rec)
+    return last, witness

@@ -1,9 +1,14 @@
 """The executor: carries out the engine's decisions against the broker, in order, and verifies.
 
-- `LatchHalt` writes the latch file (atomic, fsynced) BEFORE anything else of the decision is sent:
-  a guard that dies right after sending a cancel comes back HALTED.
 - `CancelAll` sends reqGlobalCancel on the kill lane (every order of the login, every client's).
-  While disconnected it is deferred: the latch holds, and the engine repeats it on re-sync.
+  It comes first in a kill and waits for no disk: it is idempotent and harmless. While
+  disconnected it is deferred: the latch holds, and the engine repeats it on re-sync.
+- The decision is journaled right after that cancel (with the latch it sets: the journal is the
+  latch's second witness on start), then `LatchHalt` writes the latch file (atomic, fsynced)
+  before any closing order. A latch write that fails never stops the kill: the executor carries on
+  (sweep, flatten), says the latch is not durable (`latch_durable`, metric, journal) and retries
+  the write (`retry_latch`) until it lands. A journal record that cannot be written is logged
+  and counted; it never skips an action either.
 - `Flatten` / `Reduce` start a close episode: a `_close_loop` that plans child orders with the pure
   planner (`guardd.core.planner`), sends them paced on the flatten lane, re-plans on fills, rejects
   and reconnects, verifies flat from broker-confirmed positions, and escalates (log + journal) when
@@ -47,7 +52,7 @@ from guardd.core.engine import (
 )
 from guardd.core.events import BrokerError, ClientId, OrderId
 from guardd.core.events import ConId as EventConId
-from guardd.errors import GuarddError
+from guardd.errors import GuarddError, JournalError, LatchError
 from guardd.journal import Journal, read_journal
 from guardd.latch import LatchState, write_latch
 from guardd.metrics import Metrics
@@ -181,6 +186,8 @@ class Executor:
         clock: Callable[[], float] = time.time,
         round_s: float = 0.1,
         lost_grace_s: float = 2.0,
+        latch_on_disk: LatchState | None = None,
+        latch_retry_s: float = 1.0,
     ) -> None:
         self.broker = broker
         self.book = book
@@ -204,6 +211,13 @@ class Executor:
         self.episode: CloseEpisode | None = None
         self._episode_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # The latch as a restart would read it (None: not known yet), the state still to be
+        # written when a write failed, and when to try again.
+        self.latch_on_disk = latch_on_disk
+        self.latch_error: str | None = None
+        self.latch_retry_s = latch_retry_s
+        self._latch_pending: LatchState | None = None
+        self._latch_retry_at = 0.0
         self.global_cancels_sent = 0
         self.last_flat_confirmed: float | None = None
         self._known_execs: set[str] = set()
@@ -211,9 +225,67 @@ class Executor:
     # ---- decisions -------------------------------------------------------------------------
 
     async def carry_out(self, decision: Decision, *, trigger_ts: float | None = None) -> None:
-        """Carry out a decision's actions in order (the latch first when there is one)."""
-        for action in decision.actions:
+        """Carry out a decision's actions in order and journal it.
+
+        A leading cancel goes out before the decision's journal record (an fsync); everything
+        else of the decision after it. Nothing here raises on a latch or journal error.
+        """
+        actions = decision.actions
+        first = 1 if actions and isinstance(actions[0], CancelAll) else 0
+        for action in actions[:first]:
             await self._act(action, decision, trigger_ts)
+        self._journal_decision(decision)
+        for action in actions[first:]:
+            await self._act(action, decision, trigger_ts)
+
+    @property
+    def latch_durable(self) -> bool:
+        """False while a latch write has failed and is being retried."""
+        return self._latch_pending is None
+
+    def retry_latch(self) -> None:
+        """Retry a failed latch write, at most every `latch_retry_s` (called on the timer)."""
+        if self._latch_pending is not None and self.clock() >= self._latch_retry_at:
+            self.persist_latch(self._latch_pending, retry=True)
+
+    def persist_latch(self, state: LatchState, *, retry: bool = False) -> bool:
+        """Write `state` to the latch file; on failure keep it pending for `retry_latch`.
+
+        On the event loop, not in a thread: the cancel is already out, and a thread hop costs
+        more than the write (about 1 ms with fsyncs).
+        """
+        self._latch_pending = state  # a newer state replaces one still waiting to be written
+        try:
+            write_latch(self.latch_path, state)
+        except LatchError as exc:
+            first = self.latch_error is None
+            self.latch_error = str(exc)
+            self._latch_retry_at = self.clock() + self.latch_retry_s
+            if self.metrics is not None:
+                self.metrics.set_latch_durable(False)
+            if first:  # once per outage, not once per retry
+                log.error("latch_not_durable", error=str(exc), halted=state.halted)
+                self._journal(
+                    "latch_write_failed",
+                    decision_id=_int_or_none(state.decision_id),
+                    halted=state.halted,
+                    error=str(exc),
+                )
+            return False
+        self._latch_pending = None
+        self.latch_on_disk = state
+        if self.metrics is not None:
+            self.metrics.set_latch_durable(True)
+        if self.latch_error is not None:
+            log.warning("latch_durable_again", halted=state.halted)
+            self._journal(
+                "latch_durable_again",
+                decision_id=_int_or_none(state.decision_id),
+                halted=state.halted,
+                retry=retry,
+            )
+        self.latch_error = None
+        return True
 
     async def _act(self, action: Action, decision: Decision, trigger_ts: float | None) -> None:
         match action:
@@ -227,17 +299,15 @@ class Executor:
                     mode=latch.mode,
                     detail=f"principal={latch.principal}",
                 )
-                # On the event loop, not in a thread: nothing else may happen before the cancel
-                # anyway, and a thread hop costs more than the write (about 1 ms with fsyncs).
-                write_latch(self.latch_path, state)
-                self._journal(
-                    "latch_written",
-                    decision_id=decision.decision_id,
-                    reason=latch.reason,
-                    source=latch.source,
-                    mode=latch.mode,
-                )
-                log.warning("kill_latched", reason=latch.reason, source=latch.source)
+                if self.persist_latch(state):
+                    self._journal(
+                        "latch_written",
+                        decision_id=decision.decision_id,
+                        reason=latch.reason,
+                        source=latch.source,
+                        mode=latch.mode,
+                    )
+                    log.warning("kill_latched", reason=latch.reason, source=latch.source)
             case CancelAll(reason=reason):
                 await self._cancel_all(decision, reason, trigger_ts)
             case Flatten():
@@ -248,12 +318,17 @@ class Executor:
                 log.warning("alert", level=level, rule=rule, message=message)
                 self._journal("alert", decision_id=decision.decision_id, level=level, rule=rule)
             case ClearLatch():
-                await asyncio.to_thread(
-                    write_latch,
-                    self.latch_path,
-                    LatchState(halted=False, reason="re-armed", source="arm", since=self.clock()),
+                armed = LatchState(
+                    halted=False,
+                    reason="re-armed",
+                    source="arm",
+                    since=self.clock(),
+                    decision_id=str(decision.decision_id),
                 )
-                self._journal("latch_cleared", decision_id=decision.decision_id)
+                # A clear that cannot be written leaves the file HALTED: a restart would come
+                # back HALTED (the safe side); it is retried and reported like a halt.
+                if self.persist_latch(armed):
+                    self._journal("latch_cleared", decision_id=decision.decision_id)
                 await self.stop_episode("re-armed")
             case _:
                 assert_never(action)
@@ -756,11 +831,40 @@ class Executor:
                 regular_hours=rth or p.sec_type != "STK",
             )
 
+    def _journal_decision(self, decision: Decision) -> None:
+        latch = next((a.latch for a in decision.actions if isinstance(a, LatchHalt)), None)
+        self._journal(
+            "decision",
+            decision_id=decision.decision_id,
+            state=str(decision.state),
+            previous_state=str(decision.previous_state),
+            actions=[type(a).__name__ for a in decision.actions],
+            reasons=list(decision.reasons),
+            refused=decision.refused,
+            # What the latch file is about to say: the journal's witness of the kill on start.
+            latch=None
+            if latch is None
+            else {
+                "reason": latch.reason,
+                "source": latch.source,
+                "principal": latch.principal,
+                "mode": latch.mode,
+                "since": latch.since,
+            },
+        )
+
     def _journal(self, kind: str, **fields: Any) -> None:
+        """Journal a record; a record that cannot be written is logged and counted, and the
+        caller carries on (no journal error may skip a cancel or a close)."""
         fields.setdefault("account", self.account)
         if self.dry_run:
             fields["dry_run"] = True
-        self.journal.append(kind, **fields)
+        try:
+            self.journal.append(kind, **fields)
+        except JournalError as exc:
+            log.error("journal_write_failed", record=kind, error=str(exc))
+            if self.metrics is not None:
+                self.metrics.count_journal_error()
 
 
 def _child_status(status: str, previous: planner.ChildStatus) -> planner.ChildStatus:
@@ -775,6 +879,10 @@ def _child_status(status: str, previous: planner.ChildStatus) -> planner.ChildSt
     # Working at the broker: even a child given up as lost after a re-sync counts again, so
     # its quantity is never planned twice.
     return planner.ChildStatus.WORKING
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdecimal() else None
 
 
 def _sequence_of(order_ref: str) -> int:

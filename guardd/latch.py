@@ -6,6 +6,12 @@ guardd connects on start. The file is small JSON::
     {"version": 1, "halted": true, "reason": "leverage_breached", "source": "rule:leverage",
      "since": 1718000000.25, "decision_id": "d-42", "mode": "flatten", "detail": ""}
 
+The journal is the latch's second witness: every decision record that latches a kill carries the
+latch (`latch` field), and one that leaves HALTED says so. `witness_step` folds journal records
+into the latch they say holds; `later_of` picks, between the file and that witness, the one with
+the later decision. So a kill whose latch write failed (disk full...) but whose decision reached
+the journal still starts HALTED.
+
 Fail closed: a missing file reads as HALTED ("latch_missing") unless the operator passed the
 explicit fresh-start flag, and a file that cannot be read or parsed always reads as HALTED
 ("latch_unreadable"). Such a synthetic halt uses mode "cancel": orders are kept cancelled, but
@@ -19,6 +25,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, get_args
@@ -31,7 +38,9 @@ __all__ = [
     "LATCH_UNREADABLE",
     "LatchMode",
     "LatchState",
+    "later_of",
     "read_latch",
+    "witness_step",
     "write_latch",
 ]
 
@@ -115,6 +124,52 @@ def read_latch(path: Path, *, allow_missing: bool, now: float | None = None) -> 
         return _parse(raw)
     except ValueError as exc:
         return _fail_closed(LATCH_UNREADABLE, stamp, f"{path}: {exc}")
+
+
+def witness_step(witness: LatchState | None, record: Mapping[str, Any]) -> LatchState | None:
+    """The latch the journal says holds after `record`, given what it said before (None: no
+    kill since the last re-arm). Only `decision` records count; a malformed one changes nothing.
+    """
+    if record.get("kind") != "decision":
+        return witness
+    decision_id = record.get("decision_id")
+    latch = record.get("latch")
+    if record.get("previous_state") == "HALTED" and record.get("state") != "HALTED":
+        return None  # re-armed
+    if record.get("state") != "HALTED" or not isinstance(latch, dict):
+        return witness
+    mode: LatchMode = "flatten" if latch.get("mode") == "flatten" else "cancel"
+    since = latch.get("since")
+    if (
+        not isinstance(decision_id, int)
+        or latch.get("mode") not in get_args(LatchMode)
+        or isinstance(since, bool)
+        or not isinstance(since, int | float)
+        or not _finite(since)
+    ):
+        return witness
+    return LatchState(
+        halted=True,
+        reason=str(latch.get("reason", "")),
+        source=str(latch.get("source", "")),
+        since=float(since),
+        decision_id=str(decision_id),
+        mode=mode,
+        detail=f"principal={latch.get('principal', '')}; restored from the journal",
+    )
+
+
+def later_of(file: LatchState, witness: LatchState | None) -> LatchState:
+    """The latch to start from: the journal's witness when it records a later decision than the
+    file's state (or the file names none), else the file."""
+    if witness is None:
+        return file
+    return witness if _decision_number(witness) > _decision_number(file) else file
+
+
+def _decision_number(state: LatchState) -> int:
+    value = state.decision_id
+    return int(value) if value is not None and value.isdecimal() else -1
 
 
 def _fail_closed(reason: str, since: float, detail: str) -> LatchState:

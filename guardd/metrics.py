@@ -257,6 +257,19 @@ class Metrics:
         self._flatten_overdue = Gauge(
             "guardd_flatten_overdue", "1 when a flatten has not gone flat in time.", a, registry=r
         )
+        self._latch_durable = Gauge(
+            "guardd_latch_durable",
+            "1 when the latch file says what the engine's state is; 0 while a latch write has "
+            "failed and is being retried (a restart would not come back as the guard is now).",
+            a,
+            registry=r,
+        )
+        self._journal_errors = Counter(
+            "guardd_journal_write_errors_total",
+            "Journal records the guard could not write (the action itself still went out).",
+            a,
+            registry=r,
+        )
         build_info = Gauge(
             "guardd_build_info", "guardd's version; always 1.", (*a, "version"), registry=r
         )
@@ -275,6 +288,8 @@ class Metrics:
         self._ib_connected.labels(account).set(0)
         self._flatten_pending.labels(account).set(0)
         self._flatten_overdue.labels(account).set(0)
+        self._latch_durable.labels(account).set(1)
+        self._journal_errors.labels(account)
         self._trigger_to_cancel.labels(account)
         self._event_processing.labels(account)
         # guardd_mqtt_connected appears on the first set_mqtt_connected(): a guard without MQTT
@@ -357,6 +372,14 @@ class Metrics:
         """Positions not yet flat while a flatten runs, and whether it has overrun its deadline."""
         self._flatten_pending.labels(self.account).set(pending)
         self._flatten_overdue.labels(self.account).set(1 if overdue else 0)
+
+    def set_latch_durable(self, durable: bool) -> None:
+        """Whether the latch file agrees with the engine's state (0: a write failed, retrying)."""
+        self._latch_durable.labels(self.account).set(1 if durable else 0)
+
+    def count_journal_error(self) -> None:
+        """Count one journal record that could not be written."""
+        self._journal_errors.labels(self.account).inc()
 
     # ------------------------------------------------------------------------------ account
 

@@ -167,6 +167,7 @@ def test_alert_rules_read_then_every_alert_named_and_metrics_exported() -> None:
         "LimitNearKill",
         "DataStale",
         "FlattenOverdue",
+        "LatchNotDurable",
         "MqttDisconnected",
     }
     assert used - exported == set()

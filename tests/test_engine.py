@@ -64,19 +64,19 @@ def test_breach_clears_then_back_to_armed() -> None:
     assert (d.previous_state, d.state) == (State.REDUCING, State.ARMED)
 
 
-def test_kill_finding_then_halted_with_latch_first() -> None:
+def test_kill_finding_then_halted_cancel_first_then_latch_then_flatten() -> None:
     d = Engine(Policy(kill_mode="flatten")).step(ev(finding("kill")), 5.0)
     assert d.state is State.HALTED
-    assert isinstance(d.actions[0], LatchHalt)
-    assert d.actions[0].latch.source == "rule:leverage"
-    assert isinstance(d.actions[1], CancelAll)
+    assert isinstance(d.actions[0], CancelAll)
+    assert isinstance(d.actions[1], LatchHalt)
+    assert d.actions[1].latch.source == "rule:leverage"
     assert isinstance(d.actions[2], Flatten)
 
 
 def test_manual_kill_cancel_mode_then_no_flatten() -> None:
     d = Engine().step(Kill("http", "alice", "fat finger"), 5.0)
     assert d.state is State.HALTED
-    assert isinstance(d.actions[0], LatchHalt)
+    assert [type(a) for a in d.actions[:2]] == [CancelAll, LatchHalt]
     assert not any(isinstance(a, Flatten) for a in d.actions)
 
 
@@ -84,7 +84,7 @@ def test_second_kill_with_flatten_then_escalates_and_keeps_since() -> None:
     engine = Engine()
     engine.step(Kill("http", "alice", "first"), 5.0)
     d = engine.step(Kill("mqtt", "bob", "now flatten", mode="flatten"), 9.0)
-    latch = d.actions[0]
+    latch = d.actions[1]
     assert isinstance(latch, LatchHalt)
     assert (latch.latch.mode, latch.latch.since) == ("flatten", 5.0)
     assert any(isinstance(a, Flatten) for a in d.actions)
@@ -234,10 +234,14 @@ def test_any_input_sequence_then_halted_left_only_by_accepted_arm(
         if d.refused:
             assert d.state is d.previous_state
             assert d.actions == ()
+        # A kill: the cancel first, the latch second, and any closing order after both.
         latches = [i for i, a in enumerate(d.actions) if isinstance(a, LatchHalt)]
-        assert latches in ([], [0])
+        assert latches in ([], [1])
+        if latches:
+            assert isinstance(d.actions[0], CancelAll)
+            assert all(not isinstance(a, Flatten) for a in d.actions[:1])
         if d.state is State.HALTED and d.previous_state is not State.HALTED:
-            assert latches == [0]
+            assert latches == [1]
 
 
 @settings(max_examples=50, deadline=None)

@@ -17,7 +17,9 @@ from guardd.latch import (
     LATCH_MISSING,
     LATCH_UNREADABLE,
     LatchState,
+    later_of,
     read_latch,
+    witness_step,
     write_latch,
 )
 
@@ -241,3 +243,101 @@ def test_any_bytes_then_read_never_raises_and_fails_closed(content: bytes) -> No
         state = read_latch(path, allow_missing=True)
 
         assert state.halted or json.loads(content)["halted"] is False
+
+
+# ------------------------------------------------------------------ the journal as second witness
+
+
+def _decision(decision_id: int, state: str, previous: str, mode: str | None = None) -> dict:
+    record: dict[str, object] = {
+        "kind": "decision",
+        "decision_id": decision_id,
+        "state": state,
+        "previous_state": previous,
+        "latch": None,
+    }
+    if mode is not None:
+        record["latch"] = {
+            "reason": "runaway",
+            "source": "http",
+            "principal": "alice",
+            "mode": mode,
+            "since": 100.0 + decision_id,
+        }
+    return record
+
+
+def _witness(records: list[dict]) -> LatchState | None:
+    witness = None
+    for record in records:
+        witness = witness_step(witness, record)
+    return witness
+
+
+def test_journal_kill_then_witness_halted_with_its_latch() -> None:
+    witness = _witness([_decision(3, "HALTED", "ARMED", "flatten")])
+
+    assert witness is not None
+    assert (witness.halted, witness.mode, witness.decision_id, witness.since) == (
+        True,
+        "flatten",
+        "3",
+        103.0,
+    )
+
+
+def test_journal_kill_then_rearm_then_no_witness() -> None:
+    records = [_decision(3, "HALTED", "ARMED", "cancel"), _decision(4, "ARMED", "HALTED")]
+
+    assert _witness(records) is None
+
+
+def test_second_kill_escalates_then_witness_has_the_later_mode() -> None:
+    records = [
+        _decision(3, "HALTED", "ARMED", "cancel"),
+        _decision(5, "HALTED", "HALTED", "flatten"),
+    ]
+
+    witness = _witness(records)
+
+    assert witness is not None and (witness.mode, witness.decision_id) == ("flatten", "5")
+
+
+def test_sweeps_and_other_records_then_witness_unchanged() -> None:
+    kill = _decision(3, "HALTED", "ARMED", "cancel")
+    sweep = _decision(4, "HALTED", "HALTED")  # a sweep carries no latch
+    records = [kill, sweep, {"kind": "latch_written", "decision_id": 3}, {"kind": "decision"}]
+
+    witness = _witness(records)
+
+    assert witness is not None and witness.decision_id == "3"
+
+
+def test_malformed_latch_in_journal_then_ignored() -> None:
+    bad = _decision(3, "HALTED", "ARMED", "cancel")
+    bad["latch"] = {"mode": "explode", "since": "soon"}
+
+    assert _witness([bad]) is None
+
+
+def test_file_armed_before_journal_kill_then_journal_wins() -> None:
+    armed = LatchState(halted=False, reason="re-armed", source="arm", since=1.0, decision_id="2")
+    witness = _witness([_decision(3, "HALTED", "ARMED", "flatten")])
+
+    assert later_of(armed, witness) is witness
+
+
+def test_file_fresh_start_without_decision_then_journal_kill_wins() -> None:
+    fresh = LatchState(halted=False, reason=FRESH_START, source="operator", since=1.0)
+    witness = _witness([_decision(3, "HALTED", "ARMED", "cancel")])
+
+    assert later_of(fresh, witness) is witness
+
+
+def test_file_rearmed_after_journal_kill_then_file_wins() -> None:
+    # The re-arm reached the file but not the journal (a journal write failed).
+    armed = LatchState(halted=False, reason="re-armed", source="arm", since=9.0, decision_id="7")
+    witness = _witness([_decision(3, "HALTED", "ARMED", "flatten")])
+
+    assert later_of(armed, witness) is armed
+    assert later_of(armed, None) is armed

@@ -65,6 +65,9 @@ class CommandOutcome:
 
     ``pending`` is for the two-person re-arm rule: the first of two arms is recorded but does not
     re-arm yet (``accepted`` is False, ``state`` still HALTED). HTTP answers it with 202.
+    ``latch_durable`` False: the command was carried out (a kill's cancel and close went out), but
+    the latch file could not be written and the guard is retrying; HTTP answers 500
+    ``latch_not_durable``.
     """
 
     accepted: bool
@@ -72,6 +75,7 @@ class CommandOutcome:
     message: str
     decision_id: str | None = None
     pending: bool = False
+    latch_durable: bool = True
 
     def as_json(self) -> dict[str, object]:
         """The outcome as a JSON-able mapping (what HTTP answers and MQTT publishes as an event)."""
@@ -81,6 +85,7 @@ class CommandOutcome:
             "state": self.state,
             "message": self.message,
             "decision_id": self.decision_id,
+            "latch_durable": self.latch_durable,
         }
 
 

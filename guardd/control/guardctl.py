@@ -12,7 +12,8 @@ Credentials never go on the command line: the HTTP bearer token comes from ``--t
 
 Exit codes: 0 accepted (or status read), 1 refused (by the guard or for a credential; status:
 the guard is offline), 2 bad usage or a credential that cannot be read, 3 re-arm pending a second
-operator, 4 guardd (or the broker) did not answer.
+operator, 4 guardd (or the broker) did not answer, 5 carried out but the latch is not durable
+(the kill went out; the guard could not write its latch file and is retrying: see its status).
 """
 
 from __future__ import annotations
@@ -37,13 +38,21 @@ from guardd.control.auth import read_secret_file, signed_payload
 from guardd.control.commands import KILL_MODES, Action, KillMode, check_reason
 from guardd.errors import CommandError, ConfigError
 
-__all__ = ["EXIT_NO_ANSWER", "EXIT_PENDING", "EXIT_REFUSED", "EXIT_USAGE", "main"]
+__all__ = [
+    "EXIT_NOT_DURABLE",
+    "EXIT_NO_ANSWER",
+    "EXIT_PENDING",
+    "EXIT_REFUSED",
+    "EXIT_USAGE",
+    "main",
+]
 
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_PENDING: Final = 3
 EXIT_NO_ANSWER: Final = 4
+EXIT_NOT_DURABLE: Final = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +167,10 @@ async def _http(args: argparse.Namespace) -> _Answer:
 
 def _outcome(status: int, data: dict[str, object]) -> _Answer:
     message = data.get("message", "")
+    if data.get("accepted") is True and data.get("latch_durable") is False:
+        return _Answer(
+            EXIT_NOT_DURABLE, f"guardctl: carried out: state {data.get('state')}: {message}"
+        )
     if status == 200 and data.get("accepted") is True:
         return _Answer(EXIT_OK, f"accepted: state {data.get('state')}: {message}")
     if status == 202 or data.get("pending") is True:
@@ -272,6 +285,8 @@ async def _mqtt_command(args: argparse.Namespace) -> _Answer:
         code = EXIT_OK if len(accepted) == len(answers) else EXIT_REFUSED
         return _Answer(code, "\n".join(lines))
     event = answers[0][1]
+    if event.get("accepted") is True and event.get("latch_durable") is False:
+        return _Answer(EXIT_NOT_DURABLE, f"guardctl: carried out: {_describe(event)}")
     if event.get("accepted") is True:
         return _Answer(EXIT_OK, f"accepted: {_describe(event)}")
     if event.get("pending") is True:

@@ -239,6 +239,10 @@ class ControlHttpServer:
             log.error("command_failed", channel="http", action=action, error=str(exc))
             return _error(500, "command_failed", str(exc), request_id=request_id)
         status = 200 if outcome.accepted else 202 if outcome.pending else 409
+        extra: dict[str, object] = {}
+        if not outcome.latch_durable:
+            # Carried out, but a restart would not know it: an error the operator must see.
+            status, extra = 500, {"error": "latch_not_durable"}
         log.info(
             "command_handled",
             channel="http",
@@ -253,6 +257,7 @@ class ControlHttpServer:
             status,
             {
                 **outcome.as_json(),
+                **extra,
                 "action": action,
                 "principal": principal.name,
                 "request_id": request_id,

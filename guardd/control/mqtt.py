@@ -231,6 +231,7 @@ class MqttControl:
                 "principal": command.principal,
                 "request_id": command.request_id,
                 **outcome.as_json(),
+                **({} if outcome.latch_durable else {"error": "latch_not_durable"}),
             }
         )
         self.publish_state(self._handler.status())

@@ -7,8 +7,9 @@ deterministic: the same inputs and `now` values give the same decisions (decisio
 counter), so a journal of inputs replays.
 
 - A kill (a kill-level finding after debounce, or a `Kill` command) enters HALTED. The first
-  action is always `LatchHalt`: the shell must write the latch (fsync) before it sends any cancel.
-  Then `CancelAll`, then `Flatten` when the kill mode is "flatten".
+  action is always `CancelAll`: reqGlobalCancel is idempotent and harmless, so it never waits for
+  a disk. Then `LatchHalt` (the shell writes the latch, fsynced), then `Flatten` when the kill
+  mode is "flatten": closing orders go out only after the latch write was attempted.
 - HALTED is left only by an `Arm`, refused while a kill-level finding still holds (raw, before
   debounce) or before any synced evaluation has been seen, unless `force=True`. A refused Arm
   is a Decision with `refused=True` and no state change.
@@ -104,7 +105,8 @@ EngineInput = Evaluation | Kill | Arm
 
 @dataclass(frozen=True, slots=True)
 class LatchHalt:
-    """Write this latch to the state file (atomic, fsync) before any other action."""
+    """Write this latch to the state file (atomic, fsync), right after the kill's cancel and
+    before any closing order. A write that fails never stops the kill (the shell retries)."""
 
     latch: Latch
 
@@ -288,7 +290,7 @@ class Engine:
         self._swept_seq = self._order_seq
         self._last_sweep = now
         self._target = None
-        actions: list[Action] = [LatchHalt(self._latch), CancelAll(reason)]
+        actions: list[Action] = [CancelAll(reason), LatchHalt(self._latch)]
         if mode == "flatten":
             actions.append(Flatten(reason))
         actions.append(Alert("kill", f"HALTED by {source} ({principal}): {reason}"))
