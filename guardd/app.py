@@ -44,7 +44,7 @@ from guardd.core.book import Book
 from guardd.core.engine import Arm, Decision, Engine, Evaluation, Kill, Latch, State
 from guardd.core.rules import Finding, Thresholds
 from guardd.errors import AccountNotManagedError, BrokerConnectError
-from guardd.executor import Executor, journal_children
+from guardd.executor import Executor, journal_children, journal_order_ids
 from guardd.journal import Journal
 from guardd.latch import FRESH_START, LatchState, later_of, read_latch, witness_step, write_latch
 from guardd.metrics import Metrics, MetricsServer, metrics_handler
@@ -123,6 +123,7 @@ class Guard:
             created_at=now,
             price_history_s=sampling.history_s,
             price_sample_s=sampling.sample_s,
+            own_client_id=ev.ClientId(cfg.ib.client_id),
         )
         self.broker = IbBroker(
             cfg.ib.host,
@@ -153,12 +154,14 @@ class Guard:
         if restored is not on_disk:
             log.error("latch_restored_from_journal", decision_id=restored.decision_id)
             self.executor.persist_latch(restored)  # the file said less than the journal: repair
+        # Every order id a previous process sent (or was about to send) is never handed out again:
+        # a reused id would modify that order, or make a stranger's order look like our child.
+        self.broker.reserve_order_ids(journal_order_ids(cfg.journal_path))
         if latch is not None and latch.mode == "flatten" and latch.decision_id:
             children = journal_children(cfg.journal_path, latch.decision_id)
             if children:
+                # The restored children are ours again (claimed in the Book), and only they.
                 self.executor.restore_children(latch.decision_id, children)
-                # Ids a previous process may have sent are never handed out again.
-                self.broker.reserve_order_ids(int(r["order_id"]) for r in children)
                 log.warning("close_children_restored", count=len(children))
         self._findings: dict[str, Finding] = {}
         self._trading_day: str | None = None
@@ -300,7 +303,8 @@ class Guard:
                         # between PnL updates, and the planner's marketable-limit prices.
                         self._watch_prices(con_id, exchange)
                 case ev.OpenOrder(con_id=con_id) if self._watch_order_prices:
-                    if not event.order_ref.startswith(self.book.own_ref_prefix):
+                    order = self.book.order(event.perm_id)
+                    if order is None or not self.book.is_own(order):
                         self._watch_prices(con_id, "")  # the price collar needs a last price
                 case _:
                     pass
@@ -325,7 +329,7 @@ class Guard:
     async def _on_order_event(self, event: ev.OpenOrder | ev.OrderStatus) -> None:
         """The fast path: a new order may break the order-rate or a per-order limit now."""
         now = self.clock()
-        changed = False
+        changed = self._report_impersonations()
         if self.rules.order_rate is not None:
             self._findings["order_rate"] = self.rules.order_rate.evaluate(self.book, now)
             changed = True
@@ -338,6 +342,33 @@ class Guard:
                     changed = True
         if changed or self.engine.state == State.HALTED:
             await self._evaluate(now, trigger_ts=event.ts)
+
+    def _report_impersonations(self) -> bool:
+        """Journal, count and flag each foreign order labelled as ours, once per order."""
+        found = self.book.take_impersonations()
+        if not found:
+            return False
+        for order in found:
+            self.journal.append(
+                "own_ref_impersonated",
+                account=order.account,
+                client_id=order.client_id,
+                order_id=order.order_id,
+                perm_id=order.perm_id,
+                order_ref=order.order_ref,
+                symbol=order.symbol,
+            )
+            log.warning(
+                "own_ref_impersonated",
+                client_id=order.client_id,
+                order_id=order.order_id,
+                perm_id=order.perm_id,
+                order_ref=order.order_ref,
+            )
+        self.metrics.count_impersonated(len(found))
+        rule = self.rules.impersonation
+        self._findings[rule.name] = rule.evaluate(self.book, self.clock())
+        return True
 
     def _roll_day(self, now: float) -> None:
         """At midnight New York a new trading day starts: daily loss and drawdown re-anchor

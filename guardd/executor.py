@@ -50,7 +50,7 @@ from guardd.core.engine import (
     LatchHalt,
     Reduce,
 )
-from guardd.core.events import BrokerError, ClientId, OrderId
+from guardd.core.events import BrokerError, OrderId
 from guardd.core.events import ConId as EventConId
 from guardd.errors import GuarddError, JournalError, LatchError
 from guardd.journal import Journal, read_journal
@@ -423,7 +423,8 @@ class Executor:
             self._episode_task = asyncio.create_task(self._close_loop(), name="close_loop")
 
     def restore_children(self, decision_id: int, records: Iterable[Mapping[str, Any]]) -> int:
-        """Rebuild a close episode's children from journal records after a restart."""
+        """Rebuild a close episode's children from journal records after a restart, and claim
+        their order ids in the Book: they are ours again (and no other order is)."""
         episode = self.episode
         if episode is None or episode.decision_id != decision_id:
             episode = CloseEpisode(kind="flatten", decision_id=decision_id, started=self.clock())
@@ -437,6 +438,7 @@ class Executor:
                 planner.AccountId(str(rec["account"])), planner.ConId(int(rec["con_id"]))
             )
             baseline = rec.get("planned_against")
+            self.book.claim_order_id(OrderId(int(rec["order_id"])))
             episode.children[ref] = _Child(
                 order_id=int(rec["order_id"]),
                 ref=ref,
@@ -618,6 +620,9 @@ class Executor:
             )
             return
         order_id = int(self.broker.next_order_id())
+        # Ours from this instant (the Book knows our orders by id, not by label), before the
+        # journal record and the send: the broker's first report of it is already own.
+        self.book.claim_order_id(OrderId(order_id))
         child = _Child(
             order_id=order_id,
             ref=order.order_ref,
@@ -678,28 +683,24 @@ class Executor:
 
     def _refresh_children(self, episode: CloseEpisode, now: float) -> None:
         """Bring each child's status and fill up to date from the Book (orders and executions)."""
-        own = ClientId(self.client_id)
-        by_ref: dict[str, Order] = {}
+        # By identity (our client id and an order id we claimed, or its learned permId), never
+        # by orderRef: a stranger's order labelled like our child is not our child. Claimed ids
+        # are never handed out twice (`reserve_order_ids`), so one id names one child.
+        book = self.book
         by_id: dict[int, Order] = {}
-        for order in self.book.orders.values():
-            if order.order_ref.startswith(planner.ORDER_REF_PREFIX):
-                by_ref[order.order_ref] = order
-            elif order.client_id == own and order.order_id:
-                by_id[int(order.order_id)] = order
-        fills: dict[str, Decimal] = {}
-        for execution in self.book.executions.values():
-            if execution.order_ref.startswith(planner.ORDER_REF_PREFIX):
-                fills[execution.order_ref] = fills.get(execution.order_ref, Decimal(0)) + Decimal(
-                    str(execution.shares)
-                )
+        for order in book.orders.values():
+            oid = book.own_order_id(order.perm_id, order.client_id, order.order_id)
+            if oid is not None and (order.perm_id > 0 or int(oid) not in by_id):
+                by_id[int(oid)] = order
+        fills: dict[int, Decimal] = {}
+        for execution in book.executions.values():
+            oid = book.own_order_id(execution.perm_id, execution.client_id, execution.order_id)
+            if oid is not None:
+                fills[int(oid)] = fills.get(int(oid), Decimal(0)) + Decimal(str(execution.shares))
         settled = self._synced_for(now) >= self.lost_grace_s
         for child in episode.children.values():
-            found = by_ref.get(child.ref)
-            if found is None and child.generation == self.book.generation:
-                # Only an order of this connection may be matched by its id alone: ids roll
-                # back, and a restored child's id may now belong to another of our orders.
-                found = by_id.get(child.order_id)
-            filled = fills.get(child.ref, Decimal(0))
+            found = by_id.get(child.order_id)
+            filled = fills.get(child.order_id, Decimal(0))
             was_live = child.live
             if found is not None:
                 filled = max(filled, Decimal(str(found.filled)))
@@ -745,7 +746,7 @@ class Executor:
             if (
                 not execution.live
                 or execution.ts < episode.started
-                or execution.order_ref.startswith(planner.ORDER_REF_PREFIX)
+                or self.book.is_own_execution(execution)
             ):
                 continue
             key = planner.PositionKey(
@@ -890,6 +891,17 @@ def _sequence_of(order_ref: str) -> int:
         return int(order_ref.rsplit(":", 1)[1])
     except (IndexError, ValueError):
         return 0
+
+
+def journal_order_ids(path: Path) -> set[int]:
+    """Every order id the journal says guardd sent (or was about to send), any decision."""
+    if not path.exists():
+        return set()
+    return {
+        int(rec["order_id"])
+        for rec in read_journal(path)
+        if rec.get("kind") == "child_order_sent" and rec.get("order_id") is not None
+    }
 
 
 def journal_children(path: Path, decision_id: int) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ Exported (prefix ``guardd_``; counters end in ``_total``)::
     guardd_kills_total{source}                        kills by source (rule, http, mqtt, cli, ...)
     guardd_orders_cancelled_total                     orders seen cancelled by the guard
     guardd_flatten_child_orders_total                 child orders sent to close positions
+    guardd_impersonated_orders_total                  foreign orders labelled guardd: (once each)
     guardd_gross_position_value                       gross position value, base currency
     guardd_net_liquidation                            net liquidation, base currency
     guardd_leverage                                   gross / net liquidation
@@ -213,6 +214,13 @@ class Metrics:
             a,
             registry=r,
         )
+        self._impersonated = Counter(
+            "guardd_impersonated_orders_total",
+            "Orders labelled as the guard's own (orderRef guardd:) that the guard did not place.",
+            a,
+            registry=r,
+        )
+        self._impersonated.labels(account)  # exported at 0 from the start: alerts see the rise
         self._gross = Gauge(
             "guardd_gross_position_value", "Gross position value, base currency.", a, registry=r
         )
@@ -367,6 +375,10 @@ class Metrics:
     def count_flatten_child(self) -> None:
         """Count one child order sent to close a position."""
         self._flatten_children.labels(self.account).inc()
+
+    def count_impersonated(self, n: int = 1) -> None:
+        """Count `n` foreign orders seen carrying the guard's own orderRef label."""
+        self._impersonated.labels(self.account).inc(n)
 
     def set_flatten(self, pending: int, overdue: bool) -> None:
         """Positions not yet flat while a flatten runs, and whether it has overrun its deadline."""

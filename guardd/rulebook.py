@@ -12,7 +12,6 @@ from decimal import Decimal
 from guardd.config import Config, LevelLimit
 from guardd.core import rules
 from guardd.core.engine import Policy
-from guardd.core.events import ClientId
 from guardd.core.planner import ClosePolicy, OrderType, OrderTypeRule
 
 _SECONDS_PER_DAY_SESSION = 6.5 * 3600  # a "daily" volatility horizon: one trading session
@@ -32,6 +31,8 @@ class RuleSet:
     periodic: tuple[rules.Rule, ...]
     order_checks: rules.OrderChecks | None
     order_rate: rules.OrderRate | None
+    # also in `periodic`; the app evaluates it at once when an impersonating order appears
+    impersonation: rules.Impersonation
 
 
 def build_rules(cfg: Config) -> RuleSet:
@@ -99,6 +100,8 @@ def build_rules(cfg: Config) -> RuleSet:
             )
         )
     periodic.append(rules.Staleness(conn.max_event_age_s, level="warn"))
+    impersonation = rules.Impersonation()  # always on: the guard's own label is not a key
+    periodic.append(impersonation)
 
     rate = lim.order_rate
     order_rate = None
@@ -110,7 +113,6 @@ def build_rules(cfg: Config) -> RuleSet:
             per_client_60s=thresholds(rate.per_client_60s),
             total_1s=thresholds(rate.total_1s),
             total_60s=thresholds(rate.total_60s),
-            exempt_clients=frozenset({ClientId(cfg.ib.client_id)}),
         )
     po = lim.per_order
     order_checks = None
@@ -129,7 +131,7 @@ def build_rules(cfg: Config) -> RuleSet:
             forbidden_sec_types=frozenset(po.forbidden_sec_types),
             level=po.action,
         )
-    return RuleSet(tuple(periodic), order_checks, order_rate)
+    return RuleSet(tuple(periodic), order_checks, order_rate, impersonation)
 
 
 @dataclass(frozen=True, slots=True)

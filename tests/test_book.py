@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -350,19 +351,178 @@ def test_any_event_sequence_then_running_totals_match_recomputation(
     assert book.working_order_count == sum(1 for o in book.orders.values() if o.working)
 
 
-def test_own_close_orders_then_not_counted_for_the_sweep() -> None:
-    from dataclasses import replace
+GUARD = 0  # the guard's own API client id in these tests
+BOT = 7
+LABEL = "guardd:flatten:3:1"
 
-    bot = open_order(1, order_id=5, client=7)
-    child = replace(open_order(2, order_id=9, client=0), order_ref="guardd:flatten:3:1")
-    book = synced_book(bot, child)
+
+def guard_book(*events: BrokerEvent, claimed: tuple[int, ...] = ()) -> Book:
+    """A synced Book that knows the guard's client id and the order ids it allocated."""
+    book = Book(ACC, "USD", created_at=0.0, own_client_id=ClientId(GUARD))
+    for e in (connected(), PositionsEnd(ts=0.0), OpenOrdersEnd(ts=0.0)):
+        book.fold(e)
+    for order_id in claimed:
+        book.claim_order_id(OrderId(order_id))
+    for e in events:
+        book.fold(e)
+    return book
+
+
+def labelled(event: OpenOrder, ref: str = LABEL) -> OpenOrder:
+    return replace(event, order_ref=ref)
+
+
+def fill(perm: int, order_id: int, client: int, exec_id: str = "e1") -> Execution:
+    return Execution(
+        exec_id=exec_id,
+        perm_id=PermId(perm),
+        order_id=OrderId(order_id),
+        client_id=ClientId(client),
+        account=ACC,
+        con_id=ConId(1),
+        symbol="S1",
+        side="BOT",
+        shares=10,
+        price=1.0,
+        time="20250101 10:00:00",
+        order_ref=LABEL,
+        ts=1.0,
+    )
+
+
+def test_own_close_orders_then_not_counted_for_the_sweep() -> None:
+    bot = open_order(1, order_id=5, client=BOT)
+    child = labelled(open_order(2, order_id=9, client=GUARD))
+    book = guard_book(bot, child, claimed=(9, 10))
     assert book.working_order_count == 2
     assert book.foreign_working_count == 1
     seq = book.foreign_order_seq
     book.fold(replace(child, perm_id=PermId(3), order_id=OrderId(10)))  # another child
     assert book.foreign_order_seq == seq
-    book.fold(order_status(1, "Cancelled", order_id=5, client=7))
+    book.fold(order_status(1, "Cancelled", order_id=5, client=BOT))
     assert book.foreign_working_count == 0
+
+
+def test_bot_order_labelled_guardd_then_foreign_swept_and_reported_once() -> None:
+    # Arrange: the guard has a child (id 9); a bot labels its own order like a guard child
+    book = guard_book(labelled(open_order(2, order_id=9, client=GUARD)), claimed=(9,))
+    seq = book.foreign_order_seq
+
+    # Act
+    book.fold(labelled(open_order(1, order_id=9, client=BOT)))
+    book.fold(order_status(1, "Submitted", order_id=9, client=BOT))
+    book.fold(labelled(open_order(1, order_id=9, client=BOT, ts=2.0)))
+
+    # Assert
+    impostor = book.order(PermId(1))
+    assert impostor is not None and not book.is_own(impostor)
+    assert book.foreign_working_count == 1
+    assert book.foreign_order_seq == seq + 1
+    assert book.new_orders(ClientId(BOT), 60.0, now=1.0) == 1
+    reported = book.take_impersonations()
+    assert [(r.client_id, r.order_id, r.perm_id, r.order_ref) for r in reported] == [
+        (BOT, 9, 1, LABEL)
+    ]
+    assert book.take_impersonations() == ()
+    assert book.impersonations_seen == 1 and book.impersonating_working_count == 1
+
+
+def test_guard_client_id_with_unclaimed_order_id_then_foreign() -> None:
+    book = guard_book(labelled(open_order(4, order_id=11, client=GUARD)), claimed=(9,))
+    assert book.foreign_working_count == 1
+    assert book.impersonations_seen == 1
+
+
+def test_claimed_order_id_without_label_then_own_and_not_a_new_order() -> None:
+    book = guard_book(open_order(2, order_id=9, client=GUARD), claimed=(9,))
+    child = book.order(PermId(2))
+    assert child is not None and book.is_own(child)
+    assert book.foreign_working_count == 0 and book.foreign_order_seq == 0
+    assert book.new_orders(None, 60.0, now=1.0) == 0
+    assert book.is_own_execution(fill(2, 9, GUARD))
+    assert not book.is_own_execution(fill(8, 9, BOT))
+    assert book.take_impersonations() == ()
+
+
+def test_claimed_id_seen_with_another_perm_id_than_learned_then_foreign() -> None:
+    # Arrange: child 9 acknowledged as permId 2
+    book = guard_book(open_order(2, order_id=9, client=GUARD), claimed=(9,))
+
+    # Act: a different order under the same (client, order id): ids rolled back elsewhere
+    book.fold(labelled(open_order(3, order_id=9, client=GUARD)))
+
+    # Assert: the learned permId decides; its fills follow the permId too
+    other = book.order(PermId(3))
+    assert other is not None and not book.is_own(other)
+    assert book.foreign_working_count == 1
+    assert book.is_own_execution(fill(2, 0, BOT))  # the learned permId alone is enough
+    assert not book.is_own_execution(fill(3, 9, GUARD, exec_id="e2"))
+
+
+def test_claimed_order_first_seen_without_perm_id_then_own_before_and_after_rekey() -> None:
+    book = guard_book(order_status(0, order_id=9, client=GUARD), claimed=(9,))
+    book.fold(open_order(0, order_id=9, client=GUARD))
+    assert book.foreign_working_count == 0
+    book.fold(open_order(5, order_id=9, client=GUARD))
+    child = book.order(PermId(5))
+    assert child is not None and book.is_own(child)
+    assert book.foreign_working_count == 0 and book.foreign_order_seq == 0
+
+
+def test_claim_after_order_reported_then_reclassified_own() -> None:
+    book = guard_book(open_order(2, order_id=9, client=GUARD))
+    assert book.foreign_working_count == 1
+    book.claim_order_id(OrderId(9))
+    child = book.order(PermId(2))
+    assert child is not None and book.is_own(child)
+    assert book.foreign_working_count == 0
+
+
+def test_book_without_own_client_id_then_nothing_is_own() -> None:
+    book = synced_book(labelled(open_order(2, order_id=9, client=GUARD)))
+    book.claim_order_id(OrderId(9))
+    assert book.foreign_working_count == 1
+
+
+_orders_spec = st.lists(
+    st.tuples(
+        st.sampled_from([GUARD, BOT, 3]),  # client id
+        st.integers(1, 6),  # order id
+        st.sampled_from(["", LABEL, "guardd:reduce:1:2", "bot"]),  # orderRef
+        st.sampled_from(["Submitted", "PreSubmitted", "Filled", "Cancelled"]),
+    ),
+    max_size=25,
+    unique_by=lambda t: (t[0], t[1]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_orders_spec, st.sets(st.integers(1, 6)))
+def test_any_orders_then_own_exactly_the_guards_claimed_ids_whatever_the_label(
+    specs: list[tuple[int, int, str, str]], claimed: set[int]
+) -> None:
+    # Arrange / Act: each (client, order id) is one order with its own permId
+    events = [
+        replace(open_order(100 + i, order_id=oid, client=client, status=status), order_ref=ref)
+        for i, (client, oid, ref, status) in enumerate(specs)
+    ]
+    book = guard_book(*events, claimed=tuple(sorted(claimed)))
+
+    # Assert
+    def own(client: int, oid: int) -> bool:
+        return client == GUARD and oid in claimed
+
+    for i, (client, oid, _ref, _status) in enumerate(specs):
+        order = book.order(PermId(100 + i))
+        assert order is not None and book.is_own(order) == own(client, oid)
+    working_foreign = [
+        s for s in specs if not own(s[0], s[1]) and s[3] in ("Submitted", "PreSubmitted")
+    ]
+    assert book.foreign_working_count == len(working_foreign)
+    impostors = [s for s in specs if not own(s[0], s[1]) and s[2].startswith("guardd:")]
+    assert len(book.take_impersonations()) == book.impersonations_seen == len(impostors)
+    new_foreign = sum(1 for s in specs if not own(s[0], s[1]))
+    assert book.new_orders(None, 60.0, now=1.0) == new_foreign
 
 
 def test_status_without_terms_then_not_swept_until_terms_known() -> None:

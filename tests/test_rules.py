@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -31,6 +32,7 @@ from guardd.core.rules import (
     DailyLoss,
     Drawdown,
     Heartbeats,
+    Impersonation,
     Leverage,
     MaintMargin,
     MarginCushion,
@@ -102,12 +104,17 @@ def order(
     )
 
 
-def book_with(*events: BrokerEvent, synced: bool = True) -> Book:
-    book = Book(ACC, "USD", created_at=T - 10)
+GUARD_CLIENT = 0  # the guard's own API client id in these tests
+
+
+def book_with(*events: BrokerEvent, synced: bool = True, claimed: tuple[int, ...] = ()) -> Book:
+    book = Book(ACC, "USD", created_at=T - 10, own_client_id=ClientId(GUARD_CLIENT))
     book.fold(Connected(server_version=178, managed_accounts=(ACC,), next_order_id=1, ts=T - 10))
     if synced:
         book.fold(PositionsEnd(ts=T - 10))
         book.fold(OpenOrdersEnd(ts=T - 10))
+    for order_id in claimed:
+        book.claim_order_id(OrderId(order_id))
     for e in events:
         book.fold(e)
     return book
@@ -303,13 +310,17 @@ def test_order_rate_window_passed_then_ok() -> None:
     assert RATE.evaluate(book_with(*_orders(25, client=7)), T + 2).level == "ok"
 
 
-def test_order_rate_exempt_client_then_not_counted() -> None:
-    rule = OrderRate(
-        per_client_1s=Thresholds(kill=20),
-        total_1s=Thresholds(kill=20),
-        exempt_clients=frozenset({ClientId(7)}),
-    )
-    assert rule.evaluate(book_with(*_orders(25, client=7)), T + 0.5).level == "ok"
+def test_order_rate_guards_own_orders_then_not_counted() -> None:
+    rule = OrderRate(per_client_1s=Thresholds(kill=20), total_1s=Thresholds(kill=20))
+    own = _orders(25, client=GUARD_CLIENT)
+    claimed = tuple(range(1000, 1025))
+    assert rule.evaluate(book_with(*own, claimed=claimed), T + 0.5).level == "ok"
+
+
+def test_order_rate_guards_client_id_with_ids_it_never_allocated_then_counted() -> None:
+    rule = OrderRate(per_client_1s=Thresholds(kill=20), total_1s=Thresholds(kill=20))
+    f = rule.evaluate(book_with(*_orders(25, client=GUARD_CLIENT)), T + 0.5)
+    assert (f.level, f.subject) == ("kill", f"client:{GUARD_CLIENT}")
 
 
 def test_order_rate_unsynced_then_data() -> None:
@@ -354,8 +365,35 @@ def test_market_order_without_price_then_data() -> None:
 
 
 def test_guardd_own_order_then_exempt() -> None:
-    book = book_with(tick(1, 100.0), order(1, qty=10_000, ref="guardd:flatten:1"))
+    child = order(1, client=GUARD_CLIENT, qty=10_000, ref="guardd:flatten:1:1")
+    book = book_with(tick(1, 100.0), child, claimed=(1,))
     assert CHECKS.evaluate(book, T).level == "ok"
+
+
+def test_bot_order_labelled_guardd_then_checked_like_any_other() -> None:
+    book = book_with(tick(1, 100.0), order(1, client=7, qty=10_000, ref="guardd:flatten:1:1"))
+    f = CHECKS.evaluate(book, T)
+    assert (f.level, f.subject) == ("kill", "perm:1")
+
+
+def test_no_impersonating_order_then_ok() -> None:
+    book = book_with(order(1, client=7, ref="bot:1"), order(2, client=GUARD_CLIENT), claimed=(2,))
+    assert Impersonation().evaluate(book, T).level == "ok"
+
+
+def test_impersonating_order_then_warn_while_working_and_hold_after() -> None:
+    # Arrange: a bot's order labelled as a guard child, later cancelled
+    rule = Impersonation(hold_s=60.0)
+    impostor = order(1, client=7, ref="guardd:flatten:1:1")
+    book = book_with(impostor)
+
+    # Act / Assert
+    f = rule.evaluate(book, T + 600)
+    assert (f.level, f.value, f.subject) == ("warn", 1.0, "client:7")
+    assert "impersonating the guard" in f.message
+    book.fold(replace(impostor, status="Cancelled", ts=T + 1))
+    assert rule.evaluate(book, T + 30).level == "warn"  # within hold_s of the first sighting
+    assert rule.evaluate(book, T + 61).level == "ok"
 
 
 def test_position_over_symbol_quantity_then_breach() -> None:

@@ -13,6 +13,12 @@ Scope: positions, account values and PnL are totalled for the guarded `account` 
 guards one account; a multi-account login's other positions are kept but not totalled). Orders of
 every account and client are kept, because reqGlobalCancel reaches all of them.
 
+Own orders: guardd's own close orders are known by identity, never by their orderRef. The
+executor claims each order id it allocates (`claim_order_id`, before the order is sent); an order
+is guardd's own when it was placed by guardd's API client id with a claimed order id, or carries
+the permId learned for one. The orderRef `guardd:...` is a label for people: a foreign order that
+carries it is checked and swept like any other, and reported once as an `ImpersonatingOrder`.
+
 Sync: after `Connected` (or a 1101 "data lost" restore) the Book is unsynced until both
 `PositionsEnd` and `OpenOrdersEnd` arrive; at those barriers positions and orders that were not
 re-reported since the (re)connect are swept away. Nothing else is cleared: prices and account
@@ -52,13 +58,13 @@ from guardd.core.events import (
     PositionValue,
     PriceTick,
 )
+from guardd.core.planner import ORDER_REF_PREFIX
 
 TERMINAL_STATUSES = frozenset({"Filled", "Cancelled", "ApiCancelled", "Inactive"})
 """Order statuses after which an order no longer works (Inactive counts as done: rejected)."""
 
 BASE = "BASE"
 NO_CONTRACT = ConId(0)
-OWN_REF_PREFIX = "guardd:"  # orderRef prefix of guardd's own close orders (flatten, reduce)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +122,20 @@ class Order:
     def working(self) -> bool:
         """True until the order reaches a terminal status (filled, cancelled, inactive)."""
         return self.status not in TERMINAL_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class ImpersonatingOrder:
+    """A foreign order labelled as one of guardd's own (orderRef `guardd:...`): someone other than
+    the guard placed it, or the guard's client id with an order id the guard never allocated."""
+
+    perm_id: PermId
+    order_id: OrderId
+    client_id: ClientId
+    order_ref: str
+    account: str
+    symbol: str
+    ts: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,10 +252,11 @@ class Book:
         rate_windows_s: tuple[float, ...] = (1.0, 60.0),
         price_history_s: float = 900.0,
         price_sample_s: float = 1.0,
-        own_ref_prefix: str = OWN_REF_PREFIX,
+        own_client_id: ClientId | None = None,
     ) -> None:
         self.account = account
-        self.own_ref_prefix = own_ref_prefix
+        # guardd's own API client id: with a claimed order id, what makes an order its own
+        self.own_client_id = own_client_id
         self.base_currency = base_currency
         self.created_at = created_at
         self.rate_windows_s = rate_windows_s
@@ -279,12 +300,21 @@ class Book:
         self._quotes: dict[ConId, Quote] = {}
         self._price_history: dict[ConId, deque[tuple[float, float]]] = {}
 
+        # own orders: order ids the guard allocated (with the permId once learned), and back
+        self._claimed: dict[OrderId, PermId | None] = {}
+        self._own_perms: dict[PermId, OrderId] = {}
+        # foreign orders labelled `guardd:`: reported once per order
+        self._impersonating: set[PermId] = set()
+        self._impersonations_unreported: list[ImpersonatingOrder] = []
+        self.impersonations_seen = 0
+        self.last_impersonation: ImpersonatingOrder | None = None
+
         # orders
         self._orders: dict[PermId, Order] = {}
         self._working: set[PermId] = set()
-        # Working orders that are not guardd's own close orders (orderRef prefix) and whose terms
-        # are known: what a sweep while HALTED must cancel. Kept apart so that guardd's flatten
-        # children never trigger a sweep that would cancel them.
+        # Working orders that are not guardd's own close orders (by identity, `is_own`) and whose
+        # terms are known: what a sweep while HALTED must cancel. Kept apart so that guardd's
+        # flatten children never trigger a sweep that would cancel them.
         self._working_foreign: set[PermId] = set()
         self.foreign_order_seq = 0
         self._provisional: dict[tuple[ClientId, OrderId], PermId] = {}
@@ -345,6 +375,7 @@ class Book:
                 self._on_open_orders_end()
             case Execution():
                 self._executions.setdefault(event.exec_id, event)
+                self._learn_perm(event.perm_id, event.client_id, event.order_id)
             case BrokerError():
                 self.last_error = event
             case Heartbeat():
@@ -595,6 +626,9 @@ class Book:
                 if prov in self._working_foreign:
                     self._working_foreign.discard(prov)
                     self._working_foreign.add(perm_id)
+                if prov in self._impersonating:
+                    self._impersonating.discard(prov)
+                    self._impersonating.add(perm_id)
             if order_id != 0:
                 self._perm_by_client_order[co] = perm_id
             return perm_id
@@ -617,17 +651,53 @@ class Book:
             self._working.add(key)
         else:
             self._working.discard(key)
-        foreign = new.working and new.has_terms and not self.is_own(new)
-        if foreign:
+        self._learn_perm(key, new.client_id, new.order_id)
+        own = self.is_own(new)
+        self._classify(key, new, own)
+        if old is None:
+            self.order_seq += 1
+            if self.orders_synced and not own:
+                self._count_new_order(new.client_id, new.first_seen)
+
+    def _classify(self, key: PermId, order: Order, own: bool) -> None:
+        """Count a working foreign order for the sweep; report one labelled as ours, once."""
+        if order.working and order.has_terms and not own:
             if key not in self._working_foreign:
                 self.foreign_order_seq += 1
             self._working_foreign.add(key)
         else:
             self._working_foreign.discard(key)
-        if old is None:
-            self.order_seq += 1
-            if self.orders_synced:
-                self._count_new_order(new.client_id, new.first_seen)
+        if (
+            not own
+            and order.has_terms
+            and order.order_ref.startswith(ORDER_REF_PREFIX)
+            and key not in self._impersonating
+        ):
+            self._impersonating.add(key)
+            found = ImpersonatingOrder(
+                perm_id=order.perm_id,
+                order_id=order.order_id,
+                client_id=order.client_id,
+                order_ref=order.order_ref,
+                account=order.account,
+                symbol=order.symbol,
+                ts=order.updated,
+            )
+            self.impersonations_seen += 1
+            self.last_impersonation = found
+            self._impersonations_unreported.append(found)
+
+    def _learn_perm(self, perm_id: PermId, client_id: ClientId, order_id: OrderId) -> None:
+        """Remember the permId of a claimed order the first time the broker reports it."""
+        if (
+            perm_id > 0
+            and client_id == self.own_client_id
+            and order_id in self._claimed
+            and self._claimed[order_id] is None
+            and perm_id not in self._own_perms
+        ):
+            self._claimed[order_id] = perm_id
+            self._own_perms[perm_id] = order_id
 
     def _count_new_order(self, client_id: ClientId, ts: float) -> None:
         windows = self._rates_by_client.get(client_id)
@@ -688,6 +758,7 @@ class Book:
             for key in [k for k, o in self._orders.items() if o.generation < self.generation]:
                 self._working.discard(key)
                 self._working_foreign.discard(key)
+                self._impersonating.discard(key)
                 del self._orders[key]
             self._perm_by_client_order = {
                 (o.client_id, o.order_id): k
@@ -747,9 +818,73 @@ class Book:
         """Working orders with known terms that are not guardd's own close orders."""
         return len(self._working_foreign)
 
+    # own orders --------------------------------------------------------------
+
+    def claim_order_id(self, order_id: OrderId | int) -> None:
+        """Mark an order id as allocated by guardd, before the order is sent (or, after a
+        restart, for the children the journal says a previous process sent). Orders of
+        `own_client_id` with this id are guardd's own from then on."""
+        oid = OrderId(int(order_id))
+        if oid <= 0 or oid in self._claimed:
+            return
+        self._claimed[oid] = None
+        if self.own_client_id is None:
+            return
+        # Normally nothing is known yet; an order already reported is re-classified.
+        co = (self.own_client_id, oid)
+        key = self._perm_by_client_order.get(co, self._provisional.get(co))
+        order = None if key is None else self._orders.get(key)
+        if key is not None and order is not None:
+            self._learn_perm(key, order.client_id, order.order_id)
+            self._classify(key, order, self.is_own(order))
+
+    @property
+    def claimed_order_ids(self) -> frozenset[OrderId]:
+        """Every order id guardd claimed in this process."""
+        return frozenset(self._claimed)
+
+    def own_order_id(
+        self, perm_id: PermId, client_id: ClientId, order_id: OrderId
+    ) -> OrderId | None:
+        """The claimed order id an order or a fill belongs to, or None when it is not guardd's.
+
+        Own: the permId learned for a claimed id, or guardd's client id with a claimed id whose
+        permId is not known yet (or not reported: provisional). A claimed id reported with
+        another permId than the one learned is someone else's order.
+        """
+        if perm_id > 0:
+            known = self._own_perms.get(perm_id)
+            if known is not None:
+                return known
+        if self.own_client_id is None or client_id != self.own_client_id:
+            return None
+        if order_id not in self._claimed:
+            return None
+        learned = self._claimed[order_id]
+        if learned is None or perm_id <= 0 or learned == perm_id:
+            return order_id
+        return None
+
     def is_own(self, order: Order) -> bool:
-        """Is this one of guardd's own close orders (recognised by its orderRef prefix)?"""
-        return order.order_ref.startswith(self.own_ref_prefix)
+        """Is this one of guardd's own close orders? By identity (client id + claimed order id,
+        or its learned permId), never by orderRef."""
+        return self.own_order_id(order.perm_id, order.client_id, order.order_id) is not None
+
+    def is_own_execution(self, execution: Execution) -> bool:
+        """Is this a fill of one of guardd's own close orders (same identity as `is_own`)?"""
+        found = self.own_order_id(execution.perm_id, execution.client_id, execution.order_id)
+        return found is not None
+
+    @property
+    def impersonating_working_count(self) -> int:
+        """Foreign orders labelled `guardd:` that are still working."""
+        return sum(1 for k in self._impersonating if k in self._working)
+
+    def take_impersonations(self) -> tuple[ImpersonatingOrder, ...]:
+        """Foreign orders labelled `guardd:` first seen since the last call (each once)."""
+        found = tuple(self._impersonations_unreported)
+        self._impersonations_unreported.clear()
+        return found
 
     def new_orders(self, client_id: ClientId | None, span: float, now: float) -> int:
         """New orders first seen in (now − span, now] from `client_id`, or from all when None.

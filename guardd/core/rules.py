@@ -24,7 +24,6 @@ from itertools import pairwise
 from typing import Literal, Protocol
 
 from guardd.core.book import Book, Order, Sample
-from guardd.core.events import ClientId
 
 Level = Literal["ok", "data", "warn", "reduce", "kill"]
 SEVERITY: Mapping[Level, int] = {"ok": 0, "data": 1, "warn": 2, "reduce": 3, "kill": 4}
@@ -411,15 +410,15 @@ class Volatility:
 @dataclass(frozen=True, slots=True)
 class OrderRate:
     """New orders per client and in total over the last 1 s and 60 s (count, higher is worse),
-    e.g. per client 1 s: warn 10, kill 30. Clients in `exempt_clients` (guardd's own) are left
-    out of both. Data: the open-order download after a (re)connect is incomplete.
+    e.g. per client 1 s: warn 10, kill 30. guardd's own close orders (known by identity, see
+    `Book.is_own`) are not counted by the Book; any other order is, whatever its client id or
+    orderRef. Data: the open-order download after a (re)connect is incomplete.
     The Book must keep windows of 1.0 and 60.0 s (its default)."""
 
     per_client_1s: Thresholds = Thresholds()
     per_client_60s: Thresholds = Thresholds()
     total_1s: Thresholds = Thresholds()
     total_60s: Thresholds = Thresholds()
-    exempt_clients: frozenset[ClientId] = frozenset()
     name: str = "order_rate"
 
     def evaluate(self, book: Book, now: float) -> Finding:
@@ -427,13 +426,9 @@ class OrderRate:
         if not (book.connected and book.orders_synced):
             return data(self.name, "open orders not synced since (re)connect")
         findings: list[Finding] = []
-        totals = {1.0: 0, 60.0: 0}
         for client in sorted(book.order_clients):
             for span, limits in ((1.0, self.per_client_1s), (60.0, self.per_client_60s)):
                 n = book.new_orders(client, span, now)
-                if client in self.exempt_clients:
-                    totals[span] -= n
-                    continue
                 findings.append(
                     grade(
                         self.name,
@@ -444,7 +439,7 @@ class OrderRate:
                     )
                 )
         for span, limits in ((1.0, self.total_1s), (60.0, self.total_60s)):
-            n = book.new_orders(None, span, now) + totals[span]
+            n = book.new_orders(None, span, now)
             findings.append(
                 grade(self.name, n, limits, what=f"new orders in {span:.0f}s", subject="total")
             )
@@ -459,8 +454,8 @@ class OrderChecks:
     (quantity × multiplier × limit or reference price, converted to base currency) ≤
     `max_notional`, limit price within `collar` (fraction) of the reference price, order type
     and sec type not forbidden. A violation has the configured `level` (kill = global cancel, or
-    warn = alert only). Orders whose orderRef starts with `exempt_ref_prefix` (guardd's own
-    flatten orders) are skipped. Data: notional needs a price or rate that is missing/stale.
+    warn = alert only). guardd's own close orders (by identity, `Book.is_own`; never by orderRef)
+    are skipped. Data: notional needs a price or rate that is missing/stale.
     """
 
     max_quantity: float | None = None
@@ -469,7 +464,6 @@ class OrderChecks:
     forbidden_order_types: frozenset[str] = frozenset()
     forbidden_sec_types: frozenset[str] = frozenset()
     level: Level = "kill"
-    exempt_ref_prefix: str = "guardd:"
     max_price_age_s: float = 30.0
     name: str = "order_checks"
 
@@ -512,13 +506,45 @@ class OrderChecks:
         findings = [
             self.check(o, book, now)
             for o in sorted(book.working_orders(), key=lambda o: o.perm_id)
-            if o.has_terms and not o.order_ref.startswith(self.exempt_ref_prefix)
+            if o.has_terms and not book.is_own(o)
         ]
         found = worst(findings)
         if found is None or found.level == "ok":
             n = float(len(findings))
             return Finding(self.name, "ok", n, None, f"{len(findings)} working order(s) ok")
         return found
+
+
+@dataclass(frozen=True, slots=True)
+class Impersonation:
+    """Someone is impersonating the guard: orders labelled as guardd's own (orderRef
+    `guardd:...`) that the guard did not place (`Book.is_own` is by identity, never by label).
+    Value: how many such orders were seen since start (count). `level` (warn) while one is still
+    working or for `hold_s` seconds after the last was first seen; ok otherwise. The orders
+    themselves are checked and swept like any other order; this rule only makes them visible.
+    """
+
+    hold_s: float = 900.0
+    level: Level = "warn"
+    name: str = "impersonation"
+
+    def evaluate(self, book: Book, now: float) -> Finding:
+        """Warn while an impersonating order works or was seen within `hold_s`."""
+        seen = book.impersonations_seen
+        last = book.last_impersonation
+        if last is None:
+            return Finding(self.name, "ok", 0.0, None, "no order impersonates the guard")
+        working = book.impersonating_working_count
+        if working == 0 and now - last.ts > self.hold_s:
+            return Finding(self.name, "ok", float(seen), None, "no recent impersonating order")
+        message = (
+            f"someone is impersonating the guard: {seen} order(s) labelled guardd: not placed "
+            f"by the guard; last: client {last.client_id} order {last.order_id} perm "
+            f"{last.perm_id} ref {last.order_ref!r}"
+        )
+        return Finding(
+            self.name, self.level, float(seen), None, message, f"client:{last.client_id}"
+        )
 
 
 # ------------------------------------------------------------------------- positions
