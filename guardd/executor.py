@@ -19,6 +19,10 @@
 Every action and its outcome is a journal record. Child orders are journaled with the position
 they were planned against BEFORE they are sent, so a restarted guard rebuilds the episode from the
 journal and never duplicates a child (`restore_children`).
+
+Children are ours by identity, never by their orderRef label: each child's order id is claimed in
+the Book (`Book.claim_order_id`) when it is allocated, before the journal record and the send, and
+children are matched to broker orders and fills by our client id and that id (or its permId).
 """
 
 from __future__ import annotations

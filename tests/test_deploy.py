@@ -169,6 +169,7 @@ def test_alert_rules_read_then_every_alert_named_and_metrics_exported() -> None:
         "FlattenOverdue",
         "LatchNotDurable",
         "MqttDisconnected",
+        "GuarddImpersonated",
     }
     assert used - exported == set()
 

@@ -85,10 +85,11 @@ def guard_refs(sim: SimGateway, since_perm: int = 0) -> list[str]:
 
 
 def guard_close_totals(sim: SimGateway, since_fill: int = 0) -> dict[int, Decimal]:
-    """Signed quantity the guard's close children filled, per contract (orderRef guardd:...)."""
+    """Signed quantity the guard's close children filled, per contract (the guard's client id;
+    the orderRef label alone proves nothing: any client can set it)."""
     totals: dict[int, Decimal] = {}
     for fill in sim.exchange.fills()[since_fill:]:
-        if not fill.order_ref.startswith("guardd:"):
+        if fill.client_id != GUARD_CLIENT_ID or not fill.order_ref.startswith("guardd:"):
             continue
         sign = 1 if fill.side == "BOT" else -1
         con = fill.instrument.con_id

@@ -1,7 +1,8 @@
 """The flatten and reduce planner: which child orders to send now to close positions.
 
 A pure function of what the executor knows (broker-confirmed positions and our own close children,
-the orders whose orderRef starts `guardd:flatten:` or `guardd:reduce:`) and a policy; it returns a
+known by identity: our client id and the order ids we allocated; their orderRef `guardd:flatten:`
+or `guardd:reduce:` is a label, never a key) and a policy; it returns a
 `Plan` of new child orders and notes. It never sends, cancels, reads a clock or logs.
 
 The invariant: guardd never over-flattens. For each position, whatever filled and whatever still
@@ -49,8 +50,9 @@ What the executor must do for this to hold:
   decision) began, finished ones included, and never drop one within the episode: dropping a
   finished child lowers `committed` while a stale position update can still raise origin.
 - Record `planned_against` from `NewChildOrder.planned_against` and keep it across restarts (the
-  journal): a child recognised by its orderRef without it is left out of origin, which is safe but
-  leaves the planner short of the target until an operator looks (note `unknown_baseline`).
+  journal): a child known without it (e.g. sent on an earlier connection) is left out of origin,
+  which is safe but leaves the planner short of the target until an operator looks (note
+  `unknown_baseline`).
 - Mark a send "lost" only when the broker provably never had it; until then it is pending and
   blocks new children for its position (no duplicates across reconnects).
 - Report a finished child's final filled quantity.
@@ -82,7 +84,7 @@ DecisionId = NewType("DecisionId", str)
 
 ZERO = Decimal(0)
 ONE = Decimal(1)
-ORDER_REF_PREFIX = "guardd:"
+ORDER_REF_PREFIX = "guardd:"  # the label on our close orders, for people: never an ownership key
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -155,8 +157,8 @@ class ChildOrder:
     """One of our own close children, as the executor knows it.
 
     `planned_against` is the confirmed position quantity the child was planned against
-    (`NewChildOrder.planned_against`), None when lost (e.g. recognised by orderRef after a restart
-    without a journal). For a finished child `filled` is final.
+    (`NewChildOrder.planned_against`), None when lost (e.g. a child sent on an earlier connection
+    or by a previous process). For a finished child `filled` is final.
     """
 
     key: PositionKey

@@ -62,8 +62,10 @@ class RunawayBot:
         if not ok:
             raise TimeoutError("the bot got no nextValidId")
 
-    def place_limit(self, symbol: str, action: str, quantity: float, price: float) -> int:
-        """Place one stock limit order; returns its order id."""
+    def place_limit(
+        self, symbol: str, action: str, quantity: float, price: float, *, order_ref: str = ""
+    ) -> int:
+        """Place one stock limit order (labelled `order_ref`); returns its order id."""
         with self.wrapper.lock:
             assert self.wrapper.next_id is not None
             order_id = self.wrapper.next_id
@@ -79,6 +81,7 @@ class RunawayBot:
         order.totalQuantity = Decimal(str(quantity))
         order.lmtPrice = price
         order.tif = "DAY"
+        order.orderRef = order_ref
         self.client.placeOrder(order_id, contract, order)
         self.placed.append((order_id, symbol, action, Decimal(str(quantity)), price))
         return order_id
@@ -100,6 +103,10 @@ class RunawayBot:
             return [code for _, code, _ in self.wrapper.errors]
 
     async def disconnect(self) -> None:
-        self.client.disconnect()
+        # End the message loop before closing the socket: ibapi's run() reads serverVersion()
+        # for every queued message, and disconnect() resets it to None under a running loop
+        # (a TypeError in the bot's thread when a message was still queued).
+        self.client.setConnState(EClient.DISCONNECTED)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
+        self.client.disconnect()
