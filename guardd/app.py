@@ -35,10 +35,17 @@ from prometheus_client import CollectorRegistry
 from guardd import __version__
 from guardd.broker.ib import IbBroker
 from guardd.config import Config
-from guardd.control.auth import KeyStore, TokenStore, TwoPersonRule, read_secret_file
+from guardd.control.auth import (
+    KeyStore,
+    TokenStore,
+    TwoPersonRule,
+    check_secrets_distinct,
+    read_secret_file,
+)
 from guardd.control.commands import CommandOutcome, ControlCommand
 from guardd.control.http import ControlHttpServer, server_ssl_context
 from guardd.control.mqtt import MqttControl
+from guardd.control.nonces import NonceStore
 from guardd.core import events as ev
 from guardd.core.book import Book
 from guardd.core.engine import Arm, Decision, Engine, Evaluation, Kill, Latch, State
@@ -226,7 +233,35 @@ class Guard:
                 delay = min(delay * 2, self.cfg.ib.reconnect_backoff_max_s)
 
     async def _start_control(self, stack: contextlib.AsyncExitStack) -> None:
-        http_cfg = self.cfg.control.http
+        control = self.cfg.control
+        http_cfg = control.http
+        mqtt_cfg = control.mqtt
+        insecure = control.allow_insecure_permissions
+        # Every credential first, checked together: one secret must not serve two purposes.
+        tokens = keys = password = None
+        if http_cfg.enabled:
+            files = http_cfg.token_files
+            tokens = TokenStore.from_role_files(
+                read=files.read,
+                kill=files.kill,
+                arm=files.arm,
+                people=control.http_token_people,
+                allow_insecure_permissions=insecure,
+            )
+        if mqtt_cfg.enabled:
+            if mqtt_cfg.password_file is not None:
+                password = read_secret_file(
+                    mqtt_cfg.password_file,
+                    what="control.mqtt.password_file",
+                    allow_insecure_permissions=insecure,
+                )
+            keys = KeyStore.from_files(
+                dict(mqtt_cfg.operator_key_files),
+                roles=dict(mqtt_cfg.operator_key_roles),
+                people=control.mqtt_key_people,
+                allow_insecure_permissions=insecure,
+            )
+        check_secrets_distinct(tokens, keys, mqtt_password=password)
         routes = []
         if self.cfg.metrics.enabled and self.cfg.metrics.listen == "control":
             from aiohttp import web
@@ -235,9 +270,7 @@ class Guard:
         elif self.cfg.metrics.enabled:
             server = MetricsServer(self.registry, self.cfg.metrics.host, self.cfg.metrics.port)
             await stack.enter_async_context(server)
-        if http_cfg.enabled:
-            files = http_cfg.token_files
-            tokens = TokenStore.from_role_files(read=files.read, kill=files.kill, arm=files.arm)
+        if tokens is not None:
             context: ssl.SSLContext | None = None
             if http_cfg.tls_cert_file is not None and http_cfg.tls_key_file is not None:
                 context = server_ssl_context(http_cfg.tls_cert_file, http_cfg.tls_key_file)
@@ -251,11 +284,12 @@ class Guard:
                 routes=routes,
             )
             await stack.enter_async_context(self.http)
-        mqtt_cfg = self.cfg.control.mqtt
-        if mqtt_cfg.enabled:
-            password = None
-            if mqtt_cfg.password_file is not None:
-                password = read_secret_file(mqtt_cfg.password_file, what="MQTT password")
+        if keys is not None:
+            # Used nonces from before a restart: read (and pruned) before the first message.
+            nonces = NonceStore.open(
+                self.cfg.nonces_path, window_s=mqtt_cfg.window_s, now=self.clock()
+            )
+            stack.callback(nonces.close)
             tls = None
             if mqtt_cfg.tls:
                 tls = ssl.create_default_context(
@@ -264,9 +298,7 @@ class Guard:
             self.mqtt = MqttControl(
                 self,
                 account=self.cfg.account,
-                keys=KeyStore.from_files(
-                    dict(mqtt_cfg.operator_key_files), roles=dict(mqtt_cfg.operator_key_roles)
-                ),
+                keys=keys,
                 host=mqtt_cfg.host,
                 port=mqtt_cfg.port,
                 username=mqtt_cfg.username,
@@ -276,6 +308,7 @@ class Guard:
                 topic_prefix=mqtt_cfg.topic_prefix,
                 clock=self.clock,
                 on_heartbeat=self.heartbeat if self.cfg.limits.heartbeats.bots else None,
+                nonces=nonces,
             )
             await stack.enter_async_context(self.mqtt)
 
@@ -469,10 +502,10 @@ class Guard:
         """A kill or re-arm from a person (HTTP, MQTT or the CLI), already authenticated.
 
         With ``control.two_person_rearm`` the first arm while HALTED is journaled and answered
-        pending (nothing changes); an arm from a different principal within
-        ``control.rearm_window_s`` then goes to the engine, which still refuses it while a kill
-        breach holds unless forced, and forced only when BOTH arms asked for force. A kill drops
-        a pending re-arm.
+        pending (nothing changes); an arm from a different PERSON (``control.people``; a
+        credential without one counts as its own) within ``control.rearm_window_s`` then goes to
+        the engine, which still refuses it while a kill breach holds unless forced, and forced
+        only when BOTH arms asked for force. A kill drops a pending re-arm.
         """
         now = self.clock()
         item: Kill | Arm
@@ -490,7 +523,7 @@ class Guard:
             if rule is not None and isinstance(item, Kill):
                 rule.clear()
             elif rule is not None and self.engine.state == State.HALTED:
-                verdict = rule.offer(command.principal, now=now)
+                verdict = rule.offer(_person(command), now=now)
                 if not verdict.confirmed:
                     self._rearm_first_force = command.force
                     self.journal.append(
@@ -508,7 +541,7 @@ class Guard:
                         pending=True,
                     )
                 forced = command.force and self._rearm_first_force
-                reason = f"{command.reason} (two-person: {verdict.first} and {command.principal})"
+                reason = f"{command.reason} (two-person: {verdict.first} and {_person(command)})"
                 item = Arm(principal=command.principal, reason=reason, force=forced)
             decision = self.engine.step(item, now)
             if command.action == "kill" and not decision.refused:
@@ -609,11 +642,18 @@ class _StopError(Exception):
     """Raised inside the TaskGroup to end it when `stop` is set."""
 
 
+def _person(command: ControlCommand) -> str:
+    """Who the two-person rule counts: the command's person, else its credential's name (only
+    when no person is configured for it: with the rule on, the config names every arm's)."""
+    return command.person if command.person is not None else command.principal
+
+
 def _command_fields(command: ControlCommand) -> dict[str, object]:
     """A command as the journal records it (who, channel, what, why)."""
     return {
         "action": command.action,
         "principal": command.principal,
+        "person": command.person,
         "channel": command.channel,
         "reason": command.reason,
         "mode": command.mode,

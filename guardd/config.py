@@ -62,6 +62,7 @@ __all__ = [
     "OrderPolicy",
     "OrderRateLimits",
     "PerOrderLimits",
+    "Person",
     "PositionLimits",
     "RateLimit",
     "SecType",
@@ -539,17 +540,119 @@ class MqttControlConfig(_Model):
         return self
 
 
-class ControlConfig(_Model):
-    """Where kill / arm / status commands come in, and who must agree to a re-arm.
+HttpTokenRole = Literal["read", "kill", "arm"]
 
-    With ``two_person_rearm`` a re-arm needs arms from two different principals (HTTP token
-    names and MQTT key ids, counted together) within ``rearm_window_s`` seconds.
+
+class Person(_Model):
+    """The credentials one person holds: HTTP role tokens (by role, as in
+    ``control.http.token_files``) and MQTT operator keys (by key id)."""
+
+    http_tokens: Annotated[tuple[HttpTokenRole, ...], Field(strict=False)] = ()
+    mqtt_keys: Annotated[tuple[Name, ...], Field(strict=False)] = ()
+
+
+class ControlConfig(_Model):
+    """Where kill / arm / status commands come in, who holds which credential, and who must agree
+    to a re-arm.
+
+    ``people`` maps each person to the credentials they hold; the journal records the person of
+    every command. With ``two_person_rearm`` a re-arm needs arms from two different PEOPLE (over
+    HTTP and MQTT alike) within ``rearm_window_s`` seconds: every credential that can re-arm must
+    then belong to a person, and at least two people must be able to re-arm.
+
+    ``allow_insecure_permissions`` lets guardd read secret files (tokens, keys, the MQTT
+    password) that group or others may access; by default such a file is a config error.
     """
 
     http: HttpControlConfig = Field(default_factory=HttpControlConfig)
     mqtt: MqttControlConfig = Field(default_factory=MqttControlConfig)
+    people: dict[Name, Person] = Field(default_factory=dict)
     two_person_rearm: bool = False
     rearm_window_s: Seconds = 300.0
+    allow_insecure_permissions: bool = False
+
+    @model_validator(mode="after")
+    def _people_hold_known_credentials_once(self) -> Self:
+        tokens = self.http.token_files
+        owner: dict[str, str] = {}
+        for person, held in self.people.items():
+            for role in held.http_tokens:
+                if getattr(tokens, role) is None:  # getattr: the role names the field
+                    raise _broken(
+                        f"people.{person}.http_tokens",
+                        f'names the "{role}" token, which has no file in @http.token_files.{role}',
+                    )
+                credential = f"control.http.token_files.{role}"
+                if credential in owner and owner[credential] != person:
+                    raise _broken(
+                        f"people.{person}.http_tokens",
+                        f"{credential} already belongs to {owner[credential]}: a credential "
+                        "belongs to one person",
+                    )
+                owner[credential] = person
+            for key_id in held.mqtt_keys:
+                if key_id not in self.mqtt.operator_key_files:
+                    raise _broken(
+                        f"people.{person}.mqtt_keys",
+                        f"names key id {key_id!r}, which has no entry in @mqtt.operator_key_files",
+                    )
+                credential = f"control.mqtt.operator_key_files.{key_id}"
+                if credential in owner and owner[credential] != person:
+                    raise _broken(
+                        f"people.{person}.mqtt_keys",
+                        f"{credential} already belongs to {owner[credential]}: a credential "
+                        "belongs to one person",
+                    )
+                owner[credential] = person
+        return self
+
+    @model_validator(mode="after")
+    def _two_people_can_rearm(self) -> Self:
+        if not self.two_person_rearm:
+            return self
+        arm_credentials: dict[str, str | None] = {}  # credential -> its person
+        if self.http.enabled and self.http.token_files.arm is not None:
+            arm_credentials["control.http.token_files.arm"] = self.person_of_http_token("arm")
+        if self.mqtt.enabled:
+            for key_id in self.mqtt.operator_key_files:
+                if "arm" in self.mqtt.operator_key_roles.get(key_id, ()):
+                    credential = f"control.mqtt.operator_key_files.{key_id}"
+                    arm_credentials[credential] = self.person_of_mqtt_key(key_id)
+        for credential, person in arm_credentials.items():
+            if person is None:
+                raise _broken(
+                    "people",
+                    f"{credential} can re-arm but belongs to no person: with "
+                    "@two_person_rearm every credential that can re-arm names its person "
+                    "(e.g. people.alice = { mqtt_keys = [...], http_tokens = [...] })",
+                )
+        people = sorted({p for p in arm_credentials.values() if p is not None})
+        if len(people) < 2:
+            held = ", ".join(people) or "nobody"
+            raise _broken(
+                "two_person_rearm",
+                f"needs at least two people who can re-arm, but only {held} can "
+                "(@people, @http.token_files.arm, @mqtt.operator_key_roles)",
+            )
+        return self
+
+    def person_of_http_token(self, role: HttpTokenRole) -> str | None:
+        """The person holding the HTTP token of ``role``, or None."""
+        return next((p for p, held in self.people.items() if role in held.http_tokens), None)
+
+    def person_of_mqtt_key(self, key_id: str) -> str | None:
+        """The person holding the MQTT operator key ``key_id``, or None."""
+        return next((p for p, held in self.people.items() if key_id in held.mqtt_keys), None)
+
+    @property
+    def http_token_people(self) -> dict[HttpTokenRole, str]:
+        """HTTP token role -> person, for the tokens that name one."""
+        return {role: p for p, held in self.people.items() for role in held.http_tokens}
+
+    @property
+    def mqtt_key_people(self) -> dict[str, str]:
+        """MQTT key id -> person, for the keys that name one."""
+        return {key_id: p for p, held in self.people.items() for key_id in held.mqtt_keys}
 
 
 class MetricsConfig(_Model):
@@ -601,6 +704,11 @@ class Config(_Model):
     def journal_path(self) -> Path:
         """The append-only audit journal."""
         return self.state_dir / "journal.jsonl"
+
+    @property
+    def nonces_path(self) -> Path:
+        """The used nonces of signed MQTT commands (guardd.control.nonces)."""
+        return self.state_dir / "nonces.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ only ``GuarddError`` subclasses. A risk breach is never an exception: rules retu
      ├── LatchError                the kill latch file cannot be written         exit 74
      └── CommandError              a kill / arm command refused (HTTP 400)
           ├── AuthError            missing, wrong or under-privileged credential (401/403)
-          └── ReplayError          stale timestamp or a nonce already seen (MQTT)
+          └── ReplayError          stale timestamp, a nonce already seen, a retained command (MQTT)
+               └── NonceNotDurableError  the nonce is not on disk: an arm is refused, a kill passes
 
 Exit codes follow sysexits.h (70 EX_SOFTWARE, 78 EX_CONFIG, 69 EX_UNAVAILABLE, 74 EX_IOERR).
 The systemd unit should list 78 in RestartPreventExitStatus so that a broken config file is not
@@ -39,6 +40,7 @@ __all__ = [
     "GuarddError",
     "JournalError",
     "LatchError",
+    "NonceNotDurableError",
     "ReplayError",
 ]
 
@@ -110,4 +112,11 @@ class AuthError(CommandError):
 
 
 class ReplayError(CommandError):
-    """A signed command's timestamp is outside the window, or its nonce was already used."""
+    """A signed command's timestamp is outside the window, its nonce was already used, or it
+    arrived as a retained message."""
+
+
+class NonceNotDurableError(ReplayError):
+    """A signed command's nonce could not be recorded on disk (or the record of earlier ones was
+    lost), so a restarted guard could not refuse its replay: an arm is refused on it, a kill is
+    carried out anyway (its replay can only halt again)."""

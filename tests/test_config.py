@@ -51,6 +51,8 @@ def test_example_file_then_loads_with_its_documented_values() -> None:
     assert cfg.limits.heartbeats.bots["momentum"].action == "kill"
     assert cfg.limits.positions.max_quantity["ES"] == 4
     assert cfg.control.mqtt.operator_key_files["alice"].name == "mqtt-key-alice"
+    assert cfg.control.http_token_people == {"kill": "alice", "arm": "alice"}
+    assert cfg.control.allow_insecure_permissions is False
     policy = cfg.flatten.policy_for("OPT")
     assert policy is not None and policy.collar == 0.10
 
@@ -164,6 +166,74 @@ def test_bad_value_then_config_error_names_key(text: str, key_path: str, words: 
     assert caught.value.key_path == key_path
     assert words in caught.value.rule
     assert str(caught.value).startswith(f"{key_path}: ")
+
+
+# --- people: who holds which credential, and the two-person re-arm ----------------------------
+
+CREDENTIALS = """
+[control.http.token_files]
+kill = "/run/credentials/guardd.service/token-kill"
+arm = "/run/credentials/guardd.service/token-arm"
+[control.mqtt]
+enabled = true
+operator_key_files = { alice = "/k/alice", bob = "/k/bob", carol = "/k/carol" }
+operator_key_roles = { alice = ["kill", "arm"], bob = ["kill", "arm"] }
+"""
+
+PEOPLE_BAD = [
+    # (what, [control] table text, key path, words in the rule)
+    ("unknown key id", 'people.alice = { mqtt_keys = ["alicia"] }',
+     "control.people.alice.mqtt_keys", "'alicia', which has no entry in control.mqtt.operator"),
+    ("token role without a file", 'people.alice = { http_tokens = ["read"] }',
+     "control.people.alice.http_tokens", "control.http.token_files.read"),
+    ("one key, two people",
+     'people.alice = { mqtt_keys = ["alice"] }\npeople.bob = { mqtt_keys = ["alice", "bob"] }',
+     "control.people.bob.mqtt_keys", "already belongs to alice"),
+    ("one token, two people",
+     'people.alice = { http_tokens = ["arm"] }\npeople.bob = { http_tokens = ["arm"] }',
+     "control.people.bob.http_tokens", "already belongs to alice"),
+    ("two-person with an arm key of nobody",
+     'two_person_rearm = true\npeople.alice = { http_tokens = ["arm"], mqtt_keys = ["alice"] }',
+     "control.people", "operator_key_files.bob can re-arm but belongs to no person"),
+    ("two-person with one person",
+     'two_person_rearm = true\npeople.alice = { http_tokens = ["arm"], mqtt_keys = ["alice", '
+     '"bob"] }', "control.two_person_rearm", "at least two people who can re-arm, but only alice"),
+    ("unknown person key", "people.alice = { keys = [] }", "control.people.alice.keys",
+     "unknown key"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("control", "key_path", "words"), [b[1:] for b in PEOPLE_BAD], ids=[b[0] for b in PEOPLE_BAD]
+)
+def test_people_that_do_not_add_up_then_config_error_names_key(
+    control: str, key_path: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL + "[control]\n" + control + "\n" + CREDENTIALS)
+
+    assert caught.value.key_path == key_path
+    assert words in caught.value.rule
+
+
+def test_two_person_with_each_arm_credential_named_then_people_by_credential() -> None:
+    control = """[control]
+two_person_rearm = true
+allow_insecure_permissions = true
+people.alice = { http_tokens = ["arm", "kill"], mqtt_keys = ["alice"] }
+people.bob = { mqtt_keys = ["bob"] }
+"""
+
+    cfg = parse_config(MINIMAL + control + CREDENTIALS).control
+
+    assert cfg.http_token_people == {"arm": "alice", "kill": "alice"}
+    assert cfg.mqtt_key_people == {"alice": "alice", "bob": "bob"}
+    assert cfg.person_of_mqtt_key("carol") is None  # kill only: needs no person
+    assert cfg.allow_insecure_permissions is True
+
+
+def test_minimal_file_then_secret_files_must_be_private() -> None:
+    assert parse_config(MINIMAL).control.allow_insecure_permissions is False
 
 
 def test_missing_account_then_config_error_names_account() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -18,13 +20,15 @@ from guardd.control.auth import (
     TokenStore,
     TwoPersonRule,
     canonical_form,
+    check_secrets_distinct,
     parse_signed_command,
+    read_secret_file,
     sign,
     signed_payload,
     verify_signed_command,
 )
 from guardd.control.commands import Action, ControlCommand, check_reason
-from guardd.errors import AuthError, CommandError, ConfigError, ReplayError
+from guardd.errors import AuthError, CommandError, ConfigError, NonceNotDurableError, ReplayError
 
 NOW = 1_767_225_600
 KEYS = KeyStore.from_secrets(
@@ -34,6 +38,7 @@ KEYS = KeyStore.from_secrets(
     }
 )
 SECRET = b"alice-secret-key-0123456789"
+ALICE = SECRET.decode()
 
 
 def verify(
@@ -49,6 +54,13 @@ def verify(
     return verify_signed_command(
         command, target=target, keys=KEYS, nonces=cache, now=now, window_s=30
     )
+
+
+def secret_file(path: Path, text: str) -> Path:
+    """A secret file as an operator makes it: readable by its owner only."""
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
 
 
 def make(**overrides: object) -> dict[str, object]:
@@ -102,8 +114,8 @@ def test_role_then_allowed_only_as_documented(roles: set[str], needed: str, allo
 
 
 def test_role_files_then_principals_named_after_files(tmp_path: Path) -> None:
-    (tmp_path / "kill-token").write_text("  kill-token-0123456789\n")
-    (tmp_path / "read-token").write_text("read-token-0123456789")
+    secret_file(tmp_path / "kill-token", "  kill-token-0123456789\n")
+    secret_file(tmp_path / "read-token", "read-token-0123456789")
 
     store = TokenStore.from_role_files(kill=tmp_path / "kill-token", read=tmp_path / "read-token")
 
@@ -115,7 +127,7 @@ def test_role_files_then_principals_named_after_files(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text", ["short", "", "has a space 0123456789", "tøken-0123456789abc"])
 def test_weak_or_odd_token_file_then_config_error_naming_key(tmp_path: Path, text: str) -> None:
-    (tmp_path / "kill-token").write_text(text)
+    secret_file(tmp_path / "kill-token", text)
 
     with pytest.raises(ConfigError) as err:
         TokenStore.from_role_files(kill=tmp_path / "kill-token")
@@ -128,17 +140,166 @@ def test_missing_token_file_then_config_error(tmp_path: Path) -> None:
         TokenStore.from_role_files(arm=tmp_path / "nope")
 
 
-def test_same_token_for_two_roles_then_config_error(tmp_path: Path) -> None:
+def test_same_token_for_two_roles_then_config_error_naming_the_key(tmp_path: Path) -> None:
     for name in ("a", "b"):
-        (tmp_path / name).write_text("same-token-0123456789")
+        secret_file(tmp_path / name, "same-token-0123456789")
 
-    with pytest.raises(ConfigError, match="same token"):
+    with pytest.raises(ConfigError, match="same token") as err:
         TokenStore.from_role_files(kill=tmp_path / "a", arm=tmp_path / "b")
+
+    assert err.value.key_path == "control.http.token_files.arm"
+    assert "control.http.token_files.kill" in err.value.rule
+
+
+def test_two_key_ids_with_one_secret_then_config_error_naming_the_key(tmp_path: Path) -> None:
+    secret_file(tmp_path / "alice.key", "shared-secret-key-0123456789")
+    secret_file(tmp_path / "bob.key", "shared-secret-key-0123456789\n")
+
+    with pytest.raises(ConfigError, match="same key") as err:
+        KeyStore.from_files({"alice": tmp_path / "alice.key", "bob": tmp_path / "bob.key"})
+
+    assert err.value.key_path == "control.mqtt.operator_key_files.bob"
+    assert "control.mqtt.operator_key_files.alice" in err.value.rule
+
+
+def test_key_equal_to_a_token_then_config_error_naming_the_key(tmp_path: Path) -> None:
+    tokens = TokenStore.from_role_files(
+        kill=secret_file(tmp_path / "token-kill", "desk-secret-0123456789")
+    )
+    keys = KeyStore.from_files({"alice": secret_file(tmp_path / "a.key", "desk-secret-0123456789")})
+
+    with pytest.raises(ConfigError, match="same secret") as err:
+        check_secrets_distinct(tokens, keys)
+
+    assert err.value.key_path == "control.mqtt.operator_key_files.alice"
+    assert "control.http.token_files.kill" in err.value.rule
+
+
+def test_broker_password_equal_to_a_key_then_config_error_naming_the_password() -> None:
+    keys = KeyStore.from_secrets({"alice": ("alice-secret-key-0123456789", ["kill"])})
+
+    with pytest.raises(ConfigError) as err:
+        check_secrets_distinct(None, keys, mqtt_password="alice-secret-key-0123456789")
+
+    assert err.value.key_path == "control.mqtt.password_file"
+
+
+def test_distinct_secrets_then_no_error(tmp_path: Path) -> None:
+    tokens = TokenStore.from_role_files(
+        kill=secret_file(tmp_path / "token-kill", "desk-secret-0123456789")
+    )
+
+    check_secrets_distinct(tokens, KEYS, mqtt_password="broker-password-0123")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o660])
+def test_secret_file_open_to_group_or_others_then_config_error_naming_key(
+    tmp_path: Path, mode: int
+) -> None:
+    path = secret_file(tmp_path / "kill-token", "kill-token-0123456789")
+    path.chmod(mode)
+
+    with pytest.raises(ConfigError, match=f"mode {mode:04o}") as err:
+        TokenStore.from_role_files(kill=path)
+    with pytest.raises(ConfigError) as key_err:
+        KeyStore.from_files({"alice": path})
+
+    assert err.value.key_path == "control.http.token_files.kill"
+    assert key_err.value.key_path == "control.mqtt.operator_key_files.alice"
+    assert "chmod 600" in err.value.rule
+
+
+def test_secret_file_open_to_others_with_explicit_allowance_then_read(tmp_path: Path) -> None:
+    path = secret_file(tmp_path / "kill-token", "kill-token-0123456789")
+    path.chmod(0o644)
+
+    store = TokenStore.from_role_files(kill=path, allow_insecure_permissions=True)
+    keys = KeyStore.from_files({"alice": path}, allow_insecure_permissions=True)
+
+    assert store.authenticate("kill-token-0123456789").roles == {"kill"}
+    assert keys.get("alice").secret == b"kill-token-0123456789"
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_secret_file_private_then_read(tmp_path: Path, mode: int) -> None:
+    path = secret_file(tmp_path / "kill-token", "kill-token-0123456789")
+    path.chmod(mode)
+
+    assert read_secret_file(path, what="k") == "kill-token-0123456789"
+
+
+def set_acl(path: Path, *entries: tuple[int, int, int]) -> None:
+    """A POSIX access ACL on ``path`` (tag, permissions, id), as setfacl would write it."""
+    raw = (2).to_bytes(4, "little") + b"".join(
+        tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + ident.to_bytes(4, "little")
+        for tag, perm, ident in sorted(entries)  # the kernel wants them in tag order
+    )
+    try:
+        os.setxattr(path, "system.posix_acl_access", raw)
+    except OSError as exc:
+        pytest.fail(f"the test directory's file system refuses ACLs: {exc}", pytrace=False)
+
+
+ANY = 0xFFFFFFFF
+USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+
+
+def test_systemd_credential_with_acl_for_our_user_then_read(tmp_path: Path) -> None:
+    # systemd's LoadCredential=: a 0400 file owned by root, read access for the service's
+    # (dynamic) user through an ACL entry; `ls -l` shows -r--r-----+ (group bits = ACL mask)
+    path = secret_file(tmp_path / "token-kill", "kill-token-0123456789")
+    path.chmod(0o400)
+    os.chown(path, 4242, 4242)  # owned by someone else (root, under systemd)
+    set_acl(path, (USER_OBJ, 4, ANY), (USER, 4, os.geteuid()), (GROUP_OBJ, 0, ANY), (MASK, 4, ANY),
+            (OTHER, 0, ANY))  # fmt: skip
+
+    assert stat.S_IMODE(path.stat().st_mode) == 0o440
+    assert TokenStore.from_role_files(kill=path).authenticate("kill-token-0123456789")
+
+
+@pytest.mark.parametrize(
+    ("entry", "who"),
+    [((USER, 4, 4343), "user 4343"), ((GROUP, 4, 4343), "group 4343"),
+     ((GROUP_OBJ, 4, ANY), "its group")],
+    ids=["another-user", "a-group", "its-group"],
+)  # fmt: skip
+def test_secret_file_with_acl_for_someone_else_then_config_error(
+    tmp_path: Path, entry: tuple[int, int, int], who: str
+) -> None:
+    path = secret_file(tmp_path / "token-kill", "kill-token-0123456789")
+    path.chmod(0o400)
+    group_obj = [] if entry[0] == GROUP_OBJ else [(GROUP_OBJ, 0, ANY)]
+    set_acl(path, (USER_OBJ, 4, ANY), entry, *group_obj, (MASK, 4, ANY), (OTHER, 0, ANY))
+
+    with pytest.raises(ConfigError, match=f"open to {who}") as err:
+        TokenStore.from_role_files(kill=path)
+
+    assert err.value.key_path == "control.http.token_files.kill"
+
+
+def test_credentials_with_people_then_principals_name_their_person(tmp_path: Path) -> None:
+    tokens = TokenStore.from_role_files(
+        arm=secret_file(tmp_path / "token-arm", "arm-token-0123456789"),
+        kill=secret_file(tmp_path / "token-kill", "kill-token-0123456789"),
+        people={"arm": "alice"},
+    )
+    keys = KeyStore.from_secrets(
+        {"alice": (ALICE, ["kill", "arm"]), "rob": ("rob-key-0123456789ab", ["kill"])},
+        people={"alice": "alice"},
+    )
+
+    assert tokens.authenticate("arm-token-0123456789").person == "alice"
+    assert tokens.authenticate("kill-token-0123456789").person is None
+    command = verify_signed_command(
+        parse_signed_command(json.dumps(make()).encode(), topic_action="kill"),
+        target="DU1", keys=keys, nonces=NonceCache(30), now=NOW, window_s=30,
+    )  # fmt: skip
+    assert (command.principal, command.person) == ("alice", "alice")
 
 
 def test_key_files_then_kill_only_unless_granted_arm(tmp_path: Path) -> None:
-    (tmp_path / "alice.key").write_text("alice-secret-key-0123456789\n")
-    (tmp_path / "bob.key").write_text("bob-secret-key-0123456789ab\n")
+    secret_file(tmp_path / "alice.key", "alice-secret-key-0123456789\n")
+    secret_file(tmp_path / "bob.key", "bob-secret-key-0123456789ab\n")
 
     keys = KeyStore.from_files(
         {"alice": tmp_path / "alice.key", "bob": tmp_path / "bob.key"},
@@ -298,11 +459,24 @@ def test_timestamp_then_accepted_only_within_window(skew: int, fresh: bool) -> N
             verify(raw)
 
 
+@pytest.mark.parametrize(
+    ("skew", "words"),
+    [(101, "is 101 s old (window 30 s)"), (-45, "is from the future by 45 s (window 30 s)")],
+)
+def test_stale_or_future_timestamp_then_message_says_by_how_much(skew: int, words: str) -> None:
+    raw = json.dumps(make(ts=NOW - skew)).encode()
+
+    with pytest.raises(ReplayError) as err:
+        verify(raw)
+
+    assert str(err.value) == f"timestamp {NOW - skew} {words}"
+
+
 def test_timestamp_beyond_float_range_then_replay_refused() -> None:
     # JSON integers are unbounded; a signed one too large for a float is far outside the window
     raw = json.dumps(make(ts=10**400)).encode()
 
-    with pytest.raises(ReplayError, match="-inf s from now"):
+    with pytest.raises(ReplayError, match="from the future, beyond any clock"):
         verify(raw)
 
 
@@ -326,6 +500,35 @@ def test_refused_command_then_nonce_not_used_up() -> None:
         verify(json.dumps(forged).encode(), nonces=cache)
 
     assert verify(json.dumps(good).encode(), nonces=cache).request_id == "nonce-0001"
+
+
+class _NoDisk:
+    """A nonce book whose disk is broken: it remembers in memory and says it is not durable."""
+
+    def __init__(self) -> None:
+        self.cache = NonceCache(30)
+
+    def remember(self, key_id: str, nonce: str, *, ts: float, now: float) -> None:
+        self.cache.remember(key_id, nonce, ts=ts, now=now)
+        raise NonceNotDurableError("disk full")
+
+
+def test_nonce_not_durable_then_kill_carried_out_and_arm_refused() -> None:
+    book = _NoDisk()
+    kill = parse_signed_command(json.dumps(make()).encode(), topic_action="kill")
+    arm = parse_signed_command(
+        json.dumps(make(action="arm", nonce="nonce-0002")).encode(), topic_action="arm"
+    )
+
+    command = verify_signed_command(
+        kill, target="DU1", keys=KEYS, nonces=book, now=NOW, window_s=30
+    )
+    with pytest.raises(NonceNotDurableError):
+        verify_signed_command(arm, target="DU1", keys=KEYS, nonces=book, now=NOW, window_s=30)
+    with pytest.raises(ReplayError, match="already used"):  # in memory, still refused
+        verify_signed_command(kill, target="DU1", keys=KEYS, nonces=book, now=NOW, window_s=30)
+
+    assert command.action == "kill"
 
 
 def test_full_nonce_cache_then_fails_closed() -> None:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import aiomqtt
 import pytest
 
 from guardd.app import Guard
-from guardd.config import load_config, parse_config
+from guardd.config import ControlConfig, load_config, parse_config
 from guardd.control.auth import signed_payload
 from guardd.demo import DEMO_CONFIG, demo_config
 from guardd.errors import ConfigError
@@ -29,7 +30,8 @@ from guardd.sim.gateway import SimGateway
 from guardd.sim.scenario import parse_scenario
 from guardd.sim.server import build_gateway
 from tests.conftest import SCENARIO
-from tests.mqtt_broker import Broker, mqtt_broker
+from tests.drill_helpers import http_ready, write_run_config
+from tests.mqtt_broker import Broker, free_port, mqtt_broker
 from tests.test_guardctl import doc_example, guardctl, require_tools, run_shell
 
 __all__ = ["mqtt_broker"]  # fixture used by name
@@ -119,7 +121,11 @@ async def running_guard(
     *,
     two_person: bool = False,
     kill_mode: str | None = None,
+    key_roles: dict[str, list[str]] | None = None,
+    people: dict[str, dict[str, list[str]]] | None = None,
 ) -> AsyncIterator[Running]:
+    """A guard with HTTP and MQTT control. With ``two_person`` and no ``people``: the HTTP arm
+    token is carol's and the key bob's (the config requires every arm credential's person)."""
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     cfg = demo_config(load_config(DEMO_CONFIG), ib_port=sim.port, state_dir=state_dir)
@@ -135,12 +141,16 @@ async def running_guard(
             "host": broker.host,
             "port": broker.port,
             "operator_key_files": key_files,
-            "operator_key_roles": {k: tuple(v) for k, v in KEY_ROLES.items()},
+            "operator_key_roles": {k: tuple(v) for k, v in (key_roles or KEY_ROLES).items()},
         }
     )
+    if people is None and two_person:
+        people = {"carol": {"http_tokens": ["arm"]}, "bob": {"mqtt_keys": ["bob"]}}
     control = cfg.control.model_copy(
         update={"mqtt": mqtt, "two_person_rearm": two_person, "rearm_window_s": 60.0}
     )
+    # validated as the config file would be: people name known credentials, two can re-arm
+    control = ControlConfig.model_validate({**control.model_dump(), "people": people or {}})
     cfg = cfg.model_copy(update={"control": control})
     if kill_mode is not None:
         cfg = cfg.model_copy(update={"kill": cfg.kill.model_copy(update={"mode": kill_mode})})
@@ -420,12 +430,49 @@ async def test_two_person_rearm_while_kill_breach_holds_then_refused_unless_both
     assert positions(gateway) == {"ES": -60}  # cancel mode: nothing was closed
 
 
+async def test_two_person_rearm_one_person_over_http_and_mqtt_then_still_pending(
+    sim: SimGateway, mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    # alice holds the HTTP arm token AND an MQTT key that may arm: two credentials, one person
+    people = {
+        "alice": {"http_tokens": ["arm"], "mqtt_keys": ["alice"]},
+        "bob": {"mqtt_keys": ["bob"]},
+    }
+    roles = {"alice": ["kill", "arm"], "bob": ["kill", "arm"]}
+    async with running_guard(
+        sim, mqtt_broker, tmp_path, two_person=True, key_roles=roles, people=people
+    ) as run:
+        await run.post("kill", {"reason": "drill", "mode": "cancel"}, "kill")
+        await eventually(lambda: run.state == "HALTED", "HALTED")
+
+        over_http = await run.post("arm", {"reason": "fixed"}, "arm")
+        over_mqtt = await run.arm_over_mqtt("alice")
+        halted_after_alice = run.state
+        by_bob = await run.arm_over_mqtt("bob")
+
+    assert (over_http[0], over_http[1]["pending"]) == (202, True)
+    assert (over_mqtt["pending"], over_mqtt["accepted"]) == (True, False)  # still alice
+    assert halted_after_alice == "HALTED"
+    assert (by_bob["accepted"], by_bob["person"], by_bob["principal"]) == (True, "bob", "bob")
+    assert run.state == "ARMED"
+    arms = [r for r in run.journal("command") if r["action"] == "arm"]
+    assert [(a["channel"], a["principal"], a["person"]) for a in arms] == [
+        ("http", arms[0]["principal"], "alice"),
+        ("mqtt", "alice", "alice"),
+        ("mqtt", "bob", "bob"),
+    ]
+    assert arms[0]["principal"].startswith("arm:")
+    records = read_journal(run.guard.cfg.journal_path)
+    assert any("two-person: alice and bob" in json.dumps(r) for r in records)
+
+
 # ---------------------------------------------------------------------------------- config
 
 
 def test_roles_for_an_unknown_key_id_then_config_error_naming_the_key(tmp_path: Path) -> None:
     key = tmp_path / "alice.key"
     key.write_text(KEYS["alice"])
+    key.chmod(0o600)
     text = f"""
 account = "{ACCOUNT}"
 state_dir = "{tmp_path}"
@@ -443,3 +490,107 @@ operator_key_roles = {{ alice = ["kill"], bob = ["arm"] }}
 
     assert "control.mqtt.operator_key_roles.bob" in str(raised.value)
     assert "operator_key_files" in str(raised.value)
+
+
+SHARED_OR_OPEN = [
+    # (what, key files {key id: text}, arm token = kill token, key file mode, key path named)
+    ("two key ids one key", {"alice": KEYS["alice"], "bob": KEYS["alice"]}, False, 0o600,
+     "control.mqtt.operator_key_files.bob"),
+    ("a key equal to a token", {"alice": "KILL-TOKEN"}, False, 0o600,
+     "control.mqtt.operator_key_files.alice"),
+    ("one token for two roles", {"alice": KEYS["alice"]}, True, 0o600,
+     "control.http.token_files.arm"),
+    ("a key readable by others", {"alice": KEYS["alice"]}, False, 0o644,
+     "control.mqtt.operator_key_files.alice"),
+]  # fmt: skip
+
+
+def credentials_config(
+    tmp_path: Path,
+    ib_port: int,
+    keys: dict[str, str],
+    *,
+    arm_token_is_kill_token: bool = False,
+    key_mode: int = 0o600,
+    extra: str = "",
+) -> tuple[Path, str]:
+    """A `guardd run` config with HTTP tokens and MQTT keys written as asked ("KILL-TOKEN" as a
+    key's text stands for the kill token), and its HTTP URL."""
+    broker_port = free_port()  # nothing listens: MQTT never needs to connect for these
+    lines = []
+    for key_id in keys:
+        lines.append(f'{key_id} = "{tmp_path / (key_id + ".key")}"')
+    config, url, kill_token = write_run_config(
+        tmp_path / "state",
+        ib_port,
+        f"{extra}\n[control.mqtt]\nenabled = true\nport = {broker_port}\n"
+        "[control.mqtt.operator_key_files]\n" + "\n".join(lines) + "\n",
+    )
+    for key_id, text in keys.items():
+        path = tmp_path / f"{key_id}.key"
+        path.write_text(kill_token if text == "KILL-TOKEN" else text)
+        path.chmod(key_mode)
+    if arm_token_is_kill_token:
+        (tmp_path / "state" / "token-arm").write_text(kill_token)
+    return config, url
+
+
+async def guardd_run(config: Path, *, until_ready: str | None = None) -> tuple[int | None, str]:
+    """Run the real daemon (`python -m guardd run -c config`); its exit code and stderr, or
+    (None, "") once `until_ready` (its HTTP URL) answers ready, when the daemon started."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "guardd", "run", "-c", str(config),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    try:
+        if until_ready is None:
+            async with asyncio.timeout(60):
+                stderr = await proc.stderr.read()
+                return await proc.wait(), stderr.decode()
+        async with aiohttp.ClientSession() as http:
+            await http_ready(http, until_ready, timeout_s=60)
+        return proc.returncode, ""
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("keys", "same_token", "mode", "key_path"),
+    [c[1:] for c in SHARED_OR_OPEN],
+    ids=[c[0] for c in SHARED_OR_OPEN],
+)
+async def test_shared_secret_or_open_secret_file_then_guardd_run_exits_78_naming_the_key(
+    sim: SimGateway,
+    tmp_path: Path,
+    keys: dict[str, str],
+    same_token: bool,
+    mode: int,
+    key_path: str,
+) -> None:
+    config, _ = credentials_config(
+        tmp_path, sim.port, keys, arm_token_is_kill_token=same_token, key_mode=mode
+    )
+
+    code, stderr = await guardd_run(config)
+
+    assert code == 78, stderr
+    assert key_path in stderr
+
+
+async def test_key_readable_by_others_with_explicit_allowance_then_guardd_runs(
+    sim: SimGateway, tmp_path: Path
+) -> None:
+    config, url = credentials_config(
+        tmp_path,
+        sim.port,
+        {"alice": KEYS["alice"]},
+        key_mode=0o644,
+        extra="[control]\nallow_insecure_permissions = true\n",
+    )
+
+    code, stderr = await guardd_run(config, until_ready=url)
+
+    assert code is None, stderr  # still running, and ready

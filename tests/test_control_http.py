@@ -31,6 +31,7 @@ def token_store(tmp_path: Path) -> TokenStore:
     for role, token in TOKENS.items():
         path = tmp_path / f"guardd-{role}-token"
         path.write_text(token + "\n")
+        path.chmod(0o600)
         files[role] = path
     return TokenStore.from_role_files(**files)
 

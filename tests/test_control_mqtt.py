@@ -19,8 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardd.control.auth import KeyStore, TokenStore, signed_payload
+from guardd.control.commands import CommandOutcome, ControlCommand
 from guardd.control.http import ControlHttpServer
 from guardd.control.mqtt import MqttControl
+from guardd.control.nonces import NonceStore, read_nonce_file
 from tests.mqtt_broker import (
     Broker,
     MemoryHandler,
@@ -133,6 +135,50 @@ async def test_replayed_payload_then_refused_audited_and_unchanged() -> None:
     assert record["error"] == "ReplayError"
     assert record["principal"] == "alice"
     assert record["request_id"] == "nonce-0001"
+
+
+@pytest.mark.parametrize("topic", [KILL_TOPIC, ARM_TOPIC])
+async def test_validly_signed_but_retained_then_refused_audited_and_nonce_not_used(
+    topic: str,
+) -> None:
+    handler = MemoryHandler(state="HALTED" if topic == ARM_TOPIC else "ARMED")
+    mqtt = control(handler)
+    raw = encode(payload("arm" if topic == ARM_TOPIC else "kill"))
+
+    outcome = await mqtt.handle_payload(topic, raw, retain=True)
+
+    assert outcome is None
+    assert handler.handled == []
+    [record] = handler.audited
+    assert (record["error"], record["topic"]) == ("ReplayError", topic)
+    assert "retained" in str(record["refused_because"])
+    assert (await mqtt.handle_payload(topic, raw)) is not None  # the same, sent live: carried out
+
+
+class DiskCheckingHandler(MemoryHandler):
+    """A guard that, when a command reaches it, reads what a restarted guard would read."""
+
+    def __init__(self, nonce_file: Path) -> None:
+        super().__init__()
+        self.nonce_file = nonce_file
+        self.on_disk_when_handled: list[list[str]] = []
+
+    async def handle(self, command: ControlCommand) -> CommandOutcome:
+        records, _ = read_nonce_file(self.nonce_file)
+        self.on_disk_when_handled.append([r.nonce for r in records])
+        return await super().handle(command)
+
+
+async def test_signed_kill_then_nonce_on_disk_before_the_guard_acts(tmp_path: Path) -> None:
+    path = tmp_path / "nonces.jsonl"
+    handler = DiskCheckingHandler(path)
+    nonces = NonceStore.open(path, window_s=30, now=time.time())
+    mqtt = control(handler, nonces=nonces)
+
+    await mqtt.handle_payload(KILL_TOPIC, encode(payload(nonce="nonce-first")))
+    await mqtt.handle_payload(KILL_TOPIC, encode(payload(nonce="nonce-second")))
+
+    assert handler.on_disk_when_handled == [["nonce-first"], ["nonce-first", "nonce-second"]]
 
 
 def _unsigned() -> dict[str, object]:
@@ -333,6 +379,29 @@ async def test_replayed_and_bad_signature_over_broker_then_refused_and_audited(
     assert "bad signature" in forged["refused_because"]
     assert handler.state == "ARMED"
     assert [r["error"] for r in handler.audited] == ["ReplayError", "AuthError"]
+
+
+async def test_retained_kill_waiting_on_broker_then_refused_at_subscribe_and_audited(
+    mqtt_broker: Broker, subscriber: aiomqtt.Client
+) -> None:
+    # an attacker with publish-and-retain rights leaves a (captured, validly signed) kill and arm
+    await subscriber.publish(KILL_TOPIC, encode(payload()), qos=1, retain=True)
+    await subscriber.publish(
+        ARM_TOPIC, encode(payload("arm", nonce="nonce-0002")), qos=1, retain=True
+    )
+    handler = MemoryHandler()
+    await subscriber.subscribe(f"guardd/{ACCOUNT}/events", qos=1)
+
+    async with control(handler, mqtt_broker) as mqtt:
+        await eventually(lambda: mqtt.connected)
+        events = [json.loads(_text(await next_message(subscriber))) for _ in range(2)]
+
+        assert mqtt.connected
+    assert {e["type"] for e in events} == {"command_refused"}
+    assert all("retained" in e["refused_because"] for e in events)
+    assert handler.handled == []
+    assert handler.state == "ARMED"
+    assert sorted(r["request_id"] for r in handler.audited) == ["nonce-0001", "nonce-0002"]
 
 
 GARBAGE = [

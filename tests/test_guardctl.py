@@ -142,6 +142,20 @@ async def test_no_token_anywhere_then_exit_2_and_nothing_sent(
     assert http.handler.audited == []
 
 
+async def test_token_file_readable_by_others_then_exit_2_and_nothing_sent(
+    http: Http, capsys: pytest.CaptureFixture[str]
+) -> None:
+    os.chmod(http.kill_token, 0o644)
+
+    code = await guardctl(
+        "kill", "--reason", "x", "--url", http.url, "--token-file", http.kill_token
+    )
+
+    assert code == 2
+    assert "open to others (mode 0644)" in capsys.readouterr().err
+    assert http.handler.audited == [] and http.handler.handled == []
+
+
 async def test_blank_reason_then_exit_2_and_nothing_sent(http: Http) -> None:
     code = await guardctl(
         "kill", "--reason", " ", "--url", http.url, "--token-file", http.kill_token

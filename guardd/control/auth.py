@@ -1,7 +1,16 @@
 """Who may send which command: bearer tokens, signed MQTT commands, replay window, two-person rule.
 
 Pure: no sockets, no clock reads (``now`` is an argument), no logging. Reading credential files is
-the only I/O, done once at start by the ``from_files`` constructors.
+the only I/O, done once at start by the ``from_files`` constructors. The durable record of used
+nonces is ``guardd.control.nonces.NonceStore`` (a ``NonceBook``); ``NonceCache`` is in memory.
+
+Credential files
+    A secret file open to group or others (mode bits 0o077, or a POSIX ACL entry for anyone but
+    its owner and guardd's own user: ``secret_exposure``) is a ``ConfigError`` naming its key,
+    unless ``allow_insecure_permissions`` (the config's ``control.allow_insecure_permissions``).
+    One secret serves one purpose: two roles' token files with the same token, two key ids with
+    the same key, and a key, token or the MQTT broker password equal to another are config
+    errors (``check_secrets_distinct``).
 
 Roles
     ``read`` (status), ``kill``, ``arm`` (re-arm). A kill or arm credential may also read.
@@ -30,23 +39,31 @@ Signed MQTT commands
     A command is refused when its key id is unknown, the signature is wrong, the key lacks the
     role, ``|now - ts| > window``, or its (key id, nonce) was seen within the window.
 
+People
+    A credential may name its person (``control.people``): ``Principal.person`` and
+    ``OperatorKey.person``, carried to ``ControlCommand.person``.
+
 Two-person re-arm
     ``TwoPersonRule`` is a helper for the app: it applies it inside ``CommandHandler.handle``
-    (one place for every channel, next to the journal), answering the first arm ``pending``.
+    (one place for every channel, next to the journal), answering the first arm ``pending``. It
+    counts people: two arms from one person's two credentials are one person.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import heapq
 import hmac
 import json
 import math
+import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal, get_args
+from typing import Final, Literal, Protocol, get_args
 
 from guardd.control.commands import (
     Action,
@@ -57,13 +74,14 @@ from guardd.control.commands import (
     check_mode,
     check_reason,
 )
-from guardd.errors import AuthError, CommandError, ConfigError, ReplayError
+from guardd.errors import AuthError, CommandError, ConfigError, NonceNotDurableError, ReplayError
 
 __all__ = [
     "CANONICAL_VERSION",
     "MIN_SECRET_CHARS",
     "ROLES",
     "KeyStore",
+    "NonceBook",
     "NonceCache",
     "OperatorKey",
     "Principal",
@@ -73,9 +91,11 @@ __all__ = [
     "TwoPersonRule",
     "TwoPersonVerdict",
     "canonical_form",
+    "check_secrets_distinct",
     "parse_signed_command",
     "read_secret_file",
     "required_role",
+    "secret_exposure",
     "sign",
     "signed_payload",
     "verify_signed_command",
@@ -102,10 +122,12 @@ def required_role(action: Action) -> Role:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """An authenticated caller: a token's or an operator key's name and its roles."""
+    """An authenticated caller: a token's or an operator key's name, its roles, and the person
+    it belongs to (``control.people``), when named."""
 
     name: str
     roles: frozenset[Role]
+    person: str | None = None
 
     def may(self, role: Role) -> bool:
         """True when this principal holds ``role`` (kill and arm imply read)."""
@@ -118,15 +140,27 @@ class Principal:
             raise AuthError(f"{self.name} lacks the {role} role (holds {held})")
 
 
-def read_secret_file(path: Path, *, what: str) -> str:
+def read_secret_file(path: Path, *, what: str, allow_insecure_permissions: bool = False) -> str:
     """A token or key from a file: its text without surrounding whitespace; ``ConfigError`` if bad.
 
-    ``what`` names the config key (or the credential) in the error message.
+    ``what`` names the config key (or the credential) in the error message. A regular file that
+    anyone but its owner and guardd's own user may read, write or execute (``secret_exposure``)
+    is refused unless ``allow_insecure_permissions``: a secret others can read is no secret.
     """
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        with path.open("rb") as handle:
+            # the file read, not a name swapped later
+            exposed = secret_exposure(handle.fileno())
+            raw = handle.read()
+        text = raw.decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(what, f"cannot read {path}: {exc}") from exc
+    if exposed is not None and not allow_insecure_permissions:
+        raise ConfigError(
+            what,
+            f"{path} is open to {exposed}: make it 0600 (chmod 600 {path}), readable by "
+            "guardd's user only",
+        )
     if len(text) < MIN_SECRET_CHARS or not _SECRET.fullmatch(text):
         raise ConfigError(
             what,
@@ -134,6 +168,66 @@ def read_secret_file(path: Path, *, what: str) -> str:
             "characters without spaces",
         )
     return text
+
+
+_ACL_XATTR: Final = "system.posix_acl_access"
+_ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK = 0x02, 0x04, 0x08, 0x10
+_NO_ACL: Final = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def secret_exposure(fd: int) -> str | None:
+    """Who besides the file's owner and this process's user may access the open file ``fd``
+    ("others", "its group", "user 1001", ...), or None when nobody does (or it is no regular
+    file: a pipe or a terminal holds nothing at rest).
+
+    With a POSIX ACL (as systemd's ``LoadCredential=`` grants the service's dynamic user read
+    access on a root-owned 0400 file) the mode's group bits are the ACL mask, so the ACL's own
+    entries are read instead: a named user other than the owner or this process, the owning group
+    or a named group with any permission is an exposure. An ACL that cannot be parsed counts as
+    the mode says.
+    """
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    mode = stat.S_IMODE(st.st_mode)
+    shown = f"mode {mode:04o}"
+    if mode & 0o007:
+        return f"others ({shown})"
+    try:
+        acl = os.getxattr(fd, _ACL_XATTR)
+    except OSError as exc:
+        if exc.errno not in _NO_ACL:
+            raise
+        return f"its group ({shown})" if mode & 0o070 else None
+    entries = _acl_entries(acl)
+    if entries is None:
+        return f"its group ({shown}, unreadable ACL)" if mode & 0o070 else None
+    mask = next((perm for tag, perm, _ in entries if tag == _ACL_MASK), 0o7)
+    for tag, perm, ident in entries:
+        if not perm & mask:
+            continue
+        if tag == _ACL_GROUP_OBJ:
+            return f"its group (ACL, {shown})"
+        if tag == _ACL_GROUP:
+            return f"group {ident} (ACL)"
+        if tag == _ACL_USER and ident not in (st.st_uid, os.geteuid()):
+            return f"user {ident} (ACL)"
+    return None
+
+
+def _acl_entries(raw: bytes) -> list[tuple[int, int, int]] | None:
+    """The (tag, permissions, id) entries of a Linux ``system.posix_acl_access`` value (version 2,
+    then 8 bytes per entry, little-endian), or None if malformed."""
+    if len(raw) < 4 or (len(raw) - 4) % 8 or int.from_bytes(raw[:4], "little") != 2:
+        return None
+    return [
+        (
+            int.from_bytes(raw[i : i + 2], "little"),
+            int.from_bytes(raw[i + 2 : i + 4], "little"),
+            int.from_bytes(raw[i + 4 : i + 8], "little"),
+        )
+        for i in range(4, len(raw), 8)
+    ]
 
 
 def _sha256(token: str) -> bytes:
@@ -144,6 +238,7 @@ def _sha256(token: str) -> bytes:
 class _TokenEntry:
     digest: bytes
     principal: Principal
+    source: str  # the config key of its file (or the principal's name), for error messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,45 +248,90 @@ class TokenStore:
     entries: tuple[_TokenEntry, ...]
 
     @classmethod
-    def from_tokens(cls, tokens: Mapping[str, tuple[str, Iterable[Role]]]) -> TokenStore:
-        """From ``{principal name: (token, roles)}``; the tokens themselves are not kept."""
+    def from_tokens(
+        cls,
+        tokens: Mapping[str, tuple[str, Iterable[Role]]],
+        *,
+        people: Mapping[str, str] | None = None,
+        sources: Mapping[str, str] | None = None,
+    ) -> TokenStore:
+        """From ``{principal name: (token, roles)}``; the tokens themselves are not kept.
+
+        ``people`` maps a principal name to its person; ``sources`` names each one's config key
+        in errors. One token for two principals (two roles) is a ``ConfigError``.
+        """
+        named = people or {}
+        where = sources or {}
         entries: list[_TokenEntry] = []
         seen: dict[bytes, str] = {}
         for name, (token, roles) in tokens.items():
             digest = _sha256(token)
+            source = where.get(name, name)
             if digest in seen:
-                raise ConfigError(name, f"uses the same token as {seen[digest]}")
-            seen[digest] = name
-            entries.append(_TokenEntry(digest, Principal(name, frozenset(roles))))
+                raise ConfigError(
+                    source,
+                    f"holds the same token as {seen[digest]}: one secret for two roles; "
+                    "give each role a token of its own",
+                )
+            seen[digest] = source
+            principal = Principal(name, frozenset(roles), named.get(name))
+            entries.append(_TokenEntry(digest, principal, source))
         return cls(tuple(entries))
 
     @classmethod
-    def from_files(cls, files: Mapping[str, tuple[Path, Iterable[Role]]]) -> TokenStore:
+    def from_files(
+        cls,
+        files: Mapping[str, tuple[Path, Iterable[Role]]],
+        *,
+        allow_insecure_permissions: bool = False,
+    ) -> TokenStore:
         """From ``{principal name: (token file, roles)}``; one token per file."""
         return cls.from_tokens(
             {
-                name: (read_secret_file(path, what=name), roles)
+                name: (
+                    read_secret_file(
+                        path, what=name, allow_insecure_permissions=allow_insecure_permissions
+                    ),
+                    roles,
+                )
                 for name, (path, roles) in files.items()
             }
         )
 
     @classmethod
     def from_role_files(
-        cls, *, read: Path | None = None, kill: Path | None = None, arm: Path | None = None
+        cls,
+        *,
+        read: Path | None = None,
+        kill: Path | None = None,
+        arm: Path | None = None,
+        people: Mapping[Role, str] | None = None,
+        allow_insecure_permissions: bool = False,
     ) -> TokenStore:
         """From one file per role, as in ``control.http.token_files``; the principal is the
-        file's name (e.g. the systemd credential name). A role without a file is refused."""
+        file's name (e.g. the systemd credential name). A role without a file is refused.
+        ``people`` maps a role's token to the person holding it (``control.people``)."""
         by_role: tuple[tuple[Role, Path | None], ...] = (
             ("read", read),
             ("kill", kill),
             ("arm", arm),
         )
+        named = people or {}
         tokens: dict[str, tuple[str, Iterable[Role]]] = {}
+        persons: dict[str, str] = {}
+        sources: dict[str, str] = {}
         for role, path in by_role:
             if path is not None:
                 what = f"control.http.token_files.{role}"
-                tokens[f"{role}:{path.name}"] = (read_secret_file(path, what=what), (role,))
-        return cls.from_tokens(tokens)
+                name = f"{role}:{path.name}"
+                token = read_secret_file(
+                    path, what=what, allow_insecure_permissions=allow_insecure_permissions
+                )
+                tokens[name] = (token, (role,))
+                sources[name] = what
+                if role in named:
+                    persons[name] = named[role]
+        return cls.from_tokens(tokens, people=persons, sources=sources)
 
     def authenticate(self, token: str | None) -> Principal:
         """The principal holding ``token``, or ``AuthError`` (no early exit on a match)."""
@@ -214,6 +354,7 @@ class OperatorKey:
     key_id: str
     secret: bytes = field(repr=False)
     roles: frozenset[Role]
+    person: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,13 +364,32 @@ class KeyStore:
     keys: Mapping[str, OperatorKey]
 
     @classmethod
-    def from_secrets(cls, secrets: Mapping[str, tuple[str, Iterable[Role]]]) -> KeyStore:
-        """From ``{key id: (secret text, roles)}``."""
+    def from_secrets(
+        cls,
+        secrets: Mapping[str, tuple[str, Iterable[Role]]],
+        *,
+        people: Mapping[str, str] | None = None,
+    ) -> KeyStore:
+        """From ``{key id: (secret text, roles)}``; ``people`` maps a key id to its person.
+
+        Two key ids with the same secret are a ``ConfigError``: a signature must name its key.
+        """
+        named = people or {}
         keys: dict[str, OperatorKey] = {}
+        seen: dict[bytes, str] = {}
         for key_id, (secret, roles) in secrets.items():
             if not _KEY_ID.fullmatch(key_id):
                 raise ConfigError(key_id, "key id must be 1..64 of [A-Za-z0-9_.-]")
-            keys[key_id] = OperatorKey(key_id, secret.encode("utf-8"), frozenset(roles))
+            raw = secret.encode("utf-8")
+            digest = hashlib.sha256(raw).digest()
+            if digest in seen:
+                raise ConfigError(
+                    _key_source(key_id),
+                    f"holds the same key as {_key_source(seen[digest])}: one secret for two "
+                    "key ids; give each key id a key of its own",
+                )
+            seen[digest] = key_id
+            keys[key_id] = OperatorKey(key_id, raw, frozenset(roles), named.get(key_id))
         return cls(keys)
 
     @classmethod
@@ -239,16 +399,22 @@ class KeyStore:
         *,
         roles: Mapping[str, Iterable[Role]] | None = None,
         default_roles: Iterable[Role] = ("kill",),
+        people: Mapping[str, str] | None = None,
+        allow_insecure_permissions: bool = False,
     ) -> KeyStore:
         """From ``control.mqtt.operator_key_files`` (key id -> file); each key gets its entry in
-        ``roles`` or else ``default_roles`` (kill only: a re-arm needs a key granted ``arm``)."""
+        ``roles`` or else ``default_roles`` (kill only: a re-arm needs a key granted ``arm``),
+        and its person from ``people`` (key id -> person)."""
         granted = roles or {}
         secrets: dict[str, tuple[str, Iterable[Role]]] = {}
         for key_id, path in files.items():
-            what = f"control.mqtt.operator_key_files.{key_id}"
-            secret = read_secret_file(path, what=what)
+            secret = read_secret_file(
+                path,
+                what=_key_source(key_id),
+                allow_insecure_permissions=allow_insecure_permissions,
+            )
             secrets[key_id] = (secret, granted.get(key_id, default_roles))
-        return cls.from_secrets(secrets)
+        return cls.from_secrets(secrets, people=people)
 
     def get(self, key_id: str) -> OperatorKey:
         """The key with this id, or ``AuthError``."""
@@ -256,6 +422,39 @@ class KeyStore:
         if key is None:
             raise AuthError(f"unknown key id {key_id!r}")
         return key
+
+
+def _key_source(key_id: str) -> str:
+    return f"control.mqtt.operator_key_files.{key_id}"
+
+
+def check_secrets_distinct(
+    tokens: TokenStore | None, keys: KeyStore | None, *, mqtt_password: str | None = None
+) -> None:
+    """``ConfigError`` naming the key when one secret serves two purposes across credential
+    kinds: an operator key equal to a bearer token, or the MQTT broker password equal to a token
+    or a key. (Within a kind, the stores' constructors refuse it.) A shared secret would let
+    whoever holds one credential act as the other, and make a leak impossible to place."""
+    by_digest: dict[bytes, str] = {}
+    for entry in tokens.entries if tokens is not None else ():
+        by_digest.setdefault(entry.digest, entry.source)
+    for key in keys.keys.values() if keys is not None else ():
+        digest = hashlib.sha256(key.secret).digest()
+        if digest in by_digest:
+            raise ConfigError(
+                _key_source(key.key_id),
+                f"holds the same secret as {by_digest[digest]}: an operator key and a bearer "
+                "token must differ",
+            )
+        by_digest[digest] = _key_source(key.key_id)
+    if mqtt_password is not None:
+        digest = _sha256(mqtt_password)
+        if digest in by_digest:
+            raise ConfigError(
+                "control.mqtt.password_file",
+                f"holds the same secret as {by_digest[digest]}: the broker password must differ "
+                "from every token and key",
+            )
 
 
 def canonical_form(
@@ -383,6 +582,16 @@ def parse_signed_command(payload: bytes, *, topic_action: Action) -> SignedComma
     return SignedCommand(topic_action, reason, mode, force, key_id, ts, nonce, sig.lower())
 
 
+class NonceBook(Protocol):
+    """Where ``verify_signed_command`` records a nonce: ``NonceCache`` (memory) or
+    ``guardd.control.nonces.NonceStore`` (memory and disk, surviving restarts)."""
+
+    def remember(self, key_id: str, nonce: str, *, ts: float, now: float) -> None:
+        """Record a nonce, or ``ReplayError`` if it was used within the window
+        (``NonceNotDurableError``: recorded, but not durably)."""
+        ...
+
+
 @dataclass(slots=True)
 class NonceCache:
     """Nonces seen within the replay window, bounded; entries expire once their command would be
@@ -411,9 +620,13 @@ class NonceCache:
             raise ReplayError(f"nonce {nonce!r} already used within {self.window_s:g} s")
         if len(self._expiry) >= self.max_entries:
             raise ReplayError("too many commands within the replay window")
-        expires = max(ts, now) + self.window_s
-        self._expiry[key] = expires
-        heapq.heappush(self._heap, (expires, key))
+        self.restore(key_id, nonce, expires=max(ts, now) + self.window_s)
+
+    def restore(self, key_id: str, nonce: str, *, expires: float) -> None:
+        """Record a nonce used earlier (e.g. read back from disk) until ``expires``."""
+        key = (key_id, nonce)
+        self._expiry[key] = max(expires, self._expiry.get(key, expires))
+        heapq.heappush(self._heap, (self._expiry[key], key))
 
 
 def verify_signed_command(
@@ -421,13 +634,17 @@ def verify_signed_command(
     *,
     target: str,
     keys: KeyStore,
-    nonces: NonceCache,
+    nonces: NonceBook,
     now: float,
     window_s: float,
     channel: Channel = "mqtt",
 ) -> ControlCommand:
     """Authenticate a parsed command: key, signature, role, timestamp window, then nonce (only a
-    command that passed every other check uses up its nonce)."""
+    command that passed every other check uses up its nonce).
+
+    A nonce that could not be recorded durably (``NonceNotDurableError``) refuses an arm; a kill
+    goes through, since its replay after a restart could only halt again.
+    """
     key = keys.get(command.key_id)
     expected = sign(key.secret, command.canonical(target))
     if not hmac.compare_digest(expected, command.sig):
@@ -437,14 +654,25 @@ def verify_signed_command(
         skew = float(now - command.ts)
     except OverflowError:  # an integer ts beyond float range (ts >= 0: far in the future)
         skew = -math.inf
-    if abs(skew) > window_s:
+    if skew > window_s:
+        raise ReplayError(f"timestamp {command.ts} is {skew:.0f} s old (window {window_s:g} s)")
+    if skew < -window_s:
+        if math.isinf(skew):
+            raise ReplayError(
+                f"timestamp is from the future, beyond any clock (window {window_s:g} s)"
+            )
         raise ReplayError(
-            f"timestamp {command.ts} is {skew:+.0f} s from now (window {window_s:g} s)"
+            f"timestamp {command.ts} is from the future by {-skew:.0f} s (window {window_s:g} s)"
         )
-    nonces.remember(command.key_id, command.nonce, ts=command.ts, now=now)
+    try:
+        nonces.remember(command.key_id, command.nonce, ts=command.ts, now=now)
+    except NonceNotDurableError:
+        if command.action != "kill":
+            raise
     return ControlCommand(
         action=command.action,
         principal=command.key_id,
+        person=key.person,
         channel=channel,
         reason=command.reason,
         mode=command.mode,
@@ -458,18 +686,19 @@ class TwoPersonVerdict:
     """The two-person rule's answer to an arm: ``confirmed`` re-arms; otherwise it is pending."""
 
     confirmed: bool
-    first: str  # the principal whose arm opened the pending request
+    first: str  # the person whose arm opened the pending request
     message: str
 
 
 @dataclass(slots=True)
 class TwoPersonRule:
-    """Re-arm needs two different principals within ``window_s``.
+    """Re-arm needs two different people within ``window_s``.
 
-    The first arm from A is recorded as pending; an arm from a different principal B within the
+    The first arm from A is recorded as pending; an arm from a different person B within the
     window confirms it. A second arm from A only refreshes A's request; an expired request is
     replaced. ``clear()`` drops a pending request (e.g. on a new kill). The app applies this in
-    ``CommandHandler.handle``, so HTTP and MQTT arms count together.
+    ``CommandHandler.handle`` with each command's person (``control.people``), so HTTP and MQTT
+    arms count together and one person's two credentials count once.
     """
 
     window_s: float
@@ -477,22 +706,22 @@ class TwoPersonRule:
 
     @property
     def pending(self) -> str | None:
-        """The principal whose arm is waiting for a second person, if any (unexpired or not)."""
+        """The person whose arm is waiting for a second person, if any (unexpired or not)."""
         return self._pending[0] if self._pending else None
 
-    def offer(self, principal: str, *, now: float) -> TwoPersonVerdict:
-        """Record an arm from ``principal`` at ``now`` and say whether it completes the pair."""
+    def offer(self, person: str, *, now: float) -> TwoPersonVerdict:
+        """Record an arm from ``person`` at ``now`` and say whether it completes the pair."""
         if self._pending is not None:
             first, since = self._pending
-            if now - since <= self.window_s and first != principal:
+            if now - since <= self.window_s and first != person:
                 self._pending = None
-                message = f"re-arm confirmed by {principal} after {first}"
+                message = f"re-arm confirmed by {person} after {first}"
                 return TwoPersonVerdict(True, first, message)
-        self._pending = (principal, now)
+        self._pending = (person, now)
         return TwoPersonVerdict(
             False,
-            principal,
-            f"re-arm pending: a second operator must confirm within {self.window_s:g} s",
+            person,
+            f"re-arm pending by {person}: a second person must confirm within {self.window_s:g} s",
         )
 
     def clear(self) -> None:

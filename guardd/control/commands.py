@@ -57,6 +57,7 @@ class ControlCommand:
     mode: KillMode | None = None  # kill only; None = the configured default
     force: bool = False  # arm only: re-arm although a kill-level breach still holds
     request_id: str = ""  # MQTT nonce or a generated id, for the journal
+    person: str | None = None  # who is behind the credential (control.people), when named
 
 
 @dataclass(frozen=True, slots=True)

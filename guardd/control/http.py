@@ -219,7 +219,9 @@ class ControlHttpServer:
             principal = self._authenticate(request)
             _require(principal, required_role(action))
             body = await _read_json(request, self._max_body_bytes)
-            command = _command_from_body(body, action, principal.name, request_id)
+            command = _command_from_body(
+                body, action, principal.name, request_id, person=principal.person
+            )
         except _RefusedError as refused:
             reason = body.get("reason") if isinstance(body, dict) else None
             self._audit_refusal(request, action, principal, reason, refused, request_id)
@@ -328,7 +330,7 @@ async def _read_json(request: web.Request, limit: int) -> object:
 
 
 def _command_from_body(
-    body: object, action: Action, principal: str, request_id: str
+    body: object, action: Action, principal: str, request_id: str, *, person: str | None = None
 ) -> ControlCommand:
     if not isinstance(body, dict):
         raise _RefusedError(400, CommandError("body must be a JSON object"))
@@ -346,6 +348,7 @@ def _command_from_body(
             mode=check_mode(body.get("mode")),
             force=check_force(body.get("force")),
             request_id=request_id,
+            person=person,
         )
     except CommandError as exc:
         raise _RefusedError(422, exc) from exc

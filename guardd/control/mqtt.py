@@ -10,6 +10,11 @@ Topics (``prefix`` defaults to ``guardd``; see docs/control.md for the payload a
 - ``<prefix>/<account>/state``: the guard's status, retained; last will ``{"online": false}``
 - ``<prefix>/<account>/events``: one event per command handled or refused (not retained)
 
+A retained message on a command topic is never acted on (an attacker with publish-and-retain
+rights must not get a command delivered to every future start): it is refused and audited.
+Nonces of accepted commands go to ``nonces`` (a ``NonceStore`` on disk in the guard, so that a
+restart does not forget them; a ``NonceCache`` in memory by default).
+
 The adapter runs on its own task: a broker that is down never blocks HTTP or the guard. It
 reconnects with capped exponential backoff; while disconnected, ``publish_state`` keeps only the
 latest state and ``publish_event`` keeps at most ``max_queued_events`` (oldest dropped). Every
@@ -36,12 +41,13 @@ import structlog
 
 from guardd.control.auth import (
     KeyStore,
+    NonceBook,
     NonceCache,
     parse_signed_command,
     verify_signed_command,
 )
 from guardd.control.commands import Action, CommandHandler, CommandOutcome, refusal_record
-from guardd.errors import CommandError, ConfigError, GuarddError
+from guardd.errors import CommandError, ConfigError, GuarddError, ReplayError
 
 __all__ = ["OFFLINE", "MqttControl", "Topics", "client_ssl_context"]
 
@@ -135,6 +141,7 @@ class MqttControl:
         state_interval_s: float = 1.0,
         max_queued_events: int = 100,
         on_heartbeat: Callable[[str], None] | None = None,
+        nonces: NonceBook | None = None,
     ) -> None:
         self.topics = Topics(topic_prefix, account)
         self._handler = handler
@@ -150,7 +157,7 @@ class MqttControl:
         self._clock = clock
         self._backoff = (backoff_min_s, backoff_max_s)
         self._state_interval_s = state_interval_s
-        self._nonces = NonceCache(window_s)
+        self._nonces: NonceBook = nonces if nonces is not None else NonceCache(window_s)
         self._events: deque[bytes] = deque(maxlen=max_queued_events)
         self._state: bytes | None = None
         self._last_status: Mapping[str, object] | None = None
@@ -180,14 +187,20 @@ class MqttControl:
 
     # ------------------------------------------------------------------ commands
 
-    async def handle_payload(self, topic: str, payload: bytes) -> CommandOutcome | None:
-        """Handle one message on a command topic: the guard's outcome, or None if refused."""
+    async def handle_payload(
+        self, topic: str, payload: bytes, *, retain: bool = False
+    ) -> CommandOutcome | None:
+        """Handle one message on a command topic: the guard's outcome, or None if refused.
+
+        ``retain``: the broker delivered it as a retained message (on subscribing), refused."""
         route = self.topics.route(topic)
         if route is None:
             log.debug("mqtt_message_ignored", topic=topic)
             return None
         action, target = route
         try:
+            if retain:
+                raise ReplayError("a retained message on a command topic is never acted on")
             signed = parse_signed_command(payload, topic_action=action)
             command = verify_signed_command(
                 signed,
@@ -344,7 +357,7 @@ class MqttControl:
             self._on_heartbeat(bot)  # liveness only: a bot's payload is not read
             return
         try:
-            await self.handle_payload(str(message.topic), message.payload)
+            await self.handle_payload(str(message.topic), message.payload, retain=message.retain)
         except Exception:
             log.exception("mqtt_message_crashed", topic=str(message.topic))
 
