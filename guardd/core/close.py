@@ -1,0 +1,790 @@
+"""The close episode: keep the account at its close target while the guard says so, never past it.
+
+A close episode starts with a kill in flatten mode (target 0 for every position) or a reduce
+decision (a target per position), and lasts while the engine stays HALTED (or REDUCING with that
+target): exposure that appears after "flat confirmed" (an order the sweep was too late for, a
+foreign fill, an assignment) starts a new close round, planned, paced and verified exactly like
+the first. The executor feeds an `Observation` (what the Book shows now) to `CloseEpisode.step`
+and carries out the `Round` it gets back: child orders to send, children to cancel, facts to
+journal. This module does no I/O, reads no clock and logs nothing.
+
+What is accounted, and how
+--------------------------
+Per position the episode keeps a ledger:
+
+- Our children, known by identity: our API client id and the order id the executor allocated
+  (plus the permId once the broker reports it). orderRef is never used to recognise them. A
+  child is never dropped within the episode.
+- Every fill on the account, once, by execId. A fill of one of our children adds to that
+  child's `filled` (the larger of its executions' sum and its orderStatus `filled`, so a fill
+  reported by status before its execution is not forgotten). Any other fill on the contract
+  (another client, TWS, an IB liquidation, one of our ids that is not a child) is foreign.
+- An anchor: a broker-confirmed position together with exactly which fills it is known to
+  contain (foreign execIds; per child, the fill counted then). From it,
+
+      expected = anchor + our children's fills since + foreign fills not in the anchor
+
+  is the position once the position stream has caught up with every fill we know of.
+
+The broker's position stream lags executions, repeats itself and, across a reconnect, may deliver
+an old update after a fresh snapshot. So the latest broker figure `S` and `expected` are two
+witnesses; the episode closes only what both agree is there:
+
+      closable = min(|expected|, |S|), when both are on the same side of zero, else 0
+
+minus what our live children may still fill. The stream has provably caught up when `S ==
+expected`: then the anchor moves to `S`, containing every fill known. When they disagree for
+`settle_s` seconds with no child of ours live on the position and nothing new on it (no fill, no
+new figure), the broker's figure is adopted as the anchor: something traded that we did not see.
+
+Why this never crosses zero
+---------------------------
+Our fills are known (executions, or orderStatus when the execution lags), so `expected` can be
+too high only by foreign closing fills we did not see, and `S` only by being stale. Closing
+`min` of the two, less every live child's unfilled rest, therefore never takes the position past
+its target unless both happen at once (see the assumptions). A live child that would now close
+too much (foreign fills shrank the position under it) is cancelled; one on the wrong side (the
+position flipped) is cancelled, and no new child goes to that position while it lives.
+
+Why it converges
+----------------
+Once every message is delivered `S` equals the true position; `expected` equals it too when
+every fill was seen, and otherwise the anchor is re-taken from `S` after `settle_s`. Then
+`closable` is the whole distance to target, and a round's children close it.
+
+Assumptions (docs/architecture.md repeats them)
+-----------------------------------------------
+A1. The guard sees the executions of its own children (execDetails as they happen and the
+    reqExecutions download after every (re)connect, which ends with execDetailsEnd) or at least
+    their orderStatus `filled`. Without them the guard cannot know what it sold.
+A2. The guard, as the Master API client, sees the other fills on the account as executions.
+    When it does not (some fills are not reported to it), closing stays safe as long as the
+    position stream is not stale at the same moment; the anchor is re-taken after `settle_s`.
+A3. A position update that contains a fill arrives within `settle_s` of that fill's execution
+    (or of the last change on that position). The anchor is never re-taken from a figure
+    sooner than that; a broker whose position stream lags longer can make the guard close
+    twice.
+A4. A fill received (live) within `settle_s` before a position figure may be missing from it:
+    the first anchor of a position counts such fills as not contained.
+A5. After a re-sync, the open-order download is complete: a child of an earlier connection that
+    it does not show, that the executions download shows unfilled, and that has not appeared
+    `lost_grace_s` after the re-sync, is no longer at the broker (a message sent on a
+    connection the guard has closed arrives, if ever, before that).
+A6. Order ids of our client are unique within the episode (the broker adapter never re-uses
+    one, restored ones included), so (client id, order id) names one child.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import Any, Literal
+
+from guardd.core import planner
+from guardd.core.planner import (
+    Action,
+    ChildOrder,
+    ChildStatus,
+    ClosePolicy,
+    ConfirmedPosition,
+    NewChildOrder,
+    Note,
+    PositionKey,
+)
+
+ZERO = Decimal(0)
+CloseKind = Literal["flatten", "reduce"]
+LIVE = frozenset({ChildStatus.PENDING_ACK, ChildStatus.WORKING})
+_TERMINAL = {
+    "Filled": ChildStatus.FILLED,
+    "Cancelled": ChildStatus.CANCELLED,
+    "ApiCancelled": ChildStatus.CANCELLED,
+    "Inactive": ChildStatus.REJECTED,
+}
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    """One execution on the guarded account; `quantity` is signed (BOT +, SLD -)."""
+
+    exec_id: str
+    client_id: int
+    order_id: int
+    perm_id: int
+    key: PositionKey
+    quantity: Decimal
+    ts: float  # when the guard received it
+    live: bool  # reported as it happened, not an answer to reqExecutions
+
+
+@dataclass(frozen=True, slots=True)
+class OrderReport:
+    """One order of our API client as the Book knows it now (on the current connection)."""
+
+    order_id: int
+    perm_id: int
+    status: str
+    filled: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A broker-confirmed position (quantity signed) and when that figure was received."""
+
+    position: ConfirmedPosition
+    updated: float
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What the Book shows at `now`, in the episode's terms.
+
+    `synced_since` is when the current connection (`generation`) finished its position and
+    open-order downloads (None while it has not); `executions_complete` is whether its
+    executions download has ended too. `orders` are our client's orders of the current
+    connection by order id; `fills` every execution of the guarded account known so far (the
+    episode counts each execId once, so passing old ones again is harmless).
+    """
+
+    now: float
+    generation: int
+    synced_since: float | None
+    executions_complete: bool
+    positions: Mapping[PositionKey, Held]
+    orders: Mapping[int, OrderReport]
+    fills: Iterable[Fill]
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSettings:
+    """How the episode judges the broker's data (see the module's assumptions)."""
+
+    client_id: int
+    settle_s: float = 5.0
+    lost_grace_s: float = 2.0
+    cancel_retry_s: float = 2.0
+    overdue_s: float = 30.0
+    tolerance: Mapping[str, Decimal] = field(default_factory=dict)  # per secType, absolute
+
+    def tolerance_for(self, sec_type: str) -> Decimal:
+        """How far from its target a position of this secType may be and still count as there."""
+        return self.tolerance.get(sec_type, ZERO)
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Cancel one of our children (by its order id)."""
+
+    order_id: int
+    order_ref: str
+    key: PositionKey
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A fact for the journal (and the log): a snake_case kind and its fields."""
+
+    kind: str
+    fields: Mapping[str, Any]
+    level: Literal["info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """What to do now: cancels first, then new children in order; facts to journal."""
+
+    orders: tuple[NewChildOrder, ...]
+    cancels: tuple[Cancel, ...]
+    records: tuple[Record, ...]
+    notes: tuple[Note, ...]
+    off_target: int
+    at_target: bool
+    overdue: bool
+
+
+# ---------------------------------------------------------------------------- state
+
+
+@dataclass(slots=True)
+class Child:
+    """One of our close orders, tracked for the whole episode."""
+
+    order_id: int
+    order_ref: str
+    key: PositionKey
+    action: Action
+    quantity: Decimal
+    generation: int  # the connection it was sent on; -1: restored from the journal
+    sent_at: float
+    planned_against: Decimal | None = None
+    perm_id: int = 0
+    status: ChildStatus = ChildStatus.PENDING_ACK
+    status_filled: Decimal = ZERO
+    exec_filled: Decimal = ZERO
+    finished_at: float | None = None
+    cancel_sent: tuple[int, float] | None = None  # (generation, when)
+
+    @property
+    def live(self) -> bool:
+        """Whether it may still fill."""
+        return self.status in LIVE
+
+    @property
+    def filled(self) -> Decimal:
+        """What it filled, from its executions or its status, whichever says more."""
+        return min(max(self.status_filled, self.exec_filled), self.quantity)
+
+    @property
+    def remaining(self) -> Decimal:
+        """What it may still fill."""
+        return self.quantity - self.filled if self.live else ZERO
+
+    @property
+    def sign(self) -> int:
+        """+1 for a buy, -1 for a sell: the sign of its fills on the position."""
+        return 1 if self.action is Action.BUY else -1
+
+
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    """A broker figure and what it is known to contain."""
+
+    quantity: Decimal
+    fills: frozenset[str]  # foreign execIds
+    child_fills: Mapping[str, Decimal]  # order_ref -> filled counted
+    at: float
+
+
+@dataclass(slots=True)
+class _Ledger:
+    anchor: Anchor | None = None
+    last_figure: Decimal | None = None
+    last_activity: float = 0.0
+
+
+class CloseEpisode:
+    """One flatten or reduce, kept at its target until it is stopped."""
+
+    def __init__(
+        self,
+        kind: CloseKind,
+        decision_id: int,
+        started: float,
+        settings: CloseSettings,
+        targets: Mapping[PositionKey, Decimal] | None = None,
+    ) -> None:
+        self.kind: CloseKind = kind
+        self.decision_id = decision_id
+        self.started = started
+        self.settings = settings
+        self.targets: dict[PositionKey, Decimal] | None = (
+            dict(targets) if targets is not None else None
+        )
+        self.children: dict[str, Child] = {}
+        self.sequence = 1
+        self.round = 1
+        self.round_started = started
+        self.at_target = False
+        self.overdue = False
+        self.rejects_seen = 0
+        self._by_order_id: dict[int, Child] = {}
+        self._ledgers: dict[PositionKey, _Ledger] = {}
+        self._foreign: dict[str, Fill] = {}  # execId -> fill not of a child
+        self._own: dict[str, tuple[Child, Decimal]] = {}  # execId -> (child, shares)
+
+    @property
+    def decision_ref(self) -> planner.DecisionId:
+        """The decision id as the planner writes it into order refs."""
+        return planner.DecisionId(str(self.decision_id))
+
+    def child_by_order_id(self, order_id: int) -> Child | None:
+        """One of our children by its order id (our client's), if it is one."""
+        return self._by_order_id.get(order_id)
+
+    # ---- changes from the executor --------------------------------------------------------
+
+    def retarget(
+        self, kind: CloseKind, targets: Mapping[PositionKey, Decimal] | None, now: float
+    ) -> None:
+        """A new decision for the same episode (a kill during a reduce, a new reduce target):
+        children, fills and anchors carry over; a new round starts."""
+        self.kind = kind
+        self.targets = dict(targets) if targets is not None else None
+        self._new_round(now)
+
+    def add_child(self, order: NewChildOrder, order_id: int, generation: int, now: float) -> Child:
+        """Record a child BEFORE it is sent (the executor journals it with its order id)."""
+        child = Child(
+            order_id=order_id,
+            order_ref=order.order_ref,
+            key=order.key,
+            action=order.action,
+            quantity=order.quantity,
+            generation=generation,
+            sent_at=now,
+            planned_against=order.planned_against,
+        )
+        self._keep(child)
+        self._ledger(order.key).last_activity = now
+        return child
+
+    def reject(self, order_id: int, now: float) -> Child | None:
+        """The broker rejected one of our orders (error 201 etc. naming its id)."""
+        child = self._by_order_id.get(order_id)
+        if child is None or not child.live:
+            return None
+        child.status = ChildStatus.REJECTED
+        child.finished_at = now
+        self.rejects_seen += 1
+        return child
+
+    def cancel_sent(self, cancel: Cancel, generation: int, now: float) -> None:
+        """The executor sent (or tried to send) this cancel."""
+        child = self._by_order_id.get(cancel.order_id)
+        if child is not None:
+            child.cancel_sent = (generation, now)
+
+    def restore(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Rebuild children and anchors from the journal of a previous process; how many
+        children. Children keep their ids (identity) and count until the broker says more."""
+        count = 0
+        for rec in records:
+            if rec.get("decision_id") != self.decision_id:
+                continue
+            kind = rec.get("kind")
+            key = PositionKey(
+                planner.AccountId(str(rec.get("account", ""))),
+                planner.ConId(int(rec.get("con_id", 0))),
+            )
+            if kind == "child_order_sent":
+                ref = str(rec["order_ref"])
+                if ref in self.children:
+                    continue
+                baseline = rec.get("planned_against")
+                self._keep(
+                    Child(
+                        order_id=int(rec["order_id"]),
+                        order_ref=ref,
+                        key=key,
+                        action=Action(str(rec["action"])),
+                        quantity=Decimal(str(rec["quantity"])),
+                        generation=-1,
+                        sent_at=0.0,
+                        planned_against=None if baseline is None else Decimal(str(baseline)),
+                    )
+                )
+                count += 1
+            elif kind == "close_anchor":
+                fills = rec.get("fills") or []
+                child_fills = rec.get("child_fills") or {}
+                self._ledger(key).anchor = Anchor(
+                    quantity=Decimal(str(rec["quantity"])),
+                    fills=frozenset(str(f) for f in fills),
+                    child_fills={str(k): Decimal(str(v)) for k, v in child_fills.items()},
+                    at=0.0,
+                )
+        return count
+
+    # ---- the round ---------------------------------------------------------------------------
+
+    def step(self, obs: Observation, policy: ClosePolicy, budget: int) -> Round:
+        """Account what the Book shows, then decide this round's cancels and children."""
+        records: list[Record] = []
+        self._account_fills(obs)
+        self._refresh_children(obs, records)
+        keys = set(obs.positions) | {c.key for c in self.children.values()} | set(self._ledgers)
+        cancels: list[Cancel] = []
+        inputs: list[ConfirmedPosition] = []
+        child_inputs: list[ChildOrder] = []
+        targets: dict[PositionKey, Decimal] = {}
+        off_target = 0
+        for key in sorted(keys):
+            held = obs.positions.get(key)
+            figure = held.position.quantity if held is not None else ZERO
+            if not figure.is_finite():
+                continue
+            target = self._target(key)
+            if target is None:
+                continue  # a reduce does not touch a position it did not size
+            ledger = self._ledger(key)
+            updated = held.updated if held is not None else (obs.synced_since or obs.now)
+            if ledger.last_figure != figure:
+                ledger.last_figure = figure
+                ledger.last_activity = max(ledger.last_activity, updated)
+            expected = self._expected(key, ledger, figure, updated, obs, records)
+            mine = [c for c in self.children.values() if c.key == key]
+            live = [c for c in mine if c.live]
+            tolerance = self.settings.tolerance_for(held.position.sec_type if held else "")
+            if (
+                live
+                or _off_target(figure, target, tolerance)
+                or _off_target(expected, target, tolerance)
+            ):
+                off_target += 1
+            closable = _closable(expected, figure)
+            cancels.extend(self._cancels_for(key, closable, target, live, obs))
+            if held is None or (closable == ZERO and not live):
+                continue
+            if any(c.sign == _sign(closable) for c in live):
+                continue  # a live child on the wrong side: cancelled above, wait for it
+            if not live and not _off_target(closable, target, tolerance):
+                continue
+            inputs.append(replace(held.position, quantity=closable))
+            targets[key] = target
+            closing = _closing_action(closable)
+            for c in mine:
+                if c.live and c.remaining > 0:
+                    child_inputs.append(_as_input(c, c.status, c.remaining, closable))
+                elif c.status is ChildStatus.REJECTED and c.action is closing:
+                    child_inputs.append(_as_input(c, c.status, c.quantity, closable))
+        if self.kind == "reduce":
+            plan = planner.plan_reduce(
+                inputs,
+                child_inputs,
+                targets,
+                policy,
+                decision_id=self.decision_ref,
+                budget=budget,
+                sequence_start=self.sequence,
+            )
+        else:
+            plan = planner.plan_flatten(
+                inputs,
+                child_inputs,
+                policy,
+                decision_id=self.decision_ref,
+                budget=budget,
+                sequence_start=self.sequence,
+            )
+        for cancel in cancels:
+            records.append(
+                Record(
+                    "child_cancel_requested",
+                    {"order_ref": cancel.order_ref, "con_id": cancel.key.con_id, "why": cancel.why},
+                    "warning",
+                )
+            )
+        at_target = off_target == 0 and not plan.orders
+        self._track_rounds(obs.now, at_target, off_target, records)
+        return Round(
+            orders=plan.orders,
+            cancels=tuple(cancels),
+            records=tuple(records),
+            notes=plan.notes,
+            off_target=off_target,
+            at_target=at_target,
+            overdue=self.overdue,
+        )
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _keep(self, child: Child) -> None:
+        self.children[child.order_ref] = child
+        self._by_order_id[child.order_id] = child
+        self.sequence = max(self.sequence, _sequence_of(child.order_ref) + 1)
+
+    def _ledger(self, key: PositionKey) -> _Ledger:
+        ledger = self._ledgers.get(key)
+        if ledger is None:
+            ledger = self._ledgers[key] = _Ledger()
+        return ledger
+
+    def _target(self, key: PositionKey) -> Decimal | None:
+        if self.kind == "flatten" or self.targets is None:
+            return ZERO
+        return self.targets.get(key)
+
+    def _new_round(self, now: float) -> None:
+        self.round += 1
+        self.round_started = now
+        self.overdue = False
+
+    def _account_fills(self, obs: Observation) -> None:
+        for fill in obs.fills:
+            if fill.exec_id in self._foreign or fill.exec_id in self._own:
+                continue
+            child = self._child_of(fill)
+            if child is None:
+                self._foreign[fill.exec_id] = fill
+            else:
+                self._own[fill.exec_id] = (child, abs(fill.quantity))
+                child.exec_filled += abs(fill.quantity)
+            ledger = self._ledger(fill.key)
+            ledger.last_activity = max(ledger.last_activity, fill.ts)
+
+    def _child_of(self, fill: Fill) -> Child | None:
+        """The child this fill belongs to, by identity: our client id and the child's order id
+        (and permId once known). Never by orderRef."""
+        if fill.client_id != self.settings.client_id:
+            return None
+        child = self._by_order_id.get(fill.order_id)
+        if child is None or child.key != fill.key:
+            return None
+        if child.perm_id and fill.perm_id and child.perm_id != fill.perm_id:
+            return None
+        return child
+
+    def _refresh_children(self, obs: Observation, records: list[Record]) -> None:
+        synced = obs.synced_since is not None
+        settled = (
+            synced
+            and obs.executions_complete
+            and obs.synced_since is not None
+            and obs.now - obs.synced_since >= self.settings.lost_grace_s
+        )
+        for child in self.children.values():
+            was_live = child.live
+            report = obs.orders.get(child.order_id)
+            if report is not None and child.perm_id and report.perm_id not in (0, child.perm_id):
+                report = None  # an order of ours with a re-used id: not this child
+            if report is not None:
+                if report.perm_id:
+                    child.perm_id = report.perm_id
+                child.status_filled = max(child.status_filled, report.filled)
+                child.status = _status(report.status, child.status)
+                if was_live and child.status is ChildStatus.REJECTED:
+                    self.rejects_seen += 1
+            elif child.live and child.generation != obs.generation and settled:
+                # Sent on an earlier connection (or by an earlier process); the complete
+                # open-order download of this one does not show it and its executions are in.
+                child.status = ChildStatus.CANCELLED
+                records.append(
+                    Record(
+                        "child_order_lost",
+                        {"order_ref": child.order_ref, "filled": str(child.filled)},
+                        "warning",
+                    )
+                )
+            if child.filled >= child.quantity and child.status is not ChildStatus.REJECTED:
+                child.status = ChildStatus.FILLED
+            if child.live:
+                child.finished_at = None
+            elif child.finished_at is None:
+                child.finished_at = obs.now
+                ledger = self._ledger(child.key)
+                ledger.last_activity = max(ledger.last_activity, obs.now)
+
+    def _expected(
+        self,
+        key: PositionKey,
+        ledger: _Ledger,
+        figure: Decimal,
+        updated: float,
+        obs: Observation,
+        records: list[Record],
+    ) -> Decimal:
+        """The position once the stream has caught up with every fill we know; moves the
+        anchor when the broker's figure provably has (or has settled, see the docstring)."""
+        mine = [c for c in self.children.values() if c.key == key]
+        foreign = [f for f in self._foreign.values() if f.key == key]
+        if ledger.anchor is None:
+            # A4: a fill received shortly before (or after) the figure may be missing from it.
+            horizon = updated - self.settings.settle_s
+            contained = frozenset(f.exec_id for f in foreign if not (f.live and f.ts > horizon))
+            ledger.anchor = Anchor(figure, contained, {}, obs.now)
+            records.append(self._anchor_record(key, ledger.anchor, "first"))
+        anchor = ledger.anchor
+        expected = anchor.quantity
+        expected += sum(
+            (c.sign * (c.filled - anchor.child_fills.get(c.order_ref, ZERO)) for c in mine), ZERO
+        )
+        news = [f for f in foreign if f.exec_id not in anchor.fills]
+        expected += sum((f.quantity for f in news), ZERO)
+        counted = {c.order_ref: c.filled for c in mine if c.filled}
+        caught_up = figure == expected
+        moved = bool(news) or counted != dict(anchor.child_fills) or anchor.quantity != figure
+        if caught_up and moved:
+            ledger.anchor = Anchor(figure, frozenset(f.exec_id for f in foreign), counted, obs.now)
+            records.append(self._anchor_record(key, ledger.anchor, "caught_up"))
+        elif not caught_up and obs.synced_since is not None:
+            quiet = obs.now - ledger.last_activity >= self.settings.settle_s
+            if quiet and not any(c.live for c in mine):
+                records.append(
+                    Record(
+                        "position_disagrees",
+                        {
+                            "con_id": key.con_id,
+                            "broker": str(figure),
+                            "expected": str(expected),
+                        },
+                        "warning",
+                    )
+                )
+                ledger.anchor = Anchor(
+                    figure, frozenset(f.exec_id for f in foreign), counted, obs.now
+                )
+                records.append(self._anchor_record(key, ledger.anchor, "settled"))
+                expected = figure
+        return expected
+
+    def _anchor_record(self, key: PositionKey, anchor: Anchor, why: str) -> Record:
+        return Record(
+            "close_anchor",
+            {
+                "decision_id": self.decision_id,
+                "account": key.account,
+                "con_id": key.con_id,
+                "quantity": str(anchor.quantity),
+                "fills": sorted(anchor.fills),
+                "child_fills": {k: str(v) for k, v in sorted(anchor.child_fills.items())},
+                "why": why,
+            },
+        )
+
+    def _cancels_for(
+        self,
+        key: PositionKey,
+        closable: Decimal,
+        target: Decimal,
+        live: Sequence[Child],
+        obs: Observation,
+    ) -> list[Cancel]:
+        """Children that could now take the position past its target: on the wrong side, or
+        more than the distance left (newest first)."""
+        out: list[Cancel] = []
+        direction = _sign(closable)
+        room = max(ZERO, abs(closable) - (abs(target) if _sign(target) == direction else ZERO))
+        keep = ZERO
+        for child in sorted(live, key=lambda c: c.sent_at):
+            same_side = direction != 0 and child.sign == -direction
+            if same_side and keep + child.remaining <= room:
+                keep += child.remaining
+                continue
+            if child.status is ChildStatus.PENDING_ACK and child.generation == obs.generation:
+                continue  # not acknowledged yet: cancel once the broker knows it
+            if not self._may_send_cancel(child, obs):
+                continue
+            why = "over_working" if same_side else "wrong_side"
+            out.append(Cancel(child.order_id, child.order_ref, key, why))
+        return out
+
+    def _may_send_cancel(self, child: Child, obs: Observation) -> bool:
+        if obs.synced_since is None:
+            return False
+        sent = child.cancel_sent
+        return (
+            sent is None
+            or sent[0] != obs.generation
+            or obs.now - sent[1] >= self.settings.cancel_retry_s
+        )
+
+    def _track_rounds(
+        self, now: float, at_target: bool, off_target: int, records: list[Record]
+    ) -> None:
+        if at_target and not self.at_target:
+            self.at_target = True
+            kind = "flat_confirmed" if self.kind == "flatten" else "reduce_confirmed"
+            records.append(
+                Record(
+                    kind,
+                    {
+                        "decision_id": self.decision_id,
+                        "round": self.round,
+                        "children": len(self.children),
+                    },
+                    "warning",
+                )
+            )
+        elif not at_target and self.at_target:
+            self.at_target = False
+            self._new_round(now)
+            records.append(
+                Record(
+                    "close_round_started",
+                    {
+                        "decision_id": self.decision_id,
+                        "round": self.round,
+                        "positions_off_target": off_target,
+                    },
+                    "warning",
+                )
+            )
+        if (
+            not at_target
+            and not self.overdue
+            and now - self.round_started > self.settings.overdue_s
+        ):
+            self.overdue = True
+            records.append(
+                Record(
+                    "close_overdue",
+                    {
+                        "decision_id": self.decision_id,
+                        "close": self.kind,
+                        "round": self.round,
+                        "positions_off_target": off_target,
+                        "after_s": round(now - self.round_started, 3),
+                    },
+                    "error",
+                )
+            )
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _sign(x: Decimal | int) -> int:
+    return (x > 0) - (x < 0)
+
+
+def _closable(expected: Decimal, figure: Decimal) -> Decimal:
+    """What both witnesses agree is there: the smaller, when on the same side of zero."""
+    if _sign(expected) != _sign(figure) or expected == 0:
+        return ZERO
+    return expected if abs(expected) <= abs(figure) else figure
+
+
+def _closing_action(quantity: Decimal) -> Action | None:
+    if quantity > 0:
+        return Action.SELL
+    if quantity < 0:
+        return Action.BUY
+    return None
+
+
+def _off_target(quantity: Decimal, target: Decimal, tolerance: Decimal) -> bool:
+    """Whether a position is further from its target than the tolerance, on the closing side
+    (a reduce never adds: a position already below its target is there)."""
+    if target == 0 or _sign(quantity) != _sign(target):
+        return abs(quantity) > tolerance
+    return abs(quantity) > abs(target) + tolerance
+
+
+def _as_input(
+    child: Child, status: ChildStatus, quantity: Decimal, baseline: Decimal
+) -> ChildOrder:
+    return ChildOrder(
+        key=child.key,
+        order_ref=child.order_ref,
+        action=child.action,
+        quantity=quantity,
+        filled=ZERO,
+        status=status,
+        planned_against=baseline,
+    )
+
+
+def _status(status: str, previous: ChildStatus) -> ChildStatus:
+    terminal = _TERMINAL.get(status)
+    if terminal is not None:
+        return terminal
+    if previous in (ChildStatus.REJECTED, ChildStatus.FILLED):
+        return previous  # final, even if an earlier status arrives late
+    # Working at the broker: even a child given up as lost after a re-sync counts again, so
+    # its quantity is never planned twice.
+    return ChildStatus.WORKING
+
+
+def _sequence_of(order_ref: str) -> int:
+    try:
+        return int(order_ref.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return 0

@@ -1,0 +1,366 @@
+"""Unit tests for the close episode (guardd.core.close): keep-flat rounds, fill accounting by
+identity, stale figures, lost children, reduce drift, tolerances, restore from the journal."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from guardd.core.close import (
+    Child,
+    CloseEpisode,
+    CloseSettings,
+    Fill,
+    Held,
+    Observation,
+    OrderReport,
+    Round,
+)
+from guardd.core.planner import (
+    AccountId,
+    Action,
+    ClosePolicy,
+    ConfirmedPosition,
+    ConId,
+    PositionKey,
+)
+
+KEY = PositionKey(AccountId("DU1"), ConId(1))
+OURS = 0
+POLICY = ClosePolicy(max_rejects=None)
+SETTINGS = CloseSettings(client_id=OURS, settle_s=5.0, lost_grace_s=2.0, overdue_s=30.0)
+
+
+def held(quantity: int, updated: float, sec_type: str = "FUT") -> Held:
+    position = ConfirmedPosition(
+        key=KEY,
+        symbol="ES",
+        sec_type=sec_type,
+        exchange="CME",
+        currency="USD",
+        quantity=Decimal(quantity),
+        price=100.0,
+        fx_rate=1.0,
+    )
+    return Held(position, updated)
+
+
+def fill(exec_id: str, quantity: int, ts: float, *, client: int = 7, order_id: int = 5) -> Fill:
+    return Fill(exec_id, client, order_id, 0, KEY, Decimal(quantity), ts, True)
+
+
+class Broker:
+    """What the executor would read off the Book, set by hand."""
+
+    def __init__(self, position: int, now: float = 100.0) -> None:
+        self.now = now
+        self.generation = 1
+        self.synced_since: float | None = 0.0
+        self.executions_complete = True
+        self.position = position
+        self.updated = 0.0
+        self.orders: dict[int, OrderReport] = {}
+        self.fills: list[Fill] = []
+
+    def obs(self) -> Observation:
+        return Observation(
+            now=self.now,
+            generation=self.generation,
+            synced_since=self.synced_since,
+            executions_complete=self.executions_complete,
+            positions={KEY: held(self.position, self.updated)},
+            orders=dict(self.orders),
+            fills=list(self.fills),
+        )
+
+    def figure(self, quantity: int) -> None:
+        self.position, self.updated = quantity, self.now
+
+    def status(self, order_id: int, status: str, filled: int) -> None:
+        self.orders[order_id] = OrderReport(order_id, 1000 + order_id, status, Decimal(filled))
+
+
+def send_all(episode: CloseEpisode, plan: Round, broker: Broker, first_id: int) -> list[int]:
+    ids = []
+    for n, order in enumerate(plan.orders):
+        episode.add_child(order, first_id + n, broker.generation, broker.now)
+        broker.status(first_id + n, "Submitted", 0)
+        ids.append(first_id + n)
+    return ids
+
+
+def child_of(episode: CloseEpisode, order_id: int) -> Child:
+    child = episode.child_by_order_id(order_id)
+    assert child is not None
+    return child
+
+
+def kinds(plan: Round) -> list[str]:
+    return [r.kind for r in plan.records]
+
+
+def close_fully(episode: CloseEpisode, broker: Broker, order_id: int, quantity: int) -> Round:
+    """Our child fills completely; execution, status and figure all arrive."""
+    sign = 1 if child_of(episode, order_id).action is Action.BUY else -1
+    broker.fills.append(
+        fill(f"own{order_id}", sign * quantity, broker.now, client=OURS, order_id=order_id)
+    )
+    broker.status(order_id, "Filled", quantity)
+    broker.figure(broker.position + sign * quantity)
+    return episode.step(broker.obs(), POLICY, 4)
+
+
+def test_flat_confirmed_then_a_new_fill_then_a_new_round_closes_it() -> None:
+    # Arrange: long 10, closed and confirmed flat
+    broker = Broker(10)
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    plan = episode.step(broker.obs(), POLICY, 4)
+    (first,) = send_all(episode, plan, broker, 100)
+    assert plan.orders[0].action is Action.SELL and plan.orders[0].quantity == 10
+    done = close_fully(episode, broker, first, 10)
+    assert "flat_confirmed" in kinds(done) and episode.at_target
+
+    # Act: a bot's market order fills after "flat confirmed": BOT 3
+    broker.now += 1
+    broker.fills.append(fill("bot1", 3, broker.now))
+    broker.figure(3)
+    again = episode.step(broker.obs(), POLICY, 4)
+
+    # Assert
+    assert "close_round_started" in kinds(again) and episode.round == 2
+    assert [(o.action, o.quantity) for o in again.orders] == [(Action.SELL, Decimal(3))]
+
+
+def test_old_figure_after_flat_then_no_close() -> None:
+    # Arrange: long 10, sold 10 (execution in), confirmed flat
+    broker = Broker(10)
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    (first,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
+    close_fully(episode, broker, first, 10)
+
+    # Act: after a reconnect, an update from before the sale arrives late: 10 again
+    broker.now += 1
+    broker.generation += 1
+    broker.synced_since = broker.now
+    broker.orders = {}
+    broker.figure(10)
+    plan = episode.step(broker.obs(), POLICY, 4)
+
+    # Assert: our own fills say it is gone; nothing is sold twice
+    assert plan.orders == ()
+    assert not episode.at_target  # the broker's figure disagrees: not confirmed flat
+
+
+def test_figure_lags_our_fill_then_never_sells_twice() -> None:
+    # Arrange: long 10, a child of 10 sent; its execution arrives, the figure does not
+    broker = Broker(10)
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    (first,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
+    broker.now += 1
+    broker.fills.append(fill("own", -10, broker.now, client=OURS, order_id=first))
+    broker.status(first, "Filled", 10)
+
+    # Act: rounds while the position still says 10 (less than the settle time), then 0
+    plans = []
+    for _ in range(8):
+        broker.now += 0.5
+        plans.append(episode.step(broker.obs(), POLICY, 4))
+    broker.figure(0)
+    last = episode.step(broker.obs(), POLICY, 4)
+
+    # Assert: never a second sale while our fill is unconfirmed by the position
+    assert all(p.orders == () and not p.at_target for p in plans)
+    assert last.orders == () and "flat_confirmed" in kinds(last)
+
+
+def test_fill_of_a_foreign_order_with_our_ref_style_then_counted_foreign() -> None:
+    # Arrange: long 10, our child 100 sells 10 and is working
+    broker = Broker(10)
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    (first,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
+
+    # Act: another client's fill with the same order id (ids are per client)
+    broker.now += 1
+    broker.fills.append(fill("x", -4, broker.now, client=9, order_id=first))
+    broker.figure(6)
+    plan = episode.step(broker.obs(), POLICY, 4)
+
+    # Assert: not ours; our child of 10 is now too big for the 6 left: cancelled
+    assert child_of(episode, first).filled == 0
+    assert [(c.order_id, c.why) for c in plan.cancels] == [(first, "over_working")]
+
+
+def test_duplicate_execution_then_counted_once() -> None:
+    broker = Broker(10)
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    (first,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
+    own = fill("same", -4, broker.now, client=OURS, order_id=first)
+    broker.fills.extend([own, own])
+
+    episode.step(broker.obs(), POLICY, 4)
+    episode.step(broker.obs(), POLICY, 4)
+
+    assert child_of(episode, first).filled == 4
+
+
+def test_child_missing_after_reconnect_then_lost_only_after_executions_and_grace() -> None:
+    # Arrange: long 10, a child of 10 working on connection 1
+    broker = Broker(10)
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
+
+    # Act: connection 2 synced; its open-order download does not show the child
+    broker.generation, broker.synced_since, broker.orders = 2, broker.now, {}
+    broker.executions_complete = False
+    waiting = episode.step(broker.obs(), POLICY, 4)
+    broker.now += 3
+    still = episode.step(broker.obs(), POLICY, 4)  # grace over, executions not in yet
+    broker.executions_complete = True
+    lost = episode.step(broker.obs(), POLICY, 4)
+
+    # Assert: counted live (no new child) until then; then lost, and the 10 closed anew
+    assert waiting.orders == () and still.orders == ()
+    assert "child_order_lost" in kinds(lost)
+    assert [(o.action, o.quantity) for o in lost.orders] == [(Action.SELL, Decimal(10))]
+
+
+def test_lost_child_reported_again_then_counts_again() -> None:
+    broker = Broker(10)
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    (first,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
+    broker.generation, broker.synced_since, broker.orders = 2, broker.now, {}
+    broker.now += 3
+    episode.step(broker.obs(), POLICY, 4)  # lost; a new child would go out now
+
+    broker.status(first, "Submitted", 0)
+    plan = episode.step(broker.obs(), POLICY, 4)
+
+    assert child_of(episode, first).live and plan.orders == ()
+
+
+def test_liquidation_while_child_works_then_excess_cancelled_and_rest_closed() -> None:
+    # Arrange: long 10, our child of 10 works; IB liquidates 6
+    broker = Broker(10)
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    (first,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
+    broker.now += 1
+    broker.fills.append(fill("liq", -6, broker.now, client=0, order_id=0))
+
+    # Act
+    plan = episode.step(broker.obs(), POLICY, 4)
+    broker.status(first, "Cancelled", 0)
+    broker.now += 1
+    after = episode.step(broker.obs(), POLICY, 4)  # the figure still says 10 (late)
+
+    # Assert: our 10 would cross zero by 6: cancelled; then only the 4 left are sold
+    assert [c.why for c in plan.cancels] == ["over_working"]
+    assert [(o.action, o.quantity) for o in after.orders] == [(Action.SELL, Decimal(4))]
+
+
+def test_position_flips_under_a_live_child_then_it_is_cancelled_and_nothing_added() -> None:
+    broker = Broker(10)
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
+    broker.now += 1
+    broker.fills.append(fill("bot", -25, broker.now))
+    broker.figure(-15)
+
+    plan = episode.step(broker.obs(), POLICY, 4)
+
+    assert [c.why for c in plan.cancels] == ["wrong_side"]
+    assert plan.orders == ()
+
+
+def test_unseen_fill_then_broker_figure_adopted_after_settle_time() -> None:
+    # Arrange: long 10; the figure says 4 with no execution to explain it
+    broker = Broker(10)
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    episode.step(broker.obs(), POLICY, 0)  # anchored at 10, nothing sent
+    broker.now += 1
+    broker.figure(4)
+
+    # Act: at once only what both witnesses agree on (4) is sold
+    soon = episode.step(broker.obs(), POLICY, 4)
+    (child,) = send_all(episode, soon, broker, 100)
+    broker.now += 1
+    close_fully(episode, broker, child, 4)  # the figure says 0, our fills say 6
+    broker.now += SETTINGS.settle_s - 0.5
+    waiting = episode.step(broker.obs(), POLICY, 4)
+    broker.now += 1
+    settled = episode.step(broker.obs(), POLICY, 4)
+
+    # Assert: the figure is adopted only after the settle time, and never sold past
+    assert [o.quantity for o in soon.orders] == [Decimal(4)]
+    assert waiting.orders == () and not waiting.at_target
+    assert settled.orders == () and settled.at_target
+    assert {"position_disagrees", "flat_confirmed"} <= set(kinds(settled))
+
+
+def test_reduce_target_drifts_then_re_pursued() -> None:
+    # Arrange: reduce 10 to 6, done
+    broker = Broker(10)
+    episode = CloseEpisode("reduce", 1, 0.0, SETTINGS, targets={KEY: Decimal(6)})
+    plan = episode.step(broker.obs(), POLICY, 4)
+    (first,) = send_all(episode, plan, broker, 100)
+    assert plan.orders[0].quantity == 4
+    done = close_fully(episode, broker, first, 4)
+    assert "reduce_confirmed" in kinds(done)
+
+    # Act: a foreign buy of 3 takes it to 9
+    broker.now += 1
+    broker.fills.append(fill("bot", 3, broker.now))
+    broker.figure(9)
+    again = episode.step(broker.obs(), POLICY, 4)
+
+    # Assert
+    assert "close_round_started" in kinds(again)
+    assert [(o.action, o.quantity) for o in again.orders] == [(Action.SELL, Decimal(3))]
+
+
+def test_position_within_tolerance_then_flat() -> None:
+    broker = Broker(1)
+    settings = CloseSettings(client_id=OURS, tolerance={"FUT": Decimal(1)})
+    episode = CloseEpisode("flatten", 1, 0.0, settings)
+
+    plan = episode.step(broker.obs(), POLICY, 4)
+
+    assert plan.orders == () and plan.at_target and "flat_confirmed" in kinds(plan)
+
+
+def test_restored_from_journal_then_old_figure_never_closes_twice() -> None:
+    # Arrange: a previous process anchored long 10 and sold 10 with child 100; it died
+    records = [
+        {
+            "kind": "close_anchor",
+            "decision_id": 1,
+            "account": "DU1",
+            "con_id": 1,
+            "quantity": "10",
+            "fills": [],
+            "child_fills": {},
+        },
+        {
+            "kind": "child_order_sent",
+            "decision_id": 1,
+            "order_id": 100,
+            "order_ref": "guardd:flatten:1:1",
+            "account": "DU1",
+            "con_id": 1,
+            "action": "SELL",
+            "quantity": "10",
+            "planned_against": "10",
+        },
+    ]
+    broker = Broker(10)  # the new process's figure is late: still 10
+    broker.fills.append(fill("own", -10, 50.0, client=OURS, order_id=100))
+    episode = CloseEpisode("flatten", 1, 90.0, SETTINGS)
+
+    # Act
+    assert episode.restore(records) == 1
+    plans = []
+    for _ in range(4):
+        plans.append(episode.step(broker.obs(), POLICY, 4))
+        broker.now += 1
+
+    # Assert
+    assert all(p.orders == () for p in plans)
+    assert child_of(episode, 100).filled == 10
