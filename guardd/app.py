@@ -55,7 +55,13 @@ from guardd.executor import Executor, journal_children, journal_order_ids
 from guardd.journal import Journal
 from guardd.latch import FRESH_START, LatchState, later_of, read_latch, witness_step, write_latch
 from guardd.metrics import Metrics, MetricsServer, metrics_handler
-from guardd.rulebook import build_close_policy, build_policy, build_rules, build_sampling
+from guardd.rulebook import (
+    build_close_policy,
+    build_close_settings,
+    build_policy,
+    build_rules,
+    build_sampling,
+)
 from guardd.sdnotify import HealthWatchdog, Notifier, watchdog_interval
 
 log = structlog.get_logger(__name__)
@@ -63,7 +69,14 @@ log = structlog.get_logger(__name__)
 EVALUATE_EVERY_S = 0.25
 _NEW_YORK = ZoneInfo("America/New_York")
 _ORDER_EVENTS = (ev.OpenOrder, ev.OrderStatus)
-_BOOK_CHANGES = (ev.PositionUpdate, ev.OpenOrder, ev.OrderStatus, ev.Execution, ev.PositionsEnd)
+_BOOK_CHANGES = (
+    ev.PositionUpdate,
+    ev.OpenOrder,
+    ev.OrderStatus,
+    ev.Execution,
+    ev.ExecutionsEnd,
+    ev.PositionsEnd,
+)
 
 
 class Guard:
@@ -157,6 +170,7 @@ class Guard:
             metrics=self.metrics,
             clock=clock,
             latch_on_disk=on_disk,
+            close_settings=build_close_settings(cfg),
         )
         if restored is not on_disk:
             log.error("latch_restored_from_journal", decision_id=restored.decision_id)
@@ -612,8 +626,10 @@ class Guard:
                 "kind": episode.kind,
                 "decision_id": episode.decision_id,
                 "children": len(episode.children),
-                "done": episode.done,
-                "overdue": episode.escalated,
+                "round": episode.round,
+                "done": episode.at_target,  # at target now; kept so while the state lasts
+                "at_target": episode.at_target,
+                "overdue": episode.overdue,
             },
             "findings": {
                 name: {"level": f.level, "value": f.value, "message": f.message}

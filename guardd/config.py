@@ -408,6 +408,14 @@ class FlattenConfig(_Model):
 
     verify_timeout_s: Seconds = 30.0
     max_child_qty: Annotated[float, Field(gt=0)] | None = None
+    # While HALTED in flatten mode (or REDUCING) a position further than this from its target
+    # (absolute quantity, per asset class; default 0) starts a new close round.
+    tolerance: dict[SecType, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    # How long the position stream may lag the guard's own fills: a broker figure that disagrees
+    # with the fills is adopted only after this long with nothing new on that position.
+    position_settle_s: Seconds = 10.0
+    # After a re-sync, how long a child the broker no longer reports may still turn up.
+    lost_order_grace_s: Seconds = 2.0
     order_policy: dict[SecType, OrderPolicy] = Field(default_factory=_default_policies)
 
     @field_validator("order_policy", mode="before")

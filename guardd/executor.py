@@ -9,11 +9,15 @@
   (sweep, flatten), says the latch is not durable (`latch_durable`, metric, journal) and retries
   the write (`retry_latch`) until it lands. A journal record that cannot be written is logged
   and counted; it never skips an action either.
-- `Flatten` / `Reduce` start a close episode: a `_close_loop` that plans child orders with the pure
-  planner (`guardd.core.planner`), sends them paced on the flatten lane, re-plans on fills, rejects
-  and reconnects, verifies flat from broker-confirmed positions, and escalates (log + journal) when
-  not flat in time. It never reports flat unconfirmed.
-- `ClearLatch` (an accepted re-arm) rewrites the latch as armed and ends any close episode.
+- `Flatten` / `Reduce` start a close episode (`guardd.core.close.CloseEpisode`, pure): a
+  `_close_loop` that, every round, hands the episode what the Book shows (positions, our
+  children's orders and every execution) and carries out what it returns: cancels and child
+  orders, paced on the flatten lane, and facts for the journal. The episode lasts while the
+  engine stays HALTED in flatten mode (or REDUCING): exposure that appears after "flat
+  confirmed" starts a new close round. Every decision about what to close is the episode's;
+  the executor only does the I/O.
+- `ClearLatch` (an accepted re-arm) rewrites the latch as armed and ends any close episode; a
+  reduce episode ends when the engine leaves REDUCING.
 - Dry run: every decision and every child order that would be sent is journaled; nothing is sent.
 
 Every action and its outcome is a journal record. Child orders are journaled with the position
@@ -32,18 +36,27 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, Protocol, assert_never
+from typing import Any, Protocol, assert_never
 from zoneinfo import ZoneInfo
 
 import structlog
 
 from guardd.broker.pacer import Lane
 from guardd.core import planner
-from guardd.core.book import Book, Order
+from guardd.core.book import Book
+from guardd.core.close import (
+    CloseEpisode,
+    CloseKind,
+    CloseSettings,
+    Fill,
+    Held,
+    Observation,
+    OrderReport,
+    sequence_of,
+)
 from guardd.core.engine import (
     Action,
     Alert,
@@ -53,6 +66,7 @@ from guardd.core.engine import (
     Flatten,
     LatchHalt,
     Reduce,
+    State,
 )
 from guardd.core.events import BrokerError, OrderId
 from guardd.core.events import ConId as EventConId
@@ -65,7 +79,6 @@ log = structlog.get_logger(__name__)
 
 _NEW_YORK = ZoneInfo("America/New_York")
 _REJECT_CODES = frozenset({201, 203, 10147, 110, 200})
-CloseKind = Literal["flatten", "reduce"]
 
 
 class BrokerPort(Protocol):
@@ -111,65 +124,6 @@ def regular_hours(now: float) -> bool:
     return t.weekday() < 5 and 9 * 60 + 30 <= minutes < 16 * 60
 
 
-@dataclass(slots=True)
-class _Child:
-    """One of our close orders, as the executor tracks it through the episode."""
-
-    order_id: int
-    ref: str
-    key: planner.PositionKey
-    action: planner.Action
-    quantity: Decimal
-    planned_against: Decimal | None
-    generation: int  # the Book's connection generation when it was sent
-    status: planner.ChildStatus = planner.ChildStatus.PENDING_ACK
-    filled: Decimal = Decimal(0)
-    finished_at: float | None = None  # when it was first seen finished (filled/cancelled/...)
-    retired: bool = False  # its effect is in a fresh confirmed position: no longer planned with
-
-    @property
-    def live(self) -> bool:
-        return self.status in (planner.ChildStatus.PENDING_ACK, planner.ChildStatus.WORKING)
-
-    def as_input(self, generation: int) -> planner.ChildOrder:
-        """The planner's view. A child sent on an earlier connection (or by a previous process)
-        keeps its quantity and fills but not its baseline: positions downloaded since are newer
-        than it, and an old baseline would overstate a position someone else has since reduced.
-        Leaving a baseline out can only make the planner send less, never more."""
-        return planner.ChildOrder(
-            key=self.key,
-            order_ref=self.ref,
-            action=self.action,
-            quantity=self.quantity,
-            filled=min(self.filled, self.quantity),
-            status=self.status,
-            planned_against=self.planned_against if self.generation == generation else None,
-        )
-
-
-@dataclass(slots=True)
-class CloseEpisode:
-    """A flatten or reduce in progress, from its decision until confirmed at target."""
-
-    kind: CloseKind
-    decision_id: int
-    started: float
-    targets: dict[planner.PositionKey, Decimal] | None = None
-    children: dict[str, _Child] = field(default_factory=dict)
-    sequence: int = 1
-    escalated: bool = False
-    done: bool = False
-    rejects_seen: int = 0
-    # Positions where fills that are not ours moved the position while our children worked
-    # (IB auto-liquidation, another client): our children there are cancelled, and the position
-    # is re-planned from the broker's own figure once they have all finished.
-    rebase_keys: set[planner.PositionKey] = field(default_factory=set)
-
-    @property
-    def decision_ref(self) -> planner.DecisionId:
-        return planner.DecisionId(str(self.decision_id))
-
-
 class Executor:
     """Carries out decisions; owns the close episode task."""
 
@@ -189,9 +143,9 @@ class Executor:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         round_s: float = 0.1,
-        lost_grace_s: float = 2.0,
         latch_on_disk: LatchState | None = None,
         latch_retry_s: float = 1.0,
+        close_settings: CloseSettings | None = None,
     ) -> None:
         self.broker = broker
         self.book = book
@@ -201,14 +155,13 @@ class Executor:
         self.client_id = client_id
         self.account = account
         self.dry_run = dry_run
-        self.flatten_timeout_s = flatten_timeout_s
         self.metrics = metrics
         self.clock = clock
         self.round_s = round_s
-        # How long after a re-sync a child the broker does not report counts as gone. The fills
-        # of the previous connection (reqExecutions) arrive AFTER the position and open-order
-        # barriers: judging a child before they are in would forget its fills and over-flatten.
-        self.lost_grace_s = lost_grace_s
+        # How the episode judges the broker's data (guardd.core.close: its assumptions).
+        self.close_settings = close_settings or CloseSettings(
+            client_id=client_id, overdue_s=flatten_timeout_s
+        )
         self._synced_at: tuple[int, float] | None = None
         # New children per planning round: a quarter of a second's budget, at least one.
         self.round_budget = max(1, messages_per_second // 4)
@@ -224,7 +177,6 @@ class Executor:
         self._latch_retry_at = 0.0
         self.global_cancels_sent = 0
         self.last_flat_confirmed: float | None = None
-        self._known_execs: set[str] = set()
 
     # ---- decisions -------------------------------------------------------------------------
 
@@ -241,6 +193,15 @@ class Executor:
         self._journal_decision(decision)
         for action in actions[first:]:
             await self._act(action, decision, trigger_ts)
+        # A reduce episode lasts while the engine stays REDUCING: it ends with the first decision
+        # in another state (a kill in flatten mode has turned it into a flatten by then).
+        episode = self.episode
+        if (
+            episode is not None
+            and episode.kind == "reduce"
+            and decision.state is not State.REDUCING
+        ):
+            await self.stop_episode(f"state {decision.state}")
 
     @property
     def latch_durable(self) -> bool:
@@ -375,7 +336,7 @@ class Executor:
 
     def _start_reduce(self, decision: Decision, target_leverage: float) -> None:
         nl = self.book.net_liquidation
-        positions = list(self._confirmed_positions(set()))
+        positions = list(self._confirmed_positions())
         keep = None
         if nl is not None and math.isfinite(nl.value) and nl.value > 0:
             keep = planner.keep_fraction_for_gross(positions, target_leverage * nl.value)
@@ -398,25 +359,27 @@ class Executor:
         targets: dict[planner.PositionKey, Decimal] | None,
     ) -> None:
         current = self.episode
-        if current is not None and not current.done:
+        if current is not None:
             if current.kind == kind == "flatten":
-                # Already flattening: carry on with the same children. The episode may have been
-                # rebuilt from the journal after a restart (`restore_children`) with no task yet.
+                # Already flattening (or keeping flat): carry on with the same children. The
+                # episode may have been rebuilt from the journal (`restore_children`), no task yet.
                 self._wake.set()
                 self._ensure_task()
                 return
-            if current.kind == "reduce" and kind == "flatten":
-                # A kill during a reduce: flatten takes over, keeping the reduce children so
-                # their quantity still counts against the position.
-                current.kind = "flatten"
-                current.targets = None
-                current.escalated = False
-                self._journal("reduce_escalated_to_flatten", decision_id=decision.decision_id)
-                self._wake.set()
-                self._ensure_task()
-                return
+            # A kill during a reduce, or a new reduce target: the same episode goes on, so every
+            # child, fill and anchor still counts (children are never dropped in an episode).
+            current.retarget(kind, targets, self.clock())
+            self._journal(
+                "close_retargeted",
+                decision_id=current.decision_id,
+                by_decision_id=decision.decision_id,
+                close=kind,
+            )
+            self._wake.set()
+            self._ensure_task()
+            return
         self.episode = CloseEpisode(
-            kind=kind, decision_id=decision.decision_id, started=self.clock(), targets=targets
+            kind, decision.decision_id, self.clock(), self.close_settings, targets
         )
         self._journal("close_started", decision_id=decision.decision_id, close=kind)
         log.warning("close_started", kind=kind, decision_id=decision.decision_id)
@@ -427,38 +390,21 @@ class Executor:
             self._episode_task = asyncio.create_task(self._close_loop(), name="close_loop")
 
     def restore_children(self, decision_id: int, records: Iterable[Mapping[str, Any]]) -> int:
-        """Rebuild a close episode's children from journal records after a restart, and claim
-        their order ids in the Book: they are ours again (and no other order is)."""
+        """Rebuild a close episode's children (and anchors) from journal records after a
+        restart, and claim their order ids in the Book: they are ours again (and no other order
+        is). How many children."""
         episode = self.episode
         if episode is None or episode.decision_id != decision_id:
-            episode = CloseEpisode(kind="flatten", decision_id=decision_id, started=self.clock())
+            episode = CloseEpisode("flatten", decision_id, self.clock(), self.close_settings)
             self.episode = episode
-        count = 0
         for rec in records:
-            if rec.get("kind") != "child_order_sent" or rec.get("decision_id") != decision_id:
-                continue
-            ref = str(rec["order_ref"])
-            key = planner.PositionKey(
-                planner.AccountId(str(rec["account"])), planner.ConId(int(rec["con_id"]))
-            )
-            baseline = rec.get("planned_against")
-            self.book.claim_order_id(OrderId(int(rec["order_id"])))
-            episode.children[ref] = _Child(
-                order_id=int(rec["order_id"]),
-                ref=ref,
-                key=key,
-                action=planner.Action(str(rec["action"])),
-                quantity=Decimal(str(rec["quantity"])),
-                planned_against=None if baseline is None else Decimal(str(baseline)),
-                generation=-1,  # from a previous life: lost unless the broker reports it
-            )
-            episode.sequence = max(episode.sequence, _sequence_of(ref) + 1)
-            count += 1
-        return count
+            if rec.get("kind") == "child_order_sent" and rec.get("decision_id") == decision_id:
+                self.book.claim_order_id(OrderId(int(rec["order_id"])))
+        return episode.restore(records)
 
     def notice(self) -> None:
         """Something changed in the Book: let the close loop re-plan now."""
-        if self.episode is not None and not self.episode.done:
+        if self.episode is not None:
             self._wake.set()
 
     def on_broker_error(self, error: BrokerError) -> None:
@@ -466,34 +412,32 @@ class Executor:
         episode = self.episode
         if episode is None or error.code not in _REJECT_CODES:
             return
-        for child in episode.children.values():
-            if child.order_id == error.req_id and child.status in (
-                planner.ChildStatus.PENDING_ACK,
-                planner.ChildStatus.WORKING,
-            ):
-                child.status = planner.ChildStatus.REJECTED
-                episode.rejects_seen += 1
-                self._journal(
-                    "child_order_rejected",
-                    decision_id=episode.decision_id,
-                    order_ref=child.ref,
-                    code=error.code,
-                    message=error.message,
-                )
-                log.warning("child_order_rejected", order_ref=child.ref, code=error.code)
-                self._wake.set()
+        child = episode.reject(error.req_id, self.clock())
+        if child is None:
+            return
+        self._journal(
+            "child_order_rejected",
+            decision_id=episode.decision_id,
+            order_ref=child.order_ref,
+            code=error.code,
+            message=error.message,
+        )
+        log.warning("child_order_rejected", order_ref=child.order_ref, code=error.code)
+        self._wake.set()
 
     async def stop_episode(self, why: str) -> None:
-        """End the close episode (re-armed, shutting down)."""
-        if self.episode is not None and not self.episode.done:
-            self.episode.done = True
-            self._journal("close_stopped", decision_id=self.episode.decision_id, why=why)
+        """End the close episode (re-armed, left REDUCING, shutting down)."""
+        episode, self.episode = self.episode, None
+        if episode is not None:
+            self._journal("close_stopped", decision_id=episode.decision_id, why=why)
         task = self._episode_task
-        if task is not None and not task.done():
+        if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._episode_task = None
+        if self.metrics is not None:
+            self.metrics.set_flatten(0, False)
 
     async def _close_loop(self) -> None:
         backoff = 0.0
@@ -501,7 +445,7 @@ class Executor:
         filled: Decimal | None = None
         while True:
             episode = self.episode
-            if episode is None or episode.done:
+            if episode is None:
                 return
             if backoff > 0:
                 # A rejected close (market closed...): retry slower, whatever wakes us meanwhile.
@@ -510,6 +454,8 @@ class Executor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.round_s)
             self._wake.clear()
+            if episode is not self.episode:
+                continue
             if not self.book.synced or (not self.broker.connected and not self.dry_run):
                 continue
             try:
@@ -519,6 +465,9 @@ class Executor:
                 self._journal("close_round_failed", decision_id=episode.decision_id, error=str(exc))
                 backoff = min(10.0, max(0.5, backoff * 2))
                 continue
+            if self.dry_run:
+                self._journal("close_dry_run_planned", decision_id=episode.decision_id)
+                return
             # Back off while children keep being rejected (counted between rounds too); any
             # fill is progress and ends the back-off.
             now_filled = sum((c.filled for c in episode.children.values()), Decimal(0))
@@ -530,89 +479,89 @@ class Executor:
 
     async def _close_round(self, episode: CloseEpisode) -> None:
         now = self.clock()
-        self._refresh_children(episode, now)
-        await self._watch_foreign_fills(episode, now)
-        self._retire_settled(episode, now)
-        keys = {c.key for c in episode.children.values()}
-        all_positions = list(self._confirmed_positions(keys))
-        # A position waiting to be re-planned from the broker's figure gets no new child.
-        positions = [p for p in all_positions if p.key not in episode.rebase_keys]
-        children = [
-            c.as_input(self.book.generation)
-            for c in episode.children.values()
-            if not c.retired and c.key not in episode.rebase_keys
-        ]
-        if episode.kind == "reduce" and episode.targets is not None:
-            plan = planner.plan_reduce(
-                positions,
-                children,
-                episode.targets,
-                self.close_policy,
-                decision_id=episode.decision_ref,
-                budget=self.round_budget,
-                sequence_start=episode.sequence,
-            )
-        else:
-            plan = planner.plan_flatten(
-                positions,
-                children,
-                self.close_policy,
-                decision_id=episode.decision_ref,
-                budget=self.round_budget,
-                sequence_start=episode.sequence,
-            )
+        plan = episode.step(self._observe(now), self.close_policy, self.round_budget)
+        for record in plan.records:
+            fields = dict(record.fields)
+            fields.setdefault("decision_id", episode.decision_id)
+            self._journal(record.kind, **fields)
+            getattr(log, record.level)(record.kind, **_loggable(fields))
+            if record.kind == "flat_confirmed" or record.kind == "reduce_confirmed":
+                self.last_flat_confirmed = now
         for note in plan.notes:
             if note.kind in (planner.NoteKind.OVER_WORKING, planner.NoteKind.PAST_TARGET):
                 log.error("close_note", kind=str(note.kind), con_id=note.key.con_id)
+        for cancel in plan.cancels:
+            if self.dry_run:
+                continue
+            episode.cancel_sent(cancel, self.book.generation, now)
+            with contextlib.suppress(GuarddError):
+                await self.broker.cancel_order(cancel.order_id, Lane.FLATTEN)
         for order in plan.orders:
             await self._send_child(episode, order)
-        if self.dry_run:
-            episode.done = True
-            self._journal("close_dry_run_planned", decision_id=episode.decision_id)
-            return
-        live = any(
-            c.status in (planner.ChildStatus.PENDING_ACK, planner.ChildStatus.WORKING)
-            for c in episode.children.values()
-        )
-        pending = self._positions_off_target(episode, all_positions)
         if self.metrics is not None:
-            overdue = now - episode.started > self.flatten_timeout_s
-            self.metrics.set_flatten(pending, overdue and pending > 0)
-        if pending == 0 and not live and not plan.orders and not episode.rebase_keys:
-            episode.done = True
-            self.last_flat_confirmed = now
-            kind = "flat_confirmed" if episode.kind == "flatten" else "reduce_confirmed"
-            self._journal(kind, decision_id=episode.decision_id, children=len(episode.children))
-            log.warning(kind, decision_id=episode.decision_id, children=len(episode.children))
-            return
-        if not episode.escalated and now - episode.started > self.flatten_timeout_s:
-            episode.escalated = True
-            self._journal(
-                "close_overdue",
-                decision_id=episode.decision_id,
-                close=episode.kind,
-                positions_off_target=pending,
-                after_s=round(now - episode.started, 3),
-            )
-            log.error("close_overdue", kind=episode.kind, positions_off_target=pending)
+            self.metrics.set_flatten(plan.off_target, plan.overdue and plan.off_target > 0)
 
-    def _positions_off_target(
-        self, episode: CloseEpisode, positions: Iterable[planner.ConfirmedPosition]
-    ) -> int:
-        off = 0
-        for p in positions:
-            target = Decimal(0)
-            if episode.targets is not None:
-                target = episode.targets.get(p.key, p.quantity)
-            if p.quantity != target:
-                off += 1
-        return off
+    def _observe(self, now: float) -> Observation:
+        """What the Book shows now, in the close episode's terms."""
+        positions = {
+            p.key: Held(p, self._updated(p.key)) for p in self._confirmed_positions(all_=True)
+        }
+        # Ours by identity, as the Book knows it (our client id and an order id we claimed, or
+        # its learned permId); a fill or order of anyone else, whatever its orderRef or its id,
+        # reaches the episode under another client id and is foreign there.
+        book = self.book
+        orders: dict[int, OrderReport] = {}
+        generations: dict[int, int] = {}
+        for order in book.orders.values():
+            oid = book.own_order_id(order.perm_id, order.client_id, order.order_id)
+            if oid is None:
+                continue
+            if generations.get(int(oid), -1) > order.generation:
+                continue  # the newest report names the live order
+            generations[int(oid)] = order.generation
+            orders[int(oid)] = OrderReport(
+                order_id=int(oid),
+                perm_id=max(int(order.perm_id), 0),
+                status=order.status,
+                filled=_decimal(order.filled),
+            )
+        fills = []
+        for e in book.executions.values():
+            if e.account != self.account or not math.isfinite(e.shares):
+                continue
+            oid = book.own_order_id(e.perm_id, e.client_id, e.order_id)
+            fills.append(
+                Fill(
+                    exec_id=e.exec_id,
+                    client_id=self.client_id if oid is not None else _NOT_OURS,
+                    order_id=int(oid) if oid is not None else int(e.order_id),
+                    perm_id=int(e.perm_id),
+                    key=planner.PositionKey(planner.AccountId(e.account), planner.ConId(e.con_id)),
+                    quantity=_decimal(e.shares) * (1 if e.side == "BOT" else -1),
+                    ts=e.ts,
+                    live=e.live,
+                )
+            )
+        synced_for = self._synced_for(now)
+        return Observation(
+            now=now,
+            generation=self.book.generation,
+            synced_since=None if not self.book.synced else now - synced_for,
+            executions_complete=self.book.executions_synced,
+            positions=positions,
+            orders=orders,
+            fills=fills,
+        )
+
+    def _updated(self, key: planner.PositionKey) -> float:
+        position = self.book.position(EventConId(key.con_id), key.account)
+        return position.updated if position is not None else self.clock()
 
     async def _send_child(self, episode: CloseEpisode, order: planner.NewChildOrder) -> None:
         position = self.book.position(EventConId(order.key.con_id), order.key.account)
-        assert position is not None  # the planner only closes positions it was given
-        episode.sequence = max(episode.sequence, _sequence_of(order.order_ref) + 1)
+        assert position is not None  # the episode only closes positions the Book holds
         if self.dry_run:
+            episode.sequence = max(episode.sequence, sequence_of(order.order_ref) + 1)
             self._journal(
                 "child_order_dry_run",
                 decision_id=episode.decision_id,
@@ -627,16 +576,7 @@ class Executor:
         # Ours from this instant (the Book knows our orders by id, not by label), before the
         # journal record and the send: the broker's first report of it is already own.
         self.book.claim_order_id(OrderId(order_id))
-        child = _Child(
-            order_id=order_id,
-            ref=order.order_ref,
-            key=order.key,
-            action=order.action,
-            quantity=order.quantity,
-            planned_against=order.planned_against,
-            generation=self.book.generation,
-        )
-        episode.children[child.ref] = child
+        child = episode.add_child(order, order_id, self.book.generation, self.clock())
         # Journaled before it is sent: a restart must know this child may exist.
         self._journal(
             "child_order_sent",
@@ -651,6 +591,7 @@ class Executor:
             order_type=str(order.order_type),
             limit_price=order.limit_price,
             planned_against=str(order.planned_against),
+            round=episode.round,
         )
         if self.metrics is not None:
             self.metrics.count_flatten_child()
@@ -674,7 +615,7 @@ class Executor:
         except GuarddError as exc:
             # It may or may not have reached the socket: it stays pending until a re-sync
             # shows whether the broker has it (never a duplicate in between).
-            log.warning("child_order_send_failed", order_ref=child.ref, error=str(exc))
+            log.warning("child_order_send_failed", order_ref=child.order_ref, error=str(exc))
 
     def _synced_for(self, now: float) -> float:
         """Seconds the Book has been synced on its current connection (0 while unsynced)."""
@@ -685,149 +626,26 @@ class Executor:
             self._synced_at = (self.book.generation, now)
         return now - self._synced_at[1]
 
-    def _refresh_children(self, episode: CloseEpisode, now: float) -> None:
-        """Bring each child's status and fill up to date from the Book (orders and executions)."""
-        # By identity (our client id and an order id we claimed, or its learned permId), never
-        # by orderRef: a stranger's order labelled like our child is not our child. Claimed ids
-        # are never handed out twice (`reserve_order_ids`), so one id names one child.
-        book = self.book
-        by_id: dict[int, Order] = {}
-        for order in book.orders.values():
-            oid = book.own_order_id(order.perm_id, order.client_id, order.order_id)
-            if oid is not None and (order.perm_id > 0 or int(oid) not in by_id):
-                by_id[int(oid)] = order
-        fills: dict[int, Decimal] = {}
-        for execution in book.executions.values():
-            oid = book.own_order_id(execution.perm_id, execution.client_id, execution.order_id)
-            if oid is not None:
-                fills[int(oid)] = fills.get(int(oid), Decimal(0)) + Decimal(str(execution.shares))
-        settled = self._synced_for(now) >= self.lost_grace_s
-        for child in episode.children.values():
-            found = by_id.get(child.order_id)
-            filled = fills.get(child.order_id, Decimal(0))
-            was_live = child.live
-            if found is not None:
-                filled = max(filled, Decimal(str(found.filled)))
-                child.status = _child_status(found.status, child.status)
-                if was_live and child.status == planner.ChildStatus.REJECTED:
-                    episode.rejects_seen += 1
-            elif (
-                child.status == planner.ChildStatus.PENDING_ACK
-                and settled
-                and self.book.generation != child.generation
-                and max(child.filled, filled) < child.quantity
-            ):
-                # Re-synced since it was sent (and its fills have had time to arrive) and the
-                # broker does not report it working: it never reached the broker, or it was
-                # cancelled meanwhile. Either way it is finished with the fills it has.
-                child.status = planner.ChildStatus.CANCELLED
-                self._journal(
-                    "child_order_lost",
-                    decision_id=episode.decision_id,
-                    order_ref=child.ref,
-                    filled=str(max(child.filled, filled)),
-                )
-            child.filled = max(child.filled, filled)
-            if child.filled >= child.quantity and child.status != planner.ChildStatus.REJECTED:
-                child.status = planner.ChildStatus.FILLED
-            if child.live:
-                child.finished_at = None
-            elif child.finished_at is None:
-                child.finished_at = now
+    def _confirmed_positions(self, *, all_: bool = False) -> Iterable[planner.ConfirmedPosition]:
+        """Broker-confirmed positions of the guarded account (non-zero ones, or `all_`).
 
-    async def _watch_foreign_fills(self, episode: CloseEpisode, now: float) -> None:
-        """Fills on our positions that are not ours: cancel our children there and re-plan.
-
-        The planner's bound assumes our children are the only ones closing a position; IB's own
-        auto-liquidation or another client trading it breaks that. Only fills reported live
-        (not answers to reqExecutions, which are history) since the episode began are news.
-        """
-        keys = {c.key for c in episode.children.values() if not c.retired}
-        for exec_id, execution in self.book.executions.items():
-            if exec_id in self._known_execs:
-                continue
-            self._known_execs.add(exec_id)
-            if (
-                not execution.live
-                or execution.ts < episode.started
-                or self.book.is_own_execution(execution)
-            ):
-                continue
-            key = planner.PositionKey(
-                planner.AccountId(execution.account), planner.ConId(execution.con_id)
-            )
-            if key not in keys or key in episode.rebase_keys:
-                continue
-            episode.rebase_keys.add(key)
-            self._journal(
-                "foreign_fill_on_close",
-                decision_id=episode.decision_id,
-                con_id=execution.con_id,
-                symbol=execution.symbol,
-                side=execution.side,
-                shares=execution.shares,
-                order_ref=execution.order_ref,
-            )
-            log.warning("foreign_fill_on_close", symbol=execution.symbol, shares=execution.shares)
-            for child in episode.children.values():
-                if child.key == key and child.live and not self.dry_run:
-                    with contextlib.suppress(GuarddError):
-                        await self.broker.cancel_order(child.order_id, Lane.FLATTEN)
-
-    def _retire_settled(self, episode: CloseEpisode, now: float) -> None:
-        """Stop planning with finished children whose effect a fresh position already shows.
-
-        - after a re-sync has settled, children sent on an earlier connection (or by a previous
-          process) that finished `lost_grace_s` ago: the positions since contain their fills,
-          and their old baselines may be stale (another client traded meanwhile);
-        - on a position awaiting a re-plan after foreign fills, every child once none is live
-          and the last finished `lost_grace_s` ago (time for the position update to arrive).
-        """
-        settled = self._synced_for(now) >= self.lost_grace_s
-        if not settled:
-            return
-        for key in list(episode.rebase_keys):
-            mine = [c for c in episode.children.values() if c.key == key and not c.retired]
-            if any(c.live for c in mine):
-                continue
-            last = max((c.finished_at or now for c in mine), default=now - self.lost_grace_s)
-            if now - last < self.lost_grace_s:
-                continue
-            for child in mine:
-                child.retired = True
-            episode.rebase_keys.discard(key)
-            self._journal("close_replanned", decision_id=episode.decision_id, con_id=key.con_id)
-        for child in episode.children.values():
-            if (
-                not child.retired
-                and not child.live
-                and child.generation != self.book.generation
-                and child.finished_at is not None
-                and now - child.finished_at >= self.lost_grace_s
-            ):
-                child.retired = True
-
-    def _confirmed_positions(
-        self, keys: set[planner.PositionKey]
-    ) -> Iterable[planner.ConfirmedPosition]:
-        """Broker-confirmed positions of the guarded account (non-zero, or with our children)."""
+        The price is the contract's latest market price, never a position value divided by a
+        quantity: value (pnlSingle) and quantity (position) come on separate streams and may be
+        out of step, and a limit derived from them could sit anywhere. No price, no limit: the
+        planner notes it (or closes with a market order where the policy says so)."""
         rth = regular_hours(self.clock())
         for p in self.book.positions.values():
-            if p.account != self.account:
+            if p.account != self.account or (p.quantity == 0 and not all_):
                 continue
             key = planner.PositionKey(planner.AccountId(p.account), planner.ConId(p.con_id))
-            if p.quantity == 0 and key not in keys:
-                continue
             price = self.book.quote(p.con_id).reference
-            if not math.isfinite(price) and p.value is not None and p.quantity:
-                price = abs(p.value / (p.quantity * (p.multiplier or 1.0)))
             yield planner.ConfirmedPosition(
                 key=key,
                 symbol=p.symbol,
                 sec_type=p.sec_type,
                 exchange=p.exchange,
                 currency=p.currency,
-                quantity=Decimal(str(p.quantity)),
+                quantity=_decimal(p.quantity),
                 price=price if math.isfinite(price) and price > 0 else None,
                 fx_rate=self.book.exchange_rate(p.currency),
                 multiplier=p.multiplier or 1.0,
@@ -872,29 +690,24 @@ class Executor:
                 self.metrics.count_journal_error()
 
 
-def _child_status(status: str, previous: planner.ChildStatus) -> planner.ChildStatus:
-    if status == "Filled":
-        return planner.ChildStatus.FILLED
-    if status in ("Cancelled", "ApiCancelled"):
-        return planner.ChildStatus.CANCELLED
-    if status == "Inactive":
-        return planner.ChildStatus.REJECTED
-    if previous == planner.ChildStatus.REJECTED:
-        return previous  # a broker reject is final, even if an earlier status arrives late
-    # Working at the broker: even a child given up as lost after a re-sync counts again, so
-    # its quantity is never planned twice.
-    return planner.ChildStatus.WORKING
+def _decimal(x: float) -> Decimal:
+    """A broker float quantity as a Decimal (NaN stays NaN: the episode skips it)."""
+    return Decimal(str(x))
 
 
 def _int_or_none(value: str | None) -> int | None:
     return int(value) if value is not None and value.isdecimal() else None
 
 
-def _sequence_of(order_ref: str) -> int:
-    try:
-        return int(order_ref.rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        return 0
+def _loggable(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A journal record's fields for the log: long lists shortened to their length."""
+    return {
+        k: (len(v) if isinstance(v, list | dict) and len(v) > 8 else v) for k, v in fields.items()
+    }
+
+
+_NOT_OURS = -1  # the client id a fill the Book does not know as ours is given for the episode
+_RESTORED_KINDS = frozenset({"child_order_sent", "close_anchor"})
 
 
 def journal_order_ids(path: Path) -> set[int]:
@@ -909,11 +722,12 @@ def journal_order_ids(path: Path) -> set[int]:
 
 
 def journal_children(path: Path, decision_id: int) -> list[dict[str, Any]]:
-    """The `child_order_sent` records of one decision, for `Executor.restore_children`."""
+    """The `child_order_sent` and `close_anchor` records of one decision, for
+    `Executor.restore_children`."""
     if not path.exists():
         return []
     return [
         rec
         for rec in read_journal(path)
-        if rec.get("kind") == "child_order_sent" and rec.get("decision_id") == decision_id
+        if rec.get("kind") in _RESTORED_KINDS and rec.get("decision_id") == decision_id
     ]

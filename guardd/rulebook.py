@@ -11,6 +11,7 @@ from decimal import Decimal
 
 from guardd.config import Config, LevelLimit
 from guardd.core import rules
+from guardd.core.close import CloseSettings
 from guardd.core.engine import Policy
 from guardd.core.planner import ClosePolicy, OrderType, OrderTypeRule
 
@@ -172,6 +173,17 @@ def build_policy(cfg: Config) -> Policy:
         debounce={rule: n for rule, n in debounce.items() if n > 1},
         resweep_s=cfg.kill.cancel_verify_timeout_s,
         default_target_leverage=lim.volatility.target_leverage or 1.0,
+    )
+
+
+def build_close_settings(cfg: Config) -> CloseSettings:
+    """How the close episode judges the broker's data: settle time, grace, tolerances."""
+    return CloseSettings(
+        client_id=cfg.ib.client_id,
+        settle_s=cfg.flatten.position_settle_s,
+        lost_grace_s=cfg.flatten.lost_order_grace_s,
+        overdue_s=cfg.flatten.verify_timeout_s,
+        tolerance={str(k): Decimal(str(v)) for k, v in cfg.flatten.tolerance.items()},
     )
 
 

@@ -162,13 +162,11 @@ class World:
 
     def deliver(self, everything: bool = False) -> None:
         due = math.inf if everything else self.now
-        keep: list[tuple[float, int]] = []
-        for at, value in self.position_msgs:
-            if at <= due:
-                self.figure, self.figure_at = value, max(self.now, at)
-            else:
-                keep.append((at, value))
-        self.position_msgs = keep
+        # Figures come in the order they were made (each may be late): the last one made is
+        # the last one received, whatever a reconnect's snapshot said in between.
+        while self.position_msgs and (everything or self.position_msgs[0][0] <= due):
+            _, self.figure = self.position_msgs.pop(0)
+            self.figure_at = self.now
         for at, fill in sorted(self.exec_msgs, key=lambda m: m[0]):
             if at <= due:
                 self.fills.append(fill)
@@ -303,7 +301,7 @@ def _play(start: int, max_child: int, ops: list[tuple[object, ...]], foreign: bo
         assert not world.crossings, world.crossings
 
     # The other actors stop; the broker delivers everything and fills what works.
-    for _ in range(60):
+    for _ in range(200):  # one child per position per round
         world.arrive()
         world.now += 0.5
         world.deliver(everything=True)

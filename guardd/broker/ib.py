@@ -395,7 +395,7 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
         )
 
     def execDetailsEnd(self, reqId: int) -> None:
-        pass
+        self._post(ev.ExecutionsEnd(ts=self._ts()))
 
     def commissionAndFeesReport(self, *args: Any) -> None:
         pass

@@ -22,7 +22,9 @@ carries it is checked and swept like any other, and reported once as an `Imperso
 Sync: after `Connected` (or a 1101 "data lost" restore) the Book is unsynced until both
 `PositionsEnd` and `OpenOrdersEnd` arrive; at those barriers positions and orders that were not
 re-reported since the (re)connect are swept away. Nothing else is cleared: prices and account
-values keep their timestamps, and the rules judge their age.
+values keep their timestamps, and the rules judge their age. `executions_synced` says whether
+the executions download of the current connection has ended (`ExecutionsEnd`): the close
+episode judges a child the broker stopped reporting only once every fill of it is in.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from guardd.core.events import (
     ConnectivityRestored,
     Disconnected,
     Execution,
+    ExecutionsEnd,
     Heartbeat,
     OpenOrder,
     OpenOrdersEnd,
@@ -271,6 +274,7 @@ class Book:
         self.generation = 0
         self.positions_synced = False
         self.orders_synced = False
+        self.executions_synced = False  # the executions download of this connection has ended
         self.account_download_done = False
         self.managed_accounts: tuple[str, ...] = ()
         self.next_order_id = 0
@@ -341,6 +345,7 @@ class Book:
                 self.connected = False
                 self.positions_synced = False
                 self.orders_synced = False
+                self.executions_synced = False
                 if self.disconnected_since is None:
                     self.disconnected_since = event.ts
             case ConnectivityLost():
@@ -376,6 +381,8 @@ class Book:
             case Execution():
                 self._executions.setdefault(event.exec_id, event)
                 self._learn_perm(event.perm_id, event.client_id, event.order_id)
+            case ExecutionsEnd():
+                self.executions_synced = True
             case BrokerError():
                 self.last_error = event
             case Heartbeat():
@@ -397,6 +404,7 @@ class Book:
         self.generation += 1
         self.positions_synced = False
         self.orders_synced = False
+        self.executions_synced = False
         self.account_download_done = False
 
     # positions -------------------------------------------------------------

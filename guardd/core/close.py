@@ -261,6 +261,7 @@ class Anchor:
     fills: frozenset[str]  # foreign execIds
     child_fills: Mapping[str, Decimal]  # order_ref -> filled counted
     at: float
+    uncertain: frozenset[str] = frozenset()  # foreign execIds that may or may not be in it
 
 
 @dataclass(slots=True)
@@ -268,6 +269,7 @@ class _Ledger:
     anchor: Anchor | None = None
     last_figure: Decimal | None = None
     last_activity: float = 0.0
+    disagreement_reported: bool = False
 
 
 class CloseEpisode:
@@ -385,11 +387,13 @@ class CloseEpisode:
             elif kind == "close_anchor":
                 fills = rec.get("fills") or []
                 child_fills = rec.get("child_fills") or {}
+                uncertain = rec.get("uncertain") or []
                 self._ledger(key).anchor = Anchor(
                     quantity=Decimal(str(rec["quantity"])),
                     fills=frozenset(str(f) for f in fills),
                     child_fills={str(k): Decimal(str(v)) for k, v in child_fills.items()},
                     at=0.0,
+                    uncertain=frozenset(str(f) for f in uncertain),
                 )
         return count
 
@@ -422,14 +426,17 @@ class CloseEpisode:
             expected = self._expected(key, ledger, figure, updated, obs, records)
             mine = [c for c in self.children.values() if c.key == key]
             live = [c for c in mine if c.live]
+            if expected is None:
+                off_target += 1  # not anchored yet: the executions download is not in
+                continue
             tolerance = self.settings.tolerance_for(held.position.sec_type if held else "")
             if (
                 live
                 or _off_target(figure, target, tolerance)
-                or _off_target(expected, target, tolerance)
+                or any(_off_target(e, target, tolerance) for e in expected)
             ):
                 off_target += 1
-            closable = _closable(expected, figure)
+            closable = _closable((*expected, figure))
             cancels.extend(self._cancels_for(key, closable, target, live, obs))
             if held is None or (closable == ZERO and not live):
                 continue
@@ -489,7 +496,7 @@ class CloseEpisode:
     def _keep(self, child: Child) -> None:
         self.children[child.order_ref] = child
         self._by_order_id[child.order_id] = child
-        self.sequence = max(self.sequence, _sequence_of(child.order_ref) + 1)
+        self.sequence = max(self.sequence, sequence_of(child.order_ref) + 1)
 
     def _ledger(self, key: PositionKey) -> _Ledger:
         ledger = self._ledgers.get(key)
@@ -549,7 +556,7 @@ class CloseEpisode:
                 if report.perm_id:
                     child.perm_id = report.perm_id
                 child.status_filled = max(child.status_filled, report.filled)
-                child.status = _status(report.status, child.status)
+                child.status = child_status(report.status, child.status)
                 if was_live and child.status is ChildStatus.REJECTED:
                     self.rejects_seen += 1
             elif child.live and child.generation != obs.generation and settled:
@@ -580,50 +587,101 @@ class CloseEpisode:
         updated: float,
         obs: Observation,
         records: list[Record],
-    ) -> Decimal:
-        """The position once the stream has caught up with every fill we know; moves the
-        anchor when the broker's figure provably has (or has settled, see the docstring)."""
+    ) -> tuple[Decimal, ...] | None:
+        """What the position is once the stream has caught up with every fill we know: one
+        value, or several while it is unknown whether some fills are in the anchor (A4).
+        Moves the anchor when the broker's figure provably caught up (it equals one of them).
+        None while there is no anchor and the executions download is not complete: a first
+        anchor must know which fills came before it."""
         mine = [c for c in self.children.values() if c.key == key]
         foreign = [f for f in self._foreign.values() if f.key == key]
         if ledger.anchor is None:
+            if not obs.executions_complete:
+                return None
             # A4: a fill received shortly before (or after) the figure may be missing from it.
             horizon = updated - self.settings.settle_s
-            contained = frozenset(f.exec_id for f in foreign if not (f.live and f.ts > horizon))
-            ledger.anchor = Anchor(figure, contained, {}, obs.now)
+            recent = frozenset(f.exec_id for f in foreign if f.live and f.ts > horizon)
+            contained = frozenset(f.exec_id for f in foreign) - recent
+            ledger.anchor = Anchor(figure, contained, {}, obs.now, recent)
             records.append(self._anchor_record(key, ledger.anchor, "first"))
         anchor = ledger.anchor
-        expected = anchor.quantity
-        expected += sum(
+        base = anchor.quantity
+        base += sum(
             (c.sign * (c.filled - anchor.child_fills.get(c.order_ref, ZERO)) for c in mine), ZERO
         )
-        news = [f for f in foreign if f.exec_id not in anchor.fills]
-        expected += sum((f.quantity for f in news), ZERO)
+        known = anchor.fills | anchor.uncertain
+        news = [f for f in foreign if f.exec_id not in known]
+        base += sum((f.quantity for f in news), ZERO)
+        # Each uncertain fill is either in the anchor already or still to come.
+        sums = {ZERO}
+        for f in foreign:
+            if f.exec_id in anchor.uncertain:
+                sums |= {x + f.quantity for x in sums}
+        candidates = tuple(sorted(base + x for x in sums))
         counted = {c.order_ref: c.filled for c in mine if c.filled}
-        caught_up = figure == expected
-        moved = bool(news) or counted != dict(anchor.child_fills) or anchor.quantity != figure
-        if caught_up and moved:
+        moved = (
+            bool(news)
+            or bool(anchor.uncertain)
+            or counted != dict(anchor.child_fills)
+            or anchor.quantity != figure
+        )
+        quiet = (
+            obs.synced_since is not None
+            and obs.now - ledger.last_activity >= self.settings.settle_s
+        )
+        if anchor.uncertain:
+            # Which uncertain fills the anchor holds cannot be told from a figure equal to one
+            # candidate (that figure may be old too): close only what every candidate allows,
+            # until the position has been quiet for the settle time (A3: the figure is then
+            # current) and becomes the anchor with every fill in it.
+            if quiet:
+                ledger.anchor = Anchor(
+                    figure, frozenset(f.exec_id for f in foreign), counted, obs.now
+                )
+                records.append(self._anchor_record(key, ledger.anchor, "settled"))
+                return (figure,)
+            return (*candidates, figure)
+        if figure in candidates and moved:
             ledger.anchor = Anchor(figure, frozenset(f.exec_id for f in foreign), counted, obs.now)
             records.append(self._anchor_record(key, ledger.anchor, "caught_up"))
-        elif not caught_up and obs.synced_since is not None:
-            quiet = obs.now - ledger.last_activity >= self.settings.settle_s
-            if quiet and not any(c.live for c in mine):
+            return (figure,)
+        if figure in candidates or not quiet or any(c.live for c in mine):
+            return candidates
+        # The figure has disagreed with every fill we know for the settle time. Adopt it only
+        # when it closes less than the fills say (a fill we were not told of closed some of it);
+        # a figure that would close more may be old, and is never trusted over our fills.
+        nearer = all(
+            abs(figure) < abs(c) and (figure == 0 or _sign(c) == _sign(figure)) for c in candidates
+        )
+        if not nearer:
+            if not ledger.disagreement_reported:
+                ledger.disagreement_reported = True
                 records.append(
                     Record(
                         "position_disagrees",
                         {
                             "con_id": key.con_id,
                             "broker": str(figure),
-                            "expected": str(expected),
+                            "expected": [str(c) for c in candidates],
                         },
-                        "warning",
+                        "error",
                     )
                 )
-                ledger.anchor = Anchor(
-                    figure, frozenset(f.exec_id for f in foreign), counted, obs.now
-                )
-                records.append(self._anchor_record(key, ledger.anchor, "settled"))
-                expected = figure
-        return expected
+            return candidates
+        records.append(
+            Record(
+                "position_disagrees",
+                {
+                    "con_id": key.con_id,
+                    "broker": str(figure),
+                    "expected": [str(c) for c in candidates],
+                },
+                "warning",
+            )
+        )
+        ledger.anchor = Anchor(figure, frozenset(f.exec_id for f in foreign), counted, obs.now)
+        records.append(self._anchor_record(key, ledger.anchor, "settled"))
+        return (figure,)
 
     def _anchor_record(self, key: PositionKey, anchor: Anchor, why: str) -> Record:
         return Record(
@@ -635,6 +693,7 @@ class CloseEpisode:
                 "quantity": str(anchor.quantity),
                 "fills": sorted(anchor.fills),
                 "child_fills": {k: str(v) for k, v in sorted(anchor.child_fills.items())},
+                "uncertain": sorted(anchor.uncertain),
                 "why": why,
             },
         )
@@ -654,6 +713,8 @@ class CloseEpisode:
         room = max(ZERO, abs(closable) - (abs(target) if _sign(target) == direction else ZERO))
         keep = ZERO
         for child in sorted(live, key=lambda c: c.sent_at):
+            if child.remaining <= 0:
+                continue  # filled in full, its final status on the way
             same_side = direction != 0 and child.sign == -direction
             if same_side and keep + child.remaining <= room:
                 keep += child.remaining
@@ -735,11 +796,12 @@ def _sign(x: Decimal | int) -> int:
     return (x > 0) - (x < 0)
 
 
-def _closable(expected: Decimal, figure: Decimal) -> Decimal:
-    """What both witnesses agree is there: the smaller, when on the same side of zero."""
-    if _sign(expected) != _sign(figure) or expected == 0:
+def _closable(witnesses: Sequence[Decimal]) -> Decimal:
+    """What every witness agrees is there: the smallest, when all are on one side of zero."""
+    sides = {_sign(w) for w in witnesses}
+    if len(sides) != 1 or 0 in sides:
         return ZERO
-    return expected if abs(expected) <= abs(figure) else figure
+    return min(witnesses, key=abs)
 
 
 def _closing_action(quantity: Decimal) -> Action | None:
@@ -772,7 +834,8 @@ def _as_input(
     )
 
 
-def _status(status: str, previous: ChildStatus) -> ChildStatus:
+def child_status(status: str, previous: ChildStatus) -> ChildStatus:
+    """A child's status from the broker's order status and what was known before."""
     terminal = _TERMINAL.get(status)
     if terminal is not None:
         return terminal
@@ -783,7 +846,8 @@ def _status(status: str, previous: ChildStatus) -> ChildStatus:
     return ChildStatus.WORKING
 
 
-def _sequence_of(order_ref: str) -> int:
+def sequence_of(order_ref: str) -> int:
+    """The sequence number at the end of a close child's orderRef (0 when there is none)."""
     try:
         return int(order_ref.rsplit(":", 1)[1])
     except (IndexError, ValueError):

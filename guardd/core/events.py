@@ -208,6 +208,14 @@ class Execution:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionsEnd:
+    """`execDetailsEnd`: the executions download that followed a (re)subscription is complete:
+    every fill of the day the broker reports to this client is in."""
+
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BrokerError:
     """`error`: any IB error or notice not translated into a more specific event."""
 
@@ -241,6 +249,7 @@ BrokerEvent = (
     | OrderStatus
     | OpenOrdersEnd
     | Execution
+    | ExecutionsEnd
     | BrokerError
     | Heartbeat
 )
