@@ -33,7 +33,11 @@ from tests.ibapi_harness import IbapiClient, connected, market_order, stock
 pytestmark = pytest.mark.integration
 
 BOT, CHECKER = 7, 9
-FLATTEN = '[kill]\nmode = "flatten"\n\n[flatten]\nverify_timeout_s = 20.0\n'
+# A short settle time keeps the drills quick: a figure the guard cannot yet reconcile with the
+# fills it saw is trusted only after this much quiet (the default is 10 s).
+FLATTEN = (
+    '[kill]\nmode = "flatten"\n\n[flatten]\nverify_timeout_s = 20.0\nposition_settle_s = 2.0\n'
+)
 
 
 @contextlib.asynccontextmanager
