@@ -16,7 +16,12 @@ import pytest
 from guardd.broker.ib import ClientIdInUseError, IbBroker, reconnect_delay
 from guardd.broker.pacer import Lane
 from guardd.core import events as ev
-from guardd.errors import BrokerConnectError, BrokerDisconnectedError, BrokerError
+from guardd.errors import (
+    AccountNotManagedError,
+    BrokerConnectError,
+    BrokerDisconnectedError,
+    BrokerError,
+)
 from guardd.sim.gateway import SimGateway
 from guardd.sim.scenario import parse_scenario
 from guardd.sim.server import build_gateway
@@ -355,6 +360,65 @@ async def test_listener_never_answers_then_connect_error_within_timeout(
     assert time.monotonic() - started < 3.0
     await asyncio.sleep(0.2)
     assert not any(name.startswith("ibapi-connect") for name in ibapi_threads())
+
+
+async def test_stopped_while_the_handshake_is_never_answered_then_stop_bounded_and_no_thread_left(
+    silent_listener: int,
+) -> None:
+    # ibapi's handshake loop has no timeout of its own: only closing its socket ends it.
+    broker = IbBroker("127.0.0.1", silent_listener, GUARD_ID, ACCOUNT, connect_timeout_s=60.0)
+    task = asyncio.create_task(broker.start())
+    for _ in range(200):
+        if any(name.startswith("ibapi-connect") for name in ibapi_threads()):
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("no connect attempt")
+    await asyncio.sleep(0.2)  # inside the handshake loop
+
+    stopped_at = time.monotonic()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await broker.stop()
+
+    assert time.monotonic() - stopped_at < 2.0
+    assert not any(name.startswith("ibapi") for name in ibapi_threads())
+
+
+async def test_connect_with_gateway_down_then_retries_until_it_listens() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    broker = IbBroker(
+        "127.0.0.1",
+        port,
+        GUARD_ID,
+        ACCOUNT,
+        connect_timeout_s=2.0,
+        reconnect_initial_s=0.05,
+        reconnect_max_s=0.2,
+        progress_slack_s=0.5,
+    )
+    task = asyncio.create_task(broker.connect())
+    await asyncio.sleep(0.5)  # several refused attempts
+    assert not task.done()
+    assert broker.alive(), "a connect loop that keeps retrying is alive"
+
+    async with build_gateway(parse_scenario(copy.deepcopy(SCENARIO)), host="127.0.0.1", port=port):
+        await asyncio.wait_for(task, 10)
+        assert broker.connected
+        await broker.stop()
+
+
+async def test_connect_to_a_login_without_the_account_then_raised_not_retried(
+    sim: SimGateway,
+) -> None:
+    broker = IbBroker("127.0.0.1", sim.port, GUARD_ID, "U9999999", connect_timeout_s=5.0)
+
+    with pytest.raises(AccountNotManagedError):
+        await asyncio.wait_for(broker.connect(), 10)
+
+    await broker.stop()
 
 
 async def test_nothing_listening_then_connect_error() -> None:

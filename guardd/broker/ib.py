@@ -6,10 +6,24 @@ connection attempt is an `_IbSession` (one EClient + EWrapper); its callbacks be
 on the ibapi thread and cross into the event loop with `loop.call_soon_threadsafe`. Requests are
 sent from the event loop through the one `PacedSender` (ibapi's socket send holds a lock).
 
-Connection life: `IbBroker.__aenter__` connects once and raises BrokerConnectError when it cannot
-(timeout, refused, client id in use, account not managed by the login). After that the
-`_reconnect_loop` keeps the session alive: a drop emits `Disconnected`, then the broker reconnects
-with bounded, jittered exponential backoff (slower after error 326), never giving up while it runs.
+Connection life: `IbBroker.__aenter__` (`start`) connects once and raises BrokerConnectError when
+it cannot (timeout, refused, client id in use, account not managed by the login); `connect` keeps
+trying with the reconnect back-off instead (a guard started while its gateway is down), raising
+only AccountNotManagedError. After that the `_reconnect_loop` keeps the session alive: a drop
+emits `Disconnected`, then the broker reconnects with bounded, jittered exponential backoff (slower
+after error 326), never giving up while it runs.
+
+Stopping is bounded: `stop` closes the socket of every session and connect attempt (again and
+again while it waits: ibapi's blocking connect and handshake have no timeout of their own, and a
+connect thread may create its socket just after a first close found none) and waits at most
+`JOIN_TIMEOUT_S` for the ibapi threads; a thread still stuck is a daemon and is left behind.
+
+Liveness (`alive`, for the systemd watchdog): the adapter promises its next sign of life and
+keeps the promise. Connected, every message from the gateway is one, and the heartbeat makes one
+due every `heartbeat_interval_s + heartbeat_timeout_s`; disconnected, each connect attempt and
+each back-off sleep promise the next attempt. A reconnect loop that keeps retrying is alive; one
+wedged (a callback that never returns, an attempt that never ends, a session whose threads never
+end) breaks its promise and is not.
 
 Silent TCP death (a NAT or firewall forgets the connection; nothing is closed, nothing arrives) is
 noticed by an application heartbeat: every `heartbeat_interval_s` the session sends reqCurrentTime
@@ -85,6 +99,11 @@ TICK_FIELDS: Final[dict[int, ev.PriceField]] = {
 }
 
 _SENTINEL: Final = object()
+
+JOIN_TIMEOUT_S: Final = 0.75
+"""How long `stop` (and a failed `start`) waits for the ibapi threads to end."""
+ABORT_GRACE_S: Final = 2.5
+"""How long a timed-out connect attempt may take to end after its socket is closed."""
 
 
 class ClientIdInUseError(BrokerConnectError):
@@ -179,6 +198,8 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
             items = list(self._inbox)
             self._inbox.clear()
             self._drain_scheduled = False
+        if self is self._broker._session:
+            self._broker._heard()
         for item in items:
             self._broker._on_item(self, item)
 
@@ -473,6 +494,7 @@ class IbBroker:
         client_id_in_use_wait_s: float = 15.0,
         heartbeat_interval_s: float | None = 5.0,
         heartbeat_timeout_s: float = 5.0,
+        progress_slack_s: float = 5.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -486,6 +508,10 @@ class IbBroker:
         self.heartbeat_interval_s = heartbeat_interval_s  # None: no heartbeat
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.heartbeat_failures = 0
+        # Liveness: the monotonic time by which the adapter promised its next sign of life
+        # (None: nothing promised yet, not started); `progress_slack_s` is added to each promise.
+        self.progress_slack_s = progress_slack_s
+        self._alive_until: float | None = None
         # Every order id of our client id seen in this process (sent, or reported by the gateway):
         # after a gateway restart nextValidId may roll back, and re-sending a still-working
         # order's id would MODIFY that order instead of placing a new one.
@@ -496,6 +522,7 @@ class IbBroker:
         self._sender: PacedSender | None = None
         self._events: asyncio.Queue[object] = asyncio.Queue()
         self._session: _IbSession | None = None
+        self._attempt: _IbSession | None = None  # the latest connect attempt's session
         self._sessions = itertools.count(1)
         self._req_ids = itertools.count(1)
         self._lost = asyncio.Event()
@@ -527,6 +554,55 @@ class IbBroker:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    def alive(self) -> bool:
+        """True while the adapter keeps its promise of a next sign of life (see the module doc):
+        it answers "is the adapter working?", not "is IB up?"."""
+        if self._stopped or self._alive_until is None:
+            return True  # not started, or stopped on purpose: nothing is due
+        task = self._reconnect_task
+        if task is not None and task.done():
+            return False  # nothing would ever reconnect
+        if self.heartbeat_interval_s is None and self.connected:
+            return True  # without a heartbeat a quiet session cannot be told from a dead one
+        return time.monotonic() <= self._alive_until
+
+    def _expect_progress(self, within_s: float) -> None:
+        self._alive_until = time.monotonic() + within_s + self.progress_slack_s
+
+    def _heard(self) -> None:
+        """A message of the live session arrived: the next one is due within a heartbeat."""
+        interval = self.heartbeat_interval_s
+        if interval is not None:
+            self._expect_progress(interval + self.heartbeat_timeout_s)
+
+    async def connect(self) -> None:
+        """Connect, retrying with the reconnect back-off until connected, then keep the
+        connection alive (as `start`). Only AccountNotManagedError is raised: the login does not
+        manage the account, which no retry mends. Cancel it to give up (bounded, see `stop`)."""
+        attempt = 0
+        while True:
+            try:
+                await self.start()
+                return
+            except AccountNotManagedError:
+                raise
+            except BrokerConnectError as exc:
+                # Not fatal: the gateway may be restarting (it does every night).
+                attempt += 1
+                delay = reconnect_delay(
+                    attempt,
+                    exc,
+                    initial_s=self.reconnect_initial_s,
+                    max_s=self.reconnect_max_s,
+                    client_id_in_use_s=self.client_id_in_use_wait_s,
+                    jitter=random.random(),
+                )
+                log.warning(
+                    "ib_connect_failed", error=str(exc), attempt=attempt, retry_in_s=round(delay, 3)
+                )
+                self._expect_progress(delay)
+                await asyncio.sleep(delay)
+
     async def start(self) -> None:
         """Connect once (raising BrokerConnectError on failure), then keep the connection alive."""
         self._loop = asyncio.get_running_loop()
@@ -536,7 +612,8 @@ class IbBroker:
             await self._connect_once()
         except BaseException:
             await self._sender.stop()
-            await self._join_threads()  # a refused attempt leaves no ibapi thread behind
+            # A refused or abandoned attempt leaves no ibapi thread behind (bounded).
+            await self._join_threads(self._attempt)
             raise
         self._reconnect_task = asyncio.create_task(self._reconnect_loop(), name="ib_reconnect_loop")
 
@@ -556,7 +633,7 @@ class IbBroker:
             await _cancelled(session.heartbeat_task)
         if self._sender is not None:
             await self._sender.stop()
-        await self._join_threads()
+        await self._join_threads(session, self._attempt)
         if session is not None and self._session is session:
             self._end_session(session, "stopped")
         self._stopped = True
@@ -581,12 +658,21 @@ class IbBroker:
         thread.start()
         return thread
 
-    async def _join_threads(self, timeout_s: float = 5.0) -> None:
+    async def _join_threads(
+        self, *sessions: _IbSession | None, timeout_s: float = JOIN_TIMEOUT_S
+    ) -> None:
+        """Wait at most `timeout_s` for the ibapi threads to end, closing `sessions`' sockets
+        again while waiting (a connect thread may open its socket after a first close found
+        none); a thread still alive then is a daemon, logged and left behind."""
         threads, self._threads = self._threads, []
         alive = [t for t in threads if t.is_alive()]
         deadline = time.monotonic() + timeout_s
-        for thread in alive:
-            await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()))
+        while alive and time.monotonic() < deadline:
+            for session in sessions:
+                if session is not None:
+                    session.abort()
+            await asyncio.sleep(0.01)
+            alive = [t for t in alive if t.is_alive()]
         stuck = [t.name for t in alive if t.is_alive()]
         if stuck:
             log.warning("ibapi_threads_not_joined", threads=stuck)
@@ -595,8 +681,10 @@ class IbBroker:
     async def _connect_once(self) -> None:
         """One attempt: handshake, run thread, managedAccounts and nextValidId, resubscribe."""
         session = _IbSession(self, next(self._sessions))
+        self._attempt = session
         deadline = self.loop.time() + self.connect_timeout_s
         handshake: asyncio.Future[None] = self.loop.create_future()
+        self._expect_progress(self.connect_timeout_s + ABORT_GRACE_S)
 
         def do_connect() -> None:
             exc: BaseException | None = None
@@ -609,7 +697,11 @@ class IbBroker:
 
         log.info("broker_connecting", host=self.host, port=self.port, client_id=self.client_id)
         connect_thread = self._spawn_thread(do_connect, f"ibapi-connect-{self.client_id}")
-        done, _ = await asyncio.wait({handshake}, timeout=self.connect_timeout_s)
+        try:
+            done, _ = await asyncio.wait({handshake}, timeout=self.connect_timeout_s)
+        except BaseException:  # cancelled (stopping): end the blocking handshake now
+            session.abort()
+            raise
         if not done:
             session.abort()
             await asyncio.wait({handshake}, timeout=2.0)
@@ -766,15 +858,16 @@ class IbBroker:
                         await self._connect_once()
             except Exception as exc:  # a bug in the retry machinery must not end the guard
                 log.exception("broker_reconnect_loop_failed", error=repr(exc))
+                self._expect_progress(self.reconnect_max_s)
                 await asyncio.sleep(self.reconnect_max_s)
                 self._lost.set()
                 continue
             self.reconnects += 1
 
-    @staticmethod
-    def _log_retry(state: RetryCallState) -> None:
+    def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
         sleep = state.next_action.sleep if state.next_action is not None else 0.0
+        self._expect_progress(sleep)  # the back-off promises the next attempt
         log.warning(
             "broker_reconnect_failed",
             attempt=state.attempt_number,
