@@ -12,9 +12,12 @@
 Start-up order matters: the latch is read and restored BEFORE connecting to IB, so a guard that
 was HALTED comes back HALTED and carries the kill out as soon as the Book has re-synced. The
 journal is the latch's second witness: a kill decision it records later than the latch file's
-state means HALTED (and the file is rewritten). Every engine step and its execution happen under
-one lock; a kill's cancel goes out first, then its latch is written, then closing orders and the
-command's answer, which says whether the latch is durable.
+state means HALTED (and the file is rewritten). Then the credentials are read and the control
+plane (HTTP, MQTT, /metrics) listens, still before IB: a kill is served from the first second,
+latched while IB is not there and carried out on the first sync; `waiting_for` says what the
+guard waits for. Every engine step and its execution happen under one lock; a kill's cancel goes
+out first, then its latch is written, then closing orders and the command's answer, which says
+whether the latch is durable.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import ssl
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -35,22 +37,17 @@ from prometheus_client import CollectorRegistry
 from guardd import __version__
 from guardd.broker.ib import IbBroker
 from guardd.config import Config
-from guardd.control.auth import (
-    KeyStore,
-    TokenStore,
-    TwoPersonRule,
-    check_secrets_distinct,
-    read_secret_file,
-)
+from guardd.control.auth import TwoPersonRule
 from guardd.control.commands import CommandOutcome, ControlCommand
-from guardd.control.http import ControlHttpServer, server_ssl_context
+from guardd.control.http import ControlHttpServer
 from guardd.control.mqtt import MqttControl
 from guardd.control.nonces import NonceStore
 from guardd.core import events as ev
 from guardd.core.book import Book
 from guardd.core.engine import Arm, Decision, Engine, Evaluation, Kill, Latch, State
 from guardd.core.rules import Finding, Thresholds
-from guardd.errors import AccountNotManagedError, BrokerConnectError
+from guardd.credentials import load_credentials
+from guardd.errors import GuarddError, StartupError
 from guardd.executor import Executor, journal_children, journal_order_ids
 from guardd.journal import Journal
 from guardd.latch import FRESH_START, LatchState, later_of, read_latch, witness_step, write_latch
@@ -67,6 +64,8 @@ from guardd.sdnotify import HealthWatchdog, Notifier, watchdog_interval
 log = structlog.get_logger(__name__)
 
 EVALUATE_EVERY_S = 0.25
+PIPELINE_STALL_S = 10.0
+"""The evaluate loop not going round for this long means a wedged guard (watchdog)."""
 _NEW_YORK = ZoneInfo("America/New_York")
 _ORDER_EVENTS = (ev.OpenOrder, ev.OrderStatus)
 _BOOK_CHANGES = (
@@ -202,19 +201,44 @@ class Guard:
         self.http: ControlHttpServer | None = None
         self.mqtt: MqttControl | None = None
         self.ready_event = asyncio.Event()
+        self._sd_status: str | None = None
+        self._evaluated_at = time.monotonic()
         self.metrics.set_state(self.engine.state)
 
     # ---- running ---------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Guard until `stop` is set (or forever)."""
+        """Guard until `stop` is set (or forever).
+
+        Start-up order: the latch (restored at construction), the credentials, the control plane
+        (HTTP, MQTT, /metrics), and only then IB. A failure before IB raises StartupError
+        (ConfigError for a credential); once running, `stop` ends every phase (connect back-off,
+        handshake, sync, flatten) within about a second, journaling ``guard_stopped`` and
+        leaving the latch as it is.
+        """
         stop = stop or asyncio.Event()
+        self._publish_sd_status()
+        try:
+            await self._serve(stop)
+        except ExceptionGroup as group:
+            error = _first_guardd_error(group)
+            if error is group:
+                raise
+            raise error from group
+        finally:
+            self.notifier.notify("STOPPING=1")
+            await self.executor.stop_episode("shutting down")
+            self.journal.append("guard_stopped", account=self.cfg.account)
+            self.journal.close()
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        self._evaluated_at = time.monotonic()
         try:
             async with contextlib.AsyncExitStack() as stack:
-                await self._connect()
-                stack.push_async_callback(self.broker.stop)
                 await self._start_control(stack)
+                stack.push_async_callback(self.broker.stop)
                 async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._connect(), name="connect")
                     tasks.create_task(self._event_loop(), name="event_loop")
                     tasks.create_task(self._evaluate_loop(), name="evaluate_loop")
                     interval = watchdog_interval()
@@ -225,57 +249,17 @@ class Guard:
                     raise _StopError
         except* _StopError:
             pass
-        finally:
-            self.notifier.notify("STOPPING=1")
-            await self.executor.stop_episode("shutting down")
-            self.journal.append("guard_stopped", account=self.cfg.account)
-            self.journal.close()
 
     async def _connect(self) -> None:
-        delay = self.cfg.ib.reconnect_backoff_min_s
-        while True:
-            try:
-                await self.broker.start()
-                return
-            except AccountNotManagedError:
-                raise  # a wrong `account` for this login: exit 78, never retry
-            except BrokerConnectError as exc:
-                # Not fatal: the gateway may be restarting. The latch is already restored and a
-                # kill decided meanwhile is carried out once connected.
-                log.warning("ib_connect_failed", error=str(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.cfg.ib.reconnect_backoff_max_s)
+        """The first IB connection, retried with back-off while the control plane already
+        serves; a kill decided meanwhile is latched and carried out once the Book has synced.
+        A login that does not manage the account ends the guard (exit 78)."""
+        await self.broker.connect()
 
     async def _start_control(self, stack: contextlib.AsyncExitStack) -> None:
-        control = self.cfg.control
-        http_cfg = control.http
-        mqtt_cfg = control.mqtt
-        insecure = control.allow_insecure_permissions
-        # Every credential first, checked together: one secret must not serve two purposes.
-        tokens = keys = password = None
-        if http_cfg.enabled:
-            files = http_cfg.token_files
-            tokens = TokenStore.from_role_files(
-                read=files.read,
-                kill=files.kill,
-                arm=files.arm,
-                people=control.http_token_people,
-                allow_insecure_permissions=insecure,
-            )
-        if mqtt_cfg.enabled:
-            if mqtt_cfg.password_file is not None:
-                password = read_secret_file(
-                    mqtt_cfg.password_file,
-                    what="control.mqtt.password_file",
-                    allow_insecure_permissions=insecure,
-                )
-            keys = KeyStore.from_files(
-                dict(mqtt_cfg.operator_key_files),
-                roles=dict(mqtt_cfg.operator_key_roles),
-                people=control.mqtt_key_people,
-                allow_insecure_permissions=insecure,
-            )
-        check_secrets_distinct(tokens, keys, mqtt_password=password)
+        """Read every credential, then listen: HTTP (and /metrics), MQTT. Before IB."""
+        credentials = load_credentials(self.cfg)  # ConfigError names the key: exit 78
+        http_cfg = self.cfg.control.http
         routes = []
         if self.cfg.metrics.enabled and self.cfg.metrics.listen == "control":
             from aiohttp import web
@@ -283,52 +267,83 @@ class Guard:
             routes.append(web.get("/metrics", metrics_handler(self.registry)))
         elif self.cfg.metrics.enabled:
             server = MetricsServer(self.registry, self.cfg.metrics.host, self.cfg.metrics.port)
-            await stack.enter_async_context(server)
-        if tokens is not None:
-            context: ssl.SSLContext | None = None
-            if http_cfg.tls_cert_file is not None and http_cfg.tls_key_file is not None:
-                context = server_ssl_context(http_cfg.tls_cert_file, http_cfg.tls_key_file)
+            where = f"metrics: cannot listen on {self.cfg.metrics.host}:{self.cfg.metrics.port}"
+            await _listen(stack, server, where)
+        if http_cfg.enabled:
+            assert credentials.http_tokens is not None
             self.http = ControlHttpServer(
                 self,
-                tokens=tokens,
+                tokens=credentials.http_tokens,
                 host=http_cfg.host,
                 port=http_cfg.port,
-                ssl=context,
+                ssl=credentials.http_tls,
                 max_body_bytes=http_cfg.max_body_bytes,
                 routes=routes,
             )
-            await stack.enter_async_context(self.http)
-        if keys is not None:
+            where = f"control.http: cannot listen on {http_cfg.host}:{http_cfg.port}"
+            await _listen(stack, self.http, where)
+        mqtt_cfg = self.cfg.control.mqtt
+        if mqtt_cfg.enabled:
+            assert credentials.mqtt_keys is not None
             # Used nonces from before a restart: read (and pruned) before the first message.
             nonces = NonceStore.open(
                 self.cfg.nonces_path, window_s=mqtt_cfg.window_s, now=self.clock()
             )
             stack.callback(nonces.close)
-            tls = None
-            if mqtt_cfg.tls:
-                tls = ssl.create_default_context(
-                    cafile=str(mqtt_cfg.tls_ca_file) if mqtt_cfg.tls_ca_file else None
-                )
             self.mqtt = MqttControl(
                 self,
                 account=self.cfg.account,
-                keys=keys,
+                keys=credentials.mqtt_keys,
                 host=mqtt_cfg.host,
                 port=mqtt_cfg.port,
                 username=mqtt_cfg.username,
-                password=password,
-                tls=tls,
+                password=credentials.mqtt_password,
+                tls=credentials.mqtt_tls,
                 window_s=mqtt_cfg.window_s,
                 topic_prefix=mqtt_cfg.topic_prefix,
                 clock=self.clock,
                 on_heartbeat=self.heartbeat if self.cfg.limits.heartbeats.bots else None,
                 nonces=nonces,
             )
-            await stack.enter_async_context(self.mqtt)
+            await stack.enter_async_context(self.mqtt)  # connects in the background
 
     def _broker_alive(self) -> bool:
-        # Progress, not connectivity: a reconnect loop that keeps trying is alive.
-        return True
+        """Liveness for the systemd watchdog (the event loop's own lag is measured by the
+        watchdog): the broker adapter keeps its promise of a next sign of life (a reconnect loop
+        that keeps retrying does; a wedged one does not, see `IbBroker.alive`), and the evaluate
+        loop went round within `PIPELINE_STALL_S` (it waits for the lock every decision holds,
+        so a decision that never ends stops it too)."""
+        pipeline_alive = time.monotonic() - self._evaluated_at <= PIPELINE_STALL_S
+        return self.broker.alive() and pipeline_alive
+
+    def _publish_sd_status(self) -> None:
+        """Tell systemd (``systemctl status``) the state and what the guard waits for, when it
+        changed."""
+        text = self.sd_status()
+        if text != self._sd_status:
+            self._sd_status = text
+            self.notifier.status(text)
+
+    def sd_status(self) -> str:
+        """One line: the engine state, and what the guard is waiting for or doing."""
+        state = str(self.engine.state)
+        latch = self.engine.latch
+        if latch is not None:
+            state += f" ({latch.source}: {latch.reason})"
+        match self.waiting_for():
+            case "ib_connect":
+                doing = f"waiting for IB at {self.cfg.ib.host}:{self.cfg.ib.port}"
+            case "ib_sync":
+                doing = "waiting for IB sync (positions, open orders)"
+            case _:
+                episode = self.executor.episode
+                if episode is None:
+                    doing = "guarding"
+                elif episode.at_target:
+                    doing = f"{episode.kind}: at target, kept so"
+                else:
+                    doing = f"{episode.kind} in progress"
+        return f"{state}; {doing}"
 
     async def _event_loop(self) -> None:
         async for event in self.broker.events():
@@ -363,7 +378,8 @@ class Guard:
                 await self._evaluate(self.clock(), trigger_ts=event.ts)
                 if not self.ready_event.is_set():
                     self.ready_event.set()
-                    self.notifier.notify("READY=1", "STATUS=guarding")
+                    self._sd_status = self.sd_status()
+                    self.notifier.notify("READY=1", f"STATUS={self._sd_status}")
                     log.info("guard_ready", state=self.engine.state)
             self.metrics.observe_event_processing(time.perf_counter() - started)
 
@@ -444,6 +460,8 @@ class Guard:
             await self._evaluate(now, trigger_ts=now)
             self.executor.retry_latch()
             self._publish_metrics()
+            self._publish_sd_status()
+            self._evaluated_at = time.monotonic()
 
     async def _evaluate(self, now: float, *, trigger_ts: float | None) -> None:
         async with self._lock:
@@ -595,6 +613,7 @@ class Guard:
             "dry_run": self.cfg.dry_run,
             "ib_connected": self.book.connected,
             "synced": self.book.synced,
+            "waiting_for": self.waiting_for(),
             "latch": None
             if latch is None
             else {
@@ -640,7 +659,17 @@ class Guard:
 
     def ready(self) -> bool:
         """Latch restored (always, at construction) and the broker synced."""
-        return self.book.synced
+        return self.waiting_for() is None
+
+    def waiting_for(self) -> str | None:
+        """What keeps the guard from guarding, None once synced: "ib_connect" (no session with
+        IB: never connected, or reconnecting) or "ib_sync" (connected; the position and
+        open-order downloads are not complete). Commands are served meanwhile."""
+        if not self.book.connected:
+            return "ib_connect"
+        if not self.book.synced:
+            return "ib_sync"
+        return None
 
     def audit(self, record: Mapping[str, object]) -> None:
         """Journal a refused command (bad token, signature, replay, malformed)."""
@@ -662,6 +691,30 @@ def _person(command: ControlCommand) -> str:
     """Who the two-person rule counts: the command's person, else its credential's name (only
     when no person is configured for it: with the rule on, the config names every arm's)."""
     return command.person if command.person is not None else command.principal
+
+
+async def _listen(
+    stack: contextlib.AsyncExitStack,
+    server: contextlib.AbstractAsyncContextManager[object],
+    where: str,
+) -> None:
+    """Enter a listening server; a port in use (or any OS refusal) is a StartupError."""
+    try:
+        await stack.enter_async_context(server)
+    except OSError as exc:
+        raise StartupError(f"{where}: {exc.strerror or exc}") from exc
+
+
+def _first_guardd_error(group: ExceptionGroup[Exception]) -> Exception:
+    """The guard's own error from a TaskGroup's group (e.g. AccountNotManagedError from the
+    connect task), so the caller sees one error with its exit code; else the group itself."""
+    matched = group.subgroup(GuarddError)
+    if matched is None:
+        return group
+    first: BaseException = matched
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first if isinstance(first, Exception) else group
 
 
 def _command_fields(command: ControlCommand) -> dict[str, object]:

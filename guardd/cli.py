@@ -1,4 +1,10 @@
-"""The `guardd` command line: run the guard, check a config, the demo, and the simulated gateway."""
+"""The `guardd` command line: run the guard, check a config, the demo, and the simulated gateway.
+
+Exit codes of `guardd run` (see guardd/errors.py): 0 stopped on request (SIGTERM / SIGINT, in
+any phase), 78 a config or credential error, 71 a start-up error (a port in use, a state
+directory that cannot be written), each printed as one line on stderr; 69 / 74 / 70 errors after
+start-up. The systemd units do not restart 78 and 71.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from guardd.errors import EX_CONFIG, ConfigError, GuarddError
+from guardd.errors import EX_CONFIG, ConfigError, GuarddError, StartupError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,10 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_config(path: Path) -> int:
+    """Load the config and read every credential file it names (as `run` does first)."""
     from guardd.config import load_config
+    from guardd.credentials import load_credentials
 
     try:
         cfg = load_config(path)
+        load_credentials(cfg)
     except ConfigError as exc:
         print(f"guardd: {path}: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -84,7 +93,8 @@ def _run(path: Path, *, fresh_start: bool) -> int:
     try:
         return asyncio.run(_guard(cfg, fresh_start=fresh_start))
     except GuarddError as exc:
-        print(f"guardd: {exc}", file=sys.stderr)
+        # One line, no traceback: the line names what to fix (a key, a port, a path).
+        print(f"guardd: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return exc.exit_code
 
 
@@ -99,6 +109,13 @@ async def _guard(cfg: object, *, fresh_start: bool) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    guard = Guard(cfg, fresh_start=fresh_start, notifier=Notifier.from_env())
+    try:
+        guard = Guard(cfg, fresh_start=fresh_start, notifier=Notifier.from_env())
+    except ConfigError:
+        raise
+    except (GuarddError, OSError) as exc:  # the state directory, the latch, the journal
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        raise StartupError(f"cannot start: {detail}{where}") from exc
     await guard.run(stop)
     return 0

@@ -703,6 +703,18 @@ class Config(_Model):
             )
         return self
 
+    @model_validator(mode="after")
+    def _heartbeats_need_mqtt(self) -> Self:
+        # Heartbeats arrive over MQTT only: without it every bot is silent from the first
+        # second, and its timeout is a certain alert, reduce or kill rather than a dead-man.
+        if self.limits.heartbeats.bots and not self.control.mqtt.enabled:
+            raise _broken(
+                "limits.heartbeats.bots",
+                "bots publish heartbeats over MQTT, but @control.mqtt.enabled is false: "
+                "enable MQTT or remove the bots",
+            )
+        return self
+
     @property
     def latch_path(self) -> Path:
         """The kill latch state file."""

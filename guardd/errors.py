@@ -8,6 +8,7 @@ only ``GuarddError`` subclasses. A risk breach is never an exception: rules retu
 
     GuarddError                    anything guardd raises on purpose             exit 70
      ├── ConfigError               bad configuration: key path + rule broken     exit 78
+     ├── StartupError              cannot start: a port in use, state dir...     exit 71
      ├── BrokerError               talking to TWS / IB Gateway failed            exit 69
      │    ├── BrokerConnectError       cannot connect / handshake failed
      │    │    └── AccountNotManagedError  the login does not manage the account  exit 78
@@ -19,9 +20,11 @@ only ``GuarddError`` subclasses. A risk breach is never an exception: rules retu
           └── ReplayError          stale timestamp, a nonce already seen, a retained command (MQTT)
                └── NonceNotDurableError  the nonce is not on disk: an arm is refused, a kill passes
 
-Exit codes follow sysexits.h (70 EX_SOFTWARE, 78 EX_CONFIG, 69 EX_UNAVAILABLE, 74 EX_IOERR).
-The systemd unit should list 78 in RestartPreventExitStatus so that a broken config file is not
-restarted in a loop.
+Exit codes follow sysexits.h (70 EX_SOFTWARE, 78 EX_CONFIG, 71 EX_OSERR, 69 EX_UNAVAILABLE,
+74 EX_IOERR). The systemd units list 78 and 71 in RestartPreventExitStatus: a broken config file
+or a guard that cannot start (its control port taken by another process, its state directory not
+writable) needs a person, and restarting it every two seconds would only hide the one clear line
+it printed. Errors after start-up (a journal that stops being writable, IB errors) restart.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import ClassVar
 
 __all__ = [
     "EX_CONFIG",
+    "EX_STARTUP",
     "AccountNotManagedError",
     "AuthError",
     "BrokerConnectError",
@@ -42,9 +46,11 @@ __all__ = [
     "LatchError",
     "NonceNotDurableError",
     "ReplayError",
+    "StartupError",
 ]
 
 EX_CONFIG = 78
+EX_STARTUP = 71  # EX_OSERR
 
 
 class GuarddError(Exception):
@@ -68,6 +74,14 @@ class ConfigError(GuarddError):
         self.more = more  # further problems found in the same file, each "<key_path>: <rule>"
         first = f"{key_path}: {rule}" if key_path else rule
         super().__init__("\n".join((first, *more)))
+
+
+class StartupError(GuarddError):
+    """The guard could not start for a reason outside its config file: its control or metrics
+    port is in use, its state directory cannot be written, a journal cannot be opened. The
+    daemon prints one line and exits 71, which the systemd units do not restart."""
+
+    exit_code: ClassVar[int] = EX_STARTUP
 
 
 class BrokerError(GuarddError):

@@ -480,7 +480,7 @@ class MetricsServer:
     """
 
     def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 9464):
-        self._runner = web.AppRunner(metrics_app(registry), access_log=None)
+        self._runner = web.AppRunner(metrics_app(registry), access_log=None, shutdown_timeout=0.5)
         self.host = host
         self.port = port
 

@@ -190,5 +190,8 @@ class MemoryHandler:
     def ready(self) -> bool:
         return self.is_ready
 
+    def waiting_for(self) -> str | None:
+        return None if self.is_ready else "ib_sync"
+
     def audit(self, record: Mapping[str, object]) -> None:
         self.audited.append(dict(record))

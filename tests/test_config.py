@@ -48,7 +48,7 @@ def test_example_file_then_loads_with_its_documented_values() -> None:
     assert (cfg.limits.leverage.warn, cfg.limits.leverage.reduce) == (1.5, 2.0)
     assert cfg.limits.leverage.kill == 3.0
     assert cfg.limits.margin_cushion.kill == 0.08
-    assert cfg.limits.heartbeats.bots["momentum"].action == "kill"
+    assert cfg.limits.heartbeats.bots == {}  # commented out: heartbeats need MQTT
     assert cfg.limits.positions.max_quantity["ES"] == 4
     assert cfg.control.mqtt.operator_key_files["alice"].name == "mqtt-key-alice"
     assert cfg.control.http_token_people == {"kill": "alice", "arm": "alice"}
@@ -147,6 +147,8 @@ BAD = [
     ("metrics with no server", "[control.http]\nenabled = false\n", "metrics.listen", "separate"),
     ("bad bot name", "[limits.heartbeats.bots.'a/b']\ntimeout_s = 5.0\n",
      "limits.heartbeats.bots.a/b (key)", "pattern"),
+    ("heartbeats without MQTT", "[limits.heartbeats.bots.momentum]\ntimeout_s = 15.0\n",
+     "limits.heartbeats.bots", "control.mqtt.enabled is false"),
     ("port out of range", "[control.mqtt]\nport = 70000\n", "control.mqtt.port", "65535"),
     ("wildcard topic", '[control.mqtt]\ntopic_prefix = "guardd/#"\n', "control.mqtt.topic_prefix",
      "pattern"),
@@ -234,6 +236,15 @@ people.bob = { mqtt_keys = ["bob"] }
 
 def test_minimal_file_then_secret_files_must_be_private() -> None:
     assert parse_config(MINIMAL).control.allow_insecure_permissions is False
+
+
+def test_heartbeats_with_mqtt_enabled_then_config_loads() -> None:
+    text = MINIMAL + "[limits.heartbeats.bots.momentum]\ntimeout_s = 15.0\n"
+    text += "[control.mqtt]\nenabled = true\n"
+
+    cfg = parse_config(text)
+
+    assert cfg.limits.heartbeats.bots["momentum"].timeout_s == 15.0
 
 
 def test_missing_account_then_config_error_names_account() -> None:

@@ -253,10 +253,11 @@ async def test_bad_arm_body_then_422_and_still_halted(
 
 
 async def test_health_and_readiness_then_follow_handler(control: Control) -> None:
-    assert await control.get("/healthz") == (200, {"alive": True})
-    assert await control.get("/readyz") == (200, {"ready": True})
+    assert await control.get("/healthz") == (200, {"alive": True, "waiting_for": None})
+    assert await control.get("/readyz") == (200, {"ready": True, "waiting_for": None})
     control.handler.is_ready = False
-    assert await control.get("/readyz") == (503, {"ready": False})
+    assert await control.get("/healthz") == (200, {"alive": True, "waiting_for": "ib_sync"})
+    assert await control.get("/readyz") == (503, {"ready": False, "waiting_for": "ib_sync"})
 
 
 async def test_wrong_method_or_path_then_405_or_404_as_json(control: Control) -> None:

@@ -105,6 +105,11 @@ class CommandHandler(Protocol):
         """True once the latch is restored and the broker is synced."""
         ...
 
+    def waiting_for(self) -> str | None:
+        """What the guard waits for before it guards ("ib_connect", "ib_sync"); None when
+        ready. Commands are served meanwhile: a kill is latched and carried out on sync."""
+        ...
+
     def audit(self, record: Mapping[str, object]) -> None:
         """Journal a command the control plane refused (who, channel, what, why)."""
         ...

@@ -6,8 +6,10 @@ Routes (JSON in and out; see docs/control.md):
 ``POST /v1/kill``          kill role   ``{"reason": str, "mode"?: "cancel"|"flatten"}``
 ``POST /v1/arm``           arm role    ``{"reason": str, "force"?: bool}``
 ``GET  /v1/status``        read role   the handler's status
-``GET  /healthz``          none        200 while the process serves requests
-``GET  /readyz``           none        200 when ``handler.ready()``, else 503
+``GET  /healthz``          none        200 while the process serves requests, with what it
+                                       waits for (``handler.waiting_for()``)
+``GET  /readyz``           none        200 when ``handler.ready()``, else 503; both say
+                                       ``waiting_for``: null, "ib_connect" or "ib_sync"
 =========================  ==========  =====================================================
 
 Answers: 200 accepted, 202 re-arm pending a second operator, 409 refused by the guard, 400
@@ -47,6 +49,8 @@ __all__ = ["DEFAULT_MAX_BODY_BYTES", "ControlHttpServer", "server_ssl_context"]
 log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_BODY_BYTES: Final = 16_384
+SHUTDOWN_TIMEOUT_S: Final = 0.5
+"""How long a stopping server lets requests in flight finish (the guard stops within 2 s)."""
 _FIELDS: Final[Mapping[Action, frozenset[str]]] = {
     "kill": frozenset({"reason", "mode"}),
     "arm": frozenset({"reason", "force"}),
@@ -143,7 +147,9 @@ class ControlHttpServer:
         return f"{scheme}://{host}:{self.port}"
 
     async def __aenter__(self) -> Self:
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl)
@@ -178,11 +184,12 @@ class ControlHttpServer:
     # ------------------------------------------------------------------ routes
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return _json(200, {"alive": True})
+        return _json(200, {"alive": True, "waiting_for": self._handler.waiting_for()})
 
     async def _readyz(self, request: web.Request) -> web.Response:
         ready = self._handler.ready()
-        return _json(200 if ready else 503, {"ready": ready})
+        waiting_for = self._handler.waiting_for()
+        return _json(200 if ready else 503, {"ready": ready, "waiting_for": waiting_for})
 
     async def _status(self, request: web.Request) -> web.Response:
         try:

@@ -298,8 +298,8 @@ class MqttControl:
         if client is not None:  # say so before leaving: a clean disconnect sends no will
             offline = json.dumps({**(self._last_status or {}), "online": False}, default=str)
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-                await asyncio.wait_for(
-                    client.publish(self.topics.state, offline, qos=1, retain=True), 2.0
+                await asyncio.wait_for(  # bounded: the guard stops within 2 s
+                    client.publish(self.topics.state, offline, qos=1, retain=True), 0.5
                 )
         if self._task is not None:
             self._task.cancel()
