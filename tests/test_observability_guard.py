@@ -252,8 +252,14 @@ async def test_guard_under_systemd_watchdog_then_ready_only_after_sync_and_pings
         notifier = Notifier(address)
         guard = Guard(cfg, fresh_start=True, notifier=notifier)
         async with running(guard):
-            # No gateway yet: the guard retries and must not say READY.
-            before_gateway = await receive(sock, 1.0)
+            # No gateway yet: the guard retries, says so, pings (a retrying connect loop is
+            # alive), and must not say READY.
+            before_gateway: list[str] = []
+            waited_from = time.monotonic()
+            while time.monotonic() - waited_from < 1.0:
+                message = await receive(sock, 0.2)
+                if message is not None:
+                    before_gateway.append(message)
             async with build_gateway(scenario, host="127.0.0.1", port=ib_port) as gateway:
                 messages: list[str] = []
                 ready_seen: tuple[bool, bool, bool] | None = None
@@ -274,10 +280,12 @@ async def test_guard_under_systemd_watchdog_then_ready_only_after_sync_and_pings
                         pings_after_ready += 1
         notifier.close()
 
-    assert before_gateway is None
+    assert not any("READY=1" in m.splitlines() for m in before_gateway)
+    assert f"STATUS=ARMED; waiting for IB at 127.0.0.1:{ib_port}" in before_gateway
+    assert "WATCHDOG=1" in before_gateway
     assert ready_seen == (True, True, True)
     ready_at = next(i for i, m in enumerate(messages) if "READY=1" in m.splitlines())
-    assert "STATUS=guarding" in messages[ready_at].splitlines()
+    assert "STATUS=ARMED; guarding" in messages[ready_at].splitlines()
     assert sum(m == "WATCHDOG=1" for m in messages[ready_at + 1 :]) >= 3
 
 
