@@ -330,6 +330,8 @@ class Guard:
         latch = self.engine.latch
         if latch is not None:
             state += f" ({latch.source}: {latch.reason})"
+        if not self.executor.latch_durable:
+            state += " LATCH NOT DURABLE"
         match self.waiting_for():
             case "ib_connect":
                 doing = f"waiting for IB at {self.cfg.ib.host}:{self.cfg.ib.port}"
