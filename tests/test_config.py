@@ -407,6 +407,7 @@ OPEN_TABLES = {
     ("limits", "positions", "max_notional"),
     ("limits", "heartbeats", "bots"),
     ("control", "mqtt", "operator_key_files"),
+    ("control", "people"),
 }
 
 text_values = st.text(alphabet=st.characters(codec="utf-8"), max_size=12)
