@@ -386,3 +386,52 @@ def test_liquidate_fault_with_unknown_account_then_error_names_the_key() -> None
                 ]
             }
         )
+
+
+async def test_orders_cancelled_while_dropped_then_owner_reconnects_to_none_and_others_kept(
+    sim: SimGateway, scenario: Scenario
+) -> None:
+    # Arrange: clients 3 and 5 each have an AAPL buy resting far below the market
+    owner, other = await connected(sim.port, 3), await connected(sim.port, 5)
+    try:
+        owner.placeOrder(owner.named("nextValidId")[0][0], stock("AAPL"), limit_order("BUY", 10, 1))
+        other.placeOrder(other.named("nextValidId")[0][0], stock("AAPL"), limit_order("BUY", 10, 1))
+        await until(lambda: len(sim.exchange.working_orders()) == 2)
+        faults = parse_scenario(
+            {
+                **SCENARIO,
+                "faults": [
+                    {
+                        "at_s": 0,
+                        "kind": "cancel_orders_while_dropped",
+                        "seconds": 0.3,
+                        "client_id": 3,
+                    }
+                ],
+            }
+        ).faults
+
+        # Act
+        played = asyncio.create_task(run_faults(sim, scenario, faults))
+        await owner.wait_for("connectionClosed")
+        refused = True
+        with socket.socket() as probe:  # nobody is let in while it lasts
+            probe.settimeout(0.2)
+            refused = probe.connect_ex(("127.0.0.1", sim.port)) != 0
+        await played
+        again = await connected(sim.port, 3)
+        try:
+            again.reqOpenOrders()
+            await again.wait_for("openOrderEnd")
+            reported = again.named("openOrder")
+        finally:
+            await again.stop()
+
+        # Assert: the owner's order is gone and it was told nothing; the other client's works on
+        assert refused
+        assert [o.client_id for o in sim.exchange.working_orders()] == [5]
+        assert reported == []
+        assert [a for a in owner.named("orderStatus") if a[1] == "Cancelled"] == []
+    finally:
+        await owner.stop()
+        await other.stop()

@@ -529,6 +529,15 @@ class Exchange:
             events.extend(self._cancel(order))
         return events
 
+    def cancel_orders_of(self, client_id: int | None, now: float) -> list[SimEvent]:
+        """Cancel every working order of one client (every client when None), as a person in
+        TWS or IB itself would: no request of that client is involved."""
+        events: list[SimEvent] = []
+        for order in list(self._working.values()):
+            if client_id is None or order.client_id == client_id:
+                events.extend(self._cancel(order))
+        return events
+
     # ----------------------------------------------------------------------------- internals
 
     def _account(self, account: str) -> _Account:

@@ -8,7 +8,8 @@ orders working, and they are reported again when it reconnects.
 
 Faults (drops, connectivity notices, rejects, delayed or duplicated position updates, price jumps,
 margin changes, restarts with order-id rollback, a silent freeze of every connection, the daily
-reset, modifications split into new orders during a connectivity loss, broker liquidations) are
+reset, modifications split into new orders during a connectivity loss, broker liquidations,
+orders cancelled by someone else while their client is cut off) are
 methods of `SimGateway`; `scenario.py` drives them from a TOML file on a schedule.
 """
 
@@ -1096,6 +1097,27 @@ class SimGateway:
             await self.drop_all_clients(seconds)
         finally:
             self.connectivity_ok = True
+
+    async def cancel_orders_while_dropped(
+        self, seconds: float, *, client_id: int | None = None
+    ) -> int:
+        """Someone else cancels a client's orders while it is cut off: every connection is
+        closed and new ones refused for `seconds`; right after the drop the working orders of
+        `client_id` (of every client when None) are cancelled, as a person in TWS or IB itself
+        would. The owner learns of it only from what it downloads on reconnect (no 202, no
+        orderStatus reach a closed socket). Returns how many orders were cancelled."""
+        who = "every client" if client_id is None else f"client {client_id}"
+        log.warning("fault: clients dropped for %.1f s; orders of %s cancelled", seconds, who)
+        await self._close_listener()
+        for s in list(self.sessions.values()) + list(self._pending):
+            s.close()
+            self._forget(s)
+        events = self.exchange.cancel_orders_of(client_id, self.clock())
+        self.route(events)
+        await asyncio.sleep(seconds)
+        await self._listen()
+        log.warning("fault over: accepting clients again on port %d", self._port)
+        return len(events)
 
     async def restart(self, down_seconds: float, *, next_order_id: int | None = None) -> None:
         """Restart the gateway: clients dropped, port closed, and order ids maybe rolled back.

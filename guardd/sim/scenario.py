@@ -176,6 +176,12 @@ class Liquidate(_Fault):
     quantity: Annotated[float, Field(gt=0)]
 
 
+class CancelOrdersWhileDropped(_Fault):
+    kind: Literal["cancel_orders_while_dropped"]
+    seconds: Annotated[float, Field(gt=0)]
+    client_id: int | None = None  # None: every client's orders
+
+
 Fault = Annotated[
     DropClients
     | ConnectivityLost
@@ -189,7 +195,8 @@ Fault = Annotated[
     | Freeze
     | DailyReset
     | SplitModifies
-    | Liquidate,
+    | Liquidate
+    | CancelOrdersWhileDropped,
     Field(discriminator="kind"),
 ]
 # Every fault's `kind`, read off the union so that a new fault needs no second list.
@@ -380,5 +387,7 @@ async def _apply(gateway: SimGateway, scenario: Scenario, fault: Fault) -> None:
                 gateway.split_modifies(False)
         case Liquidate(account=account, symbol=symbol, quantity=quantity):
             gateway.liquidate(account or scenario.accounts[0].id, scenario.con_id(symbol), quantity)
+        case CancelOrdersWhileDropped(seconds=seconds, client_id=client_id):
+            await gateway.cancel_orders_while_dropped(seconds, client_id=client_id)
         case _:
             assert_never(fault)
