@@ -35,8 +35,10 @@ from guardd.sim import codec
 from guardd.sim.bot import RunawayBot
 from guardd.sim.gateway import PLACE_ORDER, SimGateway
 from tests.guard_harness import ACCOUNT, GUARD_CLIENT_ID, free_port
+from tests.ibapi_harness import IbapiClient, connected
 
 REQ_POSITIONS, REQ_ALL_OPEN_ORDERS, REQ_GLOBAL_CANCEL = 61, 16, 58
+CHECKER_CLIENT_ID = 9  # the independent client that reads the end state
 
 
 @contextlib.asynccontextmanager
@@ -73,6 +75,36 @@ async def running(
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
+
+
+@contextlib.asynccontextmanager
+async def client(port: int, client_id: int) -> AsyncIterator[IbapiClient]:
+    """An official ibapi client connected as `client_id`, stopped on exit."""
+    c = await connected(port, client_id)
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+async def gateway_says_flat(port: int) -> tuple[dict[int, Decimal], int]:
+    """Positions (non-zero, guarded account) and working orders, as a fresh client sees them."""
+    async with client(port, CHECKER_CLIENT_ID) as checker:
+        checker.reqPositions()
+        await checker.wait_for("positionEnd")
+        positions = {
+            int(args[1].conId): Decimal(str(args[2]))
+            for args in checker.named("position")
+            if args[0] == ACCOUNT and Decimal(str(args[2])) != 0
+        }
+        checker.reqAllOpenOrders()
+        await checker.wait_for("openOrderEnd")
+        working = {
+            args[0]
+            for args in checker.named("orderStatus")
+            if args[1] not in ("Filled", "Cancelled", "ApiCancelled", "Inactive")
+        }
+        return positions, len(working)
 
 
 def kill_command(mode: str | None = None, reason: str = "drill") -> ControlCommand:

@@ -9,17 +9,13 @@ that no fill of the guard took a position across zero.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from tests.drill_helpers import kill_command, running
+from tests.drill_helpers import client, gateway_says_flat, kill_command, running
 from tests.guard_harness import (
     AAPL,
-    ACCOUNT,
     GUARD_CLIENT_ID,
     guard_config,
     journal_kinds,
@@ -28,45 +24,16 @@ from tests.guard_harness import (
     wait_until,
     zero_crossings,
 )
-from tests.ibapi_harness import IbapiClient, connected, market_order, stock
+from tests.ibapi_harness import IbapiClient, market_order, stock
 
 pytestmark = pytest.mark.integration
 
-BOT, CHECKER = 7, 9
+BOT = 7
 # A short settle time keeps the drills quick: a figure the guard cannot yet reconcile with the
 # fills it saw is trusted only after this much quiet (the default is 10 s).
 FLATTEN = (
     '[kill]\nmode = "flatten"\n\n[flatten]\nverify_timeout_s = 20.0\nposition_settle_s = 2.0\n'
 )
-
-
-@contextlib.asynccontextmanager
-async def client(port: int, client_id: int) -> AsyncIterator[IbapiClient]:
-    c = await connected(port, client_id)
-    try:
-        yield c
-    finally:
-        await c.stop()
-
-
-async def gateway_says_flat(port: int) -> tuple[dict[int, Decimal], int]:
-    """Positions (non-zero, guarded account) and working orders, as a fresh client sees them."""
-    async with client(port, CHECKER) as checker:
-        checker.reqPositions()
-        await checker.wait_for("positionEnd")
-        positions = {
-            int(args[1].conId): Decimal(str(args[2]))
-            for args in checker.named("position")
-            if args[0] == ACCOUNT and Decimal(str(args[2])) != 0
-        }
-        checker.reqAllOpenOrders()
-        await checker.wait_for("openOrderEnd")
-        working = {
-            args[0]
-            for args in checker.named("orderStatus")
-            if args[1] not in ("Filled", "Cancelled", "ApiCancelled", "Inactive")
-        }
-        return positions, len(working)
 
 
 def first_id(bot: IbapiClient) -> int:
