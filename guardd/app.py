@@ -151,6 +151,7 @@ class Guard:
             cfg.account,
             connect_timeout_s=cfg.ib.connect_timeout_s,
             messages_per_second=cfg.budget.messages_per_second,
+            kill_reserve=cfg.budget.kill_reserve,
             clock=clock,
             reconnect_initial_s=cfg.ib.reconnect_backoff_min_s,
             reconnect_max_s=cfg.ib.reconnect_backoff_max_s,

@@ -91,6 +91,8 @@ class BrokerPort(Protocol):
 
     async def global_cancel(self) -> None: ...
 
+    def closing(self, con_ids: Iterable[int]) -> None: ...
+
     async def cancel_order(self, order_id: int, lane: Lane) -> None: ...
 
     async def place_order(
@@ -436,6 +438,7 @@ class Executor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._episode_task = None
+        self.broker.closing(())
         if self.metrics is not None:
             self.metrics.set_flatten(0, False)
 
@@ -479,7 +482,13 @@ class Executor:
 
     async def _close_round(self, episode: CloseEpisode) -> None:
         now = self.clock()
-        plan = episode.step(self._observe(now), self.close_policy, self.round_budget)
+        observation = self._observe(now)
+        plan = episode.step(observation, self.close_policy, self.round_budget)
+        # The prices of what is being closed go ahead of other traffic (the pacer's CLOSE_DATA).
+        self.broker.closing(
+            {k.con_id for k, held in observation.positions.items() if held.position.quantity}
+            | {c.key.con_id for c in episode.children.values() if c.live}
+        )
         for record in plan.records:
             fields = dict(record.fields)
             fields.setdefault("decision_id", episode.decision_id)

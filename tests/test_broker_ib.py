@@ -22,7 +22,8 @@ from guardd.errors import (
     BrokerDisconnectedError,
     BrokerError,
 )
-from guardd.sim.gateway import SimGateway
+from guardd.sim import codec
+from guardd.sim.gateway import REQ_MKT_DATA, SimGateway
 from guardd.sim.scenario import parse_scenario
 from guardd.sim.server import build_gateway
 from tests.conftest import SCENARIO
@@ -619,3 +620,40 @@ async def test_reserved_order_ids_then_never_handed_out(
     first = broker.next_order_id()
     broker.reserve_order_ids([first + 1, first + 2])
     assert broker.next_order_id() == first + 3
+
+
+async def test_close_in_progress_then_its_prices_go_ahead_of_a_subscription_backlog(
+    sim: SimGateway,
+) -> None:
+    # Arrange: 10 messages a second, 5 of them kept for the kill path; 20 price subscriptions
+    # queued (4 s of NORMAL's share), then MSFT's behind them
+    broker = IbBroker(
+        "127.0.0.1", sim.port, GUARD_ID, ACCOUNT, messages_per_second=10, kill_reserve=5
+    )
+    arrived: list[int] = []
+
+    def on_message(client_id: int, msg_id: int, fields: list[str]) -> None:
+        if client_id == GUARD_ID and msg_id == REQ_MKT_DATA:
+            arrived.append(codec.decode_mkt_data_request(fields).contract.con_id)
+
+    sim.on_message(on_message)
+    await broker.start()
+    recorder = Recorder(broker)
+    try:
+        await synced(recorder)
+        backlog = list(range(900_001, 900_021))  # unknown contracts: answered with error 200
+        broker.watch_prices(backlog)
+        broker.watch_prices([MSFT])
+
+        # Act: a close starts on AAPL and MSFT
+        broker.closing([AAPL, MSFT])
+        await recorder.wait_for(ev.PriceTick, lambda t: t.con_id == AAPL)
+        await recorder.wait_for(ev.PriceTick, lambda t: t.con_id == MSFT)
+
+        # Assert: both went ahead of the backlog (MSFT's queued request was moved, not doubled)
+        assert sorted(arrived[:2]) == [AAPL, MSFT]
+        assert arrived.count(AAPL) == 1 and arrived.count(MSFT) == 1
+    finally:
+        await broker.stop()
+        await recorder.close()
+    assert sim.pacing_violations == 0

@@ -116,6 +116,7 @@ def test_lanes_then_priority_order_and_fifo_within_a_lane() -> None:
     for item, lane in [
         ("n1", Lane.NORMAL),
         ("f1", Lane.FLATTEN),
+        ("c1", Lane.CLOSE_DATA),
         ("n2", Lane.NORMAL),
         ("k1", Lane.KILL),
         ("f2", Lane.FLATTEN),
@@ -123,7 +124,10 @@ def test_lanes_then_priority_order_and_fifo_within_a_lane() -> None:
     ]:
         queue.push(lane, item)
 
-    assert [queue.pop() for _ in range(len(queue))] == ["k1", "k2", "f1", "f2", "n1", "n2"]
+    assert queue.first_lane() is Lane.KILL
+    popped = [queue.pop() for _ in range(len(queue))]
+    assert popped == ["k1", "k2", "f1", "f2", "c1", "n1", "n2"]
+    assert queue.first_lane() is None
     with pytest.raises(IndexError):
         queue.pop()
 
@@ -194,3 +198,52 @@ async def test_stop_with_queued_messages_then_they_fail_disconnected() -> None:
     with pytest.raises(BrokerDisconnectedError):
         await second
     assert sender.depth(Lane.NORMAL) == 0
+
+
+async def test_normal_flood_then_never_more_than_budget_less_kill_reserve_per_window() -> None:
+    # Arrange: 200 a second, 150 of them kept for the kill path: NORMAL gets 50
+    sent: list[float] = []
+    async with PacedSender(200, kill_reserve=150) as sender:
+        # Act: 60 subscriptions at once (more than NORMAL's share of one window)
+        await asyncio.gather(
+            *(
+                sender.submit(Lane.NORMAL, f"n{i}", lambda: sent.append(time.monotonic()))
+                for i in range(60)
+            )
+        )
+
+    # Assert: never more than 50 in any window (without the reserve: 60 in 0.3 s)
+    assert len(sent) == 60
+    assert most_in_any_window(sent, 1.0) <= 50
+
+
+async def test_normal_spent_its_share_then_kill_and_close_prices_go_first_at_full_rate() -> None:
+    # Arrange: NORMAL has its 20 a second queued up far beyond its share
+    order: list[str] = []
+    async with PacedSender(100, kill_reserve=80) as sender:
+
+        def submit(lane: Lane, label: str) -> asyncio.Future[None]:
+            return sender.submit(lane, label, lambda: order.append(label))
+
+        normals = [submit(Lane.NORMAL, f"n{i}") for i in range(40)]
+        await asyncio.sleep(0.3)  # the sender now waits on NORMAL's share
+        mark = len(order)
+
+        # Act: a close needs 30 prices, and a kill comes in
+        prices = [submit(Lane.CLOSE_DATA, f"p{i}") for i in range(30)]
+        kill = submit(Lane.KILL, "kill")
+        await asyncio.gather(kill, *prices)
+        before_last_price = order[mark:]
+        for n in normals:
+            n.cancel()
+
+    # Assert: the kill, then every price, and no NORMAL message in between: the prices were
+    # paced at the full budget, not held to NORMAL's 20 a second
+    assert before_last_price[0] == "kill"
+    assert before_last_price[1:] == [f"p{i}" for i in range(30)]
+    assert sender.kill_reserve == 80
+
+
+def test_kill_reserve_not_below_budget_then_value_error() -> None:
+    with pytest.raises(ValueError, match="kill_reserve"):
+        PacedSender(10, kill_reserve=10)

@@ -172,6 +172,9 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
         self.pnl_single_req: dict[int, ev.ConId] = {}
         self.pnl_single_con: set[int] = set()
         self.tick_req: dict[int, ev.ConId] = {}
+        # The queued (or sent) price request of each contract: one still queued on NORMAL is
+        # moved ahead when the contract comes into a close.
+        self.price_requests: dict[ev.ConId, asyncio.Future[None]] = {}
         self.run_thread: threading.Thread | None = None
         self.heard = asyncio.Event()  # set on the loop by every message of this session
         self.heartbeat_task: asyncio.Task[None] | None = None
@@ -488,6 +491,7 @@ class IbBroker:
         connect_timeout_s: float = 10.0,
         messages_per_second: float = DEFAULT_MESSAGES_PER_SECOND,
         *,
+        kill_reserve: int = 0,
         clock: Callable[[], float] = time.time,
         reconnect_initial_s: float = 0.5,
         reconnect_max_s: float = 30.0,
@@ -518,6 +522,7 @@ class IbBroker:
         self._known_order_ids: set[int] = set()
         self.order_ids_skipped = 0
         self._messages_per_second = messages_per_second
+        self._kill_reserve = kill_reserve
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sender: PacedSender | None = None
         self._events: asyncio.Queue[object] = asyncio.Queue()
@@ -530,6 +535,7 @@ class IbBroker:
         self._stopping = False
         self._stopped = False
         self._watched: set[ev.ConId] = set()
+        self._closing: frozenset[ev.ConId] = frozenset()  # contracts a close is working on
         self._exchanges: dict[ev.ConId, str] = {}
         self._threads: list[threading.Thread] = []
         self.pacing_violations = 0
@@ -606,7 +612,7 @@ class IbBroker:
     async def start(self) -> None:
         """Connect once (raising BrokerConnectError on failure), then keep the connection alive."""
         self._loop = asyncio.get_running_loop()
-        self._sender = PacedSender(self._messages_per_second)
+        self._sender = PacedSender(self._messages_per_second, kill_reserve=self._kill_reserve)
         self._sender.start()
         try:
             await self._connect_once()
@@ -999,20 +1005,24 @@ class IbBroker:
         session.pnl_single_req.clear()
         session.pnl_single_con.clear()
         session.tick_req.clear()
+        session.price_requests.clear()
         account = self.account
         pnl_id = next(self._req_ids)
         session.pnl_req[pnl_id] = account
         exec_id = next(self._req_ids)
         normal = Lane.NORMAL
-        self._request(session, normal, "reqPositions", lambda s: s.reqPositions())
-        self._request(session, normal, "reqAllOpenOrders", lambda s: s.reqAllOpenOrders())
+        # A close in progress waits for the positions, open-orders and executions downloads:
+        # they go ahead of every subscription then.
+        sync = Lane.CLOSE_DATA if self._closing else Lane.NORMAL
+        self._request(session, sync, "reqPositions", lambda s: s.reqPositions())
+        self._request(session, sync, "reqAllOpenOrders", lambda s: s.reqAllOpenOrders())
+        self._request(
+            session, sync, "reqExecutions", lambda s: s.reqExecutions(exec_id, ExecutionFilter())
+        )
         self._request(
             session, normal, "reqAccountUpdates", lambda s: s.reqAccountUpdates(True, account)
         )
         self._request(session, normal, "reqPnL", lambda s: s.reqPnL(pnl_id, account, ""))
-        self._request(
-            session, normal, "reqExecutions", lambda s: s.reqExecutions(exec_id, ExecutionFilter())
-        )
         for con_id in sorted(self._watched):
             self._request_prices(session, con_id)
 
@@ -1034,12 +1044,37 @@ class IbBroker:
         contract = Contract()
         contract.conId = con_id
         contract.exchange = self._exchanges.get(con_id) or "SMART"
-        self._request(
+        # The price of a position being closed is what its close orders are priced from.
+        lane = Lane.CLOSE_DATA if con_id in self._closing else Lane.NORMAL
+        session.price_requests[con_id] = self._request(
             session,
-            Lane.NORMAL,
+            lane,
             "reqMktData",
             lambda s: s.reqMktData(req_id, contract, "", False, False, []),
         )
+
+    def closing(self, con_ids: Iterable[int]) -> None:
+        """The contracts a close is working on now (empty: no close). Their prices are watched,
+        and their price requests (and, after a reconnect, the downloads a close waits for) go on
+        `Lane.CLOSE_DATA`, ahead of every other subscription: a flood of other requests never
+        starves a close of its prices. A price request still queued on NORMAL is moved ahead."""
+        closing = frozenset(ev.ConId(int(c)) for c in con_ids if int(c))
+        new = closing - self._closing
+        self._closing = closing
+        session = self._session
+        live = session is not None and session.announced
+        for con_id in sorted(new):
+            if con_id not in self._watched:
+                self._watched.add(con_id)
+                if live:
+                    assert session is not None
+                    self._request_prices(session, con_id)
+                continue
+            queued = session.price_requests.get(con_id) if session is not None else None
+            if live and queued is not None and not queued.done():
+                assert session is not None
+                queued.cancel()  # the sender skips it; the same request goes ahead instead
+                self._request_prices(session, con_id)
 
     def watch_prices(
         self, con_ids: Iterable[int], *, exchanges: dict[int, str] | None = None

@@ -3,7 +3,11 @@
 IB allows about 50 messages a second per API client and answers more with error 100, after which
 it may drop the client. guardd spends a smaller budget (default 40 a second) and splits it into
 priority lanes: `Lane.KILL` (global cancel, kill-path cancels) always goes before `Lane.FLATTEN`
-(close orders) before `Lane.NORMAL` (subscriptions, resync requests).
+(close orders and their cancels) before `Lane.CLOSE_DATA` (what a close needs to read: prices of
+the positions being closed, the re-sync it waits for) before `Lane.NORMAL` (every other
+subscription and request). Of the budget, `kill_reserve` messages a second are kept for the kill
+path: `Lane.NORMAL` never sends more than `budget - kill_reserve` in any window, so a flood of
+subscriptions can neither fill the window a kill arrives in nor starve a close of its prices.
 
 Two layers:
 - `MessageBudget` and `LaneQueue` are pure: no clock reads, no asyncio. `MessageBudget` is a token
@@ -46,7 +50,8 @@ class Lane(IntEnum):
 
     KILL = 0
     FLATTEN = 1
-    NORMAL = 2
+    CLOSE_DATA = 2  # market data and re-sync requests a close in progress waits for
+    NORMAL = 3
 
 
 class MessageBudget:
@@ -129,6 +134,10 @@ class LaneQueue(Generic[T]):
         """How many items wait in `lane`."""
         return len(self._lanes[lane])
 
+    def first_lane(self) -> Lane | None:
+        """The lane `pop` would take from now; None when all are empty."""
+        return next((lane for lane in Lane if self._lanes[lane]), None)
+
 
 @dataclass(slots=True)
 class _Outgoing:
@@ -151,18 +160,27 @@ class PacedSender:
     Use as `async with PacedSender(...) as sender:`; `submit` queues a message and returns a
     future that completes when the message has been handed to the socket (or fails with the
     error the send raised). `clock` must be monotonic; it is only read on the event loop.
+
+    `kill_reserve` messages of each window are kept for the kill path (every lane but
+    `Lane.NORMAL`): NORMAL messages also pass a second budget of `budget - kill_reserve`.
     """
 
     def __init__(
         self,
         messages_per_second: float = DEFAULT_MESSAGES_PER_SECOND,
         *,
+        kill_reserve: int = 0,
         burst: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         budget = max(1, math.floor(messages_per_second))
+        if not 0 <= kill_reserve < budget:
+            raise ValueError("kill_reserve must be at least 0 and less than the budget")
         self._clock = clock
         self._budget = MessageBudget(budget, window=1.0, burst=min(burst, budget), now=clock())
+        normal = budget - kill_reserve
+        self._normal = MessageBudget(normal, window=1.0, burst=min(burst, normal), now=clock())
+        self.kill_reserve = kill_reserve
         self._queue: LaneQueue[_Outgoing] = LaneQueue()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -223,9 +241,20 @@ class PacedSender:
             if due > now:
                 await asyncio.sleep(due - now)
                 continue
-            if not self._budget.try_take(self._clock()):
+            lane = self._queue.first_lane()  # chosen only now, when a token is in hand
+            if lane is Lane.NORMAL:
+                normal_due = self._normal.due(now)
+                if normal_due > now:
+                    # NORMAL has spent its share: wait for it, or for a more urgent message.
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), normal_due - now)
+                    continue
+            if not self._budget.try_take(now):
                 continue
-            item = self._queue.pop()  # the lane is chosen only now, when a token is in hand
+            if lane is Lane.NORMAL:
+                self._normal.try_take(now)
+            item = self._queue.pop()
             if item.sent.done():  # the caller gave up waiting
                 continue
             try:
