@@ -393,15 +393,26 @@ class Executor:
 
     def restore_children(self, decision_id: int, records: Iterable[Mapping[str, Any]]) -> int:
         """Rebuild a close episode's children (and anchors) from journal records after a
-        restart, and claim their order ids in the Book: they are ours again (and no other order
-        is). How many children."""
+        restart, and claim their order ids in the Book, with the permId journaled when the
+        broker first reported each (`child_order_acknowledged`): they are ours again, by id and
+        by permId, and no other order is. How many children."""
         episode = self.episode
         if episode is None or episode.decision_id != decision_id:
             episode = CloseEpisode("flatten", decision_id, self.clock(), self.close_settings)
             self.episode = episode
+        records = list(records)
+        perms = {
+            int(rec["order_id"]): int(rec["perm_id"])
+            for rec in records
+            if rec.get("kind") == "child_order_acknowledged"
+            and rec.get("decision_id") == decision_id
+            and rec.get("order_id") is not None
+            and rec.get("perm_id") is not None
+        }
         for rec in records:
             if rec.get("kind") == "child_order_sent" and rec.get("decision_id") == decision_id:
-                self.book.claim_order_id(OrderId(int(rec["order_id"])))
+                order_id = int(rec["order_id"])
+                self.book.claim_order_id(OrderId(order_id), perms.get(order_id))
         return episode.restore(records)
 
     def notice(self) -> None:
@@ -579,6 +590,7 @@ class Executor:
                 action=str(order.action),
                 quantity=str(order.quantity),
                 order_type=str(order.order_type),
+                limit_price=order.limit_price,
             )
             return
         order_id = int(self.broker.next_order_id())
@@ -716,7 +728,7 @@ def _loggable(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _NOT_OURS = -1  # the client id a fill the Book does not know as ours is given for the episode
-_RESTORED_KINDS = frozenset({"child_order_sent", "close_anchor"})
+_RESTORED_KINDS = frozenset({"child_order_sent", "child_order_acknowledged", "close_anchor"})
 
 
 def journal_order_ids(path: Path) -> set[int]:
@@ -731,8 +743,8 @@ def journal_order_ids(path: Path) -> set[int]:
 
 
 def journal_children(path: Path, decision_id: int) -> list[dict[str, Any]]:
-    """The `child_order_sent` and `close_anchor` records of one decision, for
-    `Executor.restore_children`."""
+    """The `child_order_sent`, `child_order_acknowledged` and `close_anchor` records of one
+    decision, for `Executor.restore_children`."""
     if not path.exists():
         return []
     return [

@@ -478,6 +478,34 @@ def test_claim_after_order_reported_then_reclassified_own() -> None:
     assert book.foreign_working_count == 0
 
 
+def test_restored_claim_with_perm_id_then_that_order_own_and_another_under_its_id_not() -> None:
+    # Arrange: a restarted guard claims child 9 with the permId its journal recorded (2)
+    book = guard_book()
+    book.claim_order_id(OrderId(9), PermId(2))
+
+    # Act: another order is reported first under (guard, 9) (ids rolled back), then the child
+    book.fold(labelled(open_order(3, order_id=9, client=GUARD)))
+    book.fold(open_order(2, order_id=9, client=GUARD))
+
+    # Assert: the permId decides, not which came first (claimed by id alone, 3 would be "ours"
+    # and the real child swept as foreign)
+    other, child = book.order(PermId(3)), book.order(PermId(2))
+    assert other is not None and not book.is_own(other)
+    assert child is not None and book.is_own(child)
+    assert book.foreign_working_count == 1 and book.impersonations_seen == 1
+    assert book.is_own_execution(fill(2, 0, BOT))
+    assert not book.is_own_execution(fill(3, 9, GUARD, exec_id="e2"))
+
+
+def test_claim_with_perm_id_after_the_order_was_reported_then_reclassified_own() -> None:
+    book = guard_book(open_order(2, order_id=0, client=BOT))  # reported under no id of ours
+    assert book.foreign_working_count == 1
+    book.claim_order_id(OrderId(9), PermId(2))
+    child = book.order(PermId(2))
+    assert child is not None and book.is_own(child)
+    assert book.foreign_working_count == 0
+
+
 def test_book_without_own_client_id_then_nothing_is_own() -> None:
     book = synced_book(labelled(open_order(2, order_id=9, client=GUARD)))
     book.claim_order_id(OrderId(9))

@@ -364,3 +364,48 @@ def test_restored_from_journal_then_old_figure_never_closes_twice() -> None:
     # Assert
     assert all(p.orders == () for p in plans)
     assert child_of(episode, 100).filled == 10
+
+
+def test_child_acknowledged_then_perm_id_journaled_once_and_restored_by_it() -> None:
+    # Arrange: long 10; child 100 sent, then acknowledged by the broker as permId 1100
+    broker = Broker(10)
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    plan = episode.step(broker.obs(), POLICY, 4)
+    (first,) = send_all(episode, plan, broker, 100)
+    order = plan.orders[0]
+
+    # Act
+    acknowledged = episode.step(broker.obs(), POLICY, 4)
+    later = episode.step(broker.obs(), POLICY, 4)
+
+    # Assert: journaled once, with what a restart needs to know the child by
+    records = [r for r in acknowledged.records if r.kind == "child_order_acknowledged"]
+    assert [dict(r.fields) for r in records] == [
+        {"decision_id": 1, "order_id": first, "perm_id": 1100, "order_ref": order.order_ref}
+    ]
+    assert "child_order_acknowledged" not in kinds(later)
+
+    # Act: a restarted guard rebuilds the episode from the journal; then a different order
+    # under the same id (ids rolled back at the gateway) reports a fill
+    sent = {
+        "kind": "child_order_sent",
+        "decision_id": 1,
+        "order_id": first,
+        "order_ref": order.order_ref,
+        "account": "DU1",
+        "con_id": 1,
+        "action": "SELL",
+        "quantity": "10",
+        "planned_against": "10",
+    }
+    restored = CloseEpisode("flatten", 1, 50.0, SETTINGS)
+    assert restored.restore([sent, {"kind": records[0].kind, **records[0].fields}]) == 1
+    again = Broker(10)
+    again.generation = 2
+    again.orders[first] = OrderReport(first, 2000, "Filled", Decimal(10))
+    again.fills.append(Fill("x1", OURS, first, 2000, KEY, Decimal(-10), 99.0, True))
+    restored.step(again.obs(), POLICY, 4)
+
+    # Assert: the stranger's fill is not the child's (by its permId), and it is foreign
+    child = child_of(restored, first)
+    assert child.perm_id == 1100 and child.filled == 0

@@ -225,6 +225,17 @@ async def test_guard_killed_mid_flatten_then_restart_knows_its_children_and_only
         # zero) and the bot's order was not one of them
         after = since_restart()
         assert after[0]["halted"] is True
+        # each child's permId was journaled when the broker first reported it (by the dead
+        # guard, or by the restarted one for what it had not seen): what a restart claims by
+        acknowledged = {
+            int(r["order_id"]): int(r["perm_id"])
+            for r in records()
+            if r.get("kind") == "child_order_acknowledged"
+        }
+        at_gateway = {
+            o.order_id: o.perm_id for o in sim.exchange.orders() if o.client_id == GUARD_CLIENT_ID
+        }
+        assert acknowledged and all(at_gateway[i] == p for i, p in acknowledged.items())
         impostor = bot_order(sim, order_id)
         assert impersonations(after) == [(BOT_CLIENT_ID, order_id, impostor.perm_id, label)]
         assert impostor.status == "Cancelled"

@@ -828,15 +828,24 @@ class Book:
 
     # own orders --------------------------------------------------------------
 
-    def claim_order_id(self, order_id: OrderId | int) -> None:
+    def claim_order_id(self, order_id: OrderId | int, perm_id: PermId | int | None = None) -> None:
         """Mark an order id as allocated by guardd, before the order is sent (or, after a
-        restart, for the children the journal says a previous process sent). Orders of
-        `own_client_id` with this id are guardd's own from then on."""
+        restart, for the children the journal says a previous process sent, with the permId
+        the journal recorded for it when known). Orders of `own_client_id` with this id are
+        guardd's own from then on; with a permId, the order with that permId (and no other
+        order re-using the id) is."""
         oid = OrderId(int(order_id))
-        if oid <= 0 or oid in self._claimed:
+        perm = PermId(int(perm_id)) if perm_id is not None and int(perm_id) > 0 else None
+        if oid <= 0:
             return
-        self._claimed[oid] = None
-        if self.own_client_id is None:
+        known = oid in self._claimed
+        if not known:
+            self._claimed[oid] = None
+        if perm is not None and self._claimed[oid] is None and perm not in self._own_perms:
+            self._claimed[oid] = perm
+            self._own_perms[perm] = oid
+            self._reclassify(perm)
+        if known or self.own_client_id is None:
             return
         # Normally nothing is known yet; an order already reported is re-classified.
         co = (self.own_client_id, oid)
@@ -844,6 +853,11 @@ class Book:
         order = None if key is None else self._orders.get(key)
         if key is not None and order is not None:
             self._learn_perm(key, order.client_id, order.order_id)
+            self._classify(key, order, self.is_own(order))
+
+    def _reclassify(self, key: PermId) -> None:
+        order = self._orders.get(key)
+        if order is not None:
             self._classify(key, order, self.is_own(order))
 
     @property

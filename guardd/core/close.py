@@ -13,8 +13,9 @@ What is accounted, and how
 Per position the episode keeps a ledger:
 
 - Our children, known by identity: our API client id and the order id the executor allocated
-  (plus the permId once the broker reports it). orderRef is never used to recognise them. A
-  child is never dropped within the episode.
+  (plus the permId once the broker reports it, journaled as `child_order_acknowledged` so that a
+  restarted guard knows it too). orderRef is never used to recognise them. A child is never
+  dropped within the episode.
 - Every fill on the account, once, by execId. A fill of one of our children adds to that
   child's `filled` (the larger of its executions' sum and its orderStatus `filled`, so a fill
   reported by status before its execution is not forgotten). Any other fill on the contract
@@ -384,6 +385,11 @@ class CloseEpisode:
                     )
                 )
                 count += 1
+            elif kind == "child_order_acknowledged":
+                known = self._by_order_id.get(int(rec.get("order_id", 0)))
+                perm_id = int(rec.get("perm_id") or 0)
+                if known is not None and perm_id > 0 and not known.perm_id:
+                    known.perm_id = perm_id
             elif kind == "close_anchor":
                 fills = rec.get("fills") or []
                 child_fills = rec.get("child_fills") or {}
@@ -402,7 +408,7 @@ class CloseEpisode:
     def step(self, obs: Observation, policy: ClosePolicy, budget: int) -> Round:
         """Account what the Book shows, then decide this round's cancels and children."""
         records: list[Record] = []
-        self._account_fills(obs)
+        self._account_fills(obs, records)
         self._refresh_children(obs, records)
         keys = set(obs.positions) | {c.key for c in self.children.values()} | set(self._ledgers)
         cancels: list[Cancel] = []
@@ -514,7 +520,7 @@ class CloseEpisode:
         self.round_started = now
         self.overdue = False
 
-    def _account_fills(self, obs: Observation) -> None:
+    def _account_fills(self, obs: Observation, records: list[Record]) -> None:
         for fill in obs.fills:
             if fill.exec_id in self._foreign or fill.exec_id in self._own:
                 continue
@@ -524,6 +530,7 @@ class CloseEpisode:
             else:
                 self._own[fill.exec_id] = (child, abs(fill.quantity))
                 child.exec_filled += abs(fill.quantity)
+                self._learn_perm(child, fill.perm_id, records)
             ledger = self._ledger(fill.key)
             ledger.last_activity = max(ledger.last_activity, fill.ts)
 
@@ -553,8 +560,7 @@ class CloseEpisode:
             if report is not None and child.perm_id and report.perm_id not in (0, child.perm_id):
                 report = None  # an order of ours with a re-used id: not this child
             if report is not None:
-                if report.perm_id:
-                    child.perm_id = report.perm_id
+                self._learn_perm(child, report.perm_id, records)
                 child.status_filled = max(child.status_filled, report.filled)
                 child.status = child_status(report.status, child.status)
                 if was_live and child.status is ChildStatus.REJECTED:
@@ -578,6 +584,24 @@ class CloseEpisode:
                 child.finished_at = obs.now
                 ledger = self._ledger(child.key)
                 ledger.last_activity = max(ledger.last_activity, obs.now)
+
+    def _learn_perm(self, child: Child, perm_id: int, records: list[Record]) -> None:
+        """The broker's permId of a child, the first time it is reported: journaled, so a
+        restarted guard knows the child by it too (`restore`)."""
+        if perm_id <= 0 or child.perm_id:
+            return
+        child.perm_id = perm_id
+        records.append(
+            Record(
+                "child_order_acknowledged",
+                {
+                    "decision_id": self.decision_id,
+                    "order_id": child.order_id,
+                    "perm_id": perm_id,
+                    "order_ref": child.order_ref,
+                },
+            )
+        )
 
     def _expected(
         self,
