@@ -42,6 +42,7 @@ RECORDED = (
     "commissionAndFeesReport",
     "tickPrice",
     "tickSize",
+    "marketDataType",
     "contractDetails",
     "contractDetailsEnd",
     "currentTime",

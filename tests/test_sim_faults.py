@@ -435,3 +435,111 @@ async def test_orders_cancelled_while_dropped_then_owner_reconnects_to_none_and_
     finally:
         await owner.stop()
         await other.stop()
+
+
+# ---- market data faults ---------------------------------------------------------------------
+
+AAPL, MSFT = 265598, 272093
+BID_SIZE, LAST, DELAYED_LAST = 0, 4, 68
+
+
+def _ticks(client: IbapiClient, req_id: int, name: str = "tickPrice") -> list[tuple[object, ...]]:
+    return [args for args in client.named(name) if args[0] == req_id]
+
+
+async def test_quiet_market_then_size_ticks_keep_the_quote_alive(sim: SimGateway) -> None:
+    # volatility 0: prices never move, sizes change every market step (as TWS streams them)
+    client = await connected(sim.port, 3)
+    try:
+        client.reqMktData(1, stock("AAPL"), "", False, False, [])
+        await client.wait_for("tickPrice", lambda a: a[0] == 1, count=3)
+        first = len(_ticks(client, 1, "tickSize"))
+        await client.wait_for(
+            "tickSize", lambda a: a[0] == 1 and a[1] == BID_SIZE, count=first // 3 + 5
+        )
+        assert {a[2] for a in _ticks(client, 1)} <= {189.99, 190.0, 190.01}
+    finally:
+        await client.stop()
+
+
+async def test_market_data_frozen_then_no_ticks_until_cleared(sim: SimGateway) -> None:
+    client = await connected(sim.port, 3)
+    try:
+        sim.fault_market_data([AAPL], lag_s=None)
+        client.reqMktData(1, stock("AAPL"), "", False, False, [])
+        client.reqMktData(2, stock("MSFT"), "", False, False, [])
+        # MSFT keeps ticking meanwhile: plenty of time for AAPL ticks, had there been any
+        await client.wait_for("tickSize", lambda a: a[0] == 2, count=30)
+        assert _ticks(client, 1) == [] and _ticks(client, 1, "tickSize") == []
+
+        sim.clear_market_data_fault([AAPL])
+
+        await client.wait_for("tickPrice", lambda a: a[0] == 1, count=3)
+    finally:
+        await client.stop()
+
+
+async def test_market_data_lagging_as_delayed_ticks_then_old_prices_then_the_jump(
+    sim: SimGateway,
+) -> None:
+    client = await connected(sim.port, 3)
+    try:
+        client.reqMktData(1, stock("AAPL"), "", False, False, [])
+        await client.wait_for("tickPrice", lambda a: a[0] == 1, count=3)
+        sim.fault_market_data([AAPL], lag_s=0.5, delayed_ticks=True)
+        await client.wait_for("marketDataType", lambda a: a == (1, 3))
+        sim.jump_price(AAPL, -0.10)
+        # the market moved; the lagging feed still shows the old price, for lag_s
+        lagging = sim.lagging_quote(AAPL)
+        assert lagging is not None and lagging.last == 190.0
+        assert sim.exchange.quote(AAPL).last == pytest.approx(171.0, rel=0.01)
+        jumped = await client.wait_for(
+            "tickPrice", lambda a: a[0] == 1 and a[1] == DELAYED_LAST and a[2] < 180
+        )
+        assert jumped[0][2] == pytest.approx(171.0, rel=0.01)
+        assert not [a for a in _ticks(client, 1) if a[1] == LAST and a[2] < 180]  # never live
+        sim.clear_market_data_fault([AAPL])
+
+        await client.wait_for("marketDataType", lambda a: a == (1, 1))
+        await client.wait_for("tickPrice", lambda a: a[0] == 1 and a[1] == LAST and a[2] < 180)
+    finally:
+        await client.stop()
+
+
+async def test_scheduled_market_data_fault_then_played_and_lifted(
+    sim: SimGateway, scenario: Scenario
+) -> None:
+    faults = parse_scenario(
+        {
+            **SCENARIO,
+            "faults": [
+                {"at_s": 0.0, "kind": "market_data", "symbols": ["AAPL"], "seconds": 0.1},
+                {
+                    "at_s": 0.0,
+                    "kind": "market_data",
+                    "symbols": ["MSFT"],
+                    "mode": "lag",
+                    "lag_s": 2.0,
+                },
+            ],
+        }
+    ).faults
+    await run_faults(sim, scenario, faults)
+    assert set(sim.market_data_faults) == {MSFT}
+    assert sim.market_data_faults[MSFT].lag_s == 2.0
+    assert sim.lagging_quote(AAPL) == sim.exchange.quote(AAPL)  # live again
+
+
+@pytest.mark.parametrize(
+    ("fault", "named"),
+    [
+        ({"mode": "lag"}, "lag_s: required"),
+        ({"mode": "freeze", "lag_s": 1.0}, "only with mode"),
+        ({"symbols": ["NOPE"]}, r"faults\[0\]\.symbols: unknown symbol"),
+    ],
+)
+def test_bad_market_data_fault_then_error_names_the_key(
+    fault: dict[str, object], named: str
+) -> None:
+    with pytest.raises(ScenarioError, match=named):
+        parse_scenario({**SCENARIO, "faults": [{"at_s": 0, "kind": "market_data", **fault}]})

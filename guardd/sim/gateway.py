@@ -27,6 +27,7 @@ from typing import ClassVar, assert_never
 
 from guardd.sim import codec
 from guardd.sim.exchange import Exchange, OrderNotCancellableError, OrderNotFoundError
+from guardd.sim.market import Quote
 from guardd.sim.types import (
     AccountChanged,
     ContractSpec,
@@ -75,8 +76,11 @@ REQ_PNL_SINGLE = 94
 CANCEL_PNL_SINGLE = 95
 REQ_COMPLETED_ORDERS = 99
 
-# Tick types.
+# Tick types: (bid, bid size, ask, ask size, last, last size), live and IB's delayed data.
 TICK_BID_SIZE, TICK_BID, TICK_ASK, TICK_ASK_SIZE, TICK_LAST, TICK_LAST_SIZE = 0, 1, 2, 3, 4, 5
+LIVE_TICKS = (TICK_BID, TICK_BID_SIZE, TICK_ASK, TICK_ASK_SIZE, TICK_LAST, TICK_LAST_SIZE)
+DELAYED_TICKS = (66, 69, 67, 70, 68, 71)
+REAL_TIME_DATA, DELAYED_DATA = 1, 3  # marketDataType
 
 _VERSION_RANGE = re.compile(r"^v(\d+)(?:\.\.(\d+))?")
 
@@ -135,7 +139,29 @@ class _Subscriptions:
     pnl: dict[int, str] = field(default_factory=dict)  # reqId -> account
     pnl_single: dict[int, tuple[str, int]] = field(default_factory=dict)  # reqId -> (acct, conId)
     market_data: dict[int, int] = field(default_factory=dict)  # reqId -> conId
-    last_quote: dict[int, tuple[float, float, float]] = field(default_factory=dict)
+    # reqId -> (bid, bid size, ask, ask size, last, last size) last sent
+    last_quote: dict[int, tuple[float, ...]] = field(default_factory=dict)
+
+
+QUOTE_HISTORY_S = 120.0  # how far back a lagging market-data feed can be
+
+
+@dataclass(frozen=True, slots=True)
+class MarketDataFault:
+    """Market data of one contract frozen (no ticks at all) or lagging `lag_s` behind the market,
+    as IB's delayed-data tick types when `delayed_ticks`."""
+
+    lag_s: float | None  # None: frozen
+    delayed_ticks: bool = False
+
+
+def _quote_at(history: deque[tuple[float, Quote]], when: float) -> Quote | None:
+    """The latest quote at or before `when` (the oldest kept when none is that old)."""
+    found = history[0][1] if history else None
+    for ts, quote in reversed(history):
+        if ts <= when:
+            return quote
+    return found
 
 
 class Session:
@@ -224,6 +250,9 @@ class SimGateway:
         # Faults on position updates.
         self.position_delay_s = 0.0
         self.position_duplicates = 0
+        # Faults on market data, by conId; each instrument's recent quotes, for a lagging feed.
+        self.market_data_faults: dict[int, MarketDataFault] = {}
+        self._quote_history: dict[int, deque[tuple[float, Quote]]] = {}
         # Silent freeze: nothing read or written on any connection, none closed.
         self.frozen = False
         self._thawed = asyncio.Event()
@@ -855,17 +884,29 @@ class SimGateway:
     def _send_quote(
         self, session: Session, req_id: int, con_id: int, *, force: bool = False
     ) -> None:
-        quote = self.exchange.quote(con_id)
-        key = (quote.bid, quote.ask, quote.last)
-        if not force and session.subs.last_quote.get(req_id) == key:
+        """Send what changed of a quote, as TWS does: a price tick (with its size tick) where a
+        price moved, a size tick alone where only the size changed; everything when `force`.
+        A market-data fault holds the ticks back (frozen) or sends an older quote (lag)."""
+        fault = self.market_data_faults.get(con_id)
+        quote: Quote | None = self.exchange.quote(con_id)
+        ticks = LIVE_TICKS
+        if fault is not None:
+            quote = self.lagging_quote(con_id)
+            ticks = DELAYED_TICKS if fault.delayed_ticks else LIVE_TICKS
+        if quote is None:
+            return
+        key = (quote.bid, quote.bid_size, quote.ask, quote.ask_size, quote.last, quote.last_size)
+        sent = session.subs.last_quote.get(req_id)
+        if not force and sent == key:
             return
         session.subs.last_quote[req_id] = key
-        session.send(codec.tick_price_fields(req_id, TICK_BID, quote.bid, quote.bid_size))
-        session.send(codec.tick_size_fields(req_id, TICK_BID_SIZE, quote.bid_size))
-        session.send(codec.tick_price_fields(req_id, TICK_ASK, quote.ask, quote.ask_size))
-        session.send(codec.tick_size_fields(req_id, TICK_ASK_SIZE, quote.ask_size))
-        session.send(codec.tick_price_fields(req_id, TICK_LAST, quote.last, quote.last_size))
-        session.send(codec.tick_size_fields(req_id, TICK_LAST_SIZE, quote.last_size))
+        for n in range(0, 6, 2):
+            price, size = key[n], key[n + 1]
+            if force or sent is None or sent[n] != price:
+                session.send(codec.tick_price_fields(req_id, ticks[n], price, size))
+                session.send(codec.tick_size_fields(req_id, ticks[n + 1], size))
+            elif sent[n + 1] != size:
+                session.send(codec.tick_size_fields(req_id, ticks[n + 1], size))
 
     async def _market_loop(self) -> None:
         while True:
@@ -874,7 +915,9 @@ class SimGateway:
 
     def step_market(self) -> None:
         """Advance prices and resting orders to now, and send market data that changed."""
-        self.route(self.exchange.advance(self.clock()))
+        now = self.clock()
+        self.route(self.exchange.advance(now))
+        self._record_quotes(now)
         for s in list(self.sessions.values()):
             for req_id, con_id in list(s.subs.market_data.items()):
                 self._send_quote(s, req_id, con_id)
@@ -1030,6 +1073,73 @@ class SimGateway:
     def duplicate_positions(self, copies: int) -> None:
         log.warning("fault: every position update sent %d extra time(s)", copies)
         self.position_duplicates = copies
+
+    def _record_quotes(self, now: float) -> None:
+        for instrument in self.exchange.instruments:
+            history = self._quote_history.setdefault(instrument.con_id, deque())
+            history.append((now, self.exchange.quote(instrument.con_id)))
+            while len(history) > 1 and history[0][0] < now - QUOTE_HISTORY_S:
+                history.popleft()
+
+    def lagging_quote(self, con_id: int) -> Quote | None:
+        """What a market-data fault lets through for a contract now: nothing when frozen, the
+        quote of `lag_s` ago when lagging (live data when there is no fault)."""
+        fault = self.market_data_faults.get(con_id)
+        if fault is None:
+            return self.exchange.quote(con_id)
+        if fault.lag_s is None:
+            return None
+        history = self._quote_history.get(con_id)
+        if not history:
+            return None
+        return _quote_at(history, self.clock() - fault.lag_s)
+
+    def quote_history_s(self, con_id: int) -> float:
+        """How many seconds of a contract's quotes the gateway holds (bounds a lag)."""
+        history = self._quote_history.get(con_id)
+        return 0.0 if not history else self.clock() - history[0][0]
+
+    def fault_market_data(
+        self, con_ids: Iterable[int], *, lag_s: float | None, delayed_ticks: bool = False
+    ) -> None:
+        """Freeze (`lag_s` None: no ticks at all, new subscriptions included) or lag the market
+        data of these contracts by `lag_s` seconds (at most `QUOTE_HISTORY_S`), as IB's delayed
+        tick types (66-71, announced with marketDataType 3) when `delayed_ticks`. A lagging feed
+        sends the quotes of `lag_s` ago from the gateway's own record (the oldest it has while
+        it has run less than that). The market itself trades on."""
+        if lag_s is not None and not 0 < lag_s <= QUOTE_HISTORY_S:
+            raise ValueError(f"lag_s must be in (0, {QUOTE_HISTORY_S}]")
+        self._record_quotes(self.clock())
+        for con_id in con_ids:
+            log.warning(
+                "fault: market data of %d %s",
+                con_id,
+                "frozen" if lag_s is None else f"{lag_s:.1f} s behind",
+            )
+            fault = MarketDataFault(lag_s, delayed_ticks and lag_s is not None)
+            self.market_data_faults[con_id] = fault
+            if fault.delayed_ticks:
+                self._announce_data_type(con_id, DELAYED_DATA)
+
+    def clear_market_data_fault(self, con_ids: Iterable[int]) -> None:
+        """Live market data again for these contracts: the current quote goes out at once."""
+        for con_id in con_ids:
+            fault = self.market_data_faults.pop(con_id, None)
+            if fault is None:
+                continue
+            log.warning("fault: market data of %d live again", con_id)
+            if fault.delayed_ticks:
+                self._announce_data_type(con_id, REAL_TIME_DATA)
+            for s in list(self.sessions.values()):
+                for req_id, sub_con in list(s.subs.market_data.items()):
+                    if sub_con == con_id:
+                        self._send_quote(s, req_id, con_id, force=True)
+
+    def _announce_data_type(self, con_id: int, data_type: int) -> None:
+        for s in list(self.sessions.values()):
+            for req_id, sub_con in list(s.subs.market_data.items()):
+                if sub_con == con_id:
+                    s.send(codec.market_data_type_fields(req_id, data_type))
 
     def jump_price(self, con_id: int, fraction: float) -> None:
         log.warning("fault: price of %d jumps by %+.1f %%", con_id, fraction * 100)

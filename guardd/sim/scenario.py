@@ -169,6 +169,25 @@ class SplitModifies(_Fault):
     seconds: Annotated[float, Field(gt=0)] | None = None  # None: for the rest of the run
 
 
+class MarketData(_Fault):
+    """Market data of some contracts frozen (no ticks) or lagging `lag_s` behind the market."""
+
+    kind: Literal["market_data"]
+    symbols: list[str] = []  # empty: every instrument
+    mode: Literal["freeze", "lag"] = "freeze"
+    lag_s: Annotated[float, Field(gt=0, le=120)] | None = None  # mode = "lag" only
+    delayed_ticks: bool = False  # mode = "lag": as IB's delayed-data tick types (66-71)
+    seconds: Annotated[float, Field(gt=0)] | None = None  # None: for the rest of the run
+
+    @model_validator(mode="after")
+    def _mode_fits(self) -> MarketData:
+        if self.mode == "lag" and self.lag_s is None:
+            raise ValueError('lag_s: required when mode = "lag"')
+        if self.mode == "freeze" and (self.lag_s is not None or self.delayed_ticks):
+            raise ValueError('lag_s, delayed_ticks: only with mode = "lag"')
+        return self
+
+
 class Liquidate(_Fault):
     kind: Literal["liquidate"]
     account: str = ""  # default: the first account
@@ -195,6 +214,7 @@ Fault = Annotated[
     | Freeze
     | DailyReset
     | SplitModifies
+    | MarketData
     | Liquidate
     | CancelOrdersWhileDropped,
     Field(discriminator="kind"),
@@ -253,6 +273,9 @@ class Scenario(_Strict):
             symbol = getattr(fault, "symbol", "")
             if symbol and symbol not in symbols:
                 raise ValueError(f"faults[{n}].symbol: unknown symbol {symbol!r}")
+            for name in getattr(fault, "symbols", ()):
+                if name not in symbols:
+                    raise ValueError(f"faults[{n}].symbols: unknown symbol {name!r}")
             account = getattr(fault, "account", "")
             if account and account not in accounts:
                 raise ValueError(f"faults[{n}].account: unknown account {account!r}")
@@ -385,6 +408,16 @@ async def _apply(gateway: SimGateway, scenario: Scenario, fault: Fault) -> None:
             if seconds is not None:
                 await asyncio.sleep(seconds)
                 gateway.split_modifies(False)
+        case MarketData(symbols=names, mode=mode, lag_s=lag_s, delayed_ticks=delayed, seconds=sec):
+            con_ids = [scenario.con_id(name) for name in names] or [
+                i.con_id for i in scenario.instruments
+            ]
+            gateway.fault_market_data(
+                con_ids, lag_s=lag_s if mode == "lag" else None, delayed_ticks=delayed
+            )
+            if sec is not None:
+                await asyncio.sleep(sec)
+                gateway.clear_market_data_fault(con_ids)
         case Liquidate(account=account, symbol=symbol, quantity=quantity):
             gateway.liquidate(account or scenario.accounts[0].id, scenario.con_id(symbol), quantity)
         case CancelOrdersWhileDropped(seconds=seconds, client_id=client_id):
