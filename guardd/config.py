@@ -42,6 +42,7 @@ __all__ = [
     "ControlConfig",
     "DailyLossLimit",
     "DrawdownLimit",
+    "EscalationStep",
     "FlattenConfig",
     "HeartbeatLimits",
     "HttpControlConfig",
@@ -382,12 +383,45 @@ class KillConfig(_Model):
 class OrderPolicy(_Model):
     """How guardd closes positions of one asset class.
 
-    "LMT" is a marketable limit: last price -/+ ``collar`` (fraction) for a sell / buy.
+    "LMT" is a marketable limit: a fresh bid (sell) / ask (buy), else last, else mark, -/+
+    ``collar`` (fraction). ``allow_market``: a market order may stand in for a limit when no price
+    is fresh, or when the re-pricing escalation reaches ``market``; unset, it is allowed when
+    the class closes with "MKT" in some session.
     """
 
     regular_hours: OrderKind = "MKT"
     outside_hours: OrderKind = "LMT"
     collar: Annotated[float, Field(gt=0, le=0.5)] = 0.01
+    allow_market: bool | None = None
+
+    @property
+    def market_allowed(self) -> bool:
+        """Whether a market order may replace a limit for this class (see ``allow_market``)."""
+        if self.allow_market is not None:
+            return self.allow_market
+        return "MKT" in (self.regular_hours, self.outside_hours)
+
+
+class EscalationStep(_Model):
+    """One re-pricing step: ``{ widen = 0.05 }`` widens the collar by that fraction over the step
+    before; ``{ market = true }`` sends a market order where the class allows one."""
+
+    widen: Annotated[float, Field(gt=0, le=0.5)] | None = None
+    market: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Self:
+        if self.market is False:
+            raise _broken("market", "must be true (leave the step out instead)")
+        if (self.widen is None) == (self.market is None):
+            raise PydanticCustomError(
+                "guardd_step", "give exactly one of widen = <fraction> or market = true"
+            )
+        return self
+
+
+def _default_escalation() -> tuple[EscalationStep, ...]:
+    return (EscalationStep(widen=0.05), EscalationStep(market=True))
 
 
 _DEFAULT_ORDER_POLICY: dict[SecType, dict[str, Any]] = {
@@ -404,7 +438,8 @@ def _default_policies() -> dict[SecType, OrderPolicy]:
 
 
 class FlattenConfig(_Model):
-    """Flatten orders: policy per asset class, child order size, how long to wait for "flat"."""
+    """Flatten orders: policy per asset class, child order size, how long to wait for "flat",
+    how fresh a price a close limit needs and how a close that does not fill is re-priced."""
 
     verify_timeout_s: Seconds = 30.0
     max_child_qty: Annotated[float, Field(gt=0)] | None = None
@@ -417,6 +452,11 @@ class FlattenConfig(_Model):
     # After a re-sync, how long a child the broker no longer reports may still turn up.
     lost_order_grace_s: Seconds = 2.0
     order_policy: dict[SecType, OrderPolicy] = Field(default_factory=_default_policies)
+    max_price_age_s: Seconds = 10.0
+    reprice_after_s: Seconds = 10.0
+    escalation: Annotated[tuple[EscalationStep, ...], Field(strict=False, max_length=20)] = Field(
+        default_factory=_default_escalation
+    )
 
     @field_validator("order_policy", mode="before")
     @classmethod

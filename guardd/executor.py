@@ -14,8 +14,9 @@
   children's orders and every execution) and carries out what it returns: cancels and child
   orders, paced on the flatten lane, and facts for the journal. The episode lasts while the
   engine stays HALTED in flatten mode (or REDUCING): exposure that appears after "flat
-  confirmed" starts a new close round. Every decision about what to close is the episode's;
-  the executor only does the I/O.
+  confirmed" starts a new close round. Every decision about what to close is the episode's,
+  re-pricing included (a close limit that does not fill is cancelled and replaced one
+  escalation step up, `guardd.core.pricing`); the executor only does the I/O.
 - `ClearLatch` (an accepted re-arm) rewrites the latch as armed and ends any close episode; a
   reduce episode ends when the engine leaves REDUCING.
 - Dry run: every decision and every child order that would be sent is journaled; nothing is sent.
@@ -55,6 +56,7 @@ from guardd.core.close import (
     Held,
     Observation,
     OrderReport,
+    Record,
     sequence_of,
 )
 from guardd.core.engine import (
@@ -78,7 +80,6 @@ from guardd.metrics import Metrics
 log = structlog.get_logger(__name__)
 
 _NEW_YORK = ZoneInfo("America/New_York")
-_REJECT_CODES = frozenset({201, 203, 10147, 110, 200})
 
 
 class BrokerPort(Protocol):
@@ -421,21 +422,15 @@ class Executor:
             self._wake.set()
 
     def on_broker_error(self, error: BrokerError) -> None:
-        """A reject of one of our children (201 etc. with its order id)."""
+        """An error naming one of our children's order ids: a reject (201 etc.), or the
+        broker's answer to one of our cancels, which the episode tells apart."""
         episode = self.episode
-        if episode is None or error.code not in _REJECT_CODES:
+        if episode is None:
             return
-        child = episode.reject(error.req_id, self.clock())
-        if child is None:
+        record = episode.broker_error(error.req_id, error.code, error.message, self.clock())
+        if record is None:
             return
-        self._journal(
-            "child_order_rejected",
-            decision_id=episode.decision_id,
-            order_ref=child.order_ref,
-            code=error.code,
-            message=error.message,
-        )
-        log.warning("child_order_rejected", order_ref=child.order_ref, code=error.code)
+        self._journal_record(record)
         self._wake.set()
 
     async def stop_episode(self, why: str) -> None:
@@ -501,10 +496,7 @@ class Executor:
             | {c.key.con_id for c in episode.children.values() if c.live}
         )
         for record in plan.records:
-            fields = dict(record.fields)
-            fields.setdefault("decision_id", episode.decision_id)
-            self._journal(record.kind, **fields)
-            getattr(log, record.level)(record.kind, **_loggable(fields))
+            self._journal_record(record, episode.decision_id)
             if record.kind == "flat_confirmed" or record.kind == "reduce_confirmed":
                 self.last_flat_confirmed = now
         for note in plan.notes:
@@ -520,6 +512,16 @@ class Executor:
             await self._send_child(episode, order)
         if self.metrics is not None:
             self.metrics.set_flatten(plan.off_target, plan.overdue and plan.off_target > 0)
+
+    def _journal_record(self, record: Record, decision_id: int | None = None) -> None:
+        """Journal and log a fact of the close episode."""
+        fields = dict(record.fields)
+        if decision_id is not None:
+            fields.setdefault("decision_id", decision_id)
+        self._journal(record.kind, **fields)
+        getattr(log, record.level)(record.kind, **_loggable(fields))
+        if record.kind == "close_child_repriced" and self.metrics is not None:
+            self.metrics.count_close_repriced()
 
     def _observe(self, now: float) -> Observation:
         """What the Book shows now, in the close episode's terms."""
@@ -613,6 +615,9 @@ class Executor:
             limit_price=order.limit_price,
             planned_against=str(order.planned_against),
             round=episode.round,
+            step=order.step,
+            price_source=None if order.basis is None else str(order.basis.source),
+            price_age_s=None if order.basis is None else round(order.basis.age_s, 3),
         )
         if self.metrics is not None:
             self.metrics.count_flatten_child()
@@ -652,14 +657,17 @@ class Executor:
 
         The price is the contract's latest market price, never a position value divided by a
         quantity: value (pnlSingle) and quantity (position) come on separate streams and may be
-        out of step, and a limit derived from them could sit anywhere. No price, no limit: the
-        planner notes it (or closes with a market order where the policy says so)."""
+        out of step, and a limit derived from them could sit anywhere. A limit comes only from
+        `prices` (bid, ask, last, mark, each with the time it was received) and only from a fresh
+        one; without one the planner notes it (or closes with a market order where the class
+        allows it)."""
         rth = regular_hours(self.clock())
         for p in self.book.positions.values():
             if p.account != self.account or (p.quantity == 0 and not all_):
                 continue
             key = planner.PositionKey(planner.AccountId(p.account), planner.ConId(p.con_id))
-            price = self.book.quote(p.con_id).reference
+            quote = self.book.quote(p.con_id)
+            price = quote.reference
             yield planner.ConfirmedPosition(
                 key=key,
                 symbol=p.symbol,
@@ -673,6 +681,9 @@ class Executor:
                 # The Book does not know contract tick sizes; futures close with MKT by default.
                 min_tick=Decimal("0.01"),
                 regular_hours=rth or p.sec_type != "STK",
+                # A close limit comes only from these, each with the time it was received, and
+                # only from a fresh one (guardd.core.pricing); `price` ranks by exposure.
+                prices=quote.close_prices(),
             )
 
     def _journal_decision(self, decision: Decision) -> None:

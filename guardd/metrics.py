@@ -15,6 +15,7 @@ Exported (prefix ``guardd_``; counters end in ``_total``)::
     guardd_orders_cancelled_total                     orders seen cancelled by the guard
     guardd_flatten_child_orders_total                 child orders sent to close positions
     guardd_impersonated_orders_total                  foreign orders labelled guardd: (once each)
+    guardd_close_repriced_total                       close limits cancelled unfilled, re-priced
     guardd_gross_position_value                       gross position value, base currency
     guardd_net_liquidation                            net liquidation, base currency
     guardd_leverage                                   gross / net liquidation
@@ -221,6 +222,12 @@ class Metrics:
             registry=r,
         )
         self._impersonated.labels(account)  # exported at 0 from the start: alerts see the rise
+        self._close_repriced = Counter(
+            "guardd_close_repriced_total",
+            "Close child orders cancelled unfilled and replaced at a fresh price.",
+            a,
+            registry=r,
+        )
         self._gross = Gauge(
             "guardd_gross_position_value", "Gross position value, base currency.", a, registry=r
         )
@@ -293,6 +300,7 @@ class Metrics:
             self._kills.labels(account, source)
         self._cancelled.labels(account)
         self._flatten_children.labels(account)
+        self._close_repriced.labels(account)
         self._ib_connected.labels(account).set(0)
         self._flatten_pending.labels(account).set(0)
         self._flatten_overdue.labels(account).set(0)
@@ -379,6 +387,10 @@ class Metrics:
     def count_impersonated(self, n: int = 1) -> None:
         """Count `n` foreign orders seen carrying the guard's own orderRef label."""
         self._impersonated.labels(self.account).inc(n)
+
+    def count_close_repriced(self) -> None:
+        """Count one close child replaced at a fresh price after it did not fill."""
+        self._close_repriced.labels(self.account).inc()
 
     def set_flatten(self, pending: int, overdue: bool) -> None:
         """Positions not yet flat while a flatten runs, and whether it has overrun its deadline."""

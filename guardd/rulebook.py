@@ -14,6 +14,7 @@ from guardd.core import rules
 from guardd.core.close import CloseSettings
 from guardd.core.engine import Policy
 from guardd.core.planner import ClosePolicy, OrderType, OrderTypeRule
+from guardd.core.pricing import Market, RepricePolicy, Widen
 
 _SECONDS_PER_DAY_SESSION = 6.5 * 3600  # a "daily" volatility horizon: one trading session
 _SAMPLES_PER_WINDOW = 40  # price samples the Book keeps per volatility window (rule needs 10)
@@ -194,9 +195,18 @@ def build_close_policy(cfg: Config) -> ClosePolicy:
             OrderType(policy.regular_hours),
             collar=policy.collar,
             limit_outside_rth=policy.outside_hours == "LMT",
+            allow_market=policy.market_allowed,
         )
         for sec_type, policy in cfg.flatten.order_policy.items()
     }
+    flatten = cfg.flatten
+    reprice = RepricePolicy(
+        max_price_age_s=flatten.max_price_age_s,
+        reprice_after_s=flatten.reprice_after_s,
+        escalation=tuple(
+            Market() if step.market else Widen(step.widen or 0.0) for step in flatten.escalation
+        ),
+    )
     max_child = cfg.flatten.max_child_qty
     return ClosePolicy(
         order_types=order_types,
@@ -204,4 +214,5 @@ def build_close_policy(cfg: Config) -> ClosePolicy:
         # Never give up on a position: a rejected close (market closed) is retried, with a
         # back-off in the executor, and escalated when not flat in time.
         max_rejects=None,
+        reprice=reprice,
     )

@@ -27,7 +27,9 @@ from guardd.core.events import (
     PositionUpdate,
     PositionValue,
     PriceTick,
+    SizeTick,
 )
+from guardd.core.pricing import ClosePrices, PricePoint
 
 ACC = "DU111"
 
@@ -143,6 +145,41 @@ def test_position_then_valued_from_price_and_totalled() -> None:
     book = synced_book(pos(1, 100, mult=1.0), tick(1, 20.0), pos(2, -5, mult=50.0), tick(2, 4.0))
     assert book.exposure().gross == 100 * 20.0 + 5 * 50 * 4.0
     assert book.position(ConId(2)) is not None
+
+
+def test_price_ticks_then_each_field_keeps_its_own_time() -> None:
+    book = synced_book(
+        PriceTick(con_id=ConId(1), field="bid", price=99.0, ts=1.0),
+        PriceTick(con_id=ConId(1), field="ask", price=101.0, ts=2.0),
+        PriceTick(con_id=ConId(1), field="last", price=100.0, ts=3.0),
+    )
+    prices = book.quote(ConId(1)).close_prices()
+    assert prices == ClosePrices(
+        bid=PricePoint(99.0, 1.0), ask=PricePoint(101.0, 2.0), last=PricePoint(100.0, 3.0)
+    )
+    assert book.quote(ConId(1)).ts == 3.0  # any field: when the contract last ticked
+
+
+def test_size_tick_at_an_unchanged_price_then_that_price_is_current_again() -> None:
+    book = synced_book(
+        PriceTick(con_id=ConId(1), field="bid", price=99.0, ts=1.0),
+        SizeTick(con_id=ConId(1), field="bid", ts=7.0),
+        SizeTick(con_id=ConId(1), field="ask", ts=7.0),  # no ask price yet: nothing to confirm
+        SizeTick(con_id=ConId(2), field="bid", ts=7.0),  # no quote at all
+    )
+    prices = book.quote(ConId(1)).close_prices()
+    assert prices.bid == PricePoint(99.0, 7.0)
+    assert prices.ask is None
+    assert book.quote(ConId(2)).close_prices() == ClosePrices()
+
+
+def test_delayed_tick_then_marked_delayed_until_a_live_tick() -> None:
+    book = synced_book(PriceTick(con_id=ConId(1), field="last", price=100.0, ts=1.0, delayed=True))
+    assert book.quote(ConId(1)).close_prices().last == PricePoint(100.0, 1.0, delayed=True)
+    book.fold(SizeTick(con_id=ConId(1), field="last", ts=2.0, delayed=True))
+    assert book.quote(ConId(1)).close_prices().last == PricePoint(100.0, 2.0, delayed=True)
+    book.fold(PriceTick(con_id=ConId(1), field="last", price=100.5, ts=3.0))
+    assert book.quote(ConId(1)).close_prices().last == PricePoint(100.5, 3.0)
 
 
 def test_position_without_price_then_exposure_untrusted() -> None:

@@ -264,6 +264,32 @@ async def test_watch_prices_then_bid_ask_ticks_for_the_contract(
     assert aapl_bid.price == pytest.approx(190.0, rel=0.01)
 
 
+async def test_quiet_then_size_ticks_and_delayed_feed_then_ticks_marked_delayed(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    broker, recorder = guard
+    await synced(recorder)
+    broker.watch_prices([AAPL])
+    # prices do not move (volatility 0): size ticks say the bid still stands
+    await recorder.wait_for(ev.SizeTick, lambda t: t.con_id == AAPL and t.field == "bid", count=3)
+    assert not [t for t in recorder.of(ev.PriceTick) if t.delayed]
+
+    mark = len(recorder.events)
+    sim.fault_market_data([AAPL], lag_s=0.2, delayed_ticks=True)
+    sim.jump_price(AAPL, -0.05)
+
+    delayed = await recorder.wait_for(
+        ev.PriceTick, lambda t: t.con_id == AAPL and t.field == "last", after=mark
+    )
+    assert delayed[0].delayed and delayed[0].price < 185
+    await recorder.wait_for(ev.SizeTick, lambda t: t.delayed, after=mark)
+
+    mark = len(recorder.events)
+    sim.clear_market_data_fault([AAPL])
+    live = await recorder.wait_for(ev.PriceTick, lambda t: t.con_id == AAPL, after=mark)
+    assert not live[0].delayed
+
+
 async def test_gateway_drops_clients_then_disconnected_reconnected_and_resynced(
     guard: tuple[IbBroker, Recorder], sim: SimGateway
 ) -> None:

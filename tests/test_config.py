@@ -24,7 +24,9 @@ from guardd.config import (
     load_config,
     parse_config,
 )
+from guardd.core.pricing import Market, RepricePolicy, Widen
 from guardd.errors import EX_CONFIG, ConfigError, GuarddError
+from guardd.rulebook import build_close_policy
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EXAMPLE = CONFIGS / "guardd.example.toml"
@@ -104,6 +106,29 @@ def test_order_policy_for_one_class_then_defaults_for_others_kept() -> None:
     assert cfg.flatten.policy_for("CASH") is None
 
 
+def test_repricing_config_then_close_policy_with_those_steps() -> None:
+    text = MINIMAL + (
+        "[flatten]\nmax_price_age_s = 3.0\nreprice_after_s = 7.5\n"
+        "escalation = [{ widen = 0.03 }, { widen = 0.1 }, { market = true }]\n"
+        '[flatten.order_policy.OPT]\nregular_hours = "LMT"\noutside_hours = "LMT"\n'
+        '[flatten.order_policy.CASH]\nregular_hours = "LMT"\nallow_market = true\n'
+    )
+    policy = build_close_policy(parse_config(text))
+    assert policy.reprice == RepricePolicy(
+        max_price_age_s=3.0,
+        reprice_after_s=7.5,
+        escalation=(Widen(0.03), Widen(0.1), Market()),
+    )
+    allowed = {sec: policy.rule_for(sec).market_allowed for sec in ("STK", "FUT", "OPT", "CASH")}
+    assert allowed == {"STK": True, "FUT": True, "OPT": False, "CASH": True}
+
+
+def test_minimal_file_then_repricing_on_by_default() -> None:
+    reprice = build_close_policy(parse_config(MINIMAL)).reprice
+    assert reprice.max_price_age_s == 10.0 and reprice.reprice_after_s == 10.0
+    assert reprice.escalation == (Widen(0.05), Market())
+
+
 def test_lower_is_worse_levels_in_reverse_order_then_accepted() -> None:
     cfg = parse_config(MINIMAL + "[limits.margin_cushion]\nwarn = 0.3\nreduce = 0.2\nkill = 0.1\n")
 
@@ -142,6 +167,20 @@ BAD = [
      "limits.per_order.forbidden_sec_types[1]", "'STK'"),
     ("market stock close outside hours", '[flatten.order_policy.STK]\noutside_hours = "MKT"\n',
      "flatten.order_policy.STK.outside_hours", "outside regular hours"),
+    ("escalation step of two kinds", "[flatten]\nescalation = [{ widen = 0.05, market = true }]\n",
+     "flatten.escalation[0]", "exactly one of widen"),
+    ("escalation step of no kind", "[flatten]\nescalation = [{}]\n",
+     "flatten.escalation[0]", "exactly one of widen"),
+    ("escalation market false", "[flatten]\nescalation = [{ market = false }]\n",
+     "flatten.escalation[0].market", "must be true"),
+    ("escalation unknown key", "[flatten]\nescalation = [{ widden = 0.05 }]\n",
+     "flatten.escalation[0].widden", "unknown key"),
+    ("escalation widen too wide", "[flatten]\nescalation = [{ widen = 0.9 }]\n",
+     "flatten.escalation[0].widen", "less than or equal to 0.5"),
+    ("price age zero", "[flatten]\nmax_price_age_s = 0\n", "flatten.max_price_age_s",
+     "greater than 0"),
+    ("reprice never", "[flatten]\nreprice_after_s = -1.0\n", "flatten.reprice_after_s",
+     "greater than 0"),
     ("half a TLS pair", '[control.http]\ntls_cert_file = "c.pem"\n',
      "control.http.tls_key_file", "required when control.http.tls_cert_file"),
     ("metrics with no server", "[control.http]\nenabled = false\n", "metrics.listen", "separate"),

@@ -65,9 +65,13 @@ def test_new_york_session_then_regular_hours_only_inside() -> None:
     assert not regular_hours(at(2026, 11, 22, 12, 0))  # a Sunday
 
 
+AFTER_HOURS = datetime(2026, 11, 23, 20, 0, tzinfo=NY).timestamp()
+
+
 def out_of_step_book(*, market_price: float | None) -> Book:
     """A synced Book: 1000 AAPL sold down to 500, the pnlSingle value still for the 1000 (its
-    stream lags the position's), and a market price only when given."""
+    stream lags the position's), and a market price only when given (heard just now: a close
+    limit comes only from a fresh price)."""
     book = Book("DU1", created_at=0.0)
     book.fold(Connected(server_version=176, managed_accounts=("DU1",), next_order_id=1, ts=0.0))
     for quantity, ts in ((1000.0, 1.0), (500.0, 2.0)):
@@ -98,7 +102,8 @@ def out_of_step_book(*, market_price: float | None) -> Book:
         )
     )
     if market_price is not None:
-        book.fold(PriceTick(con_id=ConId(1), field="last", price=market_price, ts=3.0))
+        tick = PriceTick(con_id=ConId(1), field="last", price=market_price, ts=AFTER_HOURS - 1)
+        book.fold(tick)
     for end in (PositionsEnd(ts=3.0), OpenOrdersEnd(ts=3.0), ExecutionsEnd(ts=3.0)):
         book.fold(end)
     return book
@@ -118,7 +123,7 @@ async def planned_children(book: Book, tmp_path: Path) -> list[dict[str, Any]]:
         account="DU1",
         dry_run=True,
         round_s=0.01,
-        clock=lambda: datetime(2026, 11, 23, 20, 0, tzinfo=NY).timestamp(),  # after hours
+        clock=lambda: AFTER_HOURS,
     )
     kill = Decision(1, State.HALTED, State.ARMED, (Flatten(reason="test"),), ("test",))
     await executor.carry_out(kill)

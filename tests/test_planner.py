@@ -31,9 +31,11 @@ from guardd.core.planner import (
     plan_reduce,
     reduce_targets,
 )
+from guardd.core.pricing import ClosePrices, PricePoint
 
 D = Decimal
 DECISION = DecisionId("k7")
+NOW = 1_000.0
 
 
 def key(con_id: int, account: str = "DU1") -> PositionKey:
@@ -63,6 +65,8 @@ def position(
         multiplier=multiplier,
         min_tick=D(min_tick),
         regular_hours=regular_hours,
+        # the price as a last trade received just now: fresh
+        prices=ClosePrices(last=None if price is None else PricePoint(price, NOW)),
     )
 
 
@@ -95,7 +99,12 @@ def flatten(
     policy: ClosePolicy | None = None,
 ) -> Plan:
     return plan_flatten(
-        positions, children or [], policy or ClosePolicy(), decision_id=DECISION, budget=budget
+        positions,
+        children or [],
+        policy or ClosePolicy(),
+        decision_id=DECISION,
+        budget=budget,
+        now=NOW,
     )
 
 
@@ -392,7 +401,7 @@ def reduce(
     children: list[ChildOrder] | None = None,
 ) -> Plan:
     return plan_reduce(
-        positions, children or [], targets, ClosePolicy(), decision_id=DECISION, budget=40
+        positions, children or [], targets, ClosePolicy(), decision_id=DECISION, budget=40, now=NOW
     )
 
 

@@ -126,9 +126,10 @@ class FlattenMachine(RuleBasedStateMachine):
                 self.policy,
                 decision_id=DECISION,
                 budget=budget,
+                now=0.0,
             )
         return plan_flatten(
-            [self._position()], children, self.policy, decision_id=DECISION, budget=budget
+            [self._position()], children, self.policy, decision_id=DECISION, budget=budget, now=0.0
         )
 
     def _u(self, quantity: int | Decimal) -> Decimal:

@@ -97,6 +97,17 @@ TICK_FIELDS: Final[dict[int, ev.PriceField]] = {
     67: "ask",
     68: "last",
 }
+# tickSize tick types -> the price field whose size they give (live and delayed).
+SIZE_FIELDS: Final[dict[int, ev.PriceField]] = {
+    0: "bid",
+    3: "ask",
+    5: "last",
+    69: "bid",
+    70: "ask",
+    71: "last",
+}
+DELAYED_TICKS: Final = frozenset({66, 67, 68, 69, 70, 71})
+REAL_TIME_DATA: Final = 1  # marketDataType: 1 real-time; 2 frozen, 3 delayed, 4 delayed frozen
 
 _SENTINEL: Final = object()
 
@@ -175,6 +186,8 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
         # The queued (or sent) price request of each contract: one still queued on NORMAL is
         # moved ahead when the contract comes into a close.
         self.price_requests: dict[ev.ConId, asyncio.Future[None]] = {}
+        # reqIds whose data IB switched to frozen or delayed (marketDataType); ibapi thread only.
+        self.stale_data_req: set[int] = set()
         self.run_thread: threading.Thread | None = None
         self.heard = asyncio.Event()  # set on the loop by every message of this session
         self.heartbeat_task: asyncio.Task[None] | None = None
@@ -332,10 +345,27 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
         value = _number(price)
         if value == -1.0:  # IB's "no price available"
             value = math.nan
-        self._post(ev.PriceTick(con_id=con_id, field=price_field, price=value, ts=self._ts()))
+        delayed = int(tickType) in DELAYED_TICKS or reqId in self.stale_data_req
+        self._post(
+            ev.PriceTick(
+                con_id=con_id, field=price_field, price=value, ts=self._ts(), delayed=delayed
+            )
+        )
 
-    def tickSize(self, *args: Any) -> None:
-        pass
+    def tickSize(self, reqId: int, tickType: int, size: Any) -> None:
+        con_id = self.tick_req.get(reqId)
+        price_field = SIZE_FIELDS.get(int(tickType))
+        if con_id is None or price_field is None:
+            return
+        delayed = int(tickType) in DELAYED_TICKS or reqId in self.stale_data_req
+        self._post(ev.SizeTick(con_id=con_id, field=price_field, ts=self._ts(), delayed=delayed))
+
+    def marketDataType(self, reqId: int, marketDataType: int) -> None:
+        # Frozen and delayed data are old when they arrive: never a basis for a close limit.
+        if int(marketDataType) == REAL_TIME_DATA:
+            self.stale_data_req.discard(reqId)
+        else:
+            self.stale_data_req.add(reqId)
 
     def tickString(self, *args: Any) -> None:
         pass
@@ -1006,6 +1036,7 @@ class IbBroker:
         session.pnl_single_con.clear()
         session.tick_req.clear()
         session.price_requests.clear()
+        session.stale_data_req.clear()
         account = self.account
         pnl_id = next(self._req_ids)
         session.pnl_req[pnl_id] = account

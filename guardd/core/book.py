@@ -59,9 +59,12 @@ from guardd.core.events import (
     PositionsEnd,
     PositionUpdate,
     PositionValue,
+    PriceField,
     PriceTick,
+    SizeTick,
 )
 from guardd.core.planner import ORDER_REF_PREFIX
+from guardd.core.pricing import ClosePrices, PricePoint
 
 TERMINAL_STATUSES = frozenset({"Filled", "Cancelled", "ApiCancelled", "Inactive"})
 """Order statuses after which an order no longer works (Inactive counts as done: rejected)."""
@@ -143,13 +146,38 @@ class ImpersonatingOrder:
 
 @dataclass(frozen=True, slots=True)
 class Quote:
-    """Latest prices of one contract; NaN where a field was never received."""
+    """Latest prices of one contract; NaN where a field was never received.
+
+    `ts` is when any field last ticked; `bid_ts` ... `mark_ts` when each field's price was last
+    heard to stand (its price tick, or a size tick at that price); `delayed` names the fields
+    whose latest tick was IB's delayed or frozen market data.
+    """
 
     bid: float = math.nan
     ask: float = math.nan
     last: float = math.nan
     mark: float = math.nan
     ts: float = math.nan
+    bid_ts: float = math.nan
+    ask_ts: float = math.nan
+    last_ts: float = math.nan
+    mark_ts: float = math.nan
+    delayed: frozenset[PriceField] = frozenset()
+
+    def close_prices(self) -> ClosePrices:
+        """The prices a close limit may be derived from, each with its time (see pricing)."""
+
+        def point(price: float, ts: float, name: PriceField) -> PricePoint | None:
+            if not (math.isfinite(price) and price > 0):
+                return None
+            return PricePoint(price, ts, name in self.delayed)
+
+        return ClosePrices(
+            bid=point(self.bid, self.bid_ts, "bid"),
+            ask=point(self.ask, self.ask_ts, "ask"),
+            last=point(self.last, self.last_ts, "last"),
+            mark=point(self.mark, self.mark_ts, "mark"),
+        )
 
     @property
     def reference(self) -> float:
@@ -372,6 +400,8 @@ class Book:
                 self._on_position_value(event)
             case PriceTick():
                 self._on_price(event)
+            case SizeTick():
+                self._on_size(event)
             case OpenOrder():
                 self._on_open_order(event)
             case OrderStatus():
@@ -513,15 +543,16 @@ class Book:
         if not math.isfinite(event.price) or event.price <= 0:
             return  # IB sends -1 / 0 for "no price"; keep the last good one
         q = self._quotes.get(event.con_id, Quote())
+        delayed = _mark_delayed(q.delayed, event.field, event.delayed)
         match event.field:
             case "bid":
-                q = replace(q, bid=event.price, ts=event.ts)
+                q = replace(q, bid=event.price, bid_ts=event.ts, ts=event.ts, delayed=delayed)
             case "ask":
-                q = replace(q, ask=event.price, ts=event.ts)
+                q = replace(q, ask=event.price, ask_ts=event.ts, ts=event.ts, delayed=delayed)
             case "last":
-                q = replace(q, last=event.price, ts=event.ts)
+                q = replace(q, last=event.price, last_ts=event.ts, ts=event.ts, delayed=delayed)
             case "mark":
-                q = replace(q, mark=event.price, ts=event.ts)
+                q = replace(q, mark=event.price, mark_ts=event.ts, ts=event.ts, delayed=delayed)
             case _:
                 assert_never(event.field)
         self._quotes[event.con_id] = q
@@ -534,6 +565,25 @@ class Book:
         if old is not None and old.quantity != 0:
             new = replace(old, value=old.quantity * old.multiplier * ref, value_ts=event.ts)
             self._replace_position(key, old, new)
+
+    def _on_size(self, event: SizeTick) -> None:
+        """A size tick confirms the price at its field as of its time (never creates a price)."""
+        q = self._quotes.get(event.con_id)
+        if q is None:
+            return
+        delayed = _mark_delayed(q.delayed, event.field, event.delayed)
+        match event.field:
+            case "bid" if math.isfinite(q.bid):
+                q = replace(q, bid_ts=event.ts, delayed=delayed)
+            case "ask" if math.isfinite(q.ask):
+                q = replace(q, ask_ts=event.ts, delayed=delayed)
+            case "last" if math.isfinite(q.last):
+                q = replace(q, last_ts=event.ts, delayed=delayed)
+            case "mark" if math.isfinite(q.mark):
+                q = replace(q, mark_ts=event.ts, delayed=delayed)
+            case _:
+                return
+        self._quotes[event.con_id] = q
 
     def _record_sample(self, history: deque[tuple[float, float]], ts: float, x: float) -> None:
         """Keep at most one sample per `price_sample_s`, and only `price_history_s` of them."""
@@ -1020,3 +1070,11 @@ class Book:
     def heartbeats(self) -> Mapping[str, float]:
         """Last heartbeat receive time per bot."""
         return MappingProxyType(self._heartbeats)
+
+
+def _mark_delayed(
+    delayed: frozenset[PriceField], name: PriceField, is_delayed: bool
+) -> frozenset[PriceField]:
+    if is_delayed:
+        return delayed | {name}
+    return delayed - {name}

@@ -53,6 +53,22 @@ Once every message is delivered `S` equals the true position; `expected` equals 
 every fill was seen, and otherwise the anchor is re-taken from `S` after `settle_s`. Then
 `closable` is the whole distance to target, and a round's children close it.
 
+Re-pricing: a close that does not fill is never left to stall
+-------------------------------------------------------------
+A limit child priced from a price that turned out stale (a lagging or frozen feed, a market that
+moved) can rest far from the market for ever. A limit child still working `reprice_after_s` after
+it was sent (`pricing.due_for_reprice`; market children never) is cancelled (`Cancel` why
+`reprice`, journaled `close_child_reprice_cancel`), and while that cancel is outstanding the
+position gets no new child (note `repricing`). The child stays live, its unfilled rest reserved,
+until the broker finishes it with its final fill count (Cancelled, or Filled when the cancel lost
+the race); only then does the position's distance shrink by what it filled and its replacement
+go out, at a fresh price and one step further up the escalation (`pricing.next_step`: one past
+every child of the position cancelled for a re-price), journaled `close_child_repriced` with the
+old and the new price. A re-price cancel the broker has not confirmed is sent again like any
+other cancel (`cancel_retry_s`, or at once on a new connection). An answer that the order cannot
+be cancelled (10147, 10148, 161) is never a reject: the child's own status and fills decide, so a
+cancel racing a fill never frees the quantity that filled (`broker_error`).
+
 Assumptions (docs/architecture.md repeats them)
 -----------------------------------------------
 A1. The guard sees the executions of its own children (execDetails as they happen and the
@@ -82,7 +98,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Literal
 
-from guardd.core import planner
+from guardd.core import planner, pricing
 from guardd.core.planner import (
     Action,
     ChildOrder,
@@ -91,6 +107,8 @@ from guardd.core.planner import (
     ConfirmedPosition,
     NewChildOrder,
     Note,
+    NoteKind,
+    OrderType,
     PositionKey,
 )
 
@@ -103,6 +121,11 @@ _TERMINAL = {
     "ApiCancelled": ChildStatus.CANCELLED,
     "Inactive": ChildStatus.REJECTED,
 }
+# Broker errors naming one of our order ids that reject it (an order the broker refused).
+REJECT_CODES = frozenset({201, 203, 10147, 110, 200})
+# Answers to a cancelOrder of ours: not found, already filled or cancelled, not cancellable now.
+# After a cancel they are no reject: the child's status and fills decide.
+CANCEL_ANSWER_CODES = frozenset({10147, 10148, 161})
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -181,7 +204,9 @@ class CloseSettings:
 
 @dataclass(frozen=True, slots=True)
 class Cancel:
-    """Cancel one of our children (by its order id)."""
+    """Cancel one of our children (by its order id); `why`: `over_working` (it could take the
+    position past its target), `wrong_side` (the position flipped under it) or `reprice` (a
+    limit that did not fill in time: it is replaced at a fresh price once finished)."""
 
     order_id: int
     order_ref: str
@@ -232,6 +257,11 @@ class Child:
     exec_filled: Decimal = ZERO
     finished_at: float | None = None
     cancel_sent: tuple[int, float] | None = None  # (generation, when)
+    # How it was priced (None: unknown, e.g. restored from an old journal record).
+    order_type: OrderType | None = None
+    limit_price: float | None = None
+    step: int = 0  # its escalation step (guardd.core.pricing)
+    reprice_at: float | None = None  # when the episode decided to cancel it for a re-price
 
     @property
     def live(self) -> bool:
@@ -271,6 +301,7 @@ class _Ledger:
     last_figure: Decimal | None = None
     last_activity: float = 0.0
     disagreement_reported: bool = False
+    replacing: Child | None = None  # cancelled for a re-price, its replacement not planned yet
 
 
 class CloseEpisode:
@@ -302,6 +333,7 @@ class CloseEpisode:
         self._ledgers: dict[PositionKey, _Ledger] = {}
         self._foreign: dict[str, Fill] = {}  # execId -> fill not of a child
         self._own: dict[str, tuple[Child, Decimal]] = {}  # execId -> (child, shares)
+        self._unpriced: set[PositionKey] = set()  # reported without a usable price for a limit
 
     @property
     def decision_ref(self) -> planner.DecisionId:
@@ -334,6 +366,9 @@ class CloseEpisode:
             generation=generation,
             sent_at=now,
             planned_against=order.planned_against,
+            order_type=order.order_type,
+            limit_price=order.limit_price,
+            step=order.step,
         )
         self._keep(child)
         self._ledger(order.key).last_activity = now
@@ -348,6 +383,40 @@ class CloseEpisode:
         child.finished_at = now
         self.rejects_seen += 1
         return child
+
+    def broker_error(self, order_id: int, code: int, message: str, now: float) -> Record | None:
+        """An error naming one of our order ids: a reject (the child is finished, unfilled
+        beyond what it filled), or the broker's answer to a cancel of ours (10147/10148/161:
+        not found, filled or cancelled already), which changes nothing: the child's status and
+        fills decide. The fact to journal, or None when it concerns no live child of ours."""
+        child = self._by_order_id.get(order_id)
+        if child is None or not child.live:
+            return None
+        if code in CANCEL_ANSWER_CODES and (
+            child.cancel_sent is not None or child.reprice_at is not None
+        ):
+            return Record(
+                "close_child_cancel_refused",
+                {
+                    "decision_id": self.decision_id,
+                    "order_ref": child.order_ref,
+                    "code": code,
+                    "message": message,
+                    "reprice": child.reprice_at is not None,
+                },
+            )
+        if code not in REJECT_CODES or self.reject(order_id, now) is None:
+            return None
+        return Record(
+            "child_order_rejected",
+            {
+                "decision_id": self.decision_id,
+                "order_ref": child.order_ref,
+                "code": code,
+                "message": message,
+            },
+            "warning",
+        )
 
     def cancel_sent(self, cancel: Cancel, generation: int, now: float) -> None:
         """The executor sent (or tried to send) this cancel."""
@@ -372,6 +441,9 @@ class CloseEpisode:
                 if ref in self.children:
                     continue
                 baseline = rec.get("planned_against")
+                order_type = rec.get("order_type")
+                limit = rec.get("limit_price")
+                sent = rec.get("ts")
                 self._keep(
                     Child(
                         order_id=int(rec["order_id"]),
@@ -380,8 +452,13 @@ class CloseEpisode:
                         action=Action(str(rec["action"])),
                         quantity=Decimal(str(rec["quantity"])),
                         generation=-1,
-                        sent_at=0.0,
+                        # The record's own time: a restored limit that still works is re-priced
+                        # `reprice_after_s` after it was first sent, not after the restart.
+                        sent_at=float(sent) if isinstance(sent, int | float) else 0.0,
                         planned_against=None if baseline is None else Decimal(str(baseline)),
+                        order_type=OrderType(order_type) if order_type in ("MKT", "LMT") else None,
+                        limit_price=float(limit) if isinstance(limit, int | float) else None,
+                        step=int(rec.get("step") or 0),
                     )
                 )
                 count += 1
@@ -415,6 +492,8 @@ class CloseEpisode:
         inputs: list[ConfirmedPosition] = []
         child_inputs: list[ChildOrder] = []
         targets: dict[PositionKey, Decimal] = {}
+        steps: dict[PositionKey, int] = {}
+        notes: list[Note] = []
         off_target = 0
         for key in sorted(keys):
             held = obs.positions.get(key)
@@ -443,7 +522,16 @@ class CloseEpisode:
             ):
                 off_target += 1
             closable = _closable((*expected, figure))
-            cancels.extend(self._cancels_for(key, closable, target, live, obs))
+            safety = self._cancels_for(key, closable, target, live, obs)
+            cancels.extend(safety)
+            cancels.extend(self._reprice_cancels(key, live, safety, obs, policy, records))
+            if ledger.replacing is not None and ledger.replacing.status is ChildStatus.FILLED:
+                ledger.replacing = None  # it filled before the cancel landed: nothing to replace
+            if any(c.reprice_at is not None for c in live):
+                # The replacement goes once the broker has finished the child with its final
+                # fill count; no other child joins it meanwhile.
+                notes.append(Note(key, NoteKind.REPRICING, abs(closable)))
+                continue
             if held is None or (closable == ZERO and not live):
                 continue
             if any(c.sign == _sign(closable) for c in live):
@@ -452,6 +540,9 @@ class CloseEpisode:
                 continue
             inputs.append(replace(held.position, quantity=closable))
             targets[key] = target
+            steps[key] = pricing.next_step(
+                ((c.step, c.reprice_at is not None) for c in mine), policy.reprice
+            )
             closing = _closing_action(closable)
             for c in mine:
                 if c.live and c.remaining > 0:
@@ -466,7 +557,9 @@ class CloseEpisode:
                 policy,
                 decision_id=self.decision_ref,
                 budget=budget,
+                now=obs.now,
                 sequence_start=self.sequence,
+                steps=steps,
             )
         else:
             plan = planner.plan_flatten(
@@ -475,9 +568,13 @@ class CloseEpisode:
                 policy,
                 decision_id=self.decision_ref,
                 budget=budget,
+                now=obs.now,
                 sequence_start=self.sequence,
+                steps=steps,
             )
         for cancel in cancels:
+            if cancel.why == "reprice":
+                continue  # journaled as close_child_reprice_cancel
             records.append(
                 Record(
                     "child_cancel_requested",
@@ -485,13 +582,15 @@ class CloseEpisode:
                     "warning",
                 )
             )
+        records.extend(self._replacements(plan.orders))
+        records.extend(self._unpriced_now(plan.notes, policy))
         at_target = off_target == 0 and not plan.orders
         self._track_rounds(obs.now, at_target, off_target, records)
         return Round(
             orders=plan.orders,
             cancels=tuple(cancels),
             records=tuple(records),
-            notes=plan.notes,
+            notes=(*notes, *plan.notes),
             off_target=off_target,
             at_target=at_target,
             overdue=self.overdue,
@@ -760,6 +859,111 @@ class CloseEpisode:
             or sent[0] != obs.generation
             or obs.now - sent[1] >= self.settings.cancel_retry_s
         )
+
+    def _reprice_cancels(
+        self,
+        key: PositionKey,
+        live: Sequence[Child],
+        safety: Sequence[Cancel],
+        obs: Observation,
+        policy: ClosePolicy,
+        records: list[Record],
+    ) -> list[Cancel]:
+        """Limit children that have worked `reprice_after_s` without filling (oldest first):
+        cancel them for a re-price; and a re-price cancel not confirmed yet: send it again."""
+        if obs.synced_since is None:
+            return []
+        already = {c.order_id for c in safety}
+        ledger = self._ledger(key)
+        out: list[Cancel] = []
+        for child in sorted(live, key=lambda c: (c.sent_at, c.order_id)):
+            if child.order_id in already or child.remaining <= 0:
+                continue
+            again = child.reprice_at is not None
+            if not again:
+                if (
+                    child.status is not ChildStatus.WORKING
+                    or child.order_type is not OrderType.LMT
+                    or not pricing.due_for_reprice(child.sent_at, obs.now, policy.reprice)
+                ):
+                    continue
+                child.reprice_at = obs.now
+                ledger.replacing = child
+            elif child.status is ChildStatus.PENDING_ACK and child.generation == obs.generation:
+                continue  # sent on this connection and not acknowledged yet
+            if not self._may_send_cancel(child, obs):
+                continue
+            out.append(Cancel(child.order_id, child.order_ref, key, "reprice"))
+            records.append(
+                Record(
+                    "close_child_reprice_cancel",
+                    {
+                        "order_ref": child.order_ref,
+                        "order_id": child.order_id,
+                        "con_id": key.con_id,
+                        "limit_price": child.limit_price,
+                        "step": child.step,
+                        "next_step": policy.reprice.clamp(child.step + 1),
+                        "filled": str(child.filled),
+                        "working_s": round(obs.now - child.sent_at, 3),
+                        "again": again,
+                    },
+                    "warning",
+                )
+            )
+        return out
+
+    def _replacements(self, orders: Sequence[NewChildOrder]) -> list[Record]:
+        """The children planned to replace one cancelled for a re-price: old and new price."""
+        out: list[Record] = []
+        for order in orders:
+            ledger = self._ledgers.get(order.key)
+            old = ledger.replacing if ledger is not None else None
+            if ledger is None or old is None or old.live:
+                continue
+            ledger.replacing = None
+            out.append(
+                Record(
+                    "close_child_repriced",
+                    {
+                        "con_id": order.key.con_id,
+                        "symbol": order.symbol,
+                        "old_order_ref": old.order_ref,
+                        "old_limit_price": old.limit_price,
+                        "old_step": old.step,
+                        "old_filled": str(old.filled),
+                        "order_ref": order.order_ref,
+                        "order_type": str(order.order_type),
+                        "limit_price": order.limit_price,
+                        "quantity": str(order.quantity),
+                        "step": order.step,
+                        "price_source": None if order.basis is None else str(order.basis.source),
+                    },
+                    "warning",
+                )
+            )
+        return out
+
+    def _unpriced_now(self, notes: Sequence[Note], policy: ClosePolicy) -> list[Record]:
+        """A position that needs a limit and has no fresh price (where the class allows no
+        market order) waits for one: journaled once until it is priced again."""
+        unpriced = {n.key: n for n in notes if n.kind in (NoteKind.STALE_PRICE, NoteKind.NO_PRICE)}
+        out = [
+            Record(
+                "close_price_unusable",
+                {
+                    "con_id": key.con_id,
+                    "why": str(note.kind),
+                    "quantity": str(note.quantity),
+                    "max_price_age_s": policy.reprice.max_price_age_s,
+                },
+                "error",
+            )
+            for key, note in sorted(unpriced.items())
+            if key not in self._unpriced
+        ]
+        self._unpriced = set(unpriced)
+        return out
 
     def _track_rounds(
         self, now: float, at_target: bool, off_target: int, records: list[Record]

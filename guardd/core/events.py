@@ -133,12 +133,28 @@ class PositionValue:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PriceTick:
-    """`tickPrice` for a contract, already mapped from IB's tick type to a field name."""
+    """`tickPrice` for a contract, already mapped from IB's tick type to a field name.
+
+    `delayed`: IB's delayed or frozen market data (tick types 66-68, or a subscription IB switched
+    to delayed / frozen data), which is minutes old or more when it arrives.
+    """
 
     con_id: ConId
     field: PriceField
     price: float
     ts: float
+    delayed: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SizeTick:
+    """`tickSize` for a contract's bid, ask or last: the size at that price changed, so the price
+    still stands at `ts` (IB sends a size change at an unchanged price as a size tick alone)."""
+
+    con_id: ConId
+    field: PriceField
+    ts: float
+    delayed: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -245,6 +261,7 @@ BrokerEvent = (
     | PnLUpdate
     | PositionValue
     | PriceTick
+    | SizeTick
     | OpenOrder
     | OrderStatus
     | OpenOrdersEnd

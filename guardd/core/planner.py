@@ -66,6 +66,13 @@ position whose exposure is unknown (no price, NaN, no exchange rate) sorts first
 position is not a small one, and the guard must not leave it for last. Ties go to the larger
 quantity, then the key, so a plan is deterministic. One new child per position per round, at most
 `max_child_quantity` each, whole units; the budget caps new orders this round.
+
+Prices (`guardd.core.pricing`): a limit is derived only from a price no older than
+`max_price_age_s` at `now`; without one the close is a market order where the class allows it,
+else the position gets no child (note `stale_price` / `no_price`) until a fresh price arrives.
+`steps` names each position's escalation step (0: the class's own order); which children stalled,
+when their replacement may go and at which step is the close episode's decision
+(`guardd.core.close`), the planner only prices at the step it is given.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from enum import StrEnum
 from typing import NewType
+
+from guardd.core import pricing
 
 AccountId = NewType("AccountId", str)
 ConId = NewType("ConId", int)
@@ -137,6 +146,9 @@ class ConfirmedPosition:
     None or NaN when unknown; `fx_rate` converts that currency to the account's base currency,
     None when unknown. `regular_hours` says whether the contract is in its regular session now
     (the executor knows the clock and the trading hours; the planner does not).
+
+    `price` only ranks positions by exposure; a close limit is derived from `prices`, each with
+    the time it was received, and only from a fresh one (`guardd.core.pricing`).
     """
 
     key: PositionKey
@@ -150,6 +162,7 @@ class ConfirmedPosition:
     multiplier: float = 1.0
     min_tick: Decimal = Decimal("0.01")
     regular_hours: bool = True
+    prices: pricing.ClosePrices = field(default_factory=pricing.ClosePrices)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,15 +200,27 @@ class OrderTypeRule:
 
     Outside regular hours the close is a limit order with outsideRth when `limit_outside_rth`
     (always for stocks: IB rejects their market orders outside regular hours).
+
+    `allow_market`: a market order may replace a limit when no price is fresh or when the
+    re-pricing escalation reaches a market step. None: allowed when the class closes with a
+    market order in some session (`order_type` MKT, or market outside regular hours).
     """
 
     order_type: OrderType
     collar: float = 0.02
     limit_outside_rth: bool = True
+    allow_market: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.collar < 1.0:
             raise ValueError(f"collar must be in [0, 1), got {self.collar}")
+
+    @property
+    def market_allowed(self) -> bool:
+        """Whether this class accepts a market order as fallback or escalation step."""
+        if self.allow_market is not None:
+            return self.allow_market
+        return self.order_type is OrderType.MKT or not self.limit_outside_rth
 
 
 def default_order_types() -> dict[str, OrderTypeRule]:
@@ -214,13 +239,15 @@ class ClosePolicy:
     """How to close: order type per secType, child size, and when to stop re-sending after rejects.
 
     `max_rejects` None never gives up; otherwise a position with that many rejected children gets
-    no new one (note `rejected_too_often`) until an operator acts.
+    no new one (note `rejected_too_often`) until an operator acts. `reprice`: how fresh a price a
+    limit needs and how a close that does not fill escalates (`guardd.core.pricing`).
     """
 
     order_types: Mapping[str, OrderTypeRule] = field(default_factory=default_order_types)
-    fallback: OrderTypeRule = OrderTypeRule(OrderType.LMT, collar=0.02)
+    fallback: OrderTypeRule = OrderTypeRule(OrderType.LMT, collar=0.02, allow_market=False)
     max_child_quantity: Decimal = Decimal(10_000)
     max_rejects: int | None = 3
+    reprice: pricing.RepricePolicy = field(default_factory=pricing.RepricePolicy)
 
     def __post_init__(self) -> None:
         if not (self.max_child_quantity.is_finite() and self.max_child_quantity >= ONE):
@@ -233,7 +260,10 @@ class ClosePolicy:
 
 @dataclass(frozen=True, slots=True)
 class NewChildOrder:
-    """A close child to send now. The executor records `planned_against` with it."""
+    """A close child to send now. The executor records `planned_against` with it.
+
+    `step` is its escalation step; a limit's `basis` is the fresh price it was derived from.
+    """
 
     key: PositionKey
     symbol: str
@@ -244,12 +274,16 @@ class NewChildOrder:
     outside_rth: bool
     order_ref: str
     planned_against: Decimal
+    step: int = 0
+    basis: pricing.Basis | None = None
 
 
 class NoteKind(StrEnum):
     """Why a position got no child, or what the executor should do about it."""
 
     NO_PRICE = "no_price"  # a limit order is required and there is no usable price: skipped
+    STALE_PRICE = "stale_price"  # a limit is required and every price is too old: skipped
+    REPRICING = "repricing"  # (close episode) a child is being cancelled for a re-price: no new one
     OVER_WORKING = "over_working"  # live children exceed what is needed: cancel `quantity`
     PAST_TARGET = "past_target"  # nothing live, yet fills say the position ends past its target
     AWAITING_ACK = "awaiting_ack"  # an unacknowledged send exists: no new child for it
@@ -396,18 +430,31 @@ def plan_flatten(
     *,
     decision_id: DecisionId,
     budget: int,
+    now: float,
     sequence_start: int = 1,
+    steps: Mapping[PositionKey, int] | None = None,
 ) -> Plan:
     """Plan this round's flatten children: every position toward 0, largest exposure first.
 
     `children` are all our close children of the episode (finished ones too); `budget` is the
-    number of new orders that may be sent now. Order refs are `guardd:flatten:<decision_id>:<n>`
-    with n above every n already used by `children` and at least `sequence_start`.
+    number of new orders that may be sent now; `now` judges the age of prices; `steps` the
+    escalation step of each position's next child (absent: 0). Order refs are
+    `guardd:flatten:<decision_id>:<n>` with n above every n already used by `children` and at
+    least `sequence_start`.
     """
     positions = tuple(positions)
     targets = {p.key: ZERO for p in positions}
     return _plan(
-        CloseKind.FLATTEN, positions, children, targets, policy, decision_id, budget, sequence_start
+        CloseKind.FLATTEN,
+        positions,
+        children,
+        targets,
+        policy,
+        decision_id,
+        budget,
+        sequence_start,
+        now,
+        steps or {},
     )
 
 
@@ -419,7 +466,9 @@ def plan_reduce(
     *,
     decision_id: DecisionId,
     budget: int,
+    now: float,
     sequence_start: int = 1,
+    steps: Mapping[PositionKey, int] | None = None,
 ) -> Plan:
     """Plan this round's reduce children: each position toward its target quantity.
 
@@ -435,6 +484,8 @@ def plan_reduce(
         decision_id,
         budget,
         sequence_start,
+        now,
+        steps or {},
     )
 
 
@@ -447,6 +498,8 @@ class _Candidate:
     order_type: OrderType
     limit_price: float | None
     outside_rth: bool
+    step: int
+    basis: pricing.Basis | None
 
     def sort_key(self) -> tuple[bool, float, Decimal, PositionKey]:
         known = self.exposure is not None
@@ -462,6 +515,8 @@ def _plan(
     decision_id: DecisionId,
     budget: int,
     sequence_start: int,
+    now: float,
+    steps: Mapping[PositionKey, int],
 ) -> Plan:
     by_key: dict[PositionKey, list[ChildOrder]] = defaultdict(list)
     for child in children:
@@ -473,7 +528,8 @@ def _plan(
     for position in positions:
         seen.add(position.key)
         own = by_key.get(position.key, [])
-        candidate = _assess(position, own, targets, policy, notes, at_target)
+        step = steps.get(position.key, 0)
+        candidate = _assess(position, own, targets, policy, now, step, notes, at_target)
         if candidate is not None:
             candidates.append(candidate)
     notes.extend(Note(key, NoteKind.NO_POSITION) for key in sorted(by_key.keys() - seen))
@@ -499,6 +555,8 @@ def _plan(
                 outside_rth=candidate.outside_rth,
                 order_ref=f"{prefix}{sequence}",
                 planned_against=candidate.position.quantity,
+                step=candidate.step,
+                basis=candidate.basis,
             )
         )
         sequence += 1
@@ -517,6 +575,8 @@ def _assess(
     children: Sequence[ChildOrder],
     targets: Mapping[PositionKey, Decimal],
     policy: ClosePolicy,
+    now: float,
+    step: int,
     notes: list[Note],
     at_target: list[PositionKey],
 ) -> _Candidate | None:
@@ -569,36 +629,34 @@ def _assess(
     action = Action.SELL if ledger.direction > 0 else Action.BUY
     rule = policy.rule_for(position.sec_type)
     outside_rth = not position.regular_hours
+    stock_outside_rth = outside_rth and position.sec_type == "STK"
     use_limit = rule.order_type is OrderType.LMT or (
-        outside_rth and (rule.limit_outside_rth or position.sec_type == "STK")
+        outside_rth and (rule.limit_outside_rth or stock_outside_rth)
     )
-    limit_price: float | None = None
-    if use_limit:
-        limit_price = _marketable_limit(position, action, rule.collar)
-        if limit_price is None:
-            notes.append(Note(key, NoteKind.NO_PRICE, quantity))
-            return None
+    priced = pricing.close_price(
+        position.prices,
+        sell=action is Action.SELL,
+        market_first=not use_limit,
+        # IB rejects a stock's market order outside regular hours, whatever the policy says.
+        market_allowed=rule.market_allowed and not stock_outside_rth,
+        base_collar=rule.collar,
+        step=step,
+        min_tick=position.min_tick,
+        now=now,
+        policy=policy.reprice,
+    )
+    if isinstance(priced, pricing.Unpriced):
+        kind = NoteKind.STALE_PRICE if priced.stale else NoteKind.NO_PRICE
+        notes.append(Note(key, kind, quantity))
+        return None
     return _Candidate(
         position=position,
         exposure=exposure(position),
         action=action,
         quantity=quantity,
-        order_type=OrderType.LMT if use_limit else OrderType.MKT,
-        limit_price=limit_price,
+        order_type=OrderType.MKT if priced.market else OrderType.LMT,
+        limit_price=priced.limit,
         outside_rth=outside_rth,
+        step=priced.step,
+        basis=priced.basis,
     )
-
-
-def _marketable_limit(position: ConfirmedPosition, action: Action, collar: float) -> float | None:
-    """A limit `collar` through the price, on the tick grid, rounded toward marketable."""
-    price = position.price
-    if price is None or not math.isfinite(price) or price <= 0:
-        return None
-    tick = position.min_tick if position.min_tick.is_finite() and position.min_tick > 0 else None
-    tick = tick or Decimal("0.01")
-    if action is Action.SELL:
-        raw = Decimal(repr(price)) * (ONE - Decimal(repr(collar)))
-        steps = (raw / tick).to_integral_value(rounding=ROUND_FLOOR)
-        return float(max(steps, ONE) * tick)
-    raw = Decimal(repr(price)) * (ONE + Decimal(repr(collar)))
-    return float((raw / tick).to_integral_value(rounding=ROUND_CEILING) * tick)
