@@ -1,7 +1,8 @@
 """The kill latch: the state file that keeps a halted account halted across restarts.
 
-HALTED is written here (atomically, fsynced) before the first cancel is sent, and read back before
-guardd connects on start. The file is small JSON::
+HALTED is written here (atomically, fsynced) right after a kill's global cancel and before any
+closing order or command answer, and read back before guardd connects on start. The file is small
+JSON::
 
     {"version": 1, "halted": true, "reason": "leverage_breached", "source": "rule:leverage",
      "since": 1718000000.25, "decision_id": "d-42", "mode": "flatten", "detail": ""}
