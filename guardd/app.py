@@ -333,6 +333,8 @@ class Guard:
             state += f" ({latch.source}: {latch.reason})"
         if not self.executor.latch_durable:
             state += " LATCH NOT DURABLE"
+        if self.book.read_only:
+            state += " IB READ-ONLY API: CANNOT CANCEL OR CLOSE"
         match self.waiting_for():
             case "ib_connect":
                 doing = f"waiting for IB at {self.cfg.ib.host}:{self.cfg.ib.port}"
@@ -362,6 +364,18 @@ class Guard:
                     self.journal.append("ib_disconnected", reason=reason)
                 case ev.BrokerError():
                     self.executor.on_broker_error(event)
+                case ev.ApiReadOnly(read_only=read_only):
+                    self.metrics.set_ib_read_only(read_only)
+                    self.journal.append(
+                        "ib_read_only" if read_only else "ib_read_only_lifted",
+                        halted=self.engine.state == State.HALTED,
+                    )
+                    self._sd_status = self.sd_status()
+                    self.notifier.notify(f"STATUS={self._sd_status}")
+                    if not read_only:
+                        # Orders and cancels work again: a kill that could not act now can.
+                        self.executor.notice()
+                        await self._evaluate(self.clock(), trigger_ts=event.ts)
                 case ev.PositionUpdate(account=account, con_id=con_id, exchange=exchange):
                     if account == self.cfg.account and event.quantity != 0:
                         # Live prices of every held contract: volatility, position values
@@ -615,6 +629,12 @@ class Guard:
             "online": True,
             "dry_run": self.cfg.dry_run,
             "ib_connected": self.book.connected,
+            # Whether a cancel or close sent now could work: connected, and TWS's Read-Only API
+            # off (`ib_read_only` true: error 321 refuses every order and cancel; a kill still
+            # latches, and is carried out once an operator switches it off).
+            "can_act": self.book.can_act,
+            "ib_read_only": self.book.read_only,
+            "ib_read_only_since": self.book.read_only_since,
             "synced": self.book.synced,
             "waiting_for": self.waiting_for(),
             "latch": None

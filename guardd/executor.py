@@ -49,6 +49,7 @@ from guardd.broker.pacer import Lane
 from guardd.core import planner
 from guardd.core.book import Book
 from guardd.core.close import (
+    ID_REFUSED,
     CloseEpisode,
     CloseKind,
     CloseSettings,
@@ -95,6 +96,8 @@ class BrokerPort(Protocol):
     def closing(self, con_ids: Iterable[int]) -> None: ...
 
     async def cancel_order(self, order_id: int, lane: Lane) -> None: ...
+
+    async def refresh_order_ids(self, lane: Lane = Lane.FLATTEN) -> None: ...
 
     async def place_order(
         self,
@@ -180,6 +183,8 @@ class Executor:
         self._latch_retry_at = 0.0
         self.global_cancels_sent = 0
         self.last_flat_confirmed: float | None = None
+        # An order id of ours was refused (103): ask the gateway (reqIds) before the next child.
+        self.order_ids_in_doubt = False
 
     # ---- decisions -------------------------------------------------------------------------
 
@@ -422,14 +427,18 @@ class Executor:
             self._wake.set()
 
     def on_broker_error(self, error: BrokerError) -> None:
-        """An error naming one of our children's order ids: a reject (201 etc.), or the
-        broker's answer to one of our cancels, which the episode tells apart."""
+        """An error naming one of our children's order ids: a reject (201 etc.), a refused id
+        (103) or API (321), or the broker's answer to one of our cancels, which the episode
+        tells apart (`CloseEpisode.broker_error`). After a refused id the next child waits for
+        reqIds."""
         episode = self.episode
         if episode is None:
             return
         record = episode.broker_error(error.req_id, error.code, error.message, self.clock())
         if record is None:
             return
+        if record.kind == "child_order_refused" and error.code == ID_REFUSED:
+            self.order_ids_in_doubt = True
         self._journal_record(record)
         self._wake.set()
 
@@ -467,6 +476,8 @@ class Executor:
                 continue
             if not self.book.synced or (not self.broker.connected and not self.dry_run):
                 continue
+            if self.book.read_only and not self.dry_run:
+                continue  # every order would be refused (321): wait until it is lifted
             try:
                 await self._close_round(episode)
             except Exception as exc:  # the flatten must outlive any one bad round
@@ -508,6 +519,11 @@ class Executor:
             episode.cancel_sent(cancel, self.book.generation, now)
             with contextlib.suppress(GuarddError):
                 await self.broker.cancel_order(cancel.order_id, Lane.FLATTEN)
+        if plan.orders and self.order_ids_in_doubt and not self.dry_run:
+            # An id of ours was refused: ask the gateway for the next valid id first.
+            self.order_ids_in_doubt = False
+            with contextlib.suppress(GuarddError):
+                await self.broker.refresh_order_ids(Lane.FLATTEN)
         for order in plan.orders:
             await self._send_child(episode, order)
         if self.metrics is not None:

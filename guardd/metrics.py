@@ -249,6 +249,13 @@ class Metrics:
         self._ib_connected = Gauge(
             "guardd_ib_connected", "1 while connected to TWS / IB Gateway.", a, registry=r
         )
+        self._ib_read_only = Gauge(
+            "guardd_ib_read_only",
+            "1 while TWS's Read-Only API refuses the guard's orders and cancels (error 321): "
+            "a kill latches but cannot cancel or close until an operator switches it off.",
+            a,
+            registry=r,
+        )
         self._mqtt_connected = Gauge(
             "guardd_mqtt_connected", "1 while connected to the MQTT broker.", a, registry=r
         )
@@ -302,6 +309,7 @@ class Metrics:
         self._flatten_children.labels(account)
         self._close_repriced.labels(account)
         self._ib_connected.labels(account).set(0)
+        self._ib_read_only.labels(account).set(0)
         self._flatten_pending.labels(account).set(0)
         self._flatten_overdue.labels(account).set(0)
         self._latch_durable.labels(account).set(1)
@@ -432,6 +440,10 @@ class Metrics:
     def set_ib_connected(self, connected: bool) -> None:
         """Whether the guard is connected to TWS / IB Gateway."""
         self._ib_connected.labels(self.account).set(1 if connected else 0)
+
+    def set_ib_read_only(self, read_only: bool) -> None:
+        """Whether TWS's Read-Only API refuses orders and cancels (error 321)."""
+        self._ib_read_only.labels(self.account).set(1 if read_only else 0)
 
     def mark_event(self, ts: float) -> None:
         """Record the time (epoch seconds, the clock's scale) of the latest broker event."""

@@ -9,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardd.core.book import Book, RateWindow
+from guardd.core.engine import Evaluation
 from guardd.core.events import (
     AccountValue,
+    ApiReadOnly,
     BrokerEvent,
     ClientId,
     ConId,
@@ -596,3 +598,25 @@ def test_status_without_terms_then_not_swept_until_terms_known() -> None:
     assert book.foreign_working_count == 0
     book.fold(open_order(4, order_id=3, client=7))
     assert book.foreign_working_count == 1
+
+
+def test_read_only_api_then_cannot_act_and_engine_not_synced_until_lifted() -> None:
+    # Arrange: a synced Book
+    book = Book(ACC, created_at=0.0)
+    book.fold(connected())
+    book.fold(PositionsEnd(ts=1.0))
+    book.fold(OpenOrdersEnd(ts=1.0))
+    assert book.can_act and Evaluation.of(book, []).synced
+
+    # Act: TWS says Read-Only (321), twice
+    book.fold(ApiReadOnly(read_only=True, ts=2.0))
+    book.fold(ApiReadOnly(read_only=True, ts=3.0))
+
+    # Assert: cannot act since the first; the engine does not count it as synced
+    assert book.read_only and book.read_only_since == 2.0 and not book.can_act
+    assert book.synced and not Evaluation.of(book, []).synced
+
+    # Act: lifted
+    book.fold(ApiReadOnly(read_only=False, ts=4.0))
+    assert book.can_act and book.read_only_since is None
+    assert Evaluation.of(book, []).synced

@@ -13,7 +13,13 @@ from typing import Any
 
 import pytest
 
-from guardd.broker.ib import ClientIdInUseError, IbBroker, reconnect_delay
+from guardd.broker.ib import (
+    DATA_REQ_ID_BASE,
+    READ_ONLY_PROBE_ID,
+    ClientIdInUseError,
+    IbBroker,
+    reconnect_delay,
+)
 from guardd.broker.pacer import Lane
 from guardd.core import events as ev
 from guardd.errors import (
@@ -27,7 +33,7 @@ from guardd.sim.gateway import REQ_MKT_DATA, SimGateway
 from guardd.sim.scenario import parse_scenario
 from guardd.sim.server import build_gateway
 from tests.conftest import SCENARIO
-from tests.ibapi_harness import IbapiClient, limit_order, stock
+from tests.ibapi_harness import IbapiClient, limit_order, stock, until
 
 pytestmark = pytest.mark.integration
 
@@ -683,3 +689,82 @@ async def test_close_in_progress_then_its_prices_go_ahead_of_a_subscription_back
         await broker.stop()
         await recorder.close()
     assert sim.pacing_violations == 0
+
+
+# ---- order ids above every client's; data request ids apart; Read-only API --------------------
+
+
+async def test_error_of_a_price_request_then_its_req_id_is_never_an_order_id(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    # Arrange
+    broker, recorder = guard
+    await synced(recorder)
+    # Act: prices of a contract the gateway does not list (error 200 with the request's id)
+    broker.watch_prices([999_999])
+    error = await recorder.wait_for(ev.BrokerError, lambda e: e.code == 200)
+    # Assert: request ids live far above order ids, so no child can be taken for it
+    assert error[0].req_id >= DATA_REQ_ID_BASE > broker.next_order_id()
+
+
+async def test_bot_order_ids_above_next_valid_id_then_guard_allocates_above_them(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    # Arrange: a bot works an order under id 700 after the guard's nextValidId (1)
+    broker, recorder = guard
+    await synced(recorder)
+    async with bot(sim) as b:
+        b.placeOrder(700, stock("MSFT"), limit_order("BUY", 1, 1.0))
+        await recorder.wait_for(ev.OrderStatus, lambda e: e.order_id == 700)
+        # Act
+        order_id = broker.next_order_id()
+        await broker.place_order(
+            order_id,
+            con_id=MSFT,
+            symbol="MSFT",
+            action="BUY",
+            quantity=1,
+            order_type="LMT",
+            lmt_price=1.0,
+            lane=Lane.FLATTEN,
+        )
+        # Assert: above the bot's id, and accepted (no 103)
+        await recorder.wait_for(ev.OrderStatus, lambda e: e.order_id == order_id)
+        assert order_id == 701
+        assert [e for e in recorder.of(ev.BrokerError) if e.code == 103] == []
+
+
+async def test_refresh_order_ids_then_next_id_from_reqids(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    # Arrange: the gateway's id floor for the guard jumps (ids it was told of, unseen by it)
+    broker, recorder = guard
+    await synced(recorder)
+    sim._saw_order_id(GUARD_ID, 5000)
+    # Act
+    await broker.refresh_order_ids()
+    # Assert
+    assert broker.next_order_id() == 5001
+    assert sim.received_by_id[8] == 1
+
+
+async def test_read_only_api_then_said_once_probed_and_lifted(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    # Arrange
+    broker, recorder = guard
+    broker.read_only_probe_s = 0.1
+    await synced(recorder)
+    sim.set_read_only(True)
+    # Act: a cancel refused with 321 (Read-Only)
+    await broker.global_cancel()
+    on = await recorder.wait_for(ev.ApiReadOnly)
+    await recorder.wait_for(ev.BrokerError, lambda e: e.code == 321)
+    probes = sim.read_only_refusals
+    await until(lambda: sim.read_only_refusals >= probes + 2)  # the probe keeps asking
+    sim.set_read_only(False)
+    off = await recorder.wait_for(ev.ApiReadOnly, lambda e: not e.read_only)
+    # Assert: one event each way; the probe's own answers are not emitted as errors
+    assert on[0].read_only and not broker.read_only
+    assert len(recorder.of(ev.ApiReadOnly)) == 2 and off
+    assert all(e.req_id != READ_ONLY_PROBE_ID for e in recorder.of(ev.BrokerError))

@@ -172,6 +172,7 @@ def test_alert_rules_read_then_every_alert_named_and_metrics_exported() -> None:
         "DataStale",
         "FlattenOverdue",
         "LatchNotDurable",
+        "IbReadOnlyApi",
         "MqttDisconnected",
         "GuarddImpersonated",
     }

@@ -85,6 +85,8 @@ CONNECTIVITY_LOST: Final = 1100
 RESTORED_DATA_LOST: Final = 1101
 RESTORED_DATA_KEPT: Final = 1102
 SERVER_CONNECTIVITY_BROKEN: Final = 2110
+READ_ONLY: Final = 321  # "... The API interface is currently in Read-Only mode." (and others)
+ORDER_TO_CANCEL_NOT_FOUND: Final = 10147
 NOTICES: Final = frozenset({2104, 2106, 2107, 2108, 2158})  # farm OK / inactive: informational
 
 # tickPrice tick types -> price field (live and delayed).
@@ -110,6 +112,17 @@ DELAYED_TICKS: Final = frozenset({66, 67, 68, 69, 70, 71})
 REAL_TIME_DATA: Final = 1  # marketDataType: 1 real-time; 2 frozen, 3 delayed, 4 delayed frozen
 
 _SENTINEL: Final = object()
+
+DATA_REQ_ID_BASE: Final = 1 << 30
+"""Request ids of data subscriptions start here: an IB error names a request or an order by the
+same field (reqId), and an error of a price or PnL request must never be taken for one of an
+order of ours (order ids stay far below)."""
+READ_ONLY_PROBE_ID: Final = (1 << 31) - 2
+"""The order id of the Read-only probe: a cancel of an order that never exists (the largest
+32-bit id below ibapi's "unset" marker, which it would send as empty). Refused with 321
+while the API is read-only, answered 10147 (not found) once it is not."""
+ORDER_IDS_TIMEOUT_S: Final = 2.0
+"""How long `refresh_order_ids` waits for the answer to reqIds."""
 
 JOIN_TIMEOUT_S: Final = 0.75
 """How long `stop` (and a failed `start`) waits for the ibapi threads to end."""
@@ -175,6 +188,7 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
         self.managed: tuple[str, ...] | None = None
         self.first_order_id: int | None = None
         self.next_id: int | None = None
+        self.id_waiters: list[asyncio.Future[None]] = []  # waiting for the answer to reqIds
         self.announced = False
         self.ready: asyncio.Future[None] = broker.loop.create_future()
         self.ready.add_done_callback(lambda f: None if f.cancelled() else f.exception())
@@ -550,7 +564,16 @@ class IbBroker:
         # after a gateway restart nextValidId may roll back, and re-sending a still-working
         # order's id would MODIFY that order instead of placing a new one.
         self._known_order_ids: set[int] = set()
+        # The highest order id seen from ANY client (ours sent, any reported in openOrder,
+        # orderStatus or execDetails, reserved): IB refuses a Master API client's new order whose
+        # id is not above every id reported to it (error 103), and nextValidId lags behind the
+        # ids of other clients' orders reported after it.
+        self.highest_order_id_seen = 0
         self.order_ids_skipped = 0
+        # TWS's Read-Only API (error 321): orders and cancels are refused until it is switched off.
+        self.read_only = False
+        self.read_only_probe_s = 5.0
+        self._read_only_task: asyncio.Task[None] | None = None
         self._messages_per_second = messages_per_second
         self._kill_reserve = kill_reserve
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -559,7 +582,7 @@ class IbBroker:
         self._session: _IbSession | None = None
         self._attempt: _IbSession | None = None  # the latest connect attempt's session
         self._sessions = itertools.count(1)
-        self._req_ids = itertools.count(1)
+        self._req_ids = itertools.count(DATA_REQ_ID_BASE)
         self._lost = asyncio.Event()
         self._reconnect_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -663,6 +686,7 @@ class IbBroker:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await _cancelled(self._read_only_task)
         session = self._session
         if session is not None:
             session.abort()
@@ -936,12 +960,19 @@ class IbBroker:
                     self._maybe_announce(session)
                 else:  # an answer to reqIds: never go below what this session already used
                     session.next_id = max(session.next_id or order_id, order_id)
+                waiters, session.id_waiters = session.id_waiters, []
+                for waiter in waiters:
+                    _settle(waiter, None)
             case ev.BrokerError():
                 self._on_error(session, item)
             case ev.OpenOrder() | ev.OrderStatus() if (
                 item.client_id == self.client_id and item.order_id > 0
             ):
                 self._known_order_ids.add(int(item.order_id))
+                self._saw_order_id(item.order_id)
+                self._emit(item)
+            case ev.OpenOrder() | ev.OrderStatus() | ev.Execution():
+                self._saw_order_id(item.order_id)
                 self._emit(item)
             case ev.PositionUpdate():
                 self._exchanges.setdefault(item.con_id, item.exchange)
@@ -974,10 +1005,19 @@ class IbBroker:
         )
         session.ready.set_result(None)
 
+    def _saw_order_id(self, order_id: int) -> None:
+        if 0 < order_id < READ_ONLY_PROBE_ID:
+            self.highest_order_id_seen = max(self.highest_order_id_seen, int(order_id))
+
     def _on_error(self, session: _IbSession, error: ev.BrokerError) -> None:
         code = error.code
         if code not in NOTICES:
             session.last_error = (code, error.message)
+        if error.req_id == READ_ONLY_PROBE_ID:
+            self._on_probe_answer(error)
+            return
+        if code == READ_ONLY and "read-only" in error.message.lower():
+            self._read_only_seen(error)
         match code:
             case 1100:
                 log.warning("ib_connectivity_lost", code=code, message=error.message)
@@ -1013,6 +1053,51 @@ class IbBroker:
                 else:
                     log.warning("ib_error", req_id=error.req_id, code=code, message=error.message)
                 self._emit(error)
+
+    # ---- Read-only API ---------------------------------------------------------------------
+
+    def _read_only_seen(self, error: ev.BrokerError) -> None:
+        """Error 321 "... Read-Only mode": say so once, then probe until it is switched off."""
+        if self.read_only:
+            return
+        self.read_only = True
+        log.error(
+            "ib_read_only",
+            code=error.code,
+            req_id=error.req_id,
+            message=error.message,
+            client_id=self.client_id,
+        )
+        self._emit(ev.ApiReadOnly(read_only=True, ts=error.ts))
+        if self._read_only_task is None or self._read_only_task.done():
+            self._read_only_task = asyncio.create_task(
+                self._read_only_probe_loop(), name="ib_read_only_probe_loop"
+            )
+
+    def _on_probe_answer(self, error: ev.BrokerError) -> None:
+        if error.code == READ_ONLY:
+            return  # still read-only
+        if self.read_only:
+            # Any other answer (10147: not found) means the cancel was taken up as usual.
+            self.read_only = False
+            log.warning("ib_read_only_lifted", code=error.code, client_id=self.client_id)
+            self._emit(ev.ApiReadOnly(read_only=False, ts=error.ts))
+
+    async def _read_only_probe_loop(self) -> None:
+        """While read-only, every `read_only_probe_s` cancel an order that never exists: 321
+        means still read-only, 10147 (not found) that orders and cancels work again."""
+        while self.read_only and not self._stopping:
+            await asyncio.sleep(self.read_only_probe_s)
+            session = self._session
+            if session is None or not session.announced or not self.read_only:
+                continue
+            with contextlib.suppress(GuarddError):
+                await self._request(
+                    session,
+                    Lane.NORMAL,
+                    "cancelOrder read-only probe",
+                    lambda s: s.cancelOrder(READ_ONLY_PROBE_ID, OrderCancel()),
+                )
 
     # ---- subscriptions ---------------------------------------------------------------------
 
@@ -1137,23 +1222,42 @@ class IbBroker:
     def reserve_order_ids(self, order_ids: Iterable[int]) -> None:
         """Never hand out these ids (e.g. child orders a previous life of the guard journaled:
         they may be working at the gateway under our client id, or may arrive there late)."""
-        self._known_order_ids.update(int(i) for i in order_ids if int(i) > 0)
+        for order_id in order_ids:
+            if int(order_id) > 0:
+                self._known_order_ids.add(int(order_id))
+                self._saw_order_id(int(order_id))
 
     def next_order_id(self) -> ev.OrderId:
-        """A fresh order id from this session's nextValidId, skipping every id of our client
-        already sent or reported (order ids can roll back after a gateway restart; re-using a
+        """A fresh order id: this session's nextValidId, or above every order id seen from any
+        client when that is higher (IB refuses a Master API client's id that is not above every
+        id reported to it, error 103; ids roll back after a gateway restart, and re-using a
         working order's id would modify it)."""
         session = self._live_session("next_order_id")
         assert session.next_id is not None
         order_id = session.next_id
-        if order_id in self._known_order_ids:
-            first = order_id
-            while order_id in self._known_order_ids:
-                order_id += 1
-            self.order_ids_skipped += order_id - first
-            log.warning("order_ids_rolled_back", next_valid_id=first, using=order_id)
+        floor = self.highest_order_id_seen + 1
+        if order_id < floor:
+            self.order_ids_skipped += floor - order_id
+            log.warning("order_ids_behind", next_valid_id=order_id, using=floor)
+            order_id = floor
         session.next_id = order_id + 1
         return ev.OrderId(order_id)
+
+    async def refresh_order_ids(self, lane: Lane = Lane.FLATTEN) -> None:
+        """Ask the gateway for the next valid id (reqIds) and wait, at most
+        `ORDER_IDS_TIMEOUT_S`, for the answer: `next_order_id` then goes by it. For when an id
+        was refused (103) or is in doubt; a missing answer leaves the ids as they were."""
+        session = self._live_session("refresh_order_ids")
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        session.id_waiters.append(waiter)
+        try:
+            await self._request(session, lane, "reqIds", lambda s: s.reqIds(-1))
+            await asyncio.wait_for(asyncio.shield(waiter), ORDER_IDS_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("order_ids_not_answered", timeout_s=ORDER_IDS_TIMEOUT_S)
+        finally:
+            if waiter in session.id_waiters:
+                session.id_waiters.remove(waiter)
 
     async def place_order(
         self,
@@ -1180,6 +1284,7 @@ class IbBroker:
         """Send one order (paced on `lane`); returns once it has been written to the socket."""
         session = self._live_session("place_order")
         self._known_order_ids.add(int(order_id))
+        self._saw_order_id(int(order_id))
         contract = _order_contract(
             con_id=con_id,
             symbol=symbol,

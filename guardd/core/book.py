@@ -39,6 +39,7 @@ from typing import assert_never
 from guardd.core.events import (
     AccountDownloadEnd,
     AccountValue,
+    ApiReadOnly,
     BrokerError,
     BrokerEvent,
     ClientId,
@@ -309,6 +310,8 @@ class Book:
         self.server_version = 0
         self.last_event_ts: float | None = None
         self.last_error: BrokerError | None = None
+        # TWS's Read-Only API: orders and cancels are refused (error 321); since when (None: not)
+        self.read_only_since: float | None = None
 
         # positions and running totals (guarded account only)
         self._positions: dict[tuple[str, ConId], Position] = {}
@@ -415,6 +418,11 @@ class Book:
                 self.executions_synced = True
             case BrokerError():
                 self.last_error = event
+            case ApiReadOnly(read_only=read_only):
+                if not read_only:
+                    self.read_only_since = None
+                elif self.read_only_since is None:
+                    self.read_only_since = event.ts
             case Heartbeat():
                 self._heartbeats[event.bot] = event.ts
             case _:
@@ -832,6 +840,17 @@ class Book:
     def synced(self) -> bool:
         """True once connected and both End barriers arrived since the last (re)connect."""
         return self.connected and self.positions_synced and self.orders_synced
+
+    @property
+    def read_only(self) -> bool:
+        """True while TWS's Read-Only API refuses orders and cancels (error 321)."""
+        return self.read_only_since is not None
+
+    @property
+    def can_act(self) -> bool:
+        """Whether a cancel or a close order sent now could work: connected to IB and the API
+        not read-only."""
+        return self.connected and not self.read_only
 
     @property
     def positions(self) -> Mapping[tuple[str, ConId], Position]:

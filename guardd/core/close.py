@@ -121,8 +121,15 @@ _TERMINAL = {
     "ApiCancelled": ChildStatus.CANCELLED,
     "Inactive": ChildStatus.REJECTED,
 }
-# Broker errors naming one of our order ids that reject it (an order the broker refused).
-REJECT_CODES = frozenset({201, 203, 10147, 110, 200})
+# Broker errors naming one of our order ids without refusing it: notices about a working order
+# (202 cancelled, 399 order message, 404 held for shares to borrow, 2109 outsideRth ignored) and
+# answers to a cancel of it (161 not cancellable, 10148 filled or cancelled already); warnings
+# 2100-2199 too. Every other error naming a live child refuses it.
+NOTICE_CODES = frozenset({161, 202, 399, 404, 2109, 10148})
+# Refusals of the order id (103: not above every id seen, the Master API client rule) or of the
+# API (321: Read-Only API), not of the order: no reject, the quantity goes out again.
+ID_REFUSED = 103
+ID_OR_API_REFUSED = frozenset({ID_REFUSED, 321})
 # Answers to a cancelOrder of ours: not found, already filled or cancelled, not cancellable now.
 # After a cancel they are no reject: the child's status and fills decide.
 CANCEL_ANSWER_CODES = frozenset({10147, 10148, 161})
@@ -385,10 +392,18 @@ class CloseEpisode:
         return child
 
     def broker_error(self, order_id: int, code: int, message: str, now: float) -> Record | None:
-        """An error naming one of our order ids: a reject (the child is finished, unfilled
-        beyond what it filled), or the broker's answer to a cancel of ours (10147/10148/161:
-        not found, filled or cancelled already), which changes nothing: the child's status and
-        fills decide. The fact to journal, or None when it concerns no live child of ours."""
+        """An error naming one of our live children's order ids; the fact to journal, or None
+        when it concerns no live child of ours or changes nothing.
+
+        - The broker's answer to a cancel of ours (`CANCEL_ANSWER_CODES`: not found, filled or
+          cancelled already) changes nothing: the child's status and fills decide.
+        - A notice about a working order (`NOTICE_CODES`, warnings 2100-2199) changes nothing.
+        - A refusal of the id or of the API, not of the order (`ID_OR_API_REFUSED`: 103, 321):
+          no order exists under the id; the child is freed without counting as a reject, and
+          its quantity is planned again under a new id (`refuse`).
+        - Any other error refuses the child: a reject, counted toward the policy's
+          `max_rejects`, after which the position is escalated (note `rejected_too_often`).
+        A refused child is never left counted as working."""
         child = self._by_order_id.get(order_id)
         if child is None or not child.live:
             return None
@@ -405,18 +420,32 @@ class CloseEpisode:
                     "reprice": child.reprice_at is not None,
                 },
             )
-        if code not in REJECT_CODES or self.reject(order_id, now) is None:
+        if code in NOTICE_CODES or 2100 <= code < 2200:
             return None
-        return Record(
-            "child_order_rejected",
-            {
-                "decision_id": self.decision_id,
-                "order_ref": child.order_ref,
-                "code": code,
-                "message": message,
-            },
-            "warning",
-        )
+        fields = {
+            "decision_id": self.decision_id,
+            "order_id": child.order_id,
+            "order_ref": child.order_ref,
+            "code": code,
+            "message": message,
+        }
+        if code in ID_OR_API_REFUSED:
+            self.refuse(order_id, now)
+            return Record("child_order_refused", fields, "warning")
+        if self.reject(order_id, now) is None:
+            return None
+        return Record("child_order_rejected", fields, "warning")
+
+    def refuse(self, order_id: int, now: float) -> Child | None:
+        """The broker refused one of our orders for its id (103) or because the API is read-only
+        (321): no order exists under it. The child ends cancelled, freeing its quantity for a
+        new child under a new id; it does not count as a reject (the order was never judged)."""
+        child = self._by_order_id.get(order_id)
+        if child is None or not child.live:
+            return None
+        child.status = ChildStatus.CANCELLED
+        child.finished_at = now
+        return child
 
     def cancel_sent(self, cancel: Cancel, generation: int, now: float) -> None:
         """The executor sent (or tried to send) this cancel."""

@@ -17,7 +17,9 @@ counter), so a journal of inputs replays.
   cancel (order_seq moved), or that linger `resweep_s` after it, it emits `CancelAll` again. On
   every re-sync (Book synced again after a (re)connect, or the first sync after a restored
   latch) it repeats `CancelAll` and, in "flatten" mode, `Flatten`: a kill requested while
-  disconnected is carried out on reconnect.
+  disconnected is carried out on reconnect. The Book counts as synced only while the guard can
+  act (TWS's Read-Only API off), so a kill made while IB refused every order and cancel (321)
+  is carried out again once the API can act.
 - Below HALTED the state follows the worst debounced finding: reduce → REDUCING (with a
   `Reduce(target_leverage)` on entry or when the target changes), warn → WARNING, none → ARMED.
 """
@@ -73,8 +75,14 @@ class Evaluation:
     def of(cls, book: Book, findings: Sequence[Finding]) -> Evaluation:
         """Bundle findings with the Book's sync state and the counters of the orders a sweep must
         cancel: every working order but guardd's own close orders, which a sweep would otherwise
-        cancel in the middle of a flatten."""
-        return cls(tuple(findings), book.synced, book.foreign_working_count, book.foreign_order_seq)
+        cancel in the middle of a flatten. Synced only while the guard can act: the API going
+        from read-only back to normal is a re-sync."""
+        return cls(
+            tuple(findings),
+            book.synced and not book.read_only,
+            book.foreign_working_count,
+            book.foreign_order_seq,
+        )
 
 
 @dataclass(frozen=True, slots=True)

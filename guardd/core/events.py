@@ -242,6 +242,16 @@ class BrokerError:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ApiReadOnly:
+    """TWS's "Read-Only API" setting as the adapter learns it: `read_only` True from the first
+    error 321 "... Read-Only mode" (orders and cancels are refused), False once a probe cancel is
+    answered as a normal cancel would be."""
+
+    read_only: bool
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """A trading bot's liveness signal (from MQTT or HTTP); `ts` is when guardd received it."""
 
@@ -268,6 +278,7 @@ BrokerEvent = (
     | Execution
     | ExecutionsEnd
     | BrokerError
+    | ApiReadOnly
     | Heartbeat
 )
 """Everything the Book folds."""

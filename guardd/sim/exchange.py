@@ -279,6 +279,11 @@ class Exchange:
         """Orders still working, in placement order."""
         return [replace(o) for o in self._working.values()]
 
+    def order_of_client(self, client_id: int, order_id: int) -> SimOrder | None:
+        """The order a client placed under `order_id` (working or finished), if any."""
+        order = self._by_client_order.get((client_id, order_id))
+        return replace(order) if order is not None else None
+
     def order_by_perm_id(self, perm_id: int) -> SimOrder | None:
         order = self._orders.get(perm_id)
         return replace(order) if order is not None else None

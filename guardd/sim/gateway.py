@@ -9,8 +9,15 @@ orders working, and they are reported again when it reconnects.
 Faults (drops, connectivity notices, rejects, delayed or duplicated position updates, price jumps,
 margin changes, restarts with order-id rollback, a silent freeze of every connection, the daily
 reset, modifications split into new orders during a connectivity loss, broker liquidations,
-orders cancelled by someone else while their client is cut off) are
+orders cancelled by someone else while their client is cut off, the Read-only API switch) are
 methods of `SimGateway`; `scenario.py` drives them from a TOML file on a schedule.
+
+Order ids, as TWS keeps them: each client id has its own sequence. A NEW order's id must be above
+every id that client has seen (its own accepted orders; for the Master API client also every order
+of any client reported to it in openOrder / orderStatus), else error 103 "Duplicate order id";
+re-sending the id of one's own working order modifies it. nextValidId (on connect and on reqIds)
+is the client's highest seen id + 1. The ids a client has seen outlive its connection; a restart
+with `next_order_id` makes the gateway forget them (an id roll-back), while orders stay working.
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ log = logging.getLogger("guardd.sim")
 
 SERVER_VERSION = codec.SERVER_VERSION  # the one version whose layouts codec.py writes
 NO_VALID_ID = -1
+DUPLICATE_ORDER_ID = 103
+READ_ONLY = 321
+READ_ONLY_MESSAGE = (
+    "Error validating request.-'{tag}' : cause - The API interface is currently in Read-Only mode."
+)
 
 # Client -> server message ids (text protocol).
 REQ_MKT_DATA = 1
@@ -244,7 +256,12 @@ class SimGateway:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._port = self.config.port
-        self._next_order_id = self.config.first_order_id
+        # Order ids: the highest id each client id has seen (see the module doc); a client not in
+        # the map has seen `_id_floor_default`.
+        self._id_floor: dict[int, int] = {}
+        self._id_floor_default = self.config.first_order_id - 1
+        self.read_only = False  # TWS's "Read-Only API": orders and cancels refused with 321
+        self.read_only_refusals = 0
         self.accepting = True
         self.connectivity_ok = True
         # Faults on position updates.
@@ -448,7 +465,7 @@ class SimGateway:
             " as master" if session.is_master else "",
         )
         session.send(codec.managed_accounts_fields(self.exchange.accounts))
-        session.send(codec.next_valid_id_fields(self._next_order_id))
+        session.send(codec.next_valid_id_fields(self.next_valid_id(client_id)))
         if self.config.farm_notices:
             for code, msg in (
                 (2104, "Market data farm connection is OK:usfarm"),
@@ -458,8 +475,27 @@ class SimGateway:
                 session.send(codec.error_fields(NO_VALID_ID, code, msg))
         # Orders survive disconnects: report this client's working orders again.
         for order in self._visible_orders(session, working_only=True):
+            self._report_order(session, order)
+
+    # ---- order ids -------------------------------------------------------------------------
+
+    def next_valid_id(self, client_id: int) -> int:
+        """The id nextValidId gives `client_id` now: above every id it has seen."""
+        return self._id_floor.get(client_id, self._id_floor_default) + 1
+
+    def _saw_order_id(self, client_id: int, order_id: int) -> None:
+        if order_id > 0:
+            floor = self._id_floor.get(client_id, self._id_floor_default)
+            self._id_floor[client_id] = max(floor, order_id)
+
+    def _report_order(self, session: Session, order: SimOrder, *, open_order: bool = True) -> None:
+        """openOrder (when `open_order`) and orderStatus of one order to one client, which has
+        now seen its id."""
+        if open_order:
             session.send(codec.open_order_fields(order))
-            session.send(codec.order_status_fields(order))
+        session.send(codec.order_status_fields(order))
+        if session.client_id is not None:
+            self._saw_order_id(session.client_id, order.order_id)
 
     # ---- dispatch --------------------------------------------------------------------------
 
@@ -510,7 +546,13 @@ class SimGateway:
             session.send(codec.error_fields(NO_VALID_ID, 320, f"Error reading request: {exc}"))
 
     def _req_ids(self, session: Session, fields: list[str], now: float) -> None:
-        session.send(codec.next_valid_id_fields(self._next_order_id))
+        assert session.client_id is not None
+        session.send(codec.next_valid_id_fields(self.next_valid_id(session.client_id)))
+
+    def _refuse_read_only(self, session: Session, req_id: int, tag: str) -> None:
+        self.read_only_refusals += 1
+        log.info("client %s refused: the API is read-only", session.client_id)
+        session.send(codec.error_fields(req_id, READ_ONLY, READ_ONLY_MESSAGE.format(tag=tag)))
 
     def _req_current_time(self, session: Session, fields: list[str], now: float) -> None:
         session.send(codec.current_time_fields(int(now)))
@@ -519,7 +561,18 @@ class SimGateway:
         assert session.client_id is not None
         placed = codec.decode_place_order_in_full(fields)
         req = placed.order
-        self._next_order_id = max(self._next_order_id, req.order_id + 1)
+        if self.read_only:
+            self._refuse_read_only(session, req.order_id, "bN")
+            return
+        client_id = session.client_id
+        own = self.exchange.order_of_client(client_id, req.order_id)
+        if (own is None or not own.is_working) and req.order_id <= self._id_floor.get(
+            client_id, self._id_floor_default
+        ):
+            # Not a modification of its own working order, and not above what it has seen.
+            log.info("order %d of client %d refused: duplicate order id", req.order_id, client_id)
+            session.send(codec.error_fields(req.order_id, DUPLICATE_ORDER_ID, "Duplicate order id"))
+            return
         log.info(
             "client %d places order %d: %s %s %s %s%s",
             session.client_id,
@@ -530,7 +583,6 @@ class SimGateway:
             req.order_type,
             f" @ {req.lmt_price}" if req.lmt_price is not None else "",
         )
-        client_id = session.client_id
         refusal = _unsupported(placed)
         if refusal is not None:
             log.info("order %d of client %d refused: %s", req.order_id, client_id, refusal)
@@ -563,6 +615,9 @@ class SimGateway:
     def _cancel_order(self, session: Session, fields: list[str], now: float) -> None:
         assert session.client_id is not None
         order_id = codec.decode_cancel_order(fields)
+        if self.read_only:
+            self._refuse_read_only(session, order_id, "cB")
+            return
         try:
             events = self.exchange.cancel_order(session.client_id, order_id, now)
         except OrderNotFoundError:
@@ -585,6 +640,9 @@ class SimGateway:
         self.route(events, cancel_notice=True)
 
     def _global_cancel(self, session: Session, fields: list[str], now: float) -> None:
+        if self.read_only:
+            self._refuse_read_only(session, NO_VALID_ID, "cB")
+            return
         self.global_cancels += 1
         self.global_cancel_times.append(now)
         events = self.exchange.global_cancel(now)
@@ -599,8 +657,7 @@ class SimGateway:
 
     def _send_open_orders(self, session: Session, orders: Iterable[SimOrder]) -> None:
         for order in orders:
-            session.send(codec.open_order_fields(order))
-            session.send(codec.order_status_fields(order))
+            self._report_order(session, order)
         session.send(codec.open_order_end_fields())
 
     def _req_auto_open_orders(self, session: Session, fields: list[str], now: float) -> None:
@@ -807,10 +864,10 @@ class SimGateway:
         for event in events:
             match event:
                 case OrderChanged(order=order, open_order=open_order):
+                    # the owner has seen its accepted order's id, connected or not
+                    self._saw_order_id(order.client_id, order.order_id)
                     for s in self._order_audience(order.client_id):
-                        if open_order:
-                            s.send(codec.open_order_fields(order))
-                        s.send(codec.order_status_fields(order))
+                        self._report_order(s, order, open_order=open_order)
                         if (
                             cancel_notice
                             and order.status == "Cancelled"
@@ -1066,6 +1123,12 @@ class SimGateway:
         log.warning("fault: order reject filter %s", "set" if predicate else "cleared")
         self.exchange.set_reject_filter(predicate)
 
+    def set_read_only(self, enabled: bool = True) -> None:
+        """TWS's "Read-Only API" setting: while on, placeOrder, cancelOrder and reqGlobalCancel
+        are refused with error 321 ("... API interface is currently in Read-Only mode")."""
+        log.warning("fault: Read-Only API %s", "on" if enabled else "off")
+        self.read_only = enabled
+
     def delay_positions(self, seconds: float) -> None:
         log.warning("fault: position updates delayed by %.2f s", seconds)
         self.position_delay_s = seconds
@@ -1235,8 +1298,11 @@ class SimGateway:
         Working orders live at IB, not in the gateway, so they survive the restart.
         """
         if next_order_id is not None:
+            # The gateway forgets the ids its clients have seen; orders (at IB) stay working,
+            # and ids reported to a client again count again.
             log.warning("fault: restart with order ids rolled back to %d", next_order_id)
-            self._next_order_id = next_order_id
+            self._id_floor.clear()
+            self._id_floor_default = next_order_id - 1
         await self.drop_all_clients(down_seconds)
 
 

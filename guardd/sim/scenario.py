@@ -188,6 +188,11 @@ class MarketData(_Fault):
         return self
 
 
+class ReadOnly(_Fault):
+    kind: Literal["read_only"]
+    seconds: Annotated[float, Field(gt=0)] | None = None  # None: for the rest of the run
+
+
 class Liquidate(_Fault):
     kind: Literal["liquidate"]
     account: str = ""  # default: the first account
@@ -215,6 +220,7 @@ Fault = Annotated[
     | DailyReset
     | SplitModifies
     | MarketData
+    | ReadOnly
     | Liquidate
     | CancelOrdersWhileDropped,
     Field(discriminator="kind"),
@@ -418,6 +424,11 @@ async def _apply(gateway: SimGateway, scenario: Scenario, fault: Fault) -> None:
             if sec is not None:
                 await asyncio.sleep(sec)
                 gateway.clear_market_data_fault(con_ids)
+        case ReadOnly(seconds=seconds):
+            gateway.set_read_only(True)
+            if seconds is not None:
+                await asyncio.sleep(seconds)
+                gateway.set_read_only(False)
         case Liquidate(account=account, symbol=symbol, quantity=quantity):
             gateway.liquidate(account or scenario.accounts[0].id, scenario.con_id(symbol), quantity)
         case CancelOrdersWhileDropped(seconds=seconds, client_id=client_id):
