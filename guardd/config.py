@@ -543,6 +543,7 @@ class HttpControlConfig(_Model):
     tls_cert_file: FilePath | None = None
     tls_key_file: FilePath | None = None
     max_body_bytes: Annotated[int, Field(gt=0, le=1_048_576)] = 16_384
+    console: bool = True  # the web console at /console (docs/console.md)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Self:
@@ -593,10 +594,16 @@ HttpTokenRole = Literal["read", "kill", "arm"]
 
 class Person(_Model):
     """The credentials one person holds: HTTP role tokens (by role, as in
-    ``control.http.token_files``) and MQTT operator keys (by key id)."""
+    ``control.http.token_files``), MQTT operator keys (by key id), and a bearer token of their own
+    (``http_token_file``, holding ``http_token_roles``; read only unless given more), so that two
+    people can each log in to the console and re-arm with a token that names them."""
 
     http_tokens: Annotated[tuple[HttpTokenRole, ...], Field(strict=False)] = ()
     mqtt_keys: Annotated[tuple[Name, ...], Field(strict=False)] = ()
+    http_token_file: FilePath | None = None
+    http_token_roles: Annotated[tuple[HttpTokenRole, ...], Field(strict=False, min_length=1)] = (
+        "read",
+    )
 
 
 class ControlConfig(_Model):
@@ -661,6 +668,10 @@ class ControlConfig(_Model):
         arm_credentials: dict[str, str | None] = {}  # credential -> its person
         if self.http.enabled and self.http.token_files.arm is not None:
             arm_credentials["control.http.token_files.arm"] = self.person_of_http_token("arm")
+        if self.http.enabled:
+            for name, own in self.people.items():
+                if own.http_token_file is not None and "arm" in own.http_token_roles:
+                    arm_credentials[f"control.people.{name}.http_token_file"] = name
         if self.mqtt.enabled:
             for key_id in self.mqtt.operator_key_files:
                 if "arm" in self.mqtt.operator_key_roles.get(key_id, ()):

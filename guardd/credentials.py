@@ -6,6 +6,7 @@ either, as a ``ConfigError`` naming the key that points at the file (exit 78); s
 private files (``control.allow_insecure_permissions`` aside) and each used for one purpose:
 
 - ``control.http.token_files.{read,kill,arm}``: one bearer token per role (HTTP enabled);
+- ``control.people.<name>.http_token_file``: a person's own bearer token (HTTP enabled);
 - ``control.http.tls_cert_file`` / ``tls_key_file``: the HTTP server's certificate and key;
 - ``control.mqtt.password_file``, ``control.mqtt.operator_key_files.<id>`` and, with
   ``control.mqtt.tls``, ``control.mqtt.tls_ca_file`` (MQTT enabled).
@@ -53,6 +54,11 @@ def load_credentials(cfg: Config) -> Credentials:
             kill=files.kill,
             arm=files.arm,
             people=control.http_token_people,
+            personal={
+                person: (held.http_token_file, held.http_token_roles)
+                for person, held in control.people.items()
+                if held.http_token_file is not None
+            },
             allow_insecure_permissions=insecure,
         )
     mqtt_password = mqtt_keys = mqtt_tls = None

@@ -273,6 +273,36 @@ people.bob = { mqtt_keys = ["bob"] }
     assert cfg.allow_insecure_permissions is True
 
 
+def test_two_person_with_a_token_of_each_person_then_both_may_rearm_over_http() -> None:
+    control = """[control]
+two_person_rearm = true
+people.alice = { http_tokens = ["arm"], http_token_file = "/t/alice", http_token_roles = ["arm"] }
+people.bob = { http_token_file = "/t/bob", http_token_roles = ["kill", "arm"] }
+people.carol = { http_token_file = "/t/carol" }
+[control.http.token_files]
+arm = "/t/arm"
+"""
+
+    cfg = parse_config(MINIMAL + control).control
+
+    assert cfg.people["bob"].http_token_roles == ("kill", "arm")
+    assert cfg.people["carol"].http_token_roles == ("read",)  # a personal token reads by default
+
+
+def test_two_person_with_one_persons_token_only_then_config_error() -> None:
+    control = """[control]
+two_person_rearm = true
+people.alice = { http_token_file = "/t/alice", http_token_roles = ["arm"] }
+people.bob = { http_token_file = "/t/bob", http_token_roles = ["kill"] }
+"""
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL + control)
+
+    assert caught.value.key_path == "control.two_person_rearm"
+    assert "only alice can" in caught.value.rule
+
+
 def test_minimal_file_then_secret_files_must_be_private() -> None:
     assert parse_config(MINIMAL).control.allow_insecure_permissions is False
 

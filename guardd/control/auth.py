@@ -306,11 +306,14 @@ class TokenStore:
         kill: Path | None = None,
         arm: Path | None = None,
         people: Mapping[Role, str] | None = None,
+        personal: Mapping[str, tuple[Path, Iterable[Role]]] | None = None,
         allow_insecure_permissions: bool = False,
     ) -> TokenStore:
         """From one file per role, as in ``control.http.token_files``; the principal is the
         file's name (e.g. the systemd credential name). A role without a file is refused.
-        ``people`` maps a role's token to the person holding it (``control.people``)."""
+        ``people`` maps a role's token to the person holding it (``control.people``);
+        ``personal`` maps a person to a token file of their own and its roles (principal
+        ``person:<name>``, ``control.people.<name>.http_token_file``)."""
         by_role: tuple[tuple[Role, Path | None], ...] = (
             ("read", read),
             ("kill", kill),
@@ -331,6 +334,15 @@ class TokenStore:
                 sources[name] = what
                 if role in named:
                     persons[name] = named[role]
+        for person, (path, roles) in (personal or {}).items():
+            what = f"control.people.{person}.http_token_file"
+            name = f"person:{person}"
+            token = read_secret_file(
+                path, what=what, allow_insecure_permissions=allow_insecure_permissions
+            )
+            tokens[name] = (token, tuple(roles))
+            sources[name] = what
+            persons[name] = person
         return cls.from_tokens(tokens, people=persons, sources=sources)
 
     def authenticate(self, token: str | None) -> Principal:
@@ -708,6 +720,11 @@ class TwoPersonRule:
     def pending(self) -> str | None:
         """The person whose arm is waiting for a second person, if any (unexpired or not)."""
         return self._pending[0] if self._pending else None
+
+    @property
+    def pending_since(self) -> float | None:
+        """When the pending arm came in (epoch seconds), if any; it lapses ``window_s`` later."""
+        return self._pending[1] if self._pending else None
 
     def offer(self, person: str, *, now: float) -> TwoPersonVerdict:
         """Record an arm from ``person`` at ``now`` and say whether it completes the pair."""
