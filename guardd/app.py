@@ -39,6 +39,7 @@ from guardd.broker.ib import IbBroker
 from guardd.config import Config
 from guardd.control.auth import TwoPersonRule
 from guardd.control.commands import CommandOutcome, ControlCommand
+from guardd.control.console import Console
 from guardd.control.http import ControlHttpServer
 from guardd.control.mqtt import MqttControl
 from guardd.control.nonces import NonceStore
@@ -204,6 +205,8 @@ class Guard:
         self.ready_event = asyncio.Event()
         self._sd_status: str | None = None
         self._evaluated_at = time.monotonic()
+        # When the engine entered its present state (epoch seconds): the console's "since".
+        self._state_since = latch.since if latch is not None else now
         self.metrics.set_state(self.engine.state)
 
     # ---- running ---------------------------------------------------------------------------
@@ -281,6 +284,13 @@ class Guard:
                 max_body_bytes=http_cfg.max_body_bytes,
                 routes=routes,
             )
+            if http_cfg.console:
+                console = Console(
+                    self,
+                    tokens=credentials.http_tokens,
+                    secure_cookie=credentials.http_tls is not None,
+                )
+                console.attach(self.http.app)
             where = f"control.http: cannot listen on {http_cfg.host}:{http_cfg.port}"
             await _listen(stack, self.http, where)
         mqtt_cfg = self.cfg.control.mqtt
@@ -495,6 +505,7 @@ class Guard:
         # orders); logs and metrics after.
         await self.executor.carry_out(decision, trigger_ts=trigger_ts)
         if changed:
+            self._state_since = self.clock()
             log.warning(
                 "state_changed",
                 state=str(decision.state),
@@ -680,6 +691,87 @@ class Guard:
             },
         }
 
+    def console_view(self) -> Mapping[str, object]:
+        """What the web console shows (``guardd.control.console``), JSON-able: the status, why
+        and since when, every rule's value against its levels, positions, working orders by
+        client, connectivity, the two-person re-arm in progress, and the last journal records."""
+        latch = self.engine.latch
+        state = self.engine.state
+        if latch is not None:
+            why = [f"{latch.source}: {latch.reason}"]
+        else:
+            why = [f.message for f in self._findings.values() if f.breach]
+        rules = [
+            {
+                "rule": f.rule,
+                "subject": f.subject,
+                "level": f.level,
+                "value": _finite_or_none(f.value),
+                "limits": _limits_json(self._rule_limits.get(f.rule)),
+                "message": f.message,
+            }
+            for f in sorted(self._findings.values(), key=lambda f: f.rule)
+        ]
+        positions = [
+            {
+                "account": p.account,
+                "symbol": p.symbol,
+                "sec_type": p.sec_type,
+                "quantity": p.quantity,
+                "avg_cost": _finite_or_none(p.avg_cost),
+                "value": _finite_or_none(p.value),
+            }
+            for p in sorted(self.book.guarded_positions(), key=lambda p: (p.symbol, p.con_id))
+        ]
+        clients: dict[int, list[dict[str, object]]] = {}
+        for order in sorted(self.book.working_orders(), key=lambda o: (o.client_id, o.order_id)):
+            clients.setdefault(int(order.client_id), []).append(
+                {
+                    "order_id": int(order.order_id),
+                    "perm_id": int(order.perm_id),
+                    "symbol": order.symbol,
+                    "action": order.action,
+                    "quantity": _finite_or_none(order.quantity),
+                    "order_type": order.order_type,
+                    "lmt_price": _finite_or_none(order.lmt_price),
+                    "status": order.status,
+                    "filled": order.filled,
+                    "own": self.book.is_own(order),
+                }
+            )
+        rule = self._two_person
+        pending_since = rule.pending_since if rule is not None else None
+        return {
+            **self.status(),
+            "state": str(state),
+            "since": self._state_since,
+            "why": why,
+            "rules": rules,
+            "position_list": positions,
+            "orders_by_client": [
+                {"client_id": client, "orders": orders} for client, orders in clients.items()
+            ],
+            "connectivity": {
+                "ib": "synced"
+                if self.book.synced
+                else "connected"
+                if self.book.connected
+                else "disconnected",
+                "ib_at": f"{self.cfg.ib.host}:{self.cfg.ib.port}",
+                "mqtt": None if self.mqtt is None else self.mqtt.connected,
+            },
+            "rearm": {
+                "two_person": rule is not None,
+                "window_s": self.cfg.control.rearm_window_s if rule is not None else None,
+                "pending_by": rule.pending if rule is not None else None,
+                "pending_since": pending_since,
+                "lapses_at": None
+                if pending_since is None or rule is None
+                else pending_since + rule.window_s,
+            },
+            "journal": [_journal_line(r) for r in reversed(self.journal.recent()[-20:])],
+        }
+
     def ready(self) -> bool:
         """Latch restored (always, at construction) and the broker synced."""
         return self.waiting_for() is None
@@ -752,6 +844,29 @@ def _command_fields(command: ControlCommand) -> dict[str, object]:
         "force": command.force,
         "request_id": command.request_id,
     }
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _limits_json(limits: Thresholds | None) -> dict[str, float | None]:
+    if limits is None:
+        return {"warn": None, "reduce": None, "kill": None}
+    return {"warn": limits.warn, "reduce": limits.reduce, "kill": limits.kill}
+
+
+_JOURNAL_SHOWN = ("state", "action", "principal", "person", "reason", "mode", "message", "rule")
+
+
+def _journal_line(record: Mapping[str, Any]) -> dict[str, object]:
+    """A journal record as the console lists it: time, kind and a few short fields."""
+    details = {
+        key: str(record[key])[:200]
+        for key in _JOURNAL_SHOWN
+        if record.get(key) not in (None, "", [])
+    }
+    return {"ts": record.get("ts"), "kind": record.get("kind"), "details": details}
 
 
 def _int_or(value: object, default: int) -> int:

@@ -32,7 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", type=Path)
-    sub.add_parser("demo", help="guard the embedded simulated gateway against a runaway bot")
+    demo = sub.add_parser("demo", help="guard the embedded simulated gateway against a runaway bot")
+    demo.add_argument(
+        "--stay",
+        action="store_true",
+        help="keep the gateway, the guard and its web console running after the demo (Ctrl-C)",
+    )
     sim = sub.add_parser("sim", help="run the simulated IB Gateway")
     sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     sim.add_argument("--port", type=int, default=7497, help="TCP port (default 7497)")
@@ -59,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from guardd.demo import demo_main
 
-        return demo_main()
+        return demo_main(stay=args.stay)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -7,6 +7,9 @@ every order with reqGlobalCancel, flattens every position with paced child order
 sweeping the bot's later orders, and confirms flat from the broker's own positions.
 
 The demo exits 0 only when, at the gateway, no order is working and every position is flat.
+It prints the web console's URL and where its throwaway tokens are; with ``--stay`` the gateway
+and the guard keep running after the demo (HALTED, flat) until Ctrl-C, so the console can be
+looked at and the guard re-armed from it.
 """
 
 from __future__ import annotations
@@ -148,8 +151,12 @@ def _book(gateway: SimGateway, account: str) -> str:
     return ", ".join(parts) or "flat"
 
 
-async def run_demo(out: TextIO = sys.stdout, *, timeout_s: float = 45.0) -> int:
-    """Run the whole demo; 0 when every order is cancelled and every position is flat."""
+async def run_demo(
+    out: TextIO = sys.stdout, *, timeout_s: float = 45.0, stay: asyncio.Event | None = None
+) -> int:
+    """Run the whole demo; 0 when every order is cancelled and every position is flat. With
+    ``stay``, keep the gateway and the guard (and the console) up afterwards until it is set or
+    the demo is interrupted."""
     timeline = Timeline(out)
     base = load_config(DEMO_CONFIG)
     scenario = parse_scenario(DEMO_SCENARIO)
@@ -166,6 +173,13 @@ async def run_demo(out: TextIO = sys.stdout, *, timeout_s: float = 45.0) -> int:
             bot = RunawayBot("127.0.0.1", gateway.port, BOT_CLIENT_ID)
             try:
                 await asyncio.wait_for(guard.ready_event.wait(), 10)
+                if guard.http is not None:
+                    files = cfg.control.http.token_files
+                    timeline.say(
+                        "console",
+                        f"{guard.http.url}/console  (log in with the token in {files.kill} "
+                        f"to kill, {files.arm} to re-arm, {files.read} to look)",
+                    )
                 timeline.say(
                     "guard",
                     f"master client {cfg.ib.client_id}, synced, state {guard.engine.state}; "
@@ -181,6 +195,10 @@ async def run_demo(out: TextIO = sys.stdout, *, timeout_s: float = 45.0) -> int:
                 await run
                 await asyncio.sleep(0.5)  # the last swept orders settle
                 ok = ok and _flat_and_cancelled(gateway, account)
+                if stay is not None:
+                    timeline.say("demo", "the console stays up: Ctrl-C to end")
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await stay.wait()
             finally:
                 await bot.disconnect()
                 stop.set()
@@ -225,9 +243,13 @@ def _flat_and_cancelled(gateway: SimGateway, account: str) -> bool:
     return not gateway.exchange.working_orders() and not gateway.exchange.positions(account)
 
 
-def demo_main() -> int:
-    """Entry point of `guardd demo`."""
+def demo_main(*, stay: bool = False) -> int:
+    """Entry point of `guardd demo` (``--stay``: keep serving the console until Ctrl-C)."""
     from guardd.logs import configure_logging
 
     configure_logging("console", "error")
-    return asyncio.run(run_demo())
+
+    async def main() -> int:
+        return await run_demo(stay=asyncio.Event() if stay else None)
+
+    return asyncio.run(main())

@@ -13,6 +13,9 @@ without touching the file.
 Values are stored as plain JSON: paths, enums, dataclasses, pydantic models and datetimes are
 converted; NaN and infinities become the strings "nan", "inf", "-inf" (strict JSON has no such
 numbers, and a NaN rule value is exactly what an audit must be able to record).
+
+``Journal.recent`` keeps the last ``RECENT_RECORDS`` records appended by this process in memory
+(the web console shows them; nothing is read back from disk for it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from pathlib import Path
@@ -33,9 +37,10 @@ from typing import Any, BinaryIO, Self
 
 from guardd.errors import JournalError
 
-__all__ = ["TORN_TAIL_KIND", "Journal", "read_journal"]
+__all__ = ["RECENT_RECORDS", "TORN_TAIL_KIND", "Journal", "read_journal"]
 
 TORN_TAIL_KIND = "journal_torn_tail"
+RECENT_RECORDS = 50
 _BLOCK = 64 * 1024
 
 
@@ -46,6 +51,7 @@ class Journal:
         self._path = path
         self._clock = clock
         self._lock = threading.Lock()
+        self._recent: deque[dict[str, Any]] = deque(maxlen=RECENT_RECORDS)
         self.torn_tail: Path | None = None  # where a torn last line found on open was copied
         self._fd: int | None = None
         try:
@@ -94,8 +100,14 @@ class Journal:
                 self._cut_back()
                 raise JournalError(f"cannot append to journal {self._path}: {exc}") from exc
             self._size += len(data)
+            self._recent.append(record)
         result: dict[str, Any] = record
         return result
+
+    def recent(self) -> list[dict[str, Any]]:
+        """The last records appended (and made durable) by this process, oldest first."""
+        with self._lock:
+            return list(self._recent)
 
     def close(self) -> None:
         """Close the file; later appends raise ``JournalError``. Closing twice is harmless."""

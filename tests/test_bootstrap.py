@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = [*sorted((ROOT / "scripts").iterdir()), ROOT / ".ci" / "run"]
-MISSING = ("mosquitto", "prometheus")
+MISSING = ("mosquitto", "prometheus", "chromium")
 
 
 def test_every_script_then_shellcheck_clean() -> None:
@@ -118,4 +118,4 @@ def test_user_with_packages_missing_then_apt_get_runs_through_sudo(tmp_path: Pat
 def test_package_manager_fails_then_clear_error_and_exit_1(tmp_path: Path, uid: int) -> None:
     code, stderr, _ = _run_bootstrap(tmp_path, uid=uid, apt_fails=True)
     assert code == 1
-    assert "could not install mosquitto prometheus" in stderr
+    assert "could not install mosquitto prometheus chromium" in stderr
