@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     sim.add_argument("--port", type=int, default=7497, help="TCP port (default 7497)")
     sim.add_argument("--scenario", type=Path, help="scenario TOML file (configs/scenarios/)")
+    sim.add_argument(
+        "--server-version",
+        type=_server_version,
+        help="highest TWS API server version offered, 178-226 (default: the scenario's, 226); "
+        "201 and above speak the protobuf wire",
+    )
     return parser
 
 
@@ -53,7 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from guardd.sim.server import sim_main
 
         try:
-            return sim_main(host=args.host, port=args.port, scenario_path=args.scenario)
+            return sim_main(
+                host=args.host,
+                port=args.port,
+                scenario_path=args.scenario,
+                server_version=args.server_version,
+            )
         except ScenarioError as exc:
             print(f"guardd sim: {exc}", file=sys.stderr)
             return EX_CONFIG
@@ -66,6 +77,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo_main(stay=args.stay)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _server_version(text: str) -> int:
+    """argparse type of `--server-version`: an int the simulated gateway can speak."""
+    from guardd.sim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION
+
+    try:
+        version = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not MIN_SERVER_VERSION <= version <= MAX_SERVER_VERSION:
+        raise argparse.ArgumentTypeError(
+            f"{version} is outside {MIN_SERVER_VERSION}..{MAX_SERVER_VERSION}"
+        )
+    return version
 
 
 def _check_config(path: Path) -> int:

@@ -1,6 +1,7 @@
-"""Drive the real client libraries (ibapi 10.50.2, ib_async 2.1.0) at server version 178 for the
-codec's conformance tests: deliver our frames to their decoders, and capture the frames their
-clients write."""
+"""Drive the real client libraries (ibapi 10.50.2, ib_async 2.1.0) for the codec's conformance
+tests: deliver our frames to their decoders, and capture the frames their clients write. ib_async
+speaks server version 178; ibapi any version from 178 to 226 (`*_at` helpers), where from 201 a
+frame carries a 4-byte id and maybe a protobuf body."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC
 from typing import Any
 
+import ibapi.decoder
 from ib_async.client import Client as IbAsyncClient
 from ib_async.decoder import Decoder as IbAsyncDecoder
 from ibapi import comm
@@ -22,7 +24,16 @@ from ibapi.decoder import Decoder as IbapiDecoder
 from ibapi.wrapper import EWrapper
 
 from guardd.sim import codec
-from guardd.sim.wire import Field, FrameBuffer, encode_frame, encode_raw_frame
+from guardd.sim.gateway import Request, read_request
+from guardd.sim.messages import Outgoing
+from guardd.sim.wire import (
+    PROTOBUF_OFFSET,
+    RAW_ID_VERSION,
+    Field,
+    FrameBuffer,
+    encode_frame,
+    encode_raw_frame,
+)
 
 Call = tuple[str, tuple[Any, ...]]
 
@@ -86,6 +97,104 @@ def ibapi_deliver(fields: list[Field]) -> list[Call]:
     return wrapper.calls
 
 
+def ibapi_reads_at(call: Callable[[EClient], None], version: int) -> list[Request]:
+    """What the gateway's handlers get from the frames ibapi writes for `call` at `version`."""
+    return [read_request(payload, version) for payload in ibapi_sent_at(call, version)]
+
+
+def ibapi_deliver_at(message: Outgoing, version: int) -> list[Call]:
+    """Encode `message` for `version`, take the frame apart exactly as EClient.run does, and let
+    ibapi's Decoder at `version` call the wrapper. Fails when ibapi leaves a text field unread, or
+    does not read a field our protobuf message sets."""
+    frame = message.encode(version)
+    _size, payload, rest = comm.read_msg(frame)
+    assert rest == b""
+    if version >= RAW_ID_VERSION:
+        msg_id, payload = int.from_bytes(payload[:4], "big"), payload[4:]
+    else:
+        msg_id = int(payload[: payload.index(b"\0")])
+        payload = payload[payload.index(b"\0") + 1 :]
+    wrapper = IbapiRecorder()
+    decoder = IbapiDecoder(wrapper, version)
+    if msg_id > PROTOBUF_OFFSET:
+        assert message.is_protobuf(version)
+        reads: set[str] = set()
+        with _tracking_protobuf_reads(reads):
+            decoder.processProtoBuf(payload, msg_id - PROTOBUF_OFFSET)
+        sent = _set_fields(type(message.proto()).FromString(payload))
+        unread = sent - reads
+        assert not unread, f"ibapi did not read {sorted(unread)}"
+    else:
+        assert not message.is_protobuf(version)
+        body = _TrackedFields(comm.read_fields(payload))
+        decoder.interpret(body, msg_id)
+        if body.iterator is not None:
+            leftover = list(body.iterator)
+            assert leftover == [], f"ibapi left {len(leftover)} field(s) unread: {leftover}"
+    return wrapper.calls
+
+
+def _set_fields(msg: Any, prefix: str = "") -> set[str]:
+    """Dotted paths of the scalar fields set in a protobuf message, submessages walked."""
+    out: set[str] = set()
+    for fd, value in msg.ListFields():
+        path = prefix + fd.name
+        if fd.message_type is not None and not fd.message_type.GetOptions().map_entry:
+            items = value if fd.is_repeated else [value]
+            for item in items:
+                out |= _set_fields(item, path + ("[]." if fd.is_repeated else "."))
+        else:
+            out.add(path)
+    return out
+
+
+class _TrackedProto:
+    """A parsed protobuf message that records which fields its reader takes the value of."""
+
+    def __init__(self, msg: Any, prefix: str, reads: set[str]) -> None:
+        self.__dict__.update(_msg=msg, _prefix=prefix, _reads=reads)
+
+    def ParseFromString(self, data: bytes) -> int:
+        return int(self._msg.ParseFromString(data))
+
+    def HasField(self, name: str) -> bool:
+        return bool(self._msg.HasField(name))
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._msg, name)
+        fd = self._msg.DESCRIPTOR.fields_by_name.get(name)
+        if fd is None:
+            return value
+        path = self._prefix + name
+        self._reads.add(path)
+        if fd.message_type is None or fd.message_type.GetOptions().map_entry:
+            return value
+        if fd.is_repeated:
+            return [_TrackedProto(v, path + "[].", self._reads) for v in value]
+        return _TrackedProto(value, path + ".", self._reads)
+
+
+@contextlib.contextmanager
+def _tracking_protobuf_reads(reads: set[str]) -> Iterator[None]:
+    """Make ibapi's Decoder build `_TrackedProto` messages instead of the generated classes."""
+    originals = {
+        name: value
+        for name, value in vars(ibapi.decoder).items()
+        if name.endswith("Proto") and hasattr(value, "DESCRIPTOR") and isinstance(value, type)
+    }
+
+    def factory(cls: type) -> Callable[[], _TrackedProto]:
+        return lambda: _TrackedProto(cls(), "", reads)
+
+    try:
+        for name, cls in originals.items():
+            setattr(ibapi.decoder, name, factory(cls))
+        yield
+    finally:
+        for name, cls in originals.items():
+            setattr(ibapi.decoder, name, cls)
+
+
 class IbAsyncRecorder:
     """Stands in for ib_async's Wrapper: records every method ib_async's Decoder calls."""
 
@@ -140,6 +249,11 @@ def ib_async_deliver(fields: list[Field]) -> list[Call]:
 
 def ibapi_sent(call: Callable[[EClient], None]) -> list[list[str]]:
     """The frames ibapi's EClient writes for `call` at server version 178 (over a socket pair)."""
+    return [read_request(p, codec.SERVER_VERSION).fields for p in ibapi_sent_at(call, 178)]
+
+
+def ibapi_sent_at(call: Callable[[EClient], None], version: int) -> list[bytes]:
+    """The frame payloads ibapi's EClient writes for `call` at `version` (over a socket pair)."""
     ours, theirs = socket.socketpair()
     try:
         wrapper = IbapiRecorder()
@@ -147,7 +261,7 @@ def ibapi_sent(call: Callable[[EClient], None]) -> list[list[str]]:
         conn = Connection("127.0.0.1", 0)
         conn.socket = theirs
         client.conn = conn
-        client.serverVersion_ = codec.SERVER_VERSION
+        client.serverVersion_ = version
         client.setConnState(EClient.CONNECTED)
         call(client)
         assert [c for c in wrapper.calls if c[0] == "error"] == []
@@ -156,7 +270,7 @@ def ibapi_sent(call: Callable[[EClient], None]) -> list[list[str]]:
         with contextlib.suppress(BlockingIOError):
             while chunk := ours.recv(65536):
                 data += chunk
-        return FrameBuffer().feed(data)
+        return FrameBuffer().feed_payloads(data)
     finally:
         ours.close()
         theirs.close()

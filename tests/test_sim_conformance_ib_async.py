@@ -6,6 +6,8 @@ import pytest
 from ib_async import IB, Future, LimitOrder, MarketOrder, Stock
 
 from guardd.sim.gateway import SimGateway
+from guardd.sim.scenario import Scenario
+from guardd.sim.server import build_gateway
 from tests.ibapi_harness import until
 
 pytestmark = pytest.mark.integration
@@ -17,6 +19,17 @@ async def connected(sim: SimGateway, client_id: int) -> IB:
     ib = IB()
     await ib.connectAsync("127.0.0.1", sim.port, clientId=client_id, timeout=5)
     return ib
+
+
+async def test_connect_to_a_226_gateway_then_served_the_178_text_wire(scenario: Scenario) -> None:
+    async with build_gateway(scenario, host="127.0.0.1", port=0, server_version=226) as sim:
+        ib = await connected(sim, 5)
+        try:
+            assert ib.client.serverVersion() == 178
+            assert sim.sessions[5].client_version == 178
+            assert {p.contract.symbol for p in ib.positions()} == {"AAPL", "ES"}
+        finally:
+            ib.disconnect()
 
 
 async def test_connect_then_positions_account_and_pnl(sim: SimGateway) -> None:

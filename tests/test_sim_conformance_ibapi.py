@@ -1,17 +1,90 @@
-"""The official `ibapi` client against the simulated gateway, over TCP."""
+"""The official `ibapi` client against the simulated gateway, over TCP, on every wire: the text
+protocol at 178, and the binary-id / protobuf wire at 203 (TWS 10.37), 215 (10.40) and 226 (10.50),
+the version a current TWS negotiates with ibapi 10.50.2."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator
 
 import pytest
 
 from guardd.sim.gateway import SimGateway
+from guardd.sim.scenario import Scenario
+from guardd.sim.server import build_gateway
 from tests.ibapi_harness import IbapiClient, connected, limit_order, market_order, stock
 
 pytestmark = pytest.mark.integration
 
 ACCOUNT = "DU000001"
+WIRES = [178, 203, 215, 226]
+
+
+@pytest.fixture(params=WIRES, ids=lambda v: f"v{v}")
+async def sim(scenario: Scenario, request: pytest.FixtureRequest) -> AsyncIterator[SimGateway]:
+    """The gateway offering at most `request.param`: ibapi (range 100..226) negotiates that."""
+    async with build_gateway(
+        scenario, host="127.0.0.1", port=0, server_version=request.param
+    ) as gateway:
+        yield gateway
+
+
+async def test_connect_then_negotiated_version_is_the_gateways_max(sim: SimGateway) -> None:
+    client = await connected(sim.port, 7)
+    try:
+        assert client.serverVersion() == sim.config.server_version
+        assert sim.sessions[7].client_version == sim.config.server_version
+    finally:
+        await client.stop()
+
+
+def _handshake(port: int, version_range: str) -> bytes:
+    """Send `API\\0` and a version range on a raw socket; the gateway's answer (b"" if closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        text = version_range.encode()
+        sock.sendall(b"API\0" + struct.pack(">I", len(text)) + text)
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+            if len(data) >= 4 and len(data) >= 4 + struct.unpack(">I", data[:4])[0]:
+                break
+        return data[4:]
+
+
+@pytest.mark.parametrize(
+    ("version_range", "answer"),
+    [
+        ("v100..190", 190),  # an older ibapi: its max, below ours
+        ("v100..250", 226),  # a newer client: our max
+        ("v201..226", 226),
+        ("v157..178", 178),  # ib_async's range
+        ("v178", 178),
+    ],
+)
+async def test_handshake_then_highest_common_version(version_range: str, answer: int) -> None:
+    async with build_gateway(Scenario(), host="127.0.0.1", port=0) as gateway:
+        reply = await asyncio.to_thread(_handshake, gateway.port, version_range)
+
+    assert reply.split(b"\0")[0] == str(answer).encode()
+
+
+@pytest.mark.parametrize("version_range", ["v100..177", "v227..230"])
+async def test_handshake_without_a_common_version_then_refused(version_range: str) -> None:
+    async with build_gateway(Scenario(), host="127.0.0.1", port=0) as gateway:
+        reply = await asyncio.to_thread(_handshake, gateway.port, version_range)
+
+    assert reply == b""
+
+
+async def test_gateway_capped_below_the_clients_min_then_refused() -> None:
+    async with build_gateway(Scenario(), host="127.0.0.1", port=0, server_version=190) as gateway:
+        reply = await asyncio.to_thread(_handshake, gateway.port, "v201..226")
+        answered = await asyncio.to_thread(_handshake, gateway.port, "v100..226")
+
+    assert reply == b""
+    assert answered.split(b"\0")[0] == b"190"
 
 
 async def gone(sim: SimGateway, client_id: int) -> None:

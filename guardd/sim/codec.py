@@ -1,4 +1,5 @@
-"""TWS API messages at server version 178, as the simulated gateway writes and reads them.
+"""TWS API text messages, as the simulated gateway writes and reads them, at server versions
+178 to 226.
 
 Server -> client: every `*_fields` function returns one whole message as a list of fields, message
 id first, ready for `guardd.sim.wire.encode_frame`. Client -> server: the `decode_*` functions take
@@ -7,7 +8,11 @@ one whole frame's fields (message id first) and raise `CodecError` when they do 
 Layouts are read from the official `ibapi` 10.50.2 (client.py, decoder.py, orderdecoder.py) and from
 `ib_async` 2.1.0 (client.py, decoder.py). `tests/test_sim_codec.py` proves them both ways: our
 fields go through both libraries' own decoders, and both libraries' own clients write the requests
-that our decoders read. Only server version 178 is laid out here: field lists differ by version.
+that our decoders read. Field lists differ by version: each function takes the negotiated
+`version` (default 178, the version ib_async speaks) and lays out the fields ibapi 10.50.2 reads at
+it. From version 201 most of these messages travel as protobuf instead (`protocodec.py`, and the
+table of which message from which version in `messages.py`); the text layouts here cover every
+version at which a message is still text.
 
 Unset values follow TWS: an unset double or int goes out as an empty field (both clients read it
 back as unset), a count ("0" legs, "0" conditions) is never empty, booleans are `1`/`0`.
@@ -16,7 +21,7 @@ back as unset), a count ("0" legs, "0" conditions) is never empty, booleans are 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -24,7 +29,25 @@ from zoneinfo import ZoneInfo
 from guardd.sim.types import ContractSpec, Fill, Instrument, OrderRequest, PositionView, SimOrder
 from guardd.sim.wire import UNSET_DOUBLE, UNSET_INTEGER, Field
 
-SERVER_VERSION = 178
+SERVER_VERSION = 178  # the text protocol's base version here; ib_async tops out at it
+
+# Server versions at which the layouts below gain fields (ibapi server_versions.py).
+V_FUND_DATA_FIELDS = 179
+V_LAST_TRADE_DATE = 182
+V_CUSTOMER_ACCOUNT = 183
+V_PROFESSIONAL_CUSTOMER = 184
+V_BOND_ACCRUED_INTEREST = 185
+V_INELIGIBILITY_REASONS = 186
+V_RFQ_FIELDS = 187
+V_INCLUDE_OVERNIGHT = 189
+V_UNDO_RFQ_FIELDS = 190
+V_CME_TAGGING_FIELDS = 192
+V_CME_TAGGING_FIELDS_IN_OPEN_ORDER = 193
+V_ERROR_TIME = 194
+V_FULL_ORDER_PREVIEW_FIELDS = 195
+V_SUBMITTER = 198
+V_IMBALANCE_ONLY = 199
+V_PARAMETRIZED_DAYS_OF_EXECUTIONS = 200
 TWS_TIMEZONE = "US/Eastern"  # the zone TWS writes execution and completion times in
 
 # Server -> client message ids (ibapi message.IN).
@@ -98,28 +121,41 @@ def current_time_fields(epoch: int) -> Fields:
     return [CURRENT_TIME, 1, epoch]
 
 
-def error_fields(req_id: int, code: int, message: str, advanced_json: str = "") -> Fields:
+def error_fields(
+    req_id: int,
+    code: int,
+    message: str,
+    advanced_json: str = "",
+    *,
+    version: int = SERVER_VERSION,
+    error_time_ms: int = 0,
+) -> Fields:
     """error (4): also every notice (2104 farm OK, 1100 connectivity lost, 202 cancelled...).
 
     ibapi decodes the text with `unicode-escape` from server version 153, so non-ASCII characters
-    and backslashes are escaped the way TWS escapes them.
+    and backslashes are escaped the way TWS escapes them. From 194 the version field is gone and
+    the error's time (epoch milliseconds) comes last.
     """
-    return [ERR_MSG, 2, req_id, code, _ascii7(message), _ascii7(advanced_json)]
+    text: Fields = [req_id, code, _ascii7(message), _ascii7(advanced_json)]
+    if version >= V_ERROR_TIME:
+        return [ERR_MSG, *text, error_time_ms]
+    return [ERR_MSG, 2, *text]
 
 
 # ---------------------------------------------------------------------------------------------
 # Server -> client: account and positions
 
 
-def position_fields(pos: PositionView) -> Fields:
-    """position (61), version 3: the reqPositions stream."""
+def position_fields(pos: PositionView, *, omit: Collection[str] = ()) -> Fields:
+    """position (61), version 3: the reqPositions stream. `omit={"position"}` sends the quantity
+    empty, which ibapi reads as UNSET_DECIMAL (the `omit_fields` fault)."""
     inst = pos.instrument
     return [
         POSITION_DATA,
         3,
         pos.account,
         *_contract_fields(inst, _listing_exchange(inst)),
-        pos.position,
+        None if "position" in omit else pos.position,
         pos.avg_cost,
     ]
 
@@ -146,14 +182,14 @@ def account_value_fields(key: str, value: str, currency: str, account: str) -> F
     return [ACCT_VALUE, 2, key, value, currency, account]
 
 
-def portfolio_fields(pos: PositionView) -> Fields:
+def portfolio_fields(pos: PositionView, *, omit: Collection[str] = ()) -> Fields:
     """updatePortfolio (7), version 8: the reqAccountUpdates per-position stream."""
     inst = pos.instrument
     return [
         PORTFOLIO_VALUE,
         8,
         *_contract_fields(inst, inst.primary_exchange),
-        pos.position,
+        None if "position" in omit else pos.position,
         pos.market_price,
         pos.market_value,
         pos.avg_cost,
@@ -191,18 +227,26 @@ def pnl_fields(req_id: int, daily: float, unrealized: float, realized: float) ->
 
 
 def pnl_single_fields(
-    req_id: int, pos: float, daily: float, unrealized: float, realized: float, value: float
+    req_id: int,
+    pos: float,
+    daily: float,
+    unrealized: float,
+    realized: float,
+    value: float,
+    *,
+    omit: Collection[str] = (),
 ) -> Fields:
     """pnlSingle (95): no version field; `value` is the position's market value."""
-    return [PNL_SINGLE, req_id, pos, daily, unrealized, realized, value]
+    quantity = None if "position" in omit else pos
+    return [PNL_SINGLE, req_id, quantity, daily, unrealized, realized, value]
 
 
 # ---------------------------------------------------------------------------------------------
 # Server -> client: orders and executions
 
 
-def open_order_fields(order: SimOrder) -> Fields:
-    """openOrder (5) at 178: no version field; every field ibapi's processOpenOrder reads."""
+def open_order_fields(order: SimOrder, *, version: int = SERVER_VERSION) -> Fields:
+    """openOrder (5): no version field; every field ibapi's processOpenOrder reads at `version`."""
     inst = order.instrument
     f: Fields = [OPEN_ORDER, order.order_id]
     f += _contract_fields(inst, inst.exchange)
@@ -273,6 +317,10 @@ def open_order_fields(order: SimOrder) -> Fields:
     ]
     f += [""] * 9  # margin before/change/after: init, maint, equity with loan (what-if only)
     f += ["", "", "", ""]  # commission, min, max, commission currency
+    if version >= V_FULL_ORDER_PREVIEW_FIELDS:
+        f += [""]  # marginCurrency
+        f += [""] * 9  # margins outside RTH: init, maint, equity with loan (before/change/after)
+        f += ["", "", 0]  # suggestedSize, rejectReason, order allocations count
     f += [
         "",  # warningText
         False,  # randomizeSize
@@ -303,17 +351,33 @@ def open_order_fields(order: SimOrder) -> Fields:
         "",  # midOffsetAtWhole
         "",  # midOffsetAtHalf
     ]
+    if version >= V_CUSTOMER_ACCOUNT:
+        f += [""]  # customerAccount
+    if version >= V_PROFESSIONAL_CUSTOMER:
+        f += [False]  # professionalCustomer
+    if version >= V_BOND_ACCRUED_INTEREST:
+        f += [""]  # bondAccruedInterest
+    if version >= V_INCLUDE_OVERNIGHT:
+        f += [False]  # includeOvernight
+    if version >= V_CME_TAGGING_FIELDS_IN_OPEN_ORDER:
+        f += ["", ""]  # extOperator, manualOrderIndicator
+    if version >= V_SUBMITTER:
+        f += [""]  # submitter
+    if version >= V_IMBALANCE_ONLY:
+        f += [False]  # imbalanceOnly
     return f
 
 
-def order_status_fields(order: SimOrder, mkt_cap_price: float = 0.0) -> Fields:
+def order_status_fields(
+    order: SimOrder, mkt_cap_price: float = 0.0, *, omit: Collection[str] = ()
+) -> Fields:
     """orderStatus (3) at 178: no version field, mktCapPrice last."""
     return [
         ORDER_STATUS,
         order.order_id,
         order.status,
-        order.filled,
-        order.remaining,
+        None if "filled" in omit else order.filled,
+        None if "remaining" in omit else order.remaining,
         order.avg_fill_price,
         order.perm_id,
         0,  # parentId
@@ -330,7 +394,11 @@ def open_order_end_fields() -> Fields:
 
 
 def completed_order_fields(
-    order: SimOrder, completed_time: str = "", completed_status: str = ""
+    order: SimOrder,
+    completed_time: str = "",
+    completed_status: str = "",
+    *,
+    version: int = SERVER_VERSION,
 ) -> Fields:
     """completedOrder (101): no order id, no version; ibapi's processCompletedOrderMsg layout.
 
@@ -415,6 +483,12 @@ def completed_order_fields(
         "",  # midOffsetAtWhole
         "",  # midOffsetAtHalf
     ]
+    if version >= V_CUSTOMER_ACCOUNT:
+        f += [""]  # customerAccount
+    if version >= V_PROFESSIONAL_CUSTOMER:
+        f += [False]  # professionalCustomer
+    if version >= V_SUBMITTER:
+        f += [""]  # submitter
     return f
 
 
@@ -434,11 +508,13 @@ def format_tws_time(epoch: float, tz: str = TWS_TIMEZONE) -> str:
     return f"{local:%Y%m%d %H:%M:%S} {tz}"
 
 
-def exec_details_fields(req_id: int, fill: Fill, tz: str = TWS_TIMEZONE) -> Fields:
-    """execDetails (11) at 178: no version field; pendingPriceRevision last. `req_id` is -1 for
-    executions that were not requested (live fills)."""
+def exec_details_fields(
+    req_id: int, fill: Fill, tz: str = TWS_TIMEZONE, *, version: int = SERVER_VERSION
+) -> Fields:
+    """execDetails (11): no version field; pendingPriceRevision last, then the submitter from 198.
+    `req_id` is -1 for executions that were not requested (live fills)."""
     inst = fill.instrument
-    return [
+    f: Fields = [
         EXECUTION_DATA,
         req_id,
         fill.order_id,
@@ -462,6 +538,9 @@ def exec_details_fields(req_id: int, fill: Fill, tz: str = TWS_TIMEZONE) -> Fiel
         0,  # lastLiquidity
         False,  # pendingPriceRevision
     ]
+    if version >= V_SUBMITTER:
+        f += [""]  # submitter
+    return f
 
 
 def exec_details_end_fields(req_id: int) -> Fields:
@@ -517,28 +596,35 @@ def market_data_type_fields(req_id: int, market_data_type: int) -> Fields:
     return [MARKET_DATA_TYPE, 1, req_id, market_data_type]
 
 
-def contract_details_fields(req_id: int, instrument: Instrument) -> Fields:
-    """contractDetails (10) at 178: no version field (dropped at 164)."""
+def contract_details_fields(
+    req_id: int, instrument: Instrument, *, version: int = SERVER_VERSION
+) -> Fields:
+    """contractDetails (10): no version field (dropped at 164); lastTradeDate from 182, the
+    ineligibility reasons count from 186 (fund fields, from 179, only for secType FUND)."""
     inst = instrument
     order_types = "LMT,MKT" if inst.sec_type == "STK" else "LMT,MKT,STP"
-    return [
+    f: Fields = [
         CONTRACT_DATA,
         req_id,
         inst.symbol,
         inst.sec_type,
         inst.last_trade_date,  # lastTradeDateOrContractMonth[ time[ zone]]
+    ]
+    if version >= V_LAST_TRADE_DATE:
+        f += [inst.last_trade_date]  # lastTradeDate
+    f += [
         0.0,  # strike
         "",  # right
         inst.exchange,
         inst.currency,
-        _local_symbol(inst),
-        _trading_class(inst),  # marketName
-        _trading_class(inst),
+        local_symbol(inst),
+        trading_class(inst),  # marketName
+        trading_class(inst),
         inst.con_id,
         inst.min_tick,
-        _multiplier(inst),
+        multiplier_text(inst),
         order_types,
-        _valid_exchanges(inst),
+        valid_exchanges(inst),
         1,  # priceMagnifier
         0,  # underConId
         inst.symbol,  # longName
@@ -563,6 +649,9 @@ def contract_details_fields(req_id: int, instrument: Instrument) -> Fields:
         1,  # sizeIncrement
         1,  # suggestedSizeIncrement
     ]
+    if version >= V_INELIGIBILITY_REASONS:
+        f += [0]  # ineligibility reasons count
+    return f
 
 
 def contract_details_end_fields(req_id: int) -> Fields:
@@ -709,9 +798,9 @@ def decode_place_order(fields: Sequence[str]) -> OrderRequest:
     return decode_place_order_in_full(fields).order
 
 
-def decode_place_order_in_full(fields: Sequence[str]) -> PlacedOrder:
-    """placeOrder (3) at 178, field for field as ibapi's EClient.placeOrder and ib_async's
-    Client.placeOrder write it (no version field; both agree at 178)."""
+def decode_place_order_in_full(fields: Sequence[str], version: int = SERVER_VERSION) -> PlacedOrder:
+    """placeOrder (3), field for field as ibapi's EClient.placeOrder writes it at `version` and
+    ib_async's Client.placeOrder at 178 (no version field; both agree at 178)."""
     c = _Cursor("placeOrder", fields, PLACE_ORDER)
     features: list[str] = []
     order_id = c.integer()
@@ -802,6 +891,18 @@ def decode_place_order_in_full(fields: Sequence[str]) -> PlacedOrder:
     elif order_type in ("PEG MID", "PEGMID"):
         features.append("peg_mid")
         c.skip(2)
+    if version >= V_CUSTOMER_ACCOUNT:
+        c.skip()  # customerAccount
+    if version >= V_PROFESSIONAL_CUSTOMER:
+        c.skip()  # professionalCustomer
+    if V_RFQ_FIELDS <= version < V_UNDO_RFQ_FIELDS:
+        c.skip(2)  # the RFQ fields of 187-189
+    if version >= V_INCLUDE_OVERNIGHT:
+        c.skip()  # includeOvernight
+    if version >= V_CME_TAGGING_FIELDS:
+        c.skip()  # manualOrderIndicator
+    if version >= V_IMBALANCE_ONLY:
+        c.skip()  # imbalanceOnly
     c.end()
     order = OrderRequest(
         order_id=order_id,
@@ -829,12 +930,18 @@ def decode_place_order_in_full(fields: Sequence[str]) -> PlacedOrder:
     )
 
 
-def decode_cancel_order(fields: Sequence[str]) -> int:
-    """cancelOrder (4) at 178: version 1, orderId, manualOrderCancelTime -> the order id."""
+def decode_cancel_order(fields: Sequence[str], version: int = SERVER_VERSION) -> int:
+    """cancelOrder (4) -> the order id. At 178: version 1, orderId, manualOrderCancelTime; the
+    version field goes at 192, which adds extOperator and manualOrderIndicator."""
     c = _Cursor("cancelOrder", fields, CANCEL_ORDER)
-    c.skip()  # version (dropped only from 192)
+    if version < V_CME_TAGGING_FIELDS:
+        c.skip()  # version
     order_id = c.integer()
     c.skip()  # manualOrderCancelTime (169)
+    if V_RFQ_FIELDS <= version < V_UNDO_RFQ_FIELDS:
+        c.skip(3)  # the RFQ fields of 187-189
+    if version >= V_CME_TAGGING_FIELDS:
+        c.skip(2)  # extOperator, manualOrderIndicator
     c.end()
     return order_id
 
@@ -868,8 +975,11 @@ def decode_contract_details_request(fields: Sequence[str]) -> tuple[int, Contrac
     return req_id, contract
 
 
-def decode_executions_request(fields: Sequence[str]) -> ExecutionsRequest:
-    """reqExecutions (7), version 3 (lastNDays and specific dates arrive only from 200)."""
+def decode_executions_request(
+    fields: Sequence[str], version: int = SERVER_VERSION
+) -> ExecutionsRequest:
+    """reqExecutions (7), version 3; lastNDays and the specific dates follow from 200 (read and
+    not applied: the simulator keeps one session's executions)."""
     c = _Cursor("reqExecutions", fields, REQ_EXECUTIONS)
     c.skip()  # version
     request = ExecutionsRequest(
@@ -882,6 +992,9 @@ def decode_executions_request(fields: Sequence[str]) -> ExecutionsRequest:
         exchange=c.text(),
         side=c.text(),
     )
+    if version >= V_PARAMETRIZED_DAYS_OF_EXECUTIONS:
+        c.skip()  # lastNDays
+        c.skip(c.count())  # specific dates
     c.end()
     return request
 
@@ -901,11 +1014,11 @@ def _contract_fields(inst: Instrument, exchange: str) -> Fields:
         inst.last_trade_date,
         0.0,  # strike
         "",  # right
-        _multiplier(inst),
+        multiplier_text(inst),
         exchange,
         inst.currency,
-        _local_symbol(inst),
-        _trading_class(inst),
+        local_symbol(inst),
+        trading_class(inst),
     ]
 
 
@@ -928,11 +1041,15 @@ def _order_head_fields(order: SimOrder) -> Fields:
     ]
 
 
-def _multiplier(inst: Instrument) -> str:
+def multiplier_text(inst: Instrument) -> str:
     """Stocks carry an empty multiplier; futures their contract multiplier ("50")."""
     if inst.sec_type == "STK" and inst.multiplier == 1.0:
         return ""
-    value = inst.multiplier
+    return format_multiplier(inst.multiplier)
+
+
+def format_multiplier(value: float) -> str:
+    """A multiplier as TWS writes it: `50`, `0.1`."""
     return str(int(value)) if value.is_integer() else repr(value)
 
 
@@ -940,17 +1057,17 @@ def _listing_exchange(inst: Instrument) -> str:
     return inst.primary_exchange or inst.exchange
 
 
-def _valid_exchanges(inst: Instrument) -> str:
+def valid_exchanges(inst: Instrument) -> str:
     if not inst.primary_exchange or inst.primary_exchange == inst.exchange:
         return inst.exchange
     return f"{inst.exchange},{inst.primary_exchange}"
 
 
-def _local_symbol(inst: Instrument) -> str:
+def local_symbol(inst: Instrument) -> str:
     return inst.local_symbol or inst.symbol
 
 
-def _trading_class(inst: Instrument) -> str:
+def trading_class(inst: Instrument) -> str:
     if inst.trading_class:
         return inst.trading_class
     return "NMS" if inst.sec_type == "STK" else inst.symbol

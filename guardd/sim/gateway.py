@@ -1,4 +1,9 @@
-"""The simulated IB Gateway: an asyncio TCP server speaking the TWS API text protocol (version 178).
+"""The simulated IB Gateway: an asyncio TCP server speaking the TWS API at server versions 178-226.
+
+The handshake answers min(client's max, the gateway's own max) within the client's range, as TWS
+does; from 201 frames carry 4-byte binary message ids, and requests and answers are protobuf
+where ibapi sends or decodes them (`messages.PROTOBUF_FROM`, `protocodec.py`), text otherwise
+(`codec.py`, laid out per version). ib_async, whose range tops out at 178, gets the text wire.
 
 It owns the pure exchange model (`exchange.py`) and routes what the model emits to the clients that
 would see it at a real gateway: an order's events go to the client that placed it and to the Master
@@ -28,13 +33,14 @@ import logging
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar, assert_never
 
-from guardd.sim import codec
+from guardd.sim import codec, messages, protocodec
 from guardd.sim.exchange import Exchange, OrderNotCancellableError, OrderNotFoundError
 from guardd.sim.market import Quote
+from guardd.sim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION, Outgoing
 from guardd.sim.types import (
     AccountChanged,
     ContractSpec,
@@ -48,11 +54,13 @@ from guardd.sim.types import (
     SimEvent,
     SimOrder,
 )
-from guardd.sim.wire import API_PREFIX, Field, FrameBuffer, FrameError, encode_frame
+from guardd.sim.wire import API_PREFIX, FrameBuffer, FrameError, encode_frame, split_message
 
 log = logging.getLogger("guardd.sim")
 
-SERVER_VERSION = codec.SERVER_VERSION  # the one version whose layouts codec.py writes
+# The highest server version a gateway offers when its config does not say: 226, as a current
+# TWS. Only an entry point sets it (the test suite runs the whole suite on another wire with it).
+DEFAULT_SERVER_VERSION = MAX_SERVER_VERSION
 NO_VALID_ID = -1
 DUPLICATE_ORDER_ID = 103
 READ_ONLY = 321
@@ -126,6 +134,15 @@ class GatewayConfig:
     fill_latency_s: float = 0.0  # delay between accepting an order and matching it
     first_order_id: int = 1
     farm_notices: bool = True
+    # The highest server version the gateway offers (default DEFAULT_SERVER_VERSION).
+    server_version: int = field(default_factory=lambda: DEFAULT_SERVER_VERSION)
+
+    def __post_init__(self) -> None:
+        if not MIN_SERVER_VERSION <= self.server_version <= MAX_SERVER_VERSION:
+            raise ValueError(
+                f"server_version {self.server_version} is outside "
+                f"{MIN_SERVER_VERSION}..{MAX_SERVER_VERSION}"
+            )
 
 
 @dataclass(slots=True)
@@ -141,6 +158,18 @@ class FloodStats:
     @property
     def sent_per_s(self) -> float:
         return self.sent / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One client message as the handlers read it: text fields, message id first, laid out as at
+    server version `version` (a protobuf request arrives here as its 178 text layout), and for a
+    protobuf placeOrder the order already decoded."""
+
+    msg_id: int
+    fields: list[str]
+    version: int
+    placed: codec.PlacedOrder | None = None
 
 
 @dataclass(slots=True)
@@ -203,14 +232,16 @@ class Session:
     def started(self) -> bool:
         return self.client_id is not None and not self._closed
 
-    def send(self, fields: Sequence[Field]) -> None:
-        """Queue one message for this client (dropped once the session is closing)."""
+    def send(self, message: Outgoing) -> None:
+        """Queue one message for this client, encoded for its server version (dropped once the
+        session is closing)."""
         if self._closed or self.writer.is_closing():
             return
+        frame = message.encode(self.client_version)
         if self.gateway.frozen:
-            self._held.append(encode_frame(fields))  # TCP would retransmit it after the freeze
+            self._held.append(frame)  # TCP would retransmit it after the freeze
             return
-        self.writer.write(encode_frame(fields))
+        self.writer.write(frame)
         self.gateway.sent_messages += 1
 
     def release_held(self) -> None:
@@ -300,10 +331,11 @@ class SimGateway:
         self._spawn(self._market_loop(), "sim_market_loop")
         self._spawn(self._pnl_loop(), "sim_pnl_loop")
         log.info(
-            "gateway listening on %s:%d (server version %d)",
+            "gateway listening on %s:%d (server versions %d..%d)",
             self.config.host,
             self._port,
-            SERVER_VERSION,
+            MIN_SERVER_VERSION,
+            self.config.server_version,
         )
 
     async def _listen(self) -> None:
@@ -398,10 +430,12 @@ class SimGateway:
         if not self._negotiate(session, frames[0]):
             return
         await session.writer.drain()
-        pending = frames[1:]
+        # A client sends nothing after its version range before the answer, so frames[1:] is
+        # empty; anything the handshake read did buffer past it is still framed in `buf`.
+        pending = buf.payloads()
         while True:
-            for fields in pending:
-                self._handle(session, fields)
+            for payload in pending:
+                self._handle_payload(session, payload)
                 if session._closed:
                     return
             await session.writer.drain()
@@ -409,7 +443,7 @@ class SimGateway:
             await self._thawed.wait()  # frozen: what the client sent waits, unread
             if not data:  # EOF, including a half-close (write_eof) by ib_async
                 return
-            pending = buf.feed(data)
+            pending = buf.feed_payloads(data)
 
     def _negotiate(self, session: Session, fields: list[str]) -> bool:
         text = fields[0] if fields else ""
@@ -418,16 +452,17 @@ class SimGateway:
             log.warning("client %s sent a bad version range %r; closing", session.peer, text[:64])
             return False
         low, high = versions
-        # Every message layout here is the one of version 178: a client that cannot speak 178
-        # would misread them, so it is refused rather than served a version it did not offer.
-        version = SERVER_VERSION
-        if not low <= version <= high:
+        # As TWS: the highest version both sides speak. Below 178 the layouts here would be
+        # misread, so such a client is refused rather than served a version it did not offer.
+        version = min(high, self.config.server_version)
+        if version < low or version < MIN_SERVER_VERSION:
             log.warning(
-                "client %s needs versions %d..%d; we speak %d",
+                "client %s needs versions %d..%d; we speak %d..%d",
                 session.peer,
                 low,
                 high,
-                SERVER_VERSION,
+                MIN_SERVER_VERSION,
+                self.config.server_version,
             )
             return False
         session.client_version = version
@@ -440,13 +475,13 @@ class SimGateway:
         try:
             client_id = int(fields[2])
         except (IndexError, ValueError):
-            session.send(codec.error_fields(NO_VALID_ID, 505, "Fatal error: bad startApi"))
+            session.send(self._error(NO_VALID_ID, 505, "Fatal error: bad startApi"))
             session.close()
             return
         if client_id in self.sessions:
             log.warning("client id %d already in use; refusing %s", client_id, session.peer)
             session.send(
-                codec.error_fields(
+                self._error(
                     NO_VALID_ID,
                     326,
                     "Unable to connect as the client id is already in use. "
@@ -464,15 +499,15 @@ class SimGateway:
             session.client_version,
             " as master" if session.is_master else "",
         )
-        session.send(codec.managed_accounts_fields(self.exchange.accounts))
-        session.send(codec.next_valid_id_fields(self.next_valid_id(client_id)))
+        session.send(messages.managed_accounts(self.exchange.accounts))
+        session.send(messages.next_valid_id(self.next_valid_id(client_id)))
         if self.config.farm_notices:
             for code, msg in (
                 (2104, "Market data farm connection is OK:usfarm"),
                 (2106, "HMDS data farm connection is OK:ushmds"),
                 (2158, "Sec-def data farm connection is OK:secdefnj"),
             ):
-                session.send(codec.error_fields(NO_VALID_ID, code, msg))
+                session.send(self._error(NO_VALID_ID, code, msg))
         # Orders survive disconnects: report this client's working orders again.
         for order in self._visible_orders(session, working_only=True):
             self._report_order(session, order)
@@ -492,21 +527,41 @@ class SimGateway:
         """openOrder (when `open_order`) and orderStatus of one order to one client, which has
         now seen its id."""
         if open_order:
-            session.send(codec.open_order_fields(order))
-        session.send(codec.order_status_fields(order))
+            session.send(messages.open_order(order))
+        session.send(messages.order_status(order))
         if session.client_id is not None:
             self._saw_order_id(session.client_id, order.order_id)
 
     # ---- dispatch --------------------------------------------------------------------------
 
-    def _handle(self, session: Session, fields: list[str]) -> None:
-        if not fields:
-            return
+    def _handle_payload(self, session: Session, payload: bytes) -> None:
+        """One frame from a started handshake: text fields, or a protobuf request read into the
+        text fields of the same request at 178 (placeOrder into the decoded order)."""
         try:
-            msg_id = int(fields[0])
-        except ValueError:
-            log.warning("client %s sent a non-numeric message id %r", session.client_id, fields[0])
+            request = read_request(payload, session.client_version)
+        except FrameError as exc:
+            log.warning("client %s sent a bad message: %s", session.peer, exc)
             return
+        except protocodec.ProtoDecodeError as exc:
+            log.warning("client %s sent an unreadable protobuf message: %s", session.peer, exc)
+            if session.client_id is not None:
+                session.send(self._error(NO_VALID_ID, 320, f"Error reading request: {exc}"))
+            return
+        if request.fields:
+            self._handle(session, request)
+
+    def _error(self, req_id: int, code: int, message: str, advanced_json: str = "") -> Outgoing:
+        """error (4) stamped with the gateway's clock (the error time travels from 194)."""
+        return messages.error(
+            req_id, code, message, advanced_json, time_ms=int(self.clock() * 1000)
+        )
+
+    def _no_security_definition(self, req_id: int) -> Outgoing:
+        """Error 200: TWS's answer to a request for a contract it does not know."""
+        return self._error(req_id, 200, "No security definition has been found for the request")
+
+    def _handle(self, session: Session, request: Request) -> None:
+        msg_id, fields = request.msg_id, request.fields
         now = self.clock()
         session.received += 1
         if session.client_id is None:
@@ -525,9 +580,7 @@ class SimGateway:
                 self.config.pacing_limit,
             )
             session.send(
-                codec.error_fields(
-                    NO_VALID_ID, 100, "Max rate of messages per second has been exceeded."
-                )
+                self._error(NO_VALID_ID, 100, "Max rate of messages per second has been exceeded.")
             )
             if self.config.pacing_disconnect:
                 self._forget(session)
@@ -540,26 +593,26 @@ class SimGateway:
             log.debug("client %d sent unsupported message %d; ignored", session.client_id, msg_id)
             return
         try:
-            handler(self, session, fields, now)
+            handler(self, session, request, now)
         except codec.CodecError as exc:
             log.warning("client %d sent a malformed message %d: %s", session.client_id, msg_id, exc)
-            session.send(codec.error_fields(NO_VALID_ID, 320, f"Error reading request: {exc}"))
+            session.send(self._error(NO_VALID_ID, 320, f"Error reading request: {exc}"))
 
-    def _req_ids(self, session: Session, fields: list[str], now: float) -> None:
+    def _req_ids(self, session: Session, request: Request, now: float) -> None:
         assert session.client_id is not None
-        session.send(codec.next_valid_id_fields(self.next_valid_id(session.client_id)))
+        session.send(messages.next_valid_id(self.next_valid_id(session.client_id)))
 
     def _refuse_read_only(self, session: Session, req_id: int, tag: str) -> None:
         self.read_only_refusals += 1
         log.info("client %s refused: the API is read-only", session.client_id)
-        session.send(codec.error_fields(req_id, READ_ONLY, READ_ONLY_MESSAGE.format(tag=tag)))
+        session.send(self._error(req_id, READ_ONLY, READ_ONLY_MESSAGE.format(tag=tag)))
 
-    def _req_current_time(self, session: Session, fields: list[str], now: float) -> None:
-        session.send(codec.current_time_fields(int(now)))
+    def _req_current_time(self, session: Session, request: Request, now: float) -> None:
+        session.send(messages.current_time(int(now)))
 
-    def _place_order(self, session: Session, fields: list[str], now: float) -> None:
+    def _place_order(self, session: Session, request: Request, now: float) -> None:
         assert session.client_id is not None
-        placed = codec.decode_place_order_in_full(fields)
+        placed = request.placed or codec.decode_place_order_in_full(request.fields, request.version)
         req = placed.order
         if self.read_only:
             self._refuse_read_only(session, req.order_id, "bN")
@@ -571,7 +624,7 @@ class SimGateway:
         ):
             # Not a modification of its own working order, and not above what it has seen.
             log.info("order %d of client %d refused: duplicate order id", req.order_id, client_id)
-            session.send(codec.error_fields(req.order_id, DUPLICATE_ORDER_ID, "Duplicate order id"))
+            session.send(self._error(req.order_id, DUPLICATE_ORDER_ID, "Duplicate order id"))
             return
         log.info(
             "client %d places order %d: %s %s %s %s%s",
@@ -586,9 +639,7 @@ class SimGateway:
         refusal = _unsupported(placed)
         if refusal is not None:
             log.info("order %d of client %d refused: %s", req.order_id, client_id, refusal)
-            session.send(
-                codec.error_fields(req.order_id, 201, f"Order rejected - reason:{refusal}")
-            )
+            session.send(self._error(req.order_id, 201, f"Order rejected - reason:{refusal}"))
             return
         if self.config.fill_latency_s > 0:
             loop = asyncio.get_running_loop()
@@ -612,9 +663,9 @@ class SimGateway:
             return
         self.route(self.exchange.place_order(client_id, req, self.clock()))
 
-    def _cancel_order(self, session: Session, fields: list[str], now: float) -> None:
+    def _cancel_order(self, session: Session, request: Request, now: float) -> None:
         assert session.client_id is not None
-        order_id = codec.decode_cancel_order(fields)
+        order_id = codec.decode_cancel_order(request.fields, request.version)
         if self.read_only:
             self._refuse_read_only(session, order_id, "cB")
             return
@@ -622,14 +673,14 @@ class SimGateway:
             events = self.exchange.cancel_order(session.client_id, order_id, now)
         except OrderNotFoundError:
             session.send(
-                codec.error_fields(
+                self._error(
                     order_id, 10147, f"OrderId {order_id} that needs to be cancelled is not found."
                 )
             )
             return
         except OrderNotCancellableError:
             session.send(
-                codec.error_fields(
+                self._error(
                     order_id,
                     161,
                     f"Cancel attempted when order {order_id} is not in a cancellable state.",
@@ -639,7 +690,7 @@ class SimGateway:
         log.info("client %d cancels order %d", session.client_id, order_id)
         self.route(events, cancel_notice=True)
 
-    def _global_cancel(self, session: Session, fields: list[str], now: float) -> None:
+    def _global_cancel(self, session: Session, request: Request, now: float) -> None:
         if self.read_only:
             self._refuse_read_only(session, NO_VALID_ID, "cB")
             return
@@ -649,57 +700,58 @@ class SimGateway:
         log.info("client %d: global cancel, %d orders cancelled", session.client_id, len(events))
         self.route(events, cancel_notice=True)
 
-    def _req_open_orders(self, session: Session, fields: list[str], now: float) -> None:
+    def _req_open_orders(self, session: Session, request: Request, now: float) -> None:
         self._send_open_orders(session, self._visible_orders(session, working_only=True))
 
-    def _req_all_open_orders(self, session: Session, fields: list[str], now: float) -> None:
+    def _req_all_open_orders(self, session: Session, request: Request, now: float) -> None:
         self._send_open_orders(session, [o for o in self.exchange.orders() if o.is_working])
 
     def _send_open_orders(self, session: Session, orders: Iterable[SimOrder]) -> None:
         for order in orders:
             self._report_order(session, order)
-        session.send(codec.open_order_end_fields())
+        session.send(messages.open_order_end())
 
-    def _req_auto_open_orders(self, session: Session, fields: list[str], now: float) -> None:
+    def _req_auto_open_orders(self, session: Session, request: Request, now: float) -> None:
         if session.client_id != 0:
             session.send(
-                codec.error_fields(
+                self._error(
                     NO_VALID_ID, 327, "Only the default client (i.e 0) can auto bind orders"
                 )
             )
 
-    def _req_completed_orders(self, session: Session, fields: list[str], now: float) -> None:
+    def _req_completed_orders(self, session: Session, request: Request, now: float) -> None:
         for order in self._visible_orders(session, working_only=False):
             if not order.is_working:
-                session.send(codec.completed_order_fields(order))
-        session.send(codec.completed_orders_end_fields())
+                session.send(messages.completed_order(order))
+        session.send(messages.completed_orders_end())
 
-    def _req_executions(self, session: Session, fields: list[str], now: float) -> None:
-        request = codec.decode_executions_request(fields)
+    def _req_executions(self, session: Session, request: Request, now: float) -> None:
+        wanted = codec.decode_executions_request(request.fields, request.version)
         for fill in self.exchange.fills():
             if not (session.is_master or fill.client_id == session.client_id):
                 continue
-            if request.client_id and fill.client_id != request.client_id:
+            if wanted.client_id and fill.client_id != wanted.client_id:
                 continue
-            if request.account and fill.account != request.account:
+            if wanted.account and fill.account != wanted.account:
                 continue
-            if request.symbol and fill.instrument.symbol != request.symbol:
+            if wanted.symbol and fill.instrument.symbol != wanted.symbol:
                 continue
-            session.send(codec.exec_details_fields(request.req_id, fill))
-            session.send(codec.commission_report_fields(fill))
-        session.send(codec.exec_details_end_fields(request.req_id))
+            session.send(messages.exec_details(wanted.req_id, fill))
+            session.send(messages.commission_report(fill))
+        session.send(messages.exec_details_end(wanted.req_id))
 
-    def _req_positions(self, session: Session, fields: list[str], now: float) -> None:
+    def _req_positions(self, session: Session, request: Request, now: float) -> None:
         session.subs.positions = True
         for account in self.exchange.accounts:
             for pos in self.exchange.positions(account):
-                session.send(codec.position_fields(pos))
-        session.send(codec.position_end_fields())
+                session.send(messages.position(pos))
+        session.send(messages.position_end())
 
-    def _cancel_positions(self, session: Session, fields: list[str], now: float) -> None:
+    def _cancel_positions(self, session: Session, request: Request, now: float) -> None:
         session.subs.positions = False
 
-    def _req_account_summary(self, session: Session, fields: list[str], now: float) -> None:
+    def _req_account_summary(self, session: Session, request: Request, now: float) -> None:
+        fields = request.fields
         req_id = _int(fields, 2)
         tags = {t for t in _str(fields, 4).split(",") if t}
         for account in self.exchange.accounts:
@@ -712,103 +764,108 @@ class SimGateway:
                     continue
                 if tag in values:
                     value, cur = values[tag]
-                    session.send(codec.account_summary_fields(req_id, account, tag, value, cur))
-        session.send(codec.account_summary_end_fields(req_id))
+                    session.send(messages.account_summary(req_id, account, tag, value, cur))
+        session.send(messages.account_summary_end(req_id))
 
-    def _req_account_updates(self, session: Session, fields: list[str], now: float) -> None:
+    def _req_account_updates(self, session: Session, request: Request, now: float) -> None:
+        fields = request.fields
         subscribe = _str(fields, 2) == "1"
         account = _str(fields, 3) or self.exchange.accounts[0]
         if not subscribe:
             session.subs.account_updates = None
             return
         if account not in self.exchange.accounts:
-            session.send(codec.error_fields(NO_VALID_ID, 321, f"Account {account} not found"))
+            session.send(self._error(NO_VALID_ID, 321, f"Account {account} not found"))
             return
         session.subs.account_updates = account
         for key, value, cur in self.exchange.account_values(account):
-            session.send(codec.account_value_fields(key, value, cur, account))
+            session.send(messages.account_value(key, value, cur, account))
         for pos in self.exchange.positions(account):
-            session.send(codec.portfolio_fields(pos))
-        session.send(codec.account_time_fields(time.strftime("%H:%M", time.gmtime(now))))
-        session.send(codec.account_download_end_fields(account))
+            session.send(messages.portfolio(pos))
+        session.send(messages.account_time(time.strftime("%H:%M", time.gmtime(now))))
+        session.send(messages.account_download_end(account))
 
-    def _req_account_updates_multi(self, session: Session, fields: list[str], now: float) -> None:
+    def _req_account_updates_multi(self, session: Session, request: Request, now: float) -> None:
+        fields = request.fields
         req_id = _int(fields, 2)
         account = _str(fields, 3) or self.exchange.accounts[0]
         model = _str(fields, 4)
         accounts = self.exchange.accounts if account == "All" else [account]
         for acct in accounts:
             if acct not in self.exchange.accounts:
-                session.send(codec.error_fields(req_id, 321, f"Account {acct} not found"))
+                session.send(self._error(req_id, 321, f"Account {acct} not found"))
                 continue
             session.subs.account_multi[req_id] = acct
             for key, value, cur in self.exchange.account_values(acct):
-                session.send(
-                    codec.account_update_multi_fields(req_id, acct, model, key, value, cur)
-                )
-        session.send(codec.account_update_multi_end_fields(req_id))
+                session.send(messages.account_update_multi(req_id, acct, model, key, value, cur))
+        session.send(messages.account_update_multi_end(req_id))
 
-    def _cancel_account_updates_multi(
-        self, session: Session, fields: list[str], now: float
-    ) -> None:
-        session.subs.account_multi.pop(_int(fields, 2), None)
+    def _cancel_account_updates_multi(self, session: Session, request: Request, now: float) -> None:
+        session.subs.account_multi.pop(_int(request.fields, 2), None)
 
-    def _req_pnl(self, session: Session, fields: list[str], now: float) -> None:
+    def _req_pnl(self, session: Session, request: Request, now: float) -> None:
+        fields = request.fields
         req_id, account = _int(fields, 1), _str(fields, 2)
         if account not in self.exchange.accounts:
-            session.send(codec.error_fields(req_id, 321, f"Account {account} not found"))
+            session.send(self._error(req_id, 321, f"Account {account} not found"))
             return
         session.subs.pnl[req_id] = account
-        session.send(codec.pnl_fields(req_id, *self.exchange.pnl(account)))
+        session.send(messages.pnl(req_id, *self.exchange.pnl(account)))
 
-    def _cancel_pnl(self, session: Session, fields: list[str], now: float) -> None:
+    def _cancel_pnl(self, session: Session, request: Request, now: float) -> None:
+        fields = request.fields
         session.subs.pnl.pop(_int(fields, 1), None)
 
-    def _req_pnl_single(self, session: Session, fields: list[str], now: float) -> None:
+    def _req_pnl_single(self, session: Session, request: Request, now: float) -> None:
+        fields = request.fields
         req_id, account, con_id = _int(fields, 1), _str(fields, 2), _int(fields, 4)
         if account not in self.exchange.accounts:
-            session.send(codec.error_fields(req_id, 321, f"Account {account} not found"))
+            session.send(self._error(req_id, 321, f"Account {account} not found"))
             return
         if self.exchange.find_instrument(ContractSpec(con_id=con_id)) is None:
-            session.send(_no_security_definition(req_id))
+            session.send(self._no_security_definition(req_id))
             return
         session.subs.pnl_single[req_id] = (account, con_id)
-        session.send(codec.pnl_single_fields(req_id, *self.exchange.pnl_single(account, con_id)))
+        session.send(messages.pnl_single(req_id, *self.exchange.pnl_single(account, con_id)))
 
-    def _cancel_pnl_single(self, session: Session, fields: list[str], now: float) -> None:
+    def _cancel_pnl_single(self, session: Session, request: Request, now: float) -> None:
+        fields = request.fields
         session.subs.pnl_single.pop(_int(fields, 1), None)
 
-    def _req_mkt_data(self, session: Session, fields: list[str], now: float) -> None:
-        request = codec.decode_mkt_data_request(fields)
-        instrument = self.exchange.find_instrument(request.contract)
+    def _req_mkt_data(self, session: Session, request: Request, now: float) -> None:
+        wanted = codec.decode_mkt_data_request(request.fields)
+        instrument = self.exchange.find_instrument(wanted.contract)
         if instrument is None:
-            session.send(_no_security_definition(request.req_id))
+            session.send(self._no_security_definition(wanted.req_id))
             return
-        if not request.snapshot:
-            session.subs.market_data[request.req_id] = instrument.con_id
-        self._send_quote(session, request.req_id, instrument.con_id, force=True)
+        if not wanted.snapshot:
+            session.subs.market_data[wanted.req_id] = instrument.con_id
+        self._send_quote(session, wanted.req_id, instrument.con_id, force=True)
 
-    def _cancel_mkt_data(self, session: Session, fields: list[str], now: float) -> None:
+    def _cancel_mkt_data(self, session: Session, request: Request, now: float) -> None:
+        fields = request.fields
         req_id = _int(fields, 2)
         session.subs.market_data.pop(req_id, None)
         session.subs.last_quote.pop(req_id, None)
 
-    def _req_market_data_type(self, session: Session, fields: list[str], now: float) -> None:
-        session.send(codec.market_data_type_fields(NO_VALID_ID, _int(fields, 2)))
+    def _req_market_data_type(self, session: Session, request: Request, now: float) -> None:
+        fields = request.fields
+        session.send(messages.market_data_type(NO_VALID_ID, _int(fields, 2)))
 
-    def _req_contract_details(self, session: Session, fields: list[str], now: float) -> None:
+    def _req_contract_details(self, session: Session, request: Request, now: float) -> None:
+        fields = request.fields
         req_id, spec = codec.decode_contract_details_request(fields)
         instrument = self.exchange.find_instrument(spec)
         if instrument is None:
-            session.send(_no_security_definition(req_id))
+            session.send(self._no_security_definition(req_id))
             return
-        session.send(codec.contract_details_fields(req_id, instrument))
-        session.send(codec.contract_details_end_fields(req_id))
+        session.send(messages.contract_details(req_id, instrument))
+        session.send(messages.contract_details_end(req_id))
 
-    def _ignore(self, session: Session, fields: list[str], now: float) -> None:
+    def _ignore(self, session: Session, request: Request, now: float) -> None:
         """Cancels of subscriptions we keep no state for, and a second startApi."""
 
-    _handlers: ClassVar[dict[int, Callable[[SimGateway, Session, list[str], float], None]]] = {
+    _handlers: ClassVar[dict[int, Callable[[SimGateway, Session, Request, float], None]]] = {
         REQ_MKT_DATA: _req_mkt_data,
         CANCEL_MKT_DATA: _cancel_mkt_data,
         PLACE_ORDER: _place_order,
@@ -873,9 +930,7 @@ class SimGateway:
                             and order.status == "Cancelled"
                             and s.client_id == order.client_id
                         ):
-                            s.send(
-                                codec.error_fields(order.order_id, 202, "Order Canceled - reason:")
-                            )
+                            s.send(self._error(order.order_id, 202, "Order Canceled - reason:"))
                 case OrderRejected(order=order, code=code, reason=reason):
                     log.info(
                         "order %d of client %d rejected: %s",
@@ -885,8 +940,8 @@ class SimGateway:
                     )
                     for s in self._order_audience(order.client_id):
                         if s.client_id == order.client_id:
-                            s.send(codec.error_fields(order.order_id, code, reason))
-                        s.send(codec.order_status_fields(order))
+                            s.send(self._error(order.order_id, code, reason))
+                        s.send(messages.order_status(order))
                 case Executed(fill=fill):
                     log.info(
                         "fill: client %d order %d %s %s %s @ %s",
@@ -898,8 +953,8 @@ class SimGateway:
                         fill.price,
                     )
                     for s in self._order_audience(fill.client_id):
-                        s.send(codec.exec_details_fields(NO_VALID_ID, fill))
-                        s.send(codec.commission_report_fields(fill))
+                        s.send(messages.exec_details(NO_VALID_ID, fill))
+                        s.send(messages.commission_report(fill))
                 case PositionChanged(position=pos):
                     self._route_position(pos)
                 case AccountChanged(account=account, values=values):
@@ -910,7 +965,7 @@ class SimGateway:
     def _route_position(self, pos: PositionView) -> None:
         for s in list(self.sessions.values()):
             if s.subs.account_updates == pos.account:
-                s.send(codec.portfolio_fields(pos))
+                s.send(messages.portfolio(pos))
         copies = 1 + self.position_duplicates
         if self.position_delay_s > 0:
             asyncio.get_running_loop().call_later(
@@ -923,20 +978,18 @@ class SimGateway:
         for s in list(self.sessions.values()):
             if s.subs.positions:
                 for _ in range(copies):
-                    s.send(codec.position_fields(pos))
+                    s.send(messages.position(pos))
 
     def _route_account_values(self, account: str, values: Iterable[tuple[str, str, str]]) -> None:
         values = tuple(values)
         for s in list(self.sessions.values()):
             if s.subs.account_updates == account:
                 for key, value, cur in values:
-                    s.send(codec.account_value_fields(key, value, cur, account))
+                    s.send(messages.account_value(key, value, cur, account))
             for req_id, acct in s.subs.account_multi.items():
                 if acct == account:
                     for key, value, cur in values:
-                        s.send(
-                            codec.account_update_multi_fields(req_id, account, "", key, value, cur)
-                        )
+                        s.send(messages.account_update_multi(req_id, account, "", key, value, cur))
 
     def _send_quote(
         self, session: Session, req_id: int, con_id: int, *, force: bool = False
@@ -960,10 +1013,10 @@ class SimGateway:
         for n in range(0, 6, 2):
             price, size = key[n], key[n + 1]
             if force or sent is None or sent[n] != price:
-                session.send(codec.tick_price_fields(req_id, ticks[n], price, size))
-                session.send(codec.tick_size_fields(req_id, ticks[n + 1], size))
+                session.send(messages.tick_price(req_id, ticks[n], price, size))
+                session.send(messages.tick_size(req_id, ticks[n + 1], size))
             elif sent[n + 1] != size:
-                session.send(codec.tick_size_fields(req_id, ticks[n + 1], size))
+                session.send(messages.tick_size(req_id, ticks[n + 1], size))
 
     async def _market_loop(self) -> None:
         while True:
@@ -988,12 +1041,12 @@ class SimGateway:
         """One round of the PnL, value-per-position and portfolio streams."""
         for s in list(self.sessions.values()):
             for req_id, account in s.subs.pnl.items():
-                s.send(codec.pnl_fields(req_id, *self.exchange.pnl(account)))
+                s.send(messages.pnl(req_id, *self.exchange.pnl(account)))
             for req_id, (account, con_id) in s.subs.pnl_single.items():
-                s.send(codec.pnl_single_fields(req_id, *self.exchange.pnl_single(account, con_id)))
+                s.send(messages.pnl_single(req_id, *self.exchange.pnl_single(account, con_id)))
             if s.subs.account_updates is not None:
                 for pos in self.exchange.positions(s.subs.account_updates):
-                    s.send(codec.portfolio_fields(pos))
+                    s.send(messages.portfolio(pos))
 
     # ---- flood (benchmarks) ----------------------------------------------------------------
 
@@ -1064,22 +1117,24 @@ class SimGateway:
         """One encoded message per subscribed stream of every started client."""
         out: list[tuple[Session, bytes]] = []
         for s in list(self.sessions.values()):
+            version = s.client_version
             for req_id, (account, con_id) in s.subs.pnl_single.items():
                 values = self.exchange.pnl_single(account, con_id)
-                out.append((s, encode_frame(codec.pnl_single_fields(req_id, *values))))
+                out.append((s, messages.pnl_single(req_id, *values).encode(version)))
             for req_id, account in s.subs.pnl.items():
-                out.append((s, encode_frame(codec.pnl_fields(req_id, *self.exchange.pnl(account)))))
+                pnl = messages.pnl(req_id, *self.exchange.pnl(account))
+                out.append((s, pnl.encode(version)))
             for req_id, con_id in s.subs.market_data.items():
                 quote = self.exchange.quote(con_id)
-                fields = codec.tick_price_fields(req_id, TICK_LAST, quote.last, quote.last_size)
-                out.append((s, encode_frame(fields)))
+                tick = messages.tick_price(req_id, TICK_LAST, quote.last, quote.last_size)
+                out.append((s, tick.encode(version)))
         return out
 
     # ---- faults ----------------------------------------------------------------------------
 
     def broadcast_error(self, code: int, message: str) -> None:
         for s in list(self.sessions.values()):
-            s.send(codec.error_fields(NO_VALID_ID, code, message))
+            s.send(self._error(NO_VALID_ID, code, message))
 
     async def drop_all_clients(self, seconds: float) -> None:
         """Close every connection and refuse new ones for `seconds` (a network drop)."""
@@ -1202,7 +1257,7 @@ class SimGateway:
         for s in list(self.sessions.values()):
             for req_id, sub_con in list(s.subs.market_data.items()):
                 if sub_con == con_id:
-                    s.send(codec.market_data_type_fields(req_id, data_type))
+                    s.send(messages.market_data_type(req_id, data_type))
 
     def jump_price(self, con_id: int, fraction: float) -> None:
         log.warning("fault: price of %d jumps by %+.1f %%", con_id, fraction * 100)
@@ -1306,6 +1361,20 @@ class SimGateway:
         await self.drop_all_clients(down_seconds)
 
 
+def read_request(payload: bytes, version: int) -> Request:
+    """One client frame's payload at a negotiated `version` as the handlers read it. Raises
+    FrameError for a frame without a readable message id, ProtoDecodeError for a protobuf body
+    that does not parse or whose request the gateway does not read."""
+    msg_id, body = split_message(payload, version)
+    if isinstance(body, list):
+        return Request(msg_id, body, version)
+    decoded = protocodec.decode_request(msg_id, body)
+    if isinstance(decoded, codec.PlacedOrder):
+        fields = [str(msg_id), str(decoded.order.order_id)]
+        return Request(msg_id, fields, codec.SERVER_VERSION, decoded)
+    return Request(msg_id, decoded, codec.SERVER_VERSION)
+
+
 def _version_range(text: str) -> tuple[int, int] | None:
     """(min, max) of a handshake's `v<min>[..<max>][ options]`; None when it is not one."""
     match = _VERSION_RANGE.match(text)
@@ -1315,11 +1384,6 @@ def _version_range(text: str) -> tuple[int, int] | None:
         return int(match.group(1)), int(match.group(2) or match.group(1))
     except ValueError:  # more digits than int() converts
         return None
-
-
-def _no_security_definition(req_id: int) -> codec.Fields:
-    """Error 200: TWS's answer to a request for a contract it does not know."""
-    return codec.error_fields(req_id, 200, "No security definition has been found for the request")
 
 
 def _unsupported(placed: codec.PlacedOrder) -> str | None:

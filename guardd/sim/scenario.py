@@ -6,6 +6,7 @@ key on error; `run_faults` plays the schedule against a running `SimGateway`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import tomllib
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from guardd.sim.exchange import Exchange
 from guardd.sim.gateway import GatewayConfig, SimGateway
+from guardd.sim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION
 from guardd.sim.types import Instrument, OrderRequest
 
 log = logging.getLogger("guardd.sim")
@@ -40,6 +42,10 @@ class GatewaySection(_Strict):
     fill_latency_s: Annotated[float, Field(ge=0)] = 0.0
     partial_fill_quantity: Annotated[float, Field(gt=0)] | None = None
     first_order_id: Annotated[int, Field(ge=1)] = 1
+    # The highest server version offered (default 226); a client gets min(its max, this).
+    server_version: Annotated[int, Field(ge=MIN_SERVER_VERSION, le=MAX_SERVER_VERSION)] | None = (
+        None
+    )
 
 
 class AccountSection(_Strict):
@@ -289,7 +295,7 @@ class Scenario(_Strict):
 
     def gateway_config(self, *, host: str = "127.0.0.1", port: int = 0) -> GatewayConfig:
         g = self.gateway
-        return GatewayConfig(
+        config = GatewayConfig(
             host=host,
             port=port,
             master_client_id=g.master_client_id,
@@ -301,6 +307,9 @@ class Scenario(_Strict):
             fill_latency_s=g.fill_latency_s,
             first_order_id=g.first_order_id,
         )
+        if g.server_version is None:
+            return config
+        return dataclasses.replace(config, server_version=g.server_version)
 
     def build_exchange(self, *, now: float) -> Exchange:
         """The exchange model with this scenario's accounts, instruments and starting positions."""
