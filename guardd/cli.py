@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
         help="start ARMED when the latch file is missing (first start only; an unreadable "
         "latch still starts HALTED)",
     )
+    run.add_argument(
+        "--wire-logs",
+        action="store_true",
+        help="log every TWS API message ibapi sends and receives (as [log] wire = true)",
+    )
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", type=Path)
     demo = sub.add_parser("demo", help="guard the embedded simulated gateway against a runaway bot")
@@ -71,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command == "run":
-        return _run(args.config, fresh_start=args.fresh_start)
+        return _run(args.config, fresh_start=args.fresh_start, wire_logs=args.wire_logs)
     if args.command == "demo":
         from guardd.demo import demo_main
 
@@ -111,7 +116,7 @@ def _check_config(path: Path) -> int:
     return 0
 
 
-def _run(path: Path, *, fresh_start: bool) -> int:
+def _run(path: Path, *, fresh_start: bool, wire_logs: bool = False) -> int:
     from guardd.config import load_config
     from guardd.logs import configure_logging
 
@@ -120,7 +125,7 @@ def _run(path: Path, *, fresh_start: bool) -> int:
     except ConfigError as exc:
         print(f"guardd: {path}: {exc}", file=sys.stderr)
         return EX_CONFIG
-    configure_logging(cfg.log.format, cfg.log.level)
+    configure_logging(cfg.log.format, cfg.log.level, wire=cfg.log.wire or wire_logs)
     try:
         return asyncio.run(_guard(cfg, fresh_start=fresh_start))
     except GuarddError as exc:

@@ -728,6 +728,8 @@ class LogConfig(_Model):
 
     format: Literal["json", "console", "auto"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # The ibapi client's own line per message sent and received (protocol debugging only).
+    wire: bool = False
 
 
 class Config(_Model):

@@ -11,6 +11,11 @@ Events are snake_case facts with key-values (``log.info("orders_cancelled", coun
 formatted strings. `bind_decision` puts the decision id and account on every line logged while a
 decision is carried out, through contextvars, so it follows the asyncio task that set it.
 
+The official ``ibapi`` client logs every message it sends and receives at INFO (on the protobuf
+wire through its default ``*ProtoBuf`` EWrapper hooks, most of a live session's lines): its loggers
+are kept at WARNING unless wire logs are asked for (``[log] wire = true``, ``guardd run
+--wire-logs``).
+
 The audit journal is not a log: it is separate, fsynced, and the record of what the guard did.
 """
 
@@ -31,6 +36,7 @@ __all__ = ["LogFormat", "bind_decision", "configure_logging", "get_logger"]
 LogFormat = Literal["json", "console", "auto"]
 
 _HANDLER_MARK = "_guardd_handler"
+IBAPI_LOGGER = "ibapi"  # the parent of every logger of the official client
 
 _LEVELS: Mapping[str, int] = {
     "debug": logging.DEBUG,
@@ -53,12 +59,16 @@ def configure_logging(
     format: LogFormat = "auto",
     level: str = "info",
     stream: TextIO | None = None,
+    *,
+    wire: bool = False,
 ) -> None:
     """Route structlog and stdlib logging to `stream` (default stderr) as JSON or console lines.
 
     "auto" renders for the console when `stream` is a terminal and JSON otherwise (under
     systemd stderr goes to the journal, not a terminal). Timestamps are ISO 8601 UTC. Calling
     it again replaces the previous configuration (its handler), leaving other handlers alone.
+    `wire` lets the ``ibapi`` client's own per-message lines through (at INFO, or DEBUG when
+    `level` is debug); otherwise its loggers log warnings and errors only.
     """
     out = sys.stderr if stream is None else stream
     try:
@@ -116,6 +126,9 @@ def configure_logging(
     root.setLevel(threshold)
     # aiohttp's access log is one line per scrape of /metrics: keep it for debugging only.
     logging.getLogger("aiohttp.access").setLevel(max(threshold, logging.WARNING))
+    # ibapi's wire lines (every message, both ways) only when asked for.
+    wire_level = min(threshold, logging.INFO) if wire else max(threshold, logging.WARNING)
+    logging.getLogger(IBAPI_LOGGER).setLevel(wire_level)
 
 
 def get_logger(name: str) -> Any:

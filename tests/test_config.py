@@ -87,6 +87,12 @@ def test_minimal_file_then_safe_defaults() -> None:
     assert cfg.journal_path == Path("state/journal.jsonl")
 
 
+def test_wire_logs_then_off_unless_asked_for() -> None:
+    assert parse_config(MINIMAL).log.wire is False
+    assert load_config(EXAMPLE).log.wire is False
+    assert parse_config(MINIMAL + "[log]\nwire = true\n").log.wire is True
+
+
 def test_config_then_frozen() -> None:
     cfg = parse_config(MINIMAL)
 

@@ -153,3 +153,50 @@ def test_configured_twice_then_one_line_per_event() -> None:
 def test_unknown_level_then_refused() -> None:
     with pytest.raises(ValueError, match="unknown log level"):
         configure_logging("json", "verbose", stream=io.StringIO())
+
+
+def _ibapi_position_at_226() -> None:
+    """ibapi's own decoder and default EWrapper taking one protobuf position message, as on the
+    wire a current TWS speaks: its `*ProtoBuf` hook logs the message at INFO."""
+    from ibapi.decoder import Decoder
+    from ibapi.wrapper import EWrapper
+
+    from guardd.sim import messages
+    from guardd.sim.types import Instrument, PositionView
+
+    aapl = Instrument(265598, "AAPL", "STK", "SMART", "NASDAQ", "USD")
+    frame = messages.position(PositionView("DU1", aapl, 5.0, 1.0, 1.0, 5.0, 0.0, 0.0)).encode(226)
+    Decoder(EWrapper(), 226).processProtoBuf(frame[8:], 61)
+
+
+@pytest.fixture
+def _restore_ibapi_logger() -> Iterator[None]:
+    logger = logging.getLogger("ibapi")
+    level = logger.level
+    yield
+    logger.setLevel(level)
+
+
+@pytest.mark.usefixtures("_restore_ibapi_logger")
+def test_info_level_then_ibapi_wire_lines_kept_out_and_its_warnings_kept() -> None:
+    out = io.StringIO()
+    configure_logging("json", "info", stream=out)
+
+    _ibapi_position_at_226()
+    logging.getLogger("ibapi.client").warning("socket_gone")
+
+    assert [r["event"] for r in lines(out)] == ["socket_gone"]
+
+
+@pytest.mark.usefixtures("_restore_ibapi_logger")
+def test_wire_logs_asked_for_then_ibapi_protobuf_lines_logged() -> None:
+    out = io.StringIO()
+    configure_logging("json", "warning", stream=out, wire=True)
+
+    _ibapi_position_at_226()
+    get_logger("guardd.app").info("not_at_warning")
+
+    events = [r["event"] for r in lines(out)]
+    assert any("positionProtoBuf" in e for e in events)
+    assert any(e.startswith("ANSWER position ") for e in events)
+    assert "not_at_warning" not in events
