@@ -20,7 +20,6 @@ import sys
 import time
 from typing import Any
 
-from guardd.sim import codec
 from guardd.sim.gateway import FloodStats, GatewayConfig, SimGateway
 from guardd.sim.scenario import parse_scenario
 from guardd.sim.types import ContractSpec, OrderRequest
@@ -68,24 +67,25 @@ class Recorder:
         self.closers: set[int] = set()
         self._loop = asyncio.get_running_loop()
         gateway.on_message(self.on_message)
+        gateway.on_order(self.on_order)
 
     def on_message(self, client_id: int, msg_id: int, fields: list[str]) -> None:
         t = time.monotonic()
         if msg_id == GLOBAL_CANCEL:
             self.cancels.append((t, client_id))
             self.cancel_event.set()
-        elif msg_id == PLACE_ORDER:
-            order_id = int(fields[1]) if len(fields) > 1 and fields[1] else 0
-            self.orders.append((t, client_id, order_id))
-            if client_id in self.closers:
-                req = codec.decode_place_order(fields)
-                inst = self.gateway.exchange.find_instrument(req.contract)
-                if inst is not None:
-                    signed = req.total_quantity * (1 if req.action.upper() == "BUY" else -1)
-                    sums = self.closing.setdefault(client_id, {})
-                    sums[inst.con_id] = sums.get(inst.con_id, 0.0) + signed
-                # The order is matched after this listener returns: look once it has been.
-                self._loop.call_soon(self._check_flat)
+
+    def on_order(self, client_id: int, req: OrderRequest) -> None:
+        t = time.monotonic()
+        self.orders.append((t, client_id, req.order_id))
+        if client_id in self.closers:
+            inst = self.gateway.exchange.find_instrument(req.contract)
+            if inst is not None:
+                signed = req.total_quantity * (1 if req.action.upper() == "BUY" else -1)
+                sums = self.closing.setdefault(client_id, {})
+                sums[inst.con_id] = sums.get(inst.con_id, 0.0) + signed
+            # The order is matched after this listener returns: look once it has been.
+            self._loop.call_soon(self._check_flat)
 
     def _check_flat(self) -> None:
         if self.flat_at is None and not self.gateway.exchange.positions(ACCOUNT):

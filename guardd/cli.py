@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the gateway, the guard and its web console running after the demo (Ctrl-C)",
     )
+    demo.add_argument(
+        "--server-version",
+        type=_server_version,
+        help="highest TWS API server version the embedded gateway offers (default 226)",
+    )
     sim = sub.add_parser("sim", help="run the simulated IB Gateway")
     sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     sim.add_argument("--port", type=int, default=7497, help="TCP port (default 7497)")
@@ -80,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from guardd.demo import demo_main
 
-        return demo_main(stay=args.stay)
+        return demo_main(stay=args.stay, server_version=args.server_version)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -26,11 +26,11 @@ from typing import TextIO
 
 from guardd.app import Guard
 from guardd.config import Config, load_config
-from guardd.sim import codec
 from guardd.sim.bot import RunawayBot
 from guardd.sim.gateway import SimGateway
 from guardd.sim.scenario import parse_scenario
 from guardd.sim.server import build_gateway
+from guardd.sim.types import OrderRequest
 
 BOT_CLIENT_ID = 7
 _HERE = Path(__file__).resolve().parent
@@ -120,20 +120,21 @@ def _watch_gateway(gateway: SimGateway, timeline: Timeline, guard_client: int) -
     bot_orders = 0
     cancels = 0
 
+    def on_order(client_id: int, req: OrderRequest) -> None:
+        nonlocal bot_orders
+        what = f"{req.action} {req.total_quantity:g} {req.contract.symbol} {req.order_type}" + (
+            f" {req.lmt_price:.2f}" if req.lmt_price is not None else ""
+        )
+        if client_id == guard_client:
+            timeline.say("guard", f"close order {req.order_ref}: {what}")
+        else:
+            bot_orders += 1
+            if bot_orders <= 3 or bot_orders % 5 == 0:
+                timeline.say("bot", f"order #{bot_orders} (client {client_id}): {what}")
+
     def on_message(client_id: int, msg_id: int, fields: list[str]) -> None:
-        nonlocal bot_orders, cancels
-        if msg_id == 3:
-            req = codec.decode_place_order(fields)
-            what = f"{req.action} {req.total_quantity:g} {req.contract.symbol} {req.order_type}" + (
-                f" {req.lmt_price:.2f}" if req.lmt_price is not None else ""
-            )
-            if client_id == guard_client:
-                timeline.say("guard", f"close order {req.order_ref}: {what}")
-            else:
-                bot_orders += 1
-                if bot_orders <= 3 or bot_orders % 5 == 0:
-                    timeline.say("bot", f"order #{bot_orders} (client {client_id}): {what}")
-        elif msg_id == 58:
+        nonlocal cancels
+        if msg_id == 58:
             cancels += 1
             working = len(gateway.exchange.working_orders())
             if cancels == 1:
@@ -143,6 +144,7 @@ def _watch_gateway(gateway: SimGateway, timeline: Timeline, guard_client: int) -
             elif cancels % 10 == 0:
                 timeline.say("guard", f"still sweeping: global cancel #{cancels}")
 
+    gateway.on_order(on_order)
     gateway.on_message(on_message)
 
 
@@ -152,18 +154,29 @@ def _book(gateway: SimGateway, account: str) -> str:
 
 
 async def run_demo(
-    out: TextIO = sys.stdout, *, timeout_s: float = 45.0, stay: asyncio.Event | None = None
+    out: TextIO = sys.stdout,
+    *,
+    timeout_s: float = 45.0,
+    stay: asyncio.Event | None = None,
+    server_version: int | None = None,
 ) -> int:
     """Run the whole demo; 0 when every order is cancelled and every position is flat. With
     ``stay``, keep the gateway and the guard (and the console) up afterwards until it is set or
-    the demo is interrupted."""
+    the demo is interrupted. `server_version` caps the simulated gateway's (default 226, the
+    protobuf wire)."""
     timeline = Timeline(out)
     base = load_config(DEMO_CONFIG)
     scenario = parse_scenario(DEMO_SCENARIO)
     with tempfile.TemporaryDirectory(prefix="guardd-demo-") as tmp:
-        async with build_gateway(scenario, host="127.0.0.1", port=0) as gateway:
+        async with build_gateway(
+            scenario, host="127.0.0.1", port=0, server_version=server_version
+        ) as gateway:
             account = base.account
-            timeline.say("gateway", f"simulated IB Gateway on 127.0.0.1:{gateway.port}")
+            timeline.say(
+                "gateway",
+                f"simulated IB Gateway on 127.0.0.1:{gateway.port} "
+                f"(server versions up to {gateway.config.server_version})",
+            )
             timeline.say("gateway", f"account {account}: {_book(gateway, account)}")
             cfg = demo_config(base, ib_port=gateway.port, state_dir=Path(tmp))
             _watch_gateway(gateway, timeline, cfg.ib.client_id)
@@ -243,13 +256,13 @@ def _flat_and_cancelled(gateway: SimGateway, account: str) -> bool:
     return not gateway.exchange.working_orders() and not gateway.exchange.positions(account)
 
 
-def demo_main(*, stay: bool = False) -> int:
+def demo_main(*, stay: bool = False, server_version: int | None = None) -> int:
     """Entry point of `guardd demo` (``--stay``: keep serving the console until Ctrl-C)."""
     from guardd.logs import configure_logging
 
     configure_logging("console", "error")
 
     async def main() -> int:
-        return await run_demo(stay=asyncio.Event() if stay else None)
+        return await run_demo(stay=asyncio.Event() if stay else None, server_version=server_version)
 
     return asyncio.run(main())

@@ -1,4 +1,10 @@
-"""Shared fixtures: a simulated gateway on a free loopback port."""
+"""Shared fixtures: a simulated gateway on a free loopback port.
+
+`--sim-server-version N` sets the highest server version every simulated gateway of the run offers
+(unless a test names one): 226 by default, the protobuf wire a current TWS speaks with ibapi;
+`scripts/test` runs the guard's integration tests, drills and demo a second time at 178, the text
+wire.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,34 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from guardd.sim import gateway as sim_gateway
 from guardd.sim.gateway import SimGateway
+from guardd.sim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION
 from guardd.sim.scenario import Scenario, parse_scenario
 from guardd.sim.server import build_gateway
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--sim-server-version",
+        type=int,
+        default=None,
+        help=f"highest TWS API server version the simulated gateways offer "
+        f"({MIN_SERVER_VERSION}-{MAX_SERVER_VERSION}; default {MAX_SERVER_VERSION})",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    version = config.getoption("--sim-server-version")
+    if version is not None:
+        if not MIN_SERVER_VERSION <= version <= MAX_SERVER_VERSION:
+            raise pytest.UsageError(f"--sim-server-version {version} is not a version we speak")
+        sim_gateway.DEFAULT_SERVER_VERSION = version
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"simulated gateway: server version {sim_gateway.DEFAULT_SERVER_VERSION}"
+
 
 SCENARIO = {
     "gateway": {"seed": 3, "market_interval_s": 0.05, "pnl_interval_s": 0.2},

@@ -31,9 +31,9 @@ from ibapi.order import Order
 from guardd.app import Guard
 from guardd.config import Config
 from guardd.control.commands import ControlCommand
-from guardd.sim import codec
 from guardd.sim.bot import RunawayBot
 from guardd.sim.gateway import PLACE_ORDER, SimGateway
+from guardd.sim.types import OrderRequest
 from tests.guard_harness import ACCOUNT, GUARD_CLIENT_ID, free_port
 from tests.ibapi_harness import IbapiClient, connected
 
@@ -156,15 +156,15 @@ class GuardWire:
         self.sent: list[Sent] = []
         self.client_id = client_id
         sim.on_message(self._on_message)
+        sim.on_order(self._on_order)
 
     def _on_message(self, client_id: int, msg_id: int, fields: list[str]) -> None:
-        if client_id != self.client_id:
-            return
-        if msg_id == PLACE_ORDER:
-            req = codec.decode_place_order(fields)
-            self.sent.append(Sent(time.monotonic(), msg_id, req.order_id, req.order_ref))
-        else:
+        if client_id == self.client_id and msg_id != PLACE_ORDER:
             self.sent.append(Sent(time.monotonic(), msg_id))
+
+    def _on_order(self, client_id: int, req: OrderRequest) -> None:
+        if client_id == self.client_id:
+            self.sent.append(Sent(time.monotonic(), PLACE_ORDER, req.order_id, req.order_ref))
 
     def places(self) -> list[Sent]:
         return [s for s in self.sent if s.msg_id == PLACE_ORDER]

@@ -51,7 +51,7 @@ from tests.guard_harness import (
 )
 from tests.ibapi_harness import market_order, stock
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
 
 BOT = 7
 DELAY_S = 1.5  # how late the gateway sends position updates in the delayed drills

@@ -60,7 +60,7 @@ from tests.guard_harness import (
 )
 from tests.mqtt_broker import start_broker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
 
 BOT_CLIENT_ID = 7
 ROOT = Path(__file__).resolve().parent.parent

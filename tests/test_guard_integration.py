@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
+
 from guardd.app import Guard
 from guardd.control.commands import ControlCommand
 from guardd.core.engine import State
-from guardd.sim import codec
 from guardd.sim.bot import RunawayBot
-from guardd.sim.gateway import PLACE_ORDER, SimGateway
+from guardd.sim.gateway import SimGateway
+from guardd.sim.types import OrderRequest
 from tests.guard_harness import (
     AAPL,
     ACCOUNT,
@@ -38,6 +40,8 @@ from tests.guard_harness import (
     wait_until,
     zero_crossings,
 )
+
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
 
 BOT_CLIENT_ID = 7
 
@@ -67,11 +71,11 @@ class SentRefs:
 
     def __init__(self, sim: SimGateway) -> None:
         self.refs: list[str] = []
-        sim.on_message(self._on_message)
+        sim.on_order(self._on_order)
 
-    def _on_message(self, client_id: int, msg_id: int, fields: list[str]) -> None:
-        if client_id == GUARD_CLIENT_ID and msg_id == PLACE_ORDER:
-            self.refs.append(codec.decode_place_order(fields).order_ref)
+    def _on_order(self, client_id: int, req: OrderRequest) -> None:
+        if client_id == GUARD_CLIENT_ID:
+            self.refs.append(req.order_ref)
 
     def duplicates(self) -> list[str]:
         return [ref for ref, n in Counter(self.refs).items() if n > 1]

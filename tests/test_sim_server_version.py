@@ -76,3 +76,10 @@ async def test_guardd_sim_program_with_server_version_then_ibapi_negotiates_it()
         proc.terminate()
         raw, _ = await asyncio.wait_for(proc.communicate(), 10)
     assert "server versions 178..215" in raw.decode()
+
+
+def test_gateway_without_a_version_then_offers_the_runs_wire(pytestconfig: pytest.Config) -> None:
+    # scripts/test runs the guard's tests again with --sim-server-version 178 (the text wire).
+    chosen = pytestconfig.getoption("--sim-server-version")
+
+    assert GatewayConfig().server_version == (226 if chosen is None else chosen)

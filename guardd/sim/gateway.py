@@ -318,6 +318,7 @@ class SimGateway:
         self.received_by_id: Counter[int] = Counter()
         self.received_by_client: Counter[int] = Counter()
         self._listeners: list[Callable[[int, int, list[str]], None]] = []
+        self._order_listeners: list[Callable[[int, OrderRequest], None]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -382,8 +383,17 @@ class SimGateway:
         return task
 
     def on_message(self, listener: Callable[[int, int, list[str]], None]) -> None:
-        """Call `listener(client_id, msg_id, fields)` for every message a started client sends."""
+        """Call `listener(client_id, msg_id, fields)` for every message a started client sends.
+
+        `fields` are text fields, message id first, in the layout of the client's version; a
+        protobuf request arrives as its layout at 178, except placeOrder, whose fields are only
+        the id and the order id: read orders with `on_order`, which works on every wire."""
         self._listeners.append(listener)
+
+    def on_order(self, listener: Callable[[int, OrderRequest], None]) -> None:
+        """Call `listener(client_id, order)` for every readable placeOrder a started client sends
+        (after its `on_message` listeners, before the gateway acts on it), on every wire."""
+        self._order_listeners.append(listener)
 
     # ---- connections -----------------------------------------------------------------------
 
@@ -556,6 +566,16 @@ class SimGateway:
             req_id, code, message, advanced_json, time_ms=int(self.clock() * 1000)
         )
 
+    def _tell_order_listeners(self, client_id: int, request: Request) -> None:
+        try:
+            placed = request.placed or codec.decode_place_order_in_full(
+                request.fields, request.version
+            )
+        except codec.CodecError:
+            return  # the handler reports it to the client
+        for listener in self._order_listeners:
+            listener(client_id, placed.order)
+
     def _no_security_definition(self, req_id: int) -> Outgoing:
         """Error 200: TWS's answer to a request for a contract it does not know."""
         return self._error(req_id, 200, "No security definition has been found for the request")
@@ -588,6 +608,8 @@ class SimGateway:
             return
         for listener in self._listeners:
             listener(session.client_id, msg_id, fields)
+        if msg_id == PLACE_ORDER and self._order_listeners:
+            self._tell_order_listeners(session.client_id, request)
         handler = self._handlers.get(msg_id)
         if handler is None:
             log.debug("client %d sent unsupported message %d; ignored", session.client_id, msg_id)
