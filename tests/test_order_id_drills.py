@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from guardd.app import Guard
-from guardd.sim import codec
-from guardd.sim.gateway import PLACE_ORDER, SimGateway
+from guardd.sim.gateway import SimGateway
 from guardd.sim.types import ContractSpec, OrderRequest
 from tests.drill_helpers import client, gateway_says_flat, kill_command, running
 from tests.guard_harness import (
@@ -36,7 +35,7 @@ from tests.guard_harness import (
 )
 from tests.ibapi_harness import limit_order, stock
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
 
 BOT = 7
 FLATTEN = '[kill]\nmode = "flatten"\n\n[flatten]\nverify_timeout_s = 20.0\n'
@@ -88,10 +87,10 @@ async def test_child_refused_as_duplicate_id_then_reid_after_reqids_and_flat(
         cfg = guard_config(sim.port, tmp_path, FLATTEN)
         injected: list[int] = []
 
-        def bot_order_first(client_id: int, msg_id: int, fields: list[str]) -> None:
-            if client_id != GUARD_CLIENT_ID or msg_id != PLACE_ORDER or injected:
+        def bot_order_first(client_id: int, child: OrderRequest) -> None:
+            if client_id != GUARD_CLIENT_ID or injected:
                 return
-            child_id = codec.decode_place_order(fields).order_id
+            child_id = child.order_id
             high = child_id + 1000
             injected.append(high)
             req = OrderRequest(
@@ -105,7 +104,7 @@ async def test_child_refused_as_duplicate_id_then_reid_after_reqids_and_flat(
             )
             sim.route(sim.exchange.place_order(BOT, req, sim.clock()))
 
-        sim.on_message(bot_order_first)
+        sim.on_order(bot_order_first)
         async with running(cfg) as guard:
             # Act
             await guard.handle(kill_command("flatten"))
