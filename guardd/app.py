@@ -45,7 +45,16 @@ from guardd.control.mqtt import MqttControl
 from guardd.control.nonces import NonceStore
 from guardd.core import events as ev
 from guardd.core.book import Book
+from guardd.core.close import Record
 from guardd.core.engine import Arm, Decision, Engine, Evaluation, Kill, Latch, State
+from guardd.core.notices import (
+    ConditionKind,
+    Lasting,
+    Notice,
+    condition_notice,
+    notice_of_close,
+    notices_of,
+)
 from guardd.core.rules import Finding, Thresholds
 from guardd.credentials import load_credentials
 from guardd.errors import GuarddError, StartupError
@@ -53,6 +62,7 @@ from guardd.executor import Executor, journal_children, journal_order_ids
 from guardd.journal import Journal
 from guardd.latch import FRESH_START, LatchState, later_of, read_latch, witness_step, write_latch
 from guardd.metrics import Metrics, MetricsServer, metrics_handler
+from guardd.notifications import Notifications
 from guardd.rulebook import (
     build_close_policy,
     build_close_settings,
@@ -172,6 +182,7 @@ class Guard:
             clock=clock,
             latch_on_disk=on_disk,
             close_settings=build_close_settings(cfg),
+            on_close_record=self._on_close_record,
         )
         if restored is not on_disk:
             log.error("latch_restored_from_journal", decision_id=restored.decision_id)
@@ -208,6 +219,14 @@ class Guard:
         # When the engine entered its present state (epoch seconds): the console's "since".
         self._state_since = latch.since if latch is not None else now
         self.metrics.set_state(self.engine.state)
+        # Notifications ([notify]): made with the credentials (`_start_control`); the conditions
+        # they report once they have lasted (a disconnect) or at once.
+        self.notifications: Notifications | None = None
+        self._conditions: dict[ConditionKind, Lasting] = {
+            "disconnected": Lasting(cfg.notify.disconnect_after_s),
+            "read_only": Lasting(0.0),
+            "latch_not_durable": Lasting(0.0),
+        }
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -245,6 +264,8 @@ class Guard:
                     tasks.create_task(self._connect(), name="connect")
                     tasks.create_task(self._event_loop(), name="event_loop")
                     tasks.create_task(self._evaluate_loop(), name="evaluate_loop")
+                    if self.notifications is not None:
+                        tasks.create_task(self.notifications.run(), name="notify_loop")
                     interval = watchdog_interval()
                     if self.notifier.enabled and interval is not None:
                         watchdog = HealthWatchdog(self.notifier, interval, self._broker_alive)
@@ -263,6 +284,15 @@ class Guard:
     async def _start_control(self, stack: contextlib.AsyncExitStack) -> None:
         """Read every credential, then listen: HTTP (and /metrics), MQTT. Before IB."""
         credentials = load_credentials(self.cfg)  # ConfigError names the key: exit 78
+        if credentials.notify_targets:
+            self.notifications = Notifications(
+                credentials.notify_targets,
+                self.cfg.notify,
+                account=self.cfg.account,
+                metrics=self.metrics,
+                status=self._notice_status,
+                clock=self.clock,
+            )
         http_cfg = self.cfg.control.http
         routes = []
         if self.cfg.metrics.enabled and self.cfg.metrics.listen == "control":
@@ -486,6 +516,7 @@ class Guard:
                 self._findings.pop("order_checks", None)
             await self._evaluate(now, trigger_ts=now)
             self.executor.retry_latch()
+            self._watch_conditions(now)
             self._publish_metrics()
             self._publish_sd_status()
             self._evaluated_at = time.monotonic()
@@ -521,6 +552,57 @@ class Guard:
             self.metrics.observe_level(finding.rule, finding.level)
         if self.mqtt is not None and changed:
             self.mqtt.publish_state(self.status())
+        # Told after the actions (queued; sent by the notify loop, never awaited here).
+        for notice in notices_of(decision, self.clock()):
+            self._notify(notice)
+
+    # ---- notifications -------------------------------------------------------------------
+
+    def _notify(self, notice: Notice) -> None:
+        if self.notifications is not None:
+            self.notifications.publish(notice)
+
+    def _on_close_record(self, record: Record) -> None:
+        """A close episode's fact (the executor's listener): "flat confirmed" is notified."""
+        notice = notice_of_close(record, self.clock())
+        if notice is not None:
+            self._notify(notice)
+
+    def _watch_conditions(self, now: float) -> None:
+        """Notify a disconnect from IB that has lasted ``notify.disconnect_after_s``, TWS's
+        Read-Only API, and a latch that is not durable; and each again when it ends."""
+        if self.notifications is None:
+            return
+        holding: dict[ConditionKind, bool] = {
+            "disconnected": not self.book.connected,
+            "read_only": self.book.read_only,
+            "latch_not_durable": not self.executor.latch_durable,
+        }
+        for kind, active in holding.items():
+            watch = self._conditions[kind]
+            since = watch.since
+            change = watch.observe(active, now)
+            if change is None:
+                continue
+            details: dict[str, object] = {"since": since if since is not None else now}
+            if kind == "latch_not_durable" and active:
+                details["error"] = self.executor.latch_error
+            if kind == "disconnected":
+                details["ib_at"] = f"{self.cfg.ib.host}:{self.cfg.ib.port}"
+            self._notify(condition_notice(kind, change, now, details))
+
+    def _notice_status(self) -> dict[str, object]:
+        """The guard's state as a notification carries it."""
+        latch = self.engine.latch
+        return {
+            "state": str(self.engine.state),
+            "latch_reason": None if latch is None else latch.reason,
+            "latch_durable": self.executor.latch_durable,
+            "ib_connected": self.book.connected,
+            "ib_read_only": self.book.read_only,
+            "positions": sum(1 for _ in self.book.guarded_positions()),
+            "working_orders": self.book.working_order_count,
+        }
 
     def _publish_metrics(self) -> None:
         for finding in self._findings.values():

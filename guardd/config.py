@@ -31,10 +31,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from guardd.core.notices import NOTICE_KINDS, NoticeKind
 from guardd.errors import ConfigError
 
 __all__ = [
     "LEVELS",
+    "AppriseTarget",
     "BotHeartbeat",
     "BudgetConfig",
     "Config",
@@ -59,6 +61,7 @@ __all__ = [
     "MarginSpikeLimit",
     "MetricsConfig",
     "MqttControlConfig",
+    "NotifyConfig",
     "OperatorRole",
     "OrderPolicy",
     "OrderRateLimits",
@@ -69,6 +72,7 @@ __all__ = [
     "SecType",
     "TokenFiles",
     "VolatilityLimit",
+    "WebhookTarget",
     "load_config",
     "parse_config",
 ]
@@ -732,6 +736,73 @@ class LogConfig(_Model):
     wire: bool = False
 
 
+_HTTP_URL = r"^https?://\S+$"
+
+
+class _NotifyTarget(_Model):
+    """Where one target's notifications go: ``url`` in the config, or ``url_file`` (a private
+    file holding the URL, for a URL that carries a token); exactly one. ``kinds``: which kinds
+    of notice it gets (every kind by default)."""
+
+    url: str | None = None
+    url_file: FilePath | None = None
+    kinds: Annotated[tuple[NoticeKind, ...], Field(strict=False, min_length=1)] = NOTICE_KINDS
+
+    @model_validator(mode="after")
+    def _one_url(self) -> Self:
+        if (self.url is None) == (self.url_file is None):
+            which = "both are set" if self.url is not None else "neither is set"
+            raise _broken("url", f"exactly one of url and @url_file is required ({which})")
+        return self
+
+
+class WebhookTarget(_NotifyTarget):
+    """A plain JSON webhook: an HTTP POST of the notice, signed with HMAC-SHA256 under the key
+    in ``key_file`` (docs/notifications.md says how a receiver checks it)."""
+
+    url: Annotated[str, Field(pattern=_HTTP_URL)] | None = None
+    key_file: FilePath
+
+
+class AppriseTarget(_NotifyTarget):
+    """A notification service through apprise (Slack, Telegram, email, ntfy, generic JSON...):
+    ``url`` / ``url_file`` hold one apprise URL (``tgram://bottoken/chatid``)."""
+
+
+class NotifyConfig(_Model):
+    """Notifications of kills, warnings, reductions, flat confirmed, re-arms and conditions
+    (docs/notifications.md). They are sent after the actions they report, from a queue of
+    ``queue_size`` per target (when full, the oldest is dropped and counted), each tried
+    ``attempts`` times with exponential back-off, ``timeout_s`` per try; at most
+    ``rate_limit_count`` notices of one kind go per ``rate_limit_window_s`` seconds. A
+    disconnect from IB is notified once it has lasted ``disconnect_after_s`` seconds."""
+
+    webhooks: dict[Name, WebhookTarget] = Field(default_factory=dict)
+    apprise: dict[Name, AppriseTarget] = Field(default_factory=dict)
+    disconnect_after_s: Annotated[float, Field(ge=0)] = 60.0
+    queue_size: Annotated[int, Field(ge=1, le=10_000)] = 100
+    attempts: Annotated[int, Field(ge=1, le=20)] = 4
+    timeout_s: Seconds = 10.0
+    retry_backoff_s: Seconds = 1.0
+    retry_backoff_max_s: Seconds = 30.0
+    rate_limit_count: Annotated[int, Field(ge=1)] = 10
+    rate_limit_window_s: Seconds = 300.0
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> Self:
+        for name in self.webhooks:
+            if name in self.apprise:
+                raise _broken(
+                    f"apprise.{name}", f"is also the name of @webhooks.{name}: names must differ"
+                )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any target is configured."""
+        return bool(self.webhooks or self.apprise)
+
+
 class Config(_Model):
     """The whole configuration of one guardd, which guards one IB login and one account."""
 
@@ -746,6 +817,7 @@ class Config(_Model):
     control: ControlConfig = Field(default_factory=ControlConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
     @model_validator(mode="after")
     def _metrics_have_a_server(self) -> Self:

@@ -9,7 +9,9 @@ private files (``control.allow_insecure_permissions`` aside) and each used for o
 - ``control.people.<name>.http_token_file``: a person's own bearer token (HTTP enabled);
 - ``control.http.tls_cert_file`` / ``tls_key_file``: the HTTP server's certificate and key;
 - ``control.mqtt.password_file``, ``control.mqtt.operator_key_files.<id>`` and, with
-  ``control.mqtt.tls``, ``control.mqtt.tls_ca_file`` (MQTT enabled).
+  ``control.mqtt.tls``, ``control.mqtt.tls_ca_file`` (MQTT enabled);
+- ``notify.webhooks.<name>.key_file`` (a webhook's HMAC key) and ``notify.*.<name>.url_file``
+  (a target URL that carries a token); an apprise URL must be one apprise takes.
 
 A channel that is disabled uses none of its files, so they are not read.
 """
@@ -24,6 +26,7 @@ from guardd.config import Config
 from guardd.control.auth import KeyStore, TokenStore, check_secrets_distinct, read_secret_file
 from guardd.control.http import server_ssl_context
 from guardd.errors import ConfigError
+from guardd.notifications import Target, apprise_for
 
 __all__ = ["Credentials", "load_credentials"]
 
@@ -37,6 +40,7 @@ class Credentials:
     mqtt_password: str | None = None
     mqtt_keys: KeyStore | None = None
     mqtt_tls: ssl.SSLContext | None = None
+    notify_targets: tuple[Target, ...] = ()
 
 
 def load_credentials(cfg: Config) -> Credentials:
@@ -76,8 +80,18 @@ def load_credentials(cfg: Config) -> Credentials:
             people=control.mqtt_key_people,
             allow_insecure_permissions=insecure,
         )
+    notify_targets = _notify_targets(cfg)
     # Checked together: one secret must not serve two purposes.
-    check_secrets_distinct(http_tokens, mqtt_keys, mqtt_password=mqtt_password)
+    check_secrets_distinct(
+        http_tokens,
+        mqtt_keys,
+        mqtt_password=mqtt_password,
+        others={
+            f"notify.webhooks.{t.name}.key_file": t.key.decode()
+            for t in notify_targets
+            if t.key is not None
+        },
+    )
     if http.enabled and http.tls_cert_file is not None and http.tls_key_file is not None:
         _readable(http.tls_cert_file, "control.http.tls_cert_file")
         _readable(http.tls_key_file, "control.http.tls_key_file")
@@ -90,7 +104,45 @@ def load_credentials(cfg: Config) -> Credentials:
         mqtt_password=mqtt_password,
         mqtt_keys=mqtt_keys,
         mqtt_tls=mqtt_tls,
+        notify_targets=notify_targets,
     )
+
+
+def _notify_targets(cfg: Config) -> tuple[Target, ...]:
+    """The notification targets with their URL and key files read and checked."""
+    notify = cfg.notify
+    insecure = cfg.control.allow_insecure_permissions
+    targets: list[Target] = []
+    for name, hook in notify.webhooks.items():
+        where = f"notify.webhooks.{name}"
+        url = hook.url
+        if hook.url_file is not None:
+            url = read_secret_file(
+                hook.url_file, what=f"{where}.url_file", allow_insecure_permissions=insecure
+            )
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{where}.url_file", f"{hook.url_file} must hold an http(s) URL")
+        key = read_secret_file(
+            hook.key_file, what=f"{where}.key_file", allow_insecure_permissions=insecure
+        )
+        assert url is not None  # exactly one of url / url_file (config)
+        targets.append(Target(name, "webhook", url, frozenset(hook.kinds), key=key.encode("utf-8")))
+    for name, service in notify.apprise.items():
+        where = f"notify.apprise.{name}"
+        url = service.url
+        key_name = f"{where}.url"
+        if service.url_file is not None:
+            key_name = f"{where}.url_file"
+            url = read_secret_file(
+                service.url_file, what=key_name, allow_insecure_permissions=insecure
+            )
+        assert url is not None
+        try:
+            apprise_for(url)
+        except ValueError as exc:
+            raise ConfigError(key_name, str(exc)) from exc
+        targets.append(Target(name, "apprise", url, frozenset(service.kinds)))
+    return tuple(targets)
 
 
 def _readable(path: Path, key: str) -> None:

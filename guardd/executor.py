@@ -152,6 +152,7 @@ class Executor:
         latch_on_disk: LatchState | None = None,
         latch_retry_s: float = 1.0,
         close_settings: CloseSettings | None = None,
+        on_close_record: Callable[[Record], None] | None = None,
     ) -> None:
         self.broker = broker
         self.book = book
@@ -185,6 +186,9 @@ class Executor:
         self.last_flat_confirmed: float | None = None
         # An order id of ours was refused (103): ask the gateway (reqIds) before the next child.
         self.order_ids_in_doubt = False
+        # Told every fact of a close episode after it is journaled (the app's notifications:
+        # "flat confirmed"); it must not raise or block.
+        self.on_close_record = on_close_record
 
     # ---- decisions -------------------------------------------------------------------------
 
@@ -538,6 +542,11 @@ class Executor:
         getattr(log, record.level)(record.kind, **_loggable(fields))
         if record.kind == "close_child_repriced" and self.metrics is not None:
             self.metrics.count_close_repriced()
+        if self.on_close_record is not None:
+            try:
+                self.on_close_record(Record(record.kind, fields, record.level))
+            except Exception as exc:  # a listener never costs the close a round
+                log.exception("close_record_listener_failed", record=record.kind, error=str(exc))
 
     def _observe(self, now: float) -> Observation:
         """What the Book shows now, in the close episode's terms."""

@@ -28,6 +28,9 @@ Exported (prefix ``guardd_``; counters end in ``_total``)::
     guardd_event_processing_seconds                   histogram: one broker event, fold to decision
     guardd_flatten_pending                            positions not yet flat while a flatten runs
     guardd_flatten_overdue                            1 when a flatten has not gone flat in time
+    guardd_notifications_sent_total{kind,target}      notifications delivered
+    guardd_notifications_failed_total{kind,target}    notifications not delivered (every try)
+    guardd_notifications_dropped_total{kind,reason}   dropped: rate_limited or queue_full
     guardd_build_info{version}                        always 1
 
 ``guardd_rule_kill_usage`` makes "near the kill limit" one comparison for every rule: for a
@@ -292,6 +295,25 @@ class Metrics:
             a,
             registry=r,
         )
+        self._notifications_sent = Counter(
+            "guardd_notifications_sent_total",
+            "Notifications delivered, by kind of notice and target.",
+            (*a, "kind", "target"),
+            registry=r,
+        )
+        self._notifications_failed = Counter(
+            "guardd_notifications_failed_total",
+            "Notifications not delivered after every try, by kind of notice and target.",
+            (*a, "kind", "target"),
+            registry=r,
+        )
+        self._notifications_dropped = Counter(
+            "guardd_notifications_dropped_total",
+            "Notifications dropped unsent: over the kind's rate limit (rate_limited) or pushed "
+            "out of a full target queue (queue_full).",
+            (*a, "kind", "reason"),
+            registry=r,
+        )
         build_info = Gauge(
             "guardd_build_info", "guardd's version; always 1.", (*a, "version"), registry=r
         )
@@ -412,6 +434,33 @@ class Metrics:
     def count_journal_error(self) -> None:
         """Count one journal record that could not be written."""
         self._journal_errors.labels(self.account).inc()
+
+    # ------------------------------------------------------------------------------ notifications
+
+    def init_notifications(self, targets: Iterable[tuple[str, Iterable[str]]]) -> None:
+        """Export every target's sent and failed series (and the dropped ones) at 0, so that
+        alerts see the first failure as a rise: `targets` is (name, kinds it gets)."""
+        kinds: set[str] = set()
+        for target, wanted in targets:
+            for kind in wanted:
+                kinds.add(kind)
+                self._notifications_sent.labels(self.account, kind, target)
+                self._notifications_failed.labels(self.account, kind, target)
+        for kind in kinds:
+            for reason in ("rate_limited", "queue_full"):
+                self._notifications_dropped.labels(self.account, kind, reason)
+
+    def count_notification_sent(self, kind: str, target: str) -> None:
+        """Count one notification delivered to `target`."""
+        self._notifications_sent.labels(self.account, kind, target).inc()
+
+    def count_notification_failed(self, kind: str, target: str) -> None:
+        """Count one notification that every try failed to deliver to `target`."""
+        self._notifications_failed.labels(self.account, kind, target).inc()
+
+    def count_notification_dropped(self, kind: str, reason: str) -> None:
+        """Count one notification dropped unsent (`reason`: rate_limited, queue_full)."""
+        self._notifications_dropped.labels(self.account, kind, reason).inc()
 
     # ------------------------------------------------------------------------------ account
 

@@ -55,9 +55,18 @@ def test_example_config_with_its_credentials_present_then_check_config_ok(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     text = (ROOT / "configs" / "guardd.example.toml").read_text()
-    for name in ("token-read", "token-kill", "token-arm", "mqtt-key-alice", "mqtt-key-bob"):
+    for name in (
+        "token-read",
+        "token-kill",
+        "token-arm",
+        "mqtt-key-alice",
+        "mqtt-key-bob",
+        "notify-ops-key",
+    ):
         (tmp_path / name).write_text(secrets.token_hex(16))
         (tmp_path / name).chmod(0o600)  # secrets are private files
+    (tmp_path / "notify-phone-url").write_text("tgram://123456789:abcdefghijklmnopqrstuvwxyz/12345")
+    (tmp_path / "notify-phone-url").chmod(0o600)
     config = tmp_path / "guardd.toml"
     config.write_text(text.replace("/run/credentials/guardd.service", str(tmp_path)))
 

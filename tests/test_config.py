@@ -24,6 +24,7 @@ from guardd.config import (
     load_config,
     parse_config,
 )
+from guardd.core.notices import NOTICE_KINDS
 from guardd.core.pricing import Market, RepricePolicy, Widen
 from guardd.errors import EX_CONFIG, ConfigError, GuarddError
 from guardd.rulebook import build_close_policy
@@ -57,6 +58,9 @@ def test_example_file_then_loads_with_its_documented_values() -> None:
     assert cfg.control.allow_insecure_permissions is False
     policy = cfg.flatten.policy_for("OPT")
     assert policy is not None and policy.collar == 0.10
+    assert cfg.notify.webhooks["ops"].kinds == NOTICE_KINDS  # every kind by default
+    assert "warn" not in cfg.notify.apprise["phone"].kinds
+    assert cfg.notify.disconnect_after_s == 60.0
 
 
 def test_demo_file_then_guards_the_simulated_gateway() -> None:

@@ -63,6 +63,7 @@ def exported_metric_names() -> set[str]:
     metrics.set_exposure(1.0, 1.0, 1.0, 1.0)
     metrics.set_order_rate(1, "1s", 1.0)
     metrics.set_mqtt_connected(True)
+    metrics.init_notifications([("ops", ["kill"])])
     return {sample.name for family in registry.collect() for sample in family.samples}
 
 
@@ -175,6 +176,7 @@ def test_alert_rules_read_then_every_alert_named_and_metrics_exported() -> None:
         "IbReadOnlyApi",
         "MqttDisconnected",
         "GuarddImpersonated",
+        "NotificationsFailing",
     }
     assert used - exported == set()
 

@@ -441,7 +441,11 @@ def _key_source(key_id: str) -> str:
 
 
 def check_secrets_distinct(
-    tokens: TokenStore | None, keys: KeyStore | None, *, mqtt_password: str | None = None
+    tokens: TokenStore | None,
+    keys: KeyStore | None,
+    *,
+    mqtt_password: str | None = None,
+    others: Mapping[str, str] | None = None,
 ) -> None:
     """``ConfigError`` naming the key when one secret serves two purposes across credential
     kinds: an operator key equal to a bearer token, or the MQTT broker password equal to a token
@@ -467,6 +471,17 @@ def check_secrets_distinct(
                 f"holds the same secret as {by_digest[digest]}: the broker password must differ "
                 "from every token and key",
             )
+        by_digest[digest] = "control.mqtt.password_file"
+    for source, secret in (others or {}).items():
+        # Other keys (a notification webhook's HMAC key): whoever holds one must not be able
+        # to kill or re-arm with it, nor forge another.
+        digest = _sha256(secret)
+        if digest in by_digest:
+            raise ConfigError(
+                source,
+                f"holds the same secret as {by_digest[digest]}: every key and token must differ",
+            )
+        by_digest[digest] = source
 
 
 def canonical_form(
