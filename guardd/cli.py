@@ -16,11 +16,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from guardd import __version__
 from guardd.errors import EX_CONFIG, ConfigError, GuarddError, StartupError
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="guard an IB account")
     run.add_argument("-c", "--config", type=Path, required=True, help="guardd TOML file")

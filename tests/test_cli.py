@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from guardd import __version__
 from guardd.cli import main
 from guardd.errors import EX_CONFIG, EX_STARTUP
 from guardd.sim.gateway import SimGateway
@@ -275,3 +276,11 @@ async def test_state_dir_not_writable_then_one_line_and_exit_71(tmp_path: Path) 
     assert len(err.strip().splitlines()) == 1, err
     assert str(blocker) in err
     assert "Traceback" not in err
+
+
+def test_version_then_the_package_version_and_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"guardd {__version__}"

@@ -340,7 +340,7 @@ async def test_retained_state_after_kill_then_halted_and_guardctl_status_via_htt
     assert retained["latch"]["principal"] == "alice"
     assert code == 0
     out = capsys.readouterr().out  # the guard's own log lines are captured here too
-    assert '"state": "HALTED"' in out and '"principal": "alice"' in out
+    assert f"{ACCOUNT}: HALTED since " in out and "by alice" in out
 
 
 # ------------------------------------------------------------------------------------ HTTP

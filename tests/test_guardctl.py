@@ -4,6 +4,7 @@ examples run as written."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+import guardd
 from guardd.control.auth import KeyStore, TokenStore, TwoPersonRule
-from guardd.control.guardctl import main
+from guardd.control.guardctl import describe_status, main
 from guardd.control.http import ControlHttpServer
 from guardd.control.mqtt import MqttControl
 from tests.mqtt_broker import Broker, MemoryHandler, free_port, mqtt_broker
@@ -52,6 +54,13 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+def printed_json(out: str) -> object:
+    """The JSON document guardctl printed (the servers' log lines share captured stdout)."""
+    lines = out.splitlines()
+    start, end = lines.index("{"), len(lines) - lines[::-1].index("}")
+    return json.loads("\n".join(lines[start:end]))
 
 
 @dataclass
@@ -172,13 +181,94 @@ async def test_bad_mode_then_argparse_exit_2(http: Http) -> None:
     assert exited.value.code == 2
 
 
-async def test_status_over_http_then_exit_0_and_json(
+async def test_status_over_http_then_exit_0_and_a_summary_for_a_person(
     http: Http, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = await guardctl("status", "--url", http.url, "--token-file", http.read_token)
 
     assert code == 0
-    assert '"state": "ARMED"' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "ARMED"
+    assert "{" not in out
+
+
+async def test_status_json_over_http_then_the_guards_document(
+    http: Http, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await guardctl("status", "--json", "--url", http.url, "--token-file", http.read_token)
+
+    assert code == 0
+    assert printed_json(capsys.readouterr().out) == {"state": "ARMED", "commands": 0}
+
+
+async def test_kill_json_then_the_answer_as_json_and_exit_0(
+    http: Http, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await guardctl(
+        "kill", "--json", "--reason", "x", "--url", http.url, "--token-file", http.kill_token
+    )
+
+    assert code == 0
+    answer = printed_json(capsys.readouterr().out)
+    assert isinstance(answer, dict)
+    assert (answer["accepted"], answer["state"], answer["http_status"]) == (True, "HALTED", 200)
+
+
+async def test_refused_kill_json_then_json_on_stdout_and_exit_1(
+    http: Http, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = await guardctl(
+        "kill", "--json", "--reason", "x", "--url", http.url, "--token-file", http.read_token
+    )
+
+    assert code == 1
+    answer = printed_json(capsys.readouterr().out)
+    assert isinstance(answer, dict)
+    assert (answer["http_status"], answer["error"]) == (403, "forbidden")
+
+
+async def test_no_answer_json_then_an_error_document_and_exit_4(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = secret_file(tmp_path, "kill.token", KILL_TOKEN)
+    url = f"http://127.0.0.1:{free_port()}"
+
+    code = await guardctl("arm", "--json", "--reason", "x", "--url", url, "--token-file", token)
+
+    assert code == 4
+    answer = printed_json(capsys.readouterr().out)
+    assert isinstance(answer, dict) and "no answer" in answer["error"]
+
+
+def test_version_then_the_package_version_and_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"guardctl {guardd.__version__}"
+
+
+def test_describe_status_of_a_halted_guard_then_state_why_ib_book_close_and_findings() -> None:
+    status = {
+        "account": "DU1", "state": "HALTED", "online": True, "ib_connected": True,
+        "synced": True, "can_act": True, "ib_read_only": False, "latch_durable": False,
+        "latch_error": "disk full", "positions": 2, "working_orders": 0,
+        "net_liquidation": 1000000.0,
+        "latch": {"reason": "runaway bot", "source": "http", "principal": "alice",
+                  "mode": "flatten", "since": 0.0, "decision_id": "d-1"},
+        "close": {"kind": "flatten", "round": 1, "children": 3, "at_target": False,
+                  "overdue": True},
+        "findings": {"leverage": {"level": "kill", "value": 3.1, "message": "leverage 3.1"}},
+    }  # fmt: skip
+
+    lines = describe_status(status).splitlines()
+
+    assert lines[0] == "DU1: HALTED: http by alice: runaway bot (mode flatten)"
+    assert "connected" in lines[1]
+    assert "NOT DURABLE: disk full" in lines[2]
+    assert "2 positions, 0 working orders, net liquidation 1,000,000.00" in lines[3]
+    assert "flatten in progress, OVERDUE (round 1, 3 closing orders)" in lines[4]
+    assert lines[5].split() == ["kill", "leverage:", "leverage", "3.1"]
 
 
 async def test_arm_pending_second_operator_then_exit_3(
@@ -279,13 +369,19 @@ async def test_status_over_mqtt_then_retained_state_and_offline_after_exit(
         await asyncio.sleep(0.1)  # the retained state is published after connecting
 
         online = await guardctl("status", *mqtt_args(mqtt_broker, "--account", ACCOUNT))
-        assert '"state": "HALTED"' in capsys.readouterr().out
+        assert "HALTED" in capsys.readouterr().out.splitlines()  # a line of its own
 
     offline = await guardctl("status", *mqtt_args(mqtt_broker, "--account", ACCOUNT))
+    assert "offline" in capsys.readouterr().err
+    offline_json = await guardctl("status", "--json", *mqtt_args(mqtt_broker, "--account", ACCOUNT))
 
     assert online == 0
-    assert offline == 1
-    assert "offline" in capsys.readouterr().err
+    assert offline == offline_json == 1
+    assert printed_json(capsys.readouterr().out) == {
+        "state": "HALTED",
+        "commands": 0,
+        "online": False,
+    }
 
 
 async def test_mqtt_without_account_then_exit_2(mqtt_broker: Broker) -> None:

@@ -5,6 +5,11 @@
     guardctl kill   --reason "runaway bot" [--mode cancel|flatten] [--via http|mqtt] ...
     guardctl arm    --reason "all clear"   [--force]                [--via http|mqtt] ...
     guardctl status                                                 [--via http|mqtt] ...
+    guardctl --version
+
+``status`` prints a short human-readable summary; ``--json`` (on every command) prints the
+guard's answer as one JSON document on stdout instead, whatever the exit code (an error of
+guardctl's own is ``{"error": "..."}``).
 
 Credentials never go on the command line: the HTTP bearer token comes from ``--token-file`` or
 ``$GUARDD_TOKEN``; the MQTT operator key from ``--key-file`` or ``$GUARDD_KEY`` (with
@@ -28,12 +33,14 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
 import aiohttp
 import aiomqtt
 
+from guardd import __version__
 from guardd.control.auth import read_secret_file, signed_payload
 from guardd.control.commands import KILL_MODES, Action, KillMode, check_reason
 from guardd.errors import CommandError, ConfigError
@@ -57,16 +64,20 @@ EXIT_NOT_DURABLE: Final = 5
 
 @dataclass(frozen=True, slots=True)
 class _Answer:
-    """What guardctl prints and exits with."""
+    """What guardctl prints and exits with; ``data`` is what ``--json`` prints instead."""
 
     code: int
     text: str
+    data: object = None
 
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--via", choices=("http", "mqtt"), default="http")
     common.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for guardd")
+    common.add_argument(
+        "--json", action="store_true", help="print the guard's answer as JSON on stdout"
+    )
     http = common.add_argument_group("HTTP")
     http.add_argument("--url", default=os.environ.get("GUARDD_URL", "http://127.0.0.1:8787"))
     http.add_argument("--token-file", type=Path, help="bearer token file (else $GUARDD_TOKEN)")
@@ -86,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="guardctl", description="Kill, re-arm or read the status of a guardd."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     kill = commands.add_parser("kill", parents=[common], help="halt: cancel all orders")
     kill.add_argument("--reason", required=True)
@@ -106,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         answer = asyncio.run(_http(args) if args.via == "http" else _mqtt(args))
     except (CommandError, ConfigError) as exc:
         answer = _Answer(EXIT_USAGE, f"guardctl: {exc}")
+    if args.json:
+        data = answer.data if answer.data is not None else {"error": answer.text}
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return answer.code
     stream = sys.stdout if answer.code == EXIT_OK else sys.stderr
     print(answer.text, file=stream)
     return answer.code
@@ -160,22 +176,98 @@ async def _http(args: argparse.Namespace) -> _Answer:
         data = {"message": text.strip()}
     if args.command == "status":
         if status == 200:
-            return _Answer(EXIT_OK, json.dumps(data, indent=2, sort_keys=True))
-        return _Answer(EXIT_REFUSED, f"guardctl: status refused ({status}): {data.get('message')}")
+            return _Answer(EXIT_OK, describe_status(data), data)
+        return _Answer(
+            EXIT_REFUSED,
+            f"guardctl: status refused ({status}): {data.get('message')}",
+            {"http_status": status, **data},
+        )
     return _outcome(status, data)
 
 
 def _outcome(status: int, data: dict[str, object]) -> _Answer:
     message = data.get("message", "")
+    shown = {"http_status": status, **data}
     if data.get("accepted") is True and data.get("latch_durable") is False:
         return _Answer(
-            EXIT_NOT_DURABLE, f"guardctl: carried out: state {data.get('state')}: {message}"
+            EXIT_NOT_DURABLE,
+            f"guardctl: carried out: state {data.get('state')}: {message}",
+            shown,
         )
     if status == 200 and data.get("accepted") is True:
-        return _Answer(EXIT_OK, f"accepted: state {data.get('state')}: {message}")
+        return _Answer(EXIT_OK, f"accepted: state {data.get('state')}: {message}", shown)
     if status == 202 or data.get("pending") is True:
-        return _Answer(EXIT_PENDING, f"guardctl: pending: state {data.get('state')}: {message}")
-    return _Answer(EXIT_REFUSED, f"guardctl: refused ({status}): {message}")
+        return _Answer(
+            EXIT_PENDING, f"guardctl: pending: state {data.get('state')}: {message}", shown
+        )
+    return _Answer(EXIT_REFUSED, f"guardctl: refused ({status}): {message}", shown)
+
+
+# ---------------------------------------------------------------------------------- status
+
+
+def describe_status(status: dict[str, object]) -> str:
+    """The guard's status (``GET /v1/status`` or the retained MQTT state) for a person: the
+    state and why first, then IB, the latch, the book, a close in progress and the findings.
+    Keys the guard did not send are left out; ``--json`` shows everything."""
+    lines = [_headline(status)]
+    if "ib_connected" in status:
+        ib = "connected" if status.get("ib_connected") else "DISCONNECTED"
+        if status.get("ib_connected") and not status.get("synced", True):
+            ib += ", syncing"
+        if status.get("ib_read_only"):
+            ib += ", READ-ONLY API (orders and cancels refused)"
+        elif status.get("can_act") is False:
+            ib += ", cannot act"
+        if status.get("waiting_for"):
+            ib += f", waiting for {status['waiting_for']}"
+        lines.append(f"  IB         {ib}")
+    if status.get("latch_durable") is False:
+        lines.append(f"  latch      NOT DURABLE: {status.get('latch_error')} (retrying)")
+    if "positions" in status or "working_orders" in status:
+        book = f"{status.get('positions')} positions, {status.get('working_orders')} working orders"
+        nl = status.get("net_liquidation")
+        if isinstance(nl, int | float):
+            book += f", net liquidation {nl:,.2f}"
+        lines.append(f"  book       {book}")
+    close = status.get("close")
+    if isinstance(close, dict):
+        progress = "at target" if close.get("at_target") else "in progress"
+        if close.get("overdue"):
+            progress += ", OVERDUE"
+        lines.append(
+            f"  close      {close.get('kind')} {progress} "
+            f"(round {close.get('round')}, {close.get('children')} closing orders)"
+        )
+    findings = status.get("findings")
+    if isinstance(findings, dict):
+        for name, finding in sorted(findings.items()):
+            if isinstance(finding, dict):
+                lines.append(f"  {finding.get('level')!s:<10} {name}: {finding.get('message')}")
+    if status.get("dry_run"):
+        lines.append("  dry run: decisions are journaled, nothing is sent")
+    return "\n".join(lines)
+
+
+def _headline(status: dict[str, object]) -> str:
+    account = status.get("account")
+    head = f"{account}: {status.get('state')}" if account else f"{status.get('state')}"
+    if status.get("online") is False:
+        head += " (guardd OFFLINE; last state)"
+    latch = status.get("latch")
+    if isinstance(latch, dict):
+        since = latch.get("since")
+        when = f" since {_time(since)}" if isinstance(since, int | float) and since > 0 else ""
+        by = f" by {latch.get('principal')}" if latch.get("principal") else ""
+        head += (
+            f"{when}: {latch.get('source')}{by}: {latch.get('reason')} (mode {latch.get('mode')})"
+        )
+    return head
+
+
+def _time(epoch: float) -> str:
+    stamp = datetime.fromtimestamp(epoch, tz=UTC)
+    return stamp.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 # ---------------------------------------------------------------------------------- MQTT
@@ -240,10 +332,12 @@ async def _mqtt_status(args: argparse.Namespace, topic: str) -> _Answer:
         state = json.loads(text)
     except ValueError:
         return _Answer(EXIT_REFUSED, f"guardctl: unreadable state on {topic}: {text[:200]}")
-    shown = json.dumps(state, indent=2, sort_keys=True)
-    if isinstance(state, dict) and state.get("online") is False:
-        return _Answer(EXIT_REFUSED, f"guardctl: guardd is offline; last state:\n{shown}")
-    return _Answer(EXIT_OK, shown)
+    if not isinstance(state, dict):
+        return _Answer(EXIT_REFUSED, f"guardctl: unreadable state on {topic}: {text[:200]}")
+    shown = describe_status(state)
+    if state.get("online") is False:
+        return _Answer(EXIT_REFUSED, f"guardctl: guardd is offline; last state:\n{shown}", state)
+    return _Answer(EXIT_OK, shown, state)
 
 
 async def _mqtt_command(args: argparse.Namespace) -> _Answer:
@@ -283,15 +377,15 @@ async def _mqtt_command(args: argparse.Namespace) -> _Answer:
         accepted = [a for a in answers if a[1].get("accepted") is True]
         lines = [f"{account}: {_describe(event)}" for account, event in answers]
         code = EXIT_OK if len(accepted) == len(answers) else EXIT_REFUSED
-        return _Answer(code, "\n".join(lines))
+        return _Answer(code, "\n".join(lines), dict(answers))
     event = answers[0][1]
     if event.get("accepted") is True and event.get("latch_durable") is False:
-        return _Answer(EXIT_NOT_DURABLE, f"guardctl: carried out: {_describe(event)}")
+        return _Answer(EXIT_NOT_DURABLE, f"guardctl: carried out: {_describe(event)}", event)
     if event.get("accepted") is True:
-        return _Answer(EXIT_OK, f"accepted: {_describe(event)}")
+        return _Answer(EXIT_OK, f"accepted: {_describe(event)}", event)
     if event.get("pending") is True:
-        return _Answer(EXIT_PENDING, f"guardctl: pending: {_describe(event)}")
-    return _Answer(EXIT_REFUSED, f"guardctl: refused: {_describe(event)}")
+        return _Answer(EXIT_PENDING, f"guardctl: pending: {_describe(event)}", event)
+    return _Answer(EXIT_REFUSED, f"guardctl: refused: {_describe(event)}", event)
 
 
 def _describe(event: dict[str, object]) -> str:
