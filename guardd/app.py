@@ -624,7 +624,11 @@ class Guard:
         if exposure.gross is not None and net_liq is not None and net_liq > 0:
             leverage = exposure.gross / net_liq
         self.metrics.set_exposure(
-            exposure.gross, net_liq, leverage, cushion.value if cushion is not None else None
+            exposure.gross,
+            net_liq,
+            leverage,
+            cushion.value if cushion is not None else None,
+            currency=self.book.base_currency,
         )
         now = self.clock()
         for client in self.book.order_clients:

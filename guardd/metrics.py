@@ -9,18 +9,19 @@ Exported (prefix ``guardd_``; counters end in ``_total``)::
     guardd_state{state}                               1 for the current state, 0 for the others
     guardd_rule_value{rule,subject}                   each rule's measured figure (NaN: no data)
     guardd_rule_limit{rule,level}                     warn / reduce / kill limits
-    guardd_rule_kill_usage{rule,subject}              how close to the kill limit (1 = at it)
+    guardd_rule_kill_usage_ratio{rule,subject}        how close to the kill limit (1 = at it)
     guardd_breaches_total{rule,level}                 rule breaches (counted when first reached)
     guardd_kills_total{source}                        kills by source (rule, http, mqtt, cli, ...)
     guardd_orders_cancelled_total                     orders seen cancelled by the guard
     guardd_flatten_child_orders_total                 child orders sent to close positions
     guardd_impersonated_orders_total                  foreign orders labelled guardd: (once each)
     guardd_close_repriced_total                       close limits cancelled unfilled, re-priced
-    guardd_gross_position_value                       gross position value, base currency
-    guardd_net_liquidation                            net liquidation, base currency
-    guardd_leverage                                   gross / net liquidation
-    guardd_cushion                                    excess liquidity / net liquidation
-    guardd_order_rate{client_id,window}               new orders per second, per client id
+    guardd_gross_position_value{currency}             gross position value, in `currency`
+    guardd_net_liquidation{currency}                  net liquidation, in `currency`
+    guardd_leverage_ratio                             gross / net liquidation
+    guardd_cushion_ratio                              excess liquidity / net liquidation
+    guardd_order_rate{client_id,window}               the order-rate rule's figure: new orders
+                                                      per second over the rule's own window
     guardd_ib_connected                               1 while connected to TWS / IB Gateway
     guardd_last_event_age_seconds                     age of the last broker event (at scrape)
     guardd_mqtt_connected                             1 while connected to the MQTT broker
@@ -32,8 +33,18 @@ Exported (prefix ``guardd_``; counters end in ``_total``)::
     guardd_notifications_failed_total{kind,target}    notifications not delivered (every try)
     guardd_notifications_dropped_total{kind,reason}   dropped: rate_limited or queue_full
     guardd_build_info{version}                        always 1
+    process_*                                         the guard process: resident memory, CPU
+                                                      seconds, start time, open and max fds
 
-``guardd_rule_kill_usage`` makes "near the kill limit" one comparison for every rule: for a
+Conventions: no ``_created`` series (`metrics_handler` leaves them out); a figure without a unit
+is a ``_ratio``; money carries its currency as the ``currency`` label (the guard's base
+currency, in which it compares limits). ``guardd_order_rate`` is precomputed on purpose: it is
+the very figure the order-rate rule compares with its limits, over the rule's own windows (``1s``,
+``60s``); a Prometheus ``rate()`` over scrapes would smooth away the one-second burst the rule
+halts on. Graph it as a gauge, do not ``rate()`` it. ``process_start_time_seconds`` changing is
+a restart (the ``GuarddRestarting`` alert).
+
+``guardd_rule_kill_usage_ratio`` makes "near the kill limit" one comparison for every rule: for a
 higher-is-worse rule it is value / kill limit; for a lower-is-worse rule (margin cushion) it is
 kill limit / value (+Inf once the value is at or below zero). Alerts and the dashboard use it.
 """
@@ -48,7 +59,7 @@ from types import TracebackType
 from typing import Final, Protocol, Self
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -185,6 +196,7 @@ class Metrics:
         account: str,
         version: str,
         clock: Callable[[], float] = time.time,
+        process: bool = True,
     ) -> None:
         self.account = account
         a = ("account",)
@@ -199,7 +211,7 @@ class Metrics:
             "guardd_rule_limit", "A rule's limit at one level.", (*a, "rule", "level"), registry=r
         )
         self._kill_usage = Gauge(
-            "guardd_rule_kill_usage",
+            "guardd_rule_kill_usage_ratio",
             "How close a rule is to its kill limit: 1 at the limit (value/kill, or kill/value "
             "for lower-is-worse rules).",
             (*a, "rule", "subject"),
@@ -232,20 +244,27 @@ class Metrics:
             registry=r,
         )
         self._gross = Gauge(
-            "guardd_gross_position_value", "Gross position value, base currency.", a, registry=r
+            "guardd_gross_position_value",
+            "Gross position value, in the base currency (label currency).",
+            (*a, "currency"),
+            registry=r,
         )
         self._net_liq = Gauge(
-            "guardd_net_liquidation", "Net liquidation, base currency.", a, registry=r
+            "guardd_net_liquidation",
+            "Net liquidation, in the base currency (label currency).",
+            (*a, "currency"),
+            registry=r,
         )
         self._leverage = Gauge(
-            "guardd_leverage", "Gross position value / net liquidation.", a, registry=r
+            "guardd_leverage_ratio", "Gross position value / net liquidation.", a, registry=r
         )
         self._cushion = Gauge(
-            "guardd_cushion", "Excess liquidity / net liquidation.", a, registry=r
+            "guardd_cushion_ratio", "Excess liquidity / net liquidation.", a, registry=r
         )
         self._order_rate = Gauge(
             "guardd_order_rate",
-            "New orders per second over a window, per client id.",
+            "The order-rate rule's figure: new orders per second over its window, per client id "
+            "(precomputed: a rate() over scrapes would smooth away a one-second burst).",
             (*a, "client_id", "window"),
             registry=r,
         )
@@ -320,6 +339,9 @@ class Metrics:
         self._levels: dict[str, str] = {}
         self._last_event = _LastEventAge(account, clock, since=clock())
         registry.register(self._last_event)
+        if process:
+            # process_*: RSS, CPU, start time (a change is a restart), open and max fds.
+            ProcessCollector(registry=registry)
 
         # Series that exist from the start, so that rate() and alerts see them from zero.
         build_info.labels(account, version).set(1)
@@ -470,15 +492,15 @@ class Metrics:
         net_liq: float | None,
         leverage: float | None,
         cushion: float | None,
+        *,
+        currency: str,
     ) -> None:
-        """Gross value and net liquidation (base currency), leverage, cushion; None is NaN."""
-        for gauge, value in (
-            (self._gross, gross),
-            (self._net_liq, net_liq),
-            (self._leverage, leverage),
-            (self._cushion, cushion),
-        ):
-            gauge.labels(self.account).set(math.nan if value is None else value)
+        """Gross value and net liquidation (in the base `currency`), leverage, cushion; None
+        is NaN."""
+        for money, amount in ((self._gross, gross), (self._net_liq, net_liq)):
+            money.labels(self.account, currency).set(math.nan if amount is None else amount)
+        for ratio, value in ((self._leverage, leverage), (self._cushion, cushion)):
+            ratio.labels(self.account).set(math.nan if value is None else value)
 
     def set_order_rate(self, client_id: int | str, window: str, rate: float) -> None:
         """New orders per second of `client_id` ("total" for all) over `window` ("1s", "60s")."""
@@ -526,15 +548,36 @@ class Metrics:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class _WithoutCreated:
+    """`registry` as served: every family without its ``_created`` samples.
+
+    prometheus_client adds a ``<name>_created`` series to every counter and histogram; it
+    doubles the series count and Prometheus' own conventions leave it out. This view drops them
+    at scrape for any registry it is given, with no process-wide switch.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._registry.collect():
+            created = f"{family.name}_created"
+            family.samples = [s for s in family.samples if s.name != created]
+            yield family
+
+
 def metrics_handler(registry: CollectorRegistry) -> Handler:
-    """An aiohttp handler that renders `registry` (text format, or OpenMetrics when asked for).
+    """An aiohttp handler that renders `registry` (text format, or OpenMetrics when asked for),
+    without ``_created`` series.
 
     The control server mounts it with ``app.router.add_get("/metrics", metrics_handler(reg))``.
     """
+    served = _WithoutCreated(registry)
 
     async def handle_metrics(request: web.Request) -> web.StreamResponse:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
+        body = encoder(served)  # the encoders only call collect()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     return handle_metrics
 

@@ -60,7 +60,7 @@ def exported_metric_names() -> set[str]:
     metrics = Metrics(registry, account="DU1", version="test")
     metrics.observe_rule("leverage", "", 1.0, Thresholds(warn=1, reduce=2, kill=3))
     metrics.count_breach("leverage", "warn")
-    metrics.set_exposure(1.0, 1.0, 1.0, 1.0)
+    metrics.set_exposure(1.0, 1.0, 1.0, 1.0, currency="USD")
     metrics.set_order_rate(1, "1s", 1.0)
     metrics.set_mqtt_connected(True)
     metrics.init_notifications([("ops", ["kill"])])
@@ -264,7 +264,7 @@ def test_dashboard_exprs_then_use_only_exported_metrics() -> None:
     used = {m for _, expr in panel_exprs(board) for m in METRIC_NAME.findall(expr)}
     used |= {m for expr in annotation_exprs for m in METRIC_NAME.findall(expr)}
     assert used - exported == set()
-    assert "guardd_rule_kill_usage" in used
+    assert "guardd_rule_kill_usage_ratio" in used
 
 
 # ---------------------------------------------------------------------------------- end to end

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import aiohttp
 import pytest
@@ -79,7 +80,7 @@ def test_observe_rule_then_value_limits_and_kill_usage_exported(
     assert value(registry, "guardd_rule_value", rule="leverage", subject="") == 2.4
     assert value(registry, "guardd_rule_limit", rule="leverage", level="kill") == 3.0
     assert value(registry, "guardd_rule_limit", rule="leverage", level="warn") == 1.5
-    usage = value(registry, "guardd_rule_kill_usage", rule="leverage", subject="")
+    usage = value(registry, "guardd_rule_kill_usage_ratio", rule="leverage", subject="")
     assert usage == pytest.approx(0.8)
 
 
@@ -141,15 +142,18 @@ def test_counts_then_counters_add_up(metrics: Metrics, registry: CollectorRegist
 def test_exposure_rates_and_connectivity_then_gauges_follow(
     metrics: Metrics, registry: CollectorRegistry
 ) -> None:
-    metrics.set_exposure(gross=2_000_000, net_liq=1_000_000, leverage=2.0, cushion=None)
+    metrics.set_exposure(
+        gross=2_000_000, net_liq=1_000_000, leverage=2.0, cushion=None, currency="EUR"
+    )
     metrics.set_order_rate(7, "1s", 12.5)
     metrics.set_ib_connected(True)
     metrics.set_mqtt_connected(False)
     metrics.set_flatten(pending=2, overdue=True)
 
-    assert value(registry, "guardd_gross_position_value") == 2_000_000
-    assert value(registry, "guardd_leverage") == 2.0
-    cushion = value(registry, "guardd_cushion")
+    assert value(registry, "guardd_gross_position_value", currency="EUR") == 2_000_000
+    assert value(registry, "guardd_net_liquidation", currency="EUR") == 1_000_000
+    assert value(registry, "guardd_leverage_ratio") == 2.0
+    cushion = value(registry, "guardd_cushion_ratio")
     assert cushion is not None and math.isnan(cushion)
     assert value(registry, "guardd_order_rate", client_id="7", window="1s") == 12.5
     assert value(registry, "guardd_ib_connected") == 1
@@ -226,3 +230,55 @@ async def test_scrape_asking_for_openmetrics_then_served_openmetrics(
 
     assert content_type.startswith("application/openmetrics-text")
     assert body.rstrip().endswith("# EOF")
+
+
+async def scrape(registry: CollectorRegistry, accept: str = "") -> str:
+    async with (
+        MetricsServer(registry, "127.0.0.1", 0) as server,
+        aiohttp.ClientSession() as session,
+        session.get(server.url, headers={"Accept": accept}) as response,
+    ):
+        return await response.text()
+
+
+@pytest.mark.parametrize("accept", ["", "application/openmetrics-text; version=1.0.0"])
+async def test_scrape_then_no_created_series_in_either_format(
+    metrics: Metrics, registry: CollectorRegistry, accept: str
+) -> None:
+    metrics.count_kill("http")
+    metrics.observe_trigger_to_cancel(0.001)
+
+    body = await scrape(registry, accept)
+
+    assert "guardd_kills_total" in body and "guardd_trigger_to_cancel_seconds_bucket" in body
+    assert "_created" not in body
+
+
+async def test_scrape_then_the_guard_process_metrics(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    families = {f.name: f for f in text_string_to_metric_families(await scrape(registry))}
+
+    rss = families["process_resident_memory_bytes"].samples[0].value
+    started = families["process_start_time_seconds"].samples[0].value
+    assert rss > 0
+    assert 0 < started <= time.time()
+    assert families["process_open_fds"].samples[0].value > 0
+    assert "process_cpu_seconds" in families  # the text parser drops the _total
+
+
+def test_ratios_and_money_then_named_by_the_conventions(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    metrics.set_exposure(1.0, 1.0, 1.0, 1.0, currency="USD")
+    metrics.observe_rule("leverage", "", 1.0, Thresholds(kill=3))
+
+    names = {s.name for f in registry.collect() for s in f.samples if s.name.startswith("guardd")}
+
+    assert {"guardd_leverage_ratio", "guardd_cushion_ratio"} <= names
+    assert "guardd_rule_kill_usage_ratio" in names
+    assert names.isdisjoint({"guardd_leverage", "guardd_cushion", "guardd_rule_kill_usage"})
+    money = {"guardd_gross_position_value", "guardd_net_liquidation"}
+    assert {
+        s.labels["currency"] for f in registry.collect() for s in f.samples if s.name in money
+    } == {"USD"}

@@ -187,7 +187,7 @@ async def test_guard_killed_under_real_prometheus_then_every_panel_has_data_and_
             for name, expr in queries.items()
             if not finite(await query(session, url, expr))
         ]
-        usage = await query(session, url, 'guardd_rule_kill_usage{rule="order_rate"}')
+        usage = await query(session, url, 'guardd_rule_kill_usage_ratio{rule="order_rate"}')
         kills = await query(session, url, 'guardd_kills_total{source="cli"}')
         breaches = await query(session, url, 'guardd_breaches_total{rule="order_rate"}')
 
