@@ -268,7 +268,12 @@ class Guard:
                         tasks.create_task(self.notifications.run(), name="notify_loop")
                     interval = watchdog_interval()
                     if self.notifier.enabled and interval is not None:
-                        watchdog = HealthWatchdog(self.notifier, interval, self._broker_alive)
+                        watchdog = HealthWatchdog(
+                            self.notifier,
+                            interval,
+                            self._broker_alive,
+                            on_withheld=self.metrics.count_watchdog_withheld,
+                        )
                         tasks.create_task(watchdog.run(), name="watchdog_loop")
                     await stop.wait()
                     raise _StopError

@@ -32,6 +32,8 @@ Exported (prefix ``guardd_``; counters end in ``_total``)::
     guardd_notifications_sent_total{kind,target}      notifications delivered
     guardd_notifications_failed_total{kind,target}    notifications not delivered (every try)
     guardd_notifications_dropped_total{kind,reason}   dropped: rate_limited or queue_full
+    guardd_watchdog_withheld_total{reason}            systemd watchdog pings withheld (loop_lag,
+                                                      broker_stalled)
     guardd_build_info{version}                        always 1
     process_*                                         the guard process: resident memory, CPU
                                                       seconds, start time, open and max fds
@@ -70,6 +72,7 @@ __all__ = [
     "LIMIT_LEVELS",
     "STATES",
     "TRIGGER_TO_CANCEL_BUCKETS",
+    "WATCHDOG_REASONS",
     "LevelLimits",
     "Metrics",
     "MetricsServer",
@@ -86,6 +89,9 @@ LIMIT_LEVELS: Final = ("warn", "reduce", "kill")
 
 KILL_SOURCES: Final = ("rule", "http", "mqtt", "cli", "restored")
 """Where a kill comes from; ``restored`` is the latch found on start. Counted from zero."""
+
+WATCHDOG_REASONS: Final = ("loop_lag", "broker_stalled")
+"""Why `sdnotify.HealthWatchdog` withholds a ping. Counted from zero."""
 
 TRIGGER_TO_CANCEL_BUCKETS: Final = (
     0.0001,
@@ -333,6 +339,13 @@ class Metrics:
             (*a, "kind", "reason"),
             registry=r,
         )
+        self._watchdog_withheld = Counter(
+            "guardd_watchdog_withheld_total",
+            "systemd watchdog pings withheld because the guard was unhealthy, by reason "
+            "(loop_lag, broker_stalled); two in a row and systemd restarts the guard.",
+            (*a, "reason"),
+            registry=r,
+        )
         build_info = Gauge(
             "guardd_build_info", "guardd's version; always 1.", (*a, "version"), registry=r
         )
@@ -358,6 +371,8 @@ class Metrics:
         self._flatten_overdue.labels(account).set(0)
         self._latch_durable.labels(account).set(1)
         self._journal_errors.labels(account)
+        for reason in WATCHDOG_REASONS:
+            self._watchdog_withheld.labels(account, reason)
         self._trigger_to_cancel.labels(account)
         self._event_processing.labels(account)
         # guardd_mqtt_connected appears on the first set_mqtt_connected(): a guard without MQTT
@@ -452,6 +467,10 @@ class Metrics:
     def set_latch_durable(self, durable: bool) -> None:
         """Whether the latch file agrees with the engine's state (0: a write failed, retrying)."""
         self._latch_durable.labels(self.account).set(1 if durable else 0)
+
+    def count_watchdog_withheld(self, reason: str) -> None:
+        """Count one systemd watchdog ping withheld for `reason` (loop_lag, broker_stalled)."""
+        self._watchdog_withheld.labels(self.account, reason).inc()
 
     def count_journal_error(self) -> None:
         """Count one journal record that could not be written."""

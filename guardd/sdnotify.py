@@ -159,6 +159,7 @@ class HealthWatchdog:
         max_loop_lag_s: float = 1.0,
         sample_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_withheld: Callable[[str], None] | None = None,
     ) -> None:
         if interval_s <= 0 or max_loop_lag_s <= 0:
             raise ValueError("the watchdog interval and the loop lag bound must be positive")
@@ -168,6 +169,7 @@ class HealthWatchdog:
         self.max_loop_lag_s = max_loop_lag_s
         self.sample_s = min(interval_s / 4, 0.25) if sample_s is None else sample_s
         self._clock = clock
+        self._on_withheld = on_withheld
         self.pings = 0
         """WATCHDOG=1 messages sent."""
         self.withheld = 0
@@ -203,6 +205,8 @@ class HealthWatchdog:
             self.last_reason = None
             return
         self.withheld += 1
+        if self._on_withheld is not None:
+            self._on_withheld(reason)  # counted in guardd_watchdog_withheld_total
         if reason != self.last_reason:
             log.warning("watchdog_withheld", reason=reason, loop_lag_s=round(worst_lag, 4))
         self.last_reason = reason

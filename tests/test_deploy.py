@@ -177,8 +177,37 @@ def test_alert_rules_read_then_every_alert_named_and_metrics_exported() -> None:
         "MqttDisconnected",
         "GuarddImpersonated",
         "NotificationsFailing",
+        "GuarddRestarted",
+        "GuarddCrashLooping",
+        "KillLatencyHigh",
+        "WatchdogWithheld",
     }
     assert used - exported == set()
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, - for spaces."""
+    kept = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return kept.replace(" ", "-")
+
+
+def test_alert_rules_read_then_each_critical_or_warning_with_a_runbook_section() -> None:
+    text = ALERTS.read_text()
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    anchors = {
+        github_anchor(line.lstrip("#")) for line in runbook.splitlines() if line.startswith("#")
+    }
+    alerts = re.split(r"^\s*- alert: ", text, flags=re.MULTILINE)[1:]
+
+    assert len(alerts) >= 14
+    for alert in alerts:
+        name = alert.split()[0]
+        [severity] = re.findall(r"^\s*severity: (\S+)\s*$", alert, flags=re.MULTILINE)
+        [url] = re.findall(r'^\s*runbook_url: "([^"]+)"\s*$', alert, flags=re.MULTILINE)
+        assert severity in ("critical", "warning"), name
+        page, _, anchor = url.partition("#")
+        assert page == "docs/runbook.md", name
+        assert anchor in anchors, f"{name}: docs/runbook.md has no section #{anchor}"
 
 
 # ---------------------------------------------------------------------------------- Grafana
@@ -265,6 +294,44 @@ def test_dashboard_exprs_then_use_only_exported_metrics() -> None:
     used |= {m for expr in annotation_exprs for m in METRIC_NAME.findall(expr)}
     assert used - exported == set()
     assert "guardd_rule_kill_usage_ratio" in used
+
+
+def test_dashboard_scrape_panel_when_the_guard_is_down_then_0_for_its_account(
+    tmp_path: Path,
+) -> None:
+    promtool = tool("promtool", "prometheus")
+    [expr] = [expr for _, expr in panel_exprs(dashboard()) if "up{" in expr]
+    rules = tmp_path / "scrape_panel.yml"
+    rules.write_text(
+        json.dumps(
+            {"groups": [{"name": "d", "rules": [{"record": "panel", "expr": plain_promql(expr)}]}]}
+        )
+    )
+    target = 'job="guardd", instance="g:8787"'
+    down_for_20m = {
+        "interval": "1m",
+        "input_series": [
+            {"series": f"up{{{target}}}", "values": "1 1 0x30"},
+            # a guard that is down exports nothing: its series end when it stops
+            {
+                "series": f'guardd_build_info{{{target}, account="DU1", version="t"}}',
+                "values": "1 1",
+            },
+        ],
+        "promql_expr_test": [
+            {
+                "expr": "panel",
+                "eval_time": "20m",
+                "exp_samples": [{"labels": f'panel{{{target}, account="DU1"}}', "value": 0}],
+            }
+        ],
+    }
+    test_file = tmp_path / "scrape_panel_test.yml"
+    test_file.write_text(json.dumps({"rule_files": [rules.name], "tests": [down_for_20m]}))
+
+    result = run(promtool, "test", "rules", test_file.name, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------------------------- end to end

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from guardd.metrics import Metrics
 from guardd.sdnotify import HealthWatchdog, Notifier, progress_within, watchdog_interval
 
 
@@ -228,3 +230,27 @@ async def test_failing_health_check_then_ping_withheld(
 
     assert systemd.pings() == []
     assert watchdog.last_reason == "broker_stalled"
+
+
+async def test_withheld_ping_then_counted_by_reason_in_the_metric(
+    systemd: FakeSystemd, notifier: Notifier
+) -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, account="DU1", version="test")
+    watchdog = HealthWatchdog(
+        notifier,
+        0.05,
+        lambda: False,
+        max_loop_lag_s=0.5,
+        on_withheld=metrics.count_watchdog_withheld,
+    )
+
+    await run_for(watchdog, 0.2)
+
+    labels = {"account": "DU1", "reason": "broker_stalled"}
+    counted = registry.get_sample_value("guardd_watchdog_withheld_total", labels)
+    assert counted is not None and counted == watchdog.withheld >= 1
+    lag = registry.get_sample_value(
+        "guardd_watchdog_withheld_total", {**labels, "reason": "loop_lag"}
+    )
+    assert lag == 0
