@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -132,7 +133,12 @@ def _run(path: Path, *, fresh_start: bool, wire_logs: bool = False) -> int:
     except ConfigError as exc:
         print(f"guardd: {path}: {exc}", file=sys.stderr)
         return EX_CONFIG
-    configure_logging(cfg.log.format, cfg.log.level, wire=cfg.log.wire or wire_logs)
+    configure_logging(
+        cfg.log.format,
+        cfg.log.level,
+        wire=cfg.log.wire or wire_logs,
+        journal_stream=os.environ.get("JOURNAL_STREAM"),
+    )
     try:
         return asyncio.run(_guard(cfg, fresh_start=fresh_start))
     except GuarddError as exc:

@@ -16,12 +16,18 @@ wire through its default ``*ProtoBuf`` EWrapper hooks, most of a live session's 
 are kept at WARNING unless wire logs are asked for (``[log] wire = true``, ``guardd run
 --wire-logs``).
 
+Under systemd (stderr connected to the journal: ``$JOURNAL_STREAM`` names the stream's device
+and inode) every line starts with its syslog priority, ``<4>`` for a warning, ``<3>`` for an
+error, which journald takes as the entry's priority and strips: ``journalctl -u guardd -p
+warning`` shows the warnings and worse.
+
 The audit journal is not a log: it is separate, fsynced, and the record of what the guard did.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -31,7 +37,7 @@ from typing import Any, Literal, TextIO
 import structlog
 from structlog.types import Processor
 
-__all__ = ["LogFormat", "bind_decision", "configure_logging", "get_logger"]
+__all__ = ["LogFormat", "bind_decision", "configure_logging", "get_logger", "writes_to_journal"]
 
 LogFormat = Literal["json", "console", "auto"]
 
@@ -45,6 +51,48 @@ _LEVELS: Mapping[str, int] = {
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
 }
+
+
+_SYSLOG_PRIORITY: Mapping[int, int] = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+"""Python's levels as syslog priorities (debug 7, info 6, warning 4, err 3, crit 2)."""
+
+
+def _syslog_priority(levelno: int) -> int:
+    for threshold in sorted(_SYSLOG_PRIORITY, reverse=True):
+        if levelno >= threshold:
+            return _SYSLOG_PRIORITY[threshold]
+    return 7
+
+
+class _PriorityPrefix(logging.Formatter):
+    """Puts ``<N>`` (the record's syslog priority) before every line `inner` renders."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{_syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in self._inner.format(record).split("\n"))
+
+
+def writes_to_journal(stream: TextIO, journal_stream: str | None) -> bool:
+    """Whether `stream` is the journal stream systemd named in ``$JOURNAL_STREAM``
+    (``"<device>:<inode>"``): a log redirected elsewhere by the operator gets no prefixes."""
+    if not journal_stream:
+        return False
+    try:
+        device, inode = (int(part) for part in journal_stream.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):  # no fd (a StringIO), or a bad variable
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
 
 
 def _is_terminal(stream: TextIO) -> bool:
@@ -61,12 +109,15 @@ def configure_logging(
     stream: TextIO | None = None,
     *,
     wire: bool = False,
+    journal_stream: str | None = None,
 ) -> None:
     """Route structlog and stdlib logging to `stream` (default stderr) as JSON or console lines.
 
     "auto" renders for the console when `stream` is a terminal and JSON otherwise (under
-    systemd stderr goes to the journal, not a terminal). Timestamps are ISO 8601 UTC. Calling
-    it again replaces the previous configuration (its handler), leaving other handlers alone.
+    systemd stderr goes to the journal, not a terminal). Timestamps are ISO 8601 UTC. When
+    `journal_stream` (the entry point passes ``$JOURNAL_STREAM``) names `stream`, every line
+    starts with its syslog priority for journald. Calling it again replaces the previous
+    configuration (its handler), leaving other handlers alone.
     `wire` lets the ``ibapi`` client's own per-message lines through (at INFO, or DEBUG when
     `level` is debug); otherwise its loggers log warnings and errors only.
     """
@@ -116,7 +167,10 @@ def configure_logging(
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
     )
     handler = logging.StreamHandler(out)
-    handler.setFormatter(formatter)
+    if writes_to_journal(out, journal_stream):
+        handler.setFormatter(_PriorityPrefix(formatter))
+    else:
+        handler.setFormatter(formatter)
     setattr(handler, _HANDLER_MARK, True)
 
     root = logging.getLogger()

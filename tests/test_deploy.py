@@ -131,6 +131,35 @@ def test_unit_read_then_notify_watchdog_restart_and_latch_dir_set(name: str) -> 
     assert "HALTED" in UNITS[name].read_text()  # the comment on why Restart=always is safe
 
 
+FAILURE_UNIT = DEPLOY / "systemd" / "guardd-failure@.service"
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_guard_unit_fails_then_its_failure_unit_is_started(name: str) -> None:
+    found = directives(UNITS[name])
+
+    assert found["OnFailure"] == ["guardd-failure@%N.service"]
+    assert FAILURE_UNIT.exists()
+
+
+def test_failure_unit_verified_then_clean_and_hardened(tmp_path: Path) -> None:
+    systemd_analyze = tool("systemd-analyze", "systemd")
+    copy = tmp_path / FAILURE_UNIT.name
+    copy.write_text(FAILURE_UNIT.read_text())
+    instance = "guardd-failure@guardd.service"
+
+    verified = run(systemd_analyze, "verify", instance, cwd=tmp_path)
+    security = run(
+        systemd_analyze, "security", "--offline=true", "--no-pager", instance, cwd=tmp_path
+    )
+
+    assert verified.returncode == 0, verified.stderr
+    assert [line for line in verified.stderr.splitlines() if "guardd" in line] == []
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", security.stdout)
+    assert match is not None and float(match.group(1)) <= 2.0, security.stdout + security.stderr
+    assert directives(FAILURE_UNIT)["Type"] == ["oneshot"]
+
+
 def test_template_instance_then_config_state_and_credentials_per_account() -> None:
     found = directives(UNITS["guardd@DU1234567.service"])
 

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import os
+import signal
+import sys
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
 from guardd.logs import bind_decision, configure_logging, get_logger
+from tests.drill_helpers import write_run_config
+from tests.guard_harness import free_port
 
 
 class FakeTerminal(io.StringIO):
@@ -200,3 +208,78 @@ def test_wire_logs_asked_for_then_ibapi_protobuf_lines_logged() -> None:
     assert any("positionProtoBuf" in e for e in events)
     assert any(e.startswith("ANSWER position ") for e in events)
     assert "not_at_warning" not in events
+
+
+def journal_stream_of(path: Path) -> str:
+    st = os.stat(path)
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def test_stream_is_the_journal_then_each_line_starts_with_its_syslog_priority(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "stderr"
+    with path.open("w") as out:
+        configure_logging("json", "debug", stream=out, journal_stream=journal_stream_of(path))
+        log = get_logger("guardd.test")
+        log.debug("d")
+        log.info("i")
+        log.warning("w")
+        log.error("e")
+        log.critical("c")
+
+    written = path.read_text().splitlines()
+    assert [line[:3] for line in written] == ["<7>", "<6>", "<4>", "<3>", "<2>"]
+    assert [json.loads(line[3:])["event"] for line in written] == ["d", "i", "w", "e", "c"]
+
+
+def test_multi_line_record_to_the_journal_then_every_line_prefixed(tmp_path: Path) -> None:
+    path = tmp_path / "stderr"
+    with path.open("w") as out:
+        configure_logging("console", "info", stream=out, journal_stream=journal_stream_of(path))
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            get_logger("guardd.test").exception("failed")
+
+    written = path.read_text().splitlines()
+    assert len(written) > 3
+    assert all(line.startswith("<3>") for line in written)
+
+
+def test_journal_stream_names_another_file_then_no_prefix(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.write_text("")
+    path = tmp_path / "stderr"
+    with path.open("w") as out:
+        configure_logging("json", "info", stream=out, journal_stream=journal_stream_of(other))
+        get_logger("guardd.test").warning("w")
+
+    assert json.loads(path.read_text())["event"] == "w"
+
+
+@pytest.mark.integration
+async def test_guardd_run_under_systemd_journal_then_warnings_carry_priority_4(
+    tmp_path: Path,
+) -> None:
+    # Arrange: a real `guardd run` whose stderr is the "journal" $JOURNAL_STREAM names, with
+    # no gateway listening, so it logs warnings while it retries
+    config, _, _ = write_run_config(tmp_path / "state", free_port())
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as err:
+        env = {**os.environ, "JOURNAL_STREAM": journal_stream_of(stderr)}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "guardd", "run", "-c", str(config), "--fresh-start",
+            stdout=asyncio.subprocess.DEVNULL, stderr=err, env=env,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 20
+            while '"level": "warning"' not in stderr.read_text():
+                assert time.monotonic() < deadline, stderr.read_text()
+                await asyncio.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 20)
+
+    warnings = [line for line in stderr.read_text().splitlines() if '"level": "warning"' in line]
+    assert warnings and all(line.startswith("<4>{") for line in warnings)
