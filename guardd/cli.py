@@ -113,7 +113,7 @@ def _check_config(path: Path) -> int:
     from guardd.credentials import load_credentials
 
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, credentials_directory=os.environ.get("CREDENTIALS_DIRECTORY"))
         load_credentials(cfg)
     except ConfigError as exc:
         print(f"guardd: {path}: {exc}", file=sys.stderr)
@@ -129,7 +129,7 @@ def _run(path: Path, *, fresh_start: bool, wire_logs: bool = False) -> int:
     from guardd.logs import configure_logging
 
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, credentials_directory=os.environ.get("CREDENTIALS_DIRECTORY"))
     except ConfigError as exc:
         print(f"guardd: {path}: {exc}", file=sys.stderr)
         return EX_CONFIG

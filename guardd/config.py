@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self, cast
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -120,6 +122,24 @@ def _non_empty_path(value: object) -> object:
 
 # Paths and lists arrive from TOML as str and list: read them laxly, everything else strictly.
 FilePath = Annotated[Path, BeforeValidator(_non_empty_path), Field(strict=False)]
+
+
+def _in_credentials_directory(value: Path, info: ValidationInfo) -> Path:
+    # systemd's LoadCredential= puts the files in $CREDENTIALS_DIRECTORY (/run/credentials/<unit>/):
+    # a relative credential path is looked up there, so one config serves every unit name.
+    directory = (info.context or {}).get("credentials_directory")
+    if directory and not value.is_absolute():
+        return Path(directory) / value
+    return value
+
+
+CredentialPath = Annotated[
+    Path,
+    BeforeValidator(_non_empty_path),
+    AfterValidator(_in_credentials_directory),
+    Field(strict=False),
+]
+"""A credential file: relative to ``$CREDENTIALS_DIRECTORY`` when systemd set it (else as given)."""
 Fraction = Annotated[float, Field(gt=0, le=1)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
@@ -532,9 +552,9 @@ class IbConfig(_Model):
 class TokenFiles(_Model):
     """Files holding each role's bearer-token credential; a role without a file is refused."""
 
-    read: FilePath | None = None
-    kill: FilePath | None = None
-    arm: FilePath | None = None
+    read: CredentialPath | None = None
+    kill: CredentialPath | None = None
+    arm: CredentialPath | None = None
 
 
 class HttpControlConfig(_Model):
@@ -544,8 +564,8 @@ class HttpControlConfig(_Model):
     host: Host = "127.0.0.1"
     port: Port = 8787
     token_files: TokenFiles = Field(default_factory=TokenFiles)
-    tls_cert_file: FilePath | None = None
-    tls_key_file: FilePath | None = None
+    tls_cert_file: CredentialPath | None = None
+    tls_key_file: CredentialPath | None = None
     max_body_bytes: Annotated[int, Field(gt=0, le=1_048_576)] = 16_384
     console: bool = True  # the web console at /console (docs/console.md)
 
@@ -566,10 +586,10 @@ class MqttControlConfig(_Model):
     port: Port = 1883
     topic_prefix: Annotated[str, Field(pattern=r"^[^/+#\s]+(/[^/+#\s]+)*$")] = "guardd"
     username: str | None = None
-    password_file: FilePath | None = None
+    password_file: CredentialPath | None = None
     tls: bool = False
-    tls_ca_file: FilePath | None = None
-    operator_key_files: dict[Name, FilePath] = Field(default_factory=dict)
+    tls_ca_file: CredentialPath | None = None
+    operator_key_files: dict[Name, CredentialPath] = Field(default_factory=dict)
     # key id -> roles; a key not listed may kill only (a re-arm needs a key granted "arm").
     operator_key_roles: dict[
         Name, Annotated[tuple[OperatorRole, ...], Field(strict=False, min_length=1)]
@@ -604,7 +624,7 @@ class Person(_Model):
 
     http_tokens: Annotated[tuple[HttpTokenRole, ...], Field(strict=False)] = ()
     mqtt_keys: Annotated[tuple[Name, ...], Field(strict=False)] = ()
-    http_token_file: FilePath | None = None
+    http_token_file: CredentialPath | None = None
     http_token_roles: Annotated[tuple[HttpTokenRole, ...], Field(strict=False, min_length=1)] = (
         "read",
     )
@@ -860,8 +880,11 @@ class Config(_Model):
 # Loading
 
 
-def load_config(path: Path) -> Config:
-    """Read and check a TOML config file; any problem raises ``ConfigError`` naming the key."""
+def load_config(path: Path, *, credentials_directory: str | None = None) -> Config:
+    """Read and check a TOML config file; any problem raises ``ConfigError`` naming the key.
+
+    `credentials_directory` (the entry point passes ``$CREDENTIALS_DIRECTORY``) is where a
+    relative credential path (token, key, password, TLS files) is looked up."""
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError as exc:
@@ -870,17 +893,20 @@ def load_config(path: Path) -> Config:
         raise ConfigError("", f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except OSError as exc:
         raise ConfigError("", f"{path}: cannot read config file ({exc.strerror})") from exc
-    return parse_config(text, source=str(path))
+    return parse_config(text, source=str(path), credentials_directory=credentials_directory)
 
 
-def parse_config(text: str, *, source: str = "<config>") -> Config:
+def parse_config(
+    text: str, *, source: str = "<config>", credentials_directory: str | None = None
+) -> Config:
     """Check TOML text as a config; ``source`` names it in a syntax error."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{source}: TOML syntax error: {exc}") from exc
     try:
-        return Config.model_validate(data)
+        context = {"credentials_directory": credentials_directory}
+        return Config.model_validate(data, context=context)
     except ValidationError as exc:
         raise _config_error(exc) from exc
 

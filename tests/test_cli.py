@@ -284,3 +284,43 @@ def test_version_then_the_package_version_and_exit_0(capsys: pytest.CaptureFixtu
 
     assert exited.value.code == 0
     assert capsys.readouterr().out.strip() == f"guardd {__version__}"
+
+
+def relative_credentials_config(tmp_path: Path) -> Path:
+    """A config naming its token files relatively, as a unit with LoadCredential= would."""
+    config = tmp_path / "guardd.toml"
+    config.write_text(
+        f'account = "DU1"\nstate_dir = "{tmp_path / "state"}"\n[ib]\nclient_id = 0\n'
+        '[control.http.token_files]\nread = "token-read"\nkill = "token-kill"\narm = "token-arm"\n'
+    )
+    return config
+
+
+def test_relative_credentials_in_credentials_directory_then_check_config_ok(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = relative_credentials_config(tmp_path)
+    credentials = tmp_path / "credentials"  # stands in for /run/credentials/guardd.service
+    credentials.mkdir()
+    for role in ("read", "kill", "arm"):
+        (credentials / f"token-{role}").write_text(secrets.token_hex(16))
+        (credentials / f"token-{role}").chmod(0o600)
+    monkeypatch.chdir(tmp_path)  # not found relative to the working directory
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+
+    code = main(["check-config", str(config)])
+
+    assert code == 0, capsys.readouterr().err
+
+
+def test_relative_credentials_without_credentials_directory_then_78_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = relative_credentials_config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+
+    code = main(["check-config", str(config)])
+
+    assert code == EX_CONFIG
+    assert "control.http.token_files.read: cannot read" in capsys.readouterr().err
