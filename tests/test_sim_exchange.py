@@ -254,7 +254,10 @@ def test_cancel_own_working_order_then_cancelled() -> None:
 
     events = exchange.cancel_order(1, 5, now=1.0)
 
-    assert [e.order.status for e in events if isinstance(e, OrderChanged)] == ["Cancelled"]
+    assert [e.order.status for e in events if isinstance(e, OrderChanged)] == [
+        "PendingCancel",
+        "Cancelled",
+    ]
     assert exchange.working_orders() == []
 
 
@@ -284,7 +287,9 @@ def test_global_cancel_then_every_clients_working_orders_cancelled() -> None:
     events = exchange.global_cancel(now=1.0)
 
     assert [(e.order.client_id, e.order.status) for e in events if isinstance(e, OrderChanged)] == [
+        (1, "PendingCancel"),
         (1, "Cancelled"),
+        (2, "PendingCancel"),
         (2, "Cancelled"),
     ]
     assert exchange.working_orders() == []

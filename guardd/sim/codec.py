@@ -281,11 +281,11 @@ def open_order_fields(order: SimOrder, *, version: int = SERVER_VERSION) -> Fiel
         False,  # sweepToFill
         False,  # allOrNone
         "",  # minQty
-        0,  # ocaType
+        order.oca_type,
         False,  # eTradeOnly
         False,  # firmQuoteOnly
         "",  # nbboPriceCap
-        0,  # parentId
+        order.parent_id,
         0,  # triggerMethod
         "",  # volatility
         0,  # volatilityType
@@ -293,8 +293,8 @@ def open_order_fields(order: SimOrder, *, version: int = SERVER_VERSION) -> Fiel
         "",  # deltaNeutralAuxPrice
         False,  # continuousUpdate
         0,  # referencePriceType
-        "",  # trailStopPrice
-        "",  # trailingPercent
+        _optional(order.trail_stop_price),
+        _optional(order.trailing_percent),
         "",  # basisPoints
         "",  # basisPointsType
         "",  # comboLegsDescrip
@@ -328,8 +328,8 @@ def open_order_fields(order: SimOrder, *, version: int = SERVER_VERSION) -> Fiel
         0,  # conditions count
         "",  # adjustedOrderType
         "",  # triggerPrice
-        "",  # trailStopPrice
-        "",  # lmtPriceOffset
+        _optional(order.trail_stop_price),
+        _optional(order.lmt_price_offset),
         "",  # adjustedStopPrice
         "",  # adjustedStopLimitPrice
         "",  # adjustedTrailingAmount
@@ -380,7 +380,7 @@ def order_status_fields(
         None if "remaining" in omit else order.remaining,
         order.avg_fill_price,
         order.perm_id,
-        0,  # parentId
+        order.parent_id,
         order.last_fill_price,
         order.client_id,
         order.why_held,
@@ -434,7 +434,7 @@ def completed_order_fields(
         False,  # sweepToFill
         False,  # allOrNone
         "",  # minQty
-        0,  # ocaType
+        order.oca_type,
         0,  # triggerMethod
         "",  # volatility
         0,  # volatilityType
@@ -442,8 +442,8 @@ def completed_order_fields(
         "",  # deltaNeutralAuxPrice
         False,  # continuousUpdate
         0,  # referencePriceType
-        "",  # trailStopPrice
-        "",  # trailingPercent
+        _optional(order.trail_stop_price),
+        _optional(order.trailing_percent),
         "",  # comboLegsDescrip
         0,  # combo legs count
         0,  # order combo legs count
@@ -462,8 +462,8 @@ def completed_order_fields(
         False,  # randomizeSize
         False,  # randomizePrice
         0,  # conditions count
-        "",  # trailStopPrice
-        "",  # lmtPriceOffset
+        _optional(order.trail_stop_price),
+        _optional(order.lmt_price_offset),
         "",  # cashQty
         False,  # dontUseAutoPriceForHedge
         False,  # isOmsContainer
@@ -833,7 +833,8 @@ def decode_place_order_in_full(fields: Sequence[str], version: int = SERVER_VERS
     good_till_date = c.text()
     c.skip(4)  # faGroup, faMethod, faPercentage, modelCode (faProfile gone from 177)
     c.skip(3)  # shortSaleSlot, designatedLocation, exemptCode
-    c.skip(6)  # ocaType, rule80A, settlingFirm, allOrNone, minQty, percentOffset
+    oca_type = c.integer()
+    c.skip(5)  # rule80A, settlingFirm, allOrNone, minQty, percentOffset
     c.skip(3)  # eTradeOnly, firmQuoteOnly, nbboPriceCap
     c.skip(7)  # auctionStrategy, startingPrice, stockRefPrice, delta, range lower/upper, override
     c.skip(2)  # volatility, volatilityType
@@ -842,7 +843,9 @@ def decode_place_order_in_full(fields: Sequence[str], version: int = SERVER_VERS
     if delta_neutral:
         features.append("delta_neutral")
         c.skip(8)  # conId, settlingFirm, clearing account/intent, openClose, shortSale, slot, loc
-    c.skip(4)  # continuousUpdate, referencePriceType, trailStopPrice, trailingPercent
+    c.skip(2)  # continuousUpdate, referencePriceType
+    trail_stop_price = c.number()
+    trailing_percent = c.number()
     c.skip(2)  # scaleInitLevelSize, scaleSubsLevelSize
     increment = c.number()
     if increment is not None and increment > 0.0:
@@ -874,7 +877,9 @@ def decode_place_order_in_full(fields: Sequence[str], version: int = SERVER_VERS
                 raise CodecError(f"placeOrder: unknown order condition type {kind}")
             c.skip(_CONDITION_FIELDS[kind])
         c.skip(2)  # conditionsIgnoreRth, conditionsCancelOrder
-    c.skip(7)  # adjustedOrderType, triggerPrice, lmtPriceOffset, adjusted stop/stop-limit/trail
+    c.skip(2)  # adjustedOrderType, triggerPrice
+    lmt_price_offset = c.number()
+    c.skip(4)  # adjusted stop, stop-limit, trailing amount and unit
     c.skip(3)  # extOperator, softDollarTier name and value
     if c.number():  # cashQty
         features.append("cash_qty")
@@ -918,6 +923,11 @@ def decode_place_order_in_full(fields: Sequence[str], version: int = SERVER_VERS
         outside_rth=outside_rth,
         transmit=transmit,
         parent_id=parent_id,
+        oca_group=oca_group,
+        oca_type=oca_type,
+        trailing_percent=trailing_percent,
+        trail_stop_price=trail_stop_price,
+        lmt_price_offset=lmt_price_offset,
     )
     return PlacedOrder(
         order=order,
@@ -1031,14 +1041,19 @@ def _order_head_fields(order: SimOrder) -> Fields:
         order.total_quantity,
         order.order_type,
         order.lmt_price if order.lmt_price is not None else 0.0,
-        0.0,  # auxPrice
+        order.aux_price if order.aux_price is not None else 0.0,
         order.tif,
-        "",  # ocaGroup
+        order.oca_group,
         order.account,
         "",  # openClose
         0,  # origin: customer
         order.order_ref,
     ]
+
+
+def _optional(value: float | None) -> Field:
+    """An optional double: empty when unset, as TWS writes it."""
+    return "" if value is None else value
 
 
 def multiplier_text(inst: Instrument) -> str:

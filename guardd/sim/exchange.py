@@ -12,6 +12,15 @@ Matching
     With `partial_fill_quantity` set, one matching pass fills at most that much of an order; the
     rest keeps working (a MKT remainder fills on the next passes). Book depth is not modelled.
 
+Order types, brackets and OCA (see docs/simulator.md for the whole table)
+    A stop (STP, STP LMT, TRAIL, TRAIL LIMIT) is held (PreSubmitted) until the last price reaches
+    its stop (a sell's at or below, a buy's at or above), then works as MKT or at its limit; a
+    trailing stop follows the last price on every pass. A transmit=False order is held until an
+    order of its bracket is transmitted; a child works once its parent has filled. A fill of an
+    OCA member cancels the others (type 1), reduces them at once (2) or after the pass (3); the
+    children of one parent reduce each other with block. MOC / LOC / OPG orders wait for
+    `closing_auction` / `opening_auction`; IOC cancels what one pass does not fill.
+
 Accounts, cash and PnL (average-cost method, commissions kept apart)
     Cash is kept per currency; values in another currency are converted to the base currency with
     fixed `exchange_rates` (units of base per unit of currency; reported as `ExchangeRate`).
@@ -57,6 +66,12 @@ from dataclasses import dataclass, replace
 
 from guardd.sim.market import PriceProcess, Quote
 from guardd.sim.types import (
+    AUCTION_TYPES,
+    LIMIT_TYPES,
+    ORDER_TYPES,
+    STOP_TYPES,
+    TIFS,
+    TRAIL_TYPES,
     AccountChanged,
     Action,
     ContractSpec,
@@ -66,6 +81,7 @@ from guardd.sim.types import (
     OrderChanged,
     OrderRejected,
     OrderRequest,
+    OrderStatusName,
     OrderType,
     PositionChanged,
     PositionView,
@@ -95,6 +111,10 @@ class OrderNotFoundError(ExchangeError):
 
 class OrderNotCancellableError(ExchangeError):
     """The order exists but has already finished (the gateway answers error 161)."""
+
+
+class OrderFilledError(OrderNotCancellableError):
+    """The order to cancel has already filled (the gateway answers error 10148)."""
 
 
 class UnknownAccountError(ExchangeError, KeyError):
@@ -221,6 +241,7 @@ class Exchange:
         self._fills: list[Fill] = []
         self._reject_filter: RejectFilter | None = None
         self._margin_multiplier = 1.0
+        self._deferred_oca: list[tuple[int, float]] = []  # (permId, quantity): OCA type 3
 
     # ----------------------------------------------------------------------------- reads
 
@@ -423,12 +444,18 @@ class Exchange:
 
     # ----------------------------------------------------------------------------- orders
 
-    def place_order(self, client_id: int, req: OrderRequest, now: float) -> list[SimEvent]:
-        """Place a new order, or modify a working one with the same (client id, order id)."""
+    def place_order(
+        self, client_id: int, req: OrderRequest, now: float, *, pending: bool = False
+    ) -> list[SimEvent]:
+        """Place a new order, or modify a working one with the same (client id, order id).
+
+        With `pending`, a new order stops at PendingSubmit (the gateway has it, IB has not
+        confirmed it yet) until `accept`; a cancel meanwhile ends it ApiCancelled.
+        """
         existing = self._by_client_order.get((client_id, req.order_id))
         if existing is not None:
             if existing.is_working:
-                return self._modify(existing, req, now)
+                return self._settled(self._modify(existing, req, now), now)
             return [OrderRejected(replace(existing), DUPLICATE_ORDER_ID, "Duplicate order id")]
         inst = self.find_instrument(req.contract)
         if inst is None:
@@ -437,6 +464,8 @@ class Exchange:
             no_definition = "No security definition has been found for the request"
             return [OrderRejected(order, NO_SECURITY_DEFINITION, no_definition)]
         reason = self._validate(req, inst)
+        if reason is None:
+            reason = self._check_parent(client_id, req)
         if reason is None and self._reject_filter is not None:
             reason = self._reject_filter(req, inst)
         perm_id = self._next_perm_id
@@ -449,22 +478,47 @@ class Exchange:
             return [OrderRejected(replace(order), ORDER_REJECTED, reason)]
         self._by_client_order[(client_id, req.order_id)] = order
         self._working[perm_id] = order
-        events: list[SimEvent] = [OrderChanged(replace(order))]
-        order.status = "Submitted"
-        events.append(OrderChanged(replace(order)))
-        events.extend(self._match(order, now))
-        return events
+        if pending:
+            order.status = "PendingSubmit"
+            return [OrderChanged(replace(order))]
+        return self._settled(self._accept(order, now), now)
 
-    def cancel_order(self, client_id: int, order_id: int, now: float) -> list[SimEvent]:
-        """Cancel a working order of THAT client (cancelOrder)."""
+    def accept(self, client_id: int, order_id: int, now: float) -> list[SimEvent]:
+        """IB confirms an order left at PendingSubmit; nothing when it was cancelled meanwhile."""
+        order = self._by_client_order.get((client_id, order_id))
+        if order is None or order.status != "PendingSubmit":
+            return []
+        return self._settled(self._accept(order, now), now)
+
+    def cancel_order(
+        self, client_id: int, order_id: int, now: float, *, pending: bool = False
+    ) -> list[SimEvent]:
+        """Cancel a working order of THAT client (cancelOrder): PendingCancel, then Cancelled
+        (at once, or at `finish_cancel` when `pending`: fills may still arrive in between).
+        An order IB never had (PendingSubmit, or held with transmit=False) ends ApiCancelled."""
         order = self._by_client_order.get((client_id, order_id))
         if order is None:
             raise OrderNotFoundError(f"OrderId {order_id} that needs to be cancelled is not found.")
-        if not order.is_working:
+        if order.status == "Filled":
+            raise OrderFilledError(
+                f"OrderId {order_id} that needs to be cancelled cannot be cancelled, state: Filled."
+            )
+        if not order.is_working or order.status == "PendingCancel":
             raise OrderNotCancellableError(
                 f"Cannot cancel the order {order_id}: it is already {order.status}"
             )
-        return self._cancel(order)
+        return self._settled(self._request_cancel(order, pending=pending), now)
+
+    def finish_cancel(self, perm_id: int, now: float) -> list[SimEvent]:
+        """Complete a pending cancel: Cancelled, unless the order filled meanwhile (nothing)."""
+        order = self._working.get(perm_id)
+        if order is None or order.status != "PendingCancel":
+            return []
+        return self._settled(self._cancel(order), now)
+
+    def pending_cancels(self) -> list[int]:
+        """permIds of the orders waiting in PendingCancel."""
+        return [o.perm_id for o in self._working.values() if o.status == "PendingCancel"]
 
     def place_as_new(self, client_id: int, req: OrderRequest, now: float) -> list[SimEvent]:
         """Place `req` as a NEW order even when its (client id, order id) names a working one.
@@ -525,23 +579,54 @@ class Exchange:
         touch = process.bid if held > 0 else process.ask
         events: list[SimEvent] = [OrderChanged(replace(order))]
         events.extend(self._fill(order, size, touch, now))
-        return events
+        return self._settled(events, now)
 
-    def global_cancel(self, now: float) -> list[SimEvent]:
-        """Cancel every working order of every client (reqGlobalCancel)."""
+    def global_cancel(self, now: float, *, pending: bool = False) -> list[SimEvent]:
+        """Cancel every working order of every client (reqGlobalCancel), untransmitted ones
+        included; `pending` as in `cancel_order`."""
         events: list[SimEvent] = []
         for order in list(self._working.values()):
-            events.extend(self._cancel(order))
-        return events
+            if order.perm_id in self._working and order.status != "PendingCancel":
+                events.extend(self._request_cancel(order, pending=pending))
+        return self._settled(events, now)
 
     def cancel_orders_of(self, client_id: int | None, now: float) -> list[SimEvent]:
         """Cancel every working order of one client (every client when None), as a person in
         TWS or IB itself would: no request of that client is involved."""
         events: list[SimEvent] = []
         for order in list(self._working.values()):
-            if client_id is None or order.client_id == client_id:
+            if order.perm_id in self._working and (
+                client_id is None or order.client_id == client_id
+            ):
                 events.extend(self._cancel(order))
-        return events
+        return self._settled(events, now)
+
+    def opening_auction(self, now: float) -> list[SimEvent]:
+        """The opening auction: OPG orders execute at the last price (a LMT only when its limit
+        allows it) or are cancelled."""
+        events: list[SimEvent] = []
+        for order in list(self._working.values()):
+            if order.tif == "OPG" and self._at_market(order):
+                events.extend(self._auction(order, now))
+        return self._settled(events, now)
+
+    def closing_auction(self, now: float) -> list[SimEvent]:
+        """The closing auction: MOC orders execute at the last price, LOC orders when their limit
+        allows it; a LOC that does not is cancelled."""
+        events: list[SimEvent] = []
+        for order in list(self._working.values()):
+            if order.order_type in AUCTION_TYPES and self._at_market(order):
+                events.extend(self._auction(order, now))
+        return self._settled(events, now)
+
+    def expire_day_orders(self, now: float) -> list[SimEvent]:
+        """The end of the trading day: every working DAY (and OPG) order is cancelled; GTC
+        orders keep working."""
+        events: list[SimEvent] = []
+        for order in list(self._working.values()):
+            if order.perm_id in self._working and order.tif != "GTC":
+                events.extend(self._cancel(order))
+        return self._settled(events, now)
 
     # ----------------------------------------------------------------------------- internals
 
@@ -577,19 +662,52 @@ class Exchange:
         if req.total_quantity > MAX_ORDER_QUANTITY:
             return f"Order quantity {req.total_quantity:g} exceeds {MAX_ORDER_QUANTITY:g}"
         order_type = req.order_type.upper()
-        if order_type not in ("MKT", "LMT"):
-            return f"Unsupported order type {req.order_type!r}: MKT or LMT"
-        if order_type == "LMT":
-            price = req.lmt_price
-            if price is None or not math.isfinite(price) or price <= 0:
-                return "A limit order needs a positive limit price"
+        if order_type not in ORDER_TYPES:
+            return f"Unsupported order type {req.order_type!r}: " + ", ".join(ORDER_TYPES)
+        tif = (req.tif or "DAY").upper()
+        if tif not in TIFS:
+            return f"Unsupported time in force {req.tif!r}: " + ", ".join(TIFS)
+        if order_type in LIMIT_TYPES and not _positive(req.lmt_price):
+            return f"A {order_type} order needs a positive limit price"
+        if order_type in ("STP", "STP LMT") and not _positive(req.aux_price):
+            return f"A {order_type} order needs a positive stop price (auxPrice)"
+        if order_type in TRAIL_TYPES:
+            amount, percent = _positive(req.aux_price), _positive(req.trailing_percent)
+            if amount == percent:
+                return f"A {order_type} order needs a trailing amount or a trailing percent"
+            if percent and not (req.trailing_percent or 0.0) < 100:
+                return f"Trailing percent {req.trailing_percent} is not below 100"
+        if order_type == "TRAIL LIMIT" and not (
+            req.lmt_price_offset is not None
+            and math.isfinite(req.lmt_price_offset)
+            and req.lmt_price_offset >= 0
+        ):
+            return "A TRAIL LIMIT order needs a limit price offset (lmtPriceOffset)"
+        if order_type in AUCTION_TYPES and tif != "DAY":
+            return f"A {order_type} order is a DAY order"
+        if tif in ("OPG", "IOC") and order_type not in ("MKT", "LMT"):
+            return f"{tif} is for MKT and LMT orders"
+        if req.oca_type not in (0, 1, 2, 3):
+            return f"Invalid OCA type {req.oca_type}: 1, 2 or 3"
+        return None
+
+    def _check_parent(self, client_id: int, req: OrderRequest) -> str | None:
+        """A child's parent must be a working (or filled) order of the same client."""
+        if not req.parent_id:
+            return None
+        parent = self._by_client_order.get((client_id, req.parent_id))
+        if parent is None or not (parent.is_working or parent.status == "Filled"):
+            return f"Parent order {req.parent_id} is not a working order of this client"
+        if parent.parent_id:
+            return f"Parent order {req.parent_id} is itself a child order"
         return None
 
     def _new_order(
         self, perm_id: int, client_id: int, req: OrderRequest, inst: Instrument
     ) -> SimOrder:
         action: Action = "SELL" if req.action.upper() == "SELL" else "BUY"
-        order_type: OrderType = "LMT" if req.order_type.upper() == "LMT" else "MKT"
+        kind = req.order_type.upper()
+        order_type: OrderType = next((t for t in ORDER_TYPES if t == kind), "MKT")
         return SimOrder(
             perm_id=perm_id,
             order_id=req.order_id,
@@ -599,10 +717,18 @@ class Exchange:
             action=action,
             total_quantity=float(req.total_quantity),
             order_type=order_type,
-            lmt_price=req.lmt_price if order_type == "LMT" else None,
-            tif=req.tif,
+            lmt_price=req.lmt_price if order_type in LIMIT_TYPES else None,
+            tif=(req.tif or "DAY").upper(),
             order_ref=req.order_ref,
             outside_rth=req.outside_rth,
+            aux_price=req.aux_price if order_type in STOP_TYPES else None,
+            trailing_percent=req.trailing_percent if order_type in TRAIL_TYPES else None,
+            trail_stop_price=_trail_start(req) if order_type in TRAIL_TYPES else None,
+            lmt_price_offset=req.lmt_price_offset if order_type == "TRAIL LIMIT" else None,
+            parent_id=req.parent_id,
+            oca_group=req.oca_group,
+            oca_type=req.oca_type,
+            transmitted=req.transmit,
         )
 
     def _modify(self, order: SimOrder, req: OrderRequest, now: float) -> list[SimEvent]:
@@ -616,6 +742,8 @@ class Exchange:
             reason = "The account of a working order cannot be changed"
         elif req.order_type.upper() != order.order_type:
             reason = "The order type of a working order cannot be changed"
+        elif order.status == "PendingCancel":
+            reason = "The order is being cancelled"
         else:
             reason = self._validate(req, inst)
             if reason is None and req.total_quantity <= order.filled:
@@ -626,40 +754,254 @@ class Exchange:
             # a refused modification leaves the order working as it was
             return [OrderRejected(replace(order), ORDER_REJECTED, reason)]
         order.total_quantity = float(req.total_quantity)
-        if order.order_type == "LMT":
-            order.lmt_price = req.lmt_price
-        order.tif = req.tif
+        kind = order.order_type
+        if kind in LIMIT_TYPES or (kind == "TRAIL LIMIT" and not order.triggered):
+            order.lmt_price = req.lmt_price if kind in LIMIT_TYPES else order.lmt_price
+        if kind in STOP_TYPES:
+            order.aux_price = req.aux_price
+        if kind in TRAIL_TYPES:
+            order.trailing_percent = req.trailing_percent
+            if _positive(req.trail_stop_price):
+                order.trail_stop_price = req.trail_stop_price
+        if kind == "TRAIL LIMIT":
+            order.lmt_price_offset = req.lmt_price_offset
+        order.tif = (req.tif or "DAY").upper()
         order.order_ref = req.order_ref
         order.outside_rth = req.outside_rth
+        if order.status == "PendingSubmit":
+            return [OrderChanged(replace(order))]
+        if not order.transmitted and req.transmit:
+            return self._transmit(order, now)
+        order.status = self._shown_status(order)
         events: list[SimEvent] = [OrderChanged(replace(order))]
         events.extend(self._match(order, now))
         return events
 
-    def _cancel(self, order: SimOrder) -> list[SimEvent]:
-        order.status = "Cancelled"
+    # -- lifecycle
+
+    def _accept(self, order: SimOrder, now: float) -> list[SimEvent]:
+        """A new order reaches IB: PreSubmitted, then released with its bracket when transmitted
+        (a transmit=False order waits, held, for the last order of its group)."""
+        order.status = "PreSubmitted"
+        if order.order_type in TRAIL_TYPES:
+            self._trail(order)  # the first stop price, reported from the first openOrder on
+        events: list[SimEvent] = [OrderChanged(replace(order))]
+        if order.transmitted:
+            events.extend(self._transmit(order, now))
+        return events
+
+    def _family(self, order: SimOrder) -> list[SimOrder]:
+        """An order's bracket: the parent first, then its working children in placement order."""
+        root = self._parent(order) if order.parent_id else order
+        if root is None or root.order_id == 0:  # a TWS order (id 0) has no children
+            return [order]
+        children = [
+            o
+            for o in self._working.values()
+            if o.parent_id == root.order_id and o.client_id == root.client_id and o is not root
+        ]
+        return [root, *children]
+
+    def _transmit(self, order: SimOrder, now: float) -> list[SimEvent]:
+        """Release an order and every untransmitted order of its bracket to the market."""
+        events: list[SimEvent] = []
+        for member in self._family(order):
+            if not member.is_working or member.status == "PendingSubmit":
+                continue
+            member.transmitted = True
+            events.extend(self._activate(member, now))
+        return events
+
+    def _parent(self, order: SimOrder) -> SimOrder | None:
+        return self._by_client_order.get((order.client_id, order.parent_id))
+
+    def _at_market(self, order: SimOrder) -> bool:
+        """Working and released: transmitted, not PendingSubmit, its parent (if any) done with
+        a fill. A stop at the market still waits for its trigger."""
+        if order.perm_id not in self._working or order.status == "PendingSubmit":
+            return False
+        if not order.transmitted:
+            return False
+        if order.parent_id:
+            parent = self._parent(order)
+            return parent is not None and not parent.is_working and parent.filled > _ZERO
+        return True
+
+    def _shown_status(self, order: SimOrder) -> OrderStatusName:
+        """PreSubmitted while held at IB (untransmitted, waiting for its parent, a stop not yet
+        triggered), Submitted once at the exchange; PendingCancel stays PendingCancel."""
+        if order.status in ("PendingCancel", "PendingSubmit"):
+            return order.status
+        held = not self._at_market(order) or (
+            order.order_type in STOP_TYPES and not order.triggered
+        )
+        return "PreSubmitted" if held else "Submitted"
+
+    def _activate(self, order: SimOrder, now: float) -> list[SimEvent]:
+        events: list[SimEvent] = []
+        status = self._shown_status(order)
+        if status != order.status:
+            order.status = status
+            events.append(OrderChanged(replace(order)))
+        events.extend(self._match(order, now))
+        return events
+
+    def _request_cancel(self, order: SimOrder, *, pending: bool) -> list[SimEvent]:
+        if order.status == "PendingSubmit" or not order.transmitted:
+            return self._cancel(order, "ApiCancelled")  # IB never had it
+        order.status = "PendingCancel"
+        events: list[SimEvent] = [OrderChanged(replace(order), open_order=False)]
+        if not pending:
+            events.extend(self._cancel(order))
+        return events
+
+    def _cancel(self, order: SimOrder, status: OrderStatusName = "Cancelled") -> list[SimEvent]:
+        """End a working order; a parent takes its children along (or, when it had filled in
+        part, leaves them working for the filled quantity)."""
+        if order.perm_id not in self._working:
+            return []
+        order.status = status
         del self._working[order.perm_id]
-        return [OrderChanged(replace(order))]
+        events: list[SimEvent] = [OrderChanged(replace(order))]
+        if order.parent_id == 0 and order.order_id != 0:
+            for child in self._family(order)[1:]:
+                if order.filled > _ZERO:
+                    child.total_quantity = min(child.total_quantity, order.filled)
+                    events.extend(self._activate(child, self._now))
+                else:
+                    events.extend(self._cancel(child, status))
+        return events
+
+    def _settled(self, events: list[SimEvent], now: float) -> list[SimEvent]:
+        """Apply the OCA reductions deferred to the end of a matching pass (type 3, no block)."""
+        while self._deferred_oca:
+            perm_id, quantity = self._deferred_oca.pop(0)
+            member = self._working.get(perm_id)
+            if member is not None:
+                events.extend(self._reduce(member, quantity))
+        return events
+
+    def _reduce(self, member: SimOrder, quantity: float) -> list[SimEvent]:
+        member.total_quantity = max(member.filled, member.total_quantity - quantity)
+        if member.remaining <= _ZERO:
+            return self._cancel(member)
+        return [OrderChanged(replace(member))]
+
+    def _oca_members(self, order: SimOrder) -> tuple[list[SimOrder], int]:
+        """The other working orders one-cancels-all with `order`, and how: its explicit OCA
+        group (same account and group name; type 0 counts as 1) or, for a bracket child without
+        one, the other children of its parent (reduced with block, as IB ties them)."""
+        if order.oca_group:
+            members = [
+                o
+                for o in self._working.values()
+                if o is not order and o.account == order.account and o.oca_group == order.oca_group
+            ]
+            return members, order.oca_type or 1
+        if order.parent_id:
+            return [o for o in self._family(order)[1:] if o is not order], 2
+        return [], 0
+
+    def _after_fill(self, order: SimOrder, quantity: float, now: float) -> list[SimEvent]:
+        """What a fill sets off: a filled parent releases its children; OCA members are
+        cancelled (type 1) or reduced by the fill (2 with block, 3 after the pass)."""
+        events: list[SimEvent] = []
+        members, oca_type = self._oca_members(order)
+        for member in members:
+            if member.perm_id not in self._working:
+                continue
+            if oca_type == 1:
+                events.extend(self._cancel(member))
+            elif oca_type == 2:
+                events.extend(self._reduce(member, quantity))
+            else:
+                self._deferred_oca.append((member.perm_id, quantity))
+        if order.status == "Filled" and order.parent_id == 0 and order.order_id != 0:
+            for child in self._family(order)[1:]:
+                events.extend(self._activate(child, now))
+        return events
+
+    # -- matching
 
     def _match_working(self, now: float) -> list[SimEvent]:
         events: list[SimEvent] = []
         for order in list(self._working.values()):
             events.extend(self._match(order, now))
-        return events
+        return self._settled(events, now)
+
+    def _trigger(self, order: SimOrder) -> bool:
+        """Move a trailing stop with the last price, and say whether the stop is reached: a buy
+        stop at last >= stop, a sell stop at last <= stop. A TRAIL LIMIT takes its limit then."""
+        process = self._processes[order.instrument.con_id]
+        last = process.last
+        buying = order.action == "BUY"
+        if order.order_type in TRAIL_TYPES:
+            stop = self._trail(order)
+        else:
+            assert order.aux_price is not None
+            stop = order.aux_price
+        if not (last >= stop if buying else last <= stop):
+            return False
+        order.triggered = True
+        if order.order_type == "TRAIL LIMIT":
+            offset = order.lmt_price_offset or 0.0
+            order.lmt_price = process.snap(stop + offset if buying else stop - offset)
+        return True
+
+    def _trail(self, order: SimOrder) -> float:
+        """Move a trailing stop toward the last price (a sell's stop only up, a buy's only
+        down), the trailing amount or percent away from it; return the stop."""
+        process = self._processes[order.instrument.con_id]
+        last = process.last
+        buying = order.action == "BUY"
+        distance = order.aux_price or last * (order.trailing_percent or 0.0) / 100
+        candidate = process.snap(last + distance if buying else last - distance)
+        current = order.trail_stop_price
+        if current is None:
+            order.trail_stop_price = candidate
+        else:
+            order.trail_stop_price = min(current, candidate) if buying else max(current, candidate)
+        return order.trail_stop_price
 
     def _match(self, order: SimOrder, now: float) -> list[SimEvent]:
-        """One matching pass over one working order: at most one fill."""
+        """One matching pass over one working order: a stop's trigger, then at most one fill.
+        Auction orders (MOC, LOC, OPG) wait for their auction; an IOC's rest is cancelled."""
+        if not self._at_market(order):
+            return []
+        if order.order_type in AUCTION_TYPES or order.tif == "OPG":
+            return []
+        events: list[SimEvent] = []
+        if order.order_type in STOP_TYPES and not order.triggered:
+            if not self._trigger(order):
+                return []
+            order.status = self._shown_status(order)
+            events.append(OrderChanged(replace(order)))
         process = self._processes[order.instrument.con_id]
         buying = order.action == "BUY"
         touch = process.ask if buying else process.bid
-        if order.order_type == "LMT":
-            assert order.lmt_price is not None
-            marketable = order.lmt_price >= touch if buying else order.lmt_price <= touch
-            if not marketable:
-                return []
+        limited = order.order_type in LIMIT_TYPES or order.order_type == "TRAIL LIMIT"
+        limit = order.lmt_price if limited else None
+        if limit is not None and not (limit >= touch if buying else limit <= touch):
+            if order.tif == "IOC":
+                events.extend(self._cancel(order))
+            return events
         quantity = order.remaining
         if self._partial is not None:
             quantity = min(quantity, self._partial)
-        return self._fill(order, quantity, touch, now)
+        events.extend(self._fill(order, quantity, touch, now))
+        if order.tif == "IOC" and order.perm_id in self._working:
+            events.extend(self._cancel(order))
+        return events
+
+    def _auction(self, order: SimOrder, now: float) -> list[SimEvent]:
+        last = self._processes[order.instrument.con_id].last
+        limit = order.lmt_price if order.order_type in LIMIT_TYPES else None
+        buying = order.action == "BUY"
+        if limit is not None and not (limit >= last if buying else limit <= last):
+            return self._cancel(order)
+        return self._fill(order, order.remaining, last, now)
+
+    # -- fills
 
     def _fill(self, order: SimOrder, quantity: float, price: float, now: float) -> list[SimEvent]:
         inst = order.instrument
@@ -707,13 +1049,15 @@ class Exchange:
             realized_pnl=realized,
         )
         self._fills.append(fill)
-        return [
+        events: list[SimEvent] = [
             Executed(fill),
             # a partial fill changes only the status line; the final fill re-sends the order
             OrderChanged(replace(order), open_order=done),
             PositionChanged(self._position_view(order.account, pos)),
             AccountChanged(order.account, tuple(self.account_values(order.account))),
         ]
+        events.extend(self._after_fill(order, quantity, now))
+        return events
 
     def _commission(self, inst: Instrument, quantity: float) -> float:
         if inst.sec_type == "FUT":
@@ -806,6 +1150,15 @@ def _trade(pos: _Position, signed_quantity: float, price: float) -> float:
     pos.quantity = new
     pos.realized += realized
     return realized
+
+
+def _positive(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
+
+
+def _trail_start(req: OrderRequest) -> float | None:
+    """A trailing stop's first stop price when the client gave one (trailStopPrice)."""
+    return req.trail_stop_price if _positive(req.trail_stop_price) else None
 
 
 def _placeholder_instrument(spec: ContractSpec) -> Instrument:

@@ -38,7 +38,12 @@ from dataclasses import dataclass, field
 from typing import ClassVar, assert_never
 
 from guardd.sim import codec, messages, protocodec
-from guardd.sim.exchange import Exchange, OrderNotCancellableError, OrderNotFoundError
+from guardd.sim.exchange import (
+    Exchange,
+    OrderFilledError,
+    OrderNotCancellableError,
+    OrderNotFoundError,
+)
 from guardd.sim.market import Quote
 from guardd.sim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION, Outgoing
 from guardd.sim.types import (
@@ -63,6 +68,7 @@ log = logging.getLogger("guardd.sim")
 DEFAULT_SERVER_VERSION = MAX_SERVER_VERSION
 NO_VALID_ID = -1
 DUPLICATE_ORDER_ID = 103
+CANCEL_FILLED = 10148
 READ_ONLY = 321
 READ_ONLY_MESSAGE = (
     "Error validating request.-'{tag}' : cause - The API interface is currently in Read-Only mode."
@@ -131,7 +137,8 @@ class GatewayConfig:
     pacing_disconnect: bool = True
     pnl_interval_s: float = 1.0  # reqPnL / reqPnLSingle / portfolio stream period
     market_interval_s: float = 0.1  # price steps, resting order matching, market data ticks
-    fill_latency_s: float = 0.0  # delay between accepting an order and matching it
+    fill_latency_s: float = 0.0  # an order waits PendingSubmit this long before IB has it
+    cancel_latency_s: float = 0.0  # a cancel waits PendingCancel this long (fills may come)
     first_order_id: int = 1
     farm_notices: bool = True
     # The highest server version the gateway offers (default DEFAULT_SERVER_VERSION).
@@ -663,11 +670,20 @@ class SimGateway:
             log.info("order %d of client %d refused: %s", req.order_id, client_id, refusal)
             session.send(self._error(req.order_id, 201, f"Order rejected - reason:{refusal}"))
             return
-        if self.config.fill_latency_s > 0:
+        latency = self.config.fill_latency_s
+        if latency > 0 and own is None and not self.split_modifies_enabled:
+            # a new order: PendingSubmit now, IB's acknowledgement after the latency
+            self.route(self.exchange.place_order(client_id, req, now, pending=True))
             loop = asyncio.get_running_loop()
-            loop.call_later(self.config.fill_latency_s, self._place_now, client_id, req)
+            loop.call_later(latency, self._accept, client_id, req.order_id)
+        elif latency > 0:
+            loop = asyncio.get_running_loop()
+            loop.call_later(latency, self._place_now, client_id, req)
         else:
             self._place_now(client_id, req)
+
+    def _accept(self, client_id: int, order_id: int) -> None:
+        self.route(self.exchange.accept(client_id, order_id, self.clock()))
 
     def _place_now(self, client_id: int, req: OrderRequest) -> None:
         if self.split_modifies_enabled and not self.connectivity_ok:
@@ -691,12 +707,23 @@ class SimGateway:
         if self.read_only:
             self._refuse_read_only(session, order_id, "cB")
             return
+        pending = self.config.cancel_latency_s > 0
         try:
-            events = self.exchange.cancel_order(session.client_id, order_id, now)
+            events = self.exchange.cancel_order(session.client_id, order_id, now, pending=pending)
         except OrderNotFoundError:
             session.send(
                 self._error(
                     order_id, 10147, f"OrderId {order_id} that needs to be cancelled is not found."
+                )
+            )
+            return
+        except OrderFilledError:
+            session.send(
+                self._error(
+                    order_id,
+                    CANCEL_FILLED,
+                    f"OrderId {order_id} that needs to be cancelled cannot be cancelled, "
+                    "state: Filled.",
                 )
             )
             return
@@ -711,6 +738,7 @@ class SimGateway:
             return
         log.info("client %d cancels order %d", session.client_id, order_id)
         self.route(events, cancel_notice=True)
+        self._finish_cancels_later()
 
     def _global_cancel(self, session: Session, request: Request, now: float) -> None:
         if self.read_only:
@@ -718,9 +746,21 @@ class SimGateway:
             return
         self.global_cancels += 1
         self.global_cancel_times.append(now)
-        events = self.exchange.global_cancel(now)
-        log.info("client %d: global cancel, %d orders cancelled", session.client_id, len(events))
+        events = self.exchange.global_cancel(now, pending=self.config.cancel_latency_s > 0)
+        log.info("client %d: global cancel", session.client_id)
         self.route(events, cancel_notice=True)
+        self._finish_cancels_later()
+
+    def _finish_cancels_later(self) -> None:
+        """Cancels left PendingCancel complete after the cancel latency (fills may race them)."""
+        perm_ids = self.exchange.pending_cancels()
+        if perm_ids:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.config.cancel_latency_s, self._finish_cancels, perm_ids)
+
+    def _finish_cancels(self, perm_ids: list[int]) -> None:
+        for perm_id in perm_ids:
+            self.route(self.exchange.finish_cancel(perm_id, self.clock()), cancel_notice=True)
 
     def _req_open_orders(self, session: Session, request: Request, now: float) -> None:
         self._send_open_orders(session, self._visible_orders(session, working_only=True))
@@ -949,7 +989,7 @@ class SimGateway:
                         self._report_order(s, order, open_order=open_order)
                         if (
                             cancel_notice
-                            and order.status == "Cancelled"
+                            and order.status in ("Cancelled", "ApiCancelled")
                             and s.client_id == order.client_id
                         ):
                             s.send(self._error(order.order_id, 202, "Order Canceled - reason:"))
@@ -1323,6 +1363,21 @@ class SimGateway:
             "fault: modifications during a connectivity loss %s", "split" if enabled else "normal"
         )
         self.split_modifies_enabled = enabled
+
+    def opening_auction(self) -> None:
+        """The opening auction: OPG orders execute or are cancelled."""
+        log.warning("market: opening auction")
+        self.route(self.exchange.opening_auction(self.clock()))
+
+    def closing_auction(self) -> None:
+        """The closing auction: MOC orders execute, LOC orders execute or are cancelled."""
+        log.warning("market: closing auction")
+        self.route(self.exchange.closing_auction(self.clock()))
+
+    def expire_day_orders(self) -> None:
+        """The trading day ends: DAY and OPG orders are cancelled; GTC orders keep working."""
+        log.warning("market: DAY orders expire")
+        self.route(self.exchange.expire_day_orders(self.clock()))
 
     def liquidate(self, account: str, con_id: int, quantity: float, *, client_id: int = 0) -> None:
         """IB itself closes `quantity` of a position (a margin liquidation): an execution of a

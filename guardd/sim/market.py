@@ -112,6 +112,10 @@ class PriceProcess:
     def _snap(self, ticks: float) -> float:
         return round(ticks * self.min_tick, self._decimals)
 
+    def snap(self, price: float) -> float:
+        """`price` rounded to the nearest tick, at least one tick."""
+        return self._snap(max(1, round(price / self.min_tick)))
+
     def _draw_sizes(self) -> None:
         self._bid_size = self._rng.randint(1, 10) * self._size_unit
         self._ask_size = self._rng.randint(1, 10) * self._size_unit

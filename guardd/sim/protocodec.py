@@ -254,7 +254,7 @@ def order_status(
         status=order.status,
         avgFillPrice=order.avg_fill_price,
         permId=order.perm_id,
-        parentId=0,
+        parentId=order.parent_id,
         lastFillPrice=order.last_fill_price,
         clientId=order.client_id,
         mktCapPrice=mkt_cap_price,
@@ -431,13 +431,13 @@ def _contract(inst: Instrument, *, exchange: str, primary_exchange: str = "") ->
 
 def _fill_order(o: Proto, order: SimOrder) -> None:
     """The order fields openOrder and completedOrder share: the text wire's order head, permId
-    and outsideRth."""
+    outsideRth, OCA group and type, parentId and the trailing-stop fields."""
     o.orderId = order.order_id
     o.action = order.action
     o.totalQuantity = _decimal(order.total_quantity)
     o.orderType = order.order_type
     o.lmtPrice = order.lmt_price if order.lmt_price is not None else 0.0
-    o.auxPrice = 0.0
+    o.auxPrice = order.aux_price if order.aux_price is not None else 0.0
     o.tif = order.tif
     o.account = order.account
     o.origin = 0
@@ -445,6 +445,16 @@ def _fill_order(o: Proto, order: SimOrder) -> None:
         o.orderRef = order.order_ref
     o.permId = order.perm_id
     o.outsideRth = order.outside_rth
+    if order.oca_group:
+        o.ocaGroup = order.oca_group
+    o.ocaType = order.oca_type
+    o.parentId = order.parent_id
+    if order.trail_stop_price is not None:
+        o.trailStopPrice = order.trail_stop_price
+    if order.trailing_percent is not None:
+        o.trailingPercent = order.trailing_percent
+    if order.lmt_price_offset is not None:
+        o.lmtPriceOffset = order.lmt_price_offset
 
 
 def _decimal(value: float) -> str:
@@ -560,6 +570,11 @@ def _place_order(m: Proto) -> codec.PlacedOrder:
         outside_rth=o.outsideRth,
         transmit=o.HasField("transmit") and o.transmit,  # ibapi sends it only when true
         parent_id=o.parentId,
+        oca_group=o.ocaGroup,
+        oca_type=o.ocaType if o.HasField("ocaType") else 0,
+        trailing_percent=_optional(o, "trailingPercent"),
+        trail_stop_price=_optional(o, "trailStopPrice"),
+        lmt_price_offset=_optional(o, "lmtPriceOffset"),
     )
     return codec.PlacedOrder(
         order=order,
@@ -570,6 +585,14 @@ def _place_order(m: Proto) -> codec.PlacedOrder:
         hidden=o.hidden,
         features=tuple(features),
     )
+
+
+def _optional(o: Proto, name: str) -> float | None:
+    """A double ibapi sets only when valid (not UNSET_DOUBLE)."""
+    if not o.HasField(name):
+        return None
+    value = float(getattr(o, name))
+    return None if value == UNSET_DOUBLE else value
 
 
 def _cancel_order(m: Proto) -> list[str]:

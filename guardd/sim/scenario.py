@@ -40,6 +40,7 @@ class GatewaySection(_Strict):
     pnl_interval_s: Annotated[float, Field(gt=0)] = 1.0
     market_interval_s: Annotated[float, Field(gt=0)] = 0.1
     fill_latency_s: Annotated[float, Field(ge=0)] = 0.0
+    cancel_latency_s: Annotated[float, Field(ge=0)] = 0.0
     partial_fill_quantity: Annotated[float, Field(gt=0)] | None = None
     first_order_id: Annotated[int, Field(ge=1)] = 1
     # The highest server version offered (default 226); a client gets min(its max, this).
@@ -212,6 +213,11 @@ class CancelOrdersWhileDropped(_Fault):
     client_id: int | None = None  # None: every client's orders
 
 
+class Session(_Fault):
+    kind: Literal["session"]
+    event: Literal["opening_auction", "closing_auction", "expire_day_orders"]
+
+
 Fault = Annotated[
     DropClients
     | ConnectivityLost
@@ -228,7 +234,8 @@ Fault = Annotated[
     | MarketData
     | ReadOnly
     | Liquidate
-    | CancelOrdersWhileDropped,
+    | CancelOrdersWhileDropped
+    | Session,
     Field(discriminator="kind"),
 ]
 # Every fault's `kind`, read off the union so that a new fault needs no second list.
@@ -305,6 +312,7 @@ class Scenario(_Strict):
             pnl_interval_s=g.pnl_interval_s,
             market_interval_s=g.market_interval_s,
             fill_latency_s=g.fill_latency_s,
+            cancel_latency_s=g.cancel_latency_s,
             first_order_id=g.first_order_id,
         )
         if g.server_version is None:
@@ -442,5 +450,11 @@ async def _apply(gateway: SimGateway, scenario: Scenario, fault: Fault) -> None:
             gateway.liquidate(account or scenario.accounts[0].id, scenario.con_id(symbol), quantity)
         case CancelOrdersWhileDropped(seconds=seconds, client_id=client_id):
             await gateway.cancel_orders_while_dropped(seconds, client_id=client_id)
+        case Session(event=event):
+            {
+                "opening_auction": gateway.opening_auction,
+                "closing_auction": gateway.closing_auction,
+                "expire_day_orders": gateway.expire_day_orders,
+            }[event]()
         case _:
             assert_never(fault)

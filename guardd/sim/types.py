@@ -13,10 +13,33 @@ from typing import Literal
 
 SecType = Literal["STK", "FUT"]
 Action = Literal["BUY", "SELL"]
-OrderType = Literal["MKT", "LMT"]
+OrderType = Literal["MKT", "LMT", "STP", "STP LMT", "TRAIL", "TRAIL LIMIT", "MOC", "LOC"]
+ORDER_TYPES: tuple[OrderType, ...] = (
+    "MKT",
+    "LMT",
+    "STP",
+    "STP LMT",
+    "TRAIL",
+    "TRAIL LIMIT",
+    "MOC",
+    "LOC",
+)
+STOP_TYPES = frozenset({"STP", "STP LMT", "TRAIL", "TRAIL LIMIT"})  # held until triggered
+TRAIL_TYPES = frozenset({"TRAIL", "TRAIL LIMIT"})
+LIMIT_TYPES = frozenset({"LMT", "STP LMT", "LOC"})  # a limit price the client gives
+AUCTION_TYPES = frozenset({"MOC", "LOC"})  # executed in the closing auction only
+TIFS = ("DAY", "GTC", "IOC", "OPG")
 OrderStatusName = Literal[
-    "PendingSubmit", "PreSubmitted", "Submitted", "Filled", "Cancelled", "Inactive"
+    "PendingSubmit",
+    "PreSubmitted",
+    "Submitted",
+    "PendingCancel",
+    "Filled",
+    "Cancelled",
+    "ApiCancelled",
+    "Inactive",
 ]
+WORKING_STATUSES = frozenset({"PendingSubmit", "PreSubmitted", "Submitted", "PendingCancel"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +102,11 @@ class OrderRequest:
     outside_rth: bool = False
     transmit: bool = True
     parent_id: int = 0
+    oca_group: str = ""
+    oca_type: int = 0  # 1 cancel the others, 2 reduce them with block, 3 reduce without block
+    trailing_percent: float | None = None
+    trail_stop_price: float | None = None
+    lmt_price_offset: float | None = None  # TRAIL LIMIT: limit = stop -/+ offset
 
 
 @dataclass(slots=True)
@@ -102,6 +130,15 @@ class SimOrder:
     avg_fill_price: float = 0.0
     last_fill_price: float = 0.0
     why_held: str = ""
+    aux_price: float | None = None  # stop price (STP, STP LMT) or trailing amount (TRAIL*)
+    trailing_percent: float | None = None
+    trail_stop_price: float | None = None  # where a trailing stop stands now
+    lmt_price_offset: float | None = None
+    parent_id: int = 0
+    oca_group: str = ""
+    oca_type: int = 0
+    transmitted: bool = True  # False: placed with transmit=False and not released yet
+    triggered: bool = False  # a stop whose trigger price was reached (it now works as MKT/LMT)
 
     @property
     def remaining(self) -> float:
@@ -109,7 +146,7 @@ class SimOrder:
 
     @property
     def is_working(self) -> bool:
-        return self.status in ("PendingSubmit", "PreSubmitted", "Submitted")
+        return self.status in WORKING_STATUSES
 
 
 @dataclass(frozen=True, slots=True)
