@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -44,6 +45,7 @@ from guardd.core.rules import (
     Thresholds,
     Volatility,
     grade,
+    order_price,
     realised_vol,
 )
 
@@ -462,3 +464,51 @@ def test_non_finite_value_then_data_not_ok_nor_breach() -> None:
         finding = grade("leverage", value, Thresholds(warn=1.0, kill=3.0), what="leverage")
         assert finding.level == "data"
         assert finding.value is None
+
+
+def stop_order(
+    perm: int,
+    order_type: str,
+    *,
+    aux: float = math.nan,
+    lmt: float = math.nan,
+    qty: float = 10,
+    **terms: float,
+) -> OpenOrder:
+    return replace(order(perm, order_type=order_type, lmt=lmt, qty=qty), aux_price=aux, **terms)
+
+
+def test_protective_stop_limit_far_below_the_market_then_not_a_collar_breach() -> None:
+    # a sell stop-limit 10 % under the market: its limit waits for the stop, by design
+    book = book_with(tick(1, 100.0), stop_order(1, "STP LMT", aux=90.0, lmt=89.5))
+    assert CHECKS.evaluate(book, T).level == "ok"
+
+
+def test_buy_stop_valued_at_its_stop_price_then_notional_breach() -> None:
+    # 60 × the 1000 stop: 60,000 over 50,000, although at the market (800) it is 48,000
+    book = book_with(tick(1, 800.0), stop_order(1, "STP", aux=1000.0, qty=60))
+    f = CHECKS.evaluate(book, T)
+    assert (f.level, f.value) == ("kill", 60_000)
+
+
+@pytest.mark.parametrize(
+    ("event", "price"),
+    [
+        (stop_order(1, "STP LMT", aux=110.0, lmt=111.0), 111.0),
+        (stop_order(1, "TRAIL", aux=5.0, trail_stop_price=95.0), 95.0),
+        (stop_order(1, "TRAIL LIMIT", aux=5.0, trail_stop_price=95.0), 95.0),
+        (stop_order(1, "TRAIL", trailing_percent=2.0), 100.0),  # no stop reported: the market
+        (stop_order(1, "MOC"), 100.0),
+        (order(1, order_type="LOC", lmt=101.0), 101.0),
+        (stop_order(1, "STP"), 100.0),  # no stop price known: the market
+    ],
+)
+def test_order_price_by_order_type(event: OpenOrder, price: float) -> None:
+    book = book_with(event)
+    assert order_price(book.orders[PermId(1)], 100.0) == price
+
+
+def test_untransmitted_bracket_child_then_checked_like_a_working_order() -> None:
+    child = replace(order(2, qty=500), status="PreSubmitted", parent_id=1)
+    f = CHECKS.evaluate(book_with(tick(1, 100.0), child), T)
+    assert (f.level, f.subject) == ("kill", "perm:2")

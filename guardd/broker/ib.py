@@ -406,6 +406,13 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
                 currency=contract.currency,
                 multiplier=_multiplier(contract.multiplier),
                 ts=self._ts(),
+                aux_price=_number(order.auxPrice),
+                trail_stop_price=_number(order.trailStopPrice),
+                trailing_percent=_number(order.trailingPercent),
+                tif=order.tif or "",
+                outside_rth=bool(order.outsideRth),
+                parent_id=int(order.parentId or 0),
+                oca_group=order.ocaGroup or "",
             )
         )
 

@@ -117,6 +117,13 @@ class Order:
     quantity: float = math.nan
     order_type: str = ""
     lmt_price: float = math.nan
+    aux_price: float = math.nan
+    trail_stop_price: float = math.nan
+    trailing_percent: float = math.nan
+    tif: str = ""
+    outside_rth: bool = False
+    parent_id: int = 0
+    oca_group: str = ""
     order_ref: str = ""
     currency: str = ""
     multiplier: float = 1.0
@@ -794,6 +801,13 @@ class Book:
             quantity=event.quantity,
             order_type=event.order_type,
             lmt_price=event.lmt_price,
+            aux_price=event.aux_price,
+            trail_stop_price=event.trail_stop_price,
+            trailing_percent=event.trailing_percent,
+            tif=event.tif,
+            outside_rth=event.outside_rth,
+            parent_id=event.parent_id,
+            oca_group=event.oca_group,
             order_ref=event.order_ref,
             currency=event.currency,
             multiplier=event.multiplier,

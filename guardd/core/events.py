@@ -9,6 +9,7 @@ Every class is keyword-only so that a reordered field cannot silently swap two n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, NewType
 
@@ -173,13 +174,20 @@ class OpenOrder:
     sec_type: str
     action: str  # "BUY" / "SELL"
     quantity: float
-    order_type: str  # "MKT", "LMT", ...
+    order_type: str  # "MKT", "LMT", "STP", "STP LMT", "TRAIL", "TRAIL LIMIT", "MOC", "LOC"...
     lmt_price: float  # NaN when unset
     order_ref: str
     status: str
     currency: str
     multiplier: float
     ts: float
+    aux_price: float = math.nan  # stop price (STP, STP LMT) or trailing amount (TRAIL...)
+    trail_stop_price: float = math.nan  # where a trailing stop stands
+    trailing_percent: float = math.nan
+    tif: str = ""
+    outside_rth: bool = False
+    parent_id: int = 0  # a bracket child's parent order id (same client); 0 for none
+    oca_group: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -448,14 +448,46 @@ class OrderRate:
         return found
 
 
+TRIGGERED_LIMIT_TYPES = frozenset({"STP LMT", "TRAIL LIMIT", "LIT"})
+"""Order types whose limit works only once a trigger price is reached: the limit sits near the
+trigger, far from the market by design, so the collar does not apply to it (it applies to every
+other order with a limit price)."""
+
+
+def _positive(x: float) -> float | None:
+    return x if math.isfinite(x) and x > 0 else None
+
+
+def order_price(order: Order, reference: float) -> float:
+    """The price an order is valued at: where it would trade once it works.
+
+    LMT, LOC, STP LMT and a TRAIL LIMIT with its limit known: the limit price. STP: the stop
+    price (auxPrice). TRAIL (and a TRAIL LIMIT whose limit is not known yet): the trailing stop
+    price when reported, else `reference`. MKT, MOC and anything else: `reference` (NaN when
+    there is none). A missing price falls back to `reference`.
+    """
+    kind = order.order_type
+    lmt = _positive(order.lmt_price)
+    if kind in ("LMT", "LOC", "STP LMT", "TRAIL LIMIT") and lmt is not None:
+        return lmt
+    if kind == "STP":
+        return _positive(order.aux_price) or reference
+    if kind in ("TRAIL", "TRAIL LIMIT"):
+        return _positive(order.trail_stop_price) or reference
+    return reference
+
+
 @dataclass(frozen=True, slots=True)
 class OrderChecks:
     """Checks on every working order (any client): quantity ≤ `max_quantity`, notional
-    (quantity × multiplier × limit or reference price, converted to base currency) ≤
-    `max_notional`, limit price within `collar` (fraction) of the reference price, order type
-    and sec type not forbidden. A violation has the configured `level` (kill = global cancel, or
-    warn = alert only). guardd's own close orders (by identity, `Book.is_own`; never by orderRef)
-    are skipped. Data: notional needs a price or rate that is missing/stale.
+    (quantity × multiplier × `order_price`: the limit, the stop or the trailing stop price, else
+    the reference price; converted to base currency) ≤ `max_notional`, a limit price within
+    `collar` (fraction) of the reference price (not the limit of a stop-limit, trailing-limit or
+    limit-if-touched order, which waits for its trigger), order type and sec type not forbidden.
+    Untransmitted bracket children and OCA members are working orders like any other. A
+    violation has the configured `level` (kill = global cancel, or warn = alert only). guardd's
+    own close orders (by identity, `Book.is_own`; never by orderRef) are skipped. Data: notional
+    needs a price or rate that is missing/stale.
     """
 
     max_quantity: float | None = None
@@ -484,13 +516,14 @@ class OrderChecks:
             return breach(order.quantity, self.max_quantity, "order quantity above limit")
         quote = book.quote(order.con_id)
         ref = quote.reference if now - quote.ts <= self.max_price_age_s else math.nan
-        lmt = order.lmt_price if math.isfinite(order.lmt_price) and order.lmt_price > 0 else None
-        if self.collar is not None and lmt is not None and math.isfinite(ref):
+        lmt = _positive(order.lmt_price)
+        collared = order.order_type not in TRIGGERED_LIMIT_TYPES
+        if self.collar is not None and collared and lmt is not None and math.isfinite(ref):
             off = abs(lmt / ref - 1.0)
             if off > self.collar:
                 return breach(off, self.collar, f"limit {lmt} is {off:.2%} from price {ref}")
         if self.max_notional is not None:
-            price = lmt if lmt is not None else ref
+            price = order_price(order, ref)
             if not math.isfinite(price):
                 return data(self.name, "no price to value the order", subject)
             rate = book.exchange_rate(order.currency)
