@@ -589,6 +589,18 @@ class Executor:
                     live=e.live,
                 )
             )
+        buying: dict[planner.PositionKey, Decimal] = {}
+        selling: dict[planner.PositionKey, Decimal] = {}
+        for order in book.working_orders():
+            if not order.has_terms or book.is_own(order) or order.account != self.account:
+                continue
+            finite = math.isfinite(order.remaining)
+            rest = order.remaining if finite else order.quantity - order.filled
+            if not (math.isfinite(rest) and rest > 0):
+                continue
+            key = planner.PositionKey(planner.AccountId(order.account), planner.ConId(order.con_id))
+            side = buying if order.action == "BUY" else selling
+            side[key] = side.get(key, Decimal(0)) + _decimal(rest)
         synced_for = self._synced_for(now)
         return Observation(
             now=now,
@@ -598,6 +610,8 @@ class Executor:
             positions=positions,
             orders=orders,
             fills=fills,
+            foreign_buying=buying,
+            foreign_selling=selling,
         )
 
     def _updated(self, key: planner.PositionKey) -> float:

@@ -60,6 +60,8 @@ class Broker:
         self.updated = 0.0
         self.orders: dict[int, OrderReport] = {}
         self.fills: list[Fill] = []
+        self.foreign_buying: dict[PositionKey, Decimal] = {}
+        self.foreign_selling: dict[PositionKey, Decimal] = {}
 
     def obs(self) -> Observation:
         return Observation(
@@ -70,6 +72,8 @@ class Broker:
             positions={KEY: held(self.position, self.updated)},
             orders=dict(self.orders),
             fills=list(self.fills),
+            foreign_buying=dict(self.foreign_buying),
+            foreign_selling=dict(self.foreign_selling),
         )
 
     def figure(self, quantity: int) -> None:
@@ -409,3 +413,47 @@ def test_child_acknowledged_then_perm_id_journaled_once_and_restored_by_it() -> 
     # Assert: the stranger's fill is not the child's (by its permId), and it is foreign
     child = child_of(restored, first)
     assert child.perm_id == 1100 and child.filled == 0
+
+
+def test_foreign_sell_still_working_against_a_long_then_only_the_rest_closed() -> None:
+    # Arrange: long 10; a bot's sell of 6 is still working (its cancel has not landed)
+    broker = Broker(10)
+    broker.foreign_selling[KEY] = Decimal(6)
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+
+    # Act
+    plan = episode.step(broker.obs(), POLICY, 4)
+    (first,) = send_all(episode, plan, broker, 100)
+
+    # Assert: 4 now; the bot's 6 fills, ours fills, nothing more and flat
+    assert [(o.action, o.quantity) for o in plan.orders] == [(Action.SELL, Decimal(4))]
+    broker.now += 1
+    broker.fills.append(fill("bot1", -6, broker.now))
+    broker.foreign_selling.clear()
+    broker.figure(4)
+    done = close_fully(episode, broker, first, 4)
+    assert done.orders == () and episode.at_target
+
+
+def test_foreign_buy_working_against_a_long_then_the_whole_position_closed() -> None:
+    broker = Broker(10)
+    broker.foreign_buying[KEY] = Decimal(6)  # would add exposure: a later round closes it
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+
+    plan = episode.step(broker.obs(), POLICY, 4)
+
+    assert [(o.action, o.quantity) for o in plan.orders] == [(Action.SELL, Decimal(10))]
+
+
+def test_foreign_sells_cover_the_whole_long_then_no_child_until_they_end() -> None:
+    broker = Broker(10)
+    broker.foreign_selling[KEY] = Decimal(12)
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+
+    plan = episode.step(broker.obs(), POLICY, 4)
+    assert plan.orders == () and not episode.at_target
+
+    broker.now += 1
+    broker.foreign_selling.clear()  # cancelled, nothing filled
+    again = episode.step(broker.obs(), POLICY, 4)
+    assert [(o.action, o.quantity) for o in again.orders] == [(Action.SELL, Decimal(10))]

@@ -45,7 +45,10 @@ too high only by foreign closing fills we did not see, and `S` only by being sta
 `min` of the two, less every live child's unfilled rest, therefore never takes the position past
 its target unless both happen at once (see the assumptions). A live child that would now close
 too much (foreign fills shrank the position under it) is cancelled; one on the wrong side (the
-position flipped) is cancelled, and no new child goes to that position while it lives.
+position flipped) is cancelled, and no new child goes to that position while it lives. A
+foreign order still working on the closing side (the sweep's cancel has not landed: PendingCancel,
+or a bracket's stop the cancel races) counts like a live child of ours: its unfilled rest is
+left out of `closable` until it ends, so its fill and ours together never pass the target.
 
 Why it converges
 ----------------
@@ -179,6 +182,9 @@ class Observation:
     executions download has ended too. `orders` are our client's orders of the current
     connection by order id; `fills` every execution of the guarded account known so far (the
     episode counts each execId once, so passing old ones again is harmless).
+    `foreign_buying` / `foreign_selling` are, per position, the unfilled quantity of every
+    working buy / sell order that is not ours: the sweep is cancelling them, but until a cancel
+    lands (PendingCancel) they may still fill.
     """
 
     now: float
@@ -188,6 +194,8 @@ class Observation:
     positions: Mapping[PositionKey, Held]
     orders: Mapping[int, OrderReport]
     fills: Iterable[Fill]
+    foreign_buying: Mapping[PositionKey, Decimal] = field(default_factory=dict)
+    foreign_selling: Mapping[PositionKey, Decimal] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,7 +558,11 @@ class CloseEpisode:
                 or any(_off_target(e, target, tolerance) for e in expected)
             ):
                 off_target += 1
-            closable = _closable((*expected, figure))
+            closable = _less_foreign(
+                _closable((*expected, figure)),
+                obs.foreign_buying.get(key, ZERO),
+                obs.foreign_selling.get(key, ZERO),
+            )
             safety = self._cancels_for(key, closable, target, live, obs)
             cancels.extend(safety)
             cancels.extend(self._reprice_cancels(key, live, safety, obs, policy, records))
@@ -1059,6 +1071,18 @@ def _closable(witnesses: Sequence[Decimal]) -> Decimal:
     if len(sides) != 1 or 0 in sides:
         return ZERO
     return min(witnesses, key=abs)
+
+
+def _less_foreign(closable: Decimal, buying: Decimal, selling: Decimal) -> Decimal:
+    """What is left to close once working foreign orders on the closing side have filled: the
+    foreign sells working against a long position (the buys against a short) count like live
+    children of ours, never past zero. Foreign orders on the other side do not count (a fill of
+    theirs is new exposure, closed in a later round)."""
+    if closable > ZERO:
+        return max(ZERO, closable - selling)
+    if closable < ZERO:
+        return min(ZERO, closable + buying)
+    return closable
 
 
 def _closing_action(quantity: Decimal) -> Action | None:
