@@ -14,6 +14,11 @@ Values are stored as plain JSON: paths, enums, dataclasses, pydantic models and 
 converted; NaN and infinities become the strings "nan", "inf", "-inf" (strict JSON has no such
 numbers, and a NaN rule value is exactly what an audit must be able to record).
 
+Any text is stored, never refused: a lone surrogate (what ``json.loads`` makes of ``"\\udcff"`` in
+a refused payload) is written as its JSON escape ``\\udcff``, which reads back as the same string;
+bytes are stored as UTF-8 text with each invalid byte as ``\\xNN`` (so ``b"a\\xff"`` reads back
+as the four characters ``a\\xff``). A refusal that could not be journaled would be a defect.
+
 ``Journal.recent`` keeps the last ``RECENT_RECORDS`` records appended by this process in memory
 (the web console shows them; nothing is read back from disk for it).
 """
@@ -78,18 +83,17 @@ class Journal:
         """Write one record durably and return it as stored (plain JSON values).
 
         ``ts`` defaults to the clock; pass ``ts=`` to record an event's own time (replay).
-        Raises ``JournalError`` if the record cannot be encoded or made durable; the file is then
-        left ending with its last complete record.
+        Raises ``JournalError`` if a value has no JSON form (any text has one) or the record
+        cannot be made durable; the file is then left ending with its last complete record.
         """
         if not kind:
             raise JournalError("a journal record needs a kind")
         ts = fields.pop("ts", None)
         record = _plain({"ts": self._clock() if ts is None else ts, "kind": kind, **fields}, "")
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        try:
-            data = line.encode("utf-8") + b"\n"
-        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a refused JSON payload
-            raise JournalError(f"journal record {kind!r}: text UTF-8 cannot encode: {exc}") from exc
+        # A lone surrogate (e.g. from a refused JSON payload) cannot be UTF-8: its escape
+        # (backslash u, four hex digits) is exactly the JSON escape, inside a JSON string.
+        data = line.encode("utf-8", "backslashreplace") + b"\n"
         with self._lock:
             if self._fd is None:
                 raise JournalError(f"journal {self._path} is closed")
@@ -256,6 +260,8 @@ def _plain(value: Any, where: str) -> Any:
     if isinstance(value, list | tuple | set | frozenset):
         items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
         return [_plain(item, f"{where}[{index}]") for index, item in enumerate(items)]
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "backslashreplace")
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, dt.datetime | dt.date | dt.time):

@@ -214,17 +214,50 @@ def test_unstorable_value_then_journal_error_and_file_untouched(tmp_path: Path) 
     assert list(read_journal(path)) == [kept]
 
 
-def test_unencodable_text_then_journal_error_and_file_untouched(tmp_path: Path) -> None:
+def test_lone_surrogate_then_journaled_escaped_and_read_back_equal(tmp_path: Path) -> None:
     # json.loads accepts "\\ud800", so a refused command's reason can carry a lone surrogate
     path = tmp_path / "j"
     journal = Journal(path, clock=_clock)
-    kept = journal.append("decision")
+    reason = json.loads('"kill \\ud800 now"')
 
-    with pytest.raises(JournalError, match="command_refused"):
-        journal.append("command_refused", reason=json.loads('"\\ud800"'))
+    record = journal.append("command_refused", reason=reason)
 
     journal.close()
-    assert list(read_journal(path)) == [kept]
+    raw = path.read_bytes()
+    raw.decode("utf-8")  # the file stays valid UTF-8
+    assert b"kill \\ud800 now" in raw
+    assert list(read_journal(path)) == [record]
+    assert record["reason"] == reason
+
+
+def test_invalid_utf8_bytes_then_journaled_as_escaped_text(tmp_path: Path) -> None:
+    path = tmp_path / "j"
+    with Journal(path, clock=_clock) as journal:
+        record = journal.append("command_refused", payload=b"ok \xff\xfe\x00 end")
+
+    [back] = read_journal(path)
+    assert back == record
+    assert back["payload"] == "ok \\xff\\xfe\x00 end"
+
+
+any_text = st.text(
+    alphabet=st.characters(exclude_categories=[])
+    | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, exclude_categories=[]),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(reason=any_text, key=any_text, raw=st.binary(max_size=40))
+def test_any_text_or_bytes_then_journaled_never_refused(reason: str, key: str, raw: bytes) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "j"
+        with Journal(path, clock=_clock) as journal:
+            record = journal.append("command_refused", reason=reason, where={key: raw})
+
+        assert list(read_journal(path)) == [record]
+        assert record["reason"] == reason
+        assert record["where"] == {key: raw.decode("utf-8", "backslashreplace")}
 
 
 def test_failed_write_then_partial_line_cut_back(
