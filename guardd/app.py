@@ -43,6 +43,7 @@ from guardd.control.console import Console
 from guardd.control.http import ControlHttpServer
 from guardd.control.mqtt import MqttControl
 from guardd.control.nonces import NonceStore
+from guardd.control.refusals import RefusalLedger, RefusalSummary, refusal_kind
 from guardd.core import events as ev
 from guardd.core.book import Book
 from guardd.core.close import Record
@@ -57,7 +58,7 @@ from guardd.core.notices import (
 )
 from guardd.core.rules import Finding, Thresholds
 from guardd.credentials import load_credentials
-from guardd.errors import GuarddError, StartupError
+from guardd.errors import GuarddError, JournalError, StartupError
 from guardd.executor import Executor, journal_children, journal_order_ids
 from guardd.journal import Journal
 from guardd.latch import FRESH_START, LatchState, later_of, read_latch, witness_step, write_latch
@@ -206,6 +207,9 @@ class Guard:
             else None
         )
         self._rearm_first_force = False
+        # Refused commands: the first of each kind per interval journaled in full, the rest
+        # counted and journaled as one summary per interval (a junk flood costs no fsync each).
+        self.refusals = RefusalLedger(cfg.control.refusal_interval_s)
         self._watched: set[ev.ConId] = set()
         checks = self.rules.order_checks
         self._watch_order_prices = checks is not None and checks.collar is not None
@@ -251,6 +255,7 @@ class Guard:
         finally:
             self.notifier.notify("STOPPING=1")
             await self.executor.stop_episode("shutting down")
+            self.flush_refusals(force=True)
             self.journal.append("guard_stopped", account=self.cfg.account)
             self.journal.close()
 
@@ -350,6 +355,8 @@ class Guard:
                 clock=self.clock,
                 on_heartbeat=self.heartbeat if self.cfg.limits.heartbeats.bots else None,
                 nonces=nonces,
+                on_dropped=self.metrics.count_mqtt_dropped,
+                refusal_interval_s=self.cfg.control.refusal_interval_s,
             )
             await stack.enter_async_context(self.mqtt)  # connects in the background
 
@@ -522,6 +529,7 @@ class Guard:
             await self._evaluate(now, trigger_ts=now)
             self.executor.retry_latch()
             self._watch_conditions(now)
+            self.flush_refusals()
             self._publish_metrics()
             self._publish_sd_status()
             self._evaluated_at = time.monotonic()
@@ -878,9 +886,45 @@ class Guard:
         return None
 
     def audit(self, record: Mapping[str, object]) -> None:
-        """Journal a refused command (bad token, signature, replay, malformed)."""
+        """Account for a refused command (bad token, signature, replay, malformed): counted
+        always; journaled in full when it is the first of its kind in the interval, otherwise in
+        the interval's ``command_refusals_aggregated`` record (``flush_refusals``)."""
+        channel, error = str(record.get("channel")), str(record.get("error"))
+        self.metrics.count_refused(channel, error)
+        kind = refusal_kind(channel, error, record.get("status"))
+        if not self.refusals.note(kind, self.clock()):
+            return
         fields: dict[str, Any] = {k: v for k, v in record.items() if k != "kind"}
-        self.journal.append("command_refused", **fields)
+        try:
+            self.journal.append("command_refused", **fields)
+        except JournalError as exc:  # counted into the next summary: still accounted for
+            self.refusals.unkept(kind, self.clock())
+            self.metrics.count_journal_error()
+            log.error("journal_write_failed", record="command_refused", error=str(exc))
+
+    def flush_refusals(self, *, force: bool = False) -> RefusalSummary | None:
+        """Journal the refusals counted but not journaled in full, once their interval is over
+        (or now, with ``force``); what was journaled, if anything."""
+        summary = self.refusals.flush(self.clock(), force=force)
+        if summary is None:
+            return None
+        log.warning("command_refusals_aggregated", total=summary.total, counts=summary.counts)
+        try:
+            self.journal.append(
+                "command_refusals_aggregated",
+                since=summary.since,
+                until=summary.until,
+                counts=summary.counts,
+                total=summary.total,
+            )
+        except JournalError as exc:
+            self.metrics.count_journal_error()
+            log.error("journal_write_failed", record="command_refusals_aggregated", error=str(exc))
+            for kind, count in summary.counts.items():  # carried into the next summary
+                for _ in range(count):
+                    self.refusals.unkept(kind, self.clock())
+            return None
+        return summary
 
     def heartbeat(self, bot: str) -> None:
         """A bot said it is alive (MQTT `<prefix>/<account>/heartbeat/<bot>`); unknown bots are

@@ -568,6 +568,13 @@ class HttpControlConfig(_Model):
     tls_key_file: CredentialPath | None = None
     max_body_bytes: Annotated[int, Field(gt=0, le=1_048_576)] = 16_384
     console: bool = True  # the web console at /console (docs/console.md)
+    # A connection must send its request headers within header_timeout_s of opening (or of its
+    # last answer), and the body within body_timeout_s of the headers.
+    header_timeout_s: Seconds = 10.0
+    body_timeout_s: Seconds = 10.0
+    # Open connections beyond this close the oldest idle ones first, so a kill always gets in;
+    # capped further by the open-file limit (RLIMIT_NOFILE) less a reserve.
+    max_connections: Annotated[int, Field(ge=16, le=1_000_000)] = 1024
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Self:
@@ -649,6 +656,9 @@ class ControlConfig(_Model):
     two_person_rearm: bool = False
     rearm_window_s: Seconds = 300.0
     allow_insecure_permissions: bool = False
+    # Refused commands: the first of each kind per interval is journaled in full, the rest counted
+    # in one command_refusals_aggregated record per interval (guardd.control.refusals).
+    refusal_interval_s: Seconds = 10.0
 
     @model_validator(mode="after")
     def _people_hold_known_credentials_once(self) -> Self:

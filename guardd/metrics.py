@@ -25,6 +25,8 @@ Exported (prefix ``guardd_``; counters end in ``_total``)::
     guardd_ib_connected                               1 while connected to TWS / IB Gateway
     guardd_last_event_age_seconds                     age of the last broker event (at scrape)
     guardd_mqtt_connected                             1 while connected to the MQTT broker
+    guardd_commands_refused_total{channel,error}      every refused command (junk included)
+    guardd_mqtt_dropped_total{why}                    MQTT messages dropped unhandled (see below)
     guardd_trigger_to_cancel_seconds                  histogram: trigger to first cancel sent
     guardd_event_processing_seconds                   histogram: one broker event, fold to decision
     guardd_flatten_pending                            positions not yet flat while a flatten runs
@@ -45,6 +47,11 @@ the very figure the order-rate rule compares with its limits, over the rule's ow
 ``60s``); a Prometheus ``rate()`` over scrapes would smooth away the one-second burst the rule
 halts on. Graph it as a gauge, do not ``rate()`` it. ``process_start_time_seconds`` changing is
 a restart (the ``GuarddRestarting`` alert).
+
+``guardd_mqtt_dropped_total`` counts messages the MQTT adapter dropped before the guard: ``why`` is
+``queue_full`` (a verified command found the command queue full; it is also refused and
+journaled) or ``not_a_command`` (a message on a topic that is neither a command nor a heartbeat).
+Refused junk is counted in ``guardd_commands_refused_total``, never dropped uncounted.
 
 ``guardd_rule_kill_usage_ratio`` makes "near the kill limit" one comparison for every rule: for a
 higher-is-worse rule it is value / kill limit; for a lower-is-worse rule (margin cushion) it is
@@ -346,6 +353,19 @@ class Metrics:
             (*a, "reason"),
             registry=r,
         )
+        self._refused = Counter(
+            "guardd_commands_refused_total",
+            "Commands refused before reaching the guard (bad credential, signature, replay, "
+            "malformed), by channel and error class.",
+            (*a, "channel", "error"),
+            registry=r,
+        )
+        self._mqtt_dropped = Counter(
+            "guardd_mqtt_dropped_total",
+            "MQTT messages dropped before the guard, by why (queue_full, not_a_command).",
+            (*a, "why"),
+            registry=r,
+        )
         build_info = Gauge(
             "guardd_build_info", "guardd's version; always 1.", (*a, "version"), registry=r
         )
@@ -538,6 +558,14 @@ class Metrics:
     def mark_event(self, ts: float) -> None:
         """Record the time (epoch seconds, the clock's scale) of the latest broker event."""
         self._last_event.last_event = max(self._last_event.last_event, ts)
+
+    def count_refused(self, channel: str, error: str) -> None:
+        """Count one refused command (``error``: the error class, e.g. AuthError)."""
+        self._refused.labels(self.account, channel, error).inc()
+
+    def count_mqtt_dropped(self, why: str) -> None:
+        """Count one MQTT message dropped before the guard."""
+        self._mqtt_dropped.labels(self.account, why).inc()
 
     def set_mqtt_connected(self, connected: bool) -> None:
         """Whether the guard is connected to the MQTT broker."""

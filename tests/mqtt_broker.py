@@ -1,8 +1,9 @@
 """Control-plane test helpers: a real mosquitto on a free loopback port, and an in-memory guard.
 
 Import the fixtures into a test module (``from tests.mqtt_broker import mqtt_broker``). The
-broker is started with a config written to ``tmp_path`` (anonymous, or a password file), waited
-for until it accepts connections, and stopped after the test. A missing ``mosquitto`` binary fails
+broker is started with a config written to ``tmp_path`` (anonymous, or a password file; or the
+deployment's own snippet, password users and ACL file: ``start_deployed_broker``), waited for until
+it accepts connections, and stopped after the test. A missing ``mosquitto`` binary fails
 the test with a clear message: these tests must not silently skip.
 
 ``MemoryHandler`` is a small real ``CommandHandler``: kill -> HALTED; arm -> ARMED unless a kill
@@ -19,7 +20,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from guardd.control.commands import CommandOutcome, ControlCommand
 
 MQTT_USER = "guardd"
 MQTT_PASSWORD = "broker-password-0123"
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY_MOSQUITTO = ROOT / "deploy" / "mosquitto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,16 +90,23 @@ def _wait_accepting(proc: subprocess.Popen[bytes], port: int, log: Path) -> None
 
 
 def start_broker(
-    directory: Path, *, with_password: bool = False, port: int | None = None
+    directory: Path,
+    *,
+    with_password: bool = False,
+    port: int | None = None,
+    conf_lines: Sequence[str] | None = None,
 ) -> tuple[Broker, Stopper]:
     """Start mosquitto in ``directory`` (on ``port``, or a free one); returns the broker and a
-    function that stops it."""
+    function that stops it. ``conf_lines`` replaces the authentication lines (anonymous, or
+    ``MQTT_USER``'s password file) with the caller's."""
     binary = mosquitto_binary()
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     lines = [f"listener {port} 127.0.0.1", "persistence false", "log_type error warning"]
     lines.append("user root" if os.geteuid() == 0 else "")
-    if with_password:
+    if conf_lines is not None:
+        lines += conf_lines
+    elif with_password:
         password_file = directory / "passwords"
         password_file.write_text(_password_line(MQTT_USER, MQTT_PASSWORD))
         password_file.chmod(0o600)
@@ -116,6 +126,29 @@ def start_broker(
         MQTT_PASSWORD if with_password else None,
     )
     return broker, Stopper(proc)
+
+
+def start_deployed_broker(directory: Path, users: Mapping[str, str]) -> tuple[Broker, Stopper]:
+    """Start mosquitto with the deployment's snippet (deploy/mosquitto/guardd.conf) and ACL
+    (deploy/mosquitto/acl) as shipped, a password file holding ``users`` (name -> password) in
+    place of the snippet's path, and a test listener. The broker's credentials are the guard's
+    (``MQTT_USER``, which ``users`` must hold)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    password_file = directory / "passwords"
+    password_file.write_text("".join(_password_line(u, p) for u, p in users.items()))
+    password_file.chmod(0o600)
+    lines = []
+    for line in (DEPLOY_MOSQUITTO / "guardd.conf").read_text().splitlines():
+        key = line.partition(" ")[0]
+        if key == "password_file":
+            line = f"password_file {password_file}"
+        elif key == "acl_file":
+            line = f"acl_file {DEPLOY_MOSQUITTO / 'acl'}"
+        elif key == "listener" or key.startswith(("certfile", "keyfile", "cafile")):
+            line = ""  # the test listens on loopback without TLS
+        lines.append(line)
+    broker, stop = start_broker(directory, conf_lines=lines)
+    return Broker(broker.host, broker.port, MQTT_USER, users[MQTT_USER]), stop
 
 
 @dataclass(slots=True)

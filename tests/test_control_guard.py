@@ -135,6 +135,12 @@ async def running_guard(
         path.write_text(key + "\n")
         path.chmod(0o600)
         key_files[key_id] = path
+    credentials: dict[str, object] = {}
+    if broker.username is not None and broker.password is not None:
+        password_file = tmp_path / "mqtt-password"
+        password_file.write_text(broker.password + "\n")
+        password_file.chmod(0o600)
+        credentials = {"username": broker.username, "password_file": password_file}
     mqtt = cfg.control.mqtt.model_copy(
         update={
             "enabled": True,
@@ -142,6 +148,7 @@ async def running_guard(
             "port": broker.port,
             "operator_key_files": key_files,
             "operator_key_roles": {k: tuple(v) for k, v in (key_roles or KEY_ROLES).items()},
+            **credentials,
         }
     )
     if people is None and two_person:

@@ -392,13 +392,18 @@ async def test_retained_kill_waiting_on_broker_then_refused_at_subscribe_and_aud
     handler = MemoryHandler()
     await subscriber.subscribe(f"guardd/{ACCOUNT}/events", qos=1)
 
-    async with control(handler, mqtt_broker) as mqtt:
+    async with control(handler, mqtt_broker, refusal_interval_s=0.2) as mqtt:
         await eventually(lambda: mqtt.connected)
-        events = [json.loads(_text(await next_message(subscriber))) for _ in range(2)]
+        events = []
+        while sum(_refusals_in(e) for e in events) < 2:
+            events.append(json.loads(_text(await next_message(subscriber))))
 
         assert mqtt.connected
-    assert {e["type"] for e in events} == {"command_refused"}
-    assert all("retained" in e["refused_because"] for e in events)
+    # the first of the kind in full, the second counted (both audited, below)
+    [first, summary] = events
+    assert first["type"] == "command_refused" and "retained" in first["refused_because"]
+    assert summary["counts"] == {"mqtt:ReplayError": 1}
+    assert all("retained" in str(r["refused_because"]) for r in handler.audited)
     assert handler.handled == []
     assert handler.state == "ARMED"
     assert sorted(r["request_id"] for r in handler.audited) == ["nonce-0001", "nonce-0002"]
@@ -422,18 +427,64 @@ async def test_garbage_over_broker_then_each_refused_audited_and_still_connected
 ) -> None:
     handler = MemoryHandler()
     await subscriber.subscribe(f"guardd/{ACCOUNT}/events", qos=1)
-    async with control(handler, mqtt_broker) as mqtt:
+    async with control(handler, mqtt_broker, refusal_interval_s=0.2) as mqtt:
         await eventually(lambda: mqtt.connected)
 
         for raw in GARBAGE:
             await subscriber.publish(KILL_TOPIC, raw, qos=1)
-        events = [json.loads(_text(await next_message(subscriber))) for _ in GARBAGE]
+        events = []
+        while sum(_refusals_in(e) for e in events) < len(GARBAGE):
+            events.append(json.loads(_text(await next_message(subscriber))))
 
         assert mqtt.connected
-    assert [e["type"] for e in events] == ["command_refused"] * len(GARBAGE)
+    # Every one audited; on the events topic the first of each kind in full, the rest as counts.
     assert len(handler.audited) == len(GARBAGE)
+    assert mqtt.refused == len(GARBAGE)
+    kinds = [e["refused_because"] for e in events if e["type"] == "command_refused"]
+    assert len(kinds) == 2  # malformed (CommandError); bad signature, unknown key (AuthError)
+    [summary] = [e for e in events if e["type"] == "command_refusals_aggregated"]
+    assert summary["counts"] == {"mqtt:CommandError": 6, "mqtt:AuthError": 1}
     assert handler.state == "ARMED"
     assert handler.handled == []
+
+
+def _refusals_in(event: dict[str, object]) -> int:
+    if event["type"] == "command_refused":
+        return 1
+    total = event.get("total", 0)
+    return total if isinstance(total, int) else 0
+
+
+async def test_command_queue_full_then_verified_command_refused_audited_and_counted(
+    mqtt_broker: Broker, subscriber: aiomqtt.Client
+) -> None:
+    release, busy = asyncio.Event(), asyncio.Event()
+
+    class SlowGuard(MemoryHandler):
+        async def handle(self, command: ControlCommand) -> CommandOutcome:
+            busy.set()
+            await release.wait()
+            return await super().handle(command)
+
+    handler = SlowGuard()
+    dropped: list[str] = []
+    async with control(
+        handler, mqtt_broker, max_queued_commands=1, on_dropped=dropped.append
+    ) as mqtt:
+        await eventually(lambda: mqtt.connected)
+        await subscriber.publish(KILL_TOPIC, encode(payload(nonce="nonce-0000")), qos=1)
+        await asyncio.wait_for(busy.wait(), 5)  # the first is being carried out
+        for n in (1, 2):  # one is queued, one finds the queue full
+            await subscriber.publish(KILL_TOPIC, encode(payload(nonce=f"nonce-000{n}")), qos=1)
+        await eventually(lambda: len(handler.audited) == 1)
+        release.set()
+        await eventually(lambda: len(handler.handled) == 2)
+
+    assert dropped == ["queue_full"]
+    [refused] = handler.audited
+    assert refused["request_id"] == "nonce-0002"
+    assert refused["principal"] == "alice"
+    assert "wait for the guard" in str(refused["refused_because"])
 
 
 async def test_clean_exit_then_retained_state_offline(mqtt_broker: Broker) -> None:

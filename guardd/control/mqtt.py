@@ -17,9 +17,20 @@ restart does not forget them; a ``NonceCache`` in memory by default).
 
 The adapter runs on its own task: a broker that is down never blocks HTTP or the guard. It
 reconnects with capped exponential backoff; while disconnected, ``publish_state`` keeps only the
-latest state and ``publish_event`` keeps at most ``max_queued_events`` (oldest dropped). Every
-refused command (malformed, unknown key, bad signature, wrong role, stale, replayed) is journaled
-through ``handler.audit`` and changes nothing.
+latest state and ``publish_event`` keeps at most ``max_queued_events`` (oldest dropped).
+
+A junk flood never delays a valid command. Every message is screened in the receive path, as the
+MQTT client reads it and before anything touches the disk: a heartbeat is folded at once, a
+command is parsed and its signature, role and timestamp checked (one JSON parse and one HMAC),
+then its nonce (the only disk write, and only for a command that passed every other check). Only a
+verified command is queued, on a bounded command queue of its own
+(``max_queued_commands``), for the guard to carry out in order; junk never takes a place in it.
+Every refused command (malformed, unknown key, bad signature, wrong role, stale, replayed) changes
+nothing and goes to ``handler.audit`` (the guard counts each one and journals the first of each
+kind per interval in full, the rest as counts: ``guardd.control.refusals``). Events and log lines
+about refusals follow the same rule: the first of each kind per interval in full, then one
+``command_refusals_aggregated`` event with the counts. So memory, disk writes and outgoing
+messages stay bounded whatever is published on the command topics.
 """
 
 from __future__ import annotations
@@ -46,14 +57,24 @@ from guardd.control.auth import (
     parse_signed_command,
     verify_signed_command,
 )
-from guardd.control.commands import Action, CommandHandler, CommandOutcome, refusal_record
+from guardd.control.commands import (
+    Action,
+    CommandHandler,
+    CommandOutcome,
+    ControlCommand,
+    refusal_record,
+)
+from guardd.control.refusals import RefusalLedger, refusal_kind
 from guardd.errors import CommandError, ConfigError, GuarddError, ReplayError
 
-__all__ = ["OFFLINE", "MqttControl", "Topics", "client_ssl_context"]
+__all__ = ["MAX_QUEUED_COMMANDS", "OFFLINE", "MqttControl", "Topics", "client_ssl_context"]
 
 log = structlog.get_logger(__name__)
 
 OFFLINE: Final = b'{"online": false}'
+MAX_QUEUED_COMMANDS: Final = 64
+"""Verified commands waiting for the guard; one more is refused (and journaled), never lost."""
+_PAYLOAD_EXCERPT: Final = 200
 
 
 def client_ssl_context(ca_file: Path | None = None) -> ssl.SSLContext:
@@ -113,12 +134,51 @@ def _peek(payload: bytes) -> dict[str, str]:
     return {k: v[:200] for k in ("key_id", "nonce", "reason") if isinstance(v := data.get(k), str)}
 
 
+class _Verified(aiomqtt.Message):
+    """A command message whose signature, role, timestamp and nonce checked out: the only kind
+    of message the command queue carries."""
+
+    def __init__(self, message: aiomqtt.Message, command: ControlCommand, target: str) -> None:
+        super().__init__(
+            message.topic,
+            message.payload if isinstance(message.payload, bytes) else b"",
+            message.qos,
+            message.retain,
+            message.mid,
+            message.properties,
+        )
+        self.command = command
+        self.target = target
+
+
+def _command_queue(
+    screen: Callable[[aiomqtt.Message], _Verified | None],
+    full: Callable[[_Verified], None],
+) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """The client's incoming queue class: each message is screened as it is received
+    (``screen``); only a verified command is queued, and one that finds the queue full is handed
+    to ``full`` (refused and audited) instead of being dropped silently."""
+
+    class CommandQueue(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            verified = screen(item)
+            if verified is None:
+                return
+            try:
+                super().put_nowait(verified)
+            except asyncio.QueueFull:
+                full(verified)
+
+    return CommandQueue
+
+
 class MqttControl:
     """Signed MQTT commands for one account, used as ``async with``.
 
-    ``handle_payload`` is the whole command path (parse, verify, hand to the guard, publish the
-    outcome); the connection task only feeds it. ``publish_state`` and ``publish_event`` never
-    wait for the broker.
+    ``handle_payload`` is the whole command path (``verify``: parse, authenticate; then hand to
+    the guard and publish the outcome). Connected, the client's receive path runs ``verify`` on
+    each message as it is read and queues only verified commands for the connection task.
+    ``publish_state`` and ``publish_event`` never wait for the broker.
     """
 
     def __init__(
@@ -140,12 +200,19 @@ class MqttControl:
         backoff_max_s: float = 30.0,
         state_interval_s: float = 1.0,
         max_queued_events: int = 100,
+        max_queued_commands: int = MAX_QUEUED_COMMANDS,
+        refusal_interval_s: float = 10.0,
         on_heartbeat: Callable[[str], None] | None = None,
         nonces: NonceBook | None = None,
+        on_dropped: Callable[[str], None] | None = None,
     ) -> None:
         self.topics = Topics(topic_prefix, account)
         self._handler = handler
         self._on_heartbeat = on_heartbeat
+        self._on_dropped = on_dropped
+        self._max_queued_commands = max_queued_commands
+        # Events and log lines about refusals: the first of each kind per interval in full.
+        self._refusals = RefusalLedger(refusal_interval_s)
         self._keys = keys
         self._host = host
         self._port = port
@@ -170,6 +237,11 @@ class MqttControl:
         """True while connected to the broker and subscribed."""
         return self._client is not None
 
+    @property
+    def refused(self) -> int:
+        """Commands refused by this adapter since start (every one, junk included)."""
+        return self._refusals.total
+
     # ------------------------------------------------------------------ publishing
 
     def publish_state(self, status: Mapping[str, object]) -> None:
@@ -193,6 +265,18 @@ class MqttControl:
         """Handle one message on a command topic: the guard's outcome, or None if refused.
 
         ``retain``: the broker delivered it as a retained message (on subscribing), refused."""
+        verified = self.verify(topic, payload, retain=retain)
+        if verified is None:
+            return None
+        command, target = verified
+        return await self._carry_out(topic, command, target)
+
+    def verify(
+        self, topic: str, payload: bytes, *, retain: bool = False
+    ) -> tuple[ControlCommand, str] | None:
+        """Parse and authenticate a command message: (command, target), or None when it is not
+        a command topic or the command is refused (audited here; a retained message always is).
+        No await; the disk only for a verified command's nonce, or a refusal the guard journals."""
         route = self.topics.route(topic)
         if route is None:
             log.debug("mqtt_message_ignored", topic=topic)
@@ -210,9 +294,19 @@ class MqttControl:
                 now=self._clock(),
                 window_s=self._window_s,
             )
-            outcome = await self._handler.handle(command)
         except CommandError as exc:
             self._refuse(topic, action, payload, exc)
+            return None
+        return command, target
+
+    async def _carry_out(
+        self, topic: str, command: ControlCommand, target: str
+    ) -> CommandOutcome | None:
+        action = command.action
+        try:
+            outcome = await self._handler.handle(command)
+        except CommandError as exc:
+            self._refuse(topic, action, b"", exc, command=command)
             return None
         except GuarddError as exc:  # the guard failed to carry it out: say so, keep listening
             log.error("command_failed", channel="mqtt", topic=topic, error=str(exc))
@@ -250,8 +344,25 @@ class MqttControl:
         self.publish_state(self._handler.status())
         return outcome
 
-    def _refuse(self, topic: str, action: Action, payload: bytes, error: CommandError) -> None:
-        claimed = _peek(payload)
+    def _refuse(
+        self,
+        topic: str,
+        action: Action,
+        payload: bytes,
+        error: CommandError,
+        *,
+        command: ControlCommand | None = None,
+    ) -> None:
+        """Audit a refused command (every one), and log and publish it when it is the first of
+        its kind in the interval (the rest are summed in ``_flush_refusals``)."""
+        if command is not None:  # verified, then refused (by the guard, or the queue was full)
+            claimed = {"key_id": command.principal, "nonce": command.request_id}
+            claimed["reason"] = command.reason
+        else:
+            claimed = _peek(payload)
+        where: dict[str, object] = {"topic": topic}
+        if "reason" not in claimed and payload:  # what was sent, escaped, when it says no reason
+            where["payload"] = payload[:_PAYLOAD_EXCERPT]
         record = refusal_record(
             channel="mqtt",
             principal=claimed.get("key_id"),
@@ -259,8 +370,14 @@ class MqttControl:
             reason=claimed.get("reason"),
             error=error,
             request_id=claimed.get("nonce", ""),
-            topic=topic,
+            **where,
         )
+        try:
+            self._handler.audit(record)
+        except GuarddError as exc:  # the refusal stands even if the journal is failing
+            log.error("refusal_not_journaled", error=str(exc), topic=topic)
+        if not self._refusals.note(refusal_kind("mqtt", record["error"]), self._clock()):
+            return
         log.warning(
             "command_refused",
             channel="mqtt",
@@ -268,10 +385,6 @@ class MqttControl:
             key_id=record["principal"],
             why=str(error),
         )
-        try:
-            self._handler.audit(record)
-        except GuarddError as exc:  # the refusal stands even if the journal is failing
-            log.error("refusal_not_journaled", error=str(exc), topic=topic)
         self.publish_event(
             {
                 "type": "command_refused",
@@ -281,6 +394,59 @@ class MqttControl:
                 "accepted": False,
             }
         )
+
+    def _flush_refusals(self, *, force: bool = False) -> None:
+        summary = self._refusals.flush(self._clock(), force=force)
+        if summary is None:
+            return
+        log.warning("mqtt_refusals_aggregated", total=summary.total, counts=summary.counts)
+        self.publish_event(
+            {
+                "type": "command_refusals_aggregated",
+                "since": summary.since,
+                "until": summary.until,
+                "counts": summary.counts,
+                "total": summary.total,
+            }
+        )
+
+    # ------------------------------------------------------------------ the receive path
+
+    def _screen(self, message: aiomqtt.Message) -> _Verified | None:
+        """Called by the MQTT client for each message as it is read, before it is queued: a
+        heartbeat is folded, a command verified (or refused); only a verified command is
+        returned for the queue. Never raises: a bug here must not take the connection down."""
+        topic = str(message.topic)
+        try:
+            bot = self.topics.heartbeat_of(topic)
+            if bot is not None and self._on_heartbeat is not None:
+                self._on_heartbeat(bot)  # liveness only: a bot's payload is not read
+                return None
+            if self.topics.route(topic) is None:
+                self._dropped("not_a_command")
+                return None
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            verified = self.verify(topic, payload, retain=message.retain)
+            if verified is None:
+                return None
+            command, target = verified
+            return _Verified(message, command, target)
+        except Exception:
+            log.exception("mqtt_message_crashed", topic=topic)
+            return None
+
+    def _queue_full(self, message: _Verified) -> None:
+        self._dropped("queue_full")
+        error = CommandError(
+            f"{self._max_queued_commands} commands already wait for the guard; send it again"
+        )
+        self._refuse(
+            str(message.topic), message.command.action, b"", error, command=message.command
+        )
+
+    def _dropped(self, why: str) -> None:
+        if self._on_dropped is not None:
+            self._on_dropped(why)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -324,6 +490,8 @@ class MqttControl:
             tls_context=self._tls,
             timeout=10.0,
             keepalive=15,
+            queue_type=_command_queue(self._screen, self._queue_full),
+            max_queued_incoming_messages=self._max_queued_commands,
         )
 
     async def _connection_loop(self) -> None:
@@ -351,13 +519,12 @@ class MqttControl:
             delay = min(delay * 2, backoff_max)
 
     async def _handle_message(self, message: aiomqtt.Message) -> None:
-        """One message; a bug in handling it must not take the kill channel down with it."""
-        bot = self.topics.heartbeat_of(str(message.topic))
-        if bot is not None and self._on_heartbeat is not None:
-            self._on_heartbeat(bot)  # liveness only: a bot's payload is not read
+        """One verified command from the queue; a bug in carrying it out must not take the kill
+        channel down with it."""
+        if not isinstance(message, _Verified):  # only verified commands are ever queued
             return
         try:
-            await self.handle_payload(str(message.topic), message.payload, retain=message.retain)
+            await self._carry_out(str(message.topic), message.command, message.target)
         except Exception:
             log.exception("mqtt_message_crashed", topic=str(message.topic))
 
@@ -380,6 +547,7 @@ class MqttControl:
     async def _state_loop(self) -> None:
         while True:
             await asyncio.sleep(self._state_interval_s)
+            self._flush_refusals()
             status = dict(self._handler.status())
             if status != self._last_status:
                 self.publish_state(status)
