@@ -7,7 +7,8 @@ kill client, the runaway bot). Times are taken on the host's monotonic clock, wh
 shares; "received by the sim" is the moment the gateway's event loop parsed the message.
 
 Prints a table and writes `bench/results/latest.json`. `--quick` shortens every run (a few
-minutes in all); the full run soaks memory for 10 minutes. Loopback only; every loop is bounded.
+minutes in all); the full run soaks memory for 10 minutes and floods the MQTT command topics with
+junk for 60 s (`bench.flood`; 10 s in quick mode). Loopback only; every loop is bounded.
 """
 
 from __future__ import annotations
@@ -354,6 +355,7 @@ async def mosquitto(workdir: Path) -> AsyncIterator[int]:
     port = free_port()
     conf = workdir / "mosquitto.conf"
     lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false"]
+    lines.append("set_tcp_nodelay true")  # as deploy/mosquitto/guardd.conf recommends
     if os.geteuid() == 0:
         lines.append("user root")
     conf.write_text("\n".join(lines) + "\n")
@@ -842,6 +844,17 @@ def table(results: dict[str, Any]) -> str:
             f"; +{m['growth_mb']} MB over {m['soak_s']} s"
         )
         add("5. memory RSS", fig, "report", None)
+    mf = results.get("mqtt_flood")
+    if mf:
+        from bench.flood import goal_met
+
+        lat = mf["kill_to_latched"]
+        fig = (
+            f"p50 {lat['p50_ms']} / p99 {lat['p99_ms']} / max {lat['max_ms']} ms (n={lat['n']}), "
+            f"junk {mf['junk_sent_per_s']}/s for {mf['flood_s']:g} s, "
+            f"RSS +{mf['rss_growth_mb']} MB, missed {mf['kills_missed']}"
+        )
+        add("7. MQTT kill -> latched, junk flood", fig, "p99 < 50 ms, +< 20 MB", goal_met(mf))
     p = results.get("panic")
     g = (
         next((x for x in results.get("flatten", []) if x["positions"] == p["positions"]), None)
@@ -869,6 +882,7 @@ async def run(quick: bool, only: set[str]) -> dict[str, Any]:
     trials = 30 if quick else 200
     seconds = 3.0 if quick else 8.0  # per flood step
     soak = 30.0 if quick else 600.0
+    flood_s = 10.0 if quick else 60.0
     sizes = (50, 200, 1_000)
     with tempfile.TemporaryDirectory(prefix="guardd-bench-") as tmp:
         workdir = Path(tmp)
@@ -881,6 +895,7 @@ async def run(quick: bool, only: set[str]) -> dict[str, Any]:
                 ("flatten", lambda: _flatten_all(workdir, http, sizes)),
                 ("memory", lambda: bench_memory(workdir, http, soak)),
                 ("panic", lambda: bench_panic(200)),
+                ("mqtt_flood", lambda: _mqtt_flood(workdir, http, flood_s)),
             ]
             for name, step in steps:
                 if only and name not in only:
@@ -897,6 +912,12 @@ async def run(quick: bool, only: set[str]) -> dict[str, Any]:
     return results
 
 
+async def _mqtt_flood(workdir: Path, http: aiohttp.ClientSession, seconds: float) -> dict[str, Any]:
+    from bench.flood import bench_mqtt_flood  # bench.flood imports this module
+
+    return await bench_mqtt_flood(workdir, http, seconds)
+
+
 async def _flatten_all(
     workdir: Path, http: aiohttp.ClientSession, sizes: Sequence[int]
 ) -> list[dict[str, Any]]:
@@ -909,7 +930,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated subset: kill,trigger,throughput,flatten,memory,panic",
+        help="comma-separated subset: kill,trigger,throughput,flatten,memory,panic,mqtt_flood",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
