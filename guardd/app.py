@@ -258,6 +258,7 @@ class Guard:
             self.flush_refusals(force=True)
             self.journal.append("guard_stopped", account=self.cfg.account)
             self.journal.close()
+            self.executor.close()
 
     async def _serve(self, stop: asyncio.Event) -> None:
         self._evaluated_at = time.monotonic()

@@ -75,7 +75,7 @@ from guardd.core.events import BrokerError, OrderId
 from guardd.core.events import ConId as EventConId
 from guardd.errors import GuarddError, JournalError, LatchError
 from guardd.journal import Journal, read_journal
-from guardd.latch import LatchState, write_latch
+from guardd.latch import LatchState, LatchWriter
 from guardd.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -182,6 +182,10 @@ class Executor:
         self.latch_retry_s = latch_retry_s
         self._latch_pending: LatchState | None = None
         self._latch_retry_at = 0.0
+        # Opened now, before any flood: the latch write's descriptors are held in reserve.
+        self._latch_writer: LatchWriter | None = None
+        with contextlib.suppress(LatchError):  # opened again on the first write
+            self._latch_writer = LatchWriter(latch_path)
         self.global_cancels_sent = 0
         self.last_flat_confirmed: float | None = None
         # An order id of ours was refused (103): ask the gateway (reqIds) before the next child.
@@ -233,7 +237,7 @@ class Executor:
         """
         self._latch_pending = state  # a newer state replaces one still waiting to be written
         try:
-            write_latch(self.latch_path, state)
+            self._writer().write(state)
         except LatchError as exc:
             first = self.latch_error is None
             self.latch_error = str(exc)
@@ -263,6 +267,23 @@ class Executor:
             )
         self.latch_error = None
         return True
+
+    def _writer(self) -> LatchWriter:
+        """The latch writer for ``latch_path`` (reopened if the path changed or it failed to
+        open); ``LatchError`` if the directory cannot be opened."""
+        writer = self._latch_writer
+        if writer is None or writer.path != self.latch_path:
+            if writer is not None:
+                writer.close()
+                self._latch_writer = None
+            writer = self._latch_writer = LatchWriter(self.latch_path)
+        return writer
+
+    def close(self) -> None:
+        """Release the latch writer's descriptors (at the end of a run)."""
+        if self._latch_writer is not None:
+            self._latch_writer.close()
+            self._latch_writer = None
 
     async def _act(self, action: Action, decision: Decision, trigger_ts: float | None) -> None:
         match action:

@@ -13,6 +13,11 @@ into the latch they say holds; `later_of` picks, between the file and that witne
 the later decision. So a kill whose latch write failed (disk full...) but whose decision reached
 the journal still starts HALTED.
 
+Running out of file descriptors (a connection flood, a leak) never makes the latch the first
+thing to fail: `LatchWriter` keeps the state directory open and one spare descriptor in reserve,
+released just before the temporary file is created and taken back after, so a write needs no
+descriptor it does not already hold. The executor keeps one for the whole run.
+
 Fail closed: a missing file reads as HALTED ("latch_missing") unless the operator passed the
 explicit fresh-start flag, and a file that cannot be read or parsed always reads as HALTED
 ("latch_unreadable"). Such a synthetic halt uses mode "cancel": orders are kept cancelled, but
@@ -21,15 +26,17 @@ guardd never closes positions just because a file vanished; the operator decides
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar, get_args
+from types import TracebackType
+from typing import Any, Final, Literal, Self, TypeVar, get_args
 
 from guardd.errors import LatchError
 
@@ -39,6 +46,7 @@ __all__ = [
     "LATCH_UNREADABLE",
     "LatchMode",
     "LatchState",
+    "LatchWriter",
     "later_of",
     "read_latch",
     "witness_step",
@@ -73,33 +81,107 @@ class LatchState:
     detail: str = ""
 
 
-def write_latch(path: Path, state: LatchState) -> None:
-    """Replace the state file with ``state`` atomically and durably, or raise ``LatchError``.
+class LatchWriter:
+    """Writes the latch file at ``path`` atomically and durably, with the file descriptors it
+    needs held in reserve (the state directory, open, and one spare); ``LatchError`` on failure.
 
-    The state goes to a temporary file in the same directory, which is fsynced, renamed over
+    A write goes to a temporary file in the same directory, which is fsynced, renamed over
     ``path`` and followed by an fsync of the directory: after a crash the file holds either the
-    old state or the new one, never a mix.
+    old state or the new one, never a mix. The spare descriptor is closed just before the
+    temporary file is created (which takes its slot) and reopened once that file is closed, so
+    the write succeeds even when every other descriptor of the process is in use.
     """
-    if not math.isfinite(state.since):
-        raise LatchError(f"latch since must be a finite time, got {state.since!r}")
-    data = json.dumps({"version": _VERSION, **asdict(state)}, ensure_ascii=False).encode("utf-8")
-    temp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-        temp = None
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise LatchError(f"cannot write latch {path}: {exc.strerror or exc}") from exc
-    finally:
-        if temp is not None:
-            Path(temp).unlink(missing_ok=True)
-    _remove_stale_temps(path)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._dir_fd: int | None = None
+        self._spare: int | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._dir_fd = _open_dir(path.parent)
+        except OSError as exc:
+            raise LatchError(f"cannot write latch {path}: {exc.strerror or exc}") from exc
+        self._take_spare()
+
+    @property
+    def reserved(self) -> bool:
+        """True while the spare descriptor is held (it is retaken after each write)."""
+        return self._spare is not None
+
+    def write(self, state: LatchState) -> None:
+        """Replace the latch file with ``state``, or raise ``LatchError``."""
+        if not math.isfinite(state.since):
+            raise LatchError(f"latch since must be a finite time, got {state.since!r}")
+        text = json.dumps({"version": _VERSION, **asdict(state)}, ensure_ascii=False)
+        data = text.encode("utf-8", "backslashreplace")  # a lone surrogate: its JSON escape
+        temp: Path | None = None
+        self._release_spare()
+        try:
+            dir_fd = self._current_dir()
+            temp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.tmp")
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, self.path)
+            temp = None
+            os.fsync(dir_fd)
+        except OSError as exc:
+            raise LatchError(f"cannot write latch {self.path}: {exc.strerror or exc}") from exc
+        finally:
+            if temp is not None:
+                with contextlib.suppress(OSError):
+                    temp.unlink(missing_ok=True)
+            self._take_spare()
+        _remove_stale_temps(self.path)
+
+    def close(self) -> None:
+        """Release the held descriptors; a later ``write`` raises ``LatchError``."""
+        self._release_spare()
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _current_dir(self) -> int:
+        """The held directory descriptor, reopened if the directory was replaced meanwhile."""
+        if self._dir_fd is None:
+            raise OSError(9, "latch writer is closed")
+        held, now = os.fstat(self._dir_fd), os.stat(self.path.parent)
+        if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
+            os.close(self._dir_fd)
+            self._dir_fd = None
+            self._dir_fd = _open_dir(self.path.parent)
+        return self._dir_fd
+
+    def _take_spare(self) -> None:
+        if self._spare is None and self._dir_fd is not None:
+            with contextlib.suppress(OSError):  # retaken after the next write, then
+                self._spare = os.dup(self._dir_fd)
+
+    def _release_spare(self) -> None:
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+
+def write_latch(path: Path, state: LatchState) -> None:
+    """Replace the state file with ``state`` atomically and durably, or raise ``LatchError``
+    (a one-off ``LatchWriter``; a long-running writer keeps one to hold its reserve)."""
+    with LatchWriter(path) as writer:
+        writer.write(state)
 
 
 def read_latch(path: Path, *, allow_missing: bool, now: float | None = None) -> LatchState:
@@ -229,15 +311,19 @@ def _typed(document: dict[str, Any], key: str, kind: type[_T]) -> _T:
     return value
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _open_dir(directory: Path) -> int:
+    return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _remove_stale_temps(path: Path) -> None:
     # Temp files left by a crash between write and rename; one guardd owns a state directory.
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    # Best effort: listing the directory takes a descriptor, which may not be there to take.
+    with contextlib.suppress(OSError):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -341,3 +343,54 @@ def test_file_rearmed_after_journal_kill_then_file_wins() -> None:
 
     assert later_of(armed, witness) is armed
     assert later_of(armed, None) is armed
+
+
+EXHAUST_FDS = """
+import json, os, resource, sys
+from pathlib import Path
+from guardd.errors import LatchError
+from guardd.latch import LatchState, LatchWriter, write_latch
+
+directory = Path(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+writer = LatchWriter(directory / "latch.json")  # held from the start, as the executor holds it
+hog = []
+while True:  # every descriptor the process may have, taken (as a connection flood would)
+    try:
+        hog.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        break
+halted = LatchState(halted=True, reason="kill", source="http", since=1.0, mode="cancel")
+outcome = {}
+try:
+    write_latch(directory / "other.json", halted)
+    outcome["one_off"] = "written"
+except LatchError as exc:
+    outcome["one_off"] = str(exc)
+for n in range(3):  # again and again: the reserve is taken back after each write
+    writer.write(LatchState(halted=True, reason=f"kill {n}", source="http", since=1.0))
+outcome["reserved"] = writer.reserved
+for fd in hog:
+    os.close(fd)
+outcome["reason"] = json.loads((directory / "latch.json").read_text())["reason"]
+print(json.dumps(outcome))
+"""
+
+
+def test_every_descriptor_in_use_then_latch_writer_still_writes(tmp_path: Path) -> None:
+    # Arrange / Act: in a child process whose descriptors are all taken
+    done = subprocess.run(
+        [sys.executable, "-c", EXHAUST_FDS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    outcome = json.loads(done.stdout)
+
+    # Assert: the writer with its reserve wrote every time; a writer without one could not
+    assert outcome["reason"] == "kill 2"
+    assert outcome["reserved"] is True
+    assert "Too many open files" in outcome["one_off"]
+    assert read_latch(tmp_path / "latch.json", allow_missing=False).reason == "kill 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latch.json"]  # no temp left
