@@ -323,6 +323,9 @@ class Guard:
                 port=http_cfg.port,
                 ssl=credentials.http_tls,
                 max_body_bytes=http_cfg.max_body_bytes,
+                header_timeout_s=http_cfg.header_timeout_s,
+                body_timeout_s=http_cfg.body_timeout_s,
+                max_connections=http_cfg.max_connections,
                 routes=routes,
             )
             if http_cfg.console:

@@ -123,6 +123,7 @@ async def running_guard(
     kill_mode: str | None = None,
     key_roles: dict[str, list[str]] | None = None,
     people: dict[str, dict[str, list[str]]] | None = None,
+    http: dict[str, object] | None = None,
 ) -> AsyncIterator[Running]:
     """A guard with HTTP and MQTT control. With ``two_person`` and no ``people``: the HTTP arm
     token is carol's and the key bob's (the config requires every arm credential's person)."""
@@ -154,7 +155,12 @@ async def running_guard(
     if people is None and two_person:
         people = {"carol": {"http_tokens": ["arm"]}, "bob": {"mqtt_keys": ["bob"]}}
     control = cfg.control.model_copy(
-        update={"mqtt": mqtt, "two_person_rearm": two_person, "rearm_window_s": 60.0}
+        update={
+            "mqtt": mqtt,
+            "http": cfg.control.http.model_copy(update=http or {}),
+            "two_person_rearm": two_person,
+            "rearm_window_s": 60.0,
+        }
     )
     # validated as the config file would be: people name known credentials, two can re-arm
     control = ControlConfig.model_validate({**control.model_dump(), "people": people or {}})

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import ssl
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guardd.control.auth import TokenStore, TwoPersonRule
-from guardd.control.http import ControlHttpServer, server_ssl_context
+from guardd.control.http import (
+    FD_RESERVE,
+    ControlHttpServer,
+    connection_cap,
+    server_ssl_context,
+)
 from tests.mqtt_broker import MemoryHandler
 
 TOKENS = {
@@ -51,9 +57,15 @@ class Control:
         self.session = session
 
     async def post(
-        self, path: str, body: object = None, *, role: str | None = None, raw: bytes | None = None
+        self,
+        path: str,
+        body: object = None,
+        *,
+        role: str | None = None,
+        raw: bytes | None = None,
+        content_type: str = "application/json",
     ) -> tuple[int, dict[str, object]]:
-        headers = auth(role) if role else {}
+        headers = {**(auth(role) if role else {}), "Content-Type": content_type}
         data = raw if raw is not None else json.dumps(body).encode()
         async with self.session.post(self.server.url + path, data=data, headers=headers) as resp:
             return resp.status, await resp.json()
@@ -406,3 +418,159 @@ async def test_guard_fails_to_carry_out_then_json_500_command_failed(tmp_path: P
     assert status == 500
     assert body["error"] == "command_failed"
     assert "disk full" in str(body["message"])
+
+
+# ------------------------------------------------------------------------- under exhaustion
+
+
+async def raw_request(url: str, data: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send ``data`` on a fresh TCP connection and read until the server closes it."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+def json_body(response: bytes) -> tuple[int, dict[str, object], str]:
+    """(status, JSON body, X-Request-Id) of a raw HTTP/1.1 answer."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    assert headers["Content-Type"].startswith("application/json"), headers
+    return int(lines[0].split()[1]), json.loads(body), headers.get("X-Request-Id", "")
+
+
+async def test_every_error_then_json_with_request_id(control: Control) -> None:
+    url = control.server.url
+    answers = [
+        await control.post("/v1/kill", {"reason": "x"}),  # 401
+        await control.get("/v1/status"),  # 401
+        await control.post("/v1/kill", {"reason": "x"}, role="read"),  # 403
+        await control.get("/v1/nothing"),  # 404
+        await control.get("/v1/kill"),  # 405
+        await control.post("/v1/kill", raw=b"{", role="kill"),  # 400
+        await control.post("/v1/kill", {"reason": ""}, role="kill"),  # 422
+        await control.post("/v1/kill", {"reason": "x" * 2000}, role="kill"),  # 413
+        await control.post("/v1/kill", {"reason": "x"}, role="kill", content_type="text/plain"),
+    ]
+    unparsable = json_body(await raw_request(url, b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n"))
+    bad_header = json_body(await raw_request(url, b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n"))
+
+    statuses = [status for status, _ in answers] + [unparsable[0], bad_header[0]]
+    assert statuses == [401, 401, 403, 404, 405, 400, 422, 413, 415, 400, 400]
+    bodies = [body for _, body in answers] + [unparsable[1], bad_header[1]]
+    for body in bodies:
+        assert isinstance(body["request_id"], str) and len(body["request_id"]) == 32, body
+        assert body["error"] and body["message"]
+    assert unparsable[2] == unparsable[1]["request_id"]
+    assert control.handler.state == "ARMED"
+
+
+async def test_command_not_json_content_type_then_415_audited_and_unchanged(
+    control: Control,
+) -> None:
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/jsonx"):
+        status, body = await control.post(
+            "/v1/kill", {"reason": "x"}, role="kill", content_type=content_type
+        )
+        assert status == 415
+        assert body["error"] == "unsupported_media_type"
+
+    charset, _ = await control.post(
+        "/v1/kill", {"reason": "x"}, role="kill", content_type="application/json; charset=utf-8"
+    )
+    assert charset == 200
+    assert [r["status"] for r in control.handler.audited] == [415, 415, 415]
+    assert len(control.handler.handled) == 1
+
+
+@pytest.fixture
+async def quick_timeouts(tmp_path: Path) -> AsyncIterator[Control]:
+    handler = MemoryHandler()
+    server = ControlHttpServer(
+        handler,
+        tokens=token_store(tmp_path),
+        port=0,
+        header_timeout_s=0.3,
+        body_timeout_s=0.3,
+        max_connections=16,
+    )
+    async with server, aiohttp.ClientSession() as session:
+        yield Control(server, handler, session)
+
+
+async def test_body_slower_than_timeout_then_408_audited_and_closed(
+    quick_timeouts: Control,
+) -> None:
+    head = (
+        "POST /v1/kill HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {TOKENS['kill']}\r\nContent-Length: 100\r\n\r\n"
+        '{"reason": '
+    )
+
+    status, body, _ = json_body(await raw_request(quick_timeouts.server.url, head.encode()))
+
+    assert status == 408
+    assert body["error"] == "timeout" and body["request_id"]
+    assert quick_timeouts.handler.state == "ARMED"
+    assert [r["status"] for r in quick_timeouts.handler.audited] == [408]
+
+
+async def test_headers_slower_than_timeout_then_connection_closed(
+    quick_timeouts: Control,
+) -> None:
+    partial = b"POST /v1/kill HTTP/1.1\r\nHost: x\r\n"  # never finished
+
+    answer = await raw_request(quick_timeouts.server.url, partial)
+    silent = await raw_request(quick_timeouts.server.url, b"")
+
+    assert answer == b"" and silent == b""  # closed by the server, without an answer
+    assert quick_timeouts.server.connections == 0
+
+
+async def test_connections_over_cap_then_oldest_idle_closed_and_kill_answered(
+    tmp_path: Path,
+) -> None:
+    handler = MemoryHandler()
+    server = ControlHttpServer(
+        handler, tokens=token_store(tmp_path), port=0, header_timeout_s=60.0, max_connections=16
+    )
+    async with server, aiohttp.ClientSession() as session:
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(40)]
+        try:
+            await eventually_true(lambda: server.evicted >= 40 - server.cap)
+
+            status, body = await Control(server, handler, session).post(
+                "/v1/kill", {"reason": "x"}, role="kill"
+            )
+
+            assert status == 200 and body["state"] == "HALTED"
+            assert server.connections <= server.cap
+            closed = [await _closed(reader) for reader, _ in idle[:20]]
+            assert all(closed)  # the oldest went first
+        finally:
+            for _, writer in idle:
+                writer.close()
+
+
+async def _closed(reader: asyncio.StreamReader) -> bool:
+    async with asyncio.timeout(2):
+        return await reader.read() == b""
+
+
+async def eventually_true(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():  # noqa: ASYNC110 (a condition of another object, polled)
+            await asyncio.sleep(0.01)
+
+
+def test_connection_cap_then_open_file_limit_less_reserve() -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    assert connection_cap(10) == min(10, soft - FD_RESERVE)
+    assert connection_cap(10**9) == soft - FD_RESERVE

@@ -13,21 +13,39 @@ Routes (JSON in and out; see docs/control.md):
 =========================  ==========  =====================================================
 
 Answers: 200 accepted, 202 re-arm pending a second operator, 409 refused by the guard, 400
-malformed JSON or a missing field, 401 no or unknown token, 403 wrong role, 413 body over
-``max_body_bytes``, 422 valid JSON with invalid values; 404 / 405 as aiohttp gives them. A refused
-command changes nothing and is journaled through ``handler.audit``. Others add routes (``/metrics``)
-with ``routes=`` or through ``server.app`` before entering the context.
+malformed JSON or a missing field, 401 no or unknown token, 403 wrong role, 408 body not received
+within ``body_timeout_s``, 413 body over ``max_body_bytes``, 415 a command body that is not
+``application/json``, 422 valid JSON with invalid values; 404 / 405 as aiohttp gives them. Every
+answer carries ``X-Request-Id``, and every error body ``{"error", "message", "request_id"}``, even
+one for a request aiohttp could not parse. A refused command changes nothing and goes to
+``handler.audit``. Others add routes (``/metrics``) with ``routes=`` or through ``server.app``
+before entering the context.
+
+Under exhaustion (the kill must still get in):
+
+- a connection must send its request headers within ``header_timeout_s`` of opening (or of its
+  last answer; aiohttp's keep-alive timer, which also covers a connection that sends nothing),
+  and a command's body within ``body_timeout_s`` (408);
+- at most ``max_connections`` are open, and never more than the open-file limit less
+  ``FD_RESERVE`` (``connection_cap``): a new connection beyond that closes the oldest idle ones
+  first (no request in progress), then the oldest still sending a body, never one whose command
+  is being carried out. A kill's new connection is therefore always accepted and answered, and
+  the process never runs out of descriptors because of connections.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import resource
 import ssl
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Literal, Self
 
 import structlog
 from aiohttp import web
@@ -44,13 +62,25 @@ from guardd.control.commands import (
 )
 from guardd.errors import AuthError, CommandError, ConfigError, GuarddError
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "ControlHttpServer", "server_ssl_context"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_CONNECTIONS",
+    "FD_RESERVE",
+    "ControlHttpServer",
+    "connection_cap",
+    "server_ssl_context",
+]
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_BODY_BYTES: Final = 16_384
 SHUTDOWN_TIMEOUT_S: Final = 0.5
 """How long a stopping server lets requests in flight finish (the guard stops within 2 s)."""
+DEFAULT_MAX_CONNECTIONS: Final = 1024
+FD_RESERVE: Final = 128
+"""Descriptors kept free of HTTP connections: the journal, the latch, IB, MQTT, metrics, logs."""
+_JSON: Final = "application/json"
+_REQUEST_ID: Final = web.RequestKey("request_id", str)
 _FIELDS: Final[Mapping[Action, frozenset[str]]] = {
     "kill": frozenset({"reason", "mode"}),
     "arm": frozenset({"reason", "force"}),
@@ -78,9 +108,50 @@ def _json(status: int, body: Mapping[str, object], **headers: str) -> web.Respon
     )
 
 
-def _error(status: int, error: str, message: str, **extra: object) -> web.Response:
+def _error(
+    status: int, error: str, message: str, *, request_id: str, **extra: object
+) -> web.Response:
     headers = {"WWW-Authenticate": 'Bearer realm="guardd"'} if status == 401 else {}
-    return _json(status, {"error": error, "message": message, **extra}, **headers)
+    body = {"error": error, "message": message, "request_id": request_id, **extra}
+    response = _json(status, body, **headers)
+    if status in (408, 413):  # a client too slow or too large is not kept for another request
+        response.force_close()
+    return response
+
+
+def connection_cap(max_connections: int) -> int:
+    """How many HTTP connections may be open: ``max_connections``, and never more than the
+    process's open-file limit (RLIMIT_NOFILE, soft) less ``FD_RESERVE``."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max_connections
+    return max(1, min(max_connections, soft - FD_RESERVE))
+
+
+class _Connection(web.RequestHandler):
+    """aiohttp's connection handler, answering a request it cannot parse (bad request line or
+    header) or one whose handler failed with guardd's JSON error body and a request id instead of
+    plain text."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # an answer is on its way already: give up
+            raise ConnectionError("answer already started, cannot send an error")
+        request_id = uuid.uuid4().hex
+        log.info("http_request_failed", status=status, remote=request.remote, error=repr(exc))
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+        response = _error(status, _error_name(status), phrase, request_id=request_id)
+        response.headers["X-Request-Id"] = request_id
+        response.force_close()
+        return response
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -109,6 +180,9 @@ class ControlHttpServer:
         port: int = 8787,
         ssl: ssl.SSLContext | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        header_timeout_s: float = 10.0,
+        body_timeout_s: float = 10.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
         routes: Iterable[web.AbstractRouteDef] = (),
     ) -> None:
         self._handler = handler
@@ -117,10 +191,17 @@ class ControlHttpServer:
         self._port = port
         self._ssl = ssl
         self._max_body_bytes = max_body_bytes
+        self._header_timeout_s = header_timeout_s
+        self._body_timeout_s = body_timeout_s
+        self._max_connections = max_connections
+        self.cap = max_connections  # set from the open-file limit on entering the context
+        self.evicted = 0  # connections closed to make room for new ones
+        self._evicted_logged = 0.0
+        # Connections with a request in progress: still sending its body, or carried out.
+        self._busy: dict[web.RequestHandler, Literal["reading", "committed"]] = {}
         self._runner: web.AppRunner | None = None
-        self.app = web.Application(
-            client_max_size=max_body_bytes, middlewares=[self._errors_as_json]
-        )
+        self._listener: asyncio.Server | None = None
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._each_request])
         self.app.add_routes(
             [
                 web.post("/v1/kill", self._kill),
@@ -135,9 +216,17 @@ class ControlHttpServer:
     @property
     def port(self) -> int:
         """The bound TCP port (after entering the context)."""
-        if self._runner is None or not self._runner.addresses:
+        if self._listener is None or not self._listener.sockets:
             raise RuntimeError("the HTTP control server is not running")
-        return int(self._runner.addresses[0][1])
+        return int(self._listener.sockets[0].getsockname()[1])
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        runner = self._runner
+        if runner is None or runner.server is None:
+            return 0
+        return sum(1 for c in runner.server.connections if c.transport is not None)
 
     @property
     def url(self) -> str:
@@ -151,14 +240,30 @@ class ControlHttpServer:
             self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
         )
         await runner.setup()
+        self.cap = connection_cap(self._max_connections)
+        self._runner = runner
         try:
-            site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl)
-            await site.start()
+            loop = asyncio.get_running_loop()
+            self._listener = await loop.create_server(
+                self._accept,
+                self._host,
+                self._port,
+                ssl=self._ssl,
+                ssl_handshake_timeout=self._header_timeout_s if self._ssl else None,
+                backlog=1024,
+                reuse_address=True,
+            )
         except BaseException:
+            self._runner = None
             await runner.cleanup()
             raise
-        self._runner = runner
-        log.info("http_control_listening", host=self._host, port=self.port, tls=bool(self._ssl))
+        log.info(
+            "http_control_listening",
+            host=self._host,
+            port=self.port,
+            tls=bool(self._ssl),
+            max_connections=self.cap,
+        )
         return self
 
     async def __aexit__(
@@ -167,19 +272,69 @@ class ControlHttpServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
             log.info("http_control_stopped")
+        if self._listener is not None:
+            await self._listener.wait_closed()
+            self._listener = None
+
+    # ------------------------------------------------------------------ connections
+
+    def _accept(self) -> web.RequestHandler:
+        """A new connection's handler, after making room for it under the cap."""
+        runner = self._runner
+        assert runner is not None and runner.server is not None
+        self._make_room(runner.server)
+        return _Connection(
+            runner.server,
+            loop=asyncio.get_running_loop(),
+            keepalive_timeout=self._header_timeout_s,
+            lingering_time=0,  # a body left unread (refused, too slow): close, do not drain it
+            access_log=None,  # type: ignore[arg-type]  # None: no access log (as AppRunner)
+        )
+
+    def _make_room(self, server: web.Server) -> None:
+        """Close the oldest idle connections (then the oldest still sending a body) so that one
+        more fits under the cap; a connection whose command is being carried out stays."""
+        open_now = [c for c in server.connections if c.transport is not None]
+        excess = len(open_now) + 1 - self.cap
+        if excess <= 0:
+            return
+        idle = [c for c in open_now if c not in self._busy]
+        reading = [c for c in open_now if self._busy.get(c) == "reading"]
+        victims = (idle + reading)[:excess]
+        for connection in victims:
+            connection.force_close()
+        self.evicted += len(victims)
+        now = time.monotonic()
+        if now - self._evicted_logged >= 1.0:  # a flood of connections: one line a second
+            self._evicted_logged = now
+            log.warning(
+                "http_connections_evicted", evicted=self.evicted, open=len(open_now), cap=self.cap
+            )
 
     @web.middleware
-    async def _errors_as_json(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+    async def _each_request(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        """A request id for every request; errors as JSON; the connection marked busy."""
+        request_id = uuid.uuid4().hex
+        request[_REQUEST_ID] = request_id
+        connection = request.protocol
+        self._busy[connection] = "reading"
         try:
-            return await handler(request)
+            response = await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+            name = exc.reason.lower().replace(" ", "_")
+            response = _error(exc.status, name, exc.reason, request_id=request_id)
+        finally:
+            self._busy.pop(connection, None)
+        response.headers["X-Request-Id"] = request_id
+        return response
 
     # ------------------------------------------------------------------ routes
 
@@ -196,7 +351,12 @@ class ControlHttpServer:
             self._authorise(request, "read")
         except _RefusedError as refused:
             log.info("status_refused", remote=request.remote, why=str(refused.error))
-            return _error(refused.status, _error_name(refused.status), str(refused.error))
+            return _error(
+                refused.status,
+                _error_name(refused.status),
+                str(refused.error),
+                request_id=request[_REQUEST_ID],
+            )
         return _json(200, dict(self._handler.status()))
 
     async def _kill(self, request: web.Request) -> web.Response:
@@ -219,13 +379,17 @@ class ControlHttpServer:
             raise _RefusedError(401, exc) from exc
 
     async def _command(self, request: web.Request, action: Action) -> web.Response:
-        request_id = uuid.uuid4().hex
+        request_id: str = request[_REQUEST_ID]
         principal: Principal | None = None
         body: object = None
         try:
             principal = self._authenticate(request)
             _require(principal, required_role(action))
-            body = await _read_json(request, self._max_body_bytes)
+            if request.content_type != _JSON:
+                why = f"Content-Type must be {_JSON}, not {request.content_type}"
+                raise _RefusedError(415, CommandError(why))
+            body = await _read_json(request, self._max_body_bytes, self._body_timeout_s)
+            self._busy[request.protocol] = "committed"  # never evicted from here on
             command = _command_from_body(
                 body, action, principal.name, request_id, person=principal.person
             )
@@ -319,17 +483,23 @@ def _error_name(status: int) -> str:
         400: "malformed",
         401: "unauthorized",
         403: "forbidden",
+        408: "timeout",
         409: "refused",
         413: "too_large",
+        415: "unsupported_media_type",
         422: "invalid",
     }.get(status, "error")
 
 
-async def _read_json(request: web.Request, limit: int) -> object:
+async def _read_json(request: web.Request, limit: int, timeout_s: float) -> object:
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise _RefusedError(413, CommandError(f"body larger than {limit} bytes")) from exc
+    except TimeoutError as exc:
+        why = f"body not received within {timeout_s:g} s"
+        raise _RefusedError(408, CommandError(why)) from exc
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:
