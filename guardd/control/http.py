@@ -148,7 +148,8 @@ class _Connection(web.RequestHandler):
             phrase = HTTPStatus(status).phrase
         except ValueError:
             phrase = "Error"
-        response = _error(status, _error_name(status), phrase, request_id=request_id)
+        name = "unparsable_request" if status == 400 else _error_name(status)
+        response = _error(status, name, phrase, request_id=request_id)
         response.headers["X-Request-Id"] = request_id
         response.force_close()
         return response

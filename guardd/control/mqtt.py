@@ -213,6 +213,7 @@ class MqttControl:
         self._max_queued_commands = max_queued_commands
         # Events and log lines about refusals: the first of each kind per interval in full.
         self._refusals = RefusalLedger(refusal_interval_s)
+        self.crashes = 0  # messages whose handling raised (a bug): logged, counted, survived
         self._keys = keys
         self._host = host
         self._port = port
@@ -432,6 +433,7 @@ class MqttControl:
             command, target = verified
             return _Verified(message, command, target)
         except Exception:
+            self.crashes += 1
             log.exception("mqtt_message_crashed", topic=topic)
             return None
 
@@ -526,6 +528,7 @@ class MqttControl:
         try:
             await self._carry_out(str(message.topic), message.command, message.target)
         except Exception:
+            self.crashes += 1
             log.exception("mqtt_message_crashed", topic=str(message.topic))
 
     async def _publish_loop(self) -> None:
