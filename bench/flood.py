@@ -1,5 +1,8 @@
-"""Benchmark: a valid signed MQTT kill under a junk flood on the command topics.
+"""Benchmarks of the control plane under attack: a valid signed MQTT kill under a junk flood on
+the command topics (`bench_mqtt_flood`), and an HTTP kill while 1,100 idle connections and 200
+slow-body clients are held (`bench_http_exhaustion`).
 
+MQTT junk flood.
 `guardd run` (the real daemon) against the simulated gateway and mosquitto (its default queue
 limits, anonymous: the attacker has publish rights, the ACL of deploy/mosquitto is not in place).
 `bench.junk.JunkFlood` offers `rate` junk messages a second at QoS 1 on the guard's kill, arm and
@@ -13,16 +16,25 @@ Figures:
 - the guard's RSS before, at its highest during the flood, and after; its CPU share;
 - junk offered and counted by the guard (guardd_commands_refused_total), and how the journal
   accounts for them (command_refused records in full + command_refusals_aggregated counts).
+
+HTTP exhaustion. The guard runs with the systemd unit's open-file limit (LimitNOFILE, 4096). The
+driver opens 1,100 idle connections and 200 connections that send a kill's headers and the start
+of its body and nothing more (timeouts raised to 120 s, so that they are held, not timed out),
+then sends `kills` HTTP kills, one at a time, each followed by a status read and a re-arm.
+Figures: kill -> 200 answer, kill -> latched (as above), status answer time, connections evicted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
+import resource
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +55,13 @@ from bench.run import (
 from guardd.control.auth import signed_payload
 from guardd.journal import read_journal
 
-__all__ = ["FLOOD_JUNK_RATE", "bench_mqtt_flood", "goal_met"]
+__all__ = [
+    "FLOOD_JUNK_RATE",
+    "bench_http_exhaustion",
+    "bench_mqtt_flood",
+    "goal_met",
+    "http_goal_met",
+]
 
 FLOOD_JUNK_RATE = 6_000.0
 TOPICS = (f"guardd/{ACCOUNT}/cmd/kill", f"guardd/{ACCOUNT}/cmd/arm", "guardd/all/cmd/kill")
@@ -199,6 +217,91 @@ def _accounting(guard: Guard) -> tuple[int, int, int]:
             aggregated += int(record.get("total", 0))
             records += 1
     return full, aggregated, records
+
+
+UNIT_NOFILE = 4096  # LimitNOFILE in deploy/systemd/guardd.service
+IDLE, SLOW_BODY = 1_100, 200
+
+
+@contextlib.contextmanager
+def _soft_nofile(limit: int) -> Iterator[None]:
+    """The driver's soft open-file limit set to ``limit`` (what a child it starts inherits)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def bench_http_exhaustion(
+    workdir: Path, http: aiohttp.ClientSession, kills: int
+) -> dict[str, Any]:
+    """HTTP kills while idle and slow-body connections are held (see the module docstring)."""
+    async with Sim(20) as sim:
+        setup = GuardSetup(http_timeouts_s=120.0)
+        guard = Guard(sim.port, setup, workdir / "http-exhaustion")
+        with _soft_nofile(UNIT_NOFILE):
+            await guard.start(http)
+        try:
+            await sim.wait_subscribed(0, 20, 30)
+            head = (
+                "POST /v1/kill HTTP/1.1\r\nHost: guard\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {guard.tokens['kill']}\r\nContent-Length: 1000\r\n\r\n"
+                '{"reason": "'
+            ).encode()
+            held = []
+            for n in range(IDLE + SLOW_BODY):
+                reader, writer = await asyncio.open_connection("127.0.0.1", guard.http_port)
+                if n >= IDLE:
+                    writer.write(head)
+                held.append((reader, writer))
+            await asyncio.sleep(1.0)
+            replies, statuses, trials = [], [], []
+            answered = 0
+            try:
+                for _ in range(kills):
+                    wall, t0 = time.time(), time.monotonic()
+                    reply = await guard.kill(http)
+                    replies.append(time.monotonic() - t0)
+                    answered += reply.get("state") == "HALTED"
+                    t1 = time.monotonic()
+                    await guard.status(http)
+                    statuses.append(time.monotonic() - t1)
+                    trials.append((str(reply.get("request_id")), wall, None))
+                    await guard.arm(http)
+                    await asyncio.sleep(0.05)
+            finally:
+                for _, writer in held:
+                    writer.close()
+            assert guard.proc is not None
+            open_files = len(os.listdir(f"/proc/{guard.proc.pid}/fd"))
+        finally:
+            guard.stop()
+        latched = _latched(guard, trials)
+    return {
+        "limit_nofile": UNIT_NOFILE,
+        "idle_connections": IDLE,
+        "slow_body_connections": SLOW_BODY,
+        "kills": kills,
+        "kills_answered_halted": answered,
+        "kill_to_answer": summary_ms(replies),
+        "kill_to_latched": summary_ms(latched),
+        "status_answer": summary_ms(statuses),
+        "guard_open_files_after": open_files,
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def http_goal_met(result: dict[str, Any]) -> bool:
+    """Every kill answered HALTED and latched, p99 of both < 100 ms."""
+    answer, latched = result["kill_to_answer"], result["kill_to_latched"]
+    return (
+        result["kills_answered_halted"] == result["kills"]
+        and latched["n"] == result["kills"]
+        and answer["p99_ms"] < 100.0
+        and latched["p99_ms"] < 100.0
+    )
 
 
 def goal_met(result: dict[str, Any]) -> bool:

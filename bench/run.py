@@ -193,6 +193,7 @@ class GuardSetup:
     order_rate_kill: float | None = None
     mqtt_port: int | None = None
     state_root: Path | None = None  # None: a temporary directory on the default disk
+    http_timeouts_s: float | None = None  # control.http header and body timeouts (None: default)
 
 
 @dataclass
@@ -233,6 +234,9 @@ class Guard:
             'host = "127.0.0.1"',
             f"port = {self.http_port}",
         ]
+        if self.setup.http_timeouts_s is not None:
+            lines.append(f"header_timeout_s = {self.setup.http_timeouts_s}")
+            lines.append(f"body_timeout_s = {self.setup.http_timeouts_s}")
         for role in ("read", "kill", "arm"):
             token = secrets.token_urlsafe(24)
             self.tokens[role] = token
@@ -855,6 +859,17 @@ def table(results: dict[str, Any]) -> str:
             f"RSS +{mf['rss_growth_mb']} MB, missed {mf['kills_missed']}"
         )
         add("7. MQTT kill -> latched, junk flood", fig, "p99 < 50 ms, +< 20 MB", goal_met(mf))
+    he = results.get("http_exhaustion")
+    if he:
+        from bench.flood import http_goal_met
+
+        ans, lat = he["kill_to_answer"], he["kill_to_latched"]
+        fig = (
+            f"answer p50 {ans['p50_ms']} / p99 {ans['p99_ms']} ms, latched p99 {lat['p99_ms']} ms "
+            f"(n={he['kills']}, {he['idle_connections']} idle + {he['slow_body_connections']} "
+            f"slow-body conns, LimitNOFILE {he['limit_nofile']})"
+        )
+        add("8. HTTP kill, connections held", fig, "200 + latched < 100 ms", http_goal_met(he))
     p = results.get("panic")
     g = (
         next((x for x in results.get("flatten", []) if x["positions"] == p["positions"]), None)
@@ -896,6 +911,7 @@ async def run(quick: bool, only: set[str]) -> dict[str, Any]:
                 ("memory", lambda: bench_memory(workdir, http, soak)),
                 ("panic", lambda: bench_panic(200)),
                 ("mqtt_flood", lambda: _mqtt_flood(workdir, http, flood_s)),
+                ("http_exhaustion", lambda: _http_exhaustion(workdir, http, 20 if quick else 100)),
             ]
             for name, step in steps:
                 if only and name not in only:
@@ -918,6 +934,14 @@ async def _mqtt_flood(workdir: Path, http: aiohttp.ClientSession, seconds: float
     return await bench_mqtt_flood(workdir, http, seconds)
 
 
+async def _http_exhaustion(
+    workdir: Path, http: aiohttp.ClientSession, kills: int
+) -> dict[str, Any]:
+    from bench.flood import bench_http_exhaustion  # bench.flood imports this module
+
+    return await bench_http_exhaustion(workdir, http, kills)
+
+
 async def _flatten_all(
     workdir: Path, http: aiohttp.ClientSession, sizes: Sequence[int]
 ) -> list[dict[str, Any]]:
@@ -930,7 +954,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated subset: kill,trigger,throughput,flatten,memory,panic,mqtt_flood",
+        help="comma-separated subset: kill,trigger,throughput,flatten,memory,panic,mqtt_flood,"
+        "http_exhaustion",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
