@@ -97,6 +97,7 @@ __all__ = [
     "required_role",
     "secret_exposure",
     "sign",
+    "signed_command_from",
     "signed_payload",
     "verify_signed_command",
 ]
@@ -580,6 +581,11 @@ def parse_signed_command(payload: bytes, *, topic_action: Action) -> SignedComma
         data = json.loads(payload)
     except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested arrays
         raise CommandError("payload is not JSON") from exc
+    return signed_command_from(data, topic_action=topic_action)
+
+
+def signed_command_from(data: object, *, topic_action: Action) -> SignedCommand:
+    """Check a parsed MQTT command payload's shape (``parse_signed_command`` after the JSON)."""
     if not isinstance(data, dict):
         raise CommandError("payload must be a JSON object")
     unknown = sorted(str(k) for k in data if k not in _PAYLOAD_FIELDS)

@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
 import ssl
 import time
 from collections import deque
@@ -54,7 +55,7 @@ from guardd.control.auth import (
     KeyStore,
     NonceBook,
     NonceCache,
-    parse_signed_command,
+    signed_command_from,
     verify_signed_command,
 )
 from guardd.control.commands import (
@@ -123,12 +124,19 @@ class Topics:
 _BOT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
-def _peek(payload: bytes) -> dict[str, str]:
-    """What an unverified payload claims (key id, nonce, reason), for the audit of a refusal."""
+_NOT_JSON: Final = object()
+
+
+def _load(payload: bytes) -> object:
+    """The payload's JSON value, or ``_NOT_JSON`` (parsed once: to check it, and to audit it)."""
     try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError):
-        return {}
+        return json.loads(payload)
+    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
+        return _NOT_JSON
+
+
+def _claims(data: object) -> dict[str, str]:
+    """What an unverified payload claims (key id, nonce, reason), for the audit of a refusal."""
     if not isinstance(data, dict):
         return {}
     return {k: v[:200] for k in ("key_id", "nonce", "reason") if isinstance(v := data.get(k), str)}
@@ -283,10 +291,13 @@ class MqttControl:
             log.debug("mqtt_message_ignored", topic=topic)
             return None
         action, target = route
+        data = _load(payload)
         try:
             if retain:
                 raise ReplayError("a retained message on a command topic is never acted on")
-            signed = parse_signed_command(payload, topic_action=action)
+            if data is _NOT_JSON:
+                raise CommandError("payload is not JSON")
+            signed = signed_command_from(data, topic_action=action)
             command = verify_signed_command(
                 signed,
                 target=target,
@@ -296,7 +307,7 @@ class MqttControl:
                 window_s=self._window_s,
             )
         except CommandError as exc:
-            self._refuse(topic, action, payload, exc)
+            self._refuse(topic, action, payload, exc, claimed=_claims(data))
             return None
         return command, target
 
@@ -353,14 +364,15 @@ class MqttControl:
         error: CommandError,
         *,
         command: ControlCommand | None = None,
+        claimed: dict[str, str] | None = None,
     ) -> None:
         """Audit a refused command (every one), and log and publish it when it is the first of
         its kind in the interval (the rest are summed in ``_flush_refusals``)."""
         if command is not None:  # verified, then refused (by the guard, or the queue was full)
             claimed = {"key_id": command.principal, "nonce": command.request_id}
             claimed["reason"] = command.reason
-        else:
-            claimed = _peek(payload)
+        elif claimed is None:
+            claimed = _claims(_load(payload))
         where: dict[str, object] = {"topic": topic}
         if "reason" not in claimed and payload:  # what was sent, escaped, when it says no reason
             where["payload"] = payload[:_PAYLOAD_EXCERPT]
@@ -494,6 +506,10 @@ class MqttControl:
             keepalive=15,
             queue_type=_command_queue(self._screen, self._queue_full),
             max_queued_incoming_messages=self._max_queued_commands,
+            # Each acknowledgement goes out at once: with Nagle, a PUBACK waits for the broker's
+            # delayed ACK of the previous one while the broker waits for it (its in-flight window
+            # full), and every message behind it, a kill included, waits too.
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
 
     async def _connection_loop(self) -> None:
