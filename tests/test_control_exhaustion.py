@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from guardd.control.http import FD_RESERVE
 from guardd.sim.gateway import SimGateway
 from tests.mqtt_broker import Broker, mqtt_broker
 from tests.test_control_guard import Running, eventually, running_guard
@@ -140,7 +141,7 @@ async def test_idle_and_slow_body_connections_held_then_kill_answered_latched_an
             latch = json.loads(run.guard.cfg.latch_path.read_text())
             assert latch["halted"] is True and latch["reason"] == "under exhaustion"
             assert read_status == 200 and state["state"] == "HALTED"
-            assert server.cap <= nofile_as_the_unit - 128
+            assert server.cap <= nofile_as_the_unit - FD_RESERVE
             assert server.connections <= server.cap
             assert server.evicted >= IDLE + SLOW_BODY - server.cap  # idle ones made room
             assert open_files < nofile_as_the_unit

@@ -29,8 +29,9 @@ Under exhaustion (the kill must still get in):
 - at most ``max_connections`` are open, and never more than the open-file limit less
   ``FD_RESERVE`` (``connection_cap``): a new connection beyond that closes the oldest idle ones
   first (no request in progress), then the oldest still sending a body, never one whose command
-  is being carried out. A kill's new connection is therefore always accepted and answered, and
-  the process never runs out of descriptors because of connections.
+  is being carried out. asyncio accepts up to ``ACCEPT_BATCH`` connections at once before any is
+  registered; the reserve covers such a burst. A kill's new connection is therefore always
+  accepted and answered, and the process never runs out of descriptors because of connections.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Any, Final, Literal, Self
 
 import structlog
 from aiohttp import web
@@ -77,8 +78,11 @@ DEFAULT_MAX_BODY_BYTES: Final = 16_384
 SHUTDOWN_TIMEOUT_S: Final = 0.5
 """How long a stopping server lets requests in flight finish (the guard stops within 2 s)."""
 DEFAULT_MAX_CONNECTIONS: Final = 1024
-FD_RESERVE: Final = 128
-"""Descriptors kept free of HTTP connections: the journal, the latch, IB, MQTT, metrics, logs."""
+FD_RESERVE: Final = 256
+"""Descriptors kept free of HTTP connections: one burst of accepts (``ACCEPT_BATCH``, taken before
+the oldest connections can be closed), the journal, the latch, IB, MQTT, metrics, logs."""
+ACCEPT_BATCH: Final = 128
+"""The listen backlog, which is also how many connections asyncio accepts in one go."""
 _JSON: Final = "application/json"
 _REQUEST_ID: Final = web.RequestKey("request_id", str)
 _FIELDS: Final[Mapping[Action, frozenset[str]]] = {
@@ -131,7 +135,16 @@ def connection_cap(max_connections: int) -> int:
 class _Connection(web.RequestHandler):
     """aiohttp's connection handler, answering a request it cannot parse (bad request line or
     header) or one whose handler failed with guardd's JSON error body and a request id instead of
-    plain text."""
+    plain text; ``on_open`` is called once the connection is registered (to enforce the cap: a
+    burst of accepts creates every handler before any connection is registered)."""
+
+    def __init__(self, *args: Any, on_open: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_open = on_open
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._on_open()
 
     def handle_error(
         self,
@@ -251,7 +264,7 @@ class ControlHttpServer:
                 self._port,
                 ssl=self._ssl,
                 ssl_handshake_timeout=self._header_timeout_s if self._ssl else None,
-                backlog=1024,
+                backlog=ACCEPT_BATCH,
                 reuse_address=True,
             )
         except BaseException:
@@ -286,27 +299,30 @@ class ControlHttpServer:
     # ------------------------------------------------------------------ connections
 
     def _accept(self) -> web.RequestHandler:
-        """A new connection's handler, after making room for it under the cap."""
+        """A new connection's handler; once registered, room is made for it under the cap."""
         runner = self._runner
         assert runner is not None and runner.server is not None
-        self._make_room(runner.server)
+        server = runner.server
         return _Connection(
-            runner.server,
+            server,
+            on_open=lambda: self._make_room(server),
             loop=asyncio.get_running_loop(),
             keepalive_timeout=self._header_timeout_s,
             lingering_time=0,  # a body left unread (refused, too slow): close, do not drain it
-            access_log=None,  # type: ignore[arg-type]  # None: no access log (as AppRunner)
+            access_log=None,  # None: no access log (as AppRunner)
         )
 
     def _make_room(self, server: web.Server) -> None:
-        """Close the oldest idle connections (then the oldest still sending a body) so that one
-        more fits under the cap; a connection whose command is being carried out stays."""
+        """Close the oldest idle connections (then the oldest still sending a body) while more
+        than the cap are open; a connection whose command is being carried out stays, and so
+        does the newest (the one just opened)."""
         open_now = [c for c in server.connections if c.transport is not None]
-        excess = len(open_now) + 1 - self.cap
+        excess = len(open_now) - self.cap
         if excess <= 0:
             return
-        idle = [c for c in open_now if c not in self._busy]
-        reading = [c for c in open_now if self._busy.get(c) == "reading"]
+        older = open_now[:-1]
+        idle = [c for c in older if c not in self._busy]
+        reading = [c for c in older if self._busy.get(c) == "reading"]
         victims = (idle + reading)[:excess]
         for connection in victims:
             connection.force_close()
