@@ -359,7 +359,8 @@ async def mosquitto(workdir: Path) -> AsyncIterator[int]:
     port = free_port()
     conf = workdir / "mosquitto.conf"
     lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false"]
-    lines.append("set_tcp_nodelay true")  # as deploy/mosquitto/guardd.conf recommends
+    # as deploy/mosquitto/guardd.conf recommends (no ACL: the attacker has publish rights)
+    lines += ["set_tcp_nodelay true", "max_queued_messages 100000"]
     if os.geteuid() == 0:
         lines.append("user root")
     conf.write_text("\n".join(lines) + "\n")
