@@ -87,6 +87,7 @@ _BOOK_CHANGES = (
     ev.Execution,
     ev.ExecutionsEnd,
     ev.PositionsEnd,
+    ev.PositionsListed,
 )
 
 
@@ -820,7 +821,7 @@ class Guard:
                 "account": p.account,
                 "symbol": p.symbol,
                 "sec_type": p.sec_type,
-                "quantity": p.quantity,
+                "quantity": p.quantity if p.known else None,  # None: IB left it unset
                 "avg_cost": _finite_or_none(p.avg_cost),
                 "value": _finite_or_none(p.value),
             }

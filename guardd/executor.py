@@ -371,6 +371,14 @@ class Executor:
         nl = self.book.net_liquidation
         positions = list(self._confirmed_positions())
         keep = None
+        if any(True for _ in self.book.unknown_positions()):
+            self._journal(
+                "reduce_not_planned",
+                decision_id=decision.decision_id,
+                why="a position quantity is unknown (IB left it unset)",
+            )
+            log.warning("reduce_not_planned", target_leverage=target_leverage)
+            return
         if nl is not None and math.isfinite(nl.value) and nl.value > 0:
             keep = planner.keep_fraction_for_gross(positions, target_leverage * nl.value)
         if keep is None:
@@ -572,7 +580,8 @@ class Executor:
     def _observe(self, now: float) -> Observation:
         """What the Book shows now, in the close episode's terms."""
         positions = {
-            p.key: Held(p, self._updated(p.key)) for p in self._confirmed_positions(all_=True)
+            p.key: Held(p, self._updated(p.key), known=self._known(p.key))
+            for p in self._confirmed_positions(all_=True)
         }
         # Ours by identity, as the Book knows it (our client id and an order id we claimed, or
         # its learned permId); a fill or order of anyone else, whatever its orderRef or its id,
@@ -638,6 +647,10 @@ class Executor:
     def _updated(self, key: planner.PositionKey) -> float:
         position = self.book.position(EventConId(key.con_id), key.account)
         return position.updated if position is not None else self.clock()
+
+    def _known(self, key: planner.PositionKey) -> bool:
+        position = self.book.position(EventConId(key.con_id), key.account)
+        return position is None or position.known
 
     async def _send_child(self, episode: CloseEpisode, order: planner.NewChildOrder) -> None:
         position = self.book.position(EventConId(order.key.con_id), order.key.account)
@@ -725,6 +738,8 @@ class Executor:
         for p in self.book.positions.values():
             if p.account != self.account or (p.quantity == 0 and not all_):
                 continue
+            if not p.known and not all_:
+                continue  # no figure to size anything from (the close episode sees it unknown)
             key = planner.PositionKey(planner.AccountId(p.account), planner.ConId(p.con_id))
             quote = self.book.quote(p.con_id)
             price = quote.reference
@@ -783,7 +798,7 @@ class Executor:
 
 
 def _decimal(x: float) -> Decimal:
-    """A broker float quantity as a Decimal (NaN stays NaN: the episode skips it)."""
+    """A broker float quantity as a Decimal (NaN stays NaN: the episode holds it unknown)."""
     return Decimal(str(x))
 
 

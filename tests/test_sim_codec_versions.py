@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from ibapi.client import EClient
 from ibapi.common import getServerVersionForMessage
-from ibapi.const import UNSET_DECIMAL
+from ibapi.const import UNSET_DECIMAL, UNSET_INTEGER, UNSET_LONG
 from ibapi.contract import Contract
 from ibapi.execution import ExecutionFilter
 from ibapi.message import OUT
@@ -564,3 +564,19 @@ def test_session_requests_at_any_version_then_gateway_reads_the_178_fields(versi
         (15, ["1", "1"]),
         (99, ["0"]),
     ]
+
+
+@pytest.mark.parametrize("version", [203, 226])  # orderStatus is protobuf from 203
+def test_omitted_order_status_fields_then_ibapi_sees_unset_values(version: int) -> None:
+    omit = {"order_id", "client_id", "perm_id", "filled", "remaining"}
+
+    args = _one(ibapi_deliver_at(messages.order_status(ORDER, omit), version), "orderStatus")
+    single = _one(
+        ibapi_deliver_at(messages.pnl_single(4, -2.0, 1.0, 2.0, 3.0, 4.0, {"value"}), version),
+        "pnlSingle",
+    )
+
+    order_id, _, filled, remaining, _, perm_id, _, _, client_id, *_ = args
+    assert (order_id, client_id, perm_id) == (UNSET_INTEGER, UNSET_INTEGER, UNSET_LONG)
+    assert filled == remaining == UNSET_DECIMAL
+    assert single[5] == UNSET_DOUBLE

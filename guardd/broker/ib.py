@@ -33,6 +33,18 @@ takes over.
 After every (re)connect it emits `Connected` and resubscribes: positions, account updates, PnL,
 every client's open orders, executions, per-position PnL and watched prices. The `PositionsEnd`
 and `OpenOrdersEnd` barriers therefore follow every `Connected`.
+
+Unset values: a field a protobuf message leaves out (server version 201+) reaches the EWrapper
+as ibapi's unset marker (`ibapi.const`: UNSET_DECIMAL for an absent quantity, UNSET_INTEGER
+2147483647 for an absent client or order id, UNSET_LONG for an absent permId, UNSET_DOUBLE for
+an absent price). They are recognised by equality with those constants, never by magnitude: a
+quantity, price or fill count becomes NaN ("unknown", never 0 and never a number the Book
+folds), an order id 0 (none reported), a client id `ev.UNKNOWN_CLIENT_ID` and a permId 0 (not
+known yet), so an unset id never matches the guard's own identity. A position of the guarded
+account whose quantity arrives unset is asked for again: reqPositions after
+`positions_retry_s`, doubling up to `positions_retry_max_s`, at most `positions_retries` times
+until every quantity is known again (logged `positions_rerequested`; `positions_retries_exhausted`
+once the bound is reached; a new connection starts afresh).
 """
 
 from __future__ import annotations
@@ -53,6 +65,7 @@ from typing import Any, Final, cast
 
 import structlog
 from ibapi.client import EClient
+from ibapi.const import UNSET_DECIMAL, UNSET_DOUBLE, UNSET_INTEGER, UNSET_LONG
 from ibapi.contract import Contract
 from ibapi.execution import ExecutionFilter
 from ibapi.order import Order
@@ -73,8 +86,6 @@ __all__ = ["ClientIdInUseError", "IbBroker", "reconnect_delay"]
 
 log = structlog.get_logger(__name__)
 
-UNSET_DOUBLE: Final = 1.7976931348623157e308
-UNSET_DECIMAL: Final = Decimal(2**127 - 1)
 NO_REQ_ID: Final = -1
 
 # IB error and notice codes the adapter acts on.
@@ -123,6 +134,13 @@ READ_ONLY_PROBE_ID: Final = (1 << 31) - 2
 while the API is read-only, answered 10147 (not found) once it is not."""
 ORDER_IDS_TIMEOUT_S: Final = 2.0
 """How long `refresh_order_ids` waits for the answer to reqIds."""
+POSITIONS_RETRY_S: Final = 1.0
+"""After a position quantity arrives unset: the first reqPositions again after this long,
+each next one after twice as long as the one before (capped at `POSITIONS_RETRY_MAX_S`)."""
+POSITIONS_RETRY_MAX_S: Final = 30.0
+POSITIONS_RETRIES: Final = 8
+"""At most this many reqPositions again per connection while quantities stay unknown (the
+bound resets once every quantity is known again)."""
 
 JOIN_TIMEOUT_S: Final = 0.75
 """How long `stop` (and a failed `start`) waits for the ibapi threads to end."""
@@ -135,13 +153,41 @@ class ClientIdInUseError(BrokerConnectError):
 
 
 def _number(value: Any) -> float:
-    """IB's number as a float; IB's "unset" markers (max double, max decimal) become NaN."""
+    """IB's number as a float; ibapi's unset markers (UNSET_DECIMAL, UNSET_DOUBLE, and
+    UNSET_INTEGER / UNSET_LONG where a count arrives as an int) and non-finite values become NaN:
+    unknown, never a number."""
     if value is None or value == "":
         return math.nan
     if isinstance(value, Decimal):
-        return math.nan if value == UNSET_DECIMAL else float(value)
+        if value == UNSET_DECIMAL or not value.is_finite():
+            return math.nan
+        return float(value)
+    if isinstance(value, int) and value in (UNSET_INTEGER, UNSET_LONG):
+        return math.nan
     number = float(value)
-    return math.nan if number >= UNSET_DOUBLE else number
+    if number == UNSET_DOUBLE or not math.isfinite(number):
+        return math.nan
+    return number
+
+
+def _order_id(value: Any) -> ev.OrderId:
+    """An order id; unset (UNSET_INTEGER, e.g. left out of a protobuf orderStatus) becomes 0,
+    "no API order id", which never names an order of ours."""
+    number = int(value)
+    return ev.OrderId(0 if number in (UNSET_INTEGER, UNSET_LONG) else number)
+
+
+def _client_id(value: Any) -> ev.ClientId:
+    """A client id; unset (UNSET_INTEGER 2147483647) becomes `ev.UNKNOWN_CLIENT_ID`, which is
+    never the guard's."""
+    number = int(value)
+    return ev.ClientId(ev.UNKNOWN_CLIENT_ID if number in (UNSET_INTEGER, UNSET_LONG) else number)
+
+
+def _perm_id(value: Any) -> ev.PermId:
+    """A permId; unset (UNSET_LONG, or UNSET_INTEGER) becomes 0, "not known yet"."""
+    number = int(value)
+    return ev.PermId(0 if number in (UNSET_INTEGER, UNSET_LONG) else number)
 
 
 def _multiplier(text: str) -> float:
@@ -206,6 +252,17 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
         self.heard = asyncio.Event()  # set on the loop by every message of this session
         self.heartbeat_task: asyncio.Task[None] | None = None
         self.drop_reason: str | None = None  # why the broker itself dropped this session
+        # Positions of the guarded account whose latest quantity arrived unset (unknown), and
+        # the reqPositions sent again for them on this connection (see the module doc).
+        self.unknown_positions: dict[ev.ConId, str] = {}  # conId -> symbol
+        self.positions_retries = 0
+        self.positions_retry_task: asyncio.Task[None] | None = None
+        # reqPositions written and positionEnd received on this connection (IB answers them in
+        # order); `relist`: the ordinal of a reqPositions sent again and the guarded account's
+        # contracts listed since it was written.
+        self.positions_requests = 0
+        self.positions_ends = 0
+        self.relist: tuple[int, set[ev.ConId]] | None = None
         self._inbox: deque[object] = deque()  # callbacks posted by the ibapi thread, in order
         self._inbox_lock = threading.Lock()
         self._drain_scheduled = False
@@ -390,9 +447,9 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
     def openOrder(self, orderId: int, contract: Contract, order: Order, orderState: Any) -> None:
         self._post(
             ev.OpenOrder(
-                perm_id=ev.PermId(int(order.permId)),
-                order_id=ev.OrderId(int(orderId)),
-                client_id=ev.ClientId(int(order.clientId)),
+                perm_id=_perm_id(order.permId),
+                order_id=_order_id(orderId),
+                client_id=_client_id(order.clientId),
                 account=order.account,
                 con_id=ev.ConId(int(contract.conId)),
                 symbol=contract.symbol,
@@ -432,9 +489,9 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
     ) -> None:
         self._post(
             ev.OrderStatus(
-                perm_id=ev.PermId(int(permId)),
-                order_id=ev.OrderId(int(orderId)),
-                client_id=ev.ClientId(int(clientId)),
+                perm_id=_perm_id(permId),
+                order_id=_order_id(orderId),
+                client_id=_client_id(clientId),
                 status=status,
                 filled=_number(filled),
                 remaining=_number(remaining),
@@ -453,9 +510,9 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
         self._post(
             ev.Execution(
                 exec_id=execution.execId,
-                perm_id=ev.PermId(int(execution.permId)),
-                order_id=ev.OrderId(int(execution.orderId)),
-                client_id=ev.ClientId(int(execution.clientId)),
+                perm_id=_perm_id(execution.permId),
+                order_id=_order_id(execution.orderId),
+                client_id=_client_id(execution.clientId),
                 account=execution.acctNumber,
                 con_id=ev.ConId(int(contract.conId)),
                 symbol=contract.symbol,
@@ -600,6 +657,11 @@ class IbBroker:
         self._threads: list[threading.Thread] = []
         self.pacing_violations = 0
         self.reconnects = 0
+        # Asking again for positions whose quantity arrived unset (see the module doc).
+        self.positions_retry_s = POSITIONS_RETRY_S
+        self.positions_retry_max_s = POSITIONS_RETRY_MAX_S
+        self.positions_retries = POSITIONS_RETRIES
+        self.positions_rerequests = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -698,6 +760,7 @@ class IbBroker:
         if session is not None:
             session.abort()
             await _cancelled(session.heartbeat_task)
+            await _cancelled(session.positions_retry_task)
         if self._sender is not None:
             await self._sender.stop()
         await self._join_threads(session, self._attempt)
@@ -887,9 +950,9 @@ class IbBroker:
 
     def _end_session(self, session: _IbSession, reason: str) -> None:
         self._session = None
-        task = session.heartbeat_task
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        for task in (session.heartbeat_task, session.positions_retry_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
         if session.announced:
             self._emit(ev.Disconnected(reason=reason, ts=self.clock()))
             log.warning("broker_disconnected", reason=reason, client_id=self.client_id)
@@ -984,10 +1047,102 @@ class IbBroker:
             case ev.PositionUpdate():
                 self._exchanges.setdefault(item.con_id, item.exchange)
                 self._emit(item)
+                if item.account == self.account:
+                    if session.relist is not None:
+                        session.relist[1].add(item.con_id)
+                    self._position_quantity(session, item)
                 if item.account == self.account and item.con_id not in session.pnl_single_con:
                     self._request_position_value(session, item.con_id)
+            case ev.PositionsEnd():
+                self._positions_end(session, item)
             case _:
                 self._emit(cast(ev.BrokerEvent, item))
+
+    def _positions_end(self, session: _IbSession, item: ev.PositionsEnd) -> None:
+        """positionEnd: the end of a download; the one asked for again says which contracts
+        IB still lists (an unknown position it leaves out is no longer held)."""
+        self._emit(item)
+        session.positions_ends += 1
+        relist = session.relist
+        if relist is None or relist[0] != session.positions_ends:
+            return
+        session.relist = None
+        listed = frozenset(relist[1])
+        self._emit(ev.PositionsListed(account=self.account, con_ids=listed, ts=item.ts))
+        for con_id in [c for c in session.unknown_positions if c not in listed]:
+            symbol = session.unknown_positions.pop(con_id)
+            log.warning("position_not_listed", con_id=con_id, symbol=symbol)
+        if not session.unknown_positions:
+            session.positions_retries = 0
+
+    def _position_quantity(self, session: _IbSession, item: ev.PositionUpdate) -> None:
+        """Track positions of the guarded account whose quantity arrived unset; ask again."""
+        con_id = item.con_id
+        if math.isnan(item.quantity):
+            if con_id not in session.unknown_positions:
+                session.unknown_positions[con_id] = item.symbol
+                log.warning("position_quantity_unknown", con_id=con_id, symbol=item.symbol)
+            self._schedule_positions_retry(session)
+            return
+        if session.unknown_positions.pop(con_id, None) is None:
+            return
+        log.warning(
+            "position_quantity_known", con_id=con_id, symbol=item.symbol, quantity=item.quantity
+        )
+        if not session.unknown_positions:
+            session.positions_retries = 0  # a later unset quantity gets the whole bound again
+
+    def _schedule_positions_retry(self, session: _IbSession) -> None:
+        task = session.positions_retry_task
+        if task is not None and not task.done():
+            return
+        if session.positions_retries >= self.positions_retries:
+            return  # exhausted on this connection (said once, by the loop)
+        session.positions_retry_task = asyncio.create_task(
+            self._positions_retry_loop(session), name="ib_positions_retry_loop"
+        )
+
+    async def _positions_retry_loop(self, session: _IbSession) -> None:
+        """reqPositions again, backing off, while a position quantity of the guarded account is
+        unknown (at most `positions_retries` times per connection)."""
+        while self._session is session and session.unknown_positions:
+            if session.positions_retries >= self.positions_retries:
+                log.error(
+                    "positions_retries_exhausted",
+                    con_ids=sorted(session.unknown_positions),
+                    symbols=sorted(set(session.unknown_positions.values())),
+                    retries=session.positions_retries,
+                )
+                return
+            delay = min(
+                self.positions_retry_max_s,
+                self.positions_retry_s * 2.0 ** min(session.positions_retries, 30),
+            )
+            await asyncio.sleep(delay)
+            if self._session is not session or not session.unknown_positions:
+                return
+            session.positions_retries += 1
+            self.positions_rerequests += 1
+            unknown = sorted(session.unknown_positions)
+            log.warning(
+                "positions_rerequested",
+                con_ids=unknown,
+                symbols=sorted(set(session.unknown_positions.values())),
+                attempt=session.positions_retries,
+                of=self.positions_retries,
+                after_s=delay,
+            )
+            # A close waiting for the figure gets it ahead of other subscriptions.
+            lane = Lane.CLOSE_DATA if self._closing & set(unknown) else Lane.NORMAL
+
+            def relist(s: _IbSession) -> None:
+                _req_positions(s)
+                s.relist = (s.positions_requests, set())
+
+            try:
+                await self._request(session, lane, "reqPositions", relist)
+            except GuarddError:
+                return  # the session is gone; the next one downloads positions afresh
 
     def _maybe_announce(self, session: _IbSession) -> None:
         if session.managed is None or session.first_order_id is None or session.ready.done():
@@ -1137,7 +1292,7 @@ class IbBroker:
         # A close in progress waits for the positions, open-orders and executions downloads:
         # they go ahead of every subscription then.
         sync = Lane.CLOSE_DATA if self._closing else Lane.NORMAL
-        self._request(session, sync, "reqPositions", lambda s: s.reqPositions())
+        self._request(session, sync, "reqPositions", _req_positions)
         self._request(session, sync, "reqAllOpenOrders", lambda s: s.reqAllOpenOrders())
         self._request(
             session, sync, "reqExecutions", lambda s: s.reqExecutions(exec_id, ExecutionFilter())
@@ -1349,6 +1504,12 @@ class IbBroker:
         await self._request(
             session, Lane.KILL, "reqGlobalCancel", lambda s: s.reqGlobalCancel(OrderCancel())
         )
+
+
+def _req_positions(session: _IbSession) -> None:
+    """reqPositions, counted (`positions_requests`: positionEnd answers them in order)."""
+    session.reqPositions()
+    session.positions_requests += 1
 
 
 async def _cancelled(task: asyncio.Task[None] | None) -> None:

@@ -25,6 +25,15 @@ re-reported since the (re)connect are swept away. Nothing else is cleared: price
 values keep their timestamps, and the rules judge their age. `executions_synced` says whether
 the executions download of the current connection has ended (`ExecutionsEnd`): the close
 episode judges a child the broker stopped reporting only once every fill of it is in.
+
+Unknown quantities: a position update whose quantity IB left unset (NaN, see `events`) is never
+folded as a number or as 0. The position keeps its last known figure (NaN when none was ever
+received) and is marked unknown (`unknown_since`) until a figure arrives: it counts as held
+and as unvalued (the exposure cannot be trusted), it is not swept at `PositionsEnd` (it was
+reported), and the close episode neither anchors on it nor confirms it flat. When a positions
+download asked for again (`PositionsListed`) no longer lists it, it is gone, as at a re-sync.
+An order status or order terms with an unset fill count, remaining quantity, average fill price
+or order quantity keep the last known value.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ from guardd.core.events import (
     PermId,
     PnLUpdate,
     PositionsEnd,
+    PositionsListed,
     PositionUpdate,
     PositionValue,
     PriceField,
@@ -96,6 +106,18 @@ class Position:
     value_ts: float | None = None
     daily_pnl: float | None = None
     generation: int = 0
+    unknown_since: float | None = None  # when its quantity last arrived unset (None: known)
+
+    @property
+    def known(self) -> bool:
+        """Whether `quantity` is the broker's current figure (False: IB left the latest one
+        unset; `quantity` is then the last known figure, or NaN when there never was one)."""
+        return self.unknown_since is None
+
+    @property
+    def held(self) -> bool:
+        """Non-zero, or unknown (it may be)."""
+        return self.quantity != 0 or not self.known
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +421,8 @@ class Book:
                 self._on_position(event)
             case PositionsEnd():
                 self._on_positions_end()
+            case PositionsListed():
+                self._on_positions_listed(event)
             case AccountValue():
                 self._on_account_value(event)
             case AccountDownloadEnd():
@@ -419,7 +443,10 @@ class Book:
             case OpenOrdersEnd():
                 self._on_open_orders_end()
             case Execution():
-                self._executions.setdefault(event.exec_id, event)
+                known = self._executions.get(event.exec_id)
+                # Each execId once; a copy with its shares known replaces one IB left unset.
+                if known is None or (math.isnan(known.shares) and not math.isnan(event.shares)):
+                    self._executions[event.exec_id] = event
                 self._learn_perm(event.perm_id, event.client_id, event.order_id)
             case ExecutionsEnd():
                 self.executions_synced = True
@@ -457,11 +484,14 @@ class Book:
     def _on_position(self, event: PositionUpdate) -> None:
         key = (event.account, event.con_id)
         old = self._positions.get(key)
+        if math.isnan(event.quantity):
+            self._on_unknown_quantity(key, old, event)
+            return
         value: float | None
         value_ts: float | None
         if event.quantity == 0:
             value, value_ts = 0.0, event.ts
-        elif old is not None and old.value is not None and old.quantity != 0:
+        elif old is not None and old.known and old.value is not None and old.quantity != 0:
             # same implied price, new size
             value, value_ts = old.value * (event.quantity / old.quantity), old.value_ts
         else:
@@ -487,7 +517,42 @@ class Book:
             daily_pnl=old.daily_pnl if old is not None else None,
             generation=self.generation,
         )
-        if event.account == self.account and (old is None or old.quantity != event.quantity):
+        if event.account == self.account and (
+            old is None or not old.known or old.quantity != event.quantity
+        ):
+            self.positions_version += 1
+        self._replace_position(key, old, new)
+
+    def _on_unknown_quantity(
+        self, key: tuple[str, ConId], old: Position | None, event: PositionUpdate
+    ) -> None:
+        """A position reported with its quantity unset: keep the last known figure, marked
+        unknown, and its value unknown too; it stays held (it was reported) until a figure
+        arrives."""
+        if old is None:
+            new = Position(
+                account=event.account,
+                con_id=event.con_id,
+                symbol=event.symbol,
+                sec_type=event.sec_type,
+                currency=event.currency,
+                multiplier=event.multiplier,
+                exchange=event.exchange,
+                quantity=math.nan,
+                avg_cost=event.avg_cost,
+                updated=event.ts,
+                generation=self.generation,
+                unknown_since=event.ts,
+            )
+        else:
+            new = replace(
+                old,
+                value=None,
+                value_ts=None,
+                generation=self.generation,
+                unknown_since=old.unknown_since if old.unknown_since is not None else event.ts,
+            )
+        if event.account == self.account and (old is None or old.known):
             self.positions_version += 1
         self._replace_position(key, old, new)
 
@@ -505,20 +570,20 @@ class Book:
                 self._tally(new)
 
     def _tally(self, p: Position) -> None:
-        if p.quantity != 0:
+        if p.held:
             self._nonzero += 1
         if p.value is None:
-            if p.quantity != 0:
+            if p.held:
                 self._unvalued += 1
             return
         self._gross_local[p.currency] = self._gross_local.get(p.currency, 0.0) + abs(p.value)
         self._valued_count[p.currency] = self._valued_count.get(p.currency, 0) + 1
 
     def _untally(self, p: Position) -> None:
-        if p.quantity != 0:
+        if p.held:
             self._nonzero -= 1
         if p.value is None:
-            if p.quantity != 0:
+            if p.held:
                 self._unvalued -= 1
             return
         left = self._valued_count[p.currency] - 1
@@ -535,10 +600,23 @@ class Book:
             stale = [k for k, p in self._positions.items() if p.generation < self.generation]
             for key in stale:
                 old = self._positions[key]
-                if old.account == self.account and old.quantity != 0:
+                if old.account == self.account and old.held:
                     self.positions_version += 1
                 self._replace_position(key, old, None)
         self.positions_synced = True
+
+    def _on_positions_listed(self, event: PositionsListed) -> None:
+        """A download asked for again has ended: an unknown position it did not list is gone."""
+        gone = [
+            key
+            for key, p in self._positions.items()
+            if p.account == event.account and not p.known and p.con_id not in event.con_ids
+        ]
+        for key in gone:
+            old = self._positions[key]
+            if old.account == self.account:
+                self.positions_version += 1
+            self._replace_position(key, old, None)
 
     def _on_position_value(self, event: PositionValue) -> None:
         key = (event.account, event.con_id)
@@ -546,7 +624,10 @@ class Book:
         if old is None:
             return  # the position message will come; a value alone has no currency
         value = event.value if math.isfinite(event.value) else None
-        if value is None and old.quantity != 0:
+        if not old.known:
+            # A value of a position whose quantity is unknown is not trusted either.
+            new = replace(old, daily_pnl=event.daily)
+        elif value is None and old.quantity != 0:
             new = replace(old, daily_pnl=event.daily)
         else:
             new = replace(old, value=value, value_ts=event.ts, daily_pnl=event.daily)
@@ -577,7 +658,7 @@ class Book:
         self._record_sample(self._price_history.setdefault(event.con_id, deque()), event.ts, ref)
         key = (self.account, event.con_id)
         old = self._positions.get(key)
-        if old is not None and old.quantity != 0:
+        if old is not None and old.known and old.quantity != 0:
             new = replace(old, value=old.quantity * old.multiplier * ref, value_ts=event.ts)
             self._replace_position(key, old, new)
 
@@ -798,7 +879,7 @@ class Book:
             symbol=event.symbol,
             sec_type=event.sec_type,
             action=event.action,
-            quantity=event.quantity,
+            quantity=_known(event.quantity, base.quantity),
             order_type=event.order_type,
             lmt_price=event.lmt_price,
             aux_price=event.aux_price,
@@ -824,9 +905,9 @@ class Book:
             order_id=event.order_id or base.order_id,
             status=event.status or base.status,
             updated=event.ts,
-            filled=event.filled,
-            remaining=event.remaining,
-            avg_fill_price=event.avg_fill_price,
+            filled=_known(event.filled, base.filled),
+            remaining=_known(event.remaining, base.remaining),
+            avg_fill_price=_known(event.avg_fill_price, base.avg_fill_price),
             generation=self.generation,
         )
         self._store_order(key, old, new)
@@ -876,15 +957,17 @@ class Book:
         return self._positions.get((account or self.account, con_id))
 
     def guarded_positions(self) -> Iterator[Position]:
-        """Non-zero positions of the guarded account."""
-        return (
-            p for p in self._positions.values() if p.account == self.account and p.quantity != 0
-        )
+        """Non-zero positions of the guarded account, and those whose quantity is unknown."""
+        return (p for p in self._positions.values() if p.account == self.account and p.held)
 
     @property
     def position_count(self) -> int:
-        """Number of non-zero positions in the guarded account (running count)."""
+        """Number of non-zero (or unknown) positions in the guarded account (running count)."""
         return self._nonzero
+
+    def unknown_positions(self) -> Iterator[Position]:
+        """Positions of the guarded account whose latest quantity IB left unset."""
+        return (p for p in self._positions.values() if p.account == self.account and not p.known)
 
     @property
     def orders(self) -> Mapping[PermId, Order]:
@@ -1103,6 +1186,11 @@ class Book:
     def heartbeats(self) -> Mapping[str, float]:
         """Last heartbeat receive time per bot."""
         return MappingProxyType(self._heartbeats)
+
+
+def _known(value: float, last: float) -> float:
+    """An order's figure as reported, or the last known one when IB left it unset (NaN)."""
+    return last if math.isnan(value) else value
 
 
 def _mark_delayed(

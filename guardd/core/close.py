@@ -56,6 +56,14 @@ Once every message is delivered `S` equals the true position; `expected` equals 
 every fill was seen, and otherwise the anchor is re-taken from `S` after `settle_s`. Then
 `closable` is the whole distance to target, and a round's children close it.
 
+Unknown figures
+---------------
+A position whose latest quantity IB left unset (`Held.known` False; on the protobuf wire an
+omitted field) is neither 0 nor a figure: the episode does not anchor on it, plans no child for
+it and counts it off target, so "flat" is never confirmed on it (journaled once per spell,
+`close_position_unknown`; `close_position_known` when a figure is back). The broker adapter asks
+for positions again meanwhile.
+
 Re-pricing: a close that does not fill is never left to stall
 -------------------------------------------------------------
 A limit child priced from a price that turned out stale (a lagging or frozen feed, a market that
@@ -167,10 +175,15 @@ class OrderReport:
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """A broker-confirmed position (quantity signed) and when that figure was received."""
+    """A broker-confirmed position (quantity signed) and when that figure was received.
+
+    `known` is False while IB leaves the position's quantity unset (the Book then holds the last
+    known figure, or NaN): the episode neither anchors on it nor confirms the position at target.
+    """
 
     position: ConfirmedPosition
     updated: float
+    known: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +362,7 @@ class CloseEpisode:
         self._foreign: dict[str, Fill] = {}  # execId -> fill not of a child
         self._own: dict[str, tuple[Child, Decimal]] = {}  # execId -> (child, shares)
         self._unpriced: set[PositionKey] = set()  # reported without a usable price for a limit
+        self._unknown: set[PositionKey] = set()  # quantity left unset by IB (journaled once)
 
     @property
     def decision_ref(self) -> planner.DecisionId:
@@ -535,11 +549,21 @@ class CloseEpisode:
         for key in sorted(keys):
             held = obs.positions.get(key)
             figure = held.position.quantity if held is not None else ZERO
-            if not figure.is_finite():
-                continue
             target = self._target(key)
             if target is None:
                 continue  # a reduce does not touch a position it did not size
+            if (held is not None and not held.known) or not figure.is_finite():
+                # IB left the quantity unset: unknown, neither 0 nor a figure to anchor on or
+                # to plan from. The position stays off target (never confirmed) until a figure
+                # arrives; its live children keep working as sized against the last one.
+                off_target += 1
+                self._unknown_now(key, held, records)
+                continue
+            if key in self._unknown:
+                self._unknown.discard(key)
+                records.append(
+                    Record("close_position_known", {"con_id": key.con_id, "quantity": str(figure)})
+                )
             ledger = self._ledger(key)
             updated = held.updated if held is not None else (obs.synced_since or obs.now)
             if ledger.last_figure != figure:
@@ -984,6 +1008,23 @@ class CloseEpisode:
                 )
             )
         return out
+
+    def _unknown_now(self, key: PositionKey, held: Held | None, records: list[Record]) -> None:
+        """Journal once per spell that a position's quantity is unknown."""
+        if key in self._unknown:
+            return
+        self._unknown.add(key)
+        last = held.position.quantity if held is not None else None
+        records.append(
+            Record(
+                "close_position_unknown",
+                {
+                    "con_id": key.con_id,
+                    "last_known": None if last is None or not last.is_finite() else str(last),
+                },
+                "warning",
+            )
+        )
 
     def _unpriced_now(self, notes: Sequence[Note], policy: ClosePolicy) -> list[Record]:
         """A position that needs a limit and has no fresh price (where the class allows no

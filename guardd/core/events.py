@@ -2,8 +2,11 @@
 
 The adapter (`guardd.broker`) translates each EWrapper callback into one of these dataclasses and
 stamps it with `ts`, the receive time in float epoch seconds. The core folds them into a `Book`
-(`guardd.core.book`) and never sees ibapi types. Quantities and prices are floats; unset IB
-doubles (`1.7976931348623157e+308`) should arrive here as NaN, which the rules treat as missing.
+(`guardd.core.book`) and never sees ibapi types. Quantities and prices are floats. A value IB
+left unset (ibapi's UNSET_DECIMAL / UNSET_DOUBLE markers, e.g. a field a protobuf message leaves
+out) arrives here as NaN and means "unknown": never 0, never a number to fold (a position whose
+quantity is NaN is held at its last known figure and marked unknown, see `Book`). An unset order
+id arrives as 0, an unset permId as 0 and an unset client id as `UNKNOWN_CLIENT_ID`.
 Every class is keyword-only so that a reordered field cannot silently swap two numbers.
 """
 
@@ -21,6 +24,8 @@ ClientId = NewType("ClientId", int)
 """The API client id that placed an order (0 for TWS / the auto-bind client)."""
 ConId = NewType("ConId", int)
 """IB's contract id."""
+UNKNOWN_CLIENT_ID = ClientId(-1)
+"""The client id of an order or fill whose client id IB left unset: no API client's."""
 
 PriceField = Literal["bid", "ask", "last", "mark"]
 
@@ -69,7 +74,7 @@ class PositionUpdate:
     currency: str
     multiplier: float  # 1.0 when IB sends "" (stocks)
     exchange: str
-    quantity: float  # signed: short positions are negative
+    quantity: float  # signed: short positions are negative; NaN: IB left it unset (unknown)
     avg_cost: float
     ts: float
 
@@ -78,6 +83,18 @@ class PositionUpdate:
 class PositionsEnd:
     """`positionEnd`: the position download that followed a (re)subscription is complete."""
 
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PositionsListed:
+    """A positions download the adapter asked for again (reqPositions, because quantities
+    arrived unset) has ended: `con_ids` are the contracts of `account` it listed. A position of
+    that account whose quantity is unknown and that it did not list is no longer held (the same
+    inference as the sweep at `PositionsEnd` after a (re)connect)."""
+
+    account: str
+    con_ids: frozenset[ConId]
     ts: float
 
 
@@ -274,6 +291,7 @@ BrokerEvent = (
     | ConnectivityRestored
     | PositionUpdate
     | PositionsEnd
+    | PositionsListed
     | AccountValue
     | AccountDownloadEnd
     | PnLUpdate

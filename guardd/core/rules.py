@@ -588,8 +588,8 @@ class PositionLimits:
     """Per-symbol |quantity| ≤ `max_quantity[symbol]` (else `default_max_quantity`), per-symbol
     |value| in base currency ≤ `max_notional[symbol]` (else `default_max_notional`), number of
     non-zero positions ≤ `max_positions`, sec type in `allowed_sec_types` (when given). A
-    violation has the configured `level`. Data: a notional limit applies but the position has no
-    value or its currency no rate."""
+    violation has the configured `level`. Data: a position whose quantity IB left unset; a
+    notional limit applies but the position has no value or its currency no rate."""
 
     max_quantity: Mapping[str, float] = field(default_factory=dict)
     default_max_quantity: float | None = None
@@ -615,6 +615,9 @@ class PositionLimits:
         for p in sorted(book.guarded_positions(), key=lambda p: p.con_id):
             if self.allowed_sec_types is not None and p.sec_type not in self.allowed_sec_types:
                 breach(None, None, f"sec type {p.sec_type} not allowed", p.symbol)
+                continue
+            if not p.known:
+                findings.append(data(self.name, "position quantity unknown", p.symbol))
                 continue
             max_qty = self.max_quantity.get(p.symbol, self.default_max_quantity)
             if max_qty is not None and abs(p.quantity) > max_qty:

@@ -238,7 +238,8 @@ def pnl_single_fields(
 ) -> Fields:
     """pnlSingle (95): no version field; `value` is the position's market value."""
     quantity = None if "position" in omit else pos
-    return [PNL_SINGLE, req_id, quantity, daily, unrealized, realized, value]
+    worth = UNSET_DOUBLE if "value" in omit else value  # as TWS writes an unset double
+    return [PNL_SINGLE, req_id, quantity, daily, unrealized, realized, worth]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,18 +372,19 @@ def open_order_fields(order: SimOrder, *, version: int = SERVER_VERSION) -> Fiel
 def order_status_fields(
     order: SimOrder, mkt_cap_price: float = 0.0, *, omit: Collection[str] = ()
 ) -> Fields:
-    """orderStatus (3) at 178: no version field, mktCapPrice last."""
+    """orderStatus (3) at 178: no version field, mktCapPrice last. A field in `omit` is sent
+    empty (ibapi reads an empty id as 0 on this wire, an empty count as UNSET_DECIMAL)."""
     return [
         ORDER_STATUS,
-        order.order_id,
+        None if "order_id" in omit else order.order_id,
         order.status,
         None if "filled" in omit else order.filled,
         None if "remaining" in omit else order.remaining,
         order.avg_fill_price,
-        order.perm_id,
+        None if "perm_id" in omit else order.perm_id,
         order.parent_id,
         order.last_fill_price,
-        order.client_id,
+        None if "client_id" in omit else order.client_id,
         order.why_held,
         mkt_cap_price,
     ]

@@ -14,8 +14,9 @@ orders working, and they are reported again when it reconnects.
 Faults (drops, connectivity notices, rejects, delayed or duplicated position updates, price jumps,
 margin changes, restarts with order-id rollback, a silent freeze of every connection, the daily
 reset, modifications split into new orders during a connectivity loss, broker liquidations,
-orders cancelled by someone else while their client is cut off, the Read-only API switch) are
-methods of `SimGateway`; `scenario.py` drives them from a TOML file on a schedule.
+orders cancelled by someone else while their client is cut off, the Read-only API switch, fields
+left out of position, portfolio, pnlSingle and orderStatus messages) are methods of
+`SimGateway`; `scenario.py` drives them from a TOML file on a schedule.
 
 Order ids, as TWS keeps them: each client id has its own sequence. A NEW order's id must be above
 every id that client has seen (its own accepted orders; for the Master API client also every order
@@ -203,6 +204,39 @@ class MarketDataFault:
     delayed_ticks: bool = False
 
 
+OMITTABLE_FIELDS: dict[str, frozenset[str]] = {
+    "position": frozenset({"position"}),
+    "portfolio": frozenset({"position"}),
+    "pnl_single": frozenset({"position", "value"}),
+    "order_status": frozenset({"order_id", "client_id", "perm_id", "filled", "remaining"}),
+}
+"""The fields the `omit_fields` fault can leave out, per message kind."""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldOmission:
+    """The `omit_fields` fault: `fields` (message kind -> field names, see `OMITTABLE_FIELDS`)
+    are left out of those messages about `con_ids` (empty: every contract). On the protobuf wire
+    the field is absent, and ibapi gives its unset value (UNSET_DECIMAL for a quantity,
+    UNSET_INTEGER for a client or order id, UNSET_LONG for a permId, UNSET_DOUBLE for a value);
+    on the text wire it is sent empty (ibapi reads an empty quantity as UNSET_DECIMAL, an empty
+    id as 0)."""
+
+    fields: dict[str, frozenset[str]]
+    con_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        for kind, names in self.fields.items():
+            allowed = OMITTABLE_FIELDS.get(kind)
+            if allowed is None or not names <= allowed:
+                raise ValueError(f"cannot omit {sorted(names)} from {kind} messages")
+
+    def applies(self, kind: str, con_id: int) -> frozenset[str]:
+        if self.con_ids and con_id not in self.con_ids:
+            return frozenset()
+        return self.fields.get(kind, frozenset())
+
+
 def _quote_at(history: deque[tuple[float, Quote]], when: float) -> Quote | None:
     """The latest quote at or before `when` (the oldest kept when none is that old)."""
     found = history[0][1] if history else None
@@ -305,6 +339,9 @@ class SimGateway:
         # Faults on position updates.
         self.position_delay_s = 0.0
         self.position_duplicates = 0
+        # Fields left out of messages (the `omit_fields` fault), and how many messages lost one.
+        self.field_omissions: list[FieldOmission] = []
+        self.omitted_messages: Counter[str] = Counter()
         # Faults on market data, by conId; each instrument's recent quotes, for a lagging feed.
         self.market_data_faults: dict[int, MarketDataFault] = {}
         self._quote_history: dict[int, deque[tuple[float, Quote]]] = {}
@@ -545,7 +582,7 @@ class SimGateway:
         now seen its id."""
         if open_order:
             session.send(messages.open_order(order))
-        session.send(messages.order_status(order))
+        session.send(self._order_status(order))
         if session.client_id is not None:
             self._saw_order_id(session.client_id, order.order_id)
 
@@ -806,7 +843,7 @@ class SimGateway:
         session.subs.positions = True
         for account in self.exchange.accounts:
             for pos in self.exchange.positions(account):
-                session.send(messages.position(pos))
+                session.send(self._position(pos))
         session.send(messages.position_end())
 
     def _cancel_positions(self, session: Session, request: Request, now: float) -> None:
@@ -843,7 +880,7 @@ class SimGateway:
         for key, value, cur in self.exchange.account_values(account):
             session.send(messages.account_value(key, value, cur, account))
         for pos in self.exchange.positions(account):
-            session.send(messages.portfolio(pos))
+            session.send(self._portfolio(pos))
         session.send(messages.account_time(time.strftime("%H:%M", time.gmtime(now))))
         session.send(messages.account_download_end(account))
 
@@ -888,7 +925,7 @@ class SimGateway:
             session.send(self._no_security_definition(req_id))
             return
         session.subs.pnl_single[req_id] = (account, con_id)
-        session.send(messages.pnl_single(req_id, *self.exchange.pnl_single(account, con_id)))
+        session.send(self._pnl_single(req_id, account, con_id))
 
     def _cancel_pnl_single(self, session: Session, request: Request, now: float) -> None:
         fields = request.fields
@@ -1003,7 +1040,7 @@ class SimGateway:
                     for s in self._order_audience(order.client_id):
                         if s.client_id == order.client_id:
                             s.send(self._error(order.order_id, code, reason))
-                        s.send(messages.order_status(order))
+                        s.send(self._order_status(order))
                 case Executed(fill=fill):
                     log.info(
                         "fill: client %d order %d %s %s %s @ %s",
@@ -1027,7 +1064,7 @@ class SimGateway:
     def _route_position(self, pos: PositionView) -> None:
         for s in list(self.sessions.values()):
             if s.subs.account_updates == pos.account:
-                s.send(messages.portfolio(pos))
+                s.send(self._portfolio(pos))
         copies = 1 + self.position_duplicates
         if self.position_delay_s > 0:
             asyncio.get_running_loop().call_later(
@@ -1040,7 +1077,30 @@ class SimGateway:
         for s in list(self.sessions.values()):
             if s.subs.positions:
                 for _ in range(copies):
-                    s.send(messages.position(pos))
+                    s.send(self._position(pos))
+
+    # Messages that the `omit_fields` fault may strip of fields.
+
+    def _omitted(self, kind: str, con_id: int) -> frozenset[str]:
+        omitted: frozenset[str] = frozenset()
+        for omission in self.field_omissions:
+            omitted |= omission.applies(kind, con_id)
+        if omitted:
+            self.omitted_messages[kind] += 1
+        return omitted
+
+    def _position(self, pos: PositionView) -> Outgoing:
+        return messages.position(pos, self._omitted("position", pos.instrument.con_id))
+
+    def _portfolio(self, pos: PositionView) -> Outgoing:
+        return messages.portfolio(pos, self._omitted("portfolio", pos.instrument.con_id))
+
+    def _pnl_single(self, req_id: int, account: str, con_id: int) -> Outgoing:
+        values = self.exchange.pnl_single(account, con_id)
+        return messages.pnl_single(req_id, *values, self._omitted("pnl_single", con_id))
+
+    def _order_status(self, order: SimOrder) -> Outgoing:
+        return messages.order_status(order, self._omitted("order_status", order.instrument.con_id))
 
     def _route_account_values(self, account: str, values: Iterable[tuple[str, str, str]]) -> None:
         values = tuple(values)
@@ -1105,10 +1165,10 @@ class SimGateway:
             for req_id, account in s.subs.pnl.items():
                 s.send(messages.pnl(req_id, *self.exchange.pnl(account)))
             for req_id, (account, con_id) in s.subs.pnl_single.items():
-                s.send(messages.pnl_single(req_id, *self.exchange.pnl_single(account, con_id)))
+                s.send(self._pnl_single(req_id, account, con_id))
             if s.subs.account_updates is not None:
                 for pos in self.exchange.positions(s.subs.account_updates):
-                    s.send(messages.portfolio(pos))
+                    s.send(self._portfolio(pos))
 
     # ---- flood (benchmarks) ----------------------------------------------------------------
 
@@ -1253,6 +1313,23 @@ class SimGateway:
     def duplicate_positions(self, copies: int) -> None:
         log.warning("fault: every position update sent %d extra time(s)", copies)
         self.position_duplicates = copies
+
+    def omit_fields(self, omission: FieldOmission) -> None:
+        """Leave fields out of messages until `restore_fields(omission)` (the `omit_fields`
+        fault; see `FieldOmission`)."""
+        log.warning(
+            "fault: fields omitted %s for %s",
+            {k: sorted(v) for k, v in omission.fields.items()},
+            sorted(omission.con_ids) or "every contract",
+        )
+        self.field_omissions.append(omission)
+
+    def restore_fields(self, omission: FieldOmission) -> None:
+        """End one `omit_fields` fault (nothing is re-sent: clients ask again, or wait for the
+        next update)."""
+        with contextlib.suppress(ValueError):
+            self.field_omissions.remove(omission)
+            log.warning("fault: fields no longer omitted %s", sorted(omission.fields))
 
     def _record_quotes(self, now: float) -> None:
         for instrument in self.exchange.instruments:

@@ -224,10 +224,11 @@ def pnl_single(
         dailyPnL=daily,
         unrealizedPnL=unrealized,
         realizedPnL=realized,
-        value=value,
     )
     if "position" not in omit:
         msg.position = _decimal(pos)
+    if "value" not in omit:
+        msg.value = value
     return msg
 
 
@@ -250,15 +251,18 @@ def order_status(
 ) -> Proto:
     """orderStatus (3)."""
     msg = OrderStatus(
-        orderId=order.order_id,
         status=order.status,
         avgFillPrice=order.avg_fill_price,
-        permId=order.perm_id,
         parentId=order.parent_id,
         lastFillPrice=order.last_fill_price,
-        clientId=order.client_id,
         mktCapPrice=mkt_cap_price,
     )
+    if "order_id" not in omit:
+        msg.orderId = order.order_id
+    if "perm_id" not in omit:
+        msg.permId = order.perm_id
+    if "client_id" not in omit:
+        msg.clientId = order.client_id
     if "filled" not in omit:
         msg.filled = _decimal(order.filled)
     if "remaining" not in omit:

@@ -16,7 +16,7 @@ from typing import Annotated, Literal, assert_never, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from guardd.sim.exchange import Exchange
-from guardd.sim.gateway import GatewayConfig, SimGateway
+from guardd.sim.gateway import FieldOmission, GatewayConfig, SimGateway
 from guardd.sim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION
 from guardd.sim.types import Instrument, OrderRequest
 
@@ -218,6 +218,35 @@ class Session(_Fault):
     event: Literal["opening_auction", "closing_auction", "expire_day_orders"]
 
 
+class OmitFields(_Fault):
+    """Fields left out of messages about some contracts (empty `symbols`: every one), e.g. the
+    quantity of position updates: ibapi then gives its unset value (see docs/simulator.md)."""
+
+    kind: Literal["omit_fields"]
+    symbols: list[str] = []  # empty: every instrument
+    position: list[Literal["position"]] = []
+    portfolio: list[Literal["position"]] = []
+    pnl_single: list[Literal["position", "value"]] = []
+    order_status: list[Literal["order_id", "client_id", "perm_id", "filled", "remaining"]] = []
+    seconds: Annotated[float, Field(gt=0)] | None = None  # None: for the rest of the run
+
+    @model_validator(mode="after")
+    def _omits_something(self) -> OmitFields:
+        if not self.omitted():
+            raise ValueError("position, portfolio, pnl_single, order_status: name a field to omit")
+        return self
+
+    def omitted(self) -> dict[str, frozenset[str]]:
+        """Message kind -> the fields left out of it."""
+        kinds: dict[str, Sequence[str]] = {
+            "position": self.position,
+            "portfolio": self.portfolio,
+            "pnl_single": self.pnl_single,
+            "order_status": self.order_status,
+        }
+        return {kind: frozenset(names) for kind, names in kinds.items() if names}
+
+
 Fault = Annotated[
     DropClients
     | ConnectivityLost
@@ -235,7 +264,8 @@ Fault = Annotated[
     | ReadOnly
     | Liquidate
     | CancelOrdersWhileDropped
-    | Session,
+    | Session
+    | OmitFields,
     Field(discriminator="kind"),
 ]
 # Every fault's `kind`, read off the union so that a new fault needs no second list.
@@ -456,5 +486,13 @@ async def _apply(gateway: SimGateway, scenario: Scenario, fault: Fault) -> None:
                 "closing_auction": gateway.closing_auction,
                 "expire_day_orders": gateway.expire_day_orders,
             }[event]()
+        case OmitFields(symbols=names, seconds=seconds):
+            omission = FieldOmission(
+                fault.omitted(), frozenset(scenario.con_id(name) for name in names)
+            )
+            gateway.omit_fields(omission)
+            if seconds is not None:
+                await asyncio.sleep(seconds)
+                gateway.restore_fields(omission)
         case _:
             assert_never(fault)
