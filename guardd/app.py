@@ -257,7 +257,7 @@ class Guard:
             self.notifier.notify("STOPPING=1")
             await self.executor.stop_episode("shutting down")
             self.flush_refusals(force=True)
-            self.journal.append("guard_stopped", account=self.cfg.account)
+            self._journal("guard_stopped", account=self.cfg.account)
             self.journal.close()
             self.executor.close()
 
@@ -415,15 +415,15 @@ class Guard:
             match event:
                 case ev.Connected():
                     self.metrics.set_ib_connected(True)
-                    self.journal.append("ib_connected", next_order_id=event.next_order_id)
+                    self._journal("ib_connected", next_order_id=event.next_order_id)
                 case ev.Disconnected(reason=reason):
                     self.metrics.set_ib_connected(False)
-                    self.journal.append("ib_disconnected", reason=reason)
+                    self._journal("ib_disconnected", reason=reason)
                 case ev.BrokerError():
                     self.executor.on_broker_error(event)
                 case ev.ApiReadOnly(read_only=read_only):
                     self.metrics.set_ib_read_only(read_only)
-                    self.journal.append(
+                    self._journal(
                         "ib_read_only" if read_only else "ib_read_only_lifted",
                         halted=self.engine.state == State.HALTED,
                     )
@@ -486,7 +486,7 @@ class Guard:
         if not found:
             return False
         for order in found:
-            self.journal.append(
+            self._journal(
                 "own_ref_impersonated",
                 account=order.account,
                 client_id=order.client_id,
@@ -513,7 +513,7 @@ class Guard:
         day = datetime.fromtimestamp(now, _NEW_YORK).date().isoformat()
         if self._trading_day is not None and day != self._trading_day:
             self.book.start_new_day()
-            self.journal.append("trading_day_started", day=day)
+            self._journal("trading_day_started", day=day)
             log.info("trading_day_started", day=day)
         self._trading_day = day
 
@@ -690,7 +690,7 @@ class Guard:
                 verdict = rule.offer(_person(command), now=now)
                 if not verdict.confirmed:
                     self._rearm_first_force = command.force
-                    self.journal.append(
+                    self._journal(
                         "command",
                         **_command_fields(command),
                         accepted=False,
@@ -713,7 +713,7 @@ class Guard:
             # Carried out before the command's own record: a kill's cancel waits for no fsync.
             await self._carry_out(decision, trigger_ts=now)
             durable = self.executor.latch_durable
-            self.journal.append(
+            self._journal(
                 "command",
                 **_command_fields(command),
                 accepted=not decision.refused,
@@ -930,6 +930,16 @@ class Guard:
                     self.refusals.unkept(kind, self.clock())
             return None
         return summary
+
+    def _journal(self, kind: str, **fields: Any) -> None:
+        """Journal a record; one that cannot be written (a full disk, a closed journal) is logged
+        and counted, and the guard carries on: no journal error may end the event or evaluate
+        loop, or skip the evaluation (and the kill) that follows the record."""
+        try:
+            self.journal.append(kind, **fields)
+        except JournalError as exc:
+            log.error("journal_write_failed", record=kind, error=str(exc))
+            self.metrics.count_journal_error()
 
     def heartbeat(self, bot: str) -> None:
         """A bot said it is alive (MQTT `<prefix>/<account>/heartbeat/<bot>`); unknown bots are

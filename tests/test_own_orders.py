@@ -145,6 +145,35 @@ async def test_bot_labels_order_above_per_order_limit_then_kill(
     assert [r[1] for r in impersonations(journal(cfg))] == [order_id]
 
 
+async def test_journal_unwritable_when_bot_labels_order_above_limit_then_kill_anyway(
+    sim: SimGateway, tmp_path: Path
+) -> None:
+    # Arrange: ARMED, at most 500 shares per order; the journal can no longer be written (as on a
+    # full disk: every append raises JournalError)
+    cfg = guard_config(sim.port, tmp_path, "[limits.per_order]\nmax_quantity = 500\n")
+    async with running(cfg) as guard:
+        guard.journal.close()
+        bot = await bot_on(sim)
+        try:
+            # Act: the impostor's record cannot be written, the kill must happen all the same
+            order_id = bot.place_limit("AAPL", "BUY", 1000, FAR_BELOW, order_ref=LABEL)
+            await wait_until(
+                lambda: guard.engine.state == State.HALTED, 10, what="the per-order kill"
+            )
+            await wait_until(lambda: sim.exchange.working_orders() == [], 10, what="cancelled")
+            errors = guard.registry.get_sample_value(
+                "guardd_journal_write_errors_total", {"account": ACCOUNT}
+            )
+            metric = impersonated_metric(guard)
+        finally:
+            await bot.disconnect()
+
+    # Assert: swept, still counted, and every unwritten record counted as a journal error
+    assert bot_order(sim, order_id).status == "Cancelled"
+    assert metric == 1.0
+    assert errors is not None and errors >= 2  # own_ref_impersonated, then the kill's records
+
+
 @pytest.mark.timeout(90)
 async def test_guard_killed_mid_flatten_then_restart_knows_its_children_and_only_them(
     tmp_path: Path,
