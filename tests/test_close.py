@@ -457,3 +457,24 @@ def test_foreign_sells_cover_the_whole_long_then_no_child_until_they_end() -> No
     broker.foreign_selling.clear()  # cancelled, nothing filled
     again = episode.step(broker.obs(), POLICY, 4)
     assert [(o.action, o.quantity) for o in again.orders] == [(Action.SELL, Decimal(10))]
+
+
+def test_many_fills_of_uncertain_containment_then_closes_what_every_case_allows() -> None:
+    # Arrange: long 100 (crypto-like quantities, 8 decimals). Forty sells by a bot were received
+    # just before the first figure: each may or may not be in it. Their subset sums are all
+    # distinct (2^40 of them), so the round must not enumerate them.
+    sells = [Decimal(f"0.{(7919 * 104729 * (k + 1)) % 10**8:08d}") for k in range(40)]
+    broker = Broker(100, now=100.0)
+    broker.updated = broker.now
+    broker.fills = [
+        Fill(f"bot{k}", 7, 5, 0, KEY, -q, broker.now - 1, True) for k, q in enumerate(sells)
+    ]
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+
+    # Act
+    plan = episode.step(broker.obs(), POLICY, 4)
+    # Assert: closes only what holds whichever of them the figure contains (it may hold none),
+    # in whole contracts
+    assert 10 < sum(sells) < 30
+    assert [o.action for o in plan.orders] == [Action.SELL]
+    assert sum(o.quantity for o in plan.orders) == int(100 - sum(sells))

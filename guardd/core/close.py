@@ -800,12 +800,14 @@ class CloseEpisode:
         known = anchor.fills | anchor.uncertain
         news = [f for f in foreign if f.exec_id not in known]
         base += sum((f.quantity for f in news), ZERO)
-        # Each uncertain fill is either in the anchor already or still to come.
-        sums = {ZERO}
-        for f in foreign:
-            if f.exec_id in anchor.uncertain:
-                sums |= {x + f.quantity for x in sums}
-        candidates = tuple(sorted(base + x for x in sums))
+        # Each uncertain fill is either in the anchor already or still to come: the position is
+        # one of their subset sums. Every use of the candidates (what all of them allow closing,
+        # whether any is off target: its complement is an interval) needs only the two extremes,
+        # never the up to 2^n sums between them.
+        doubt = [f.quantity for f in foreign if f.exec_id in anchor.uncertain]
+        low = base + sum((q for q in doubt if q < 0), ZERO)
+        high = base + sum((q for q in doubt if q > 0), ZERO)
+        candidates = (low,) if low == high else (low, high)
         counted = {c.order_ref: c.filled for c in mine if c.filled}
         moved = (
             bool(news)
