@@ -478,3 +478,25 @@ def test_many_fills_of_uncertain_containment_then_closes_what_every_case_allows(
     assert 10 < sum(sells) < 30
     assert [o.action for o in plan.orders] == [Action.SELL]
     assert sum(o.quantity for o in plan.orders) == int(100 - sum(sells))
+
+
+def test_execution_arrives_after_the_figure_that_holds_it_then_not_counted_twice() -> None:
+    # Arrange: short 2; a bot buys 1 and the position stream (-1) runs ahead of the execution:
+    # the first anchor is -1 with no fill known. Our BUY 1 is cancelled by someone else.
+    broker = Broker(-1, now=100.0)
+    broker.updated = broker.now
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    (child,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
+    broker.now = 100.1
+    broker.status(child, "Cancelled", 0)
+
+    # Act: the bot's execution arrives 0.2 s after the figure that already holds it; then quiet
+    broker.now = 100.2
+    broker.fills.append(fill("bot1", 1, broker.now))
+    waiting = episode.step(broker.obs(), POLICY, 4)
+    broker.now += SETTINGS.settle_s + 1
+    later = episode.step(broker.obs(), POLICY, 4)
+
+    # Assert: the fill is not counted on top of the figure (that said flat, for ever)
+    assert waiting.orders == ()
+    assert [(o.action, o.quantity) for o in later.orders] == [(Action.BUY, Decimal(1))]

@@ -92,8 +92,9 @@ A3. A position update that contains a fill arrives within `settle_s` of that fil
     (or of the last change on that position). The anchor is never re-taken from a figure
     sooner than that; a broker whose position stream lags longer can make the guard close
     twice.
-A4. A fill received (live) within `settle_s` before a position figure may be missing from it:
-    the first anchor of a position counts such fills as not contained.
+A4. A fill received (live) within `settle_s` before a position figure may be missing from it,
+    and one received within `settle_s` after it may be in it already (the position stream ran
+    ahead of the execution): the first anchor of a position counts both as uncertain.
 A5. After a re-sync, the open-order download is complete: a child of an earlier connection that
     it does not show, that the executions download shows unfilled, and that has not appeared
     `lost_grace_s` after the re-sync, is no longer at the broker (a message sent on a
@@ -321,6 +322,9 @@ class Anchor:
     child_fills: Mapping[str, Decimal]  # order_ref -> filled counted
     at: float
     uncertain: frozenset[str] = frozenset()  # foreign execIds that may or may not be in it
+    # A first anchor (A4): a foreign fill heard live until then but only after the anchor was
+    # taken may be in it already (the position stream ran ahead of the execution): uncertain too.
+    late_until: float = -float("inf")
 
 
 @dataclass(slots=True)
@@ -786,13 +790,26 @@ class CloseEpisode:
         if ledger.anchor is None:
             if not obs.executions_complete:
                 return None
-            # A4: a fill received shortly before (or after) the figure may be missing from it.
+            # A4: a fill received shortly before the figure may be missing from it (and one
+            # received shortly after it, below, may be in it already).
             horizon = updated - self.settings.settle_s
             recent = frozenset(f.exec_id for f in foreign if f.live and f.ts > horizon)
             contained = frozenset(f.exec_id for f in foreign) - recent
-            ledger.anchor = Anchor(figure, contained, {}, obs.now, recent)
+            late_until = updated + self.settings.settle_s
+            ledger.anchor = Anchor(figure, contained, {}, obs.now, recent, late_until)
             records.append(self._anchor_record(key, ledger.anchor, "first"))
         anchor = ledger.anchor
+        late = frozenset(
+            f.exec_id
+            for f in foreign
+            if f.live
+            and f.ts <= anchor.late_until
+            and f.exec_id not in anchor.fills
+            and f.exec_id not in anchor.uncertain
+        )
+        if late:
+            anchor = ledger.anchor = replace(anchor, uncertain=anchor.uncertain | late)
+            records.append(self._anchor_record(key, anchor, "late_fill"))
         base = anchor.quantity
         base += sum(
             (c.sign * (c.filled - anchor.child_fills.get(c.order_ref, ZERO)) for c in mine), ZERO
