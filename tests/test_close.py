@@ -500,3 +500,30 @@ def test_execution_arrives_after_the_figure_that_holds_it_then_not_counted_twice
     # Assert: the fill is not counted on top of the figure (that said flat, for ever)
     assert waiting.orders == ()
     assert [(o.action, o.quantity) for o in later.orders] == [(Action.BUY, Decimal(1))]
+
+
+def test_broker_figure_farther_than_the_fills_for_a_long_quiet_then_adopted_and_closed() -> None:
+    # Arrange: short 2 and our BUY 1 cancelled by someone else; the position stream (-1) already
+    # holds a bot's BUY 1 whose execution arrives only well after the settle time, so the fills
+    # say flat (0) while the broker keeps saying -1.
+    broker = Broker(-1, now=100.0)
+    broker.updated = broker.now
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    (child,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
+    broker.now = 100.1
+    broker.status(child, "Cancelled", 0)
+    broker.now = 100.1 + SETTINGS.settle_s + 1
+    broker.fills.append(fill("bot1", 1, broker.now))
+    episode.step(broker.obs(), POLICY, 4)  # the late execution is heard
+
+    # Act: quiet for one settle time, then for three
+    broker.now += SETTINGS.settle_s + 0.1
+    one = episode.step(broker.obs(), POLICY, 4)
+    broker.now += 2 * SETTINGS.settle_s
+    three = episode.step(broker.obs(), POLICY, 4)
+
+    # Assert: the farther figure is not trusted at once (it may be old), but exposure the broker
+    # keeps reporting is closed in the end (it used to wait for ever, the account open)
+    assert one.orders == ()
+    assert any(r.kind == "position_disagrees" and r.level == "error" for r in one.records)
+    assert [(o.action, o.quantity) for o in three.orders] == [(Action.BUY, Decimal(1))]

@@ -36,7 +36,10 @@ witnesses; the episode closes only what both agree is there:
 minus what our live children may still fill. The stream has provably caught up when `S ==
 expected`: then the anchor moves to `S`, containing every fill known. When they disagree for
 `settle_s` seconds with no child of ours live on the position and nothing new on it (no fill, no
-new figure), the broker's figure is adopted as the anchor: something traded that we did not see.
+new figure), the broker's figure is adopted as the anchor when it is nearer the target than the
+fills say (something traded that we did not see); a figure farther from it only after
+`FARTHER_QUIET_FACTOR` settle times of quiet (it may be old, but exposure the broker keeps
+reporting must be closed in the end).
 
 Why this never crosses zero
 ---------------------------
@@ -210,6 +213,11 @@ class Observation:
     fills: Iterable[Fill]
     foreign_buying: Mapping[PositionKey, Decimal] = field(default_factory=dict)
     foreign_selling: Mapping[PositionKey, Decimal] = field(default_factory=dict)
+
+
+FARTHER_QUIET_FACTOR = 3
+"""A broker figure farther from the target than every fill-based expectation is adopted after
+this many settle times of quiet on the position (a nearer one after one settle time)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -854,13 +862,18 @@ class CloseEpisode:
             return (figure,)
         if figure in candidates or not quiet or any(c.live for c in mine):
             return candidates
-        # The figure has disagreed with every fill we know for the settle time. Adopt it only
-        # when it closes less than the fills say (a fill we were not told of closed some of it);
-        # a figure that would close more may be old, and is never trusted over our fills.
+        # The figure has disagreed with every fill we know for the settle time. Adopt it at once
+        # when it closes less than the fills say (a fill we were not told of closed some of it).
+        # A figure that would close more may be old: it is trusted over our fills only after
+        # FARTHER_QUIET_FACTOR times the settle time of quiet (A3 with a margin), because the
+        # other mistake, never closing exposure the broker keeps reporting, leaves the account
+        # open while HALTED (e.g. a foreign fill's execution that arrived after the figure that
+        # already held it, counted twice).
         nearer = all(
             abs(figure) < abs(c) and (figure == 0 or _sign(c) == _sign(figure)) for c in candidates
         )
-        if not nearer:
+        long_quiet = obs.now - ledger.last_activity >= FARTHER_QUIET_FACTOR * self.settings.settle_s
+        if not nearer and not long_quiet:
             if not ledger.disagreement_reported:
                 ledger.disagreement_reported = True
                 records.append(
