@@ -99,6 +99,8 @@ class BrokerPort(Protocol):
 
     async def refresh_order_ids(self, lane: Lane = Lane.FLATTEN) -> None: ...
 
+    async def refresh_positions(self) -> None: ...
+
     async def place_order(
         self,
         order_id: int,
@@ -546,6 +548,9 @@ class Executor:
         for note in plan.notes:
             if note.kind in (planner.NoteKind.OVER_WORKING, planner.NoteKind.PAST_TARGET):
                 log.error("close_note", kind=str(note.kind), con_id=note.key.con_id)
+        if plan.refresh_positions and not self.dry_run:
+            with contextlib.suppress(GuarddError):
+                await self.broker.refresh_positions()
         for cancel in plan.cancels:
             if self.dry_run:
                 continue

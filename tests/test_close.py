@@ -502,7 +502,9 @@ def test_execution_arrives_after_the_figure_that_holds_it_then_not_counted_twice
     assert [(o.action, o.quantity) for o in later.orders] == [(Action.BUY, Decimal(1))]
 
 
-def test_broker_figure_farther_than_the_fills_for_a_long_quiet_then_adopted_and_closed() -> None:
+def test_broker_figure_farther_than_the_fills_then_asked_afresh_and_adopted_when_confirmed() -> (
+    None
+):
     # Arrange: short 2 and our BUY 1 cancelled by someone else; the position stream (-1) already
     # holds a bot's BUY 1 whose execution arrives only well after the settle time, so the fills
     # say flat (0) while the broker keeps saying -1.
@@ -516,14 +518,20 @@ def test_broker_figure_farther_than_the_fills_for_a_long_quiet_then_adopted_and_
     broker.fills.append(fill("bot1", 1, broker.now))
     episode.step(broker.obs(), POLICY, 4)  # the late execution is heard
 
-    # Act: quiet for one settle time, then for three
+    # Act: quiet for a settle time (the disagreement); much later, still no fresh figure; then
+    # the answer to the refresh says -1 again
     broker.now += SETTINGS.settle_s + 0.1
-    one = episode.step(broker.obs(), POLICY, 4)
-    broker.now += 2 * SETTINGS.settle_s
-    three = episode.step(broker.obs(), POLICY, 4)
+    noticed = episode.step(broker.obs(), POLICY, 4)
+    broker.now += 10 * SETTINGS.settle_s
+    stale = episode.step(broker.obs(), POLICY, 4)
+    broker.now += 0.5
+    broker.updated = broker.now  # the reqPositions answer: a figure received after the doubt
+    answered = episode.step(broker.obs(), POLICY, 4)
 
-    # Assert: the farther figure is not trusted at once (it may be old), but exposure the broker
-    # keeps reporting is closed in the end (it used to wait for ever, the account open)
-    assert one.orders == ()
-    assert any(r.kind == "position_disagrees" and r.level == "error" for r in one.records)
-    assert [(o.action, o.quantity) for o in three.orders] == [(Action.BUY, Decimal(1))]
+    # Assert: a farther figure is never trusted on its own age (it may be old): the episode asks
+    # for positions afresh (again while no answer comes), and closes the exposure once a fresh
+    # figure confirms it (it used to wait for ever, the account open while HALTED)
+    assert noticed.orders == () and noticed.refresh_positions
+    assert any(r.kind == "position_disagrees" and r.level == "error" for r in noticed.records)
+    assert stale.orders == () and stale.refresh_positions
+    assert [(o.action, o.quantity) for o in answered.orders] == [(Action.BUY, Decimal(1))]

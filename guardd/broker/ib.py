@@ -1144,6 +1144,18 @@ class IbBroker:
             except GuarddError:
                 return  # the session is gone; the next one downloads positions afresh
 
+    async def refresh_positions(self) -> None:
+        """reqPositions again because a close doubts a position figure (it disagrees with every
+        fill the guard knows): on `Lane.CLOSE_DATA`, ahead of other subscriptions."""
+        session = self._live_session("refresh_positions")
+        log.warning("positions_rerequested", why="close_figure_disagrees")
+
+        def relist(s: _IbSession) -> None:
+            _req_positions(s)
+            s.relist = (s.positions_requests, set())
+
+        await self._request(session, Lane.CLOSE_DATA, "reqPositions", relist)
+
     def _maybe_announce(self, session: _IbSession) -> None:
         if session.managed is None or session.first_order_id is None or session.ready.done():
             return

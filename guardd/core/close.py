@@ -37,9 +37,10 @@ minus what our live children may still fill. The stream has provably caught up w
 expected`: then the anchor moves to `S`, containing every fill known. When they disagree for
 `settle_s` seconds with no child of ours live on the position and nothing new on it (no fill, no
 new figure), the broker's figure is adopted as the anchor when it is nearer the target than the
-fills say (something traded that we did not see); a figure farther from it only after
-`FARTHER_QUIET_FACTOR` settle times of quiet (it may be old, but exposure the broker keeps
-reporting must be closed in the end).
+fills say (something traded that we did not see); a figure farther from it may be old, so the
+round asks for positions afresh (`Round.refresh_positions`) and adopts it once a figure received
+after the disagreement began still says so (exposure the broker keeps reporting must be closed
+in the end).
 
 Why this never crosses zero
 ---------------------------
@@ -215,9 +216,9 @@ class Observation:
     foreign_selling: Mapping[PositionKey, Decimal] = field(default_factory=dict)
 
 
-FARTHER_QUIET_FACTOR = 3
-"""A broker figure farther from the target than every fill-based expectation is adopted after
-this many settle times of quiet on the position (a nearer one after one settle time)."""
+REFRESH_AGAIN_FACTOR = 3
+"""While a broker figure farther from the target than the fills disagrees and no fresh figure has
+come, positions are asked for again every this many settle times."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +272,7 @@ class Round:
     off_target: int
     at_target: bool
     overdue: bool
+    refresh_positions: bool = False  # ask the broker for positions afresh (reqPositions)
 
 
 # ---------------------------------------------------------------------------- state
@@ -340,7 +342,7 @@ class _Ledger:
     anchor: Anchor | None = None
     last_figure: Decimal | None = None
     last_activity: float = 0.0
-    disagreement_reported: bool = False
+    disagree_since: float | None = None  # when a farther broker figure was first noticed
     replacing: Child | None = None  # cancelled for a re-price, its replacement not planned yet
 
 
@@ -375,6 +377,7 @@ class CloseEpisode:
         self._own: dict[str, tuple[Child, Decimal]] = {}  # execId -> (child, shares)
         self._unpriced: set[PositionKey] = set()  # reported without a usable price for a limit
         self._unknown: set[PositionKey] = set()  # quantity left unset by IB (journaled once)
+        self._refresh_positions = False  # this round asks for positions afresh
 
     @property
     def decision_ref(self) -> planner.DecisionId:
@@ -548,6 +551,7 @@ class CloseEpisode:
     def step(self, obs: Observation, policy: ClosePolicy, budget: int) -> Round:
         """Account what the Book shows, then decide this round's cancels and children."""
         records: list[Record] = []
+        self._refresh_positions = False
         self._account_fills(obs, records)
         self._refresh_children(obs, records)
         keys = set(obs.positions) | {c.key for c in self.children.values()} | set(self._ledgers)
@@ -671,6 +675,7 @@ class CloseEpisode:
             off_target=off_target,
             at_target=at_target,
             overdue=self.overdue,
+            refresh_positions=self._refresh_positions,
         )
 
     # ---- internals ---------------------------------------------------------------------------
@@ -864,18 +869,21 @@ class CloseEpisode:
             return candidates
         # The figure has disagreed with every fill we know for the settle time. Adopt it at once
         # when it closes less than the fills say (a fill we were not told of closed some of it).
-        # A figure that would close more may be old: it is trusted over our fills only after
-        # FARTHER_QUIET_FACTOR times the settle time of quiet (A3 with a margin), because the
-        # other mistake, never closing exposure the broker keeps reporting, leaves the account
-        # open while HALTED (e.g. a foreign fill's execution that arrived after the figure that
-        # already held it, counted twice).
+        # A figure that would close more may be old: the episode asks the broker for positions
+        # afresh (`Round.refresh_positions`, again while no answer comes) and trusts it over our
+        # fills only once a figure received after the disagreement began still says so. Never
+        # closing exposure the broker keeps reporting would leave the account open
+        # while HALTED (e.g. a foreign fill's execution heard late and counted twice).
         nearer = all(
             abs(figure) < abs(c) and (figure == 0 or _sign(c) == _sign(figure)) for c in candidates
         )
-        long_quiet = obs.now - ledger.last_activity >= FARTHER_QUIET_FACTOR * self.settings.settle_s
-        if not nearer and not long_quiet:
-            if not ledger.disagreement_reported:
-                ledger.disagreement_reported = True
+        since = ledger.disagree_since
+        refreshed = since is not None and updated > since
+        if not nearer and not refreshed:
+            if since is None or obs.now - since >= REFRESH_AGAIN_FACTOR * self.settings.settle_s:
+                self._refresh_positions = True  # asked again if an answer never came
+            if since is None:
+                ledger.disagree_since = obs.now
                 records.append(
                     Record(
                         "position_disagrees",
@@ -887,7 +895,10 @@ class CloseEpisode:
                         "error",
                     )
                 )
+            elif obs.now - since >= REFRESH_AGAIN_FACTOR * self.settings.settle_s:
+                ledger.disagree_since = obs.now
             return candidates
+        ledger.disagree_since = None
         records.append(
             Record(
                 "position_disagrees",
