@@ -1,4 +1,5 @@
-"""The `guardd` command line: run the guard, check a config, the demo, and the simulated gateway.
+"""The `guardd` command line: run the guard, check a config, write a starter deployment (`init`),
+the demo, and the simulated gateway.
 
 Exit codes of `guardd run` (see guardd/errors.py): 0 stopped on request (SIGTERM / SIGINT, in
 any phase), 78 a config or credential error, 71 a start-up error (a port in use, a state
@@ -38,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="log every TWS API message ibapi sends and receives (as [log] wire = true)",
     )
+    init = sub.add_parser(
+        "init",
+        help="write a starter config and the files a deployment needs into DIR (never overwrites)",
+    )
+    init.add_argument("directory", type=Path, metavar="DIR")
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", type=Path)
     demo = sub.add_parser("demo", help="guard the embedded simulated gateway against a runaway bot")
@@ -83,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EX_CONFIG
     if args.command == "check-config":
         return _check_config(args.config)
+    if args.command == "init":
+        from guardd.shipped import init_main
+
+        return init_main(args.directory)
     if args.command == "run":
         return _run(args.config, fresh_start=args.fresh_start, wire_logs=args.wire_logs)
     if args.command == "demo":

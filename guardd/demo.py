@@ -26,6 +26,7 @@ from typing import TextIO
 
 from guardd.app import Guard
 from guardd.config import Config, load_config
+from guardd.shipped import shipped
 from guardd.sim.bot import RunawayBot
 from guardd.sim.gateway import SimGateway
 from guardd.sim.scenario import parse_scenario
@@ -33,16 +34,8 @@ from guardd.sim.server import build_gateway
 from guardd.sim.types import OrderRequest
 
 BOT_CLIENT_ID = 7
-_HERE = Path(__file__).resolve().parent
 # Installed wheels carry configs/demo.toml inside the package; a checkout has it at the top.
-DEMO_CONFIG = next(
-    (
-        path
-        for path in (_HERE / "_data" / "demo.toml", _HERE.parent / "configs" / "demo.toml")
-        if path.is_file()
-    ),
-    _HERE.parent / "configs" / "demo.toml",
-)
+DEMO_CONFIG = shipped("demo.toml")
 
 DEMO_SCENARIO: dict[str, object] = {
     "gateway": {"seed": 11, "market_interval_s": 0.1, "pnl_interval_s": 0.5},
