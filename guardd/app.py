@@ -60,7 +60,7 @@ from guardd.core.rules import Finding, Thresholds
 from guardd.credentials import load_credentials
 from guardd.errors import GuarddError, JournalError, StartupError
 from guardd.executor import Executor, journal_children, journal_order_ids
-from guardd.journal import Journal
+from guardd.journal import Journal, Rotation, journal_segments, read_journal
 from guardd.latch import FRESH_START, LatchState, later_of, read_latch, witness_step, write_latch
 from guardd.metrics import Metrics, MetricsServer, metrics_handler
 from guardd.notifications import Notifications
@@ -109,7 +109,11 @@ class Guard:
         self.metrics = Metrics(self.registry, account=cfg.account, version=__version__)
         self.notifier = notifier or Notifier(None)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(cfg.journal_path, clock=clock)
+        self.journal = Journal(
+            cfg.journal_path,
+            clock=clock,
+            rotation=Rotation(cfg.journal.rotate, cfg.journal.max_bytes),
+        )
         now = clock()
         # The latch first: restored before anything connects, from the file or, when it records
         # a later kill, from the journal (the second witness: a latch write may have failed).
@@ -1032,9 +1036,7 @@ def _scan_journal(cfg: Config) -> tuple[int, LatchState | None]:
     last = 0
     witness: LatchState | None = None
     path = cfg.journal_path
-    if path.exists():
-        from guardd.journal import read_journal
-
+    if journal_segments(path):  # every rotated segment too, oldest first
         for rec in read_journal(path):
             value = rec.get("decision_id")
             if isinstance(value, int) and value > last:

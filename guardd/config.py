@@ -766,6 +766,15 @@ class LogConfig(_Model):
     wire: bool = False
 
 
+class JournalConfig(_Model):
+    """The audit journal's rotation (guardd.journal): "never" (default), "size" (a new segment
+    once the live file would pass ``max_bytes``) or "day" (a new segment each UTC day). Rotated
+    segments are kept (guardd deletes none) and all read at start."""
+
+    rotate: Literal["never", "size", "day"] = "never"
+    max_bytes: Annotated[int, Field(ge=1024)] = 100 * 1024 * 1024
+
+
 _HTTP_URL = r"^https?://\S+$"
 
 
@@ -847,6 +856,7 @@ class Config(_Model):
     control: ControlConfig = Field(default_factory=ControlConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    journal: JournalConfig = Field(default_factory=JournalConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
     @model_validator(mode="after")
@@ -877,7 +887,7 @@ class Config(_Model):
 
     @property
     def journal_path(self) -> Path:
-        """The append-only audit journal."""
+        """The append-only audit journal (its live file; rotated segments beside it)."""
         return self.state_dir / "journal.jsonl"
 
     @property

@@ -74,7 +74,7 @@ from guardd.core.engine import (
 from guardd.core.events import BrokerError, OrderId
 from guardd.core.events import ConId as EventConId
 from guardd.errors import GuarddError, JournalError, LatchError
-from guardd.journal import Journal, read_journal
+from guardd.journal import Journal, journal_segments, read_journal
 from guardd.latch import LatchState, LatchWriter
 from guardd.metrics import Metrics
 
@@ -823,8 +823,9 @@ _RESTORED_KINDS = frozenset({"child_order_sent", "child_order_acknowledged", "cl
 
 
 def journal_order_ids(path: Path) -> set[int]:
-    """Every order id the journal says guardd sent (or was about to send), any decision."""
-    if not path.exists():
+    """Every order id the journal says guardd sent (or was about to send), any decision, in
+    any segment."""
+    if not journal_segments(path):
         return set()
     return {
         int(rec["order_id"])
@@ -835,8 +836,9 @@ def journal_order_ids(path: Path) -> set[int]:
 
 def journal_children(path: Path, decision_id: int) -> list[dict[str, Any]]:
     """The `child_order_sent`, `child_order_acknowledged` and `close_anchor` records of one
-    decision, for `Executor.restore_children`."""
-    if not path.exists():
+    decision, for `Executor.restore_children` (from every segment: a rotation in the middle of a
+    close leaves the decision's first children in an older one)."""
+    if not journal_segments(path):
         return []
     return [
         rec

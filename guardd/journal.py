@@ -21,6 +21,18 @@ as the four characters ``a\\xff``). A refusal that could not be journaled would 
 
 ``Journal.recent`` keeps the last ``RECENT_RECORDS`` records appended by this process in memory
 (the web console shows them; nothing is read back from disk for it).
+
+Rotation (``[journal] rotate``: by size or by UTC day; off by default). The live file keeps its
+name (``journal.jsonl``); when it is due, it is renamed to the next segment, ``journal.jsonl.<n>``
+(n = 1, 2, ... zero-padded, never reused), the directory is fsynced, and a new live file is
+created whose first record, ``journal_segment_started``, names the segment before it; the new
+file and the directory are fsynced before the record that was due is appended. Nothing is copied
+and nothing is deleted, so no record is lost whatever step a crash interrupts: a crash after the
+rename leaves the records in the segment, and the next open creates a new live file. A rotation
+that fails leaves the records where they were and is tried again at the next append
+(``Journal.rotation_error`` says why). ``read_journal`` reads every segment, oldest first, then the
+live file: the latch's witness, the close's children and the order ids a previous life of the
+guard sent are found whichever segment holds them.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import enum
 import json
 import math
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -38,27 +51,61 @@ from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Self
+from typing import Any, BinaryIO, Literal, Self
 
 from guardd.errors import JournalError
 
-__all__ = ["RECENT_RECORDS", "TORN_TAIL_KIND", "Journal", "read_journal"]
+__all__ = [
+    "RECENT_RECORDS",
+    "SEGMENT_STARTED_KIND",
+    "TORN_TAIL_KIND",
+    "Journal",
+    "Rotation",
+    "journal_segments",
+    "read_journal",
+]
 
 TORN_TAIL_KIND = "journal_torn_tail"
+SEGMENT_STARTED_KIND = "journal_segment_started"
 RECENT_RECORDS = 50
 _BLOCK = 64 * 1024
+_DAY_S = 86_400
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rotation:
+    """When the live journal file becomes a segment: ``every`` "size" (once appending a record
+    would take it past ``max_bytes``; a file holding one record larger than that is still kept
+    whole), "day" (at the first append of a new UTC day), or "never"."""
+
+    every: Literal["never", "size", "day"] = "never"
+    max_bytes: int = 100 * 1024 * 1024
+
+
+NEVER = Rotation()
 
 
 class Journal:
     """An open, append-only audit journal at ``path`` (parent directories are created)."""
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        rotation: Rotation = NEVER,
+    ) -> None:
         self._path = path
         self._clock = clock
+        self._rotation = rotation
         self._lock = threading.Lock()
         self._recent: deque[dict[str, Any]] = deque(maxlen=RECENT_RECORDS)
         self.torn_tail: Path | None = None  # where a torn last line found on open was copied
+        self.rotation_error: str | None = None  # why the last rotation failed, until one works
         self._fd: int | None = None
+        # The file self._fd writes: the live path, or the segment it was renamed to when a
+        # rotation could rename it but not create the new live file.
+        self._fd_path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             created = not path.exists()
@@ -67,6 +114,7 @@ class Journal:
                 _fsync_dir(path.parent)  # the new file's name must survive a crash too
             torn = _cut_torn_tail(path, self._fd)
             self._size = os.fstat(self._fd).st_size  # end of the last complete record
+            self._day = _first_record_day(path, default=_utc_day(clock()))
         except OSError as exc:
             self.close()
             raise JournalError(f"cannot open journal {path}: {exc.strerror or exc}") from exc
@@ -97,16 +145,73 @@ class Journal:
         with self._lock:
             if self._fd is None:
                 raise JournalError(f"journal {self._path} is closed")
-            try:
-                _write_all(self._fd, data)
-                os.fsync(self._fd)
-            except OSError as exc:
-                self._cut_back()
-                raise JournalError(f"cannot append to journal {self._path}: {exc}") from exc
-            self._size += len(data)
-            self._recent.append(record)
+            why = self._rotation_due(len(data))
+            if why is not None:
+                self._rotate(why)
+            self._write(data, record)
         result: dict[str, Any] = record
         return result
+
+    def _write(self, data: bytes, record: dict[str, Any]) -> None:
+        assert self._fd is not None
+        try:
+            _write_all(self._fd, data)
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._cut_back()
+            raise JournalError(f"cannot append to journal {self._fd_path}: {exc}") from exc
+        self._size += len(data)
+        self._recent.append(record)
+
+    def _rotation_due(self, incoming: int) -> str | None:
+        if self._fd_path != self._path:
+            return "retry"  # renamed, but the new live file is still to be created
+        match self._rotation.every:
+            case "size":
+                due = self._size > 0 and self._size + incoming > self._rotation.max_bytes
+                return "size" if due else None
+            case "day":
+                return "day" if _utc_day(self._clock()) != self._day else None
+            case "never":
+                return None
+
+    def _rotate(self, why: str) -> None:
+        """Make the live file a segment and start a new live file (see the module docstring).
+        A step that fails leaves every record where it is; the next append tries again."""
+        assert self._fd is not None
+        try:
+            if self._fd_path == self._path:
+                segment = _next_segment(self._path)
+                os.rename(self._path, segment)
+                _fsync_dir(self._path.parent)
+                self._fd_path = segment
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            fd = os.open(self._path, flags, 0o640)
+        except OSError as exc:
+            self.rotation_error = f"cannot rotate journal {self._path}: {exc.strerror or exc}"
+            return
+        previous, old_fd = self._fd_path, self._fd
+        self._fd, self._fd_path, self._size = fd, self._path, 0
+        self._day = _utc_day(self._clock())
+        os.close(old_fd)
+        header = _plain(
+            {
+                "ts": self._clock(),
+                "kind": SEGMENT_STARTED_KIND,
+                "previous": previous.name,
+                "why": why,
+            },
+            "",
+        )
+        line = json.dumps(header, separators=(",", ":")).encode() + b"\n"
+        try:
+            self._write(line, header)
+            _fsync_dir(self._path.parent)
+        except (JournalError, OSError) as exc:
+            # The live file exists (empty or with its header): records go on into it.
+            self.rotation_error = f"journal {self._path}: new segment not durable: {exc}"
+            return
+        self.rotation_error = None
 
     def recent(self) -> list[dict[str, Any]]:
         """The last records appended (and made durable) by this process, oldest first."""
@@ -141,17 +246,48 @@ class Journal:
             pass  # the next open finds and moves the torn tail aside
 
 
-def read_journal(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield the journal's records in order, skipping a torn last line.
+def journal_segments(path: Path) -> list[Path]:
+    """The journal's files in order: its rotated segments, oldest first, then the live file
+    (each only where it exists; an empty list when there is no journal at all)."""
+    pattern = re.compile(re.escape(path.name) + r"\.(\d+)")
+    numbered: list[tuple[int, Path]] = []
+    if path.parent.is_dir():
+        for entry in path.parent.iterdir():
+            match = pattern.fullmatch(entry.name)
+            if match is not None:
+                numbered.append((int(match.group(1)), entry))
+    files = [segment for _, segment in sorted(numbered)]
+    if path.exists():
+        files.append(path)
+    return files
 
-    Raises ``JournalError`` if the file cannot be opened, or if a line other than the last is not
-    a JSON object (that is damage, not a torn append).
+
+def read_journal(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield the journal's records in order, every rotated segment's first (oldest first), then
+    the live file's; a torn last line of a file is skipped.
+
+    Raises ``JournalError`` if there is no journal at all or a file cannot be opened, or if a
+    line other than a file's last is not a JSON object (that is damage, not a torn append).
     """
+    files = journal_segments(path) or [path]
+    handles: list[tuple[Path, BinaryIO]] = []
     try:
-        handle = path.open("rb")
+        for file in files:
+            handles.append((file, file.open("rb")))
     except OSError as exc:
-        raise JournalError(f"cannot read journal {path}: {exc.strerror or exc}") from exc
-    return _records(path, handle)
+        for _, handle in handles:
+            handle.close()
+        raise JournalError(f"cannot read journal {exc.filename}: {exc.strerror or exc}") from exc
+    return _chain(handles)
+
+
+def _chain(handles: list[tuple[Path, BinaryIO]]) -> Iterator[dict[str, Any]]:
+    try:
+        for file, handle in handles:
+            yield from _records(file, handle)
+    finally:
+        for _, handle in handles:
+            handle.close()
 
 
 def _records(path: Path, handle: BinaryIO) -> Iterator[dict[str, Any]]:
@@ -216,6 +352,25 @@ def _last_line_start(handle: BinaryIO, size: int) -> int:
             return begin + newline + 1
         end = begin
     return 0
+
+
+def _next_segment(path: Path) -> Path:
+    """The name the live file takes when it is rotated: one past the highest segment."""
+    segments = [p for p in journal_segments(path) if p != path]
+    number = int(segments[-1].name.rsplit(".", 1)[1]) + 1 if segments else 1
+    return path.with_name(f"{path.name}.{number:06d}")
+
+
+def _utc_day(ts: float) -> int:
+    return int(ts // _DAY_S)
+
+
+def _first_record_day(path: Path, *, default: int) -> int:
+    """The UTC day of the file's first record (when its segment began), else `default`."""
+    with path.open("rb") as handle:
+        record = _parse_line(handle.readline())
+    ts = record.get("ts") if record is not None else None
+    return _utc_day(ts) if isinstance(ts, int | float) and math.isfinite(ts) else default
 
 
 def _free_torn_path(path: Path) -> Path:

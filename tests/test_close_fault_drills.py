@@ -15,6 +15,7 @@ child cancelled by someone else while the guard is cut off.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from decimal import Decimal
@@ -24,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from guardd.journal import read_journal
+from guardd.journal import journal_segments, read_journal
 from guardd.sim.gateway import PLACE_ORDER, SimGateway
 from tests.drill_helpers import (
     GuardProcesses,
@@ -235,6 +236,88 @@ async def test_guard_killed_mid_flatten_restarted_with_positions_delayed_then_fl
         # Assert
         await assert_flat_never_crossed(sim, start)
         assert since_restart()[0]["halted"] is True
+
+
+# ---- the journal rotates in the middle of a flatten; kill -9; the restart finds what it needs ---
+
+ROTATING = (
+    FLATTEN
+    + """
+[journal]
+rotate = "size"
+max_bytes = 1024
+"""
+)
+
+
+async def test_journal_rotated_mid_flatten_killed_and_latch_lost_then_witness_and_children_restored(
+    tmp_path: Path,
+) -> None:
+    # Arrange: a `guardd run` process whose journal starts a new segment every 1 KiB
+    async with sim_gateway(gateway=SLOW_FILLS) as sim:
+        start = starting_positions(sim)
+        procs = GuardProcesses()
+        config, url, token = write_run_config(tmp_path, sim.port, ROTATING)
+        log, jpath, latch = (
+            tmp_path / "guardd.log",
+            tmp_path / "journal.jsonl",
+            tmp_path / "latch.json",
+        )
+        try:
+            async with aiohttp.ClientSession() as http:
+                first = procs.start(config, log, fresh_start=True)
+                try:
+                    await http_ready(http, url)
+                    armed_latch = latch.read_bytes()  # the latch before the kill
+                    status, body = await http_kill(http, url, token)
+                    assert status == 200, body
+                    await wait_until(lambda: child_mid_fill(sim), 10, what="a child filling")
+                finally:
+                    os.kill(first, signal.SIGKILL)
+                await wait_gone(first)
+                await wait_until(lambda: GUARD_CLIENT_ID not in sim.sessions, 5, what="gone")
+            assert child_mid_fill(sim), "the guard died with no child working"
+            # The drill's premise: the kill and its first children are in rotated segments only.
+            live = [json.loads(line) for line in jpath.read_bytes().splitlines()]
+            everything = list(read_journal(jpath))
+            kill = next(r for r in everything if r.get("kind") == "decision" and r.get("latch"))
+            sent = [r for r in everything if r.get("kind") == "child_order_sent"]
+            assert kill not in live and sent and sent[0] not in live
+            # ... and the latch file never learnt of the kill (its write lost): the journal,
+            # in an older segment, is the only witness left.
+            latch.write_bytes(armed_latch)
+
+            # Act: restart while the dead guard's child keeps filling
+            second = procs.start(config, log, fresh_start=False)
+            try:
+                await wait_until(
+                    lambda: (
+                        flat_and_idle(sim)
+                        and any(r.get("kind") == "flat_confirmed" for r in since_start(jpath, 2))
+                    ),
+                    30,
+                    what="flat at the gateway, confirmed by the restarted guard",
+                )
+            finally:
+                os.kill(second, signal.SIGTERM)
+            await wait_gone(second)
+        finally:
+            procs.close()
+
+        # Assert: HALTED from the journal's witness, the children ours again, never past flat
+        restarted = since_start(jpath, 2)[0]
+        assert restarted["halted"] is True and restarted["latch_from"] == "journal"
+        assert restarted["latch_reason"] == kill["latch"]["reason"]
+        assert '"close_children_restored"' in log.read_text()
+        await assert_flat_never_crossed(sim, start)
+        assert len(journal_segments(jpath)) > 3
+
+
+def since_start(jpath: Path, nth: int) -> list[dict[str, Any]]:
+    """The journal's records from the `nth` guard_started on (all segments), or []."""
+    recs = list(read_journal(jpath)) if journal_segments(jpath) else []
+    starts = [i for i, r in enumerate(recs) if r.get("kind") == "guard_started"]
+    return recs[starts[nth - 1] :] if len(starts) >= nth else []
 
 
 # ---- a gateway restart with positions delayed during a flatten ----------------------------------

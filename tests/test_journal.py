@@ -18,7 +18,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardd.errors import JournalError
-from guardd.journal import TORN_TAIL_KIND, Journal, read_journal
+from guardd.journal import (
+    SEGMENT_STARTED_KIND,
+    TORN_TAIL_KIND,
+    Journal,
+    Rotation,
+    journal_segments,
+    read_journal,
+)
 
 
 def _clock() -> float:
@@ -353,3 +360,157 @@ def test_crash_cut_anywhere_then_every_complete_record_survives(
         assert records[:complete] == written[:complete]
         torn = cut not in (0, *(i + 1 for i, b in enumerate(content) if b == ord("\n")))
         assert [r["kind"] for r in records[complete:]] == ([TORN_TAIL_KIND] if torn else [])
+
+
+# ---- rotation ------------------------------------------------------------------------------------
+
+DAY = 86_400.0
+
+
+def _payloads(records: list[dict[str, Any]]) -> list[Any]:
+    """The records a caller appended, without the rotation's own segment headers."""
+    return [r.get("n") for r in records if r["kind"] != SEGMENT_STARTED_KIND]
+
+
+def test_size_rotation_then_segments_bounded_and_every_record_read_in_order(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.jsonl"
+
+    with Journal(path, clock=_clock, rotation=Rotation("size", 1024)) as journal:
+        for n in range(40):
+            journal.append("decision", n=n, pad="x" * 60)
+
+    files = journal_segments(path)
+    assert len(files) > 3 and files[-1] == path
+    assert [f.name for f in files[:2]] == ["journal.jsonl.000001", "journal.jsonl.000002"]
+    assert all(f.stat().st_size <= 1024 for f in files)
+    records = list(read_journal(path))
+    assert _payloads(records) == list(range(40))
+    headers = [r for r in records if r["kind"] == SEGMENT_STARTED_KIND]
+    assert [h["previous"] for h in headers] == [f.name for f in files[:-1]]
+    assert {h["why"] for h in headers} == {"size"}
+
+
+def test_day_rotation_then_a_new_segment_at_the_first_append_of_each_utc_day(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.jsonl"
+    now = [10 * DAY + 100.0]
+
+    with Journal(path, clock=lambda: now[0], rotation=Rotation("day")) as journal:
+        journal.append("decision", n=0)
+        now[0] = 10 * DAY + DAY - 1  # the same day, its last second
+        journal.append("decision", n=1)
+        now[0] = 11 * DAY + 5
+        journal.append("decision", n=2)
+        now[0] = 13 * DAY
+        journal.append("decision", n=3)
+
+    files = journal_segments(path)
+    by_file = [_payloads([json.loads(line) for line in f.read_bytes().splitlines()]) for f in files]
+    assert by_file == [[0, 1], [2], [3]]
+    assert _payloads(list(read_journal(path))) == [0, 1, 2, 3]
+
+
+def test_rotation_across_a_restart_then_numbers_continue_and_the_day_is_the_files(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.jsonl"
+    now = [20 * DAY + 10.0]
+    rotation = Rotation("day")
+    with Journal(path, clock=lambda: now[0], rotation=rotation) as journal:
+        journal.append("decision", n=0)
+        now[0] += DAY
+        journal.append("decision", n=1)  # segment 1 holds n=0
+
+    # Act: restarted the next day; the live file's day is its first record's, not the clock's
+    now[0] += DAY
+    with Journal(path, clock=lambda: now[0], rotation=rotation) as journal:
+        journal.append("decision", n=2)
+    with Journal(path, clock=lambda: now[0], rotation=rotation) as journal:
+        journal.append("decision", n=3)  # same day as n=2: no rotation
+
+    assert [f.name for f in journal_segments(path)] == [
+        "journal.jsonl.000001",
+        "journal.jsonl.000002",
+        "journal.jsonl",
+    ]
+    assert _payloads(list(read_journal(path))) == [0, 1, 2, 3]
+
+
+def test_crash_after_rename_before_the_new_file_then_reopen_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.jsonl"
+    _write_records(path, 3)
+    path.rename(tmp_path / "journal.jsonl.000001")  # the rotation's rename, then the crash
+
+    with Journal(path, clock=_clock, rotation=Rotation("size", 1024)) as journal:
+        journal.append("decision", n=3)
+
+    assert _payloads(list(read_journal(path))) == [0, 1, 2, 3]
+
+
+def test_new_live_file_cannot_be_created_then_records_stay_in_the_segment_and_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path, clock=_clock, rotation=Rotation("size", 1024))
+    real_open = os.open
+
+    def no_new_file(file: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_EXCL:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_new_file)
+    for n in range(20):
+        journal.append("decision", n=n, pad="x" * 60)  # never raises: records come first
+    assert journal.rotation_error is not None and "No space" in journal.rotation_error
+    assert not path.exists()  # renamed; every record since went on into the segment
+    monkeypatch.undo()
+
+    journal.append("decision", n=20)
+    journal.close()
+
+    assert journal.rotation_error is None
+    assert [f.name for f in journal_segments(path)] == ["journal.jsonl.000001", "journal.jsonl"]
+    assert _payloads(list(read_journal(path))) == list(range(21))
+
+
+def test_torn_copies_are_not_segments(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    _write_records(path, 1)
+    with path.open("ab") as handle:
+        handle.write(b'{"torn')
+    Journal(path, clock=_clock).close()  # moves the torn line to journal.jsonl.torn-1
+
+    assert journal_segments(path) == [path]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=700), min_size=1, max_size=40),
+    restarts=st.sets(st.integers(min_value=0, max_value=39), max_size=5),
+    max_bytes=st.integers(min_value=200, max_value=2000),
+)
+def test_any_sizes_and_restarts_then_every_record_once_in_order(
+    sizes: list[int], restarts: set[int], max_bytes: int
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "journal.jsonl"
+        rotation = Rotation("size", max_bytes)
+        journal = Journal(path, clock=_clock, rotation=rotation)
+        for n, size in enumerate(sizes):
+            if n in restarts:
+                journal.close()
+                journal = Journal(path, clock=_clock, rotation=rotation)
+            journal.append("decision", n=n, pad="x" * size)
+        journal.close()
+
+        assert _payloads(list(read_journal(path))) == list(range(len(sizes)))
+        for file in journal_segments(path):
+            lines = file.read_bytes().splitlines()
+            # a segment passes max_bytes only when it holds a single caller's record
+            assert file.stat().st_size <= max_bytes or len(lines) <= 2
