@@ -26,7 +26,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from guardd.sim.types import ContractSpec, Fill, Instrument, OrderRequest, PositionView, SimOrder
+from guardd.sim.types import (
+    ContractHours,
+    ContractSpec,
+    Fill,
+    Instrument,
+    OrderRequest,
+    PositionView,
+    SimOrder,
+)
 from guardd.sim.wire import UNSET_DOUBLE, UNSET_INTEGER, Field
 
 SERVER_VERSION = 178  # the text protocol's base version here; ib_async tops out at it
@@ -599,11 +607,16 @@ def market_data_type_fields(req_id: int, market_data_type: int) -> Fields:
 
 
 def contract_details_fields(
-    req_id: int, instrument: Instrument, *, version: int = SERVER_VERSION
+    req_id: int,
+    instrument: Instrument,
+    *,
+    version: int = SERVER_VERSION,
+    hours: ContractHours | None = None,
 ) -> Fields:
     """contractDetails (10): no version field (dropped at 164); lastTradeDate from 182, the
     ineligibility reasons count from 186 (fund fields, from 179, only for secType FUND)."""
     inst = instrument
+    hours = hours or ContractHours(TWS_TIMEZONE)
     order_types = "LMT,MKT" if inst.sec_type == "STK" else "LMT,MKT,STP"
     f: Fields = [
         CONTRACT_DATA,
@@ -635,9 +648,9 @@ def contract_details_fields(
         "",  # industry
         "",  # category
         "",  # subcategory
-        TWS_TIMEZONE,  # timeZoneId
-        "",  # tradingHours
-        "",  # liquidHours
+        hours.time_zone,  # timeZoneId
+        hours.trading,  # tradingHours
+        hours.liquid,  # liquidHours
         "",  # evRule
         "",  # evMultiplier
         0,  # secIdList count

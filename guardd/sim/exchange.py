@@ -63,7 +63,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 
+from guardd.sim.hours import ALWAYS, Calendar, MarketSession
 from guardd.sim.market import PriceProcess, Quote
 from guardd.sim.types import (
     AUCTION_TYPES,
@@ -83,6 +85,7 @@ from guardd.sim.types import (
     OrderRequest,
     OrderStatusName,
     OrderType,
+    OrderWarning,
     PositionChanged,
     PositionView,
     SimEvent,
@@ -93,6 +96,11 @@ FIRST_PERM_ID = 1_000_000_001
 NO_SECURITY_DEFINITION = 200
 ORDER_REJECTED = 201
 DUPLICATE_ORDER_ID = 103
+ORDER_MESSAGE = 399  # a warning: the order waits (e.g. for the regular session)
+OUTSIDE_RTH_IGNORED = 2109  # a warning: outsideRth does not apply to this order type
+MAX_ORDERS_PER_SIDE = 20  # IB: 20 active orders per contract per side per account
+REJECTED = "Order rejected - reason:"  # how IB opens the text of a 201
+EXCHANGE_CLOSED = REJECTED + "Exchange is closed."
 MAX_ORDER_QUANTITY = 1e9  # larger is a typo or an attack, never a trade: refused with 201
 BUYING_POWER_FACTOR = 4.0  # Reg-T intraday: four times the excess of equity over initial margin
 _EXEC_ID_BASE = 0xE1A7  # execIds look like IB's: "0000e1a7.65f1e2b3.01.01"
@@ -242,6 +250,9 @@ class Exchange:
         self._reject_filter: RejectFilter | None = None
         self._margin_multiplier = 1.0
         self._deferred_oca: list[tuple[int, float]] = []  # (permId, quantity): OCA type 3
+        self._calendars: dict[int, Calendar] = {}  # by conId; ALWAYS when not set
+        self._at = now  # the latest `now` any call was given: what the hours are judged at
+        self.check_margin = True
 
     # ----------------------------------------------------------------------------- reads
 
@@ -287,6 +298,15 @@ class Exchange:
             and (not spec.local_symbol or inst.local_symbol == spec.local_symbol)
         ]
         return matches[0] if len(matches) == 1 else None
+
+    def calendar(self, con_id: int) -> Calendar:
+        """An instrument's trading calendar (`ALWAYS` unless set)."""
+        self._instrument(con_id)
+        return self._calendars.get(con_id, ALWAYS)
+
+    def market_session(self, con_id: int, now: float) -> MarketSession:
+        """Regular, extended or closed, for an instrument at `now`."""
+        return self.calendar(con_id).session_at(now)
 
     def quote(self, con_id: int) -> Quote:
         """Top of book and last trade of an instrument."""
@@ -399,6 +419,11 @@ class Exchange:
         pos.total_at_day_start = pos.realized + self._unrealized(pos, self._processes[con_id].last)
         acct.net_liq_at_day_start += self._net_liq(acct) - before
 
+    def set_calendar(self, con_id: int, calendar: Calendar) -> None:
+        """Give an instrument its trading hours."""
+        self._instrument(con_id)
+        self._calendars[con_id] = calendar
+
     def set_reject_filter(self, fn: RejectFilter | None) -> None:
         """Reject (201) every new or modified order for which `fn` returns a reason."""
         self._reject_filter = fn
@@ -436,7 +461,7 @@ class Exchange:
         dt = now - self._now
         if not dt > 0:
             return []
-        self._now = now
+        self._now = self._at = now
         for process in self._processes.values():
             process.step(dt)
         self._revalue_all()
@@ -452,6 +477,7 @@ class Exchange:
         With `pending`, a new order stops at PendingSubmit (the gateway has it, IB has not
         confirmed it yet) until `accept`; a cancel meanwhile ends it ApiCancelled.
         """
+        self._at = max(self._at, now)
         existing = self._by_client_order.get((client_id, req.order_id))
         if existing is not None:
             if existing.is_working:
@@ -466,6 +492,12 @@ class Exchange:
         reason = self._validate(req, inst)
         if reason is None:
             reason = self._check_parent(client_id, req)
+        if reason is None:
+            reason = self._check_session(req, inst, now)
+        if reason is None:
+            reason = self._check_order_count(client_id, req, inst)
+        if reason is None and self.check_margin:
+            reason = self._check_margin(req, inst)
         if reason is None and self._reject_filter is not None:
             reason = self._reject_filter(req, inst)
         perm_id = self._next_perm_id
@@ -606,7 +638,7 @@ class Exchange:
         allows it) or are cancelled."""
         events: list[SimEvent] = []
         for order in list(self._working.values()):
-            if order.tif == "OPG" and self._at_market(order):
+            if order.tif == "OPG" and self._released(order):
                 events.extend(self._auction(order, now))
         return self._settled(events, now)
 
@@ -615,7 +647,7 @@ class Exchange:
         allows it; a LOC that does not is cancelled."""
         events: list[SimEvent] = []
         for order in list(self._working.values()):
-            if order.order_type in AUCTION_TYPES and self._at_market(order):
+            if order.order_type in AUCTION_TYPES and self._released(order):
                 events.extend(self._auction(order, now))
         return self._settled(events, now)
 
@@ -690,6 +722,62 @@ class Exchange:
         if req.oca_type not in (0, 1, 2, 3):
             return f"Invalid OCA type {req.oca_type}: 1, 2 or 3"
         return None
+
+    def _check_session(self, req: OrderRequest, inst: Instrument, now: float) -> str | None:
+        """A market order (or an IOC) while the market is closed is refused, as IB does
+        ("Exchange is closed."); other orders are taken and wait for their session."""
+        if self.market_session(inst.con_id, now) != "closed":
+            return None
+        if req.order_type.upper() in ("MKT", "MOC") or (req.tif or "").upper() == "IOC":
+            return EXCHANGE_CLOSED
+        return None
+
+    def _check_order_count(self, client_id: int, req: OrderRequest, inst: Instrument) -> str | None:
+        """IB allows 20 active orders per contract per side per account."""
+        account = self._resolve_account(req.account)
+        action = req.action.upper()
+        working = sum(
+            1
+            for o in self._working.values()
+            if o.account == account and o.instrument.con_id == inst.con_id and o.action == action
+        )
+        if working < MAX_ORDERS_PER_SIDE:
+            return None
+        return REJECTED + (
+            f"The maximum of {MAX_ORDERS_PER_SIDE} active orders per contract per side per "
+            f"account has been reached ({action} {inst.symbol})"
+        )
+
+    def _check_margin(self, req: OrderRequest, inst: Instrument) -> str | None:
+        """An order that adds to a position must leave initial margin covered once it fills in
+        full (at its limit or stop, else at the touch); reducing a position is always allowed."""
+        account = self._resolve_account(req.account)
+        acct = self._accounts[account]
+        pos = acct.positions.get(inst.con_id)
+        held = pos.quantity if pos is not None else 0.0
+        sign = 1.0 if req.action.upper() == "BUY" else -1.0
+        after = held + sign * req.total_quantity
+        if abs(after) <= abs(held) + _ZERO:
+            return None
+        process = self._processes[inst.con_id]
+        price = req.lmt_price if _positive(req.lmt_price) else req.aux_price
+        touch = process.ask if sign > 0 else process.bid
+        if not _positive(price) or (req.order_type.upper() in TRAIL_TYPES):
+            price = touch
+        assert price is not None
+        trial = _Position(inst, quantity=after, avg_price=price)
+        before = pos.contribution.init_margin if pos is not None else 0.0
+        init = (acct.init_margin - before + self._contribution(trial).init_margin) * (
+            self._margin_multiplier
+        )
+        equity = self._net_liq(acct)
+        if init <= equity:
+            return None
+        return REJECTED + (
+            "Your order is not accepted. In order to obtain the desired position your Equity "
+            f"with Loan Value [{equity:.2f} {self._base}] must exceed the new total Initial "
+            f"Margin of [{init:.2f} {self._base}]."
+        )
 
     def _check_parent(self, client_id: int, req: OrderRequest) -> str | None:
         """A child's parent must be a working (or filled) order of the same client."""
@@ -786,8 +874,45 @@ class Exchange:
         if order.order_type in TRAIL_TYPES:
             self._trail(order)  # the first stop price, reported from the first openOrder on
         events: list[SimEvent] = [OrderChanged(replace(order))]
+        events.extend(self._session_warnings(order, now))
         if order.transmitted:
             events.extend(self._transmit(order, now))
+        return events
+
+    def _session_warnings(self, order: SimOrder, now: float) -> list[SimEvent]:
+        """What IB says of an order the session holds: 2109 when outsideRth does not apply to
+        it, 399 naming when it will be placed at the exchange."""
+        con_id = order.instrument.con_id
+        if self.in_session(order, now):
+            return []
+        events: list[SimEvent] = []
+        if order.outside_rth and self.market_session(con_id, now) == "extended":
+            events.append(
+                OrderWarning(
+                    replace(order),
+                    OUTSIDE_RTH_IGNORED,
+                    "Order Event Warning:Attribute 'Outside Regular Trading Hours' is ignored "
+                    "based on the order type and destination. PlaceOrder is now being processed.",
+                )
+            )
+        calendar = self.calendar(con_id)
+        opens = calendar.next_regular_open(now)
+        when = (
+            "the next regular session"
+            if opens is None
+            else datetime.fromtimestamp(opens, calendar.zone).strftime("%Y-%m-%d %H:%M:%S ")
+            + calendar.timezone
+        )
+        inst = order.instrument
+        events.append(
+            OrderWarning(
+                replace(order),
+                ORDER_MESSAGE,
+                f"Order Message:\n{order.action} {order.total_quantity:g} {inst.symbol} "
+                f"{inst.primary_exchange}\nWarning: your order will not be placed at the "
+                f"exchange until {when}",
+            )
+        )
         return events
 
     def _family(self, order: SimOrder) -> list[SimOrder]:
@@ -816,8 +941,13 @@ class Exchange:
         return self._by_client_order.get((order.client_id, order.parent_id))
 
     def _at_market(self, order: SimOrder) -> bool:
+        """Released (`_released`) and in a session it may work in (`in_session`). A stop at the
+        market still waits for its trigger."""
+        return self._released(order) and self.in_session(order, self._at)
+
+    def _released(self, order: SimOrder) -> bool:
         """Working and released: transmitted, not PendingSubmit, its parent (if any) done with
-        a fill. A stop at the market still waits for its trigger."""
+        a fill."""
         if order.perm_id not in self._working or order.status == "PendingSubmit":
             return False
         if not order.transmitted:
@@ -826,6 +956,18 @@ class Exchange:
             parent = self._parent(order)
             return parent is not None and not parent.is_working and parent.filled > _ZERO
         return True
+
+    def in_session(self, order: SimOrder, now: float) -> bool:
+        """Whether an order may work at `now`: in the regular session, or in extended hours with
+        outsideRth unless it is a market order of a stock (outsideRth does not apply to it)."""
+        session = self.market_session(order.instrument.con_id, now)
+        if session == "regular":
+            return True
+        if session == "closed":
+            return False
+        if order.instrument.sec_type == "STK" and order.order_type in ("MKT", "MOC"):
+            return False
+        return order.outside_rth
 
     def _shown_status(self, order: SimOrder) -> OrderStatusName:
         """PreSubmitted while held at IB (untransmitted, waiting for its parent, a stop not yet
@@ -924,8 +1066,16 @@ class Exchange:
     # -- matching
 
     def _match_working(self, now: float) -> list[SimEvent]:
+        """One matching pass over every working order; an order the session now releases (or
+        holds again) is reported with its new status first."""
         events: list[SimEvent] = []
         for order in list(self._working.values()):
+            if order.perm_id not in self._working:
+                continue
+            status = self._shown_status(order)
+            if status != order.status:
+                order.status = status
+                events.append(OrderChanged(replace(order)))
             events.extend(self._match(order, now))
         return self._settled(events, now)
 

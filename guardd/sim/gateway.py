@@ -45,16 +45,19 @@ from guardd.sim.exchange import (
     OrderNotCancellableError,
     OrderNotFoundError,
 )
+from guardd.sim.hours import SimClock
 from guardd.sim.market import Quote
 from guardd.sim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION, Outgoing
 from guardd.sim.types import (
     AccountChanged,
+    ContractHours,
     ContractSpec,
     Executed,
     Instrument,
     OrderChanged,
     OrderRejected,
     OrderRequest,
+    OrderWarning,
     PositionChanged,
     PositionView,
     SimEvent,
@@ -109,6 +112,15 @@ LIVE_TICKS = (TICK_BID, TICK_BID_SIZE, TICK_ASK, TICK_ASK_SIZE, TICK_LAST, TICK_
 DELAYED_TICKS = (66, 69, 67, 70, 68, 71)
 REAL_TIME_DATA, DELAYED_DATA = 1, 3  # marketDataType
 
+DELAYED_NOT_SUBSCRIBED = 10167
+MARKET_DATA_ERRORS = {
+    354: "Requested market data is not subscribed.",
+    DELAYED_NOT_SUBSCRIBED: (
+        "Requested market data is not subscribed. Displaying delayed market data."
+    ),
+    10197: "No market data during competing live session",
+}
+
 _VERSION_RANGE = re.compile(r"^v(\d+)(?:\.\.(\d+))?")
 
 SUMMARY_TAGS = (
@@ -142,6 +154,7 @@ class GatewayConfig:
     cancel_latency_s: float = 0.0  # a cancel waits PendingCancel this long (fills may come)
     first_order_id: int = 1
     farm_notices: bool = True
+    max_tickers: int | None = None  # market data lines per client; more: error 101
     # The highest server version the gateway offers (default DEFAULT_SERVER_VERSION).
     server_version: int = field(default_factory=lambda: DEFAULT_SERVER_VERSION)
 
@@ -344,6 +357,7 @@ class SimGateway:
         self.omitted_messages: Counter[str] = Counter()
         # Faults on market data, by conId; each instrument's recent quotes, for a lagging feed.
         self.market_data_faults: dict[int, MarketDataFault] = {}
+        self.market_data_errors: dict[int, int] = {}  # conId -> 354, 10167 or 10197
         self._quote_history: dict[int, deque[tuple[float, Quote]]] = {}
         # Silent freeze: nothing read or written on any connection, none closed.
         self.frozen = False
@@ -937,6 +951,20 @@ class SimGateway:
         if instrument is None:
             session.send(self._no_security_definition(wanted.req_id))
             return
+        limit = self.config.max_tickers
+        if (
+            limit is not None
+            and not wanted.snapshot
+            and wanted.req_id not in session.subs.market_data
+            and len(session.subs.market_data) >= limit
+        ):
+            session.send(self._error(wanted.req_id, 101, "Max number of tickers has been reached"))
+            return
+        code = self.market_data_errors.get(instrument.con_id)
+        if code is not None:
+            session.send(self._error(wanted.req_id, code, MARKET_DATA_ERRORS[code]))
+            if code != DELAYED_NOT_SUBSCRIBED:
+                return
         if not wanted.snapshot:
             session.subs.market_data[wanted.req_id] = instrument.con_id
         self._send_quote(session, wanted.req_id, instrument.con_id, force=True)
@@ -958,8 +986,18 @@ class SimGateway:
         if instrument is None:
             session.send(self._no_security_definition(req_id))
             return
-        session.send(messages.contract_details(req_id, instrument))
+        session.send(messages.contract_details(req_id, instrument, self.contract_hours(instrument)))
         session.send(messages.contract_details_end(req_id))
+
+    def contract_hours(self, instrument: Instrument) -> ContractHours:
+        """The contract's hours from today on, as contractDetails reports them."""
+        calendar = self.exchange.calendar(instrument.con_id)
+        now = self.clock()
+        return ContractHours(
+            time_zone=calendar.timezone,
+            trading=calendar.ib_hours(now, extended=True),
+            liquid=calendar.ib_hours(now, extended=False),
+        )
 
     def _ignore(self, session: Session, request: Request, now: float) -> None:
         """Cancels of subscriptions we keep no state for, and a second startApi."""
@@ -1041,6 +1079,10 @@ class SimGateway:
                         if s.client_id == order.client_id:
                             s.send(self._error(order.order_id, code, reason))
                         s.send(self._order_status(order))
+                case OrderWarning(order=order, code=code, message=message):
+                    owner = self.sessions.get(order.client_id)
+                    if owner is not None:
+                        owner.send(self._error(order.order_id, code, message))
                 case Executed(fill=fill):
                     log.info(
                         "fill: client %d order %d %s %s %s @ %s",
@@ -1305,6 +1347,34 @@ class SimGateway:
         are refused with error 321 ("... API interface is currently in Read-Only mode")."""
         log.warning("fault: Read-Only API %s", "on" if enabled else "off")
         self.read_only = enabled
+
+    def set_clock(self, when: float) -> None:
+        """Move the simulated wall clock to `when` (epoch seconds); prices, sessions and held
+        orders catch up at once (orders the new session releases may fill)."""
+        self._sim_clock().set(when)
+        log.warning("clock: set to %s", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when)))
+        self.step_market()
+
+    def advance_clock(self, seconds: float) -> None:
+        """Move the simulated wall clock `seconds` forward, as `set_clock`."""
+        self.set_clock(self.clock() + seconds)
+
+    def _sim_clock(self) -> SimClock:
+        if not isinstance(self.clock, SimClock):
+            raise TypeError("this gateway runs on a clock that cannot be moved (not a SimClock)")
+        return self.clock
+
+    def fault_market_data_error(self, con_ids: Iterable[int], code: int | None) -> None:
+        """reqMktData of these contracts answered with error `code` (354, 10167, 10197), or
+        normally again when None. 10167 still subscribes (IB shows delayed data)."""
+        for con_id in con_ids:
+            if code is None:
+                self.market_data_errors.pop(con_id, None)
+            else:
+                if code not in MARKET_DATA_ERRORS:
+                    raise ValueError(f"no market data error {code}")
+                self.market_data_errors[con_id] = code
+        log.warning("fault: market data requests answered with %s", code or "data")
 
     def delay_positions(self, seconds: float) -> None:
         log.warning("fault: position updates delayed by %.2f s", seconds)

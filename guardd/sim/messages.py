@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from guardd.sim import codec, protocodec
 from guardd.sim.codec import Fields
 from guardd.sim.protocodec import NO_OMISSIONS, Proto
-from guardd.sim.types import Fill, Instrument, PositionView, SimOrder
+from guardd.sim.types import ContractHours, Fill, Instrument, PositionView, SimOrder
 from guardd.sim.wire import encode_proto_message, encode_text_message
 
 MIN_SERVER_VERSION = codec.SERVER_VERSION  # 178: the oldest layouts the simulator writes
@@ -361,11 +361,13 @@ def market_data_type(req_id: int, market_data_type: int) -> Outgoing:
     )
 
 
-def contract_details(req_id: int, instrument: Instrument) -> Outgoing:
+def contract_details(
+    req_id: int, instrument: Instrument, hours: ContractHours | None = None
+) -> Outgoing:
     return Outgoing(
         codec.CONTRACT_DATA,
-        lambda v: codec.contract_details_fields(req_id, instrument, version=v),
-        lambda: protocodec.contract_details(req_id, instrument),
+        lambda v: codec.contract_details_fields(req_id, instrument, version=v, hours=hours),
+        lambda: protocodec.contract_details(req_id, instrument, hours),
     )
 
 

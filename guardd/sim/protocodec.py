@@ -80,7 +80,15 @@ from ibapi.protobuf.TickSize_pb2 import TickSize
 from ibapi.protobuf.TickSnapshotEnd_pb2 import TickSnapshotEnd
 
 from guardd.sim import codec
-from guardd.sim.types import ContractSpec, Fill, Instrument, OrderRequest, PositionView, SimOrder
+from guardd.sim.types import (
+    ContractHours,
+    ContractSpec,
+    Fill,
+    Instrument,
+    OrderRequest,
+    PositionView,
+    SimOrder,
+)
 from guardd.sim.wire import UNSET_DOUBLE, format_field
 
 Proto = Any  # a generated protobuf message (ibapi ships no type stubs for them)
@@ -379,9 +387,12 @@ def market_data_type(req_id: int, market_data_type: int) -> Proto:
     return MarketDataType(reqId=req_id, marketDataType=market_data_type)
 
 
-def contract_details(req_id: int, instrument: Instrument) -> Proto:
+def contract_details(
+    req_id: int, instrument: Instrument, hours: ContractHours | None = None
+) -> Proto:
     """contractDetails (10): what `codec.contract_details_fields` says, as protobuf."""
     inst = instrument
+    hours = hours or ContractHours(codec.TWS_TIMEZONE)
     msg = ContractData(
         reqId=req_id,
         contract=_contract(inst, exchange=inst.exchange, primary_exchange=inst.primary_exchange),
@@ -397,7 +408,11 @@ def contract_details(req_id: int, instrument: Instrument) -> Proto:
     if inst.last_trade_date:
         d.contractMonth = inst.last_trade_date[:6]
         d.realExpirationDate = inst.last_trade_date
-    d.timeZoneId = codec.TWS_TIMEZONE
+    d.timeZoneId = hours.time_zone
+    if hours.trading:
+        d.tradingHours = hours.trading
+    if hours.liquid:
+        d.liquidHours = hours.liquid
     d.aggGroup = 0
     if inst.sec_type == "STK":
         d.stockType = "COMMON"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import logging
 import tomllib
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from guardd.sim.exchange import Exchange
 from guardd.sim.gateway import FieldOmission, GatewayConfig, SimGateway
+from guardd.sim.hours import BUILT_IN, Calendar
 from guardd.sim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION
 from guardd.sim.types import Instrument, OrderRequest
 
@@ -43,10 +45,52 @@ class GatewaySection(_Strict):
     cancel_latency_s: Annotated[float, Field(ge=0)] = 0.0
     partial_fill_quantity: Annotated[float, Field(gt=0)] | None = None
     first_order_id: Annotated[int, Field(ge=1)] = 1
+    # The simulated wall clock starts here (ISO 8601 with an offset; default: the real time).
+    start_time: dt.datetime | None = None
+    # Orders that add to a position are refused (201) when initial margin would exceed equity.
+    check_margin: bool = True
+    max_tickers: Annotated[int, Field(gt=0)] | None = None  # market data lines; more: 101
     # The highest server version offered (default 226); a client gets min(its max, this).
     server_version: Annotated[int, Field(ge=MIN_SERVER_VERSION, le=MAX_SERVER_VERSION)] | None = (
         None
     )
+
+
+_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+class CalendarSection(_Strict):
+    """Trading hours in the exchange's zone: sessions "HH:MM-HH:MM" on the trading `days`
+    (an end not after the start: the session began the evening before), minus `holidays`."""
+
+    timezone: str = "America/New_York"
+    regular: list[str] = ["09:30-16:00"]
+    extended: list[str] = []
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = [
+        "mon",
+        "tue",
+        "wed",
+        "thu",
+        "fri",
+    ]
+    holidays: list[dt.date] = []
+
+    def to_calendar(self) -> Calendar:
+        return Calendar(
+            timezone=self.timezone,
+            regular=tuple(self.regular),
+            extended=tuple(self.extended),
+            days=tuple(sorted({_WEEKDAYS.index(d) for d in self.days})),
+            holidays=tuple(d.isoformat() for d in self.holidays),
+        )
+
+    @model_validator(mode="after")
+    def _valid(self) -> CalendarSection:
+        try:
+            self.to_calendar()
+        except Exception as exc:  # zoneinfo raises several kinds for a bad zone name
+            raise ValueError(str(exc) or type(exc).__name__) from exc
+        return self
 
 
 class AccountSection(_Strict):
@@ -73,6 +117,9 @@ class InstrumentSection(_Strict):
     maint_margin_rate: Annotated[float, Field(ge=0, le=1)] = 0.25
     initial_margin_per_contract: Annotated[float, Field(ge=0)] = 0.0
     maint_margin_per_contract: Annotated[float, Field(ge=0)] = 0.0
+    # A calendar of [calendars] or a built-in one: always (default), us_equity,
+    # cme_equity_futures.
+    hours: str = "always"
 
     def to_instrument(self) -> Instrument:
         is_future = self.sec_type == "FUT"
@@ -247,6 +294,39 @@ class OmitFields(_Fault):
         return {kind: frozenset(names) for kind, names in kinds.items() if names}
 
 
+class Clock(_Fault):
+    """Move the simulated wall clock: to `set_to`, or `advance_s` forward."""
+
+    kind: Literal["clock"]
+    set_to: dt.datetime | None = None
+    advance_s: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Clock:
+        if (self.set_to is None) == (self.advance_s is None):
+            raise ValueError("give exactly one of set_to or advance_s")
+        if self.set_to is not None and self.set_to.tzinfo is None:
+            raise ValueError("set_to: needs a UTC offset, e.g. 2026-12-01T03:00:00-05:00")
+        return self
+
+
+class MarketDataError(_Fault):
+    """reqMktData of these contracts answered with an error instead of ticks: 354 (not
+    subscribed), 10167 (not subscribed, delayed data shown) or 10197 (a competing live
+    session); for `seconds` or the rest of the run."""
+
+    kind: Literal["market_data_error"]
+    code: Literal[354, 10167, 10197]
+    symbols: list[str] = []  # empty: every instrument
+    seconds: Annotated[float, Field(gt=0)] | None = None
+
+
+class FarmBroken(_Fault):
+    """Error 2110 to every client (TWS lost its server connection; it restores itself)."""
+
+    kind: Literal["farm_broken"]
+
+
 Fault = Annotated[
     DropClients
     | ConnectivityLost
@@ -265,7 +345,10 @@ Fault = Annotated[
     | Liquidate
     | CancelOrdersWhileDropped
     | Session
-    | OmitFields,
+    | OmitFields
+    | Clock
+    | MarketDataError
+    | FarmBroken,
     Field(discriminator="kind"),
 ]
 # Every fault's `kind`, read off the union so that a new fault needs no second list.
@@ -301,6 +384,7 @@ class Scenario(_Strict):
             maint_margin_per_contract=14_500,
         ),
     ]
+    calendars: dict[str, CalendarSection] = {}
     positions: list[PositionSection] = []
     faults: list[Fault] = []
 
@@ -313,6 +397,11 @@ class Scenario(_Strict):
         if len(set(con_ids)) != len(con_ids):
             raise ValueError("instruments: duplicate con_id")
         symbols = {i.symbol for i in self.instruments}
+        for n, inst in enumerate(self.instruments):
+            if inst.hours not in self.calendars and inst.hours not in BUILT_IN:
+                raise ValueError(f"instruments[{n}].hours: unknown calendar {inst.hours!r}")
+        if self.gateway.start_time is not None and self.gateway.start_time.tzinfo is None:
+            raise ValueError("gateway.start_time: needs a UTC offset")
         for n, pos in enumerate(self.positions):
             if pos.account and pos.account not in accounts:
                 raise ValueError(f"positions[{n}].account: unknown account {pos.account!r}")
@@ -344,6 +433,7 @@ class Scenario(_Strict):
             fill_latency_s=g.fill_latency_s,
             cancel_latency_s=g.cancel_latency_s,
             first_order_id=g.first_order_id,
+            max_tickers=g.max_tickers,
         )
         if g.server_version is None:
             return config
@@ -359,6 +449,9 @@ class Scenario(_Strict):
             partial_fill_quantity=self.gateway.partial_fill_quantity,
             now=now,
         )
+        exchange.check_margin = self.gateway.check_margin
+        for section, instrument in zip(self.instruments, instruments, strict=True):
+            exchange.set_calendar(instrument.con_id, self.calendar(section.hours))
         by_symbol = {i.symbol: i for i in instruments}
         for pos in self.positions:
             instrument = by_symbol[pos.symbol]
@@ -369,6 +462,17 @@ class Scenario(_Strict):
                 pos.avg_price if pos.avg_price is not None else instrument.initial_price,
             )
         return exchange
+
+    def calendar(self, name: str) -> Calendar:
+        """A calendar of [calendars] by name, else a built-in one."""
+        if name in self.calendars:
+            return self.calendars[name].to_calendar()
+        return BUILT_IN[name]
+
+    def start_time(self) -> float | None:
+        """Where the simulated clock starts (epoch seconds), None for the real time."""
+        start = self.gateway.start_time
+        return None if start is None else start.timestamp()
 
     def con_id(self, symbol: str) -> int:
         return next(i.con_id for i in self.instruments if i.symbol == symbol)
@@ -480,6 +584,25 @@ async def _apply(gateway: SimGateway, scenario: Scenario, fault: Fault) -> None:
             gateway.liquidate(account or scenario.accounts[0].id, scenario.con_id(symbol), quantity)
         case CancelOrdersWhileDropped(seconds=seconds, client_id=client_id):
             await gateway.cancel_orders_while_dropped(seconds, client_id=client_id)
+        case Clock(set_to=set_to, advance_s=advance_s):
+            if set_to is not None:
+                gateway.set_clock(set_to.timestamp())
+            elif advance_s is not None:
+                gateway.advance_clock(advance_s)
+        case MarketDataError(code=code, symbols=symbols, seconds=sec):
+            con_ids = [scenario.con_id(s) for s in symbols] or [
+                i.con_id for i in scenario.instruments
+            ]
+            gateway.fault_market_data_error(con_ids, code)
+            if sec is not None:
+                await asyncio.sleep(sec)
+                gateway.fault_market_data_error(con_ids, None)
+        case FarmBroken():
+            gateway.broadcast_error(
+                2110,
+                "Connectivity between Trader Workstation and server is broken. "
+                "It will be restored automatically.",
+            )
         case Session(event=event):
             {
                 "opening_auction": gateway.opening_auction,

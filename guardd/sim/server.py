@@ -8,10 +8,10 @@ import contextlib
 import dataclasses
 import logging
 import signal
-import time
 from pathlib import Path
 
 from guardd.sim.gateway import SimGateway
+from guardd.sim.hours import SimClock
 from guardd.sim.scenario import Scenario, load_scenario, run_faults
 
 log = logging.getLogger("guardd.sim")
@@ -25,7 +25,8 @@ def build_gateway(
     config = scenario.gateway_config(host=host, port=port)
     if server_version is not None:
         config = dataclasses.replace(config, server_version=server_version)
-    return SimGateway(scenario.build_exchange(now=time.time()), config)
+    clock = SimClock(scenario.start_time())
+    return SimGateway(scenario.build_exchange(now=clock()), config, clock=clock)
 
 
 async def serve(

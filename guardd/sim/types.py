@@ -68,6 +68,16 @@ class Instrument:
 
 
 @dataclass(frozen=True, slots=True)
+class ContractHours:
+    """A contract's hours as contractDetails reports them (`guardd.sim.hours.Calendar.ib_hours`):
+    the zone, every session (tradingHours) and the regular ones (liquidHours)."""
+
+    time_zone: str = "US/Eastern"
+    trading: str = ""
+    liquid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ContractSpec:
     """The contract fields a client sent (placeOrder, reqMktData, reqContractDetails)."""
 
@@ -204,6 +214,16 @@ class OrderRejected:
 
 
 @dataclass(frozen=True, slots=True)
+class OrderWarning:
+    """A notice about an accepted order (399: it waits for its session; 2109: outsideRth does
+    not apply): error `code` to the owner, the order keeps working."""
+
+    order: SimOrder
+    code: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Executed:
     """A fill: send execDetails then commissionReport."""
 
@@ -223,4 +243,4 @@ class AccountChanged:
     values: tuple[tuple[str, str, str], ...] = field(default_factory=tuple)
 
 
-SimEvent = OrderChanged | OrderRejected | Executed | PositionChanged | AccountChanged
+SimEvent = OrderChanged | OrderRejected | OrderWarning | Executed | PositionChanged | AccountChanged
