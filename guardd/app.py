@@ -791,6 +791,8 @@ class Guard:
                 "done": episode.at_target,  # at target now; kept so while the state lasts
                 "at_target": episode.at_target,
                 "overdue": episode.overdue,
+                # Contracts whose market is closed: their close waits for the open.
+                "waiting_for_open": sorted(k.con_id for k in episode.waiting_for_open),
             },
             "findings": {
                 name: {"level": f.level, "value": f.value, "message": f.message}

@@ -73,6 +73,7 @@ from guardd.core.engine import (
 )
 from guardd.core.events import BrokerError, OrderId
 from guardd.core.events import ConId as EventConId
+from guardd.core.hours import Session
 from guardd.errors import GuarddError, JournalError, LatchError
 from guardd.journal import Journal, journal_segments, read_journal
 from guardd.latch import LatchState, LatchWriter
@@ -130,6 +131,19 @@ def regular_hours(now: float) -> bool:
     t = datetime.fromtimestamp(now, _NEW_YORK)
     minutes = t.hour * 60 + t.minute
     return t.weekday() < 5 and 9 * 60 + 30 <= minutes < 16 * 60
+
+
+def market_session(book: Book, con_id: int, sec_type: str, now: float) -> Session:
+    """The contract's session now: from its contract hours (contractDetails, judged at the
+    gateway's clock) when the Book has them; without them a stock is taken to keep US equity
+    hours (`regular_hours`, never "closed": it is then closed with limits that also work in
+    extended hours) and any other contract to be in its regular session."""
+    session = book.market_session(con_id, now)
+    if session != "unknown":
+        return session
+    if sec_type == "STK" and not regular_hours(now + book.server_offset_s):
+        return "extended"
+    return "regular"
 
 
 class Executor:
@@ -491,6 +505,7 @@ class Executor:
         self.broker.closing(())
         if self.metrics is not None:
             self.metrics.set_flatten(0, False)
+            self.metrics.set_close_waiting_for_open(0)
 
     async def _close_loop(self) -> None:
         backoff = 0.0
@@ -566,6 +581,7 @@ class Executor:
             await self._send_child(episode, order)
         if self.metrics is not None:
             self.metrics.set_flatten(plan.off_target, plan.overdue and plan.off_target > 0)
+            self.metrics.set_close_waiting_for_open(len(episode.waiting_for_open))
 
     def _journal_record(self, record: Record, decision_id: int | None = None) -> None:
         """Journal and log a fact of the close episode."""
@@ -739,12 +755,13 @@ class Executor:
         `prices` (bid, ask, last, mark, each with the time it was received) and only from a fresh
         one; without one the planner notes it (or closes with a market order where the class
         allows it)."""
-        rth = regular_hours(self.clock())
+        now = self.clock()
         for p in self.book.positions.values():
             if p.account != self.account or (p.quantity == 0 and not all_):
                 continue
             if not p.known and not all_:
                 continue  # no figure to size anything from (the close episode sees it unknown)
+            session = market_session(self.book, p.con_id, p.sec_type, now)
             key = planner.PositionKey(planner.AccountId(p.account), planner.ConId(p.con_id))
             quote = self.book.quote(p.con_id)
             price = quote.reference
@@ -760,7 +777,8 @@ class Executor:
                 multiplier=p.multiplier or 1.0,
                 # The Book does not know contract tick sizes; futures close with MKT by default.
                 min_tick=Decimal("0.01"),
-                regular_hours=rth or p.sec_type != "STK",
+                regular_hours=session == "regular",
+                market_open=session != "closed",
                 # A close limit comes only from these, each with the time it was received, and
                 # only from a fresh one (guardd.core.pricing); `price` ranks by exposure.
                 prices=quote.close_prices(),

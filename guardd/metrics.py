@@ -31,6 +31,7 @@ Exported (prefix ``guardd_``; counters end in ``_total``)::
     guardd_event_processing_seconds                   histogram: one broker event, fold to decision
     guardd_flatten_pending                            positions not yet flat while a flatten runs
     guardd_flatten_overdue                            1 when a flatten has not gone flat in time
+    guardd_close_waiting_for_open                     positions whose close waits for their market
     guardd_notifications_sent_total{kind,target}      notifications delivered
     guardd_notifications_failed_total{kind,target}    notifications not delivered (every try)
     guardd_notifications_dropped_total{kind,reason}   dropped: rate_limited or queue_full
@@ -311,6 +312,12 @@ class Metrics:
         self._flatten_pending = Gauge(
             "guardd_flatten_pending", "Positions not yet flat while a flatten runs.", a, registry=r
         )
+        self._close_waiting = Gauge(
+            "guardd_close_waiting_for_open",
+            "Positions to close whose market is closed: their close waits for the open.",
+            a,
+            registry=r,
+        )
         self._flatten_overdue = Gauge(
             "guardd_flatten_overdue", "1 when a flatten has not gone flat in time.", a, registry=r
         )
@@ -389,6 +396,7 @@ class Metrics:
         self._ib_read_only.labels(account).set(0)
         self._flatten_pending.labels(account).set(0)
         self._flatten_overdue.labels(account).set(0)
+        self._close_waiting.labels(account).set(0)
         self._latch_durable.labels(account).set(1)
         self._journal_errors.labels(account)
         for reason in WATCHDOG_REASONS:
@@ -483,6 +491,10 @@ class Metrics:
         """Positions not yet flat while a flatten runs, and whether it has overrun its deadline."""
         self._flatten_pending.labels(self.account).set(pending)
         self._flatten_overdue.labels(self.account).set(1 if overdue else 0)
+
+    def set_close_waiting_for_open(self, positions: int) -> None:
+        """Positions to close whose market is closed (their close waits for the open)."""
+        self._close_waiting.labels(self.account).set(positions)
 
     def set_latch_durable(self, durable: bool) -> None:
         """Whether the latch file agrees with the engine's state (0: a write failed, retrying)."""

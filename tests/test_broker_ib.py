@@ -30,6 +30,7 @@ from guardd.errors import (
 )
 from guardd.sim import codec
 from guardd.sim.gateway import REQ_MKT_DATA, SimGateway
+from guardd.sim.hours import US_EQUITY
 from guardd.sim.scenario import parse_scenario
 from guardd.sim.server import build_gateway
 from tests.conftest import SCENARIO
@@ -153,7 +154,10 @@ async def test_connect_then_positions_account_pnl_and_both_barriers(
     await recorder.wait_for(ev.AccountValue, lambda e: e.key == "NetLiquidation")
     await recorder.wait_for(ev.AccountDownloadEnd)
     pnl = await recorder.wait_for(ev.PnLUpdate)
-    values = await recorder.wait_for(ev.PositionValue, count=2)
+    # one value per position; a position's stream may tick again before the next one's first
+    await recorder.wait_for(ev.PositionValue, lambda e: e.con_id == ES)
+    values = await recorder.wait_for(ev.PositionValue, lambda e: e.con_id == AAPL)
+    values = recorder.of(ev.PositionValue)
 
     connected = recorder.of(ev.Connected)
     assert len(connected) == 1 and recorder.index(ev.Connected) == 0
@@ -593,11 +597,32 @@ async def test_idle_gateway_answers_heartbeats_then_session_kept(sim: SimGateway
         assert sim.received_by_id[49] >= 4  # reqCurrentTime
 
 
-async def test_heartbeat_disabled_then_no_current_time_requests(sim: SimGateway) -> None:
+async def test_heartbeat_disabled_then_no_periodic_current_time_requests(sim: SimGateway) -> None:
     async with heartbeat_broker(sim, None) as (_, recorder):
         await synced(recorder)
+        await recorder.wait_for(ev.ServerTime)
         await asyncio.sleep(0.5)
-    assert sim.received_by_id[49] == 0
+    assert sim.received_by_id[49] == 1  # once on connect: the gateway's clock, for market hours
+
+
+async def test_connect_then_contract_hours_and_server_time_from_the_gateway(
+    sim: SimGateway,
+) -> None:
+    # Arrange: the gateway's clock on Saturday noon in New York, stocks on US equity hours
+    saturday = 1796490000.0  # 2026-12-05 12:00 New York
+    sim.set_clock(saturday)
+    sim.exchange.set_calendar(AAPL, US_EQUITY)
+    async with heartbeat_broker(sim, None) as (_, recorder):
+        # Act
+        hours = await recorder.wait_for(ev.ContractHours, lambda e: e.con_id == AAPL)
+        (server_time,) = await recorder.wait_for(ev.ServerTime)
+
+    # Assert: the gateway's clock (whole seconds), and the stock's sessions around it
+    assert server_time.server_time - saturday == pytest.approx(0, abs=2)
+    aapl = hours[0].hours
+    assert aapl.session_at(saturday) == "closed"
+    assert aapl.session_at(saturday + 2 * 86400 - 2.5 * 3600) == "regular"  # Monday 09:30
+    assert aapl.session_at(saturday + 2 * 86400 - 3 * 3600) == "extended"  # Monday 09:00
 
 
 async def test_order_ids_roll_back_after_gateway_restart_then_working_ids_never_reused(

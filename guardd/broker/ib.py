@@ -73,6 +73,7 @@ from ibapi.order_cancel import OrderCancel
 from ibapi.wrapper import EWrapper
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
 
+from guardd.broker.hours import HoursFormatError, market_hours
 from guardd.broker.pacer import DEFAULT_MESSAGES_PER_SECOND, Lane, PacedSender
 from guardd.core import events as ev
 from guardd.errors import (
@@ -206,9 +207,18 @@ class _Accounts:
 
 @dataclass(frozen=True, slots=True)
 class _Pong:
-    """currentTime arrived: the answer to a heartbeat (internal, never emitted)."""
+    """currentTime arrived: the answer to a heartbeat, emitted as ServerTime."""
 
     epoch_s: int
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class _HoursUnreadable:
+    """contractDetails whose hours could not be read (internal, logged)."""
+
+    con_id: ev.ConId
+    why: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +253,8 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
         self.pnl_single_req: dict[int, ev.ConId] = {}
         self.pnl_single_con: set[int] = set()
         self.tick_req: dict[int, ev.ConId] = {}
+        self.hours_req: dict[int, ev.ConId] = {}  # reqContractDetails for a contract's hours
+        self.hours_con: set[int] = set()
         # The queued (or sent) price request of each contract: one still queued on NORMAL is
         # moved ahead when the contract comes into a close.
         self.price_requests: dict[ev.ConId, asyncio.Future[None]] = {}
@@ -533,7 +545,22 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
         pass
 
     def currentTime(self, time: int) -> None:
-        self._post(_Pong(int(time)))
+        self._post(_Pong(int(time), self._ts()))
+
+    def contractDetails(self, reqId: int, contractDetails: Any) -> None:
+        con_id = self.hours_req.get(int(reqId))
+        if con_id is None:
+            return
+        try:
+            hours = market_hours(
+                str(contractDetails.timeZoneId or ""),
+                str(contractDetails.tradingHours or ""),
+                str(contractDetails.liquidHours or ""),
+            )
+        except HoursFormatError as exc:
+            self._post(_HoursUnreadable(con_id, str(exc)))
+            return
+        self._post(ev.ContractHours(con_id=con_id, hours=hours, ts=self._ts()))
 
 
 def reconnect_delay(
@@ -872,6 +899,8 @@ class IbBroker:
             next_order_id=session.next_id,
         )
         self._resubscribe(session)
+        # The gateway's clock at once: market hours are judged at its time.
+        self._request(session, Lane.NORMAL, "reqCurrentTime", lambda s: s.reqCurrentTime())
         if self.heartbeat_interval_s is not None:
             session.heartbeat_task = asyncio.create_task(
                 self._heartbeat_loop(session), name="ib_heartbeat_loop"
@@ -1018,8 +1047,10 @@ class IbBroker:
             return  # a late message of a session we already gave up
         session.heard.set()
         match item:
-            case _Pong():
-                pass
+            case _Pong(epoch_s=epoch_s, ts=ts):
+                self._emit(ev.ServerTime(server_time=float(epoch_s), ts=ts))
+            case _HoursUnreadable(con_id=con_id, why=why):
+                log.warning("contract_hours_unreadable", con_id=con_id, error=why)
             case _Accounts(accounts=accounts):
                 session.managed = accounts
                 self._maybe_announce(session)
@@ -1053,6 +1084,8 @@ class IbBroker:
                     self._position_quantity(session, item)
                 if item.account == self.account and item.con_id not in session.pnl_single_con:
                     self._request_position_value(session, item.con_id)
+                if item.account == self.account and item.con_id not in session.hours_con:
+                    self._request_hours(session, item.con_id)
             case ev.PositionsEnd():
                 self._positions_end(session, item)
             case _:
@@ -1326,6 +1359,22 @@ class IbBroker:
             Lane.NORMAL,
             "reqPnLSingle",
             lambda s: s.reqPnLSingle(req_id, account, "", con_id),
+        )
+
+    def _request_hours(self, session: _IbSession, con_id: ev.ConId) -> None:
+        """contractDetails of a position's contract, for its market hours (once a connection:
+        IB's hours cover about a week, and the gateway's daily reset brings a new connection)."""
+        req_id = next(self._req_ids)
+        session.hours_req[req_id] = con_id
+        session.hours_con.add(con_id)
+        contract = Contract()
+        contract.conId = con_id
+        contract.exchange = self._exchanges.get(con_id) or "SMART"
+        self._request(
+            session,
+            Lane.NORMAL,
+            "reqContractDetails",
+            lambda s: s.reqContractDetails(req_id, contract),
         )
 
     def _request_prices(self, session: _IbSession, con_id: ev.ConId) -> None:

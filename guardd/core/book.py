@@ -56,6 +56,7 @@ from guardd.core.events import (
     Connected,
     ConnectivityLost,
     ConnectivityRestored,
+    ContractHours,
     Disconnected,
     Execution,
     ExecutionsEnd,
@@ -72,8 +73,10 @@ from guardd.core.events import (
     PositionValue,
     PriceField,
     PriceTick,
+    ServerTime,
     SizeTick,
 )
+from guardd.core.hours import MarketHours, Session
 from guardd.core.planner import ORDER_REF_PREFIX
 from guardd.core.pricing import ClosePrices, PricePoint
 
@@ -391,8 +394,19 @@ class Book:
         # fills and heartbeats
         self._executions: dict[str, Execution] = {}
         self._heartbeats: dict[str, float] = {}
+        # The gateway's clock minus ours (currentTime); market hours are judged at its time.
+        self.server_offset_s = 0.0
+        self.market_hours: dict[ConId, MarketHours] = {}
 
     # ------------------------------------------------------------------ folding
+
+    def market_session(self, con_id: int, now: float) -> Session:
+        """The contract's session at guardd's `now` judged at the gateway's clock; "unknown"
+        without contract hours covering that instant."""
+        hours = self.market_hours.get(ConId(con_id))
+        if hours is None:
+            return "unknown"
+        return hours.session_at(now + self.server_offset_s)
 
     def fold(self, event: BrokerEvent) -> None:
         """Apply one broker event to the Book (O(1) amortised, except the re-sync sweeps)."""
@@ -457,6 +471,10 @@ class Book:
                     self.read_only_since = None
                 elif self.read_only_since is None:
                     self.read_only_since = event.ts
+            case ServerTime(server_time=server_time, ts=ts):
+                self.server_offset_s = server_time - ts
+            case ContractHours(con_id=con_id, hours=hours):
+                self.market_hours[con_id] = hours
             case Heartbeat():
                 self._heartbeats[event.bot] = event.ts
             case _:

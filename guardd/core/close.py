@@ -378,6 +378,7 @@ class CloseEpisode:
         self._unpriced: set[PositionKey] = set()  # reported without a usable price for a limit
         self._unknown: set[PositionKey] = set()  # quantity left unset by IB (journaled once)
         self._refresh_positions = False  # this round asks for positions afresh
+        self.waiting_for_open: set[PositionKey] = set()  # to close, their market closed
 
     @property
     def decision_ref(self) -> planner.DecisionId:
@@ -665,6 +666,7 @@ class CloseEpisode:
             )
         records.extend(self._replacements(plan.orders))
         records.extend(self._unpriced_now(plan.notes, policy))
+        records.extend(self._closed_markets_now(plan.notes))
         at_target = off_target == 0 and not plan.orders
         self._track_rounds(obs.now, at_target, off_target, records)
         return Round(
@@ -1068,6 +1070,27 @@ class CloseEpisode:
                 "warning",
             )
         )
+
+    def _closed_markets_now(self, notes: Sequence[Note]) -> list[Record]:
+        """A position to close whose market is closed waits for the open with its close pending:
+        `close_waiting_for_open` once when it starts waiting, `close_market_open` when it no
+        longer waits (its market opened, or there is nothing left to close)."""
+        waiting = {n.key: n for n in notes if n.kind is NoteKind.MARKET_CLOSED}
+        out = [
+            Record(
+                "close_waiting_for_open",
+                {"con_id": key.con_id, "quantity": str(note.quantity)},
+                "warning",
+            )
+            for key, note in sorted(waiting.items())
+            if key not in self.waiting_for_open
+        ]
+        out.extend(
+            Record("close_market_open", {"con_id": key.con_id})
+            for key in sorted(self.waiting_for_open - set(waiting))
+        )
+        self.waiting_for_open = set(waiting)
+        return out
 
     def _unpriced_now(self, notes: Sequence[Note], policy: ClosePolicy) -> list[Record]:
         """A position that needs a limit and has no fresh price (where the class allows no

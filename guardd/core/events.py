@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal, NewType
 
+from guardd.core.hours import MarketHours
+
 PermId = NewType("PermId", int)
 """IB's permanent order id: unique per login, stable across clients and reconnects."""
 OrderId = NewType("OrderId", int)
@@ -277,6 +279,24 @@ class ApiReadOnly:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ServerTime:
+    """currentTime: the gateway's wall clock (`server_time`, epoch seconds, whole seconds) at
+    about `ts` (guardd's clock when it arrived)."""
+
+    server_time: float
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ContractHours:
+    """A contract's market hours from contractDetails, as epoch-second intervals."""
+
+    con_id: ConId
+    hours: MarketHours
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """A trading bot's liveness signal (from MQTT or HTTP); `ts` is when guardd received it."""
 
@@ -305,6 +325,8 @@ BrokerEvent = (
     | ExecutionsEnd
     | BrokerError
     | ApiReadOnly
+    | ServerTime
+    | ContractHours
     | Heartbeat
 )
 """Everything the Book folds."""

@@ -144,7 +144,8 @@ class ConfirmedPosition:
 
     `quantity` is signed (short < 0). `price` is the last or mark price in the contract's currency,
     None or NaN when unknown; `fx_rate` converts that currency to the account's base currency,
-    None when unknown. `regular_hours` says whether the contract is in its regular session now
+    None when unknown. `regular_hours` says whether the contract is in its regular session now,
+    `market_open` whether it trades at all now (a closed market gets no child: it waits)
     (the executor knows the clock and the trading hours; the planner does not).
 
     `price` only ranks positions by exposure; a close limit is derived from `prices`, each with
@@ -162,6 +163,7 @@ class ConfirmedPosition:
     multiplier: float = 1.0
     min_tick: Decimal = Decimal("0.01")
     regular_hours: bool = True
+    market_open: bool = True
     prices: pricing.ClosePrices = field(default_factory=pricing.ClosePrices)
 
 
@@ -296,6 +298,7 @@ class NoteKind(StrEnum):
     TARGET_CLAMPED = "target_clamped"  # the target was across zero: 0 used instead
     REJECTED_TOO_OFTEN = "rejected_too_often"
     NO_POSITION = "no_position"  # children for a position the executor did not pass
+    MARKET_CLOSED = "market_closed"  # the contract's market is closed: no child until it opens
 
 
 @dataclass(frozen=True, slots=True)
@@ -621,6 +624,9 @@ def _assess(
         return None
     if policy.max_rejects is not None and ledger.rejected >= policy.max_rejects:
         notes.append(Note(key, NoteKind.REJECTED_TOO_OFTEN, need))
+        return None
+    if not position.market_open:
+        notes.append(Note(key, NoteKind.MARKET_CLOSED, need))
         return None
     quantity = min(need, policy.max_child_quantity).to_integral_value(rounding=ROUND_FLOOR)
     if quantity < ONE:
