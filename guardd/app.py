@@ -741,6 +741,7 @@ class Guard:
         latch = self.engine.latch
         episode = self.executor.episode
         nl = self.book.net_liquidation
+        exposure = self.book.exposure()
         on_disk = self.executor.latch_on_disk
         return {
             "account": self.cfg.account,
@@ -781,6 +782,11 @@ class Guard:
             "positions": sum(1 for _ in self.book.guarded_positions()),
             "working_orders": self.book.working_order_count,
             "net_liquidation": None if nl is None else nl.value,
+            # Money is in the account's base currency as IB names it (None until it has);
+            # gross is None while a position has no value or its currency no ExchangeRate.
+            "base_currency": self.book.base_currency,
+            "gross_position_value": exposure.gross,
+            "missing_exchange_rates": list(exposure.missing_rates),
             "close": None
             if episode is None
             else {

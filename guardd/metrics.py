@@ -257,6 +257,7 @@ class Metrics:
             a,
             registry=r,
         )
+        self._money_currency: str | None = None  # the currency label money is shown with
         self._gross = Gauge(
             "guardd_gross_position_value",
             "Gross position value, in the base currency (label currency).",
@@ -544,12 +545,18 @@ class Metrics:
         leverage: float | None,
         cushion: float | None,
         *,
-        currency: str,
+        currency: str | None,
     ) -> None:
         """Gross value and net liquidation (in the base `currency`), leverage, cushion; None
-        is NaN."""
+        is NaN. While the base currency is not known (None) there is no money figure to show;
+        when it becomes known or changes, the series of the old label goes away."""
+        shown = self._money_currency
         for money, amount in ((self._gross, gross), (self._net_liq, net_liq)):
-            money.labels(self.account, currency).set(math.nan if amount is None else amount)
+            if shown is not None and shown != currency:
+                money.remove(self.account, shown)
+            if currency is not None:
+                money.labels(self.account, currency).set(math.nan if amount is None else amount)
+        self._money_currency = currency
         for ratio, value in ((self._leverage, leverage), (self._cushion, cushion)):
             ratio.labels(self.account).set(math.nan if value is None else value)
 

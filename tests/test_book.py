@@ -199,6 +199,123 @@ def test_foreign_currency_without_rate_then_missing_rate_not_zero() -> None:
     assert book.exposure().gross == 10 * 100.0 * 1.1
 
 
+def base_value(key: str, value: str, currency: str, ts: float = 2.0) -> AccountValue:
+    return AccountValue(account=ACC, key=key, value=value, currency=currency, ts=ts)
+
+
+def unassuming_book(*events: BrokerEvent) -> Book:
+    """A synced Book told nothing about the base currency (as the guard builds it)."""
+    book = Book(ACC, created_at=0.0)
+    for e in (connected(), PositionsEnd(ts=0.0), OpenOrdersEnd(ts=0.0), *events):
+        book.fold(e)
+    return book
+
+
+def test_base_currency_unknown_then_no_currency_converts() -> None:
+    # Arrange: a USD position and a USD price, but nothing yet names the base currency
+    book = unassuming_book(pos(1, 10, currency="USD"), tick(1, 100.0))
+    # Act / Assert: USD is not assumed to be the base (that read 1:1 for a EUR account)
+    assert book.base_currency is None
+    assert book.exchange_rate("USD") is None
+    assert book.exchange_rate("BASE") == 1.0
+    assert book.exposure().gross is None
+    assert book.exposure().missing_rates == ("USD",)
+
+
+def test_eur_base_account_then_usd_positions_converted_with_exchange_rate() -> None:
+    # Arrange: TWS's rows for a EUR account: base-only values in EUR, a rate per currency
+    book = unassuming_book(
+        base_value("Currency", "BASE", "BASE"),
+        base_value("Currency", "USD", "USD"),
+        base_value("ExchangeRate", "1.00", "BASE"),
+        base_value("ExchangeRate", "1.00", "EUR"),
+        base_value("ExchangeRate", "0.92", "USD"),
+        base_value("MaintMarginReq", "5000", "EUR"),
+        base_value("NetLiquidation", "100000", "EUR"),
+        pos(1, 10, currency="USD"),
+        tick(1, 100.0),
+        pos(2, -5, currency="EUR"),
+        tick(2, 200.0),
+    )
+    # Act
+    exposure = book.exposure()
+    # Assert: the base currency as IB named it; USD at 0.92, EUR at 1
+    assert book.base_currency == "EUR"
+    assert book.exchange_rate("USD") == 0.92
+    assert book.exchange_rate("EUR") == 1.0
+    assert exposure.gross is not None
+    assert math.isclose(exposure.gross, 10 * 100.0 * 0.92 + 5 * 200.0)
+    assert book.net_liquidation is not None and book.net_liquidation.value == 100000.0
+    assert book.margin_change is not None and book.margin_change.current == 5000.0
+
+
+def test_eur_base_account_without_usd_rate_then_missing_rate_not_one() -> None:
+    # Arrange: the old default read any USD figure 1:1 whatever the base currency
+    book = unassuming_book(
+        base_value("NetLiquidation", "100000", "EUR"), pos(1, 10, currency="USD"), tick(1, 100.0)
+    )
+    # Assert
+    assert book.exchange_rate("USD") is None
+    assert book.exposure().gross is None
+    assert book.exposure().missing_rates == ("USD",)
+
+
+def test_base_currency_assumed_then_ib_word_wins() -> None:
+    book = Book(ACC, "USD", created_at=0.0)
+    book.fold(base_value("NetLiquidation", "100000", "GBP"))
+    assert book.base_currency == "GBP"
+    assert book.exchange_rate("USD") is None
+
+
+def test_per_currency_rows_then_base_currency_not_learned_from_them() -> None:
+    book = unassuming_book(
+        base_value("CashBalance", "10", "USD"),
+        base_value("NetLiquidationByCurrency", "10", "USD"),
+        base_value("Cushion", "0.5", ""),
+        base_value("TotalCashValue", "10", "BASE"),
+    )
+    assert book.base_currency is None
+
+
+@given(
+    rates=st.dictionaries(
+        st.sampled_from(["USD", "JPY", "GBP", "CHF"]),
+        st.floats(min_value=1e-4, max_value=1e3, allow_nan=False),
+        max_size=4,
+    ),
+    held=st.lists(
+        st.tuples(
+            st.sampled_from(["USD", "JPY", "GBP", "CHF", "EUR"]),
+            st.floats(min_value=-1e5, max_value=1e5, allow_nan=False).filter(lambda q: q != 0),
+            st.floats(min_value=0.01, max_value=1e4, allow_nan=False),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+)
+@settings(max_examples=100, deadline=None)
+def test_exposure_in_eur_base_then_sum_of_converted_values_or_missing(
+    rates: dict[str, float], held: list[tuple[str, float, float]]
+) -> None:
+    # Arrange: a EUR account holding positions in several currencies, some without a rate
+    events: list[BrokerEvent] = [base_value("NetLiquidation", "1000000", "EUR")]
+    events += [base_value("ExchangeRate", repr(r), c) for c, r in rates.items()]
+    for n, (ccy, qty, price) in enumerate(held, start=1):
+        events += [pos(n, qty, currency=ccy), tick(n, price)]
+    book = unassuming_book(*events)
+    # Act
+    exposure = book.exposure()
+    # Assert: every currency converts with its own rate, never 0 or 1 in place of a missing one
+    missing = sorted({c for c, _, _ in held if c != "EUR" and c not in rates})
+    assert list(exposure.missing_rates) == missing
+    if missing:
+        assert exposure.gross is None
+    else:
+        expected = sum(abs(q * p) * (1.0 if c == "EUR" else rates[c]) for c, q, p in held)
+        assert exposure.gross is not None
+        assert math.isclose(exposure.gross, expected, rel_tol=1e-9)
+
+
 def test_position_value_then_used_and_quantity_change_scales_it() -> None:
     book = synced_book(pos(1, 100))
     book.fold(

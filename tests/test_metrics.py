@@ -139,6 +139,21 @@ def test_counts_then_counters_add_up(metrics: Metrics, registry: CollectorRegist
     assert value(registry, "guardd_flatten_child_orders_total") == 1
 
 
+def test_base_currency_learned_then_money_shown_once_under_it(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    # Arrange: no base currency yet (IB has not named it): no money series at all
+    metrics.set_exposure(gross=None, net_liq=None, leverage=None, cushion=None, currency=None)
+    assert value(registry, "guardd_net_liquidation", currency="USD") is None
+    # Act: IB names EUR, then (a different account behind the same login) GBP
+    metrics.set_exposure(gross=2.0, net_liq=1.0, leverage=2.0, cushion=None, currency="EUR")
+    metrics.set_exposure(gross=4.0, net_liq=2.0, leverage=2.0, cushion=None, currency="GBP")
+    # Assert: one series, under the currency the figures are in
+    assert value(registry, "guardd_net_liquidation", currency="EUR") is None
+    assert value(registry, "guardd_gross_position_value", currency="EUR") is None
+    assert value(registry, "guardd_net_liquidation", currency="GBP") == 2.0
+
+
 def test_exposure_rates_and_connectivity_then_gauges_follow(
     metrics: Metrics, registry: CollectorRegistry
 ) -> None:

@@ -120,6 +120,12 @@ async def test_scheduled_faults_then_played_in_order(sim: SimGateway, scenario: 
         ({"faults": [{"at_s": 1, "kind": "meteor"}]}, "faults.0"),
         ({"faults": [{"at_s": 1, "kind": "price_jump", "symbol": "AAPL"}]}, "faults.0.fraction"),
         ({"accounts": []}, "accounts"),
+        (
+            {"currencies": {"base": "EUR"}, "instruments": [{"symbol": "X", "con_id": 1}]},
+            "instruments[0].currency",
+        ),
+        ({"currencies": {"base": "EUR", "rates": {"EUR": 1.0}}}, "currencies.rates"),
+        ({"currencies": {"base": "euro"}}, "currencies.base"),
     ],
 )
 def test_bad_scenario_then_error_names_the_key(data: dict[str, object], named: str) -> None:

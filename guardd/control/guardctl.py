@@ -228,7 +228,10 @@ def describe_status(status: dict[str, object]) -> str:
         book = f"{status.get('positions')} positions, {status.get('working_orders')} working orders"
         nl = status.get("net_liquidation")
         if isinstance(nl, int | float):
-            book += f", net liquidation {nl:,.2f}"
+            book += f", net liquidation {nl:,.2f} {status.get('base_currency') or ''}".rstrip()
+        missing = status.get("missing_exchange_rates")
+        if isinstance(missing, list) and missing:
+            book += f", NO EXCHANGE RATE for {', '.join(map(str, missing))}"
         lines.append(f"  book       {book}")
     close = status.get("close")
     if isinstance(close, dict):

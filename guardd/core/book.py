@@ -86,6 +86,23 @@ TERMINAL_STATUSES = frozenset({"Filled", "Cancelled", "ApiCancelled", "Inactive"
 BASE = "BASE"
 NO_CONTRACT = ConId(0)
 
+BASE_CURRENCY_KEYS = frozenset(
+    {
+        "AvailableFunds",
+        "BuyingPower",
+        "EquityWithLoanValue",
+        "ExcessLiquidity",
+        "GrossPositionValue",
+        "InitMarginReq",
+        "MaintMarginReq",
+        "NetLiquidation",
+        "TotalCashValue",
+    }
+)
+"""Account values TWS reports in the account's base currency only, the currency named with
+them: what names the base currency (per-currency rows come as `...ByCurrency`, `CashBalance`,
+`TotalCashBalance`, `ExchangeRate`, `Currency`, with `BASE` for the base-currency total)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Position:
@@ -310,7 +327,7 @@ class Book:
     def __init__(
         self,
         account: str,
-        base_currency: str = "USD",
+        base_currency: str | None = None,
         *,
         created_at: float,
         rate_windows_s: tuple[float, ...] = (1.0, 60.0),
@@ -321,6 +338,8 @@ class Book:
         self.account = account
         # guardd's own API client id: with a claimed order id, what makes an order its own
         self.own_client_id = own_client_id
+        # The account's base currency, as IB names it with the values it reports in it
+        # (`BASE_CURRENCY_KEYS`); None until then: no currency converts (no rate is assumed).
         self.base_currency = base_currency
         self.created_at = created_at
         self.rate_windows_s = rate_windows_s
@@ -714,6 +733,8 @@ class Book:
         if event.account != self.account:
             return
         number = parse_number(event.value)
+        if event.key in BASE_CURRENCY_KEYS and event.currency not in ("", BASE):
+            self.base_currency = event.currency  # IB's word wins over any assumption
         if event.key == "MaintMarginReq" and event.currency in (self.base_currency, BASE, ""):
             prev = self._values.get((event.key, event.currency))
             if prev is not None:
@@ -1130,6 +1151,8 @@ class Book:
         if currency is not None:
             return self._values.get((key, currency))
         for ccy in (self.base_currency, BASE, ""):
+            if ccy is None:
+                continue
             found = self._values.get((key, ccy))
             if found is not None:
                 return found
@@ -1146,8 +1169,10 @@ class Book:
         return self._margin_change
 
     def exchange_rate(self, currency: str) -> float | None:
-        """Base-currency units per unit of `currency`; None when IB has not sent a usable one."""
-        if currency in (self.base_currency, BASE):
+        """Base-currency units per unit of `currency`; None when IB has not sent a usable one,
+        and for every currency but "BASE" while the base currency is not known (a USD position
+        of a EUR account is never valued 1:1)."""
+        if currency == BASE or (self.base_currency is not None and currency == self.base_currency):
             return 1.0
         s = self._values.get(("ExchangeRate", currency))
         if s is None or not math.isfinite(s.value) or s.value <= 0:

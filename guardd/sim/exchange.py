@@ -33,7 +33,9 @@ Accounts, cash and PnL (average-cost method, commissions kept apart)
     closed quantity × (fill price − average price) × multiplier × sign(position). Positions are
     marked at the last price.
 
-Account values (base currency)
+Account values (base currency: the currency field of each names it, as TWS's do; per-currency
+rows `Currency`, `CashBalance`, `TotalCashBalance`, `ExchangeRate` for every currency with a rate,
+and a `BASE` row of each)
     NetLiquidation      = cash + Σ stock market value + Σ futures unrealized PnL
     GrossPositionValue  = Σ |quantity × last × multiplier| over ALL positions. IB's own GPV counts
                           securities only (futures notional is not a security value); we include
@@ -105,6 +107,7 @@ MAX_ORDER_QUANTITY = 1e9  # larger is a typo or an attack, never a trade: refuse
 BUYING_POWER_FACTOR = 4.0  # Reg-T intraday: four times the excess of equity over initial margin
 _EXEC_ID_BASE = 0xE1A7  # execIds look like IB's: "0000e1a7.65f1e2b3.01.01"
 _ZERO = 1e-9  # quantities below this are float noise, not a position
+BASE_ROW = "BASE"  # the currency TWS gives the account values totalled in the base currency
 
 RejectFilter = Callable[[OrderRequest, Instrument], str | None]
 
@@ -378,9 +381,19 @@ class Exchange:
             ("RealizedPnL", _money(acct.realized - acct.realized_at_day_start), base),
             ("UnrealizedPnL", _money(acct.unrealized), base),
         ]
-        for currency, amount in acct.cash.items():
-            values.append(("CashBalance", _money(amount), currency))
+        # The per-currency rows, as TWS sends them: one per currency the account is shown in
+        # (here: every currency the exchange has a rate for) and one "BASE" row, the total
+        # converted to the base currency. `Currency` names each row; `ExchangeRate` is base
+        # units per unit of the row's currency (1.00 for the base currency and for BASE).
+        values.append(("Currency", "BASE", BASE_ROW))
+        values.append(("CashBalance", _money(cash), BASE_ROW))
+        values.append(("TotalCashBalance", _money(cash), BASE_ROW))
+        values.append(("ExchangeRate", "1.00", BASE_ROW))
         for currency, rate in self._rates.items():
+            amount = acct.cash.get(currency, 0.0)
+            values.append(("Currency", currency, currency))
+            values.append(("CashBalance", _money(amount), currency))
+            values.append(("TotalCashBalance", _money(amount), currency))
             values.append(("ExchangeRate", "1.00" if currency == base else f"{rate:.8f}", currency))
         return values
 

@@ -98,6 +98,14 @@ class AccountSection(_Strict):
     cash: Annotated[float, Field(ge=0)] = 1_000_000.0
 
 
+class CurrenciesSection(_Strict):
+    """The accounts' base currency and the exchange rates the simulated TWS reports
+    (`ExchangeRate`: base units per unit of each other currency); fixed for the run."""
+
+    base: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "USD"
+    rates: dict[Annotated[str, Field(pattern=r"^[A-Z]{3}$")], Annotated[float, Field(gt=0)]] = {}
+
+
 class InstrumentSection(_Strict):
     symbol: Annotated[str, Field(min_length=1)]
     sec_type: Literal["STK", "FUT"] = "STK"
@@ -363,6 +371,7 @@ class Scenario(_Strict):
     """A whole scenario file."""
 
     gateway: GatewaySection = GatewaySection()
+    currencies: CurrenciesSection = CurrenciesSection()
     accounts: Annotated[list[AccountSection], Field(min_length=1)] = [AccountSection(id="DU000001")]
     instruments: Annotated[list[InstrumentSection], Field(min_length=1)] = [
         InstrumentSection(symbol="AAPL", con_id=265598, primary_exchange="NASDAQ", price=190.0),
@@ -397,6 +406,14 @@ class Scenario(_Strict):
         if len(set(con_ids)) != len(con_ids):
             raise ValueError("instruments: duplicate con_id")
         symbols = {i.symbol for i in self.instruments}
+        if self.currencies.base in self.currencies.rates:
+            raise ValueError("currencies.rates: the base currency's rate is 1 by definition")
+        priced = {self.currencies.base, *self.currencies.rates}
+        for n, inst in enumerate(self.instruments):
+            if inst.currency not in priced:
+                raise ValueError(
+                    f"instruments[{n}].currency: no rate for {inst.currency!r} in currencies.rates"
+                )
         for n, inst in enumerate(self.instruments):
             if inst.hours not in self.calendars and inst.hours not in BUILT_IN:
                 raise ValueError(f"instruments[{n}].hours: unknown calendar {inst.hours!r}")
@@ -446,6 +463,8 @@ class Scenario(_Strict):
             instruments,
             {a.id: a.cash for a in self.accounts},
             seed=self.gateway.seed,
+            base_currency=self.currencies.base,
+            exchange_rates=self.currencies.rates,
             partial_fill_quantity=self.gateway.partial_fill_quantity,
             now=now,
         )
