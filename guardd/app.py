@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 
 from guardd import __version__
 from guardd.broker.ib import IbBroker
-from guardd.config import Config
+from guardd.config import Config, changed_keys, reload_refusals
 from guardd.control.auth import TwoPersonRule
 from guardd.control.commands import CommandOutcome, ControlCommand
 from guardd.control.console import Console
@@ -58,13 +58,14 @@ from guardd.core.notices import (
 )
 from guardd.core.rules import Finding, Thresholds
 from guardd.credentials import load_credentials
-from guardd.errors import GuarddError, JournalError, StartupError
+from guardd.errors import ConfigError, GuarddError, JournalError, StartupError
 from guardd.executor import Executor, journal_children, journal_order_ids
 from guardd.journal import Journal, Rotation, journal_segments, read_journal
 from guardd.latch import FRESH_START, LatchState, later_of, read_latch, witness_step, write_latch
 from guardd.metrics import Metrics, MetricsServer, metrics_handler
 from guardd.notifications import Notifications
 from guardd.rulebook import (
+    RuleSet,
     build_close_policy,
     build_close_settings,
     build_policy,
@@ -145,13 +146,7 @@ class Guard:
             log.warning("latch_restored", reason=restored.reason, mode=restored.mode)
             self.metrics.count_kill("restored")
         self.rules = build_rules(cfg)
-        self._rule_limits: dict[str, Thresholds] = {}
-        for rule in self.rules.periodic:
-            limits = getattr(rule, "limits", None)
-            if isinstance(limits, Thresholds):
-                self._rule_limits[rule.name] = limits
-        if self.rules.order_rate is not None:
-            self._rule_limits["order_rate"] = self.rules.order_rate.per_client_1s
+        self._rule_limits = _rule_limits(self.rules)
         self.engine = Engine(build_policy(cfg), latch=latch, first_decision_id=last_decision + 1)
         sampling = build_sampling(cfg)
         self.book = Book(
@@ -236,6 +231,79 @@ class Guard:
             "read_only": Lasting(0.0),
             "latch_not_durable": Lasting(0.0),
         }
+
+    # ---- reloading the limits (SIGHUP) -----------------------------------------------------
+
+    def reload(self, load: Callable[[], Config], source: str) -> bool:
+        """Guard by the limits of a config read again (`load`, from `source`); True if applied.
+
+        The file is checked first. A file that does not load, or that changes anything outside
+        ``[limits]`` (``reload_refusals``: the IB session, the control plane, the state
+        directory... need a restart), is refused as a whole: the guard keeps its limits, logs
+        and journals ``config_reload_refused`` naming the keys and why. Otherwise the rule set,
+        the engine's policy (debounce counts) and the Book's price sampling are swapped at once
+        and ``config_reloaded`` journals the keys that changed. State and latch are kept: a
+        reload never re-arms a HALTED guard, and a breach of the new limits acts on the next
+        evaluation. Under systemd (``ExecReload=``) it says RELOADING=1 then READY=1.
+        """
+        ready = self.ready_event.is_set()
+        if ready:
+            usec = time.monotonic_ns() // 1000
+            self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+        try:
+            return self._reload(load, source)
+        finally:
+            if ready:
+                self._sd_status = self.sd_status()
+                self.notifier.notify("READY=1", f"STATUS={self._sd_status}")
+
+    def _reload(self, load: Callable[[], Config], source: str) -> bool:
+        try:
+            new = load()
+        except ConfigError as exc:
+            keys = [exc.key_path] if exc.key_path else []
+            keys += [line.split(":", 1)[0] for line in exc.more]
+            self._refuse_reload(source, keys, " / ".join(str(exc).splitlines()))
+            return False
+        refusals = reload_refusals(self.cfg, new)
+        if refusals:
+            why = "; ".join(f"{key}: {reason}" for key, reason in refusals)
+            self._refuse_reload(source, [key for key, _ in refusals], why)
+            return False
+        changed = changed_keys(self.cfg, new)
+        self._apply_limits(new)
+        self.metrics.count_config_reload("applied")
+        log.warning("config_reloaded", file=source, changed=list(changed))
+        self._journal("config_reloaded", file=source, changed=list(changed))
+        return True
+
+    def _refuse_reload(self, source: str, keys: list[str], error: str) -> None:
+        self.metrics.count_config_reload("refused")
+        log.error("config_reload_refused", file=source, keys=keys, error=error)
+        self._journal("config_reload_refused", file=source, keys=keys, error=error)
+
+    def _apply_limits(self, cfg: Config) -> None:
+        """Swap in `cfg`'s limits (everything else in it equals the running config)."""
+        added_bots = cfg.limits.heartbeats.bots.keys() - self.cfg.limits.heartbeats.bots.keys()
+        self.cfg = cfg
+        self.rules = build_rules(cfg)
+        self._rule_limits = _rule_limits(self.rules)
+        self.engine.set_policy(build_policy(cfg))
+        sampling = build_sampling(cfg)
+        self.book.price_history_s = sampling.history_s
+        self.book.price_sample_s = sampling.sample_s
+        # A bot watched from now on is not silent since the guard started.
+        self.book.watch_heartbeats(added_bots, self.clock())
+        checks = self.rules.order_checks
+        self._watch_order_prices = checks is not None and checks.collar is not None
+        # A removed rule's last finding must not hold a breach (or a state) any longer.
+        names = {rule.name for rule in self.rules.periodic}
+        if self.rules.order_rate is not None:
+            names.add("order_rate")
+        if self.rules.order_checks is not None:
+            names.add("order_checks")
+        self._findings = {name: f for name, f in self._findings.items() if name in names}
+        self.metrics.clear_rules()
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -962,6 +1030,18 @@ class Guard:
 
 class _StopError(Exception):
     """Raised inside the TaskGroup to end it when `stop` is set."""
+
+
+def _rule_limits(rule_set: RuleSet) -> dict[str, Thresholds]:
+    """Each rule's warn / reduce / kill levels by rule name (the console and the metrics)."""
+    limits: dict[str, Thresholds] = {}
+    for rule in rule_set.periodic:
+        found = getattr(rule, "limits", None)
+        if isinstance(found, Thresholds):
+            limits[rule.name] = found
+    if rule_set.order_rate is not None:
+        limits["order_rate"] = rule_set.order_rate.per_client_1s
+    return limits
 
 
 def _person(command: ControlCommand) -> str:

@@ -1,6 +1,9 @@
 """The `guardd` command line: run the guard, check a config, write a starter deployment (`init`),
 the demo, and the simulated gateway.
 
+SIGHUP reloads the limits of `guardd run` from its config file (`Guard.reload`): checked first,
+refused and named when the file is bad or changes a key outside [limits].
+
 Exit codes of `guardd run` (see guardd/errors.py): 0 stopped on request (SIGTERM / SIGINT, in
 any phase), 78 a config or credential error, 71 a start-up error (a port in use, a state
 directory that cannot be written), each printed as one line on stderr; 69 / 74 / 70 errors after
@@ -150,16 +153,16 @@ def _run(path: Path, *, fresh_start: bool, wire_logs: bool = False) -> int:
         journal_stream=os.environ.get("JOURNAL_STREAM"),
     )
     try:
-        return asyncio.run(_guard(cfg, fresh_start=fresh_start))
+        return asyncio.run(_guard(cfg, fresh_start=fresh_start, path=path))
     except GuarddError as exc:
         # One line, no traceback: the line names what to fix (a key, a port, a path).
         print(f"guardd: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return exc.exit_code
 
 
-async def _guard(cfg: object, *, fresh_start: bool) -> int:
+async def _guard(cfg: object, *, fresh_start: bool, path: Path) -> int:
     from guardd.app import Guard
-    from guardd.config import Config
+    from guardd.config import Config, load_config
     from guardd.sdnotify import Notifier
 
     assert isinstance(cfg, Config)
@@ -176,5 +179,12 @@ async def _guard(cfg: object, *, fresh_start: bool) -> int:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
         raise StartupError(f"cannot start: {detail}{where}") from exc
+
+    def read_again() -> Config:
+        return load_config(path, credentials_directory=os.environ.get("CREDENTIALS_DIRECTORY"))
+
+    # SIGHUP (systemctl reload): the limits again from the same file, checked before they count.
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, guard.reload, read_again, str(path))
     await guard.run(stop)
     return 0

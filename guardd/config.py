@@ -71,12 +71,15 @@ __all__ = [
     "Person",
     "PositionLimits",
     "RateLimit",
+    "ReloadRefusal",
     "SecType",
     "TokenFiles",
     "VolatilityLimit",
     "WebhookTarget",
+    "changed_keys",
     "load_config",
     "parse_config",
+    "reload_refusals",
 ]
 
 Level = Literal["warn", "reduce", "kill"]
@@ -894,6 +897,55 @@ class Config(_Model):
     def nonces_path(self) -> Path:
         """The used nonces of signed MQTT commands (guardd.control.nonces)."""
         return self.state_dir / "nonces.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reloading (SIGHUP)
+
+RELOADABLE = "limits"
+"""The one section a reload (SIGHUP) changes in a running guard; every other key needs a restart."""
+
+ReloadRefusal = tuple[str, str]
+"""A key a reload cannot change, and why: ``("ib.port", "needs a restart")``."""
+
+
+def changed_keys(old: Config, new: Config) -> tuple[str, ...]:
+    """The key paths whose values differ between two configs, sorted: ``limits.leverage.kill``,
+    ``control.http.port``; a table added or removed is named as a whole."""
+    return tuple(sorted(_differences(old.model_dump(), new.model_dump(), "")))
+
+
+def reload_refusals(old: Config, new: Config) -> tuple[ReloadRefusal, ...]:
+    """What keeps a running guard from taking `new` by a reload: every changed key outside
+    ``[limits]``, and heartbeats watched where none were while MQTT is on (the heartbeat
+    subscription is made when MQTT connects). Empty: the reload can go ahead."""
+    refusals: list[ReloadRefusal] = [
+        (key, "needs a restart")
+        for key in changed_keys(old, new)
+        if key != RELOADABLE and not key.startswith(f"{RELOADABLE}.")
+    ]
+    if new.limits.heartbeats.bots and not old.limits.heartbeats.bots:
+        refusals.append(
+            (
+                "limits.heartbeats.bots",
+                "watching heartbeats where none were watched needs a restart "
+                "(the MQTT heartbeat subscription is made at start)",
+            )
+        )
+    return tuple(refusals)
+
+
+def _differences(old: object, new: object, prefix: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for key in old.keys() | new.keys():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                found.append(path)
+            else:
+                found.extend(_differences(old[key], new[key], path))
+        return found
+    return [] if old == new else [prefix]
 
 
 # ---------------------------------------------------------------------------------------------

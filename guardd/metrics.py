@@ -37,6 +37,8 @@ Exported (prefix ``guardd_``; counters end in ``_total``)::
     guardd_notifications_dropped_total{kind,reason}   dropped: rate_limited or queue_full
     guardd_watchdog_withheld_total{reason}            systemd watchdog pings withheld (loop_lag,
                                                       broker_stalled)
+    guardd_config_reloads_total{outcome}              reloads of the limits (SIGHUP): applied,
+                                                      refused (a bad file, a key needing a restart)
     guardd_build_info{version}                        always 1
     process_*                                         the guard process: resident memory, CPU
                                                       seconds, start time, open and max fds
@@ -329,6 +331,12 @@ class Metrics:
             a,
             registry=r,
         )
+        self._config_reloads = Counter(
+            "guardd_config_reloads_total",
+            "Reloads of the limits (SIGHUP) by outcome: applied or refused.",
+            (*a, "outcome"),
+            registry=r,
+        )
         self._journal_errors = Counter(
             "guardd_journal_write_errors_total",
             "Journal records the guard could not write (the action itself still went out).",
@@ -504,6 +512,16 @@ class Metrics:
     def count_watchdog_withheld(self, reason: str) -> None:
         """Count one systemd watchdog ping withheld for `reason` (loop_lag, broker_stalled)."""
         self._watchdog_withheld.labels(self.account, reason).inc()
+
+    def count_config_reload(self, outcome: str) -> None:
+        """Count one reload of the limits: ``applied`` or ``refused``."""
+        self._config_reloads.labels(self.account, outcome).inc()
+
+    def clear_rules(self) -> None:
+        """Drop every rule's series (the rule set was reloaded); the next publish fills them
+        again for the rules that remain, so a removed rule leaves no stale limit behind."""
+        for gauge in (self._rule_value, self._rule_limit, self._kill_usage):
+            gauge.clear()
 
     def count_journal_error(self) -> None:
         """Count one journal record that could not be written."""

@@ -21,8 +21,10 @@ from guardd.config import (
     Config,
     LeverageLimit,
     MarginCushionLimit,
+    changed_keys,
     load_config,
     parse_config,
+    reload_refusals,
 )
 from guardd.core.notices import NOTICE_KINDS
 from guardd.core.pricing import Market, RepricePolicy, Widen
@@ -535,3 +537,37 @@ def test_random_text_then_only_config_error(text: str) -> None:
         assert str(err)
     else:  # pragma: no cover - random text is never a complete config
         pytest.fail("random text was accepted as a config")
+
+
+# --- reloading (SIGHUP) -----------------------------------------------------------------------
+
+
+def test_reload_changing_only_limits_then_no_refusal_and_changes_named() -> None:
+    old = parse_config(MINIMAL + "[limits.leverage]\nkill = 3.0\n")
+    new = parse_config(MINIMAL + "[limits.leverage]\nkill = 2.5\n[limits.drawdown]\nwarn = 0.1\n")
+
+    assert reload_refusals(old, new) == ()
+    assert changed_keys(old, new) == ("limits.drawdown.warn", "limits.leverage.kill")
+
+
+def test_reload_changing_keys_outside_limits_then_each_refused_by_name() -> None:
+    old = parse_config(MINIMAL)
+    new = parse_config(
+        MINIMAL.replace('state_dir = "state"', 'state_dir = "elsewhere"')
+        + '[kill]\nmode = "flatten"\n[control.http]\nport = 9999\n'
+    )
+
+    assert reload_refusals(old, new) == (
+        ("control.http.port", "needs a restart"),
+        ("kill.mode", "needs a restart"),
+        ("state_dir", "needs a restart"),
+    )
+
+
+def test_reload_adding_heartbeats_where_none_were_then_refused() -> None:
+    mqtt = MINIMAL + "[control.mqtt]\nenabled = true\n"
+    bots = "[limits.heartbeats.bots.alpha]\ntimeout_s = 10.0\n"
+    old, new = parse_config(mqtt), parse_config(mqtt + bots)
+
+    assert [key for key, _ in reload_refusals(old, new)] == ["limits.heartbeats.bots"]
+    assert reload_refusals(new, parse_config(mqtt + bots.replace("alpha", "beta"))) == ()

@@ -128,6 +128,7 @@ def test_unit_read_then_notify_watchdog_restart_and_latch_dir_set(name: str) -> 
     assert found["ProtectSystem"] == ["strict"]
     assert found["CapabilityBoundingSet"] == [""]
     assert found["LimitNOFILE"] == ["4096"]  # what tests/test_control_exhaustion.py runs at
+    assert found["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # reloads the limits (test_reload)
     assert any(c.startswith("token-kill:") for c in found["LoadCredential"])
     assert "HALTED" in UNITS[name].read_text()  # the comment on why Restart=always is safe
 

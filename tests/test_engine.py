@@ -180,6 +180,15 @@ def test_debounce_interrupted_by_ok_then_streak_restarts() -> None:
     assert deb.apply(finding("kill")).level == "kill"
 
 
+def test_policy_replaced_mid_streak_then_streak_kept_and_new_count_applies() -> None:
+    engine = Engine(Policy(debounce={"leverage": 3}))
+    assert engine.step(ev(finding("kill")), 0.0).state is State.ARMED  # streak 1 of 3
+
+    engine.set_policy(Policy(debounce={"leverage": 2}))  # a reload lowered the count
+
+    assert engine.step(ev(finding("kill")), 1.0).state is State.HALTED  # streak 2 of 2
+
+
 def test_data_finding_then_alert_once_not_breach() -> None:
     engine = Engine()
     d1 = engine.step(ev(finding("data")), 1.0)

@@ -428,6 +428,17 @@ def test_silent_bot_then_breach_and_live_bot_ok() -> None:
     assert (f.level, f.subject) == ("kill", "beta")
 
 
+def test_bot_watched_after_start_then_silence_counts_from_when_watched() -> None:
+    rule = Heartbeats({"gamma": 5.0}, level="kill")
+    book = book_with()  # created long before the bot was added by a reload
+    assert rule.evaluate(book, book.created_at + 60).level == "kill"
+
+    book.watch_heartbeats(["gamma"], since=book.created_at + 58)
+
+    assert rule.evaluate(book, book.created_at + 60).level == "ok"
+    assert rule.evaluate(book, book.created_at + 64).level == "kill"
+
+
 def test_disconnected_too_long_then_breach() -> None:
     rule = Connectivity(max_disconnected_s=30)
     book = book_with(Disconnected(reason="eof", ts=T))

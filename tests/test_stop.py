@@ -66,9 +66,10 @@ class GuardRun:
 
 @contextlib.asynccontextmanager
 async def guardd_run(
-    tmp_path: Path, ib_port: int, extra_toml: str = ""
+    tmp_path: Path, ib_port: int, extra_toml: str = "", env: dict[str, str] | None = None
 ) -> AsyncIterator[tuple[GuardRun, str, str]]:
-    """A running `guardd run` process; yields (run, control URL, kill token)."""
+    """A running `guardd run` process (`env` added to its environment); yields (run, control
+    URL, kill token). Its config file is ``run.state_dir / "guardd.toml"``."""
     state_dir = tmp_path / "state"
     config, url, token = write_run_config(state_dir, ib_port, extra_toml)
     log = tmp_path / "guardd.log"
@@ -84,6 +85,7 @@ async def guardd_run(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=out,
             stderr=out,
+            env=None if env is None else {**os.environ, **env},
         )
     run = GuardRun(proc, log, state_dir)
     try:

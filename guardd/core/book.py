@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import assert_never
@@ -413,6 +413,7 @@ class Book:
         # fills and heartbeats
         self._executions: dict[str, Execution] = {}
         self._heartbeats: dict[str, float] = {}
+        self._heartbeats_watched_since: dict[str, float] = {}
         # The gateway's clock minus ours (currentTime); market hours are judged at its time.
         self.server_offset_s = 0.0
         self.market_hours: dict[ConId, MarketHours] = {}
@@ -1229,6 +1230,20 @@ class Book:
     def heartbeats(self) -> Mapping[str, float]:
         """Last heartbeat receive time per bot."""
         return MappingProxyType(self._heartbeats)
+
+    def watch_heartbeats(self, bots: Iterable[str], since: float) -> None:
+        """Bots watched from `since` on (the limits were reloaded with them): until one is
+        heard from, its silence counts from `since`, not from the Book's creation."""
+        for bot in bots:
+            self._heartbeats_watched_since[bot] = since
+
+    def silent_since(self, bot: str) -> float:
+        """Since when `bot` has been silent: its last heartbeat, else since it was watched
+        (`watch_heartbeats`), else the Book's creation."""
+        heard = self._heartbeats.get(bot)
+        if heard is not None:
+            return heard
+        return self._heartbeats_watched_since.get(bot, self.created_at)
 
 
 def _known(value: float, last: float) -> float:

@@ -213,6 +213,10 @@ class Debouncer:
         """Forget every streak."""
         self._streak.clear()
 
+    def require(self, counts: Mapping[str, int]) -> None:
+        """Count against `counts` from now on; a streak in progress is kept."""
+        self._required = dict(counts)
+
 
 _STATE_OF: Mapping[Level, State] = {
     "ok": State.ARMED,
@@ -241,6 +245,13 @@ class Engine:
         self._last_sweep: float | None = None
         self._target: float | None = None
         self._data_rules: frozenset[str] = frozenset()
+
+    def set_policy(self, policy: Policy) -> None:
+        """Act by `policy` from the next step on (the limits were reloaded). The state, the
+        latch and every debounce streak in progress are kept; a streak is measured against the
+        new counts."""
+        self.policy = policy
+        self._debouncer.require(policy.debounce)
 
     @property
     def state(self) -> State:

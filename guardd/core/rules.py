@@ -645,7 +645,8 @@ class PositionLimits:
 @dataclass(frozen=True, slots=True)
 class Heartbeats:
     """Silence = now − last heartbeat of each bot in `timeouts_s` (seconds; a bot never heard
-    from counts from the Book's creation). Silence > its timeout → the configured `level`."""
+    from counts from the Book's creation, or from when a reload of the limits added it).
+    Silence > its timeout → the configured `level`."""
 
     timeouts_s: Mapping[str, float]
     level: Level = "warn"
@@ -656,7 +657,7 @@ class Heartbeats:
         findings: list[Finding] = []
         for bot in sorted(self.timeouts_s):
             timeout = self.timeouts_s[bot]
-            silence = now - book.heartbeats.get(bot, book.created_at)
+            silence = now - book.silent_since(bot)
             if silence > timeout:
                 msg = f"no heartbeat for {silence:.1f}s"
                 findings.append(Finding(self.name, self.level, silence, timeout, msg, bot))
