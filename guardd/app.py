@@ -207,6 +207,7 @@ class Guard:
             else None
         )
         self._rearm_first_force = False
+        self._rotation_error: str | None = None  # the journal rotation failure already told
         # Refused commands: the first of each kind per interval journaled in full, the rest
         # counted and journaled as one summary per interval (a junk flood costs no fsync each).
         self.refusals = RefusalLedger(cfg.control.refusal_interval_s)
@@ -605,6 +606,7 @@ class Guard:
                 self._findings.pop("order_checks", None)
             await self._evaluate(now, trigger_ts=now)
             self.executor.retry_latch()
+            self._watch_journal_rotation()
             self._watch_conditions(now)
             self.flush_refusals()
             self._publish_metrics()
@@ -680,6 +682,22 @@ class Guard:
             if kind == "disconnected":
                 details["ib_at"] = f"{self.cfg.ib.host}:{self.cfg.ib.port}"
             self._notify(condition_notice(kind, change, now, details))
+
+    def _watch_journal_rotation(self) -> None:
+        """Say once that the journal could not rotate (records go on into the file they were
+        in, and every append tries again), and once that it rotates again; exported as
+        ``guardd_journal_rotation_failing`` and in the status."""
+        error = self.journal.rotation_error
+        if error == self._rotation_error:
+            return
+        if error is not None and self._rotation_error is None:
+            log.error("journal_rotation_failed", error=error)
+            self._journal("journal_rotation_failed", error=error)
+        elif error is None:
+            log.warning("journal_rotation_recovered", error=self._rotation_error)
+            self._journal("journal_rotation_recovered", error=self._rotation_error)
+        self._rotation_error = error
+        self.metrics.set_journal_rotation_failing(error is not None)
 
     def _notice_status(self) -> dict[str, object]:
         """The guard's state as a notification carries it."""
@@ -839,6 +857,9 @@ class Guard:
             # a latch write fails (`latch_durable` false, `latch_error` says why; retried).
             "latch_durable": self.executor.latch_durable,
             "latch_error": self.executor.latch_error,
+            # Why the audit journal could not rotate ([journal] rotate), None while it can:
+            # records go on into the file they were in; every append tries again.
+            "journal_rotation_error": self.journal.rotation_error,
             "latch_file": None
             if on_disk is None
             else {

@@ -37,6 +37,7 @@ Exported (prefix ``guardd_``; counters end in ``_total``)::
     guardd_notifications_dropped_total{kind,reason}   dropped: rate_limited or queue_full
     guardd_watchdog_withheld_total{reason}            systemd watchdog pings withheld (loop_lag,
                                                       broker_stalled)
+    guardd_journal_rotation_failing                   1 while the audit journal cannot rotate
     guardd_config_reloads_total{outcome}              reloads of the limits (SIGHUP): applied,
                                                       refused (a bad file, a key needing a restart)
     guardd_build_info{version}                        always 1
@@ -331,6 +332,14 @@ class Metrics:
             a,
             registry=r,
         )
+        self._rotation_failing = Gauge(
+            "guardd_journal_rotation_failing",
+            "1 while the audit journal cannot rotate ([journal] rotate): records go on into the "
+            "file they were in and every append tries again.",
+            a,
+            registry=r,
+        )
+        self._rotation_failing.labels(account).set(0)
         self._config_reloads = Counter(
             "guardd_config_reloads_total",
             "Reloads of the limits (SIGHUP) by outcome: applied or refused.",
@@ -512,6 +521,10 @@ class Metrics:
     def count_watchdog_withheld(self, reason: str) -> None:
         """Count one systemd watchdog ping withheld for `reason` (loop_lag, broker_stalled)."""
         self._watchdog_withheld.labels(self.account, reason).inc()
+
+    def set_journal_rotation_failing(self, failing: bool) -> None:
+        """1 while the journal's rotation fails (``Journal.rotation_error``)."""
+        self._rotation_failing.labels(self.account).set(1 if failing else 0)
 
     def count_config_reload(self, outcome: str) -> None:
         """Count one reload of the limits: ``applied`` or ``refused``."""

@@ -224,6 +224,8 @@ def describe_status(status: dict[str, object]) -> str:
         lines.append(f"  IB         {ib}")
     if status.get("latch_durable") is False:
         lines.append(f"  latch      NOT DURABLE: {status.get('latch_error')} (retrying)")
+    if status.get("journal_rotation_error"):
+        lines.append(f"  journal    CANNOT ROTATE: {status['journal_rotation_error']} (retrying)")
     if "positions" in status or "working_orders" in status:
         book = f"{status.get('positions')} positions, {status.get('working_orders')} working orders"
         nl = status.get("net_liquidation")
