@@ -1,5 +1,5 @@
 """The `guardd` command line: run the guard, check a config, write a starter deployment (`init`),
-the demo, and the simulated gateway.
+the demo, the simulated gateway, and a shell completion script (`completion bash`).
 
 SIGHUP reloads the limits of `guardd run` from its config file (`Guard.reload`): checked first,
 refused and named when the file is bad or changes a key outside [limits].
@@ -22,6 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from guardd import __version__
+from guardd.completion import (
+    add_completion_command,
+    complete_directories,
+    complete_files,
+    script,
+)
 from guardd.errors import EX_CONFIG, ConfigError, GuarddError, StartupError
 
 
@@ -30,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="guard an IB account")
-    run.add_argument("-c", "--config", type=Path, required=True, help="guardd TOML file")
+    complete_files(
+        run.add_argument("-c", "--config", type=Path, required=True, help="guardd TOML file")
+    )
     run.add_argument(
         "--fresh-start",
         action="store_true",
@@ -46,9 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         "init",
         help="write a starter config and the files a deployment needs into DIR (never overwrites)",
     )
-    init.add_argument("directory", type=Path, metavar="DIR")
+    complete_directories(init.add_argument("directory", type=Path, metavar="DIR"))
     check = sub.add_parser("check-config", help="validate a config file and exit")
-    check.add_argument("config", type=Path)
+    complete_files(check.add_argument("config", type=Path))
     demo = sub.add_parser("demo", help="guard the embedded simulated gateway against a runaway bot")
     demo.add_argument(
         "--stay",
@@ -63,19 +71,26 @@ def _parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("sim", help="run the simulated IB Gateway")
     sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     sim.add_argument("--port", type=int, default=7497, help="TCP port (default 7497)")
-    sim.add_argument("--scenario", type=Path, help="scenario TOML file (configs/scenarios/)")
+    complete_files(
+        sim.add_argument("--scenario", type=Path, help="scenario TOML file (configs/scenarios/)")
+    )
     sim.add_argument(
         "--server-version",
         type=_server_version,
         help="highest TWS API server version offered, 178-226 (default: the scenario's, 226); "
         "201 and above speak the protobuf wire",
     )
+    add_completion_command(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a `guardd` subcommand and return its exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        print(script(parser, args.shell), end="")
+        return 0
     if args.command == "sim":
         from guardd.sim.scenario import ScenarioError
         from guardd.sim.server import sim_main

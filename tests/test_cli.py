@@ -324,3 +324,55 @@ def test_relative_credentials_without_credentials_directory_then_78_naming_the_k
 
     assert code == EX_CONFIG
     assert "control.http.token_files.read: cannot read" in capsys.readouterr().err
+
+
+# ---- shell completion ---------------------------------------------------------------------------
+
+
+def bash_completes(script: str, words: list[str]) -> list[str]:
+    """What bash offers for `words` (the last one being completed) with `script` sourced."""
+    command = words[0]
+    quoted = " ".join(f"'{w}'" for w in words)
+    call = f'_shtab_{command} {command} "{words[-1]}" "{words[-2]}"'
+    program = (
+        f"source /dev/stdin; COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}; "
+        f'{call}; printf "%s\\n" "${{COMPREPLY[@]}}"'
+    )
+    done = subprocess.run(
+        ["bash", "-c", program], input=script, capture_output=True, text=True, check=True
+    )
+    return done.stdout.split()
+
+
+def test_completion_bash_then_a_script_bash_completes_every_subcommand_with(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["completion", "bash"]) == 0
+    script = capsys.readouterr().out
+
+    offered = bash_completes(script, ["guardd", ""])
+    assert offered == ["run", "init", "check-config", "demo", "sim", "completion"]
+    assert "--fresh-start" in bash_completes(script, ["guardd", "run", "--f"])
+
+
+def test_guardctl_completion_bash_then_subcommands_and_options_completed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from guardd.control.guardctl import main as guardctl_main
+
+    assert guardctl_main(["completion", "bash"]) == 0
+    script = capsys.readouterr().out
+
+    assert bash_completes(script, ["guardctl", ""]) == ["kill", "arm", "status", "completion"]
+    assert bash_completes(script, ["guardctl", "kill", "--mo"]) == ["--mode"]
+
+
+def test_completion_zsh_then_a_zsh_script_naming_the_subcommands(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["completion", "zsh"]) == 0
+    script = capsys.readouterr().out
+
+    assert script.startswith("#compdef guardd")
+    for command in ("run", "init", "check-config", "demo", "sim"):
+        assert f"    {command}:'" in script  # listed with its help

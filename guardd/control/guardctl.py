@@ -5,6 +5,7 @@
     guardctl kill   --reason "runaway bot" [--mode cancel|flatten] [--via http|mqtt] ...
     guardctl arm    --reason "all clear"   [--force]                [--via http|mqtt] ...
     guardctl status                                                 [--via http|mqtt] ...
+    guardctl completion bash|zsh|tcsh          # a shell completion script on stdout
     guardctl --version
 
 ``status`` prints a short human-readable summary; ``--json`` (on every command) prints the
@@ -41,6 +42,7 @@ import aiohttp
 import aiomqtt
 
 from guardd import __version__
+from guardd.completion import add_completion_command, complete_files, script
 from guardd.control.auth import read_secret_file, signed_payload
 from guardd.control.commands import KILL_MODES, Action, KillMode, check_reason
 from guardd.errors import CommandError, ConfigError
@@ -80,19 +82,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     http = common.add_argument_group("HTTP")
     http.add_argument("--url", default=os.environ.get("GUARDD_URL", "http://127.0.0.1:8787"))
-    http.add_argument("--token-file", type=Path, help="bearer token file (else $GUARDD_TOKEN)")
-    http.add_argument("--cafile", type=Path, help="CA bundle to verify an https guardd")
+    complete_files(
+        http.add_argument("--token-file", type=Path, help="bearer token file (else $GUARDD_TOKEN)")
+    )
+    complete_files(
+        http.add_argument("--cafile", type=Path, help="CA bundle to verify an https guardd")
+    )
     mqtt = common.add_argument_group("MQTT")
     mqtt.add_argument("--mqtt-host", default="127.0.0.1")
     mqtt.add_argument("--mqtt-port", type=int, default=1883)
     mqtt.add_argument("--mqtt-username")
-    mqtt.add_argument("--mqtt-password-file", type=Path, help="else $GUARDD_MQTT_PASSWORD")
+    complete_files(
+        mqtt.add_argument("--mqtt-password-file", type=Path, help="else $GUARDD_MQTT_PASSWORD")
+    )
     mqtt.add_argument("--mqtt-tls", action="store_true")
-    mqtt.add_argument("--mqtt-ca-file", type=Path)
+    complete_files(mqtt.add_argument("--mqtt-ca-file", type=Path))
     mqtt.add_argument("--topic-prefix", default="guardd")
     mqtt.add_argument("--account", help='the guarded account; "all" for a fleet-wide kill')
     mqtt.add_argument("--key-id", help="your operator key id")
-    mqtt.add_argument("--key-file", type=Path, help="your operator key file (else $GUARDD_KEY)")
+    complete_files(
+        mqtt.add_argument("--key-file", type=Path, help="your operator key file (else $GUARDD_KEY)")
+    )
 
     parser = argparse.ArgumentParser(
         prog="guardctl", description="Kill, re-arm or read the status of a guardd."
@@ -106,12 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     arm.add_argument("--reason", required=True)
     arm.add_argument("--force", action="store_true", help="although a kill breach still holds")
     commands.add_parser("status", parents=[common], help="print the guard's status")
+    add_completion_command(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run guardctl; returns the exit code (see the module docstring)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        print(script(parser, args.shell), end="")
+        return EXIT_OK
     try:
         if args.command != "status":
             check_reason(args.reason)
