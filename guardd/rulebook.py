@@ -91,7 +91,10 @@ def build_rules(cfg: Config) -> RuleSet:
     for level in ("warn", "reduce", "kill"):
         timeouts = {name: bot.timeout_s for name, bot in beats.items() if bot.action == level}
         if timeouts:
-            periodic.append(rules.Heartbeats(timeouts, level=level))
+            # One rule per level, each under a name of its own: findings are kept by rule name,
+            # and a shared name let one level's "ok" overwrite another level's breach.
+            name = "heartbeat" if level == "warn" else f"heartbeat_{level}"
+            periodic.append(rules.Heartbeats(timeouts, level=level, name=name))
     conn = lim.connectivity
     if conn.disconnected_warn_after_s is not None:
         periodic.append(rules.Connectivity(conn.disconnected_warn_after_s, level="warn"))

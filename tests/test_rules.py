@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from guardd.config import parse_config
 from guardd.core.book import Book
 from guardd.core.events import (
     AccountValue,
@@ -48,6 +49,7 @@ from guardd.core.rules import (
     order_price,
     realised_vol,
 )
+from guardd.rulebook import build_rules
 
 ACC = "DU1"
 T = 1000.0
@@ -523,3 +525,25 @@ def test_untransmitted_bracket_child_then_checked_like_a_working_order() -> None
     child = replace(order(2, qty=500), status="PreSubmitted", parent_id=1)
     f = CHECKS.evaluate(book_with(tick(1, 100.0), child), T)
     assert (f.level, f.subject) == ("kill", "perm:2")
+
+
+def test_heartbeat_bots_at_two_levels_then_each_level_keeps_its_own_finding() -> None:
+    # Arrange: a warn-level bot silent, a kill-level bot alive (findings are kept by rule name)
+    cfg = parse_config(
+        'account = "DU1"\nstate_dir = "state"\n[ib]\nclient_id = 7\n'
+        "[control.mqtt]\nenabled = true\n"
+        '[limits.heartbeats.bots.quiet]\ntimeout_s = 5.0\naction = "warn"\n'
+        '[limits.heartbeats.bots.vital]\ntimeout_s = 5.0\naction = "kill"\n'
+    )
+    book = book_with(Heartbeat(bot="quiet", ts=T - 60), Heartbeat(bot="vital", ts=T))
+    book.watch_heartbeats(["quiet", "vital"], since=T - 60)
+
+    # Act
+    findings = {}
+    for rule in build_rules(cfg).periodic:
+        finding = rule.evaluate(book, T)
+        findings[finding.rule] = finding
+
+    # Assert: the kill-level rule's "ok" no longer hides the warn-level bot's silence
+    assert findings["heartbeat"].level == "warn"
+    assert findings["heartbeat_kill"].level == "ok"
