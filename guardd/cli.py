@@ -7,7 +7,8 @@ refused and named when the file is bad or changes a key outside [limits].
 Exit codes of `guardd run` (see guardd/errors.py): 0 stopped on request (SIGTERM / SIGINT, in
 any phase), 78 a config or credential error, 71 a start-up error (a port in use, a state
 directory that cannot be written), each printed as one line on stderr; 69 / 74 / 70 errors after
-start-up. The systemd units do not restart 78 and 71.
+start-up. The systemd units do not restart 78 and 71. `guardd sim` exits 78 on a bad scenario and
+65 on a `--state` file it cannot read.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from guardd.completion import (
     script,
 )
 from guardd.errors import EX_CONFIG, ConfigError, GuarddError, StartupError
+
+EX_DATAERR = 65  # `guardd sim --state FILE`: FILE is not a state this gateway reads
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
         help="highest TWS API server version offered, 178-226 (default: the scenario's, 226); "
         "201 and above speak the protobuf wire",
     )
+    sim.add_argument(
+        "--state",
+        type=Path,
+        metavar="FILE",
+        help="keep the account (positions, cash, working orders, fills, order ids) in FILE "
+        "across restarts of this process, as IB's servers do; read at start when it exists",
+    )
     add_completion_command(sub)
     return parser
 
@@ -94,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "sim":
         from guardd.sim.scenario import ScenarioError
         from guardd.sim.server import sim_main
+        from guardd.sim.state import StateFileError
 
         try:
             return sim_main(
@@ -101,10 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 port=args.port,
                 scenario_path=args.scenario,
                 server_version=args.server_version,
+                state_path=args.state,
             )
         except ScenarioError as exc:
             print(f"guardd sim: {exc}", file=sys.stderr)
             return EX_CONFIG
+        except StateFileError as exc:
+            # one line: the gateway will not start on an account it cannot read
+            print(f"guardd sim: {' '.join(str(exc).splitlines())}", file=sys.stderr)
+            return EX_DATAERR
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command == "init":

@@ -64,8 +64,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
+from typing import Any, get_args
 
 from guardd.sim.hours import ALWAYS, Calendar, MarketSession
 from guardd.sim.market import PriceProcess, Quote
@@ -109,6 +110,7 @@ _EXEC_ID_BASE = 0xE1A7  # execIds look like IB's: "0000e1a7.65f1e2b3.01.01"
 _ZERO = 1e-9  # quantities below this are float noise, not a position
 BASE_ROW = "BASE"  # the currency TWS gives the account values totalled in the base currency
 
+_STATUSES = frozenset(get_args(OrderStatusName))
 RejectFilter = Callable[[OrderRequest, Instrument], str | None]
 
 
@@ -467,6 +469,131 @@ class Exchange:
                 pos.realized_at_day_start = pos.realized
                 pos.total_at_day_start = pos.realized + self._unrealized(pos, last)
 
+    # ----------------------------------------------------------------------------- state
+
+    def snapshot(self) -> dict[str, Any]:
+        """What outlives the gateway process at IB, as plain JSON-able data (`restore` reads
+        it): every account's cash, positions and day-start figures, every order (working and
+        finished, with its terms and status) and fill, and the permId and execId sequences.
+        Prices go too, so positions are marked where they were. Instruments, calendars and
+        fees are the scenario's, not state."""
+        return {
+            "now": self._now,
+            "at": self._at,
+            "next_perm_id": self._next_perm_id,
+            "exec_seq": self._exec_seq,
+            "margin_multiplier": self._margin_multiplier,
+            "prices": {str(c): p.price for c, p in self._processes.items()},
+            "accounts": {
+                name: {
+                    "cash": dict(acct.cash),
+                    "realized": acct.realized,
+                    "realized_at_day_start": acct.realized_at_day_start,
+                    "commissions": acct.commissions,
+                    "net_liq_at_day_start": acct.net_liq_at_day_start,
+                    "positions": [
+                        {
+                            "con_id": con_id,
+                            "quantity": pos.quantity,
+                            "avg_price": pos.avg_price,
+                            "realized": pos.realized,
+                            "realized_at_day_start": pos.realized_at_day_start,
+                            "total_at_day_start": pos.total_at_day_start,
+                        }
+                        for con_id, pos in acct.positions.items()
+                    ],
+                }
+                for name, acct in self._accounts.items()
+            },
+            "orders": [_order_record(o) for o in self._orders.values()],
+            "working": list(self._working),
+            "client_orders": [
+                [client_id, order_id, o.perm_id]
+                for (client_id, order_id), o in self._by_client_order.items()
+            ],
+            "fills": [_fill_record(f) for f in self._fills],
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take back what `snapshot` gave (of an exchange with the same accounts and
+        instruments). Raises ExchangeError naming what does not fit; on error the exchange is
+        unusable (a gateway refuses to start)."""
+        try:
+            self._restore(state)
+        except ExchangeError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ExchangeError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        accounts = state["accounts"]
+        if set(accounts) != set(self._accounts):
+            raise ExchangeError(
+                f"accounts {sorted(accounts)} are not the scenario's {sorted(self._accounts)}"
+            )
+        for con_id, price in state["prices"].items():
+            self._process(int(con_id)).restore_price(_finite(price))
+        for name, saved in accounts.items():
+            acct = _Account(
+                cash={str(c): _finite(v) for c, v in saved["cash"].items()}, positions={}
+            )
+            for c in acct.cash:
+                if c not in self._rates:
+                    raise ExchangeError(f"account {name}: cash in {c}, which has no exchange rate")
+            acct.realized = _finite(saved["realized"])
+            acct.realized_at_day_start = _finite(saved["realized_at_day_start"])
+            acct.commissions = _finite(saved["commissions"])
+            acct.net_liq_at_day_start = _finite(saved["net_liq_at_day_start"])
+            for rec in saved["positions"]:
+                inst = self._instrument(int(rec["con_id"]))
+                acct.positions[inst.con_id] = _Position(
+                    inst,
+                    quantity=_finite(rec["quantity"]),
+                    avg_price=_finite(rec["avg_price"]),
+                    realized=_finite(rec["realized"]),
+                    realized_at_day_start=_finite(rec["realized_at_day_start"]),
+                    total_at_day_start=_finite(rec["total_at_day_start"]),
+                )
+            self._accounts[name] = acct
+        self._orders = {}
+        for rec in state["orders"]:
+            order = self._order_from_record(rec)
+            self._orders[order.perm_id] = order
+        self._working = {}
+        for perm_id in state["working"]:
+            order = self._orders[int(perm_id)]
+            if not order.is_working:
+                raise ExchangeError(f"order {perm_id} is listed working but is {order.status}")
+            self._working[order.perm_id] = order
+        self._by_client_order = {
+            (int(c), int(o)): self._orders[int(p)] for c, o, p in state["client_orders"]
+        }
+        self._fills = [self._fill_from_record(rec) for rec in state["fills"]]
+        self._next_perm_id = int(state["next_perm_id"])
+        self._exec_seq = int(state["exec_seq"])
+        if self._orders and self._next_perm_id <= max(self._orders):
+            raise ExchangeError(f"next_perm_id {self._next_perm_id} is not above every permId")
+        self._now = _finite(state["now"])
+        self._at = _finite(state["at"])
+        self.set_margin_multiplier(_finite(state["margin_multiplier"]))
+        self._deferred_oca = []
+        self._revalue_all()
+
+    def _order_from_record(self, rec: Mapping[str, Any]) -> SimOrder:
+        values = dict(rec)
+        inst = self._instrument(int(values.pop("con_id")))
+        perm_id = values.get("perm_id")
+        if values["order_type"] not in ORDER_TYPES:
+            raise ExchangeError(f"order {perm_id}: order type {values['order_type']!r}")
+        if values["status"] not in _STATUSES:
+            raise ExchangeError(f"order {perm_id}: status {values['status']!r}")
+        return SimOrder(instrument=inst, **values)
+
+    def _fill_from_record(self, rec: Mapping[str, Any]) -> Fill:
+        values = dict(rec)
+        inst = self._instrument(int(values.pop("con_id")))
+        return Fill(instrument=inst, **values)
+
     # ----------------------------------------------------------------------------- time
 
     def advance(self, now: float) -> list[SimEvent]:
@@ -560,6 +687,17 @@ class Exchange:
         if order is None or order.status != "PendingCancel":
             return []
         return self._settled(self._cancel(order), now)
+
+    def settle_pending(self, now: float) -> list[SimEvent]:
+        """What IB finished while the gateway was away (a restart with its state): orders left
+        PendingSubmit are accepted, cancels left PendingCancel complete."""
+        events: list[SimEvent] = []
+        for order in list(self._working.values()):
+            if order.status == "PendingSubmit":
+                events.extend(self._accept(order, now))
+            elif order.status == "PendingCancel":
+                events.extend(self._cancel(order))
+        return self._settled(events, now)
 
     def pending_cancels(self) -> list[int]:
         """permIds of the orders waiting in PendingCancel."""
@@ -1313,6 +1451,25 @@ def _trade(pos: _Position, signed_quantity: float, price: float) -> float:
     pos.quantity = new
     pos.realized += realized
     return realized
+
+
+def _order_record(order: SimOrder) -> dict[str, Any]:
+    rec = {f.name: getattr(order, f.name) for f in fields(SimOrder) if f.name != "instrument"}
+    rec["con_id"] = order.instrument.con_id
+    return rec
+
+
+def _fill_record(fill: Fill) -> dict[str, Any]:
+    rec = {f.name: getattr(fill, f.name) for f in fields(Fill) if f.name != "instrument"}
+    rec["con_id"] = fill.instrument.con_id
+    return rec
+
+
+def _finite(value: object) -> float:
+    """A saved number, which must be a finite int or float."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ExchangeError(f"{value!r} is not a finite number")
+    return float(value)
 
 
 def _positive(value: float | None) -> bool:

@@ -24,6 +24,9 @@ of any client reported to it in openOrder / orderStatus), else error 103 "Duplic
 re-sending the id of one's own working order modifies it. nextValidId (on connect and on reqIds)
 is the client's highest seen id + 1. The ids a client has seen outlive its connection; a restart
 with `next_order_id` makes the gateway forget them (an id roll-back), while orders stay working.
+
+With a state file (`guardd sim --state FILE`, guardd/sim/state.py) the account, the orders and
+every id sequence outlive the PROCESS: `route` saves before any client hears of a change.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar, assert_never
+from typing import Any, ClassVar, assert_never
 
 from guardd.sim import codec, messages, protocodec
 from guardd.sim.exchange import (
     Exchange,
+    ExchangeError,
     OrderFilledError,
     OrderNotCancellableError,
     OrderNotFoundError,
@@ -48,6 +52,7 @@ from guardd.sim.exchange import (
 from guardd.sim.hours import SimClock
 from guardd.sim.market import Quote
 from guardd.sim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION, Outgoing
+from guardd.sim.state import StateFile, StateFileError
 from guardd.sim.types import (
     AccountChanged,
     ContractHours,
@@ -332,8 +337,12 @@ class SimGateway:
         config: GatewayConfig | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        state_file: StateFile | None = None,
     ) -> None:
         self.exchange = exchange
+        # `guardd sim --state FILE`: saved before clients hear of each change (guardd/sim/state.py)
+        self.state_file = state_file
+        self._ids_changed = False  # a client saw a new order id since the last save
         self.config = config or GatewayConfig()
         self.clock = clock
         self.sessions: dict[int, Session] = {}  # started sessions by client id
@@ -386,6 +395,10 @@ class SimGateway:
 
     async def start(self) -> None:
         """Listen, and start the market loop."""
+        if self.state_file is not None:
+            # what IB finished while this process was away; then the file exists from the start
+            self.route(self.exchange.settle_pending(self.clock()))
+            self.save_state()
         await self._listen()
         self._spawn(self._market_loop(), "sim_market_loop")
         self._spawn(self._pnl_loop(), "sim_pnl_loop")
@@ -417,6 +430,8 @@ class SimGateway:
                 await task
         self.sessions.clear()
         self._pending.clear()
+        if self.state_file is not None:
+            self.save_state()  # the prices of the last steps
 
     async def _close_listener(self) -> None:
         if self._server is not None:
@@ -577,7 +592,9 @@ class SimGateway:
             ):
                 session.send(self._error(NO_VALID_ID, code, msg))
         # Orders survive disconnects: report this client's working orders again.
-        for order in self._visible_orders(session, working_only=True):
+        orders = self._visible_orders(session, working_only=True)
+        self._saw_orders(session, orders)
+        for order in orders:
             self._report_order(session, order)
 
     # ---- order ids -------------------------------------------------------------------------
@@ -589,7 +606,61 @@ class SimGateway:
     def _saw_order_id(self, client_id: int, order_id: int) -> None:
         if order_id > 0:
             floor = self._id_floor.get(client_id, self._id_floor_default)
-            self._id_floor[client_id] = max(floor, order_id)
+            if order_id > floor:
+                self._id_floor[client_id] = order_id
+                self._ids_changed = True
+
+    def _saw_orders(self, session: Session, orders: Iterable[SimOrder]) -> None:
+        """Count the ids of orders about to be reported to `session` as seen, and save them
+        before the client hears of them."""
+        if session.client_id is not None:
+            for order in orders:
+                self._saw_order_id(session.client_id, order.order_id)
+        if self._ids_changed:
+            self.save_state()
+
+    # ---- state (guardd sim --state FILE) ---------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """What outlives this process at IB (see guardd/sim/state.py): the exchange's accounts
+        and orders, the ids each client has seen, and the simulated clock's offset."""
+        return {
+            "exchange": self.exchange.snapshot(),
+            "seen_order_ids": {str(c): floor for c, floor in self._id_floor.items()},
+            "seen_order_ids_default": self._id_floor_default,
+            "clock_offset": self.clock.offset if isinstance(self.clock, SimClock) else None,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back a `snapshot` (before `start`); StateFileError when it does not fit."""
+        try:
+            self.exchange.restore(state["exchange"])
+            self._id_floor = {int(c): int(f) for c, f in state["seen_order_ids"].items()}
+            self._id_floor_default = int(state["seen_order_ids_default"])
+            offset = state["clock_offset"]
+            if offset is not None and isinstance(self.clock, SimClock):
+                self.clock.set_offset(float(offset))
+        except ExchangeError as exc:
+            raise StateFileError(f"{self._state_name()}: does not fit the scenario: {exc}") from exc
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StateFileError(
+                f"{self._state_name()}: a damaged state ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def _state_name(self) -> str:
+        return str(self.state_file.path) if self.state_file is not None else "state"
+
+    def save_state(self) -> None:
+        """Write the state file now (nothing without one). A write that fails stops the
+        process: a gateway that cannot keep its account must not go on acknowledging fills."""
+        if self.state_file is None:
+            return
+        self._ids_changed = False
+        try:
+            self.state_file.save(self.snapshot())
+        except StateFileError as exc:
+            log.critical("stopping: the state was not saved: %s", exc)
+            raise SystemExit(74) from exc  # EX_IOERR; asyncio lets SystemExit end the run
 
     def _report_order(self, session: Session, order: SimOrder, *, open_order: bool = True) -> None:
         """openOrder (when `open_order`) and orderStatus of one order to one client, which has
@@ -820,6 +891,8 @@ class SimGateway:
         self._send_open_orders(session, [o for o in self.exchange.orders() if o.is_working])
 
     def _send_open_orders(self, session: Session, orders: Iterable[SimOrder]) -> None:
+        orders = list(orders)
+        self._saw_orders(session, orders)
         for order in orders:
             self._report_order(session, order)
         session.send(messages.open_order_end())
@@ -1054,7 +1127,20 @@ class SimGateway:
         return out
 
     def route(self, events: Iterable[SimEvent], *, cancel_notice: bool = False) -> None:
-        """Send what the exchange model emitted to the clients that would see it."""
+        """Send what the exchange model emitted to the clients that would see it; with a state
+        file, save first (the ids the audience now sees included), so no client hears of a
+        change that a kill -9 could lose."""
+        events = list(events)
+        if not events:
+            return
+        if self.state_file is not None:
+            for event in events:
+                if isinstance(event, OrderChanged):
+                    self._saw_order_id(event.order.client_id, event.order.order_id)
+                    for s in self._order_audience(event.order.client_id):
+                        if s.client_id is not None:
+                            self._saw_order_id(s.client_id, event.order.order_id)
+            self.save_state()
         for event in events:
             match event:
                 case OrderChanged(order=order, open_order=open_order):
@@ -1582,6 +1668,7 @@ class SimGateway:
             log.warning("fault: restart with order ids rolled back to %d", next_order_id)
             self._id_floor.clear()
             self._id_floor_default = next_order_id - 1
+            self.save_state()
         await self.drop_all_clients(down_seconds)
 
 

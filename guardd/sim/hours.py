@@ -169,3 +169,11 @@ class SimClock:
 
     def advance(self, seconds: float) -> None:
         self._offset += seconds
+
+    @property
+    def offset(self) -> float:
+        """Seconds this clock reads ahead of real time (what a saved gateway state keeps)."""
+        return self._offset
+
+    def set_offset(self, offset: float) -> None:
+        self._offset = offset

@@ -188,6 +188,17 @@ class PriceProcess:
             raise ValueError(f"daily volatility must be >= 0, got {daily_vol}")
         self.volatility = float(daily_vol)
 
+    @property
+    def price(self) -> float:
+        """The walk's price before rounding to the tick (what a saved state keeps)."""
+        return self._price
+
+    def restore_price(self, price: float) -> None:
+        """Continue the walk from `price` (a restart of the simulated gateway with its state)."""
+        if not (math.isfinite(price) and price > 0):
+            raise ValueError(f"a price must be finite and > 0, got {price}")
+        self._price = max(float(price), self.min_tick)
+
     def jump(self, fraction: float) -> None:
         """Move the price at once by `fraction` (-0.1 is a 10 % drop); it stays >= one tick."""
         if not fraction > -1:

@@ -1,5 +1,5 @@
 """Run the simulated gateway as a program:
-`guardd sim --port N [--scenario FILE] [--server-version V]`."""
+`guardd sim --port N [--scenario FILE] [--server-version V] [--state FILE]`."""
 
 from __future__ import annotations
 
@@ -13,24 +13,45 @@ from pathlib import Path
 from guardd.sim.gateway import SimGateway
 from guardd.sim.hours import SimClock
 from guardd.sim.scenario import Scenario, load_scenario, run_faults
+from guardd.sim.state import StateFile
 
 log = logging.getLogger("guardd.sim")
 
 
 def build_gateway(
-    scenario: Scenario, *, host: str, port: int, server_version: int | None = None
+    scenario: Scenario,
+    *,
+    host: str,
+    port: int,
+    server_version: int | None = None,
+    state_path: Path | None = None,
 ) -> SimGateway:
     """A gateway for `scenario`, not yet listening; `server_version` overrides the scenario's
-    highest offered server version."""
+    highest offered server version. With `state_path` the account (positions, cash, orders,
+    fills, id sequences) comes from that file when it exists, and is saved to it on every
+    change (guardd/sim/state.py); a file that cannot be read raises StateFileError."""
     config = scenario.gateway_config(host=host, port=port)
     if server_version is not None:
         config = dataclasses.replace(config, server_version=server_version)
     clock = SimClock(scenario.start_time())
-    return SimGateway(scenario.build_exchange(now=clock()), config, clock=clock)
+    state_file = StateFile(state_path) if state_path is not None else None
+    saved = state_file.load() if state_file is not None else None
+    gateway = SimGateway(
+        scenario.build_exchange(now=clock()), config, clock=clock, state_file=state_file
+    )
+    if saved is not None:
+        gateway.restore(saved)
+        log.info("state restored from %s", state_path)
+    return gateway
 
 
 async def serve(
-    scenario: Scenario, *, host: str, port: int, server_version: int | None = None
+    scenario: Scenario,
+    *,
+    host: str,
+    port: int,
+    server_version: int | None = None,
+    state_path: Path | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, playing the scenario's faults."""
     stop = asyncio.Event()
@@ -38,9 +59,10 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    async with build_gateway(
-        scenario, host=host, port=port, server_version=server_version
-    ) as gateway:
+    gateway = build_gateway(
+        scenario, host=host, port=port, server_version=server_version, state_path=state_path
+    )
+    async with gateway:
         accounts = ", ".join(gateway.exchange.accounts)
         symbols = ", ".join(i.symbol for i in gateway.exchange.instruments)
         log.info("accounts: %s; instruments: %s", accounts, symbols)
@@ -53,12 +75,20 @@ async def serve(
 
 
 def sim_main(
-    *, host: str, port: int, scenario_path: Path | None, server_version: int | None = None
+    *,
+    host: str,
+    port: int,
+    scenario_path: Path | None,
+    server_version: int | None = None,
+    state_path: Path | None = None,
 ) -> int:
-    """Entry point of `guardd sim`; returns the exit code."""
+    """Entry point of `guardd sim`; returns the exit code (StateFileError and ScenarioError
+    are the caller's to report)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s sim %(message)s", datefmt="%H:%M:%S"
     )
     scenario = load_scenario(scenario_path) if scenario_path is not None else Scenario()
-    asyncio.run(serve(scenario, host=host, port=port, server_version=server_version))
+    asyncio.run(
+        serve(scenario, host=host, port=port, server_version=server_version, state_path=state_path)
+    )
     return 0
