@@ -205,6 +205,7 @@ def test_alert_rules_read_then_every_alert_named_and_metrics_exported() -> None:
         "FlattenOverdue",
         "LatchNotDurable",
         "IbReadOnlyApi",
+        "CloseWaitingForOpen",
         "MqttDisconnected",
         "GuarddImpersonated",
         "NotificationsFailing",
