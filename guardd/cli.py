@@ -83,12 +83,14 @@ def _parser() -> argparse.ArgumentParser:
         help="highest TWS API server version offered, 178-226 (default: the scenario's, 226); "
         "201 and above speak the protobuf wire",
     )
-    sim.add_argument(
-        "--state",
-        type=Path,
-        metavar="FILE",
-        help="keep the account (positions, cash, working orders, fills, order ids) in FILE "
-        "across restarts of this process, as IB's servers do; read at start when it exists",
+    complete_files(
+        sim.add_argument(
+            "--state",
+            type=Path,
+            metavar="FILE",
+            help="keep the account (positions, cash, working orders, fills, order ids) in FILE "
+            "across restarts of this process, as IB's servers do; read at start when it exists",
+        )
     )
     add_completion_command(sub)
     return parser
