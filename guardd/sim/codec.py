@@ -1072,8 +1072,8 @@ def _optional(value: float | None) -> Field:
 
 
 def multiplier_text(inst: Instrument) -> str:
-    """Stocks carry an empty multiplier; futures their contract multiplier ("50")."""
-    if inst.sec_type == "STK" and inst.multiplier == 1.0:
+    """Stocks and FX pairs carry an empty multiplier; futures their contract multiplier ("50")."""
+    if inst.sec_type in ("STK", "CASH") and inst.multiplier == 1.0:
         return ""
     return format_multiplier(inst.multiplier)
 

@@ -23,20 +23,33 @@ Order types, brackets and OCA (see docs/simulator.md for the whole table)
 
 Accounts, cash and PnL (average-cost method, commissions kept apart)
     Cash is kept per currency; values in another currency are converted to the base currency with
-    fixed `exchange_rates` (units of base per unit of currency; reported as `ExchangeRate`).
+    `exchange_rates` (units of base per unit of currency; reported as `ExchangeRate`): fixed, except
+    where an FX pair against the base currency is listed: then its last price is the rate (EUR.USD
+    at 1.10 in a USD account: EUR = 1.10; USD.JPY at 150: JPY = 1/150), moving with the pair.
     A stock fill moves cash by -signed quantity × price × multiplier; a futures fill moves no
     notional (futures are marked to market): only realized PnL reaches cash. Commissions
     (stocks: max(min_commission, per_share × shares); futures: per_future × contracts, in the
     instrument's currency) reduce cash and are NOT part of realized PnL or average cost, so
         NetLiquidation = starting cash + realized + unrealized − commissions
-    holds exactly. Realized PnL arises when a position is reduced or closed:
+    holds exactly (with fixed rates). Realized PnL arises when a position is reduced or closed:
     closed quantity × (fill price − average price) × multiplier × sign(position). Positions are
     marked at the last price.
+
+FX (secType CASH on IDEALPRO, e.g. EUR.USD: symbol EUR, currency USD), as IB counts them
+    Quantity is in the pair's base currency (BUY 100,000 EUR.USD buys 100,000 EUR), price is quote
+    currency per unit, value = quantity × price in the quote currency. A fill moves cash in both
+    currencies (EUR +100,000, USD −100,000 × price): the position's value lives in those cash
+    balances, so it adds to GrossPositionValue and margin but not again to NetLiquidation.
+    Commission: 0.2 basis points of the value, at least 2 of the base currency (in the quote
+    currency). An order below the IDEALPRO minimum of its quantity currency (`IDEALPRO_MINIMUM`,
+    USD 25,000 or about as much) is an odd lot: IB routes it to its odd-lot venue and it fills like
+    any other, unless `reject_fx_odd_lots` makes it refused (201).
 
 Account values (base currency: the currency field of each names it, as TWS's do; per-currency
 rows `Currency`, `CashBalance`, `TotalCashBalance`, `ExchangeRate` for every currency with a rate,
 and a `BASE` row of each)
-    NetLiquidation      = cash + Σ stock market value + Σ futures unrealized PnL
+    NetLiquidation      = cash (every currency, at its rate) + Σ stock market value
+                          + Σ futures unrealized PnL
     GrossPositionValue  = Σ |quantity × last × multiplier| over ALL positions. IB's own GPV counts
                           securities only (futures notional is not a security value); we include
                           futures notional because guardd's leverage rule (gross exposure / NetLiq)
@@ -91,6 +104,7 @@ from guardd.sim.types import (
     OrderWarning,
     PositionChanged,
     PositionView,
+    SecType,
     SimEvent,
     SimOrder,
 )
@@ -108,6 +122,19 @@ MAX_ORDER_QUANTITY = 1e9  # larger is a typo or an attack, never a trade: refuse
 BUYING_POWER_FACTOR = 4.0  # Reg-T intraday: four times the excess of equity over initial margin
 _EXEC_ID_BASE = 0xE1A7  # execIds look like IB's: "0000e1a7.65f1e2b3.01.01"
 _ZERO = 1e-9  # quantities below this are float noise, not a position
+FX_COMMISSION_RATE = 0.00002  # 0.2 basis points of the value traded
+FX_MIN_COMMISSION = 2.0  # in the base currency
+# The smallest IDEALPRO order per quantity currency (IB: USD 25,000 or its equivalent); smaller
+# ones are odd lots. A currency not listed takes USD's figure.
+IDEALPRO_MINIMUM: dict[str, float] = {
+    "USD": 25_000,
+    "EUR": 20_000,
+    "GBP": 20_000,
+    "CHF": 25_000,
+    "CAD": 25_000,
+    "AUD": 25_000,
+    "JPY": 2_500_000,
+}
 BASE_ROW = "BASE"  # the currency TWS gives the account values totalled in the base currency
 
 _STATUSES = frozenset(get_args(OrderStatusName))
@@ -225,16 +252,28 @@ class Exchange:
             self._rates[currency] = float(rate)
         self._instruments: dict[int, Instrument] = {}
         self._processes: dict[int, PriceProcess] = {}
+        # currency -> (the FX pair against the base currency that prices it, inverted?)
+        self._rate_pairs: dict[str, tuple[int, bool]] = {}
         for inst in instruments:
             if inst.con_id in self._instruments:
                 raise ValueError(f"duplicate conId {inst.con_id}")
-            if inst.currency not in self._rates:
-                raise ValueError(f"no exchange rate for {inst.currency} ({inst.symbol})")
+            if inst.is_fx and base_currency in (inst.symbol, inst.currency):
+                other, inverted = (
+                    (inst.currency, True) if inst.symbol == base_currency else (inst.symbol, False)
+                )
+                if other in self._rates or other in self._rate_pairs:
+                    raise ValueError(f"{other}'s rate is the price of {inst.local_symbol}")
+                self._rate_pairs[other] = (inst.con_id, inverted)
             self._instruments[inst.con_id] = inst
             # one stream per instrument: adding an instrument does not change the others' prices
             self._processes[inst.con_id] = PriceProcess.for_instrument(
                 inst, f"{seed}:{inst.con_id}"
             )
+        self._refresh_rates()
+        for inst in instruments:
+            for currency in (inst.currency, inst.symbol) if inst.is_fx else (inst.currency,):
+                if currency not in self._rates:
+                    raise ValueError(f"no exchange rate for {currency} ({inst.symbol})")
         self._accounts: dict[str, _Account] = {
             acct: _Account(cash={base_currency: float(amount)}, positions={})
             for acct, amount in cash.items()
@@ -258,6 +297,7 @@ class Exchange:
         self._calendars: dict[int, Calendar] = {}  # by conId; ALWAYS when not set
         self._at = now  # the latest `now` any call was given: what the hours are judged at
         self.check_margin = True
+        self.reject_fx_odd_lots = False  # IB routes them to its odd-lot venue: they fill
 
     # ----------------------------------------------------------------------------- reads
 
@@ -423,11 +463,18 @@ class Exchange:
     # ----------------------------------------------------------------------------- setup & faults
 
     def set_position(self, account: str, con_id: int, quantity: float, avg_price: float) -> None:
-        """Seed a starting position (no cash moves; the day's PnL baseline follows along)."""
+        """Seed a starting position (no cash moves; the day's PnL baseline follows along).
+
+        An FX position is its two cash balances: seeding long 100,000 EUR.USD at 1.10 sets
+        EUR +100,000 and USD −110,000 (as if bought at `avg_price`)."""
         acct = self._account(account)
         inst = self._instrument(con_id)
         before = self._net_liq(acct)
         pos = acct.positions.setdefault(con_id, _Position(inst))
+        if inst.is_fx:
+            change = float(quantity) - pos.quantity
+            acct.cash[inst.symbol] = acct.cash.get(inst.symbol, 0.0) + change
+            acct.cash[inst.currency] = acct.cash.get(inst.currency, 0.0) - change * avg_price
         pos.quantity = float(quantity)
         pos.avg_price = float(avg_price) if quantity else 0.0
         self._revalue(acct, pos)
@@ -456,6 +503,7 @@ class Exchange:
     def jump_price(self, con_id: int, fraction: float, now: float) -> list[SimEvent]:
         """Move an instrument's price at once by `fraction`, then match resting orders."""
         self._process(con_id).jump(fraction)
+        self._refresh_rates()
         self._revalue_all()
         return self._match_working(now)
 
@@ -604,6 +652,7 @@ class Exchange:
         self._now = self._at = now
         for process in self._processes.values():
             process.step(dt)
+        self._refresh_rates()
         self._revalue_all()
         return self._match_working(now)
 
@@ -638,6 +687,8 @@ class Exchange:
             reason = self._check_order_count(client_id, req, inst)
         if reason is None and self.check_margin:
             reason = self._check_margin(req, inst)
+        if reason is None and self.reject_fx_odd_lots:
+            reason = self._check_fx_odd_lot(req, inst)
         if reason is None and self._reject_filter is not None:
             reason = self._reject_filter(req, inst)
         perm_id = self._next_perm_id
@@ -929,6 +980,22 @@ class Exchange:
             f"with Loan Value [{equity:.2f} {self._base}] must exceed the new total Initial "
             f"Margin of [{init:.2f} {self._base}]."
         )
+
+    def _check_fx_odd_lot(self, req: OrderRequest, inst: Instrument) -> str | None:
+        """Refuse an FX order below the IDEALPRO minimum of its quantity currency (only when
+        `reject_fx_odd_lots`; IB itself routes such an order as an odd lot)."""
+        if not inst.is_fx or req.total_quantity >= idealpro_minimum(inst.symbol):
+            return None
+        return REJECTED + (
+            f"The order size {req.total_quantity:g} {inst.symbol} is below the IDEALPRO minimum "
+            f"of {idealpro_minimum(inst.symbol):g} {inst.symbol}."
+        )
+
+    def _refresh_rates(self) -> None:
+        """Set the rate of every currency an FX pair against the base currency prices."""
+        for currency, (con_id, inverted) in self._rate_pairs.items():
+            last = self._processes[con_id].last
+            self._rates[currency] = 1.0 / last if inverted else last
 
     def _check_parent(self, client_id: int, req: OrderRequest) -> str | None:
         """A child's parent must be a working (or filled) order of the same client."""
@@ -1309,12 +1376,16 @@ class Exchange:
         acct = self._accounts[order.account]
         rate = self._rates[inst.currency]
         sign = 1.0 if order.action == "BUY" else -1.0
-        commission = self._commission(inst, quantity)
+        commission = self._commission(inst, quantity, price)
         pos = acct.positions.setdefault(inst.con_id, _Position(inst))
         realized = _trade(pos, sign * quantity, price)
         cash_move = -commission
         if inst.sec_type == "FUT":
             cash_move += realized  # variation margin: only realized PnL settles in cash
+        elif inst.is_fx:
+            # buying EUR.USD: EUR comes in, USD goes out (the realized PnL is in these moves)
+            acct.cash[inst.symbol] = acct.cash.get(inst.symbol, 0.0) + sign * quantity
+            cash_move -= sign * quantity * price
         else:
             cash_move -= sign * quantity * price * inst.multiplier
         acct.cash[inst.currency] = acct.cash.get(inst.currency, 0.0) + cash_move
@@ -1360,7 +1431,11 @@ class Exchange:
         events.extend(self._after_fill(order, quantity, now))
         return events
 
-    def _commission(self, inst: Instrument, quantity: float) -> float:
+    def _commission(self, inst: Instrument, quantity: float, price: float) -> float:
+        """In the instrument's currency (for FX the quote currency)."""
+        if inst.is_fx:
+            minimum = FX_MIN_COMMISSION / self._rates[inst.currency]
+            return max(minimum, FX_COMMISSION_RATE * quantity * price)
         if inst.sec_type == "FUT":
             return self._commission_per_future * quantity
         return max(self._min_commission, self._commission_per_share * quantity)
@@ -1387,7 +1462,8 @@ class Exchange:
             maint = inst.maint_margin_rate * abs(notional)
         is_future = inst.sec_type == "FUT"
         return _Contribution(
-            stock_value=0.0 if is_future else notional * rate,
+            # FX: the value is in the account's cash balances already
+            stock_value=0.0 if is_future or inst.is_fx else notional * rate,
             futures_unrealized=unrealized * rate if is_future else 0.0,
             gross=abs(notional) * rate,
             init_margin=init * rate,
@@ -1428,6 +1504,15 @@ class Exchange:
             unrealized_pnl=self._unrealized(pos, last),
             realized_pnl=pos.realized,
         )
+
+
+_SEC_TYPES: dict[str, SecType] = {"FUT": "FUT", "CASH": "CASH"}
+
+
+def idealpro_minimum(currency: str) -> float:
+    """The smallest IDEALPRO order in `currency` (the pair's base currency); smaller is an odd
+    lot."""
+    return IDEALPRO_MINIMUM.get(currency, IDEALPRO_MINIMUM["USD"])
 
 
 def _trade(pos: _Position, signed_quantity: float, price: float) -> float:
@@ -1486,7 +1571,7 @@ def _placeholder_instrument(spec: ContractSpec) -> Instrument:
     return Instrument(
         con_id=spec.con_id,
         symbol=spec.symbol,
-        sec_type="FUT" if spec.sec_type.upper() == "FUT" else "STK",
+        sec_type=_SEC_TYPES.get(spec.sec_type.upper(), "STK"),
         exchange=spec.exchange,
         primary_exchange=spec.primary_exchange,
         currency=spec.currency,

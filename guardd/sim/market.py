@@ -51,6 +51,10 @@ def _tick_decimals(min_tick: float) -> int:
     return max(0, -exponent)
 
 
+# Quoted sizes: futures in contracts, stocks in round lots, FX in the pair's base currency.
+_SIZE_UNITS = {"FUT": 1.0, "STK": 100.0, "CASH": 1_000_000.0}
+
+
 class PriceProcess:
     """A seeded geometric random walk on a tick grid, with a bid/ask around the last price."""
 
@@ -106,7 +110,7 @@ class PriceProcess:
             spread=instrument.spread,
             min_tick=instrument.min_tick,
             seed=seed,
-            size_unit=1.0 if instrument.sec_type == "FUT" else 100.0,
+            size_unit=_SIZE_UNITS.get(instrument.sec_type, 100.0),
         )
 
     def _snap(self, ticks: float) -> float:

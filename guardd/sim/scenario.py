@@ -49,6 +49,9 @@ class GatewaySection(_Strict):
     start_time: dt.datetime | None = None
     # Orders that add to a position are refused (201) when initial margin would exceed equity.
     check_margin: bool = True
+    # An FX order below the IDEALPRO minimum is an odd lot: IB routes it so and it fills ("fill");
+    # "reject" refuses it (201), to rehearse a gateway that does.
+    fx_odd_lots: Literal["fill", "reject"] = "fill"
     max_tickers: Annotated[int, Field(gt=0)] | None = None  # market data lines; more: 101
     # The highest server version offered (default 226); a client gets min(its max, this).
     server_version: Annotated[int, Field(ge=MIN_SERVER_VERSION, le=MAX_SERVER_VERSION)] | None = (
@@ -108,7 +111,9 @@ class CurrenciesSection(_Strict):
 
 class InstrumentSection(_Strict):
     symbol: Annotated[str, Field(min_length=1)]
-    sec_type: Literal["STK", "FUT"] = "STK"
+    # CASH: an FX pair on IDEALPRO, `symbol` its base currency and `currency` its quote currency
+    # (EUR.USD: symbol "EUR", currency "USD"); positions and faults name it "EUR.USD".
+    sec_type: Literal["STK", "FUT", "CASH"] = "STK"
     con_id: Annotated[int, Field(gt=0)]
     exchange: str = ""
     primary_exchange: str = ""
@@ -129,25 +134,57 @@ class InstrumentSection(_Strict):
     # cme_equity_futures.
     hours: str = "always"
 
+    @model_validator(mode="after")
+    def _fx_pair(self) -> InstrumentSection:
+        if self.sec_type != "CASH":
+            return self
+        if not (len(self.symbol) == 3 and self.symbol.isalpha() and self.symbol.isupper()):
+            raise ValueError(
+                f"symbol: an FX pair's symbol is its base currency, not {self.symbol!r}"
+            )
+        if self.symbol == self.currency:
+            raise ValueError("currency: an FX pair needs two currencies")
+        if self.multiplier != 1.0:
+            raise ValueError("multiplier: an FX pair has none (1)")
+        return self
+
+    @property
+    def name(self) -> str:
+        """How positions and faults name it: the symbol, or an FX pair as "EUR.USD"."""
+        return f"{self.symbol}.{self.currency}" if self.sec_type == "CASH" else self.symbol
+
+    def _unless_set(self, key: str, fx_default: float) -> float:
+        """A field's value, or for an FX pair where the scenario leaves it out, an FX default."""
+        value: float = getattr(self, key)
+        if self.sec_type == "CASH" and key not in self.model_fields_set:
+            return fx_default
+        return value
+
     def to_instrument(self) -> Instrument:
         is_future = self.sec_type == "FUT"
+        is_fx = self.sec_type == "CASH"
+        exchange = "IDEALPRO" if is_fx else "CME" if is_future else "SMART"
+        primary = "" if is_fx else "CME" if is_future else "NASDAQ"
+        # FX defaults: a pip tick (0.00005 under 20, else 0.005: USD.JPY), two ticks of spread,
+        # 3 % margin (IB's for major pairs)
+        tick = self._unless_set("min_tick", 0.00005 if self.price < 20 else 0.005)
         return Instrument(
             con_id=self.con_id,
             symbol=self.symbol,
             sec_type=self.sec_type,
-            exchange=self.exchange or ("CME" if is_future else "SMART"),
-            primary_exchange=self.primary_exchange or ("CME" if is_future else "NASDAQ"),
+            exchange=self.exchange or exchange,
+            primary_exchange=self.primary_exchange or primary,
             currency=self.currency,
             multiplier=self.multiplier,
             last_trade_date=self.last_trade_date,
-            local_symbol=self.local_symbol or self.symbol,
-            trading_class=self.trading_class or self.symbol,
+            local_symbol=self.local_symbol or self.name,
+            trading_class=self.trading_class or self.name,
             initial_price=self.price,
-            volatility=self.volatility,
-            spread=self.spread,
-            min_tick=self.min_tick,
-            initial_margin_rate=self.initial_margin_rate,
-            maint_margin_rate=self.maint_margin_rate,
+            volatility=self._unless_set("volatility", 0.005),
+            spread=self._unless_set("spread", 2 * tick),
+            min_tick=tick,
+            initial_margin_rate=self._unless_set("initial_margin_rate", 0.03),
+            maint_margin_rate=self._unless_set("maint_margin_rate", 0.03),
             initial_margin_per_contract=self.initial_margin_per_contract,
             maint_margin_per_contract=self.maint_margin_per_contract,
         )
@@ -405,15 +442,26 @@ class Scenario(_Strict):
         con_ids = [i.con_id for i in self.instruments]
         if len(set(con_ids)) != len(con_ids):
             raise ValueError("instruments: duplicate con_id")
-        symbols = {i.symbol for i in self.instruments}
-        if self.currencies.base in self.currencies.rates:
+        symbols = {i.name for i in self.instruments}
+        base = self.currencies.base
+        if base in self.currencies.rates:
             raise ValueError("currencies.rates: the base currency's rate is 1 by definition")
-        priced = {self.currencies.base, *self.currencies.rates}
+        priced = {base, *self.currencies.rates}
+        for inst in self.instruments:
+            if inst.sec_type == "CASH" and base in (inst.symbol, inst.currency):
+                other = inst.currency if inst.symbol == base else inst.symbol
+                if other in self.currencies.rates:
+                    raise ValueError(
+                        f"currencies.rates.{other}: {inst.name}'s price is {other}'s rate"
+                    )
+                priced.add(other)
         for n, inst in enumerate(self.instruments):
-            if inst.currency not in priced:
-                raise ValueError(
-                    f"instruments[{n}].currency: no rate for {inst.currency!r} in currencies.rates"
-                )
+            needed = (inst.currency, inst.symbol) if inst.sec_type == "CASH" else (inst.currency,)
+            for currency in needed:
+                if currency not in priced:
+                    raise ValueError(
+                        f"instruments[{n}].currency: no rate for {currency!r} in currencies.rates"
+                    )
         for n, inst in enumerate(self.instruments):
             if inst.hours not in self.calendars and inst.hours not in BUILT_IN:
                 raise ValueError(f"instruments[{n}].hours: unknown calendar {inst.hours!r}")
@@ -469,9 +517,12 @@ class Scenario(_Strict):
             now=now,
         )
         exchange.check_margin = self.gateway.check_margin
+        exchange.reject_fx_odd_lots = self.gateway.fx_odd_lots == "reject"
         for section, instrument in zip(self.instruments, instruments, strict=True):
             exchange.set_calendar(instrument.con_id, self.calendar(section.hours))
-        by_symbol = {i.symbol: i for i in instruments}
+        by_symbol = {
+            section.name: i for section, i in zip(self.instruments, instruments, strict=True)
+        }
         for pos in self.positions:
             instrument = by_symbol[pos.symbol]
             exchange.set_position(
@@ -494,7 +545,7 @@ class Scenario(_Strict):
         return None if start is None else start.timestamp()
 
     def con_id(self, symbol: str) -> int:
-        return next(i.con_id for i in self.instruments if i.symbol == symbol)
+        return next(i.con_id for i in self.instruments if i.name == symbol)
 
 
 def parse_scenario(data: dict[str, object], *, source: str = "scenario") -> Scenario:
@@ -553,7 +604,7 @@ async def _apply(gateway: SimGateway, scenario: Scenario, fault: Fault) -> None:
         case RejectOrders(symbol=symbol, action=action, reason=reason, seconds=seconds):
 
             def rejects(req: OrderRequest, instrument: Instrument) -> str | None:
-                if symbol and instrument.symbol != symbol:
+                if symbol and symbol not in (instrument.symbol, instrument.local_symbol):
                     return None
                 if action and req.action != action:
                     return None

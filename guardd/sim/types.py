@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-SecType = Literal["STK", "FUT"]
+SecType = Literal["STK", "FUT", "CASH"]
 Action = Literal["BUY", "SELL"]
 OrderType = Literal["MKT", "LMT", "STP", "STP LMT", "TRAIL", "TRAIL LIMIT", "MOC", "LOC"]
 ORDER_TYPES: tuple[OrderType, ...] = (
@@ -65,6 +65,12 @@ class Instrument:
     # ... or fixed per contract (FUT); when > 0 it is used instead of the rates
     initial_margin_per_contract: float = 0.0
     maint_margin_per_contract: float = 0.0
+
+    @property
+    def is_fx(self) -> bool:
+        """A currency pair (secType CASH on IDEALPRO): `symbol` is the pair's base currency, in
+        which quantity counts, and `currency` its quote currency, in which price and value are."""
+        return self.sec_type == "CASH"
 
 
 @dataclass(frozen=True, slots=True)
