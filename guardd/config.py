@@ -420,6 +420,9 @@ class OrderPolicy(_Model):
     outside_hours: OrderKind = "LMT"
     collar: Annotated[float, Field(gt=0, le=0.5)] = 0.01
     allow_market: bool | None = None
+    # This class's cap on one close order (for FX in the pair's base currency), instead of
+    # flatten.max_child_qty; CASH defaults to 10,000,000 so FX is not cut into odd lots.
+    max_child_qty: Annotated[float, Field(ge=1)] | None = None
 
     @property
     def market_allowed(self) -> bool:
@@ -454,6 +457,14 @@ def _default_escalation() -> tuple[EscalationStep, ...]:
 _DEFAULT_ORDER_POLICY: dict[SecType, dict[str, Any]] = {
     "STK": {"regular_hours": "MKT", "outside_hours": "LMT", "collar": 0.01},
     "FUT": {"regular_hours": "MKT", "outside_hours": "MKT"},
+    # FX trades round the clock on IDEALPRO (market orders too); a position is closed whole, up
+    # to 10 M of the pair's base currency per order, so it is not cut below the IDEALPRO minimum.
+    "CASH": {
+        "regular_hours": "MKT",
+        "outside_hours": "MKT",
+        "collar": 0.005,
+        "max_child_qty": 10_000_000,
+    },
 }
 
 

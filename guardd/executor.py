@@ -721,7 +721,9 @@ class Executor:
                 con_id=position.con_id,
                 symbol=position.symbol,
                 sec_type=position.sec_type,
-                exchange=position.exchange or "SMART",
+                # IB's position() often leaves the exchange empty; FX trades on IDEALPRO only
+                exchange=position.exchange
+                or ("IDEALPRO" if position.sec_type == "CASH" else "SMART"),
                 currency=position.currency,
                 action=str(order.action),
                 quantity=order.quantity,

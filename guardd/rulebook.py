@@ -199,6 +199,9 @@ def build_close_policy(cfg: Config) -> ClosePolicy:
             collar=policy.collar,
             limit_outside_rth=policy.outside_hours == "LMT",
             allow_market=policy.market_allowed,
+            max_child_quantity=None
+            if policy.max_child_qty is None
+            else Decimal(str(policy.max_child_qty)),
         )
         for sec_type, policy in cfg.flatten.order_policy.items()
     }

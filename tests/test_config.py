@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import math
 import tomllib
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from guardd.config import (
     reload_refusals,
 )
 from guardd.core.notices import NOTICE_KINDS
+from guardd.core.planner import OrderType
 from guardd.core.pricing import Market, RepricePolicy, Widen
 from guardd.errors import EX_CONFIG, ConfigError, GuarddError
 from guardd.rulebook import build_close_policy
@@ -115,7 +117,18 @@ def test_order_policy_for_one_class_then_defaults_for_others_kept() -> None:
     assert stk is not None and stk.outside_hours == "LMT"
     assert fut is not None and fut.regular_hours == "MKT"
     assert opt is not None and opt.regular_hours == "LMT"
-    assert cfg.flatten.policy_for("CASH") is None
+    assert cfg.flatten.policy_for("BOND") is None
+
+
+def test_default_config_then_fx_closes_at_market_whole_not_in_odd_lots() -> None:
+    # Arrange / Act
+    policy = build_close_policy(parse_config(MINIMAL))
+
+    # Assert: FX at market in every session, up to 10 M of the pair's base currency per child
+    cash = policy.rule_for("CASH")
+    assert cash.order_type is OrderType.MKT and not cash.limit_outside_rth
+    assert cash.max_child_quantity == Decimal(10_000_000)
+    assert policy.rule_for("STK").max_child_quantity is None
 
 
 def test_repricing_config_then_close_policy_with_those_steps() -> None:

@@ -471,13 +471,16 @@ positions_strategy = st.lists(
 def test_any_book_then_one_bounded_child_per_position_in_exposure_order(
     positions: list[ConfirmedPosition], budget: int, max_child: int
 ) -> None:
-    plan = flatten(positions, budget=budget, policy=ClosePolicy(max_child_quantity=D(max_child)))
+    policy = ClosePolicy(max_child_quantity=D(max_child))
+    plan = flatten(positions, budget=budget, policy=policy)
     by_key = {p.key: p for p in positions}
     assert len(plan.orders) <= budget
     assert len({o.key for o in plan.orders}) == len(plan.orders)
     for order in plan.orders:
         quantity = by_key[order.key].quantity
-        assert 1 <= order.quantity <= min(abs(quantity), D(max_child))
+        # the class's own cap (FX) where it has one, else the policy's
+        cap = policy.rule_for(by_key[order.key].sec_type).max_child_quantity or D(max_child)
+        assert 1 <= order.quantity <= min(abs(quantity), cap)
         assert order.action is (Action.SELL if quantity > 0 else Action.BUY)
         assert (order.order_type is OrderType.LMT) == (order.limit_price is not None)
     ranks = [exposure(by_key[o.key]) for o in plan.orders]
@@ -485,3 +488,81 @@ def test_any_book_then_one_bounded_child_per_position_in_exposure_order(
     assert unknown == sorted(unknown, reverse=True)  # unknown exposures first
     known = [r for r in ranks if r is not None]
     assert known == sorted(known, reverse=True)
+
+
+# ---------------------------------------------------------------- FX (CASH on IDEALPRO)
+
+
+def test_fx_position_then_closed_whole_at_market_not_cut_into_odd_lots() -> None:
+    # Arrange: long 100,000 EUR.USD and short 150,000 USD.JPY, with the default policy (10,000
+    # per child for other classes: ten odd lots below the IDEALPRO minimum)
+    eur = position(1, 100_000, 1.10, sec_type="CASH", min_tick="0.00005")
+    jpy = position(2, -150_000, 150.0, sec_type="CASH", fx_rate=1 / 150, min_tick="0.005")
+
+    # Act
+    plan = flatten([eur, jpy])
+
+    # Assert: one market order per pair for the whole quantity in the pair's base currency
+    sent = {(o.key.con_id, o.action, o.quantity, o.order_type) for o in plan.orders}
+    assert sent == {
+        (1, Action.SELL, D(100_000), OrderType.MKT),
+        (2, Action.BUY, D(150_000), OrderType.MKT),
+    }
+
+
+def test_class_cap_then_used_instead_of_the_policy_cap() -> None:
+    # Arrange: CASH capped at 60,000 per child, the policy at 10,000
+    policy = ClosePolicy(
+        order_types={"CASH": OrderTypeRule(OrderType.MKT, max_child_quantity=D(60_000))}
+    )
+    eur = position(1, 100_000, 1.10, sec_type="CASH")
+
+    # Act
+    first = flatten([eur], policy=policy)
+    sent = first.orders[0]
+    second = flatten(
+        [eur],
+        [child(1, Action.SELL, int(sent.quantity), planned_against=100_000)],
+        policy=policy,
+    )
+
+    # Assert: 60,000 then the 40,000 left, never more than the position
+    assert sent.quantity == D(60_000)
+    assert [o.quantity for o in second.orders] == [D(40_000)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    quantity=st.integers(-20_000_000, 20_000_000).filter(lambda q: q != 0),
+    cap=st.integers(1, 30_000_000),
+)
+def test_fx_any_size_and_cap_then_children_never_cross_zero(quantity: int, cap: int) -> None:
+    # Arrange
+    policy = ClosePolicy(
+        order_types={"CASH": OrderTypeRule(OrderType.MKT, max_child_quantity=D(cap))}
+    )
+    pos = position(1, quantity, 1.10, sec_type="CASH")
+    children: list[ChildOrder] = []
+
+    # Act: plan rounds with every child filled and the position not yet updated (stale)
+    for n in range(1, 40):
+        plan = flatten([pos], children, policy=policy)
+        if not plan.orders:
+            break
+        (order,) = plan.orders
+        children.append(
+            child(
+                1,
+                order.action,
+                int(order.quantity),
+                filled=int(order.quantity),
+                status=ChildStatus.FILLED,
+                planned_against=quantity,
+                n=n,
+            )
+        )
+
+    # Assert: what the children closed never exceeds the position
+    closed = sum(c.filled for c in children)
+    assert closed <= abs(quantity)
+    assert all(c.quantity <= cap for c in children)

@@ -1076,7 +1076,9 @@ class IbBroker:
                 self._saw_order_id(item.order_id)
                 self._emit(item)
             case ev.PositionUpdate():
-                self._exchanges.setdefault(item.con_id, item.exchange)
+                # IB's position() often leaves the exchange empty: FX is on IDEALPRO only
+                fx = item.sec_type == "CASH"
+                self._exchanges.setdefault(item.con_id, item.exchange or ("IDEALPRO" if fx else ""))
                 self._emit(item)
                 if item.account == self.account:
                     if session.relist is not None:

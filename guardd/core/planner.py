@@ -94,6 +94,7 @@ DecisionId = NewType("DecisionId", str)
 ZERO = Decimal(0)
 ONE = Decimal(1)
 ORDER_REF_PREFIX = "guardd:"  # the label on our close orders, for people: never an ownership key
+FX_MAX_CHILD_QUANTITY = Decimal(10_000_000)  # an FX close child, in the pair's base currency
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -206,16 +207,23 @@ class OrderTypeRule:
     `allow_market`: a market order may replace a limit when no price is fresh or when the
     re-pricing escalation reaches a market step. None: allowed when the class closes with a
     market order in some session (`order_type` MKT, or market outside regular hours).
+
+    `max_child_quantity`: this class's own cap on one child, in its quantity units (for FX the
+    pair's base currency), instead of the policy's; None: the policy's.
     """
 
     order_type: OrderType
     collar: float = 0.02
     limit_outside_rth: bool = True
     allow_market: bool | None = None
+    max_child_quantity: Decimal | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.collar < 1.0:
             raise ValueError(f"collar must be in [0, 1), got {self.collar}")
+        cap = self.max_child_quantity
+        if cap is not None and not (cap.is_finite() and cap >= ONE):
+            raise ValueError("max_child_quantity must be at least 1")
 
     @property
     def market_allowed(self) -> bool:
@@ -230,7 +238,14 @@ def default_order_types() -> dict[str, OrderTypeRule]:
     return {
         "STK": OrderTypeRule(OrderType.MKT, collar=0.02, limit_outside_rth=True),
         "FUT": OrderTypeRule(OrderType.MKT, collar=0.01, limit_outside_rth=False),
-        "CASH": OrderTypeRule(OrderType.MKT, collar=0.005, limit_outside_rth=False),
+        # FX: one child up to 10 M of the pair's base currency, so a position above the IDEALPRO
+        # minimum is not cut into odd lots (IB: USD 25,000 or its equivalent)
+        "CASH": OrderTypeRule(
+            OrderType.MKT,
+            collar=0.005,
+            limit_outside_rth=False,
+            max_child_quantity=FX_MAX_CHILD_QUANTITY,
+        ),
         "OPT": OrderTypeRule(OrderType.LMT, collar=0.10, limit_outside_rth=True),
         "FOP": OrderTypeRule(OrderType.LMT, collar=0.10, limit_outside_rth=True),
     }
@@ -628,12 +643,13 @@ def _assess(
     if not position.market_open:
         notes.append(Note(key, NoteKind.MARKET_CLOSED, need))
         return None
-    quantity = min(need, policy.max_child_quantity).to_integral_value(rounding=ROUND_FLOOR)
+    rule = policy.rule_for(position.sec_type)
+    cap = rule.max_child_quantity or policy.max_child_quantity
+    quantity = min(need, cap).to_integral_value(rounding=ROUND_FLOOR)
     if quantity < ONE:
         notes.append(Note(key, NoteKind.FRACTIONAL_REMAINDER, need))
         return None
     action = Action.SELL if ledger.direction > 0 else Action.BUY
-    rule = policy.rule_for(position.sec_type)
     outside_rth = not position.regular_hours
     stock_outside_rth = outside_rth and position.sec_type == "STK"
     use_limit = rule.order_type is OrderType.LMT or (
