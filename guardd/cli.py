@@ -92,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
             "across restarts of this process, as IB's servers do; read at start when it exists",
         )
     )
+    sim.add_argument(
+        "--show-every",
+        type=_seconds,
+        metavar="SECONDS",
+        help="print the gateway side (positions, working orders per client, FLAT when flat) "
+        "every SECONDS; SIGUSR1 prints it once at any time",
+    )
     add_completion_command(sub)
     return parser
 
@@ -115,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scenario_path=args.scenario,
                 server_version=args.server_version,
                 state_path=args.state,
+                show_every_s=args.show_every,
             )
         except ScenarioError as exc:
             print(f"guardd sim: {exc}", file=sys.stderr)
@@ -151,6 +159,17 @@ def _server_version(text: str) -> int:
             f"{version} is outside {MIN_SERVER_VERSION}..{MAX_SERVER_VERSION}"
         )
     return version
+
+
+def _seconds(text: str) -> float:
+    """argparse type of `--show-every`: a finite number of seconds above 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
+    return seconds
 
 
 def _check_config(path: Path) -> int:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,14 @@ maint_margin_per_contract = 14500
 
 
 class SimProcess:
-    """`python -m guardd sim --port P --scenario S --state F`, started and killed at will."""
+    """`python -m guardd sim --port P --scenario S --state F [extra...]`, started and killed at
+    will; its stdout and stderr go to `log`."""
 
-    def __init__(self, port: int, scenario: Path, state: Path, log: Path) -> None:
+    def __init__(
+        self, port: int, scenario: Path, state: Path, log: Path, extra: Sequence[str] = ()
+    ) -> None:
         self.port, self.scenario, self.state, self.log = port, scenario, state, log
+        self.extra = tuple(extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -83,6 +88,7 @@ class SimProcess:
             str(self.scenario),
             "--state",
             str(self.state),
+            *self.extra,
         ]
 
     async def start(self, timeout_s: float = 20.0) -> None:
@@ -117,6 +123,10 @@ class SimProcess:
             return self.proc.returncode if self.proc is not None else 0
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=10)
+
+    def output(self) -> str:
+        """Everything the process wrote so far (stdout and stderr), across its starts."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""

@@ -286,6 +286,17 @@ def test_version_then_the_package_version_and_exit_0(capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out.strip() == f"guardd {__version__}"
 
 
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf", "soon"])
+def test_sim_show_every_not_a_positive_number_of_seconds_then_refused_with_exit_2(
+    seconds: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["sim", "--show-every", seconds])
+
+    assert exited.value.code == 2
+    assert "argument --show-every:" in capsys.readouterr().err
+
+
 def relative_credentials_config(tmp_path: Path) -> Path:
     """A config naming its token files relatively, as a unit with LoadCredential= would."""
     config = tmp_path / "guardd.toml"
@@ -353,6 +364,7 @@ def test_completion_bash_then_a_script_bash_completes_every_subcommand_with(
     offered = bash_completes(script, ["guardd", ""])
     assert offered == ["run", "init", "check-config", "demo", "sim", "completion"]
     assert "--fresh-start" in bash_completes(script, ["guardd", "run", "--f"])
+    assert bash_completes(script, ["guardd", "sim", "--sh"]) == ["--show-every"]
 
 
 def test_guardctl_completion_bash_then_subcommands_and_options_completed(

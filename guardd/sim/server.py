@@ -1,5 +1,5 @@
 """Run the simulated gateway as a program:
-`guardd sim --port N [--scenario FILE] [--server-version V] [--state FILE]`."""
+`guardd sim --port N [--scenario FILE] [--server-version V] [--state FILE] [--show-every S]`."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import sys
 from pathlib import Path
 
 from guardd.sim.gateway import SimGateway
 from guardd.sim.hours import SimClock
 from guardd.sim.scenario import Scenario, load_scenario, run_faults
+from guardd.sim.show import render_gateway_side
 from guardd.sim.state import StateFile
 
 log = logging.getLogger("guardd.sim")
@@ -52,8 +54,11 @@ async def serve(
     port: int,
     server_version: int | None = None,
     state_path: Path | None = None,
+    show_every_s: float | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM, playing the scenario's faults."""
+    """Serve until SIGINT or SIGTERM, playing the scenario's faults. The gateway side (positions
+    and working orders per client, guardd/sim/show.py) is printed to stdout on SIGUSR1, and
+    every `show_every_s` seconds when given."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -62,16 +67,41 @@ async def serve(
     gateway = build_gateway(
         scenario, host=host, port=port, server_version=server_version, state_path=state_path
     )
+    with contextlib.suppress(NotImplementedError, AttributeError):  # no SIGUSR1 on Windows
+        loop.add_signal_handler(signal.SIGUSR1, _show, gateway)
     async with gateway:
         accounts = ", ".join(gateway.exchange.accounts)
         symbols = ", ".join(i.symbol for i in gateway.exchange.instruments)
         log.info("accounts: %s; instruments: %s", accounts, symbols)
         faults = asyncio.ensure_future(run_faults(gateway, scenario))
+        shows = (
+            asyncio.ensure_future(_show_loop(gateway, show_every_s))
+            if show_every_s is not None
+            else None
+        )
         await stop.wait()
-        faults.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await faults
+        for task in (faults, shows):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         log.info("stopping")
+
+
+async def _show_loop(gateway: SimGateway, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        _show(gateway)
+
+
+def _show(gateway: SimGateway) -> None:
+    """Print the gateway side to stdout in one write; a stdout that cannot be written to is
+    logged, never the end of the gateway (the clients trading against it come first)."""
+    try:
+        sys.stdout.write(render_gateway_side(gateway.exchange))
+        sys.stdout.flush()
+    except (OSError, ValueError) as exc:  # ValueError: stdout closed
+        log.warning("cannot print the gateway side: %s", exc)
 
 
 def sim_main(
@@ -81,6 +111,7 @@ def sim_main(
     scenario_path: Path | None,
     server_version: int | None = None,
     state_path: Path | None = None,
+    show_every_s: float | None = None,
 ) -> int:
     """Entry point of `guardd sim`; returns the exit code (StateFileError and ScenarioError
     are the caller's to report)."""
@@ -89,6 +120,13 @@ def sim_main(
     )
     scenario = load_scenario(scenario_path) if scenario_path is not None else Scenario()
     asyncio.run(
-        serve(scenario, host=host, port=port, server_version=server_version, state_path=state_path)
+        serve(
+            scenario,
+            host=host,
+            port=port,
+            server_version=server_version,
+            state_path=state_path,
+            show_every_s=show_every_s,
+        )
     )
     return 0
