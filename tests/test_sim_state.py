@@ -33,7 +33,7 @@ def _statuses(c: IbapiClient) -> dict[int, tuple[int, str]]:
     """orderId -> (permId, last status) from the orderStatus callbacks."""
     out: dict[int, tuple[int, str]] = {}
     for args in c.named("orderStatus"):
-        out[args[0]] = (int(args[6]), args[1])
+        out[args[0]] = (int(args[5]), args[1])
     return out
 
 
