@@ -1026,9 +1026,9 @@ class Guard:
         except JournalError as exc:
             self.metrics.count_journal_error()
             log.error("journal_write_failed", record="command_refusals_aggregated", error=str(exc))
-            for kind, count in summary.counts.items():  # carried into the next summary
-                for _ in range(count):
-                    self.refusals.unkept(kind, self.clock())
+            # Carried into the next summary whole, dated from its first refusal (one step, not
+            # one per refusal: a flood's millions must not hold the event loop).
+            self.refusals.carry(summary)
             return None
         return summary
 

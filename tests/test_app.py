@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 from guardd.app import Guard
 from guardd.config import load_config
 from guardd.demo import DEMO_CONFIG, demo_config
-from guardd.journal import read_journal
+from guardd.journal import Journal, read_journal
 
 NY = ZoneInfo("America/New_York")
 
@@ -27,3 +27,37 @@ def test_midnight_new_york_then_daily_loss_and_drawdown_re_anchor(tmp_path: Path
     days = [r["day"] for r in read_journal(cfg.journal_path) if r["kind"] == "trading_day_started"]
     assert days == ["2026-11-24"]
     guard.journal.close()
+
+
+def test_refusal_summary_unjournaled_then_carried_with_its_first_refusal_time(
+    tmp_path: Path,
+) -> None:
+    # Arrange: three refused HTTP commands of one kind at t=100 (the first journaled in full,
+    # two counted); the journal then cannot take the interval's summary (as on a full disk)
+    cfg = demo_config(load_config(DEMO_CONFIG), ib_port=7497, state_dir=tmp_path)
+    now = [100.0]
+    guard = Guard(cfg, fresh_start=True, clock=lambda: now[0])
+    interval = cfg.control.refusal_interval_s
+    refused = {"channel": "http", "error": "AuthError", "status": 401, "principal": None}
+    for _ in range(3):
+        guard.audit(refused)
+    guard.journal.close()
+    now[0] = 100.0 + interval
+    assert guard.flush_refusals() is None  # not journaled: carried into the next summary
+
+    # Act: the journal works again; the next summary is due
+    guard.journal = Journal(cfg.journal_path, clock=lambda: now[0])
+    now[0] = 100.0 + 2 * interval
+    summary = guard.flush_refusals()
+
+    # Assert: the two counted refusals, still dated from the first of them
+    guard.journal.close()
+    assert summary is not None
+    records = [r for r in read_journal(cfg.journal_path) if r["kind"] == "command_refused"]
+    aggregated = [
+        r for r in read_journal(cfg.journal_path) if r["kind"] == "command_refusals_aggregated"
+    ]
+    assert len(records) == 1
+    assert [(r["since"], r["total"], r["counts"]) for r in aggregated] == [
+        (100.0, 2, {"http:AuthError:401": 2})
+    ]
