@@ -284,11 +284,14 @@ class Notifications:
             SIGNATURE_HEADER: sign(target.key, now, body),
         }
         try:
-            async with session.post(target.url, data=body, headers=headers) as response:
+            # Not redirected: a signed notice goes where it was configured to, or fails.
+            async with session.post(
+                target.url, data=body, headers=headers, allow_redirects=False
+            ) as response:
                 if response.status >= 300:
                     raise DeliveryError(f"HTTP {response.status}")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise DeliveryError(str(exc) or type(exc).__name__) from exc
+            raise DeliveryError(_failure(exc, target.url)) from exc
 
     async def _send_apprise(self, outbox: _Outbox, item: _Queued) -> None:
         if outbox.apprise is None:
@@ -326,6 +329,16 @@ class Notifications:
             raise DeliveryError(f"apprise failed: {exc}") from exc
         if not delivered:
             raise DeliveryError("apprise reported failure")
+
+
+def _failure(exc: BaseException, url: str) -> str:
+    """What a failed webhook try says (logged): never the target's URL, which may carry a token
+    (aiohttp names the URL in an invalid-URL error and in a response error)."""
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "invalid URL"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"HTTP {exc.status} ({type(exc).__name__})"
+    return str(exc).replace(url, "<url>") or type(exc).__name__
 
 
 def _apprise_type(kind: str, resolved: bool) -> str:

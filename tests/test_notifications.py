@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
@@ -69,6 +70,7 @@ class Receiver:
     received: list[Received] = field(default_factory=list)
     hanging: int = 0
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    location: str | None = None  # answered with `status` as a redirect to here
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -80,7 +82,8 @@ class Receiver:
                 self.hanging -= 1
             return web.Response(status=200)
         self.received.append(Received(request.path, dict(request.headers), body))
-        return web.Response(status=self.status)
+        headers = {"Location": self.location} if self.location is not None else None
+        return web.Response(status=self.status, headers=headers)
 
     def kinds(self, path: str = "/hook") -> list[str]:
         return [r.json()["kind"] for r in self.received if r.path == path]
@@ -401,6 +404,47 @@ async def test_full_queue_then_oldest_dropped_and_counted(receiver: Receiver) ->
     assert queued == 2
     assert dropped == 2.0
     assert [r.json()["title"] for r in receiver.received] == ["w3", "w4"]
+
+
+@pytest.mark.parametrize("redirect", [False, True])
+async def test_delivery_fails_then_log_never_shows_the_url_token(
+    receiver: Receiver, redirect: bool
+) -> None:
+    # Arrange: a URL (from a url_file) that carries a token, which aiohttp cannot parse, or
+    # which the receiver redirects to itself for ever
+    token = "TOKEN-" + secrets.token_hex(16)
+    url = f"{receiver.url}/hook/{token}" if redirect else f"http://[::1/hook/{token}"
+    receiver.status, receiver.location = 307, url
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, account=ACCOUNT, version="test")
+    cfg = NotifyConfig.model_validate({"attempts": 1, "timeout_s": 5.0})
+    sender = Notifications(
+        [Target("ops", "webhook", url, frozenset({"warn"}), key=b"k" * 32)],
+        cfg,
+        account=ACCOUNT,
+        metrics=metrics,
+    )
+    labels = {"account": ACCOUNT, "kind": "warn", "target": "ops"}
+    task = asyncio.create_task(sender.run())
+    try:
+        with structlog.testing.capture_logs() as logs:
+            # Act
+            sender.publish(Notice("warn", "w", "m", time.time()))
+            await wait_until(
+                lambda: (
+                    registry.get_sample_value("guardd_notifications_failed_total", labels) == 1.0
+                ),
+                what="the failure counted",
+            )
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    # Assert: the failure is logged, and nothing logged holds the token
+    assert [e["event"] for e in logs if e["event"] == "notification_failed"] == [
+        "notification_failed"
+    ]
+    assert token not in repr(logs)
 
 
 # ---- configuration and credentials -------------------------------------------------------------
