@@ -651,14 +651,12 @@ class IbBroker:
         # (None: nothing promised yet, not started); `progress_slack_s` is added to each promise.
         self.progress_slack_s = progress_slack_s
         self._alive_until: float | None = None
-        # Every order id of our client id seen in this process (sent, or reported by the gateway):
-        # after a gateway restart nextValidId may roll back, and re-sending a still-working
-        # order's id would MODIFY that order instead of placing a new one.
-        self._known_order_ids: set[int] = set()
         # The highest order id seen from ANY client (ours sent, any reported in openOrder,
         # orderStatus or execDetails, reserved): IB refuses a Master API client's new order whose
         # id is not above every id reported to it (error 103), and nextValidId lags behind the
-        # ids of other clients' orders reported after it.
+        # ids of other clients' orders reported after it. New ids start above it, so an id of
+        # ours already sent or reported is never re-used (after a gateway restart nextValidId
+        # may roll back, and re-sending a still-working order's id would MODIFY that order).
         self.highest_order_id_seen = 0
         self.order_ids_skipped = 0
         # TWS's Read-Only API (error 321): orders and cancels are refused until it is switched off.
@@ -1066,12 +1064,6 @@ class IbBroker:
                     _settle(waiter, None)
             case ev.BrokerError():
                 self._on_error(session, item)
-            case ev.OpenOrder() | ev.OrderStatus() if (
-                item.client_id == self.client_id and item.order_id > 0
-            ):
-                self._known_order_ids.add(int(item.order_id))
-                self._saw_order_id(item.order_id)
-                self._emit(item)
             case ev.OpenOrder() | ev.OrderStatus() | ev.Execution():
                 self._saw_order_id(item.order_id)
                 self._emit(item)
@@ -1449,7 +1441,6 @@ class IbBroker:
         they may be working at the gateway under our client id, or may arrive there late)."""
         for order_id in order_ids:
             if int(order_id) > 0:
-                self._known_order_ids.add(int(order_id))
                 self._saw_order_id(int(order_id))
 
     def next_order_id(self) -> ev.OrderId:
@@ -1508,7 +1499,6 @@ class IbBroker:
     ) -> None:
         """Send one order (paced on `lane`); returns once it has been written to the socket."""
         session = self._live_session("place_order")
-        self._known_order_ids.add(int(order_id))
         self._saw_order_id(int(order_id))
         contract = _order_contract(
             con_id=con_id,
