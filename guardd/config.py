@@ -987,6 +987,8 @@ def parse_config(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{source}: TOML syntax error: {exc}") from exc
+    except RecursionError as exc:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError("", f"{source}: TOML nested too deeply") from exc
     try:
         context = {"credentials_directory": credentials_directory}
         return Config.model_validate(data, context=context)

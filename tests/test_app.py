@@ -61,3 +61,21 @@ def test_refusal_summary_unjournaled_then_carried_with_its_first_refusal_time(
     assert [(r["since"], r["total"], r["counts"]) for r in aggregated] == [
         (100.0, 2, {"http:AuthError:401": 2})
     ]
+
+
+def test_reload_of_a_file_nested_too_deep_then_refused_and_journaled(tmp_path: Path) -> None:
+    # Arrange: a running config, and a file TOML cannot parse without exhausting the stack
+    cfg = demo_config(load_config(DEMO_CONFIG), ib_port=7497, state_dir=tmp_path)
+    guard = Guard(cfg, fresh_start=True)
+    path = tmp_path / "guardd.toml"
+    path.write_text("a = " + "[" * 100_000)
+
+    # Act: SIGHUP's handler
+    applied = guard.reload(lambda: load_config(path), str(path))
+
+    # Assert: refused, accounted for, and the guard keeps its config
+    guard.journal.close()
+    refused = [r for r in read_journal(cfg.journal_path) if r["kind"] == "config_reload_refused"]
+    assert applied is False
+    assert guard.cfg is cfg
+    assert len(refused) == 1 and "nested too deeply" in refused[0]["error"]
