@@ -37,6 +37,7 @@ guard sent are found whichever segment holds them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -193,7 +194,10 @@ class Journal:
         previous, old_fd = self._fd_path, self._fd
         self._fd, self._fd_path, self._size = fd, self._path, 0
         self._day = _utc_day(self._clock())
-        os.close(old_fd)
+        # The old segment is complete and fsynced; an error closing it (EIO) must not escape
+        # append as a bare OSError and end the loop that journals.
+        with contextlib.suppress(OSError):
+            os.close(old_fd)
         header = _plain(
             {
                 "ts": self._clock(),

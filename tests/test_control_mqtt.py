@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -612,3 +612,25 @@ async def test_password_broker_then_connects_only_with_credentials(
 def _text(message: aiomqtt.Message) -> str:
     assert isinstance(message.payload, bytes | bytearray)
     return bytes(message.payload).decode()
+
+
+class StatusBrokenHandler(MemoryHandler):
+    """A guard whose status cannot be built (a bug): the kill channel must not die of it."""
+
+    def status(self) -> Mapping[str, object]:
+        raise RuntimeError("status is broken")
+
+
+async def test_status_raises_then_mqtt_control_stays_up_and_a_kill_still_halts(
+    mqtt_broker: Broker, subscriber: aiomqtt.Client
+) -> None:
+    handler = StatusBrokenHandler()
+    async with control(handler, mqtt_broker) as mqtt:
+        await eventually(lambda: mqtt.connected)
+        await asyncio.sleep(0.2)  # several state-loop turns, each failing to build the status
+
+        await subscriber.publish(KILL_TOPIC, encode(payload()), qos=1)
+        await eventually(lambda: handler.state == "HALTED")
+
+        assert mqtt.connected
+        assert mqtt.crashes > 0  # each failure logged and counted

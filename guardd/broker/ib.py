@@ -1046,7 +1046,10 @@ class IbBroker:
         session.heard.set()
         match item:
             case _Pong(epoch_s=epoch_s, ts=ts):
-                self._emit(ev.ServerTime(server_time=float(epoch_s), ts=ts))
+                # An answer without its time field arrives from ibapi as 0: no time, not 1970
+                # (it would put the gateway's clock 56 years behind and misjudge market hours).
+                if epoch_s > 0:
+                    self._emit(ev.ServerTime(server_time=float(epoch_s), ts=ts))
             case _HoursUnreadable(con_id=con_id, why=why):
                 log.warning("contract_hours_unreadable", con_id=con_id, error=why)
             case _Accounts(accounts=accounts):

@@ -526,7 +526,7 @@ class MqttControl:
                     self._client = client
                     delay = backoff_min
                     log.info("mqtt_connected", host=self._host, port=self._port)
-                    self.publish_state(self._handler.status())
+                    self._publish_status()
                     async for message in client.messages:
                         await self._handle_message(message)
             except aiomqtt.MqttError as exc:  # swallowed here only: reconnect, log and back off
@@ -563,10 +563,24 @@ class MqttControl:
             except aiomqtt.MqttError as exc:
                 log.warning("mqtt_publish_failed", error=str(exc))
 
+    def _publish_status(self) -> None:
+        """Publish the guard's status; a failure to build it is logged and counted, never the
+        end of the MQTT control task (the kill channel)."""
+        try:
+            self.publish_state(self._handler.status())
+        except Exception:
+            self.crashes += 1
+            log.exception("mqtt_status_failed")
+
     async def _state_loop(self) -> None:
         while True:
             await asyncio.sleep(self._state_interval_s)
-            self._flush_refusals()
-            status = dict(self._handler.status())
+            try:
+                self._flush_refusals()
+                status = dict(self._handler.status())
+            except Exception:  # a bug here must not end the MQTT control task (the kill channel)
+                self.crashes += 1
+                log.exception("mqtt_state_loop_failed")
+                continue
             if status != self._last_status:
                 self.publish_state(status)
