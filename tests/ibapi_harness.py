@@ -42,6 +42,7 @@ RECORDED = (
     "commissionAndFeesReport",
     "tickPrice",
     "tickSize",
+    "tickOptionComputation",
     "marketDataType",
     "contractDetails",
     "contractDetailsEnd",

@@ -108,6 +108,22 @@ FILL = Fill(
     realized_pnl=125.0,
 )
 POSITION = PositionView("DU111", ES, -2.0, 250_612.5, 5010.0, -501_000.0, 1225.0, 0.0)
+CALL = Instrument(
+    con_id=900001,
+    symbol="AAPL",
+    sec_type="OPT",
+    exchange="SMART",
+    primary_exchange="",
+    currency="USD",
+    multiplier=100.0,
+    last_trade_date="20261218",
+    local_symbol="AAPL  261218C00190000",
+    trading_class="AAPL",
+    right="C",
+    strike=190.0,
+    underlying_con_id=265598,
+    implied_vol=0.3,
+)
 
 Check = Callable[[tuple[Any, ...]], None]
 
@@ -203,6 +219,24 @@ def _portfolio(args: tuple[Any, ...]) -> None:
     _check_es(contract)
     assert contract.primaryExchange == "CME"
     assert values == [Decimal("-2"), 5010.0, -501_000.0, 250_612.5, 1225.0, 0.0, "DU111"]
+
+
+def _option_position(args: tuple[Any, ...]) -> None:
+    account, contract, quantity, avg_cost = args
+    assert (contract.conId, contract.secType, contract.lastTradeDateOrContractMonth) == (
+        900001,
+        "OPT",
+        "20261218",
+    )
+    assert (contract.strike, contract.right, contract.multiplier) == (190.0, "C", "100")
+    assert (contract.localSymbol, contract.tradingClass) == ("AAPL  261218C00190000", "AAPL")
+    assert (account, quantity, avg_cost) == ("DU111", Decimal("-3"), 1450.0)
+
+
+def _option_details(args: tuple[Any, ...]) -> None:
+    _req_id, details = args
+    assert (details.contract.strike, details.contract.right) == (190.0, "C")
+    assert (details.underConId, details.contract.multiplier) == (265598, "100")
 
 
 def _equals(*expected: Any) -> Check:
@@ -319,6 +353,30 @@ MESSAGES: list[tuple[str, Outgoing, str, Check]] = [
     ("execDetailsEnd", messages.exec_details_end(9), "execDetailsEnd", _equals(9)),
     ("commissionReport", messages.commission_report(FILL), "commissionAndFeesReport", _commission),
     ("tickSize", messages.tick_size(12, 0, 300.0), "tickSize", _equals(12, 0, Decimal("300"))),
+    (
+        "tickOptionComputation",
+        messages.tick_option_computation(12, 13, 0.3, 0.62, 14.5, 0.02, 0.21, -0.08, 200.0),
+        "tickOptionComputation",
+        _equals(12, 13, 1, 0.3, 0.62, 14.5, 0.0, 0.02, 0.21, -0.08, 200.0),
+    ),
+    (
+        "tickOptionComputation without an implied volatility",
+        messages.tick_option_computation(12, 10, None, 0.99, 10.01, 0.0, 0.0, 0.0, 200.0),
+        "tickOptionComputation",
+        _equals(12, 10, 1, None, 0.99, 10.01, 0.0, 0.0, 0.0, 0.0, 200.0),
+    ),
+    (
+        "position of an option",
+        messages.position(PositionView("DU111", CALL, -3.0, 1450.0, 14.0, -4200.0, 150.0, 0.0)),
+        "position",
+        _option_position,
+    ),
+    (
+        "contractDetails of an option",
+        messages.contract_details(4, CALL),
+        "contractDetails",
+        _option_details,
+    ),
     ("tickSnapshotEnd", messages.tick_snapshot_end(12), "tickSnapshotEnd", _equals(12)),
     ("marketDataType", messages.market_data_type(-1, 3), "marketDataType", _equals(-1, 3)),
     (

@@ -61,6 +61,7 @@ TWS_TIMEZONE = "US/Eastern"  # the zone TWS writes execution and completion time
 # Server -> client message ids (ibapi message.IN).
 TICK_PRICE = 1
 TICK_SIZE = 2
+TICK_OPTION_COMPUTATION = 21
 ORDER_STATUS = 3
 ERR_MSG = 4
 OPEN_ORDER = 5
@@ -584,6 +585,27 @@ def tick_price_fields(
     return [TICK_PRICE, 6, req_id, tick_type, price, size, attr_mask]
 
 
+def tick_option_computation_fields(
+    req_id: int,
+    tick_type: int,
+    implied_vol: float | None,
+    delta: float,
+    opt_price: float,
+    gamma: float,
+    vega: float,
+    theta: float,
+    und_price: float,
+) -> Fields:
+    """tickOptionComputation (21) from version 156 (no version field): tickAttrib 1 (price
+    based), impliedVol (-1 when not computed), delta, optPrice, pvDividend (0: no dividends),
+    gamma, vega, theta, undPrice."""
+    iv = -1.0 if implied_vol is None else implied_vol
+    return [
+        TICK_OPTION_COMPUTATION, req_id, tick_type, 1, iv, delta, opt_price, 0.0,
+        gamma, vega, theta, und_price,
+    ]  # fmt: skip
+
+
 def tick_size_fields(req_id: int, tick_type: int, size: float) -> Fields:
     """tickSize (2), version 6."""
     return [TICK_SIZE, 6, req_id, tick_type, size]
@@ -628,8 +650,8 @@ def contract_details_fields(
     if version >= V_LAST_TRADE_DATE:
         f += [inst.last_trade_date]  # lastTradeDate
     f += [
-        0.0,  # strike
-        "",  # right
+        inst.strike,
+        inst.right,
         inst.exchange,
         inst.currency,
         local_symbol(inst),
@@ -641,7 +663,7 @@ def contract_details_fields(
         order_types,
         valid_exchanges(inst),
         1,  # priceMagnifier
-        0,  # underConId
+        inst.underlying_con_id,  # underConId
         inst.symbol,  # longName
         inst.primary_exchange,
         inst.last_trade_date[:6],  # contractMonth
@@ -1037,8 +1059,8 @@ def _contract_fields(inst: Instrument, exchange: str) -> Fields:
         inst.symbol,
         inst.sec_type,
         inst.last_trade_date,
-        0.0,  # strike
-        "",  # right
+        inst.strike,
+        inst.right,
         multiplier_text(inst),
         exchange,
         inst.currency,

@@ -45,6 +45,15 @@ FX (secType CASH on IDEALPRO, e.g. EUR.USD: symbol EUR, currency USD), as IB cou
     USD 25,000 or about as much) is an odd lot: IB routes it to its odd-lot venue and it fills like
     any other, unless `reject_fx_odd_lots` makes it refused (201).
 
+Options (secType OPT; see guardd.sim.market.OptionProcess for the price)
+    Valued and settled like a stock (cash moves by the premium × multiplier; the value is in
+    NetLiquidation); commission `OPTION_COMMISSION` a contract, at least `OPTION_MIN_COMMISSION`.
+    A long option has no margin (paid in full); a short one needs its value + margin rate × the
+    underlying's last price, per share, × multiplier × contracts. When `advance` passes the close
+    of its last trading day an option expires: exercised by exception when at least
+    `EXERCISE_THRESHOLD` in the money (quantity × multiplier shares of the underlying at the
+    strike), else worthless (`_expire_options`).
+
 Account values (base currency: the currency field of each names it, as TWS's do; per-currency
 rows `Currency`, `CashBalance`, `TotalCashBalance`, `ExchangeRate` for every currency with a rate,
 and a `BASE` row of each)
@@ -80,9 +89,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any, get_args
+from zoneinfo import ZoneInfo
 
+from guardd.core.options import OptionValue, Right, intrinsic_value
 from guardd.sim.hours import ALWAYS, Calendar, MarketSession
-from guardd.sim.market import PriceProcess, Quote
+from guardd.sim.market import OptionProcess, PriceProcess, Quote
 from guardd.sim.types import (
     AUCTION_TYPES,
     LIMIT_TYPES,
@@ -123,6 +134,11 @@ BUYING_POWER_FACTOR = 4.0  # Reg-T intraday: four times the excess of equity ove
 _EXEC_ID_BASE = 0xE1A7  # execIds look like IB's: "0000e1a7.65f1e2b3.01.01"
 _ZERO = 1e-9  # quantities below this are float noise, not a position
 FX_COMMISSION_RATE = 0.00002  # 0.2 basis points of the value traded
+OPTION_COMMISSION = 0.65  # per contract ...
+OPTION_MIN_COMMISSION = 1.0  # ... at least this per order fill
+EXERCISE_THRESHOLD = 0.01  # IB exercises an expiring option this far in the money or more
+# US equity options expire at the close of their last trading day
+OPTION_EXPIRY_ZONE, OPTION_EXPIRY_HOUR = ZoneInfo("America/New_York"), 16
 FX_MIN_COMMISSION = 2.0  # in the base currency
 # The smallest IDEALPRO order per quantity currency (IB: USD 25,000 or its equivalent); smaller
 # ones are odd lots. A currency not listed takes USD's figure.
@@ -163,6 +179,19 @@ class UnknownAccountError(ExchangeError, KeyError):
 
 class UnknownInstrumentError(ExchangeError, KeyError):
     """A conId the exchange does not list."""
+
+
+@dataclass(frozen=True, slots=True)
+class OptionState:
+    """An option's model value (per share) and its inputs: the underlying's last price, the
+    years left to expiry (0 once expired), the annualised volatility."""
+
+    value: OptionValue
+    right: Right
+    strike: float
+    underlying: float
+    years: float
+    vol: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,10 +294,15 @@ class Exchange:
                     raise ValueError(f"{other}'s rate is the price of {inst.local_symbol}")
                 self._rate_pairs[other] = (inst.con_id, inverted)
             self._instruments[inst.con_id] = inst
+            if inst.is_option:
+                continue
             # one stream per instrument: adding an instrument does not change the others' prices
             self._processes[inst.con_id] = PriceProcess.for_instrument(
                 inst, f"{seed}:{inst.con_id}"
             )
+        for inst in instruments:
+            if inst.is_option:
+                self._processes[inst.con_id] = self._option_process(inst, seed)
         self._refresh_rates()
         for inst in instruments:
             for currency in (inst.currency, inst.symbol) if inst.is_fx else (inst.currency,):
@@ -285,6 +319,7 @@ class Exchange:
         self._commission_per_future = commission_per_future
         self._partial = partial_fill_quantity
         self._now = now
+        self._expired: set[int] = set()  # options whose expiry has been carried out
         self._next_perm_id = FIRST_PERM_ID
         self._exec_seq = 0
         self._orders: dict[int, SimOrder] = {}  # by permId, in placement order
@@ -327,7 +362,8 @@ class Exchange:
         """The one instrument a client's contract fields name, or None if none or ambiguous.
 
         By conId when non-zero; otherwise by symbol and secType, narrowed by currency, and for
-        futures by lastTradeDate (a YYYYMM prefix matches) and localSymbol, when given.
+        futures and options by lastTradeDate (a YYYYMM prefix matches), localSymbol, strike and
+        right ("C"/"CALL", "P"/"PUT"), when given.
         """
         if spec.con_id:
             return self._instruments.get(spec.con_id)
@@ -341,6 +377,8 @@ class Exchange:
             and (not spec.currency or inst.currency == spec.currency.upper())
             and (not spec.last_trade_date or inst.last_trade_date.startswith(spec.last_trade_date))
             and (not spec.local_symbol or inst.local_symbol == spec.local_symbol)
+            and (not spec.strike or abs(inst.strike - spec.strike) < 1e-9)
+            and (not spec.right or inst.right == spec.right.upper()[:1])
         ]
         return matches[0] if len(matches) == 1 else None
 
@@ -356,6 +394,21 @@ class Exchange:
     def quote(self, con_id: int) -> Quote:
         """Top of book and last trade of an instrument."""
         return self._process(con_id).quote()
+
+    def option_value(self, con_id: int) -> OptionState | None:
+        """An option's model price and greeks now, with what they come from; None for anything
+        but an option."""
+        process = self._process(con_id)
+        if not isinstance(process, OptionProcess):
+            return None
+        return OptionState(
+            value=process.value(),
+            right=process.right,
+            strike=self._instruments[con_id].strike,
+            underlying=process.underlying_last,
+            years=process.years_left,
+            vol=process.volatility,
+        )
 
     def orders(self) -> list[SimOrder]:
         """Every order placed and accepted (working and finished), in placement order."""
@@ -654,7 +707,9 @@ class Exchange:
             process.step(dt)
         self._refresh_rates()
         self._revalue_all()
-        return self._match_working(now)
+        events = self._expire_options(now)
+        events.extend(self._match_working(now))
+        return events
 
     # ----------------------------------------------------------------------------- orders
 
@@ -923,6 +978,8 @@ class Exchange:
             return f"{tif} is for MKT and LMT orders"
         if req.oca_type not in (0, 1, 2, 3):
             return f"Invalid OCA type {req.oca_type}: 1, 2 or 3"
+        if inst.con_id in self._expired:
+            return REJECTED + "The contract has expired."
         return None
 
     def _check_session(self, req: OrderRequest, inst: Instrument, now: float) -> str | None:
@@ -1374,24 +1431,9 @@ class Exchange:
     def _fill(self, order: SimOrder, quantity: float, price: float, now: float) -> list[SimEvent]:
         inst = order.instrument
         acct = self._accounts[order.account]
-        rate = self._rates[inst.currency]
         sign = 1.0 if order.action == "BUY" else -1.0
         commission = self._commission(inst, quantity, price)
-        pos = acct.positions.setdefault(inst.con_id, _Position(inst))
-        realized = _trade(pos, sign * quantity, price)
-        cash_move = -commission
-        if inst.sec_type == "FUT":
-            cash_move += realized  # variation margin: only realized PnL settles in cash
-        elif inst.is_fx:
-            # buying EUR.USD: EUR comes in, USD goes out (the realized PnL is in these moves)
-            acct.cash[inst.symbol] = acct.cash.get(inst.symbol, 0.0) + sign * quantity
-            cash_move -= sign * quantity * price
-        else:
-            cash_move -= sign * quantity * price * inst.multiplier
-        acct.cash[inst.currency] = acct.cash.get(inst.currency, 0.0) + cash_move
-        acct.realized += realized * rate
-        acct.commissions += commission * rate
-        self._revalue(acct, pos)
+        pos, realized = self._book_trade(acct, inst, sign * quantity, price, commission)
 
         cum = order.filled + quantity
         order.avg_fill_price = (order.avg_fill_price * order.filled + price * quantity) / cum
@@ -1431,6 +1473,97 @@ class Exchange:
         events.extend(self._after_fill(order, quantity, now))
         return events
 
+    def _book_trade(
+        self,
+        acct: _Account,
+        inst: Instrument,
+        signed_quantity: float,
+        price: float,
+        commission: float,
+    ) -> tuple[_Position, float]:
+        """Move an account's position and cash by a trade; return the position and the realized
+        PnL (instrument currency)."""
+        rate = self._rates[inst.currency]
+        pos = acct.positions.setdefault(inst.con_id, _Position(inst))
+        realized = _trade(pos, signed_quantity, price)
+        cash_move = -commission
+        if inst.sec_type == "FUT":
+            cash_move += realized  # variation margin: only realized PnL settles in cash
+        elif inst.is_fx:
+            # buying EUR.USD: EUR comes in, USD goes out (the realized PnL is in these moves)
+            acct.cash[inst.symbol] = acct.cash.get(inst.symbol, 0.0) + signed_quantity
+            cash_move -= signed_quantity * price
+        else:
+            cash_move -= signed_quantity * price * inst.multiplier
+        acct.cash[inst.currency] = acct.cash.get(inst.currency, 0.0) + cash_move
+        acct.realized += realized * rate
+        acct.commissions += commission * rate
+        self._revalue(acct, pos)
+        return pos, realized
+
+    # -- options
+
+    def _option_process(self, inst: Instrument, seed: int) -> OptionProcess:
+        if inst.right not in ("C", "P"):
+            raise ValueError(
+                f"option {inst.local_symbol}: right must be C or P, not {inst.right!r}"
+            )
+        underlying = self._processes.get(inst.underlying_con_id)
+        if underlying is None or self._instruments[inst.underlying_con_id].is_option:
+            raise ValueError(
+                f"option {inst.local_symbol}: no underlying with conId {inst.underlying_con_id}"
+            )
+        return OptionProcess(
+            underlying,
+            right="C" if inst.right == "C" else "P",
+            strike=inst.strike,
+            expiry=option_expiry(inst.last_trade_date),
+            implied_vol=inst.implied_vol,
+            spread=inst.spread,
+            min_tick=inst.min_tick,
+            seed=f"{seed}:{inst.con_id}",
+            clock=lambda: self._now,
+        )
+
+    def _expire_options(self, now: float) -> list[SimEvent]:
+        """Carry out the expiry of every option whose last trading day has closed by `now`, as
+        IB's exercise by exception does: one at least `EXERCISE_THRESHOLD` in the money becomes
+        a position in its underlying (a long call buys, a long put sells, a short call is
+        assigned a sale, a short put a purchase: quantity × multiplier shares at the strike),
+        the rest expire worthless. The option leaves the book at its intrinsic value, the
+        underlying comes in at its last price (together: the strike), so NetLiquidation does
+        not jump; no commission. Working orders of an expired option are cancelled."""
+        events: list[SimEvent] = []
+        for con_id, process in self._processes.items():
+            if (
+                con_id in self._expired
+                or not isinstance(process, OptionProcess)
+                or process.years_left > 0
+            ):
+                continue
+            self._expired.add(con_id)
+            inst = self._instruments[con_id]
+            underlying = self._instruments[inst.underlying_con_id]
+            spot = process.underlying_last
+            value = intrinsic_value(process.right, spot, inst.strike)
+            exercised = value >= EXERCISE_THRESHOLD
+            for order in [o for o in self._working.values() if o.instrument.con_id == con_id]:
+                events.extend(self._cancel(order))
+            for name, acct in self._accounts.items():
+                pos = acct.positions.get(con_id)
+                if pos is None or pos.quantity == 0.0:
+                    continue
+                quantity = pos.quantity
+                self._book_trade(acct, inst, -quantity, value if exercised else 0.0, 0.0)
+                events.append(PositionChanged(self._position_view(name, pos)))
+                if exercised:
+                    direction = 1.0 if process.right == "C" else -1.0
+                    shares = direction * quantity * inst.multiplier / underlying.multiplier
+                    held, _ = self._book_trade(acct, underlying, shares, spot, 0.0)
+                    events.append(PositionChanged(self._position_view(name, held)))
+                events.append(AccountChanged(name, tuple(self.account_values(name))))
+        return events
+
     def _commission(self, inst: Instrument, quantity: float, price: float) -> float:
         """In the instrument's currency (for FX the quote currency)."""
         if inst.is_fx:
@@ -1438,6 +1571,8 @@ class Exchange:
             return max(minimum, FX_COMMISSION_RATE * quantity * price)
         if inst.sec_type == "FUT":
             return self._commission_per_future * quantity
+        if inst.is_option:
+            return max(OPTION_MIN_COMMISSION, OPTION_COMMISSION * quantity)
         return max(self._min_commission, self._commission_per_share * quantity)
 
     def _unrealized(self, pos: _Position, last: float) -> float:
@@ -1452,14 +1587,22 @@ class Exchange:
         notional = pos.quantity * last * inst.multiplier
         unrealized = self._unrealized(pos, last)
         contracts = abs(pos.quantity)
-        if inst.sec_type == "FUT" and inst.initial_margin_per_contract > 0:
-            init = inst.initial_margin_per_contract * contracts
+        if inst.is_option:
+            # long: paid in full, no margin; short: its value plus a rate of the underlying's
+            underlying = self._processes[inst.underlying_con_id].last
+            short = contracts * inst.multiplier if pos.quantity < 0 else 0.0
+            init = short * (last + inst.initial_margin_rate * underlying)
+            maint = short * (last + inst.maint_margin_rate * underlying)
         else:
-            init = inst.initial_margin_rate * abs(notional)
-        if inst.sec_type == "FUT" and inst.maint_margin_per_contract > 0:
-            maint = inst.maint_margin_per_contract * contracts
-        else:
-            maint = inst.maint_margin_rate * abs(notional)
+            per_contract = inst.sec_type == "FUT"
+            if per_contract and inst.initial_margin_per_contract > 0:
+                init = inst.initial_margin_per_contract * contracts
+            else:
+                init = inst.initial_margin_rate * abs(notional)
+            if per_contract and inst.maint_margin_per_contract > 0:
+                maint = inst.maint_margin_per_contract * contracts
+            else:
+                maint = inst.maint_margin_rate * abs(notional)
         is_future = inst.sec_type == "FUT"
         return _Contribution(
             # FX: the value is in the account's cash balances already
@@ -1507,6 +1650,19 @@ class Exchange:
 
 
 _SEC_TYPES: dict[str, SecType] = {"FUT": "FUT", "CASH": "CASH"}
+
+
+def option_expiry(last_trade_date: str) -> float:
+    """When an option with this last trading day (YYYYMMDD) expires: the US close, 16:00
+    New York time, in epoch seconds."""
+    try:
+        day = datetime.strptime(last_trade_date[:8], "%Y%m%d")
+    except ValueError:
+        raise ValueError(
+            f"an option needs lastTradeDate YYYYMMDD, not {last_trade_date!r}"
+        ) from None
+    close = day.replace(hour=OPTION_EXPIRY_HOUR, tzinfo=OPTION_EXPIRY_ZONE)
+    return close.timestamp()
 
 
 def idealpro_minimum(currency: str) -> float:

@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, assert_never
 
+from guardd.core.options import black_scholes, implied_vol
 from guardd.sim import codec, messages, protocodec
 from guardd.sim.exchange import (
     Exchange,
@@ -115,6 +116,9 @@ REQ_COMPLETED_ORDERS = 99
 TICK_BID_SIZE, TICK_BID, TICK_ASK, TICK_ASK_SIZE, TICK_LAST, TICK_LAST_SIZE = 0, 1, 2, 3, 4, 5
 LIVE_TICKS = (TICK_BID, TICK_BID_SIZE, TICK_ASK, TICK_ASK_SIZE, TICK_LAST, TICK_LAST_SIZE)
 DELAYED_TICKS = (66, 69, 67, 70, 68, 71)
+# tickOptionComputation tick types: bid, ask, last, model; live and delayed
+LIVE_OPTION_TICKS = (10, 11, 12, 13)
+DELAYED_OPTION_TICKS = (80, 81, 82, 83)
 REAL_TIME_DATA, DELAYED_DATA = 1, 3  # marketDataType
 
 DELAYED_NOT_SUBSCRIBED = 10167
@@ -1255,7 +1259,12 @@ class SimGateway:
             ticks = DELAYED_TICKS if fault.delayed_ticks else LIVE_TICKS
         if quote is None:
             return
-        key = (quote.bid, quote.bid_size, quote.ask, quote.ask_size, quote.last, quote.last_size)
+        key: tuple[float, ...] = (
+            quote.bid, quote.bid_size, quote.ask, quote.ask_size, quote.last, quote.last_size
+        )  # fmt: skip
+        option = self.exchange.option_value(con_id)
+        if option is not None:
+            key += (option.underlying, option.years)  # they move the greeks
         sent = session.subs.last_quote.get(req_id)
         if not force and sent == key:
             return
@@ -1267,6 +1276,41 @@ class SimGateway:
                 session.send(messages.tick_size(req_id, ticks[n + 1], size))
             elif sent[n + 1] != size:
                 session.send(messages.tick_size(req_id, ticks[n + 1], size))
+        if option is not None:
+            delayed = ticks is DELAYED_TICKS
+            self._send_option_computations(session, req_id, con_id, quote, delayed=delayed)
+
+    def _send_option_computations(
+        self, session: Session, req_id: int, con_id: int, quote: Quote, *, delayed: bool
+    ) -> None:
+        """tickOptionComputation for the bid, ask and last (each at the volatility its price
+        implies, -1 where none does) and the model (at the option's own volatility), as TWS
+        sends them after an option's price ticks."""
+        option = self.exchange.option_value(con_id)
+        assert option is not None
+        model, spot, years, strike = option.value, option.underlying, option.years, option.strike
+        kinds = DELAYED_OPTION_TICKS if delayed else LIVE_OPTION_TICKS
+        for tick_type, price in zip(kinds[:3], (quote.bid, quote.ask, quote.last), strict=True):
+            vol = implied_vol(option.right, price, spot, strike, years)
+            at = model if vol is None else black_scholes(option.right, spot, strike, years, vol)
+            session.send(
+                messages.tick_option_computation(
+                    req_id, tick_type, vol, at.delta, price, at.gamma, at.vega, at.theta, spot
+                )
+            )
+        session.send(
+            messages.tick_option_computation(
+                req_id,
+                kinds[3],
+                option.vol,
+                model.delta,
+                model.price,
+                model.gamma,
+                model.vega,
+                model.theta,
+                spot,
+            )
+        )
 
     async def _market_loop(self) -> None:
         while True:

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
+from guardd.core.options import OptionValue, Right, black_scholes
 from guardd.sim.types import Instrument
 
 SESSION_SECONDS = 6.5 * 3600  # one regular US equity session: the period `volatility` spans
@@ -52,7 +54,8 @@ def _tick_decimals(min_tick: float) -> int:
 
 
 # Quoted sizes: futures in contracts, stocks in round lots, FX in the pair's base currency.
-_SIZE_UNITS = {"FUT": 1.0, "STK": 100.0, "CASH": 1_000_000.0}
+_SIZE_UNITS = {"FUT": 1.0, "STK": 100.0, "CASH": 1_000_000.0, "OPT": 1.0}
+SECONDS_PER_YEAR = 365.0 * 86_400
 
 
 class PriceProcess:
@@ -208,3 +211,82 @@ class PriceProcess:
         if not fraction > -1:
             raise ValueError(f"a jump must leave a positive price, got fraction {fraction}")
         self._price = max(self._price * (1 + fraction), self.min_tick)
+
+
+class OptionProcess(PriceProcess):
+    """An option's quote, derived from its underlying's walk: no walk of its own.
+
+    The model price is Black-Scholes (`guardd.core.options`, no rate, no dividends) of the
+    underlying's last price at the option's implied volatility (annualised) and the time left to
+    `expiry` (epoch seconds) at `clock()`; `last` is it on the tick grid, at least one tick, and
+    bid/ask lie around it as for any instrument. Sizes are redrawn on each step, in contracts.
+    """
+
+    __slots__ = ("_clock", "_expiry", "_right", "_strike", "_underlying")
+
+    def __init__(
+        self,
+        underlying: PriceProcess,
+        *,
+        right: Right,
+        strike: float,
+        expiry: float,
+        implied_vol: float,
+        spread: float,
+        min_tick: float,
+        seed: int | str,
+        clock: Callable[[], float],
+    ) -> None:
+        if not strike > 0:
+            raise ValueError(f"strike must be > 0, got {strike}")
+        super().__init__(
+            underlying.last,
+            volatility=implied_vol,
+            spread=spread,
+            min_tick=min_tick,
+            seed=seed,
+            size_unit=1.0,
+        )
+        self._underlying = underlying
+        self._right: Right = right
+        self._strike = float(strike)
+        self._expiry = float(expiry)
+        self._clock = clock
+
+    @property
+    def right(self) -> Right:
+        return self._right
+
+    @property
+    def years_left(self) -> float:
+        """Time to expiry in years of 365 days at the clock (0 once expired)."""
+        return max(0.0, self._expiry - self._clock()) / SECONDS_PER_YEAR
+
+    @property
+    def underlying_last(self) -> float:
+        return self._underlying.last
+
+    def value(self) -> OptionValue:
+        """The model price and greeks now (per share; the multiplier is the contract's)."""
+        return black_scholes(
+            self._right, self._underlying.last, self._strike, self.years_left, self.volatility
+        )
+
+    @property
+    def last(self) -> float:
+        return self._snap(max(1, round(self.value().price / self.min_tick)))
+
+    @property
+    def price(self) -> float:
+        return self.value().price
+
+    def step(self, dt_seconds: float) -> None:
+        """The underlying moves the price; a step only redraws the quoted sizes."""
+        if dt_seconds > 0:
+            self._draw_sizes()
+
+    def restore_price(self, price: float) -> None:
+        """Nothing to restore: the price follows the underlying's and the clock."""
+
+    def jump(self, fraction: float) -> None:
+        raise ValueError("an option's price follows its underlying: jump the underlying")

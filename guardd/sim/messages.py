@@ -45,6 +45,7 @@ PROTOBUF_FROM: dict[int, int] = {
     codec.CONTRACT_DATA_END: 205,
     codec.TICK_PRICE: 206,
     codec.TICK_SIZE: 206,
+    codec.TICK_OPTION_COMPUTATION: 206,
     codec.TICK_SNAPSHOT_END: 206,
     codec.MARKET_DATA_TYPE: 206,
     codec.TICK_REQ_PARAMS: 206,
@@ -322,6 +323,27 @@ def tick_price(
         codec.TICK_PRICE,
         lambda v: codec.tick_price_fields(req_id, tick_type, price, size, attr_mask),
         lambda: protocodec.tick_price(req_id, tick_type, price, size, attr_mask),
+    )
+
+
+def tick_option_computation(
+    req_id: int,
+    tick_type: int,
+    implied_vol: float | None,
+    delta: float,
+    opt_price: float,
+    gamma: float,
+    vega: float,
+    theta: float,
+    und_price: float,
+) -> Outgoing:
+    """tickOptionComputation (21): tick type 10 bid, 11 ask, 12 last, 13 model (80-83 delayed);
+    greeks per share, vega per volatility point, theta per day."""
+    values = (req_id, tick_type, implied_vol, delta, opt_price, gamma, vega, theta, und_price)
+    return Outgoing(
+        codec.TICK_OPTION_COMPUTATION,
+        lambda v: codec.tick_option_computation_fields(*values),
+        lambda: protocodec.tick_option_computation(*values),
     )
 
 

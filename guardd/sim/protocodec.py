@@ -74,6 +74,7 @@ from ibapi.protobuf.Position_pb2 import Position
 from ibapi.protobuf.PositionEnd_pb2 import PositionEnd
 from ibapi.protobuf.PositionsRequest_pb2 import PositionsRequest
 from ibapi.protobuf.StartApiRequest_pb2 import StartApiRequest
+from ibapi.protobuf.TickOptionComputation_pb2 import TickOptionComputation
 from ibapi.protobuf.TickPrice_pb2 import TickPrice
 from ibapi.protobuf.TickReqParams_pb2 import TickReqParams
 from ibapi.protobuf.TickSize_pb2 import TickSize
@@ -360,6 +361,33 @@ def tick_price(req_id: int, tick_type: int, price: float, size: float, attr_mask
     )
 
 
+def tick_option_computation(
+    req_id: int,
+    tick_type: int,
+    implied_vol: float | None,
+    delta: float,
+    opt_price: float,
+    gamma: float,
+    vega: float,
+    theta: float,
+    und_price: float,
+) -> Proto:
+    """tickOptionComputation (21): as the text wire, an implied vol not computed is -1."""
+    return TickOptionComputation(
+        reqId=req_id,
+        tickType=tick_type,
+        tickAttrib=1,
+        impliedVol=-1.0 if implied_vol is None else implied_vol,
+        delta=delta,
+        optPrice=opt_price,
+        pvDividend=0.0,
+        gamma=gamma,
+        vega=vega,
+        theta=theta,
+        undPrice=und_price,
+    )
+
+
 def tick_size(req_id: int, tick_type: int, size: float) -> Proto:
     """tickSize (2)."""
     return TickSize(reqId=req_id, tickType=tick_type, size=_decimal(size))
@@ -403,7 +431,7 @@ def contract_details(
     d.orderTypes = "LMT,MKT" if inst.sec_type == "STK" else "LMT,MKT,STP"
     d.validExchanges = codec.valid_exchanges(inst)
     d.priceMagnifier = 1
-    d.underConId = 0
+    d.underConId = inst.underlying_con_id
     d.longName = inst.symbol
     if inst.last_trade_date:
         d.contractMonth = inst.last_trade_date[:6]
@@ -439,6 +467,10 @@ def _contract(inst: Instrument, *, exchange: str, primary_exchange: str = "") ->
     )
     if inst.last_trade_date:
         c.lastTradeDateOrContractMonth = inst.last_trade_date
+    if inst.strike:
+        c.strike = inst.strike
+    if inst.right:
+        c.right = inst.right
     if codec.multiplier_text(inst):
         c.multiplier = inst.multiplier
     if exchange:

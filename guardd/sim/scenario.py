@@ -113,7 +113,10 @@ class InstrumentSection(_Strict):
     symbol: Annotated[str, Field(min_length=1)]
     # CASH: an FX pair on IDEALPRO, `symbol` its base currency and `currency` its quote currency
     # (EUR.USD: symbol "EUR", currency "USD"); positions and faults name it "EUR.USD".
-    sec_type: Literal["STK", "FUT", "CASH"] = "STK"
+    # OPT: an option on `underlying` (another instrument's symbol), with `strike`, `right` and
+    # `last_trade_date` (its expiry, YYYYMMDD), priced by Black-Scholes at `implied_vol`;
+    # positions and faults name it "AAPL 20261218 200C".
+    sec_type: Literal["STK", "FUT", "CASH", "OPT"] = "STK"
     con_id: Annotated[int, Field(gt=0)]
     exchange: str = ""
     primary_exchange: str = ""
@@ -133,6 +136,26 @@ class InstrumentSection(_Strict):
     # A calendar of [calendars] or a built-in one: always (default), us_equity,
     # cme_equity_futures.
     hours: str = "always"
+    underlying: str = ""  # OPT only
+    strike: Annotated[float, Field(ge=0)] = 0.0
+    right: Literal["", "C", "P"] = ""
+    implied_vol: Annotated[float, Field(ge=0, le=10)] = 0.25  # annualised
+
+    @model_validator(mode="after")
+    def _option(self) -> InstrumentSection:
+        if self.sec_type != "OPT":
+            if self.underlying or self.strike or self.right:
+                raise ValueError("underlying, strike and right are for options (sec_type OPT)")
+            return self
+        if not self.underlying:
+            raise ValueError("underlying: an option names its underlying's symbol")
+        if not self.strike > 0:
+            raise ValueError("strike: an option needs a strike > 0")
+        if not self.right:
+            raise ValueError('right: an option is a call ("C") or a put ("P")')
+        if not (len(self.last_trade_date) == 8 and self.last_trade_date.isdigit()):
+            raise ValueError("last_trade_date: an option's expiry, YYYYMMDD")
+        return self
 
     @model_validator(mode="after")
     def _fx_pair(self) -> InstrumentSection:
@@ -150,8 +173,25 @@ class InstrumentSection(_Strict):
 
     @property
     def name(self) -> str:
-        """How positions and faults name it: the symbol, or an FX pair as "EUR.USD"."""
+        """How positions and faults name it: the symbol, an FX pair as "EUR.USD", an option as
+        "AAPL 20261218 200C"."""
+        if self.sec_type == "OPT":
+            return f"{self.symbol} {self.last_trade_date} {self.strike:g}{self.right}"
         return f"{self.symbol}.{self.currency}" if self.sec_type == "CASH" else self.symbol
+
+    @property
+    def occ_symbol(self) -> str:
+        """An option's localSymbol as IB shows US options (OCC): "AAPL  261218C00200000"."""
+        return (
+            f"{self.symbol:<6}{self.last_trade_date[2:]}{self.right}{round(self.strike * 1000):08d}"
+        )
+
+    def _option_default(self, key: str, default: float) -> float:
+        """A field's value, or for an option where the scenario leaves it out, its default."""
+        value: float = getattr(self, key)
+        if self.sec_type == "OPT" and key not in self.model_fields_set:
+            return default
+        return value
 
     def _unless_set(self, key: str, fx_default: float) -> float:
         """A field's value, or for an FX pair where the scenario leaves it out, an FX default."""
@@ -160,11 +200,35 @@ class InstrumentSection(_Strict):
             return fx_default
         return value
 
-    def to_instrument(self) -> Instrument:
+    def to_instrument(self, underlying_con_id: int = 0) -> Instrument:
         is_future = self.sec_type == "FUT"
         is_fx = self.sec_type == "CASH"
+        is_option = self.sec_type == "OPT"
         exchange = "IDEALPRO" if is_fx else "CME" if is_future else "SMART"
-        primary = "" if is_fx else "CME" if is_future else "NASDAQ"
+        primary = "" if is_fx or is_option else "CME" if is_future else "NASDAQ"
+        if is_option:
+            # IB's: 100 shares a contract, a nickel wide, short margin 20 % of the underlying
+            return Instrument(
+                con_id=self.con_id,
+                symbol=self.symbol,
+                sec_type="OPT",
+                exchange=self.exchange or exchange,
+                primary_exchange=self.primary_exchange,
+                currency=self.currency,
+                multiplier=self._option_default("multiplier", 100.0),
+                last_trade_date=self.last_trade_date,
+                local_symbol=self.local_symbol or self.occ_symbol,
+                trading_class=self.trading_class or self.symbol,
+                initial_price=self.price,
+                spread=self._option_default("spread", 0.05),
+                min_tick=self.min_tick,
+                initial_margin_rate=self._option_default("initial_margin_rate", 0.20),
+                maint_margin_rate=self._option_default("maint_margin_rate", 0.20),
+                right=self.right,
+                strike=self.strike,
+                underlying_con_id=underlying_con_id,
+                implied_vol=self.implied_vol,
+            )
         # FX defaults: a pip tick (0.00005 under 20, else 0.005: USD.JPY), two ticks of spread,
         # 3 % margin (IB's for major pairs)
         tick = self._unless_set("min_tick", 0.00005 if self.price < 20 else 0.005)
@@ -463,6 +527,13 @@ class Scenario(_Strict):
                         f"instruments[{n}].currency: no rate for {currency!r} in currencies.rates"
                     )
         for n, inst in enumerate(self.instruments):
+            if inst.sec_type == "OPT" and not any(
+                u.name == inst.underlying and u.sec_type in ("STK", "FUT") for u in self.instruments
+            ):
+                raise ValueError(
+                    f"instruments[{n}].underlying: no stock or future {inst.underlying!r}"
+                )
+        for n, inst in enumerate(self.instruments):
             if inst.hours not in self.calendars and inst.hours not in BUILT_IN:
                 raise ValueError(f"instruments[{n}].hours: unknown calendar {inst.hours!r}")
         if self.gateway.start_time is not None and self.gateway.start_time.tzinfo is None:
@@ -506,7 +577,10 @@ class Scenario(_Strict):
 
     def build_exchange(self, *, now: float) -> Exchange:
         """The exchange model with this scenario's accounts, instruments and starting positions."""
-        instruments = [i.to_instrument() for i in self.instruments]
+        instruments = [
+            i.to_instrument(self.con_id(i.underlying) if i.underlying else 0)
+            for i in self.instruments
+        ]
         exchange = Exchange(
             instruments,
             {a.id: a.cash for a in self.accounts},
@@ -529,7 +603,12 @@ class Scenario(_Strict):
                 pos.account or self.accounts[0].id,
                 instrument.con_id,
                 pos.quantity,
-                pos.avg_price if pos.avg_price is not None else instrument.initial_price,
+                pos.avg_price
+                if pos.avg_price is not None
+                # an option's price is its model's, not a scenario figure
+                else exchange.quote(instrument.con_id).last
+                if instrument.is_option
+                else instrument.initial_price,
             )
         return exchange
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-SecType = Literal["STK", "FUT", "CASH"]
+SecType = Literal["STK", "FUT", "CASH", "OPT"]
 Action = Literal["BUY", "SELL"]
 OrderType = Literal["MKT", "LMT", "STP", "STP LMT", "TRAIL", "TRAIL LIMIT", "MOC", "LOC"]
 ORDER_TYPES: tuple[OrderType, ...] = (
@@ -65,6 +65,17 @@ class Instrument:
     # ... or fixed per contract (FUT); when > 0 it is used instead of the rates
     initial_margin_per_contract: float = 0.0
     maint_margin_per_contract: float = 0.0
+    # Options (secType OPT): the right ("C"/"P"), strike and underlying (by conId), priced by
+    # Black-Scholes from the underlying's last price at `implied_vol` (annualised), expiring at
+    # the close of `last_trade_date`
+    right: str = ""
+    strike: float = 0.0
+    underlying_con_id: int = 0
+    implied_vol: float = 0.0
+
+    @property
+    def is_option(self) -> bool:
+        return self.sec_type == "OPT"
 
     @property
     def is_fx(self) -> bool:
