@@ -226,7 +226,14 @@ class _FractionLimit(LevelLimit):
 
 
 class LeverageLimit(LevelLimit):
-    """Leverage = gross position value / net liquidation, both in base currency (x, e.g. 3.0)."""
+    """Leverage = gross position value / net liquidation, both in base currency (x, e.g. 3.0).
+
+    ``options``: how an option counts in the gross: "notional" (default) its market value (price x
+    multiplier x quantity), "delta" its delta-adjusted exposure (delta x underlying price x
+    multiplier x quantity, from IB's option computation; none known is a data finding).
+    """
+
+    options: Literal["notional", "delta"] = "notional"
 
 
 class MarginCushionLimit(_FractionLimit):
@@ -464,6 +471,14 @@ _DEFAULT_ORDER_POLICY: dict[SecType, dict[str, Any]] = {
         "outside_hours": "MKT",
         "collar": 0.005,
         "max_child_qty": 10_000_000,
+    },
+    # Options: a limit at the fresh bid (sell) / ask (buy) in every session, re-priced wider as
+    # it stalls, never a market order (a wide option market can fill a market order far off).
+    "OPT": {
+        "regular_hours": "LMT",
+        "outside_hours": "LMT",
+        "collar": 0.05,
+        "allow_market": False,
     },
 }
 

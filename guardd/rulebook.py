@@ -43,7 +43,11 @@ def build_rules(cfg: Config) -> RuleSet:
     periodic: list[rules.Rule] = []
     if lim.leverage.enabled:
         periodic.append(
-            rules.Leverage(thresholds(lim.leverage), max_value_age_s=lim.leverage.max_data_age_s)
+            rules.Leverage(
+                thresholds(lim.leverage),
+                max_value_age_s=lim.leverage.max_data_age_s,
+                options=lim.leverage.options,
+            )
         )
     if lim.margin_cushion.enabled:
         periodic.append(rules.MarginCushion(thresholds(lim.margin_cushion)))

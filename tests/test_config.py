@@ -131,6 +131,24 @@ def test_default_config_then_fx_closes_at_market_whole_not_in_odd_lots() -> None
     assert policy.rule_for("STK").max_child_quantity is None
 
 
+def test_default_config_then_options_close_by_limit_never_market() -> None:
+    # Arrange / Act
+    cfg = parse_config(MINIMAL)
+    policy = build_close_policy(cfg)
+
+    # Assert: a limit in every session, re-priced wider by the escalation but never at market
+    opt = policy.rule_for("OPT")
+    assert opt.order_type is OrderType.LMT and opt.limit_outside_rth
+    assert not opt.market_allowed
+    assert opt.collar == 0.05
+    assert any(isinstance(step, Market) for step in policy.reprice.escalation)
+    opt_policy = cfg.flatten.policy_for("OPT")
+    assert opt_policy is not None and not opt_policy.market_allowed
+    # a table of one's own for another class keeps the options default
+    other = parse_config(MINIMAL + '[flatten.order_policy.FUT]\nregular_hours = "MKT"\n')
+    assert not build_close_policy(other).rule_for("OPT").market_allowed
+
+
 def test_repricing_config_then_close_policy_with_those_steps() -> None:
     text = MINIMAL + (
         "[flatten]\nmax_price_age_s = 3.0\nreprice_after_s = 7.5\n"

@@ -121,6 +121,18 @@ SIZE_FIELDS: Final[dict[int, ev.PriceField]] = {
     71: "last",
 }
 DELAYED_TICKS: Final = frozenset({66, 67, 68, 69, 70, 71})
+# tickOptionComputation tick types -> the price IB's option model was computed at (live, delayed).
+OPTION_SOURCES: Final[dict[int, ev.OptionSource]] = {
+    10: "bid",
+    11: "ask",
+    12: "last",
+    13: "model",
+    80: "bid",
+    81: "ask",
+    82: "last",
+    83: "model",
+}
+DELAYED_OPTION_TICKS: Final = frozenset({80, 81, 82, 83})
 REAL_TIME_DATA: Final = 1  # marketDataType: 1 real-time; 2 frozen, 3 delayed, 4 delayed frozen
 
 _SENTINEL: Final = object()
@@ -442,6 +454,41 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
             return
         delayed = int(tickType) in DELAYED_TICKS or reqId in self.stale_data_req
         self._post(ev.SizeTick(con_id=con_id, field=price_field, ts=self._ts(), delayed=delayed))
+
+    def tickOptionComputation(
+        self,
+        reqId: int,
+        tickType: int,
+        tickAttrib: Any,
+        impliedVol: float | None,
+        delta: float | None,
+        optPrice: float | None,
+        pvDividend: float | None,
+        gamma: float | None,
+        vega: float | None,
+        theta: float | None,
+        undPrice: float | None,
+    ) -> None:
+        # ibapi passes None for a figure IB did not compute (-1 / -2) on both wires
+        con_id = self.tick_req.get(reqId)
+        source = OPTION_SOURCES.get(int(tickType))
+        if con_id is None or source is None:
+            return
+        delayed = int(tickType) in DELAYED_OPTION_TICKS or reqId in self.stale_data_req
+        self._post(
+            ev.OptionComputation(
+                con_id=con_id,
+                source=source,
+                implied_vol=_number(impliedVol),
+                delta=_number(delta),
+                gamma=_number(gamma),
+                vega=_number(vega),
+                theta=_number(theta),
+                underlying_price=_number(undPrice),
+                ts=self._ts(),
+                delayed=delayed,
+            )
+        )
 
     def marketDataType(self, reqId: int, marketDataType: int) -> None:
         # Frozen and delayed data are old when they arrive: never a basis for a close limit.

@@ -63,6 +63,8 @@ from guardd.core.events import (
     Heartbeat,
     OpenOrder,
     OpenOrdersEnd,
+    OptionComputation,
+    OptionSource,
     OrderId,
     OrderStatus,
     PermId,
@@ -385,6 +387,8 @@ class Book:
         # prices
         self._quotes: dict[ConId, Quote] = {}
         self._price_history: dict[ConId, deque[tuple[float, float]]] = {}
+        # options: IB's latest model computation per contract and the price it was made at
+        self._option_computations: dict[tuple[ConId, OptionSource], OptionComputation] = {}
 
         # own orders: order ids the guard allocated (with the permId once learned), and back
         self._claimed: dict[OrderId, PermId | None] = {}
@@ -470,6 +474,8 @@ class Book:
                 self._on_price(event)
             case SizeTick():
                 self._on_size(event)
+            case OptionComputation():
+                self._option_computations[(event.con_id, event.source)] = event
             case OpenOrder():
                 self._on_open_order(event)
             case OrderStatus():
@@ -1134,6 +1140,21 @@ class Book:
     def quote(self, con_id: ConId) -> Quote:
         """Latest prices of a contract (all NaN when none were received)."""
         return self._quotes.get(con_id, Quote())
+
+    def option_greeks(self, con_id: ConId) -> OptionComputation | None:
+        """IB's latest option computation of a contract (implied volatility, delta, gamma, vega,
+        theta, underlying price, with its receive time `ts`): the one at IB's model price (tick
+        type 13/83) when there is one, else the latest at the bid, ask or last; None when none
+        was received. A figure IB did not compute is NaN."""
+        model = self._option_computations.get((con_id, "model"))
+        if model is not None:
+            return model
+        found = [
+            c
+            for source in ("bid", "ask", "last")
+            if (c := self._option_computations.get((con_id, source))) is not None
+        ]
+        return max(found, key=lambda c: c.ts) if found else None
 
     def price_history(self, con_id: ConId) -> tuple[tuple[float, float], ...]:
         """(ts, reference price) samples of a contract, oldest first."""

@@ -30,6 +30,7 @@ UNKNOWN_CLIENT_ID = ClientId(-1)
 """The client id of an order or fill whose client id IB left unset: no API client's."""
 
 PriceField = Literal["bid", "ask", "last", "mark"]
+OptionSource = Literal["bid", "ask", "last", "model"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,6 +179,29 @@ class SizeTick:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OptionComputation:
+    """`tickOptionComputation` for an option: IB's option model at one of its prices.
+
+    `source` is the price it was computed at: tick types 10/80 "bid", 11/81 "ask", 12/82 "last",
+    13/83 "model" (IB's own model price). `delta` and `gamma` are per share (one underlying unit),
+    `vega` per volatility point, `theta` per calendar day, `implied_vol` annualised, and
+    `underlying_price` the underlying's price IB used. NaN where IB left a figure out or says it
+    was not computed (-1 / -2): unknown, never 0. `delayed`: tick types 80-83.
+    """
+
+    con_id: ConId
+    source: OptionSource
+    implied_vol: float
+    delta: float
+    gamma: float
+    vega: float
+    theta: float
+    underlying_price: float
+    ts: float
+    delayed: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OpenOrder:
     """`openOrder`: an order's terms (and status) as TWS reports them to the master client.
 
@@ -318,6 +342,7 @@ BrokerEvent = (
     | PositionValue
     | PriceTick
     | SizeTick
+    | OptionComputation
     | OpenOrder
     | OrderStatus
     | OpenOrdersEnd

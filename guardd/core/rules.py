@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Literal, Protocol
 
-from guardd.core.book import Book, Order, Sample
+from guardd.core.book import Book, Order, Position, Sample
 
 Level = Literal["ok", "data", "warn", "reduce", "kill"]
 SEVERITY: Mapping[Level, int] = {"ok": 0, "data": 1, "warn": 2, "reduce": 3, "kill": 4}
@@ -194,6 +194,10 @@ class Leverage:
     max_value_age_s: float = 30.0
     max_account_age_s: float = 600.0
     name: str = "leverage"
+    # How an option counts: "notional", its market value (price x multiplier x quantity), or
+    # "delta", delta x underlying price x multiplier x quantity from IB's latest option
+    # computation (no delta, no underlying price or one older than `max_value_age_s`: data).
+    options: Literal["notional", "delta"] = "notional"
 
     def evaluate(self, book: Book, now: float) -> Finding:
         """Grade gross exposure / net liquidation."""
@@ -209,10 +213,33 @@ class Leverage:
             return data(self.name, f"no ExchangeRate for {', '.join(exposure.missing_rates)}")
         if exposure.gross is None:
             return data(self.name, f"{exposure.unvalued} position(s) without a value")
+        gross = exposure.gross
         for p in book.guarded_positions():
             if p.value_ts is None or now - p.value_ts > self.max_value_age_s:
                 return data(self.name, f"value of {p.symbol} is stale", p.symbol)
-        return grade(self.name, exposure.gross / nl, self.limits, what="leverage")
+            if self.options == "delta" and p.sec_type == "OPT":
+                delta_value = self._delta_exposure(book, p, now)
+                if isinstance(delta_value, Finding):
+                    return delta_value
+                # the gross counted its market value; it counts its delta exposure instead
+                # (a rate is known: exposure() has no missing rate here)
+                rate = book.exchange_rate(p.currency) or 0.0
+                gross += (delta_value - abs(p.value or 0.0)) * rate
+        return grade(self.name, gross / nl, self.limits, what="leverage")
+
+    def _delta_exposure(self, book: Book, p: Position, now: float) -> float | Finding:
+        """|delta x underlying price x multiplier x quantity| of an option position, in its
+        currency; a data finding when IB's computation of it is missing, incomplete or stale."""
+        greeks = book.option_greeks(p.con_id)
+        if greeks is None:
+            return data(self.name, f"no delta for {p.symbol}", p.symbol)
+        if not (math.isfinite(greeks.delta) and math.isfinite(greeks.underlying_price)):
+            return data(self.name, f"no delta for {p.symbol}", p.symbol)
+        if greeks.underlying_price <= 0:
+            return data(self.name, f"no underlying price for {p.symbol}", p.symbol)
+        if now - greeks.ts > self.max_value_age_s:
+            return data(self.name, f"delta of {p.symbol} is stale", p.symbol)
+        return abs(greeks.delta * greeks.underlying_price * p.multiplier * p.quantity)
 
 
 @dataclass(frozen=True, slots=True)
