@@ -54,6 +54,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, Self
 
+from guardd.durable import fsync_dir, write_all
 from guardd.errors import JournalError
 
 __all__ = [
@@ -112,7 +113,7 @@ class Journal:
             created = not path.exists()
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             if created:
-                _fsync_dir(path.parent)  # the new file's name must survive a crash too
+                fsync_dir(path.parent)  # the new file's name must survive a crash too
             torn = _cut_torn_tail(path, self._fd)
             self._size = os.fstat(self._fd).st_size  # end of the last complete record
             self._day = _first_record_day(path, default=_utc_day(clock()))
@@ -156,7 +157,7 @@ class Journal:
     def _write(self, data: bytes, record: dict[str, Any]) -> None:
         assert self._fd is not None
         try:
-            _write_all(self._fd, data)
+            write_all(self._fd, data)
             os.fsync(self._fd)
         except OSError as exc:
             self._cut_back()
@@ -184,7 +185,7 @@ class Journal:
             if self._fd_path == self._path:
                 segment = _next_segment(self._path)
                 os.rename(self._path, segment)
-                _fsync_dir(self._path.parent)
+                fsync_dir(self._path.parent)
                 self._fd_path = segment
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
             fd = os.open(self._path, flags, 0o640)
@@ -210,7 +211,7 @@ class Journal:
         line = json.dumps(header, separators=(",", ":")).encode() + b"\n"
         try:
             self._write(line, header)
-            _fsync_dir(self._path.parent)
+            fsync_dir(self._path.parent)
         except (JournalError, OSError) as exc:
             # The live file exists (empty or with its header): records go on into it.
             self.rotation_error = f"journal {self._path}: new segment not durable: {exc}"
@@ -337,7 +338,7 @@ def _cut_torn_tail(path: Path, fd: int) -> tuple[Path, int] | None:
         torn.write(tail)
         torn.flush()
         os.fsync(torn.fileno())
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     # Only after the copy is durable: cut the journal back to its last complete record.
     os.ftruncate(fd, start)
     os.fsync(fd)
@@ -382,21 +383,6 @@ def _free_torn_path(path: Path) -> Path:
     while (candidate := path.with_name(f"{path.name}.torn-{number}")).exists():
         number += 1
     return candidate
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -38,6 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar, get_args
 
+from guardd.durable import write_all
 from guardd.errors import LatchError
 
 __all__ = [
@@ -121,7 +122,7 @@ class LatchWriter:
             temp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.tmp")
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, data)
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -313,12 +314,6 @@ def _typed(document: dict[str, Any], key: str, kind: type[_T]) -> _T:
 
 def _open_dir(directory: Path) -> int:
     return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _remove_stale_temps(path: Path) -> None:

@@ -39,6 +39,7 @@ from typing import Self
 import structlog
 
 from guardd.control.auth import NonceCache
+from guardd.durable import fsync_dir, write_all
 from guardd.errors import NonceNotDurableError
 
 __all__ = ["NonceRecord", "NonceStore", "read_nonce_file"]
@@ -101,14 +102,6 @@ def read_nonce_file(path: Path) -> tuple[list[NonceRecord], int]:
         else:
             records.append(record)
     return records, skipped
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class NonceStore:
@@ -225,14 +218,12 @@ class NonceStore:
         data = b"".join(r.line() for r in self._live.values())
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._appended = 0
         self._rewrite_next = False
 
