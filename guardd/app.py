@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -57,6 +57,7 @@ from guardd.core.notices import (
     notices_of,
 )
 from guardd.core.rules import Finding, Thresholds
+from guardd.core.stress import StressLoss
 from guardd.credentials import load_credentials
 from guardd.errors import ConfigError, GuarddError, JournalError, StartupError
 from guardd.executor import Executor, journal_children, journal_order_ids
@@ -738,6 +739,11 @@ class Guard:
             cushion.value if cushion is not None else None,
             currency=self.book.base_currency,
         )
+        stress = self.stress_losses()
+        if stress is not None:
+            self.metrics.set_stress({name: s["ratio"] for name, s in stress["scenarios"].items()})
+        else:
+            self.metrics.set_stress({})
         now = self.clock()
         for client in self.book.order_clients:
             for span, window in ((1.0, "1s"), (60.0, "60s")):
@@ -894,7 +900,26 @@ class Guard:
                 for name, f in self._findings.items()
                 if f.level != "ok"
             },
+            # each stress scenario's projected loss (base currency) and loss / NetLiquidation,
+            # None where an input is missing (`missing` names it); None without [limits.stress]
+            "stress": self.stress_losses(),
         }
+
+    def stress_losses(self) -> StressView | None:
+        """Each configured stress scenario's loss now, or None when none is configured."""
+        rule = next((r for r in self.rules.periodic if isinstance(r, StressLoss)), None)
+        if rule is None:
+            return None
+        report = rule.losses(self.book, self.clock())
+        nl = self.book.net_liquidation
+        net_liq = nl.value if nl is not None and math.isfinite(nl.value) and nl.value > 0 else None
+        scenarios: dict[str, ScenarioLoss] = {}
+        for scenario in rule.scenarios:
+            loss = report.losses.get(scenario.name)
+            ratio = None if loss is None or net_liq is None else loss / net_liq
+            scenarios[scenario.name] = {"loss": loss, "ratio": ratio}
+        missing = None if report.missing is None else report.missing.message
+        return {"scenarios": scenarios, "missing": missing}
 
     def console_view(self) -> Mapping[str, object]:
         """What the web console shows (``guardd.control.console``), JSON-able: the status, why
@@ -1051,6 +1076,20 @@ class Guard:
 
 class _StopError(Exception):
     """Raised inside the TaskGroup to end it when `stop` is set."""
+
+
+class ScenarioLoss(TypedDict):
+    """One stress scenario in the status: loss in the base currency, loss / NetLiquidation."""
+
+    loss: float | None
+    ratio: float | None
+
+
+class StressView(TypedDict):
+    """The stress scenarios in the status, and what input is missing (None: none)."""
+
+    scenarios: dict[str, ScenarioLoss]
+    missing: str | None
 
 
 def _rule_limits(rule_set: RuleSet) -> dict[str, Thresholds]:

@@ -286,6 +286,37 @@ class VolatilityLimit(LevelLimit):
         return self
 
 
+class StressScenario(_Model):
+    """One stress scenario: moves as fractions (-0.10 = 10 % down). ``underlying_move`` moves
+    every underlying, ``vol_move`` every option's implied volatility by a fraction of itself
+    (+0.5 = half as much again), ``fx_moves`` each named currency against the base currency."""
+
+    name: Annotated[str, Field(min_length=1)]
+    underlying_move: Annotated[float, Field(ge=-1)] = 0.0
+    vol_move: Annotated[float, Field(ge=-1)] = 0.0
+    fx_moves: dict[str, Annotated[float, Field(gt=-1)]] = Field(default_factory=dict)
+
+
+class StressLimit(_FractionLimit):
+    """Stress loss = the worst scenario's projected loss of the whole book / net liquidation
+    (fraction; formulas in docs/rules.md). A reduce breach brings the account down to
+    ``target_leverage`` (required when ``reduce`` is set). Scenario names are unique."""
+
+    scenarios: list[StressScenario] = Field(default_factory=list)
+    target_leverage: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _scenarios_fit(self) -> Self:
+        if self.reduce is not None and self.target_leverage is None:
+            raise _broken("target_leverage", "is required when @reduce is set")
+        if self.enabled and not self.scenarios:
+            raise _broken("scenarios", "are required when a level is set")
+        names = [s.name for s in self.scenarios]
+        if len(set(names)) != len(names):
+            raise _broken("scenarios", "need unique names")
+        return self
+
+
 class RateLimit(LevelLimit):
     """New orders counted in one window (orders per window)."""
 
@@ -385,6 +416,7 @@ class Limits(_Model):
     daily_loss: DailyLossLimit = Field(default_factory=DailyLossLimit)
     drawdown: DrawdownLimit = Field(default_factory=DrawdownLimit)
     volatility: VolatilityLimit = Field(default_factory=VolatilityLimit)
+    stress: StressLimit = Field(default_factory=StressLimit)
     order_rate: OrderRateLimits = Field(default_factory=OrderRateLimits)
     per_order: PerOrderLimits = Field(default_factory=PerOrderLimits)
     positions: PositionLimits = Field(default_factory=PositionLimits)
@@ -400,6 +432,9 @@ class Limits(_Model):
             raise _broken(
                 "volatility.target_leverage", f"must be less than @leverage.kill ({kill})"
             )
+        target = self.stress.target_leverage
+        if target is not None and kill is not None and target >= kill:
+            raise _broken("stress.target_leverage", f"must be less than @leverage.kill ({kill})")
         return self
 
 

@@ -20,6 +20,8 @@ Exported (prefix ``guardd_``; counters end in ``_total``)::
     guardd_net_liquidation{currency}                  net liquidation, in `currency`
     guardd_leverage_ratio                             gross / net liquidation
     guardd_cushion_ratio                              excess liquidity / net liquidation
+    guardd_stress_loss_ratio{scenario}                a stress scenario's projected loss /
+                                                      net liquidation (NaN: missing data)
     guardd_order_rate{client_id,window}               the order-rate rule's figure: new orders
                                                       per second over the rule's own window
     guardd_ib_connected                               1 while connected to TWS / IB Gateway
@@ -279,6 +281,14 @@ class Metrics:
         self._cushion = Gauge(
             "guardd_cushion_ratio", "Excess liquidity / net liquidation.", a, registry=r
         )
+        self._stress = Gauge(
+            "guardd_stress_loss_ratio",
+            "A stress scenario's projected loss of the whole book / net liquidation (NaN: an "
+            "input is missing).",
+            (*a, "scenario"),
+            registry=r,
+        )
+        self._stress_shown: set[str] = set()
         self._order_rate = Gauge(
             "guardd_order_rate",
             "The order-rate rule's figure: new orders per second over its window, per client id "
@@ -590,6 +600,15 @@ class Metrics:
         self._money_currency = currency
         for ratio, value in ((self._leverage, leverage), (self._cushion, cushion)):
             ratio.labels(self.account).set(math.nan if value is None else value)
+
+    def set_stress(self, ratios: Mapping[str, float | None]) -> None:
+        """Each configured scenario's loss / net liquidation (None is NaN); a scenario no
+        longer configured (a reload) loses its series."""
+        for gone in self._stress_shown - ratios.keys():
+            self._stress.remove(self.account, gone)
+        for scenario, ratio in ratios.items():
+            self._stress.labels(self.account, scenario).set(math.nan if ratio is None else ratio)
+        self._stress_shown = set(ratios)
 
     def set_order_rate(self, client_id: int | str, window: str, rate: float) -> None:
         """New orders per second of `client_id` ("total" for all) over `window` ("1s", "60s")."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from guardd.config import Config, LevelLimit
-from guardd.core import rules
+from guardd.core import rules, stress
 from guardd.core.close import CloseSettings
 from guardd.core.engine import Policy
 from guardd.core.planner import ClosePolicy, OrderType, OrderTypeRule
@@ -78,6 +78,8 @@ def build_rules(cfg: Config) -> RuleSet:
                 ),
             )
         )
+    if lim.stress.enabled:
+        periodic.append(build_stress(cfg))
     pos = lim.positions
     if pos.max_quantity or pos.max_notional or pos.max_count is not None or pos.allowed_sec_types:
         periodic.append(
@@ -143,6 +145,26 @@ def build_rules(cfg: Config) -> RuleSet:
     return RuleSet(tuple(periodic), order_checks, order_rate, impersonation)
 
 
+def build_stress(cfg: Config) -> stress.StressLoss:
+    """The stress-loss rule of `[limits.stress]` (built whether or not a level is set, so status
+    can show each scenario's loss)."""
+    lim = cfg.limits.stress
+    return stress.StressLoss(
+        thresholds(lim),
+        scenarios=tuple(
+            stress.Scenario(
+                s.name,
+                underlying_move=s.underlying_move,
+                vol_move=s.vol_move,
+                fx_moves=dict(s.fx_moves),
+            )
+            for s in lim.scenarios
+        ),
+        target_leverage=lim.target_leverage,
+        max_value_age_s=lim.max_data_age_s,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Sampling:
     """How the Book samples prices and equity for the volatility rule."""
@@ -174,6 +196,7 @@ def build_policy(cfg: Config) -> Policy:
         "daily_loss": lim.daily_loss.debounce,
         "drawdown": lim.drawdown.debounce,
         "volatility": lim.volatility.debounce,
+        "stress_loss": lim.stress.debounce,
         "positions": lim.positions.debounce,
     }
     return Policy(

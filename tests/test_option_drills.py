@@ -11,6 +11,7 @@ no position ever went through zero.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,22 @@ mode = "flatten"
 
 [flatten]
 verify_timeout_s = 20.0
+
+[limits.stress]
+warn = 0.9
+
+[[limits.stress.scenarios]]
+name = "down 10%"
+underlying_move = -0.10
+
+[[limits.stress.scenarios]]
+name = "vol +50%"
+vol_move = 0.5
 """
+
+
+def _stress(guard: Any) -> Any:
+    return guard.status()["stress"]["scenarios"]
 
 
 async def test_kill_with_an_option_book_and_stock_then_flat_by_limits_never_market(
@@ -102,6 +118,31 @@ async def test_kill_with_an_option_book_and_stock_then_flat_by_limits_never_mark
             greeks = book.option_greeks(ConId(CALL_190))
             assert greeks is not None and 0.5 < greeks.delta < 1.0
             assert greeks.underlying_price == pytest.approx(200.0)
+            # each option's terms from its contract, and the stress scenarios in status and
+            # metrics: down 10 % loses on the stock, the calls and the short puts
+            for con_id, (right, strike) in OPTIONS.items():
+                held = book.position(ConId(con_id))
+                assert held is not None
+                assert (held.right, held.strike, held.expiry) == (
+                    right,
+                    strike,
+                    option_expiry(EXPIRY),
+                )
+            await wait_until(
+                lambda: _stress(guard)["down 10%"]["loss"] is not None, what="stress losses"
+            )
+            down = _stress(guard)["down 10%"]
+            assert down["loss"] > 300 * 200 * 0.10  # more than the stock's 6,000
+            assert guard.status()["stress"]["missing"] is None
+
+            def ratio() -> float:
+                value = guard.registry.get_sample_value(
+                    "guardd_stress_loss_ratio", {"account": ACCOUNT, "scenario": "down 10%"}
+                )
+                return math.nan if value is None else float(value)
+
+            await wait_until(lambda: math.isfinite(ratio()), what="stress metric")
+            assert ratio() == pytest.approx(down["ratio"], rel=0.05)
 
             # Act
             await guard.handle(kill_command("flatten"))

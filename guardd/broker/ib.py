@@ -62,6 +62,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, cast
+from zoneinfo import ZoneInfo
 
 import structlog
 from ibapi.client import EClient
@@ -76,6 +77,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from guardd.broker.hours import HoursFormatError, market_hours
 from guardd.broker.pacer import DEFAULT_MESSAGES_PER_SECOND, Lane, PacedSender
 from guardd.core import events as ev
+from guardd.core.options import expiry_time
 from guardd.errors import (
     AccountNotManagedError,
     BrokerConnectError,
@@ -201,6 +203,23 @@ def _perm_id(value: Any) -> ev.PermId:
     """A permId; unset (UNSET_LONG, or UNSET_INTEGER) becomes 0, "not known yet"."""
     number = int(value)
     return ev.PermId(0 if number in (UNSET_INTEGER, UNSET_LONG) else number)
+
+
+_OPTION_ZONE: Final = ZoneInfo("America/New_York")
+
+
+def _option_terms(contract: Contract) -> dict[str, Any]:
+    """An option's strike, right and expiry (epoch seconds) from its contract, as the Book
+    keeps them; nothing for any other contract (the Book's NaN / "": not an option's terms)."""
+    if contract.secType != "OPT":
+        return {}
+    strike = _number(contract.strike)
+    right = {"C": "C", "CALL": "C", "P": "P", "PUT": "P"}.get(str(contract.right).upper(), "")
+    return {
+        "strike": strike if strike > 0 else math.nan,
+        "right": right,
+        "expiry": expiry_time(str(contract.lastTradeDateOrContractMonth), _OPTION_ZONE),
+    }
 
 
 def _multiplier(text: str) -> float:
@@ -371,6 +390,7 @@ class _IbSession(EWrapper, EClient):  # type: ignore[misc]
                 quantity=_number(position),
                 avg_cost=_number(avgCost),
                 ts=self._ts(),
+                **_option_terms(contract),
             )
         )
 

@@ -129,6 +129,11 @@ class Position:
     daily_pnl: float | None = None
     generation: int = 0
     unknown_since: float | None = None  # when its quantity last arrived unset (None: known)
+    # an option's terms (NaN / "" when not an option or not reported): strike, right "C"/"P",
+    # expiry in epoch seconds
+    strike: float = math.nan
+    right: str = ""
+    expiry: float = math.nan
 
     @property
     def known(self) -> bool:
@@ -560,6 +565,9 @@ class Book:
             value_ts=value_ts,
             daily_pnl=old.daily_pnl if old is not None else None,
             generation=self.generation,
+            strike=event.strike,
+            right=event.right,
+            expiry=event.expiry,
         )
         if event.account == self.account and (
             old is None or not old.known or old.quantity != event.quantity
@@ -587,6 +595,9 @@ class Book:
                 updated=event.ts,
                 generation=self.generation,
                 unknown_since=event.ts,
+                strike=event.strike,
+                right=event.right,
+                expiry=event.expiry,
             )
         else:
             new = replace(
@@ -1200,6 +1211,15 @@ class Book:
         if s is None or not math.isfinite(s.value) or s.value <= 0:
             return None
         return s.value
+
+    def cash_balances(self) -> Mapping[str, Sample]:
+        """`TotalCashBalance` per currency other than the base currency (the `BASE` total and
+        the base currency's own row left out): the cash an FX move revalues."""
+        return {
+            ccy: sample
+            for (key, ccy), sample in self._values.items()
+            if key == "TotalCashBalance" and ccy not in (BASE, "", self.base_currency)
+        }
 
     def gross_local(self) -> Mapping[str, float]:
         """Running gross (absolute) position value per currency, guarded account."""

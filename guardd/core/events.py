@@ -80,6 +80,11 @@ class PositionUpdate:
     quantity: float  # signed: short positions are negative; NaN: IB left it unset (unknown)
     avg_cost: float
     ts: float
+    # an option's terms from its contract (NaN / "" for anything else or where IB left them out):
+    # strike, right "C"/"P", expiry in epoch seconds (the close of its last trading day)
+    strike: float = math.nan
+    right: str = ""
+    expiry: float = math.nan
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import datetime, tzinfo
 from typing import Literal
 
 Right = Literal["C", "P"]
 DAYS_PER_YEAR = 365.0
+SECONDS_PER_YEAR = DAYS_PER_YEAR * 86400.0
+EXPIRY_HOUR = 16  # an option expires at the close of its last trading day, 16:00 New York
 _IV_LOW, _IV_HIGH = 1e-4, 10.0  # implied vols searched: 0.01 % .. 1000 %
 _IV_TOLERANCE = 1e-10
 
@@ -123,3 +126,19 @@ def implied_vol(
         else:
             high = mid
     return (low + high) / 2.0
+
+
+def expiry_time(last_trade_date: str, zone: tzinfo) -> float:
+    """When an option with this last trading day (IB's lastTradeDateOrContractMonth, YYYYMMDD
+    first) expires: `EXPIRY_HOUR` o'clock in `zone` (the exchange's, New York for US options),
+    in epoch seconds; NaN when the text is not a date (unknown, never "now")."""
+    try:
+        day = datetime.strptime(last_trade_date[:8], "%Y%m%d")
+    except ValueError:
+        return math.nan
+    return day.replace(hour=EXPIRY_HOUR, tzinfo=zone).timestamp()
+
+
+def years_to_expiry(expiry: float, now: float) -> float:
+    """Years of 365 days from `now` to `expiry` (epoch seconds), 0 once expired."""
+    return max(0.0, expiry - now) / SECONDS_PER_YEAR
