@@ -62,6 +62,7 @@ def exported_metric_names() -> set[str]:
     metrics.count_breach("leverage", "warn")
     metrics.set_exposure(1.0, 1.0, 1.0, 1.0, currency="USD")
     metrics.set_order_rate(1, "1s", 1.0)
+    metrics.set_stress({"down 10%": 0.1})
     metrics.set_mqtt_connected(True)
     metrics.init_notifications([("ops", ["kill"])])
     return {sample.name for family in registry.collect() for sample in family.samples}
@@ -290,6 +291,7 @@ def test_dashboard_parsed_then_has_the_promised_panels() -> None:
         "gross position value",
         "leverage",
         "margin cushion",
+        "stress loss",
         "order rate per client",
         "trigger to first cancel",
         "event processing",
