@@ -89,6 +89,25 @@ class CommandOutcome:
             "latch_durable": self.latch_durable,
         }
 
+    def http_answer(
+        self, *, action: str, principal: str, request_id: str
+    ) -> tuple[int, dict[str, object]]:
+        """The HTTP status and JSON body that answer this outcome (the API and the console):
+        200 accepted, 202 pending, 409 refused; 500 ``latch_not_durable`` when carried out but
+        the latch could not be written (a restart would not know it: the operator must see it)."""
+        status = 200 if self.accepted else 202 if self.pending else 409
+        extra: dict[str, object] = {}
+        if not self.latch_durable:
+            status, extra = 500, {"error": "latch_not_durable"}
+        body = {
+            **self.as_json(),
+            **extra,
+            "action": action,
+            "principal": principal,
+            "request_id": request_id,
+        }
+        return status, body
+
 
 class CommandHandler(Protocol):
     """The guard's side of the seam; the app implements it."""

@@ -353,10 +353,9 @@ class Console:
             return _json(
                 500, {"error": "command_failed", "message": str(exc), "request_id": request_id}
             )
-        status = 200 if outcome.accepted else 202 if outcome.pending else 409
-        extra: dict[str, object] = {}
-        if not outcome.latch_durable:
-            status, extra = 500, {"error": "latch_not_durable"}
+        status, body = outcome.http_answer(
+            action=action, principal=principal.name, request_id=request_id
+        )
         log.info(
             "command_handled",
             channel="console",
@@ -367,16 +366,7 @@ class Console:
             state=outcome.state,
             request_id=request_id,
         )
-        return _json(
-            status,
-            {
-                **outcome.as_json(),
-                **extra,
-                "action": action,
-                "principal": principal.name,
-                "request_id": request_id,
-            },
-        )
+        return _json(status, body)
 
     # ------------------------------------------------------------------ sessions
 

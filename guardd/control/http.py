@@ -428,11 +428,9 @@ class ControlHttpServer:
         except GuarddError as exc:  # the guard failed to carry it out (journal, latch): say so
             log.error("command_failed", channel="http", action=action, error=str(exc))
             return _error(500, "command_failed", str(exc), request_id=request_id)
-        status = 200 if outcome.accepted else 202 if outcome.pending else 409
-        extra: dict[str, object] = {}
-        if not outcome.latch_durable:
-            # Carried out, but a restart would not know it: an error the operator must see.
-            status, extra = 500, {"error": "latch_not_durable"}
+        status, body = outcome.http_answer(
+            action=action, principal=principal.name, request_id=request_id
+        )
         log.info(
             "command_handled",
             channel="http",
@@ -443,16 +441,7 @@ class ControlHttpServer:
             state=outcome.state,
             request_id=request_id,
         )
-        return _json(
-            status,
-            {
-                **outcome.as_json(),
-                **extra,
-                "action": action,
-                "principal": principal.name,
-                "request_id": request_id,
-            },
-        )
+        return _json(status, body)
 
     def _audit_refusal(
         self,
