@@ -33,7 +33,9 @@ from tests.guard_harness import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
 
-EXPIRY = "20261218"
+# A month out of today: the guard prices options at its own clock, so a fixed date would make the
+# guard and the gateway disagree on time to expiry (and the drill break once the date passed).
+EXPIRY = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).strftime("%Y%m%d")
 START = option_expiry(EXPIRY) - 30 * 86_400  # a month before expiry
 STOCK, CALL_190, PUT_180, CALL_200, CALL_220 = 265598, 900001, 900002, 900003, 900004
 OPTIONS = {CALL_190: ("C", 190.0), PUT_180: ("P", 180.0), CALL_200: ("C", 200.0)}
@@ -63,10 +65,10 @@ OPTION_BOOK: dict[str, Any] = {
     ],
     "positions": [
         {"symbol": "AAPL", "quantity": 300, "avg_price": 195.0},
-        {"symbol": "AAPL 20261218 190C", "quantity": 10},  # long calls
-        {"symbol": "AAPL 20261218 180P", "quantity": -5},  # short puts
-        {"symbol": "AAPL 20261218 200C", "quantity": 4},  # a call spread: long the 200 ...
-        {"symbol": "AAPL 20261218 220C", "quantity": -4},  # ... short the 220
+        {"symbol": f"AAPL {EXPIRY} 190C", "quantity": 10},  # long calls
+        {"symbol": f"AAPL {EXPIRY} 180P", "quantity": -5},  # short puts
+        {"symbol": f"AAPL {EXPIRY} 200C", "quantity": 4},  # a call spread: long the 200 ...
+        {"symbol": f"AAPL {EXPIRY} 220C", "quantity": -4},  # ... short the 220
     ],
 }
 FLATTEN = """
