@@ -29,6 +29,7 @@ __all__ = [
     "CommandHandler",
     "CommandOutcome",
     "ControlCommand",
+    "HttpRefusedError",
     "KillMode",
     "check_force",
     "check_mode",
@@ -107,6 +108,16 @@ class CommandOutcome:
             "request_id": request_id,
         }
         return status, body
+
+
+class HttpRefusedError(Exception):
+    """A request the HTTP API or the console refuses with this HTTP status (caught where the
+    answer is written; never raised out of the control plane)."""
+
+    def __init__(self, status: int, error: GuarddError) -> None:
+        super().__init__(str(error))
+        self.status = status
+        self.error = error
 
 
 class CommandHandler(Protocol):

@@ -55,6 +55,7 @@ from guardd.control.commands import (
     Action,
     CommandHandler,
     ControlCommand,
+    HttpRefusedError,
     check_force,
     check_mode,
     check_reason,
@@ -158,15 +159,6 @@ class Sessions:
             del self._sessions[sid]
 
 
-class _RefusedError(Exception):
-    """Internal: a console request refused with this HTTP status."""
-
-    def __init__(self, status: int, error: GuarddError) -> None:
-        super().__init__(str(error))
-        self.status = status
-        self.error = error
-
-
 class Console:
     """The web console's routes; ``attach`` mounts them on an aiohttp application."""
 
@@ -230,7 +222,7 @@ class Console:
     async def _login(self, request: web.Request) -> web.Response:
         try:
             _same_origin(request)
-        except _RefusedError as refused:
+        except HttpRefusedError as refused:
             return _refusal_json(refused, "")
         form = await request.post()
         token = form.get("token")
@@ -238,7 +230,7 @@ class Console:
             principal = self._tokens.authenticate(token if isinstance(token, str) else None)
         except AuthError as exc:
             log.warning("console_login_refused", remote=request.remote, why=str(exc))
-            self._audit(request, None, "console_login", None, _RefusedError(401, exc), "")
+            self._audit(request, None, "console_login", None, HttpRefusedError(401, exc), "")
             return _see_other("/console?failed=1")
         sid, _ = self._sessions.open(principal)
         log.info("console_login", principal=principal.name, person=principal.person)
@@ -257,7 +249,7 @@ class Console:
     async def _logout(self, request: web.Request) -> web.Response:
         try:
             session, sid = self._authorised(request)
-        except _RefusedError as refused:
+        except HttpRefusedError as refused:
             return _refusal_json(refused, "")
         self._sessions.close(sid)
         log.info("console_logout", principal=session.principal.name)
@@ -338,14 +330,14 @@ class Console:
             _require(principal, action)
             body = await _read_json(request)
             command = _command_from_body(body, action, principal, request_id)
-        except _RefusedError as refused:
+        except HttpRefusedError as refused:
             reason = body.get("reason") if isinstance(body, dict) else None
             self._audit(request, principal, action, reason, refused, request_id)
             return _refusal_json(refused, request_id)
         try:
             outcome = await self._handler.handle(command)
         except CommandError as exc:
-            by_guard = _RefusedError(409, exc)
+            by_guard = HttpRefusedError(409, exc)
             self._audit(request, principal, action, command.reason, by_guard, request_id)
             return _refusal_json(by_guard, request_id)
         except GuarddError as exc:
@@ -379,10 +371,10 @@ class Console:
         sid = request.cookies.get(COOKIE, "")
         session = self._sessions.get(sid)
         if session is None:
-            raise _RefusedError(401, AuthError("no console session: log in at /console"))
+            raise HttpRefusedError(401, AuthError("no console session: log in at /console"))
         sent = request.headers.get(CSRF_HEADER, "")
         if not secrets.compare_digest(sent.encode(), session.csrf.encode()):
-            raise _RefusedError(403, AuthError("missing or wrong CSRF token"))
+            raise HttpRefusedError(403, AuthError("missing or wrong CSRF token"))
         return session, sid
 
     def _audit(
@@ -391,7 +383,7 @@ class Console:
         principal: Principal | None,
         action: str,
         reason: object,
-        refused: _RefusedError,
+        refused: HttpRefusedError,
         request_id: str,
     ) -> None:
         record = refusal_record(
@@ -423,37 +415,38 @@ def _same_origin(request: web.Request) -> None:
     """Refuse a state-changing request another site made the browser send."""
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None and site not in ("same-origin", "none"):
-        raise _RefusedError(403, AuthError(f"cross-site request refused (Sec-Fetch-Site {site})"))
+        why = f"cross-site request refused (Sec-Fetch-Site {site})"
+        raise HttpRefusedError(403, AuthError(why))
     origin = request.headers.get("Origin")
     if origin is not None and origin != f"{request.scheme}://{request.host}":
-        raise _RefusedError(403, AuthError(f"request from another origin refused ({origin})"))
+        raise HttpRefusedError(403, AuthError(f"request from another origin refused ({origin})"))
 
 
 def _require(principal: Principal, action: Action) -> None:
     try:
         principal.require(required_role(action))
     except AuthError as exc:
-        raise _RefusedError(403, exc) from exc
+        raise HttpRefusedError(403, exc) from exc
 
 
 async def _read_json(request: web.Request) -> object:
     if request.content_type != "application/json":
-        raise _RefusedError(415, CommandError("the body must be application/json"))
+        raise HttpRefusedError(415, CommandError("the body must be application/json"))
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
-        raise _RefusedError(413, CommandError("body too large")) from exc
+        raise HttpRefusedError(413, CommandError("body too large")) from exc
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise _RefusedError(400, CommandError("body is not valid JSON")) from exc
+        raise HttpRefusedError(400, CommandError("body is not valid JSON")) from exc
 
 
 def _command_from_body(
     body: object, action: Action, principal: Principal, request_id: str
 ) -> ControlCommand:
     if not isinstance(body, dict):
-        raise _RefusedError(400, CommandError("body must be a JSON object"))
+        raise HttpRefusedError(400, CommandError("body must be a JSON object"))
     try:
         unknown = sorted(str(k) for k in body if k not in _FIELDS[action])
         if unknown:
@@ -469,7 +462,7 @@ def _command_from_body(
             person=principal.person,
         )
     except CommandError as exc:
-        raise _RefusedError(422, exc) from exc
+        raise HttpRefusedError(422, exc) from exc
 
 
 _ERRORS: Final = {
@@ -483,7 +476,7 @@ _ERRORS: Final = {
 }
 
 
-def _refusal_json(refused: _RefusedError, request_id: str) -> web.Response:
+def _refusal_json(refused: HttpRefusedError, request_id: str) -> web.Response:
     return _json(
         refused.status,
         {

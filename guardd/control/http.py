@@ -56,6 +56,7 @@ from guardd.control.commands import (
     Action,
     CommandHandler,
     ControlCommand,
+    HttpRefusedError,
     check_force,
     check_mode,
     check_reason,
@@ -171,15 +172,6 @@ class _Connection(web.RequestHandler):
 def _bearer(request: web.Request) -> str | None:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
-
-
-class _RefusedError(Exception):
-    """Internal: a command refused with this HTTP status (never leaves this module)."""
-
-    def __init__(self, status: int, error: GuarddError) -> None:
-        super().__init__(str(error))
-        self.status = status
-        self.error = error
 
 
 class ControlHttpServer:
@@ -366,7 +358,7 @@ class ControlHttpServer:
     async def _status(self, request: web.Request) -> web.Response:
         try:
             self._authorise(request, "read")
-        except _RefusedError as refused:
+        except HttpRefusedError as refused:
             log.info("status_refused", remote=request.remote, why=str(refused.error))
             return _error(
                 refused.status,
@@ -393,7 +385,7 @@ class ControlHttpServer:
         try:
             return self._tokens.authenticate(_bearer(request))
         except AuthError as exc:
-            raise _RefusedError(401, exc) from exc
+            raise HttpRefusedError(401, exc) from exc
 
     async def _command(self, request: web.Request, action: Action) -> web.Response:
         request_id: str = request[_REQUEST_ID]
@@ -404,13 +396,13 @@ class ControlHttpServer:
             _require(principal, required_role(action))
             if request.content_type != _JSON:
                 why = f"Content-Type must be {_JSON}, not {request.content_type}"
-                raise _RefusedError(415, CommandError(why))
+                raise HttpRefusedError(415, CommandError(why))
             body = await _read_json(request, self._max_body_bytes, self._body_timeout_s)
             self._busy[request.protocol] = "committed"  # never evicted from here on
             command = _command_from_body(
                 body, action, principal.name, request_id, person=principal.person
             )
-        except _RefusedError as refused:
+        except HttpRefusedError as refused:
             reason = body.get("reason") if isinstance(body, dict) else None
             self._audit_refusal(request, action, principal, reason, refused, request_id)
             return _error(
@@ -422,7 +414,7 @@ class ControlHttpServer:
         try:
             outcome = await self._handler.handle(command)
         except CommandError as exc:
-            by_guard = _RefusedError(409, exc)
+            by_guard = HttpRefusedError(409, exc)
             self._audit_refusal(request, action, principal, command.reason, by_guard, request_id)
             return _error(409, "refused", str(exc), request_id=request_id)
         except GuarddError as exc:  # the guard failed to carry it out (journal, latch): say so
@@ -449,7 +441,7 @@ class ControlHttpServer:
         action: Action,
         principal: Principal | None,
         reason: object,
-        refused: _RefusedError,
+        refused: HttpRefusedError,
         request_id: str,
     ) -> None:
         record = refusal_record(
@@ -481,7 +473,7 @@ def _require(principal: Principal, role: Role) -> None:
     try:
         principal.require(role)
     except AuthError as exc:
-        raise _RefusedError(403, exc) from exc
+        raise HttpRefusedError(403, exc) from exc
 
 
 def _error_name(status: int) -> str:
@@ -502,23 +494,23 @@ async def _read_json(request: web.Request, limit: int, timeout_s: float) -> obje
         async with asyncio.timeout(timeout_s):
             raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
-        raise _RefusedError(413, CommandError(f"body larger than {limit} bytes")) from exc
+        raise HttpRefusedError(413, CommandError(f"body larger than {limit} bytes")) from exc
     except TimeoutError as exc:
         why = f"body not received within {timeout_s:g} s"
-        raise _RefusedError(408, CommandError(why)) from exc
+        raise HttpRefusedError(408, CommandError(why)) from exc
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise _RefusedError(400, CommandError("body is not valid JSON")) from exc
+        raise HttpRefusedError(400, CommandError("body is not valid JSON")) from exc
 
 
 def _command_from_body(
     body: object, action: Action, principal: str, request_id: str, *, person: str | None = None
 ) -> ControlCommand:
     if not isinstance(body, dict):
-        raise _RefusedError(400, CommandError("body must be a JSON object"))
+        raise HttpRefusedError(400, CommandError("body must be a JSON object"))
     if "reason" not in body:
-        raise _RefusedError(400, CommandError("missing field: reason"))
+        raise HttpRefusedError(400, CommandError("missing field: reason"))
     try:
         unknown = sorted(str(k) for k in body if k not in _FIELDS[action])
         if unknown:
@@ -534,4 +526,4 @@ def _command_from_body(
             person=person,
         )
     except CommandError as exc:
-        raise _RefusedError(422, exc) from exc
+        raise HttpRefusedError(422, exc) from exc
