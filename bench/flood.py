@@ -53,7 +53,7 @@ from bench.run import (
     summary_ms,
 )
 from guardd.control.auth import signed_payload
-from guardd.journal import read_journal
+from guardd.state.journal import read_journal
 
 __all__ = [
     "FLOOD_JUNK_RATE",

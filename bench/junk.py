@@ -6,7 +6,7 @@ one process can offer several thousand messages a second without a client librar
 cost hiding the guard's. The payloads are what a forger can make (`junk_payloads`): bytes that
 are not JSON, JSON of the wrong shape, an unknown key id, a known key id with a made-up signature
 (the dearest for the guard: it computes the HMAC), text with a lone surrogate escape. Used by
-`bench.flood` and by tests/test_control_flood.py.
+`bench.flood` and by tests/integration/control/test_control_flood.py.
 """
 
 from __future__ import annotations

@@ -38,9 +38,9 @@ import aiohttp
 import aiomqtt
 
 from guardd.control.auth import signed_payload
-from guardd.journal import Journal, read_journal
-from guardd.latch import LatchState, write_latch
-from guardd.sim.bot import RunawayBot
+from guardd.state.journal import Journal, read_journal
+from guardd.state.latch import LatchState, write_latch
+from ibsim.bot import RunawayBot
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -20,9 +20,9 @@ import sys
 import time
 from typing import Any
 
-from guardd.sim.gateway import FloodStats, GatewayConfig, SimGateway
-from guardd.sim.scenario import parse_scenario
-from guardd.sim.types import ContractSpec, OrderRequest
+from ibsim.gateway import FloodStats, GatewayConfig, SimGateway
+from ibsim.scenario import parse_scenario
+from ibsim.types import ContractSpec, OrderRequest
 
 ACCOUNT = "DU000001"
 BOT_CLIENT_ID = 7

@@ -30,8 +30,7 @@ from guardd.completion import (
     script,
 )
 from guardd.errors import EX_CONFIG, ConfigError, GuarddError, StartupError
-
-EX_DATAERR = 65  # `guardd sim --state FILE`: FILE is not a state this gateway reads
+from ibsim import cli as sim_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,37 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--server-version",
-        type=_server_version,
+        type=sim_cli.server_version,
         help="highest TWS API server version the embedded gateway offers (default 226)",
     )
-    sim = sub.add_parser("sim", help="run the simulated IB Gateway")
-    sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
-    sim.add_argument("--port", type=int, default=7497, help="TCP port (default 7497)")
-    complete_files(
-        sim.add_argument("--scenario", type=Path, help="scenario TOML file (configs/scenarios/)")
-    )
-    sim.add_argument(
-        "--server-version",
-        type=_server_version,
-        help="highest TWS API server version offered, 178-226 (default: the scenario's, 226); "
-        "201 and above speak the protobuf wire",
-    )
-    complete_files(
-        sim.add_argument(
-            "--state",
-            type=Path,
-            metavar="FILE",
-            help="keep the account (positions, cash, working orders, fills, order ids) in FILE "
-            "across restarts of this process, as IB's servers do; read at start when it exists",
-        )
-    )
-    sim.add_argument(
-        "--show-every",
-        type=_seconds,
-        metavar="SECONDS",
-        help="print the gateway side (positions, working orders per client, FLAT when flat) "
-        "every SECONDS; SIGUSR1 prints it once at any time",
-    )
+    sim_cli.add_arguments(sub.add_parser("sim", help="run the simulated IB Gateway"))
     add_completion_command(sub)
     return parser
 
@@ -111,26 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(script(parser, args.shell), end="")
         return 0
     if args.command == "sim":
-        from guardd.sim.scenario import ScenarioError
-        from guardd.sim.server import sim_main
-        from guardd.sim.state import StateFileError
-
-        try:
-            return sim_main(
-                host=args.host,
-                port=args.port,
-                scenario_path=args.scenario,
-                server_version=args.server_version,
-                state_path=args.state,
-                show_every_s=args.show_every,
-            )
-        except ScenarioError as exc:
-            print(f"guardd sim: {exc}", file=sys.stderr)
-            return EX_CONFIG
-        except StateFileError as exc:
-            # one line: the gateway will not start on an account it cannot read
-            print(f"guardd sim: {' '.join(str(exc).splitlines())}", file=sys.stderr)
-            return EX_DATAERR
+        return sim_cli.run(args, prog="guardd sim")
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command == "init":
@@ -144,32 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo_main(stay=args.stay, server_version=args.server_version)
     raise AssertionError(f"unhandled command {args.command}")
-
-
-def _server_version(text: str) -> int:
-    """argparse type of `--server-version`: an int the simulated gateway can speak."""
-    from guardd.sim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION
-
-    try:
-        version = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not MIN_SERVER_VERSION <= version <= MAX_SERVER_VERSION:
-        raise argparse.ArgumentTypeError(
-            f"{version} is outside {MIN_SERVER_VERSION}..{MAX_SERVER_VERSION}"
-        )
-    return version
-
-
-def _seconds(text: str) -> float:
-    """argparse type of `--show-every`: a finite number of seconds above 0."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
-    return seconds
 
 
 def _check_config(path: Path) -> int:
@@ -213,8 +140,8 @@ def _run(path: Path, *, fresh_start: bool, wire_logs: bool = False) -> int:
 
 
 async def _guard(cfg: object, *, fresh_start: bool, path: Path) -> int:
-    from guardd.app import Guard
     from guardd.config import Config, load_config
+    from guardd.runtime.guard import Guard
     from guardd.sdnotify import Notifier
 
     assert isinstance(cfg, Config)

@@ -831,7 +831,7 @@ class LogConfig(_Model):
 
 
 class JournalConfig(_Model):
-    """The audit journal's rotation (guardd.journal): "never" (default), "size" (a new segment
+    """The audit journal's rotation (guardd.state.journal): "never" (default), "size" (a new segment
     once the live file would pass ``max_bytes``) or "day" (a new segment each UTC day). Rotated
     segments are kept (guardd deletes none) and all read at start."""
 

@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from guardd.app import Guard
 from guardd.config import Config, load_config
+from guardd.runtime.guard import Guard
 from guardd.shipped import shipped
-from guardd.sim.bot import RunawayBot
-from guardd.sim.gateway import SimGateway
-from guardd.sim.scenario import parse_scenario
-from guardd.sim.server import build_gateway
-from guardd.sim.types import OrderRequest
+from ibsim.bot import RunawayBot
+from ibsim.gateway import SimGateway
+from ibsim.scenario import parse_scenario
+from ibsim.server import build_gateway
+from ibsim.types import OrderRequest
 
 BOT_CLIENT_ID = 7
 # Installed wheels carry configs/demo.toml inside the package; a checkout has it at the top.

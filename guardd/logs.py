@@ -1,11 +1,11 @@
 """Logging: structlog key-value events, JSON lines in production, a console view on a terminal.
 
 `configure_logging` is called once by the entry point. It sends structlog's events and the
-standard library's records (the simulator's ``guardd.sim``, aiohttp, aiomqtt) through one handler
+standard library's records (the simulator's ``ibsim``, aiohttp, aiomqtt) through one handler
 on the root logger with one renderer, so every line has the same shape::
 
     {"event": "orders_cancelled", "count": 3, "decision_id": 17, "account": "DU1",
-     "level": "info", "logger": "guardd.executor", "timestamp": "2025-01-02T03:04:05.678Z"}
+     "level": "info", "logger": "guardd.runtime.executor", "timestamp": "2025-01-02T03:04:05.678Z"}
 
 Events are snake_case facts with key-values (``log.info("orders_cancelled", count=3)``), never
 formatted strings. `bind_decision` puts the decision id and account on every line logged while a

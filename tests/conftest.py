@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from guardd.sim import gateway as sim_gateway
-from guardd.sim.gateway import SimGateway
-from guardd.sim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION
-from guardd.sim.scenario import Scenario, parse_scenario
-from guardd.sim.server import build_gateway
+from ibsim import gateway as sim_gateway
+from ibsim.gateway import SimGateway
+from ibsim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION
+from ibsim.scenario import Scenario, parse_scenario
+from ibsim.server import build_gateway
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

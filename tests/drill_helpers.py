@@ -1,5 +1,5 @@
-"""Helpers for the fault drills (tests/test_drills.py): guards in process and as `guardd run`
-processes, a bot that modifies its orders, and checks on the gateway's own records.
+"""Helpers for the fault drills (tests/integration/drills/test_drills.py): guards in process and as
+`guardd run` processes, a bot that modifies its orders, and checks on the gateway's own records.
 
 `GuardProcesses` starts `guardd run -c FILE` processes quickly: a zygote interpreter imports
 guardd once and forks one child per run, and each child runs exactly what the `guardd` console
@@ -28,12 +28,12 @@ import aiohttp
 from ibapi.contract import Contract
 from ibapi.order import Order
 
-from guardd.app import Guard
 from guardd.config import Config
 from guardd.control.commands import ControlCommand
-from guardd.sim.bot import RunawayBot
-from guardd.sim.gateway import PLACE_ORDER, SimGateway
-from guardd.sim.types import OrderRequest
+from guardd.runtime.guard import Guard
+from ibsim.bot import RunawayBot
+from ibsim.gateway import PLACE_ORDER, SimGateway
+from ibsim.types import OrderRequest
 from tests.guard_harness import ACCOUNT, GUARD_CLIENT_ID, free_port
 from tests.ibapi_harness import IbapiClient, connected
 

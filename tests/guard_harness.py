@@ -22,12 +22,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from guardd.app import Guard
 from guardd.config import Config, parse_config
-from guardd.journal import read_journal
-from guardd.sim.gateway import SimGateway
-from guardd.sim.scenario import parse_scenario
-from guardd.sim.server import build_gateway
+from guardd.runtime.guard import Guard
+from guardd.state.journal import read_journal
+from ibsim.gateway import SimGateway
+from ibsim.scenario import parse_scenario
+from ibsim.server import build_gateway
 from tests.conftest import SCENARIO
 
 ACCOUNT = "DU000001"

@@ -23,10 +23,10 @@ from ibapi.connection import Connection
 from ibapi.decoder import Decoder as IbapiDecoder
 from ibapi.wrapper import EWrapper
 
-from guardd.sim import codec
-from guardd.sim.gateway import Request, read_request
-from guardd.sim.messages import Outgoing
-from guardd.sim.wire import (
+from ibsim import codec
+from ibsim.gateway import Request, read_request
+from ibsim.messages import Outgoing
+from ibsim.wire import (
     PROTOBUF_OFFSET,
     RAW_ID_VERSION,
     Field,

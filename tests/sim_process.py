@@ -1,5 +1,6 @@
 """`guardd sim` as a real process, for the drills that kill the gateway with -9 and start it
-again on the same `--state FILE` (tests/test_sim_state.py, tests/test_sim_state_drills.py)."""
+again on the same `--state FILE`
+(tests/integration/ibsim/test_sim_state.py, tests/integration/drills/test_sim_state_drills.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from guardd.sim.exchange import Exchange
-from guardd.sim.scenario import load_scenario
-from guardd.sim.state import StateFile
+from ibsim.exchange import Exchange
+from ibsim.scenario import load_scenario
+from ibsim.state import StateFile
 
 
 def write_scenario(

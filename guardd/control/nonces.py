@@ -39,8 +39,8 @@ from typing import Self
 import structlog
 
 from guardd.control.auth import NonceCache
-from guardd.durable import fsync_dir, write_all
 from guardd.errors import NonceNotDurableError
+from guardd.state.durable import fsync_dir, write_all
 
 __all__ = ["NonceRecord", "NonceStore", "read_nonce_file"]
 

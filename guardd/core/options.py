@@ -1,7 +1,8 @@
 """Option prices and greeks by Black-Scholes (European exercise, no dividends): pure, no clock.
 
-One pricing for everything that values an option: the simulated gateway quotes its options with
-it, and the guard revalues an option book under a stress scenario with it.
+The guard's one pricing for an option: the stress-loss rule revalues an option book with it.
+(The simulated gateway prices with its own implementation, ibsim/options.py, as IB does with
+its own model.)
 
 Units, as IB reports them in tickOptionComputation:
     spot, strike, price  in the option's currency per share (an option on 100 shares costs

@@ -1,1 +1,0 @@
-"""A simulated IB Gateway speaking the TWS API text protocol (server version 178)."""

@@ -1,0 +1,405 @@
+"""Never past flat, whatever the broker's data looks like: close drills under broker faults.
+
+Each drill runs the real guard (in process, or as `guardd run` processes killed with -9) against
+the simulated gateway over TCP, flattens under one fault, and checks the end state three ways: an
+independent ibapi client sees no position and no working order; the gateway's fill record shows
+no position ever crossed zero (`zero_crossings`); and the guard's own fills add up to exactly what
+there was to close, after what others traded.
+
+Faults: position updates delayed by seconds while another client trades the same contract, and
+while IB liquidates; kill -9 mid-flatten and a restart with positions delayed; a gateway restart
+with positions delayed; a silent socket freeze while a child is in flight; the guard's working
+child cancelled by someone else while the guard is cut off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from guardd.state.journal import journal_segments, read_journal
+from ibsim.gateway import PLACE_ORDER, SimGateway
+from tests.drill_helpers import (
+    GuardProcesses,
+    client,
+    gateway_says_flat,
+    http_kill,
+    http_ready,
+    kill_command,
+    running,
+    wait_gone,
+    write_run_config,
+)
+from tests.guard_harness import (
+    AAPL,
+    ACCOUNT,
+    GUARD_CLIENT_ID,
+    guard_config,
+    journal_kinds,
+    position,
+    sim_gateway,
+    starting_positions,
+    wait_until,
+    zero_crossings,
+)
+from tests.ibapi_harness import market_order, stock
+
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
+
+BOT = 7
+DELAY_S = 1.5  # how late the gateway sends position updates in the delayed drills
+# The settle time must cover the position stream's lag (guardd.core.close, assumption A3): a
+# figure the guard cannot reconcile with the fills it saw is trusted only after this much quiet.
+FLATTEN = """
+[kill]
+mode = "flatten"
+
+[flatten]
+verify_timeout_s = 30.0
+position_settle_s = 3.0
+lost_order_grace_s = 1.0
+"""
+# A slow close: each order fills at most 50 per 0.1 s market step, so a child works for seconds.
+SLOW_FILLS = {"partial_fill_quantity": 50, "market_interval_s": 0.1}
+
+
+def guard_totals(sim: SimGateway) -> dict[int, Decimal]:
+    """Signed quantity the guard's client id filled, per contract (BUY +, SELL -)."""
+    totals: dict[int, Decimal] = {}
+    for fill in sim.exchange.fills():
+        if fill.client_id == GUARD_CLIENT_ID and fill.order_id != 0:  # 0: IB's own orders
+            sign = 1 if fill.side == "BOT" else -1
+            con = fill.instrument.con_id
+            totals[con] = totals.get(con, Decimal(0)) + sign * Decimal(str(fill.shares))
+    return totals
+
+
+def others_totals(sim: SimGateway) -> dict[int, Decimal]:
+    """Signed quantity everyone but the guard filled (bots, IB liquidations), per contract."""
+    totals: dict[int, Decimal] = {}
+    for fill in sim.exchange.fills():
+        if fill.client_id != GUARD_CLIENT_ID or fill.order_id == 0:
+            sign = 1 if fill.side == "BOT" else -1
+            con = fill.instrument.con_id
+            totals[con] = totals.get(con, Decimal(0)) + sign * Decimal(str(fill.shares))
+    return totals
+
+
+def child_mid_fill(sim: SimGateway) -> bool:
+    """A close child of the guard is working and has filled part of its quantity."""
+    return any(
+        o.client_id == GUARD_CLIENT_ID and o.order_id != 0 and o.is_working and o.filled > 0
+        for o in sim.exchange.orders()
+    )
+
+
+def flat_and_idle(sim: SimGateway) -> bool:
+    return not sim.exchange.positions(ACCOUNT) and not sim.exchange.working_orders()
+
+
+async def assert_flat_never_crossed(sim: SimGateway, start: dict[int, float]) -> None:
+    """The end state every drill must reach, read three ways (see the module doc)."""
+    positions, working = await gateway_says_flat(sim.port)
+    assert positions == {} and working == 0, (positions, working)
+    assert zero_crossings(sim, start) == [], "a position crossed zero"
+    others = others_totals(sim)
+    want = {
+        con: -(Decimal(str(qty)) + others.get(con, Decimal(0)))
+        for con, qty in start.items()
+        if Decimal(str(qty)) + others.get(con, Decimal(0)) != 0
+    }
+    assert guard_totals(sim) == want, "the guard closed more or less than there was"
+    assert sim.pacing_violations == 0
+
+
+async def guard_confirms_flat(guard: Any, timeout_s: float = 20.0) -> None:
+    await wait_until(
+        lambda: guard.executor.episode is not None and guard.executor.episode.at_target,
+        timeout_s,
+        what="the guard confirms flat",
+    )
+
+
+# ---- positions delayed by seconds while others trade the same contract --------------------------
+
+
+async def test_positions_delayed_while_a_bot_trades_the_same_contract_then_flat_never_crossed(
+    tmp_path: Path,
+) -> None:
+    # Arrange: AAPL 1000 (and ES -2); position updates 1.5 s late; the guard's child is filling
+    async with sim_gateway(gateway=SLOW_FILLS) as sim:
+        start = starting_positions(sim)
+        cfg = guard_config(sim.port, tmp_path, FLATTEN)
+        sim.delay_positions(DELAY_S)
+        async with running(cfg) as guard, client(sim.port, BOT) as bot:
+            await guard.handle(kill_command("flatten"))
+            await wait_until(lambda: child_mid_fill(sim), 10, what="a child filling")
+
+            # Act: another client sells 300 and buys 200 AAPL at market meanwhile
+            first = int(bot.named("nextValidId")[0][0])
+            bot.placeOrder(first, stock("AAPL"), market_order("SELL", 300))
+            bot.placeOrder(first + 1, stock("AAPL"), market_order("BUY", 200))
+            await wait_until(lambda: flat_and_idle(sim), 30, what="flat at the gateway")
+            await guard_confirms_flat(guard)
+
+        # Assert
+        await assert_flat_never_crossed(sim, start)
+        # the bot's orders filled in part before the guard's sweep cancelled the rest
+        bot_sold = sum(
+            f.shares for f in sim.exchange.fills() if f.client_id == BOT and f.side == "SLD"
+        )
+        assert bot_sold > 0, "the drill did not exercise a foreign fill on the contract"
+
+
+async def test_positions_delayed_while_ib_liquidates_then_flat_never_crossed(
+    tmp_path: Path,
+) -> None:
+    # Arrange
+    async with sim_gateway(gateway=SLOW_FILLS) as sim:
+        start = starting_positions(sim)
+        cfg = guard_config(sim.port, tmp_path, FLATTEN)
+        sim.delay_positions(DELAY_S)
+        async with running(cfg) as guard:
+            await guard.handle(kill_command("flatten"))
+            await wait_until(lambda: child_mid_fill(sim), 10, what="a child filling")
+
+            # Act: IB liquidates 400 AAPL while the guard's child works and the stream lags
+            sim.liquidate(ACCOUNT, AAPL, 400)
+            await wait_until(lambda: flat_and_idle(sim), 30, what="flat at the gateway")
+            await guard_confirms_flat(guard)
+
+        # Assert
+        await assert_flat_never_crossed(sim, start)
+        assert others_totals(sim) == {AAPL: Decimal(-400)}
+        assert "child_cancel_requested" in journal_kinds(cfg), "the child was left to over-fill"
+
+
+# ---- kill -9 mid-flatten, restarted with positions delayed --------------------------------------
+
+
+async def test_guard_killed_mid_flatten_restarted_with_positions_delayed_then_flat_never_crossed(
+    tmp_path: Path,
+) -> None:
+    # Arrange: a `guardd run` process flattening slowly, position updates 1.5 s late
+    async with sim_gateway(gateway=SLOW_FILLS) as sim:
+        start = starting_positions(sim)
+        sim.delay_positions(DELAY_S)
+        procs = GuardProcesses()
+        config, url, token = write_run_config(tmp_path, sim.port, FLATTEN)
+        log, jpath = tmp_path / "guardd.log", tmp_path / "journal.jsonl"
+
+        def since_restart() -> list[dict[str, Any]]:
+            recs = list(read_journal(jpath)) if jpath.exists() else []
+            starts = [i for i, r in enumerate(recs) if r.get("kind") == "guard_started"]
+            return recs[starts[1] :] if len(starts) >= 2 else []
+
+        try:
+            async with aiohttp.ClientSession() as http:
+                first = procs.start(config, log, fresh_start=True)
+                try:
+                    await http_ready(http, url)
+                    status, body = await http_kill(http, url, token)
+                    assert status == 200, body
+                    await wait_until(lambda: child_mid_fill(sim), 10, what="a child filling")
+                finally:
+                    os.kill(first, signal.SIGKILL)
+                await wait_gone(first)
+                await wait_until(lambda: GUARD_CLIENT_ID not in sim.sessions, 5, what="gone")
+            assert child_mid_fill(sim), "the guard died with no child working"
+
+            # Act: restart while the dead guard's child keeps filling and its position updates
+            # are still on their way (they arrive after the restarted guard's snapshot)
+            second = procs.start(config, log, fresh_start=False)
+            try:
+                await wait_until(
+                    lambda: (
+                        flat_and_idle(sim)
+                        and any(r.get("kind") == "flat_confirmed" for r in since_restart())
+                    ),
+                    30,
+                    what="flat at the gateway, confirmed by the restarted guard",
+                )
+            finally:
+                os.kill(second, signal.SIGTERM)
+            await wait_gone(second)
+        finally:
+            procs.close()
+
+        # Assert
+        await assert_flat_never_crossed(sim, start)
+        assert since_restart()[0]["halted"] is True
+
+
+# ---- the journal rotates in the middle of a flatten; kill -9; the restart finds what it needs ---
+
+ROTATING = (
+    FLATTEN
+    + """
+[journal]
+rotate = "size"
+max_bytes = 1024
+"""
+)
+
+
+async def test_journal_rotated_mid_flatten_killed_and_latch_lost_then_witness_and_children_restored(
+    tmp_path: Path,
+) -> None:
+    # Arrange: a `guardd run` process whose journal starts a new segment every 1 KiB
+    async with sim_gateway(gateway=SLOW_FILLS) as sim:
+        start = starting_positions(sim)
+        procs = GuardProcesses()
+        config, url, token = write_run_config(tmp_path, sim.port, ROTATING)
+        log, jpath, latch = (
+            tmp_path / "guardd.log",
+            tmp_path / "journal.jsonl",
+            tmp_path / "latch.json",
+        )
+        try:
+            async with aiohttp.ClientSession() as http:
+                first = procs.start(config, log, fresh_start=True)
+                try:
+                    await http_ready(http, url)
+                    armed_latch = latch.read_bytes()  # the latch before the kill
+                    status, body = await http_kill(http, url, token)
+                    assert status == 200, body
+                    await wait_until(lambda: child_mid_fill(sim), 10, what="a child filling")
+                finally:
+                    os.kill(first, signal.SIGKILL)
+                await wait_gone(first)
+                await wait_until(lambda: GUARD_CLIENT_ID not in sim.sessions, 5, what="gone")
+            assert child_mid_fill(sim), "the guard died with no child working"
+            # The drill's premise: the kill and its first children are in rotated segments only.
+            live = [json.loads(line) for line in jpath.read_bytes().splitlines()]
+            everything = list(read_journal(jpath))
+            kill = next(r for r in everything if r.get("kind") == "decision" and r.get("latch"))
+            sent = [r for r in everything if r.get("kind") == "child_order_sent"]
+            assert kill not in live and sent and sent[0] not in live
+            # ... and the latch file never learnt of the kill (its write lost): the journal,
+            # in an older segment, is the only witness left.
+            latch.write_bytes(armed_latch)
+
+            # Act: restart while the dead guard's child keeps filling
+            second = procs.start(config, log, fresh_start=False)
+            try:
+                await wait_until(
+                    lambda: (
+                        flat_and_idle(sim)
+                        and any(r.get("kind") == "flat_confirmed" for r in since_start(jpath, 2))
+                    ),
+                    30,
+                    what="flat at the gateway, confirmed by the restarted guard",
+                )
+            finally:
+                os.kill(second, signal.SIGTERM)
+            await wait_gone(second)
+        finally:
+            procs.close()
+
+        # Assert: HALTED from the journal's witness, the children ours again, never past flat
+        restarted = since_start(jpath, 2)[0]
+        assert restarted["halted"] is True and restarted["latch_from"] == "journal"
+        assert restarted["latch_reason"] == kill["latch"]["reason"]
+        assert '"close_children_restored"' in log.read_text()
+        await assert_flat_never_crossed(sim, start)
+        assert len(journal_segments(jpath)) > 3
+
+
+def since_start(jpath: Path, nth: int) -> list[dict[str, Any]]:
+    """The journal's records from the `nth` guard_started on (all segments), or []."""
+    recs = list(read_journal(jpath)) if journal_segments(jpath) else []
+    starts = [i for i, r in enumerate(recs) if r.get("kind") == "guard_started"]
+    return recs[starts[nth - 1] :] if len(starts) >= nth else []
+
+
+# ---- a gateway restart with positions delayed during a flatten ----------------------------------
+
+
+async def test_gateway_restarts_with_positions_delayed_during_flatten_then_flat_never_crossed(
+    tmp_path: Path,
+) -> None:
+    # Arrange
+    async with sim_gateway(gateway=SLOW_FILLS) as sim:
+        start = starting_positions(sim)
+        cfg = guard_config(sim.port, tmp_path, FLATTEN)
+        sim.delay_positions(DELAY_S)
+        async with running(cfg) as guard:
+            await guard.handle(kill_command("flatten"))
+            await wait_until(lambda: child_mid_fill(sim), 10, what="a child filling")
+
+            # Act: the gateway restarts (order ids rolled back); updates from before it are late
+            await sim.restart(0.5, next_order_id=1)
+            await wait_until(lambda: flat_and_idle(sim), 30, what="flat at the gateway")
+            await guard_confirms_flat(guard)
+
+        # Assert
+        await assert_flat_never_crossed(sim, start)
+        assert guard.book.generation >= 2, "the guard did not go through a reconnect"
+
+
+# ---- a silent socket freeze while a child is in flight ------------------------------------------
+
+
+async def test_socket_freezes_while_a_child_is_in_flight_then_flat_never_crossed(
+    tmp_path: Path,
+) -> None:
+    # Arrange: orders are matched 50 ms after they arrive, so the first child the guard sends
+    # reaches the exchange during the freeze: its acknowledgement and fills are held back
+    async with sim_gateway(gateway={**SLOW_FILLS, "fill_latency_s": 0.05}) as sim:
+        start = starting_positions(sim)
+        cfg = guard_config(sim.port, tmp_path, FLATTEN)
+        freezes: list[asyncio.Task[None]] = []
+
+        def freeze_on_first_child(client_id: int, msg_id: int, fields: list[str]) -> None:
+            if client_id == GUARD_CLIENT_ID and msg_id == PLACE_ORDER and not freezes:
+                freezes.append(asyncio.ensure_future(sim.freeze(3.0)))
+
+        sim.on_message(freeze_on_first_child)
+        async with running(cfg, heartbeat=(0.5, 1.0)) as guard:
+            # Act
+            await guard.handle(kill_command("flatten"))
+            await wait_until(lambda: bool(freezes), 10, what="a child sent")
+            await freezes[0]
+            await wait_until(lambda: flat_and_idle(sim), 30, what="flat at the gateway")
+            await guard_confirms_flat(guard)
+
+        # Assert
+        await assert_flat_never_crossed(sim, start)
+        kinds = journal_kinds(cfg)
+        assert "ib_disconnected" in kinds, "the freeze was not noticed"
+        assert sim.freezes == 1
+
+
+# ---- orders cancelled by someone else while the guard is disconnected ---------------------------
+
+
+async def test_child_cancelled_by_someone_else_while_guard_cut_off_then_rest_closed_never_crossed(
+    tmp_path: Path,
+) -> None:
+    # Arrange
+    async with sim_gateway(gateway=SLOW_FILLS) as sim:
+        start = starting_positions(sim)
+        cfg = guard_config(sim.port, tmp_path, FLATTEN)
+        async with running(cfg) as guard:
+            await guard.handle(kill_command("flatten"))
+            await wait_until(lambda: child_mid_fill(sim), 10, what="a child filling")
+
+            # Act: the guard is cut off for 1 s; meanwhile its working child is cancelled
+            cancelled = await sim.cancel_orders_while_dropped(1.0, client_id=GUARD_CLIENT_ID)
+            left = position(sim, AAPL)
+            await wait_until(lambda: flat_and_idle(sim), 30, what="flat at the gateway")
+            await guard_confirms_flat(guard)
+
+        # Assert: the lost child was given up only after the re-sync showed it gone, and what
+        # it had not filled was closed by a new one
+        assert cancelled >= 1 and 0 < left < start[AAPL]
+        await assert_flat_never_crossed(sim, start)
+        assert "child_order_lost" in journal_kinds(cfg)

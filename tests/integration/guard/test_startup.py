@@ -1,0 +1,278 @@
+"""Start-up: the control plane is served from the first second, before IB; a kill received before
+the first connect is latched and carried out on it; /healthz, /readyz and sd STATUS say what the
+guard waits for; the systemd watchdog follows the broker adapter's liveness.
+
+Everything real: the guard's HTTP server over loopback, the ibapi client against the simulated
+gateway (started only after the kill), a unix datagram socket standing in for systemd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from guardd.broker.ib import _IbSession
+from guardd.config import Config, MetricsConfig
+from guardd.runtime.guard import Guard
+from guardd.sdnotify import Notifier
+from guardd.state.latch import read_latch
+from ibsim.gateway import PLACE_ORDER, SimGateway
+from ibsim.scenario import parse_scenario
+from ibsim.server import build_gateway
+from tests.drill_helpers import REQ_GLOBAL_CANCEL, GuardWire, kill_command
+from tests.guard_harness import (
+    flat,
+    free_port,
+    guard_config,
+    journal_kinds,
+    scenario_data,
+    wait_until,
+    zero_crossings,
+)
+from tests.unit.test_sdnotify import FakeSystemd, systemd
+
+__all__ = ["systemd"]  # fixture used by name
+
+pytestmark = pytest.mark.integration
+
+
+def http_config(ib_port: int, state_dir: Path, extra_toml: str = "") -> Config:
+    """A guard with HTTP control (and /metrics on it) for a gateway on `ib_port`."""
+    cfg = guard_config(ib_port, state_dir, extra_toml, http=True)
+    return cfg.model_copy(update={"metrics": MetricsConfig(enabled=True, listen="control")})
+
+
+def tokens(cfg: Config) -> dict[str, str]:
+    files = cfg.control.http.token_files
+    paths = {"read": files.read, "kill": files.kill, "arm": files.arm}
+    return {role: path.read_text().strip() for role, path in paths.items() if path}
+
+
+@contextlib.asynccontextmanager
+async def guard_task(guard: Guard) -> AsyncIterator[asyncio.Task[None]]:
+    """`guard.run` as a task (not waiting for IB); stopped and awaited on the way out."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(guard.run(stop), name="guard")
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with session.get(url) as response:
+        if response.content_type == "application/json":
+            return response.status, await response.json()
+        return response.status, await response.text()
+
+
+async def http_up(session: aiohttp.ClientSession, url: str) -> None:
+    async def answers() -> bool:
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with session.get(f"{url}/healthz") as response:
+                return response.status == 200
+        return False
+
+    for _ in range(500):
+        if await answers():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{url} did not answer in 10 s")
+
+
+# ---- the kill is served before the first connect ------------------------------------------------
+
+
+async def test_kill_before_first_connect_then_latched_and_carried_out_on_first_sync(
+    tmp_path: Path,
+) -> None:
+    ib_port = free_port()  # nothing listens there yet: the gateway is down
+    cfg = http_config(ib_port, tmp_path / "state", '[kill]\nmode = "flatten"\n')
+    token = tokens(cfg)
+    guard = Guard(cfg, fresh_start=True)
+    async with guard_task(guard), aiohttp.ClientSession() as session:
+        await wait_until(lambda: guard.http is not None, what="HTTP started")
+        assert guard.http is not None
+        url = guard.http.url
+        await http_up(session, url)
+
+        # Served before IB: health says what it waits for, readiness refuses, metrics answer.
+        assert await get(session, f"{url}/healthz") == (
+            200,
+            {"alive": True, "waiting_for": "ib_connect"},
+        )
+        assert await get(session, f"{url}/readyz") == (
+            503,
+            {"ready": False, "waiting_for": "ib_connect"},
+        )
+        status, metrics = await get(session, f"{url}/metrics")
+        assert status == 200 and "guardd_ib_connected" in metrics
+
+        # A kill before the guard ever connected: accepted, latched on disk.
+        headers = {"Authorization": f"Bearer {token['kill']}"}
+        body = {"reason": "kill before connect"}
+        async with session.post(f"{url}/v1/kill", json=body, headers=headers) as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["state"] == "HALTED"
+        latch = read_latch(cfg.latch_path, allow_missing=False)
+        assert latch.halted and latch.mode == "flatten"
+        read = {"Authorization": f"Bearer {token['read']}"}
+        async with session.get(f"{url}/v1/status", headers=read) as response:
+            status = await response.json()
+        assert (status["state"], status["waiting_for"]) == ("HALTED", "ib_connect")
+        assert "global_cancel_deferred" in journal_kinds(cfg)
+
+        # The gateway comes up with positions and a bot's working order.
+        scenario = parse_scenario(scenario_data())
+        async with build_gateway(scenario, host="127.0.0.1", port=ib_port) as sim:
+            wire = GuardWire(sim)
+            start = {p.instrument.con_id: p.position for p in sim.exchange.positions(cfg.account)}
+            await wait_until(lambda: flat(sim), 20, what="flat after the first connect")
+            await wait_until(lambda: guard.ready(), what="synced")
+            assert await get(session, f"{url}/readyz") == (
+                200,
+                {"ready": True, "waiting_for": None},
+            )
+            await wait_until(lambda: sim.exchange.working_orders() == [], what="no order")
+
+            # The global cancel went out first, then the close orders from the synced book.
+            sent = [s.msg_id for s in wire.sent if s.msg_id in (REQ_GLOBAL_CANCEL, PLACE_ORDER)]
+            assert sent[0] == REQ_GLOBAL_CANCEL
+            assert PLACE_ORDER in sent
+            assert zero_crossings(sim, start) == []
+        assert guard.engine.state == "HALTED"
+    kinds = journal_kinds(cfg)
+    assert kinds.index("global_cancel_deferred") < kinds.index("ib_connected")
+    assert kinds.index("ib_connected") < kinds.index("global_cancel_sent")
+    assert kinds[-1] == "guard_stopped"
+    assert read_latch(cfg.latch_path, allow_missing=False).halted  # a stop leaves the latch
+
+
+# ---- sd_notify: STATUS follows the state, the watchdog follows liveness -------------------------
+
+
+def statuses(fake: FakeSystemd) -> list[str]:
+    return [
+        line.removeprefix("STATUS=")
+        for message in fake.messages()
+        for line in message.splitlines()
+        if line.startswith("STATUS=")
+    ]
+
+
+@pytest.fixture
+def watchdog_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a ping decision every 0.1 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+
+
+async def test_sd_status_then_waiting_for_ib_then_armed_then_halted(
+    tmp_path: Path, systemd: FakeSystemd
+) -> None:
+    ib_port = free_port()
+    cfg = guard_config(ib_port, tmp_path / "state")
+    with Notifier(systemd.address) as notifier:
+        guard = Guard(cfg, fresh_start=True, notifier=notifier)
+        async with guard_task(guard):
+            await wait_until(
+                lambda: any("waiting for IB at" in s for s in statuses(systemd)),
+                what="STATUS waiting for IB",
+            )
+            assert "READY=1" not in "\n".join(systemd.messages())
+
+            scenario = parse_scenario(scenario_data())
+            async with build_gateway(scenario, host="127.0.0.1", port=ib_port):
+                await wait_until(lambda: guard.ready_event.is_set(), what="ready")
+                await wait_until(
+                    lambda: any(m.startswith("READY=1") for m in systemd.messages()),
+                    what="READY=1",
+                )
+                await wait_until(
+                    lambda: statuses(systemd)[-1] == "ARMED; guarding", what="STATUS ARMED"
+                )
+                await guard.handle(kill_command(mode="cancel", reason="status drill"))
+                await wait_until(
+                    lambda: statuses(systemd)[-1].startswith("HALTED (http: status drill)"),
+                    what="STATUS HALTED",
+                )
+    assert systemd.messages()[-1] == "STOPPING=1"
+
+
+@pytest.mark.usefixtures("watchdog_env")
+async def test_gateway_down_and_reconnecting_then_watchdog_keeps_pinging(
+    tmp_path: Path, systemd: FakeSystemd
+) -> None:
+    ib_port = free_port()  # never up: the connect loop keeps retrying
+    cfg = guard_config(ib_port, tmp_path / "state")
+    with Notifier(systemd.address) as notifier:
+        guard = Guard(cfg, fresh_start=True, notifier=notifier)
+        guard.broker.progress_slack_s = 1.0
+        async with guard_task(guard):
+            await wait_until(lambda: systemd.pings() != [], what="the first ping")
+            # Several back-off rounds (0.2 s .. 1.0 s, plus the attempt) with nothing up: the
+            # adapter keeps its promises all along, and the pings keep coming.
+            watched_from = time.monotonic()
+            stalled: list[float] = []
+            while time.monotonic() - watched_from < 3.0:
+                if not guard._broker_alive():
+                    stalled.append(time.monotonic() - watched_from)
+                await asyncio.sleep(0.02)
+            assert stalled == [], "a retrying connect loop is alive"
+            assert systemd.pings(after=watched_from + 2.5) != [], "still pinging"
+            assert guard.waiting_for() == "ib_connect"
+
+
+@pytest.fixture
+def wedge() -> Iterator[threading.Event]:
+    """A wedged broker adapter: the first heartbeat answer (currentTime) blocks the ibapi
+    thread that decodes messages until the event is set, as a callback that deadlocks would."""
+    release = threading.Event()
+    original = _IbSession.currentTime
+
+    def stuck(self: _IbSession, time: int) -> None:
+        release.wait(30)
+        original(self, time)
+
+    _IbSession.currentTime = stuck  # type: ignore[method-assign]
+    try:
+        yield release
+    finally:
+        release.set()
+        _IbSession.currentTime = original  # type: ignore[method-assign]
+
+
+@pytest.mark.usefixtures("watchdog_env")
+async def test_wedged_broker_adapter_then_watchdog_pings_stop_and_resume_once_unwedged(
+    tmp_path: Path, systemd: FakeSystemd, wedge: threading.Event, sim: SimGateway
+) -> None:
+    cfg = guard_config(sim.port, tmp_path / "state")
+    with Notifier(systemd.address) as notifier:
+        guard = Guard(cfg, fresh_start=True, notifier=notifier)
+        guard.broker.heartbeat_interval_s, guard.broker.heartbeat_timeout_s = 0.3, 0.3
+        guard.broker.progress_slack_s = 0.5
+        async with guard_task(guard):
+            await wait_until(lambda: guard.ready_event.is_set(), what="ready")
+            # The first heartbeat's answer wedges the ibapi thread: nothing more is decoded, the
+            # heartbeat drops the session, but its thread never ends, so nothing reconnects.
+            await wait_until(lambda: guard.broker.heartbeat_failures == 1, 5, what="heartbeat")
+            await wait_until(lambda: not guard._broker_alive(), 5, what="adapter stalled")
+            stalled_at = time.monotonic()
+            await wait_until(lambda: time.monotonic() - stalled_at > 1.0, what="ten ping decisions")
+            # Every decision after the stall (the first at most one interval, 0.1 s, later)
+            # withheld its ping.
+            assert systemd.pings(after=stalled_at + 0.3) == [], "no ping while wedged"
+            assert not guard._broker_alive()
+
+            wedge.set()  # the callback returns: the thread ends, the broker reconnects
+            await wait_until(lambda: guard.broker.reconnects >= 1, 10, what="reconnected")
+            resumed = time.monotonic()
+            await wait_until(lambda: systemd.pings(after=resumed) != [], 5, what="pings resume")

@@ -1,0 +1,237 @@
+"""The guard always stops when asked: a real `guardd run` process, signalled (SIGTERM or SIGINT)
+in each phase of its life, exits 0 within 2 s, journals `guard_stopped` and leaves the latch file
+as it was.
+
+Phases: the gateway is not listening (connect back-off); it accepts the TCP connection but never
+answers the API handshake; it freezes while the guard syncs; the guard is flattening positions
+whose close orders the gateway rejects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from guardd.state.journal import read_journal
+from ibsim.gateway import PLACE_ORDER, SimGateway
+from ibsim.types import Instrument, OrderRequest
+from tests.drill_helpers import REQ_POSITIONS, http_kill, http_ready, write_run_config
+from tests.guard_harness import GUARD_CLIENT_ID, free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+STOP_WITHIN_S = 2.0  # the requirement
+SIGNALS = [signal.SIGTERM, signal.SIGINT]
+
+
+class GuardRun:
+    """`python -m guardd run -c CONFIG --fresh-start` as a child process, its log in a file."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path, state_dir: Path) -> None:
+        self.proc = proc
+        self.log = log
+        self.state_dir = state_dir
+
+    def logged(self, event: str) -> bool:
+        return event in self.log.read_text(errors="replace")
+
+    def journal_kinds(self) -> list[str]:
+        return [str(r.get("kind")) for r in read_journal(self.state_dir / "journal.jsonl")]
+
+    def latch(self) -> bytes:
+        return (self.state_dir / "latch.json").read_bytes()
+
+    async def stop_with(self, sig: signal.Signals) -> float:
+        """Send `sig`; returns how long the process took to exit (fails past the bound)."""
+        assert self.proc.returncode is None, f"the guard already exited: {self.log.read_text()}"
+        sent = time.monotonic()
+        os.kill(self.proc.pid, sig)
+        try:
+            await asyncio.wait_for(self.proc.wait(), STOP_WITHIN_S * 5)
+        except TimeoutError:
+            self.proc.kill()
+            raise AssertionError(f"not stopped: {self.log.read_text()}") from None
+        return time.monotonic() - sent
+
+
+@contextlib.asynccontextmanager
+async def guardd_run(
+    tmp_path: Path, ib_port: int, extra_toml: str = "", env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[GuardRun, str, str]]:
+    """A running `guardd run` process (`env` added to its environment); yields (run, control
+    URL, kill token). Its config file is ``run.state_dir / "guardd.toml"``."""
+    state_dir = tmp_path / "state"
+    config, url, token = write_run_config(state_dir, ib_port, extra_toml)
+    log = tmp_path / "guardd.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "guardd",
+            "run",
+            "-c",
+            str(config),
+            "--fresh-start",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=None if env is None else {**os.environ, **env},
+        )
+    run = GuardRun(proc, log, state_dir)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await control_up(session, url, run)
+        yield run, url, token
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def control_up(session: aiohttp.ClientSession, url: str, run: GuardRun) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with session.get(f"{url}/healthz") as response:
+                if response.status == 200:
+                    return
+        if run.proc.returncode is not None or time.monotonic() > deadline:
+            raise AssertionError(f"control plane not up: {run.log.read_text()}")
+        await asyncio.sleep(0.05)
+
+
+async def waiting_for(url: str) -> object:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/readyz") as response:
+        return (await response.json())["waiting_for"]
+
+
+def assert_stopped_cleanly(run: GuardRun, took: float, latch_before: bytes) -> None:
+    assert run.proc.returncode == 0, run.log.read_text()
+    assert took <= STOP_WITHIN_S, f"stopping took {took:.2f} s"
+    assert run.journal_kinds()[-1] == "guard_stopped"
+    assert run.latch() == latch_before, "the latch file was touched by the stop"
+    assert "Traceback" not in run.log.read_text()
+
+
+@contextlib.asynccontextmanager
+async def silent_gateway() -> AsyncIterator[tuple[int, list[asyncio.StreamWriter]]]:
+    """A TCP listener that accepts, reads what the client sends, and never says a word."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(4096):
+                pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], accepted
+    finally:
+        server.close()
+        for writer in accepted:
+            writer.close()
+        await server.wait_closed()
+
+
+# ---- the phases ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+async def test_signal_during_connect_back_off_then_stops_within_2s(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    async with guardd_run(tmp_path, free_port()) as (run, url, _):  # nothing listens
+        await wait_until(lambda: run.logged("ib_connect_failed"), 10, what="a failed connect")
+        assert await waiting_for(url) == "ib_connect"
+        latch = run.latch()
+
+        took = await run.stop_with(sig)
+
+    assert_stopped_cleanly(run, took, latch)
+    assert "ib_connected" not in run.journal_kinds()
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+async def test_signal_while_gateway_never_answers_the_handshake_then_stops_within_2s(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    async with silent_gateway() as (port, accepted), guardd_run(tmp_path, port) as (run, url, _):
+        await wait_until(lambda: accepted != [], 10, what="the guard's TCP connection")
+        assert await waiting_for(url) == "ib_connect"
+        latch = run.latch()
+
+        took = await run.stop_with(sig)
+
+    assert_stopped_cleanly(run, took, latch)
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+async def test_signal_while_gateway_frozen_during_sync_then_stops_within_2s(
+    tmp_path: Path, sim: SimGateway, sig: signal.Signals
+) -> None:
+    freezes: list[asyncio.Task[None]] = []
+
+    def freeze_on_sync(client_id: int, msg_id: int, fields: list[str]) -> None:
+        if client_id == GUARD_CLIENT_ID and msg_id == REQ_POSITIONS and not freezes:
+            freezes.append(asyncio.ensure_future(sim.freeze(30)))
+
+    sim.on_message(freeze_on_sync)
+    try:
+        async with guardd_run(tmp_path, sim.port) as (run, url, _):
+            await wait_until(lambda: sim.frozen, 10, what="the gateway frozen mid-sync")
+            assert await waiting_for(url) == "ib_sync"
+            latch = run.latch()
+
+            took = await run.stop_with(sig)
+    finally:
+        for task in freezes:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    assert_stopped_cleanly(run, took, latch)
+    assert "ib_connected" in run.journal_kinds()
+
+
+def reject_guard_orders(request: OrderRequest, instrument: Instrument) -> str | None:
+    return "drill: the close is rejected" if request.client_id == GUARD_CLIENT_ID else None
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+async def test_signal_mid_flatten_then_stops_within_2s_and_stays_halted(
+    tmp_path: Path, sim: SimGateway, sig: signal.Signals
+) -> None:
+    sim.reject_orders(reject_guard_orders)  # the flatten can never finish
+    placed: list[float] = []
+    sim.on_message(
+        lambda client_id, msg_id, _: (
+            placed.append(time.monotonic())
+            if client_id == GUARD_CLIENT_ID and msg_id == PLACE_ORDER
+            else None
+        )
+    )
+    async with guardd_run(tmp_path, sim.port) as (run, url, token), aiohttp.ClientSession() as s:
+        await http_ready(s, url)
+        status, body = await http_kill(s, url, token, mode="flatten")
+        assert status == 200, body
+        await wait_until(lambda: placed != [], 10, what="a close order sent")
+        latch = run.latch()
+        assert json.loads(latch)["halted"] is True
+
+        took = await run.stop_with(sig)
+
+    assert_stopped_cleanly(run, took, latch)
+    kinds = run.journal_kinds()
+    assert "close_stopped" in kinds
+    assert kinds.index("close_started") < kinds.index("guard_stopped")

@@ -1,0 +1,165 @@
+"""The executor's helpers: child status from the broker, order refs, trading hours, prices."""
+
+import asyncio
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from guardd.broker.ib import IbBroker
+from guardd.core.book import Book
+from guardd.core.close import child_status, sequence_of
+from guardd.core.engine import Decision, Flatten, State
+from guardd.core.events import (
+    ConId,
+    Connected,
+    ExecutionsEnd,
+    OpenOrdersEnd,
+    PositionsEnd,
+    PositionUpdate,
+    PositionValue,
+    PriceTick,
+)
+from guardd.core.planner import ChildStatus, ClosePolicy
+from guardd.runtime.executor import Executor, regular_hours
+from guardd.state.journal import Journal, read_journal
+
+NY = ZoneInfo("America/New_York")
+
+
+@pytest.mark.parametrize(
+    ("broker_status", "previous", "expected"),
+    [
+        ("Filled", ChildStatus.WORKING, ChildStatus.FILLED),
+        ("Cancelled", ChildStatus.WORKING, ChildStatus.CANCELLED),
+        ("ApiCancelled", ChildStatus.PENDING_ACK, ChildStatus.CANCELLED),
+        ("Inactive", ChildStatus.WORKING, ChildStatus.REJECTED),
+        ("Submitted", ChildStatus.PENDING_ACK, ChildStatus.WORKING),
+        # A reject (error 201) is final even if a stale PreSubmitted arrives after it.
+        ("PreSubmitted", ChildStatus.REJECTED, ChildStatus.REJECTED),
+        # A child given up as lost after a re-sync that the broker reports working again
+        # counts again: its quantity must not be planned twice.
+        ("Submitted", ChildStatus.CANCELLED, ChildStatus.WORKING),
+    ],
+)
+def test_broker_status_thenchild_status(
+    broker_status: str, previous: ChildStatus, expected: ChildStatus
+) -> None:
+    assert child_status(broker_status, previous) == expected
+
+
+def test_order_ref_then_sequence_number() -> None:
+    assert sequence_of("guardd:flatten:19:7") == 7
+    assert sequence_of("not-ours") == 0
+
+
+def test_new_york_session_then_regular_hours_only_inside() -> None:
+    def at(*args: int) -> float:
+        return datetime(*args, tzinfo=NY).timestamp()
+
+    assert regular_hours(at(2026, 11, 23, 10, 0))  # a Monday morning
+    assert not regular_hours(at(2026, 11, 23, 9, 29))
+    assert not regular_hours(at(2026, 11, 23, 16, 0))
+    assert not regular_hours(at(2026, 11, 22, 12, 0))  # a Sunday
+
+
+AFTER_HOURS = datetime(2026, 11, 23, 20, 0, tzinfo=NY).timestamp()
+
+
+def out_of_step_book(*, market_price: float | None) -> Book:
+    """A synced Book: 1000 AAPL sold down to 500, the pnlSingle value still for the 1000 (its
+    stream lags the position's), and a market price only when given (heard just now: a close
+    limit comes only from a fresh price)."""
+    book = Book("DU1", created_at=0.0)
+    book.fold(Connected(server_version=176, managed_accounts=("DU1",), next_order_id=1, ts=0.0))
+    for quantity, ts in ((1000.0, 1.0), (500.0, 2.0)):
+        book.fold(
+            PositionUpdate(
+                account="DU1",
+                con_id=ConId(1),
+                symbol="AAPL",
+                sec_type="STK",
+                currency="USD",
+                multiplier=1.0,
+                exchange="SMART",
+                quantity=quantity,
+                avg_cost=180.0,
+                ts=ts,
+            )
+        )
+    book.fold(
+        PositionValue(
+            account="DU1",
+            con_id=ConId(1),
+            position=1000.0,
+            daily=0.0,
+            unrealized=0.0,
+            realized=0.0,
+            value=190_000.0,
+            ts=3.0,
+        )
+    )
+    if market_price is not None:
+        tick = PriceTick(con_id=ConId(1), field="last", price=market_price, ts=AFTER_HOURS - 1)
+        book.fold(tick)
+    for end in (PositionsEnd(ts=3.0), OpenOrdersEnd(ts=3.0), ExecutionsEnd(ts=3.0)):
+        book.fold(end)
+    return book
+
+
+async def planned_children(book: Book, tmp_path: Path) -> list[dict[str, Any]]:
+    """Flatten after hours in dry run (STK closes with a marketable limit): the children the
+    executor journals as what it would send."""
+    journal_path = tmp_path / "journal.jsonl"
+    executor = Executor(
+        broker=IbBroker("127.0.0.1", 1, 0, "DU1"),
+        book=book,
+        journal=Journal(journal_path),
+        latch_path=tmp_path / "latch.json",
+        close_policy=ClosePolicy(),
+        client_id=0,
+        account="DU1",
+        dry_run=True,
+        round_s=0.01,
+        clock=lambda: AFTER_HOURS,
+    )
+    kill = Decision(1, State.HALTED, State.ARMED, (Flatten(reason="test"),), ("test",))
+    await executor.carry_out(kill)
+    for _ in range(200):  # the dry-run close loop plans one round, then ends
+        if any(r["kind"] == "close_dry_run_planned" for r in read_journal(journal_path)):
+            break
+        await asyncio.sleep(0.01)
+    await executor.stop_episode("test over")
+    records = list(read_journal(journal_path))
+    assert any(r["kind"] == "close_dry_run_planned" for r in records), "no round was planned"
+    return [r for r in records if r["kind"] == "child_order_dry_run"]
+
+
+async def test_value_and_quantity_out_of_step_then_no_limit_price_from_them(
+    tmp_path: Path,
+) -> None:
+    # Arrange: no market price; value / quantity = 190,000 / 500 = 380, twice the market
+    book = out_of_step_book(market_price=None)
+
+    # Act
+    children = await planned_children(book, tmp_path)
+
+    # Assert: no child priced off 380 (a sell limit near 376 that would never fill): no price,
+    # no limit, no child (the planner notes NO_PRICE). The old fallback planned exactly that.
+    assert children == [], "a child was priced from value / quantity"
+
+
+async def test_market_price_known_then_limit_from_it_not_from_value(tmp_path: Path) -> None:
+    # Arrange: the same out-of-step value, and a market price of 190
+    book = out_of_step_book(market_price=190.0)
+
+    # Act
+    children = await planned_children(book, tmp_path)
+
+    # Assert: one sell of the 500 at a marketable limit just under 190 (the policy's collar)
+    assert [(c["action"], c["quantity"], c["order_type"]) for c in children] == [
+        ("SELL", "500", "LMT")
+    ]
+    assert 180.0 < children[0]["limit_price"] < 190.0
