@@ -115,6 +115,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from guardd.core import planner, pricing
+from guardd.core.events import ConId
 from guardd.core.planner import (
     Action,
     ChildOrder,
@@ -501,7 +502,7 @@ class CloseEpisode:
             kind = rec.get("kind")
             key = PositionKey(
                 planner.AccountId(str(rec.get("account", ""))),
-                planner.ConId(int(rec.get("con_id", 0))),
+                ConId(int(rec.get("con_id", 0))),
             )
             if kind == "child_order_sent":
                 ref = str(rec["order_ref"])

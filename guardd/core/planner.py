@@ -86,9 +86,9 @@ from enum import StrEnum
 from typing import NewType
 
 from guardd.core import pricing
+from guardd.core.events import ConId
 
 AccountId = NewType("AccountId", str)
-ConId = NewType("ConId", int)
 DecisionId = NewType("DecisionId", str)
 
 ZERO = Decimal(0)

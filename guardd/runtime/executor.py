@@ -71,8 +71,7 @@ from guardd.core.engine import (
     Reduce,
     State,
 )
-from guardd.core.events import BrokerError, OrderId
-from guardd.core.events import ConId as EventConId
+from guardd.core.events import BrokerError, ConId, OrderId
 from guardd.core.hours import Session
 from guardd.errors import GuarddError, JournalError, LatchError
 from guardd.metrics import Metrics
@@ -634,7 +633,7 @@ class Executor:
                     client_id=self.client_id if oid is not None else _NOT_OURS,
                     order_id=int(oid) if oid is not None else int(e.order_id),
                     perm_id=int(e.perm_id),
-                    key=planner.PositionKey(planner.AccountId(e.account), planner.ConId(e.con_id)),
+                    key=planner.PositionKey(planner.AccountId(e.account), ConId(e.con_id)),
                     quantity=_decimal(e.shares) * (1 if e.side == "BOT" else -1),
                     ts=e.ts,
                     live=e.live,
@@ -649,7 +648,7 @@ class Executor:
             rest = order.remaining if finite else order.quantity - order.filled
             if not (math.isfinite(rest) and rest > 0):
                 continue
-            key = planner.PositionKey(planner.AccountId(order.account), planner.ConId(order.con_id))
+            key = planner.PositionKey(planner.AccountId(order.account), ConId(order.con_id))
             side = buying if order.action == "BUY" else selling
             side[key] = side.get(key, Decimal(0)) + _decimal(rest)
         synced_for = self._synced_for(now)
@@ -666,15 +665,15 @@ class Executor:
         )
 
     def _updated(self, key: planner.PositionKey) -> float:
-        position = self.book.position(EventConId(key.con_id), key.account)
+        position = self.book.position(key.con_id, key.account)
         return position.updated if position is not None else self.clock()
 
     def _known(self, key: planner.PositionKey) -> bool:
-        position = self.book.position(EventConId(key.con_id), key.account)
+        position = self.book.position(key.con_id, key.account)
         return position is None or position.known
 
     async def _send_child(self, episode: CloseEpisode, order: planner.NewChildOrder) -> None:
-        position = self.book.position(EventConId(order.key.con_id), order.key.account)
+        position = self.book.position(order.key.con_id, order.key.account)
         assert position is not None  # the episode only closes positions the Book holds
         if self.dry_run:
             episode.sequence = max(episode.sequence, sequence_of(order.order_ref) + 1)
@@ -764,7 +763,7 @@ class Executor:
             if not p.known and not all_:
                 continue  # no figure to size anything from (the close episode sees it unknown)
             session = market_session(self.book, p.con_id, p.sec_type, now)
-            key = planner.PositionKey(planner.AccountId(p.account), planner.ConId(p.con_id))
+            key = planner.PositionKey(planner.AccountId(p.account), ConId(p.con_id))
             quote = self.book.quote(p.con_id)
             price = quote.reference
             yield planner.ConfirmedPosition(

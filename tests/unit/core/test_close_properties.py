@@ -33,12 +33,12 @@ from guardd.core.close import (
     OrderReport,
     Round,
 )
+from guardd.core.events import ConId
 from guardd.core.planner import (
     AccountId,
     Action,
     ClosePolicy,
     ConfirmedPosition,
-    ConId,
     PositionKey,
 )
 

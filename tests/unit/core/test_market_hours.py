@@ -99,7 +99,7 @@ def test_book_then_session_judged_at_the_gateways_clock() -> None:
 
 def position(*, market_open: bool) -> planner.ConfirmedPosition:
     return planner.ConfirmedPosition(
-        key=planner.PositionKey(planner.AccountId("DU1"), planner.ConId(5)),
+        key=planner.PositionKey(planner.AccountId("DU1"), ConId(5)),
         symbol="AAPL",
         sec_type="STK",
         exchange="SMART",

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guardd.core.events import ConId
 from guardd.core.planner import (
     AccountId,
     Action,
@@ -16,7 +17,6 @@ from guardd.core.planner import (
     ChildStatus,
     ClosePolicy,
     ConfirmedPosition,
-    ConId,
     DecisionId,
     Note,
     NoteKind,

@@ -24,6 +24,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from guardd.core.events import ConId
 from guardd.core.planner import (
     AccountId,
     Action,
@@ -31,7 +32,6 @@ from guardd.core.planner import (
     ChildStatus,
     ClosePolicy,
     ConfirmedPosition,
-    ConId,
     DecisionId,
     NoteKind,
     Plan,

@@ -20,11 +20,11 @@ from guardd.core.close import (
     OrderReport,
     Round,
 )
+from guardd.core.events import ConId
 from guardd.core.planner import (
     AccountId,
     ClosePolicy,
     ConfirmedPosition,
-    ConId,
     DecisionId,
     NoteKind,
     OrderType,

@@ -27,12 +27,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from guardd.core.close import CloseEpisode, CloseSettings, Fill, Held, Observation, OrderReport
+from guardd.core.events import ConId
 from guardd.core.planner import (
     AccountId,
     Action,
     ClosePolicy,
     ConfirmedPosition,
-    ConId,
     OrderType,
     OrderTypeRule,
     PositionKey,
