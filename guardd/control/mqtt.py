@@ -16,8 +16,9 @@ Nonces of accepted commands go to ``nonces`` (a ``NonceStore`` on disk in the gu
 restart does not forget them; a ``NonceCache`` in memory by default).
 
 The adapter runs on its own task: a broker that is down never blocks HTTP or the guard. It
-reconnects with capped exponential backoff; while disconnected, ``publish_state`` keeps only the
-latest state and ``publish_event`` keeps at most ``max_queued_events`` (oldest dropped).
+reconnects under the retry policy (`guardd.retry`; `RECONNECT` by default: 0.5 s doubling up to
+30 s, jittered); while disconnected, ``publish_state`` keeps only the latest state and
+``publish_event`` keeps at most ``max_queued_events`` (oldest dropped).
 
 A junk flood never delays a valid command. Every message is screened in the receive path, as the
 MQTT client reads it and before anything touches the disk: a heartbeat is folded at once, a
@@ -67,14 +68,24 @@ from guardd.control.commands import (
 )
 from guardd.control.refusals import RefusalLedger, refusal_kind
 from guardd.errors import CommandError, ConfigError, GuarddError, ReplayError
+from guardd.retry import Backoff, RetryPolicy
 
-__all__ = ["MAX_QUEUED_COMMANDS", "OFFLINE", "MqttControl", "Topics", "client_ssl_context"]
+__all__ = [
+    "MAX_QUEUED_COMMANDS",
+    "OFFLINE",
+    "RECONNECT",
+    "MqttControl",
+    "Topics",
+    "client_ssl_context",
+]
 
 log = structlog.get_logger(__name__)
 
 OFFLINE: Final = b'{"online": false}'
 MAX_QUEUED_COMMANDS: Final = 64
 """Verified commands waiting for the guard; one more is refused (and journaled), never lost."""
+RECONNECT: Final = RetryPolicy(initial_s=0.5, max_s=30.0)
+"""The MQTT reconnect's back-off: the kill channel comes back soon after a broker restart."""
 _PAYLOAD_EXCERPT: Final = 200
 
 
@@ -204,8 +215,7 @@ class MqttControl:
         topic_prefix: str = "guardd",
         client_id: str | None = None,
         clock: Callable[[], float] = time.time,
-        backoff_min_s: float = 0.5,
-        backoff_max_s: float = 30.0,
+        reconnect: RetryPolicy = RECONNECT,
         state_interval_s: float = 1.0,
         max_queued_events: int = 100,
         max_queued_commands: int = MAX_QUEUED_COMMANDS,
@@ -231,7 +241,7 @@ class MqttControl:
         self._window_s = window_s
         self._client_id = client_id or f"guardd-{account}"
         self._clock = clock
-        self._backoff = (backoff_min_s, backoff_max_s)
+        self._reconnect = reconnect
         self._state_interval_s = state_interval_s
         self._nonces: NonceBook = nonces if nonces is not None else NonceCache(window_s)
         self._events: deque[bytes] = deque(maxlen=max_queued_events)
@@ -513,9 +523,9 @@ class MqttControl:
         )
 
     async def _connection_loop(self) -> None:
-        backoff_min, backoff_max = self._backoff
-        delay = backoff_min
+        backoff = Backoff(self._reconnect)
         while True:
+            error = "connection ended"
             try:
                 async with self._new_client() as client:
                     await client.subscribe(
@@ -524,17 +534,18 @@ class MqttControl:
                     if self._on_heartbeat is not None:
                         await client.subscribe(self.topics.heartbeat + "+", qos=0)
                     self._client = client
-                    delay = backoff_min
+                    backoff.reset()
                     log.info("mqtt_connected", host=self._host, port=self._port)
                     self._publish_status()
                     async for message in client.messages:
                         await self._handle_message(message)
             except aiomqtt.MqttError as exc:  # swallowed here only: reconnect, log and back off
-                log.warning("mqtt_disconnected", error=str(exc), retry_in_s=delay)
+                error = str(exc)
             finally:
                 self._client = None
+            delay = backoff.next()
+            log.warning("mqtt_disconnected", error=error, retry_in_s=round(delay, 3))
             await asyncio.sleep(delay)
-            delay = min(delay * 2, backoff_max)
 
     async def _handle_message(self, message: aiomqtt.Message) -> None:
         """One verified command from the queue; a bug in carrying it out must not take the kill

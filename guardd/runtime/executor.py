@@ -16,7 +16,9 @@
   engine stays HALTED in flatten mode (or REDUCING): exposure that appears after "flat
   confirmed" starts a new close round. Every decision about what to close is the episode's,
   re-pricing included (a close limit that does not fill is cancelled and replaced one
-  escalation step up, `guardd.core.pricing`); the executor only does the I/O.
+  escalation step up, `guardd.core.pricing`); the executor only does the I/O. While children
+  keep being rejected (market closed...) or a round fails, rounds are spaced under the retry
+  policy (`CLOSE_RETRY`, `guardd.retry`); any fill ends the back-off.
 - `ClearLatch` (an accepted re-arm) rewrites the latch as armed and ends any close episode; a
   reduce episode ends when the engine leaves REDUCING.
 - Dry run: every decision and every child order that would be sent is journaled; nothing is sent.
@@ -75,12 +77,17 @@ from guardd.core.events import BrokerError, ConId, OrderId
 from guardd.core.hours import Session
 from guardd.errors import GuarddError, JournalError, LatchError
 from guardd.metrics import Metrics
+from guardd.retry import Backoff, RetryPolicy
 from guardd.state.journal import Journal, journal_segments, read_journal
 from guardd.state.latch import LatchState, LatchWriter
 
 log = structlog.get_logger(__name__)
 
 _NEW_YORK = ZoneInfo("America/New_York")
+
+CLOSE_RETRY = RetryPolicy(initial_s=0.5, max_s=10.0)
+"""The close loop's back-off while children keep being rejected (market closed...) or a round
+fails; any fill ends it."""
 
 
 class BrokerPort(Protocol):
@@ -166,6 +173,7 @@ class Executor:
         round_s: float = 0.1,
         latch_on_disk: LatchState | None = None,
         latch_retry_s: float = 1.0,
+        close_retry: RetryPolicy = CLOSE_RETRY,
         close_settings: CloseSettings | None = None,
         on_close_record: Callable[[Record], None] | None = None,
     ) -> None:
@@ -180,6 +188,7 @@ class Executor:
         self.metrics = metrics
         self.clock = clock
         self.round_s = round_s
+        self.close_retry = close_retry
         # How the episode judges the broker's data (guardd.core.close: its assumptions).
         self.close_settings = close_settings or CloseSettings(
             client_id=client_id, overdue_s=flatten_timeout_s
@@ -507,16 +516,17 @@ class Executor:
             self.metrics.set_close_waiting_for_open(0)
 
     async def _close_loop(self) -> None:
-        backoff = 0.0
+        backoff = Backoff(self.close_retry)
+        delay = 0.0  # between rounds while children keep being rejected
         rejects: int | None = None  # after the previous round
         filled: Decimal | None = None
         while True:
             episode = self.episode
             if episode is None:
                 return
-            if backoff > 0:
+            if delay > 0:
                 # A rejected close (market closed...): retry slower, whatever wakes us meanwhile.
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(delay)
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.round_s)
@@ -532,7 +542,7 @@ class Executor:
             except Exception as exc:  # the flatten must outlive any one bad round
                 log.exception("close_round_failed", error=str(exc))
                 self._journal("close_round_failed", decision_id=episode.decision_id, error=str(exc))
-                backoff = min(10.0, max(0.5, backoff * 2))
+                delay = backoff.next()
                 continue
             if self.dry_run:
                 self._journal("close_dry_run_planned", decision_id=episode.decision_id)
@@ -541,9 +551,10 @@ class Executor:
             # fill is progress and ends the back-off.
             now_filled = sum((c.filled for c in episode.children.values()), Decimal(0))
             if filled is not None and now_filled > filled:
-                backoff = 0.0
+                backoff.reset()
+                delay = 0.0
             elif rejects is not None and episode.rejects_seen > rejects:
-                backoff = min(10.0, max(0.5, backoff * 2))
+                delay = backoff.next()
             rejects, filled = episode.rejects_seen, now_filled
 
     async def _close_round(self, episode: CloseEpisode) -> None:

@@ -23,6 +23,7 @@ from guardd.control.commands import CommandOutcome, ControlCommand
 from guardd.control.http import ControlHttpServer
 from guardd.control.mqtt import MqttControl
 from guardd.control.nonces import NonceStore, read_nonce_file
+from guardd.retry import RetryPolicy
 from tests.mqtt_broker import (
     Broker,
     MemoryHandler,
@@ -82,8 +83,7 @@ def control(handler: MemoryHandler, broker: Broker | None = None, **kw: object) 
         keys=KEYS,
         host=broker.host if broker else "127.0.0.1",
         port=broker.port if broker else free_port(),
-        backoff_min_s=0.05,
-        backoff_max_s=0.2,
+        reconnect=RetryPolicy(0.05, 0.2),
         state_interval_s=0.05,
         **kw,  # type: ignore[arg-type]
     )

@@ -19,6 +19,7 @@ from guardd.control.auth import KeyStore, TokenStore, TwoPersonRule
 from guardd.control.guardctl import describe_status, main
 from guardd.control.http import ControlHttpServer
 from guardd.control.mqtt import MqttControl
+from guardd.retry import RetryPolicy
 from tests.mqtt_broker import Broker, MemoryHandler, free_port, mqtt_broker
 
 __all__ = ["mqtt_broker"]  # fixture used by name
@@ -94,7 +95,7 @@ def mqtt_guard(handler: MemoryHandler, broker: Broker, account: str = ACCOUNT) -
         host=broker.host,
         port=broker.port,
         client_id=f"guardd-{account}",
-        backoff_min_s=0.05,
+        reconnect=RetryPolicy(0.05, 30.0),
         state_interval_s=0.05,
     )
 
