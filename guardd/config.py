@@ -33,6 +33,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from guardd.core.engine import KillMode
 from guardd.core.notices import NOTICE_KINDS, NoticeKind
 from guardd.errors import ConfigError
 
@@ -52,7 +53,6 @@ __all__ = [
     "HttpControlConfig",
     "IbConfig",
     "KillConfig",
-    "KillMode",
     "Level",
     "LevelLimit",
     "LeverageLimit",
@@ -84,7 +84,6 @@ __all__ = [
 
 Level = Literal["warn", "reduce", "kill"]
 LEVELS: tuple[Level, ...] = ("warn", "reduce", "kill")  # least to most severe
-KillMode = Literal["cancel", "flatten"]
 SecType = Literal[
     "STK",
     "OPT",

@@ -69,11 +69,11 @@ from guardd.control.commands import (
     Action,
     Channel,
     ControlCommand,
-    KillMode,
     check_force,
     check_mode,
     check_reason,
 )
+from guardd.core.engine import KillMode
 from guardd.errors import AuthError, CommandError, ConfigError, NonceNotDurableError, ReplayError
 
 __all__ = [

@@ -17,12 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol, get_args
 
+from guardd.core.engine import KILL_MODES, KillMode
 from guardd.errors import CommandError, GuarddError
 
 __all__ = [
     "ACTIONS",
     "CHANNELS",
-    "KILL_MODES",
     "MAX_REASON_CHARS",
     "Action",
     "Channel",
@@ -30,7 +30,6 @@ __all__ = [
     "CommandOutcome",
     "ControlCommand",
     "HttpRefusedError",
-    "KillMode",
     "check_force",
     "check_mode",
     "check_reason",
@@ -39,11 +38,9 @@ __all__ = [
 
 Action = Literal["kill", "arm"]
 Channel = Literal["http", "mqtt", "cli"]
-KillMode = Literal["cancel", "flatten"]
 
 ACTIONS: Final[tuple[Action, ...]] = get_args(Action)
 CHANNELS: Final[tuple[Channel, ...]] = get_args(Channel)
-KILL_MODES: Final[tuple[KillMode, ...]] = get_args(KillMode)
 MAX_REASON_CHARS: Final = 500
 
 
@@ -162,10 +159,9 @@ def check_mode(value: object) -> KillMode | None:
     """A kill mode (``cancel`` / ``flatten``), None when absent, or ``CommandError``."""
     if value is None:
         return None
-    if value == "cancel":
-        return "cancel"
-    if value == "flatten":
-        return "flatten"
+    for mode in KILL_MODES:
+        if value == mode:
+            return mode
     raise CommandError('mode must be "cancel" or "flatten"')
 
 

@@ -44,7 +44,8 @@ import aiomqtt
 from guardd import __version__
 from guardd.completion import add_completion_command, complete_files, script
 from guardd.control.auth import read_secret_file, signed_payload
-from guardd.control.commands import KILL_MODES, Action, KillMode, check_reason
+from guardd.control.commands import Action, check_reason
+from guardd.core.engine import KILL_MODES, KillMode
 from guardd.errors import CommandError, ConfigError
 
 __all__ = [

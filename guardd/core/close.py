@@ -120,6 +120,7 @@ from guardd.core.planner import (
     Action,
     ChildOrder,
     ChildStatus,
+    CloseKind,
     ClosePolicy,
     ConfirmedPosition,
     NewChildOrder,
@@ -130,7 +131,6 @@ from guardd.core.planner import (
 )
 
 ZERO = Decimal(0)
-CloseKind = Literal["flatten", "reduce"]
 LIVE = frozenset({ChildStatus.PENDING_ACK, ChildStatus.WORKING})
 _TERMINAL = {
     "Filled": ChildStatus.FILLED,

@@ -29,13 +29,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Literal, assert_never
+from typing import Final, Literal, assert_never, get_args
 
 from guardd.core.book import Book
 from guardd.core.rules import SEVERITY, Finding, Level
 
 KillMode = Literal["cancel", "flatten"]
-"""cancel: cancel every order and keep them cancelled; flatten: also close every position."""
+"""What a kill does, the one definition (config, commands, the latch file): cancel: cancel
+every order and keep them cancelled; flatten: also close every position."""
+KILL_MODES: Final[tuple[KillMode, ...]] = get_args(KillMode)
 
 
 class State(StrEnum):

@@ -83,7 +83,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from enum import StrEnum
-from typing import NewType
+from typing import Literal, NewType
 
 from guardd.core import pricing
 from guardd.core.events import ConId
@@ -119,11 +119,9 @@ class OrderType(StrEnum):
     LMT = "LMT"
 
 
-class CloseKind(StrEnum):
-    """What a close child is for; the second field of its orderRef."""
-
-    FLATTEN = "flatten"
-    REDUCE = "reduce"
+CloseKind = Literal["flatten", "reduce"]
+"""What a close episode and its children are for (the second field of a child's orderRef):
+flatten closes every position (a kill in mode "flatten"), reduce brings exposure down."""
 
 
 class ChildStatus(StrEnum):
@@ -463,7 +461,7 @@ def plan_flatten(
     positions = tuple(positions)
     targets = {p.key: ZERO for p in positions}
     return _plan(
-        CloseKind.FLATTEN,
+        "flatten",
         positions,
         children,
         targets,
@@ -494,7 +492,7 @@ def plan_reduce(
     is clamped to 0; a target at or beyond the position needs nothing (a reduce never adds).
     """
     return _plan(
-        CloseKind.REDUCE,
+        "reduce",
         tuple(positions),
         children,
         targets,

@@ -53,7 +53,6 @@ from guardd.core.book import Book
 from guardd.core.close import (
     ID_REFUSED,
     CloseEpisode,
-    CloseKind,
     CloseSettings,
     Fill,
     Held,
@@ -419,7 +418,7 @@ class Executor:
 
     def _start_episode(
         self,
-        kind: CloseKind,
+        kind: planner.CloseKind,
         decision: Decision,
         targets: dict[planner.PositionKey, Decimal] | None,
     ) -> None:

@@ -36,8 +36,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, Self, TypeVar, get_args
+from typing import Any, Final, Self, TypeVar
 
+from guardd.core.engine import KILL_MODES, KillMode
 from guardd.errors import LatchError
 from guardd.state.durable import write_all
 
@@ -45,7 +46,6 @@ __all__ = [
     "FRESH_START",
     "LATCH_MISSING",
     "LATCH_UNREADABLE",
-    "LatchMode",
     "LatchState",
     "LatchWriter",
     "later_of",
@@ -54,7 +54,6 @@ __all__ = [
     "write_latch",
 ]
 
-LatchMode = Literal["cancel", "flatten"]
 LATCH_MISSING: Final = "latch_missing"
 LATCH_UNREADABLE: Final = "latch_unreadable"
 FRESH_START: Final = "fresh_start"
@@ -78,7 +77,7 @@ class LatchState:
     source: str
     since: float
     decision_id: str | None = None
-    mode: LatchMode = "cancel"
+    mode: KillMode = "cancel"
     detail: str = ""
 
 
@@ -222,11 +221,11 @@ def witness_step(witness: LatchState | None, record: Mapping[str, Any]) -> Latch
         return None  # re-armed
     if record.get("state") != "HALTED" or not isinstance(latch, dict):
         return witness
-    mode: LatchMode = "flatten" if latch.get("mode") == "flatten" else "cancel"
+    mode: KillMode = "flatten" if latch.get("mode") == "flatten" else "cancel"
     since = latch.get("since")
     if (
         not isinstance(decision_id, int)
-        or latch.get("mode") not in get_args(LatchMode)
+        or latch.get("mode") not in KILL_MODES
         or isinstance(since, bool)
         or not isinstance(since, int | float)
         or not _finite(since)
@@ -285,7 +284,7 @@ def _parse(raw: bytes) -> LatchState:
     if decision_id is not None and not isinstance(decision_id, str):
         raise ValueError(f"latch decision_id must be a string or null, got {decision_id!r}")
     mode = document["mode"]
-    if mode not in get_args(LatchMode):
+    if mode not in KILL_MODES:
         raise ValueError(f"latch mode must be 'cancel' or 'flatten', got {mode!r}")
     return LatchState(
         halted=halted,
