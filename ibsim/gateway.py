@@ -157,7 +157,10 @@ class GatewayConfig:
     pacing_limit: int = 50  # messages per `pacing_window_s` before error 100
     pacing_window_s: float = 1.0
     pacing_disconnect: bool = True
-    pnl_interval_s: float = 1.0  # reqPnL / reqPnLSingle / portfolio stream period
+    pnl_interval_s: float = 1.0  # reqPnL / reqPnLSingle stream period
+    # updatePortfolio of every position again (IB: "a fixed interval of three minutes"; a
+    # position change is sent at once)
+    portfolio_interval_s: float = 180.0
     market_interval_s: float = 0.1  # price steps, resting order matching, market data ticks
     fill_latency_s: float = 0.0  # an order waits PendingSubmit this long before IB has it
     cancel_latency_s: float = 0.0  # a cancel waits PendingCancel this long (fills may come)
@@ -406,6 +409,7 @@ class SimGateway:
         await self._listen()
         self._spawn(self._market_loop(), "sim_market_loop")
         self._spawn(self._pnl_loop(), "sim_pnl_loop")
+        self._spawn(self._portfolio_loop(), "sim_portfolio_loop")
         log.info(
             "gateway listening on %s:%d (server versions %d..%d)",
             self.config.host,
@@ -1035,7 +1039,7 @@ class SimGateway:
             and wanted.req_id not in session.subs.market_data
             and len(session.subs.market_data) >= limit
         ):
-            session.send(self._error(wanted.req_id, 101, "Max number of tickers has been reached"))
+            session.send(self._error(wanted.req_id, 101, "Max number of tickers has been reached."))
             return
         code = self.market_data_errors.get(instrument.con_id)
         if code is not None:
@@ -1332,12 +1336,22 @@ class SimGateway:
             self.send_pnl()
 
     def send_pnl(self) -> None:
-        """One round of the PnL, value-per-position and portfolio streams."""
+        """One round of the PnL and value-per-position streams."""
         for s in list(self.sessions.values()):
             for req_id, account in s.subs.pnl.items():
                 s.send(messages.pnl(req_id, *self.exchange.pnl(account)))
             for req_id, (account, con_id) in s.subs.pnl_single.items():
                 s.send(self._pnl_single(req_id, account, con_id))
+
+    async def _portfolio_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.portfolio_interval_s)
+            self.send_portfolio()
+
+    def send_portfolio(self) -> None:
+        """One round of the portfolio stream (updatePortfolio of every position, as IB every
+        three minutes)."""
+        for s in list(self.sessions.values()):
             if s.subs.account_updates is not None:
                 for pos in self.exchange.positions(s.subs.account_updates):
                     s.send(self._portfolio(pos))

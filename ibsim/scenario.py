@@ -40,6 +40,7 @@ class GatewaySection(_Strict):
     pacing_window_s: Annotated[float, Field(gt=0)] = 1.0
     pacing_disconnect: bool = True
     pnl_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    portfolio_interval_s: Annotated[float, Field(gt=0)] = 180.0
     market_interval_s: Annotated[float, Field(gt=0)] = 0.1
     fill_latency_s: Annotated[float, Field(ge=0)] = 0.0
     cancel_latency_s: Annotated[float, Field(ge=0)] = 0.0
@@ -565,6 +566,7 @@ class Scenario(_Strict):
             pacing_window_s=g.pacing_window_s,
             pacing_disconnect=g.pacing_disconnect,
             pnl_interval_s=g.pnl_interval_s,
+            portfolio_interval_s=g.portfolio_interval_s,
             market_interval_s=g.market_interval_s,
             fill_latency_s=g.fill_latency_s,
             cancel_latency_s=g.cancel_latency_s,

@@ -69,6 +69,7 @@ from guardd.core.events import (
     OrderStatus,
     PermId,
     PnLUpdate,
+    PortfolioValue,
     PositionsEnd,
     PositionsListed,
     PositionUpdate,
@@ -87,6 +88,11 @@ TERMINAL_STATUSES = frozenset({"Filled", "Cancelled", "ApiCancelled", "Inactive"
 
 BASE = "BASE"
 NO_CONTRACT = ConId(0)
+
+PORTFOLIO_MAX_AGE_S = 200.0
+"""How old a position value from the account-updates stream (`PortfolioValue`) may be and still
+count as current: IB sends each position again when it changes and otherwise at a fixed interval
+of three minutes; 20 s of slack on top. Older, and nothing newer came: the value is stale."""
 
 BASE_CURRENCY_KEYS = frozenset(
     {
@@ -110,8 +116,10 @@ them: what names the base currency (per-currency rows come as `...ByCurrency`, `
 class Position:
     """One position as the broker confirmed it, with its latest market value.
 
-    `value` is signed, in the position's own `currency`, or None while unknown (no price and no
-    pnlSingle value yet); `value_ts` is when the price or value behind it was received.
+    `value` is signed, in the position's own `currency`, or None while unknown (no price, no
+    pnlSingle and no portfolio value yet); `value_ts` is when the price or value behind it was
+    received, whichever source it came from (the latest wins); `portfolio_ts` is when the
+    account-updates stream last valued it (see `value_fresh`).
     """
 
     account: str
@@ -127,6 +135,7 @@ class Position:
     value: float | None = None
     value_ts: float | None = None
     daily_pnl: float | None = None
+    portfolio_ts: float | None = None
     generation: int = 0
     unknown_since: float | None = None  # when its quantity last arrived unset (None: known)
     # an option's terms (NaN / "" when not an option or not reported): strike, right "C"/"P",
@@ -475,6 +484,8 @@ class Book:
                 self._on_pnl(event)
             case PositionValue():
                 self._on_position_value(event)
+            case PortfolioValue():
+                self._on_portfolio_value(event)
             case PriceTick():
                 self._on_price(event)
             case SizeTick():
@@ -564,6 +575,7 @@ class Book:
             value=value,
             value_ts=value_ts,
             daily_pnl=old.daily_pnl if old is not None else None,
+            portfolio_ts=old.portfolio_ts if old is not None else None,
             generation=self.generation,
             strike=event.strike,
             right=event.right,
@@ -686,6 +698,27 @@ class Book:
             new = replace(old, daily_pnl=event.daily)
         else:
             new = replace(old, value=value, value_ts=event.ts, daily_pnl=event.daily)
+        self._replace_position(key, old, new)
+
+    def _on_portfolio_value(self, event: PortfolioValue) -> None:
+        """updatePortfolio: the position's market value as of now, unless a newer value is held
+        (a live price or pnlSingle received later wins: the latest received is the value)."""
+        key = (event.account, event.con_id)
+        old = self._positions.get(key)
+        if old is None or not old.known or old.quantity == 0:
+            return  # no position yet (no currency), an untrusted quantity, or flat (value 0)
+        if not math.isfinite(event.market_value):
+            return
+        if old.value_ts is not None and event.ts < old.value_ts:
+            return
+        value = event.market_value
+        if event.position != old.quantity:
+            # The stream and the positions download disagree for a moment (a fill between
+            # them): the position's figure counts, at the stream's price.
+            if not math.isfinite(event.position) or event.position == 0:
+                return
+            value = event.market_value * (old.quantity / event.position)
+        new = replace(old, value=value, value_ts=event.ts, portfolio_ts=event.ts)
         self._replace_position(key, old, new)
 
     # prices -----------------------------------------------------------------
@@ -1285,6 +1318,20 @@ class Book:
         if heard is not None:
             return heard
         return self._heartbeats_watched_since.get(bot, self.created_at)
+
+
+def value_fresh(
+    p: Position, now: float, max_age_s: float, portfolio_max_age_s: float = PORTFOLIO_MAX_AGE_S
+) -> bool:
+    """Whether the position's value is current: received at most `max_age_s` ago (a live price
+    or pnlSingle), or the account-updates stream valued it at most `portfolio_max_age_s` ago
+    (IB refreshes that stream every three minutes: a position without a market-data line is
+    as current as that stream promises). Neither: stale, and the rules say so."""
+    if p.value is None or p.value_ts is None:
+        return False
+    if now - p.value_ts <= max_age_s:
+        return True
+    return p.portfolio_ts is not None and now - p.portfolio_ts <= portfolio_max_age_s
 
 
 def _known(value: float, last: float) -> float:

@@ -158,6 +158,24 @@ class PositionValue:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PortfolioValue:
+    """`updatePortfolio` (the reqAccountUpdates subscription, one account): a position's market
+    price and market value, both in the position's own currency.
+
+    IB sends every position of the account at once when the subscription starts, then each one
+    again when it changes and otherwise about every three minutes: a value with an age, not a
+    live price. `ts` is when guardd received it.
+    """
+
+    account: str
+    con_id: ConId
+    position: float
+    market_price: float
+    market_value: float
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PriceTick:
     """`tickPrice` for a contract, already mapped from IB's tick type to a field name.
 
@@ -345,6 +363,7 @@ BrokerEvent = (
     | AccountDownloadEnd
     | PnLUpdate
     | PositionValue
+    | PortfolioValue
     | PriceTick
     | SizeTick
     | OptionComputation

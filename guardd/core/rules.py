@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Literal, Protocol
 
-from guardd.core.book import Book, Order, Position, Sample
+from guardd.core.book import Book, Order, Position, Sample, value_fresh
 
 Level = Literal["ok", "data", "warn", "reduce", "kill"]
 SEVERITY: Mapping[Level, int] = {"ok": 0, "data": 1, "warn": 2, "reduce": 3, "kill": 4}
@@ -187,7 +187,9 @@ class Leverage:
     ExchangeRate) / NetLiquidation. Unitless, e.g. warn 2.0, reduce 3.0, kill 4.0.
 
     Data: a position without a value, a currency without a rate, a position value older than
-    `max_value_age_s`, NetLiquidation missing/NaN/≤0/older than `max_account_age_s`.
+    `max_value_age_s` unless IB's account-updates stream valued it within its own refresh
+    interval (`book.value_fresh`, `PORTFOLIO_MAX_AGE_S`), NetLiquidation missing/NaN/≤0/older
+    than `max_account_age_s`.
     """
 
     limits: Thresholds
@@ -215,7 +217,7 @@ class Leverage:
             return data(self.name, f"{exposure.unvalued} position(s) without a value")
         gross = exposure.gross
         for p in book.guarded_positions():
-            if p.value_ts is None or now - p.value_ts > self.max_value_age_s:
+            if not value_fresh(p, now, self.max_value_age_s):
                 return data(self.name, f"value of {p.symbol} is stale", p.symbol)
             if self.options == "delta" and p.sec_type == "OPT":
                 delta_value = self._delta_exposure(book, p, now)

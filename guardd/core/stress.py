@@ -28,7 +28,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from guardd.core.book import Book, Position
+from guardd.core.book import Book, Position, value_fresh
 from guardd.core.options import Right, black_scholes, years_to_expiry
 from guardd.core.rules import Finding, Thresholds, _fresh_number, _unsynced, data, grade
 
@@ -117,7 +117,7 @@ class StressLoss:
                 before, after = self._option_prices(book, p, scenario, now)
                 loss += p.quantity * p.multiplier * (before - after * fx) * rate
                 continue
-            if p.value is None or p.value_ts is None or now - p.value_ts > self.max_value_age_s:
+            if p.value is None or not value_fresh(p, now, self.max_value_age_s):
                 raise _Missing(f"no fresh value of {_named(p)}", p.symbol)
             loss += p.value * rate * (1.0 - (1.0 + scenario.underlying_move) * fx)
         for ccy, cash in sorted(book.cash_balances().items()):

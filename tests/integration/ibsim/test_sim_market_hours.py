@@ -249,6 +249,16 @@ async def test_more_tickers_than_allowed_then_error_101() -> None:
         bot.reqMktData(62, stock("AAPL"), "", False, False, [])
         await bot.wait_for("error", lambda a: a[0] == 62 and a[2] == 101)
         assert errors_for(bot, 61) == []
+        assert errors_for(bot, 62) == [(101, "Max number of tickers has been reached.")]
+
+
+async def test_line_cancelled_then_its_place_is_free_again() -> None:
+    async with sim_gateway(gateway={"max_tickers": 1}) as sim, bot_on(sim) as bot:
+        bot.reqMktData(61, msft(), "", False, False, [])
+        bot.cancelMktData(61)
+        bot.reqMktData(62, stock("AAPL"), "", False, False, [])
+        await bot.wait_for("tickPrice", lambda a: a[0] == 62)
+        assert errors_for(bot, 62) == []
 
 
 async def test_farm_broken_fault_then_2110_to_every_client() -> None:
@@ -257,3 +267,24 @@ async def test_farm_broken_fault_then_2110_to_every_client() -> None:
             sim, parse_scenario({**SCENARIO, "faults": [{"kind": "farm_broken", "at_s": 0}]})
         )
         await bot.wait_for("error", lambda a: a[2] == 2110)
+
+
+async def test_account_updates_then_portfolio_at_start_then_every_interval_only() -> None:
+    # IB: the portfolio is sent when the subscription starts, then every three minutes (a
+    # position change at once); here the interval is shortened to see a second round.
+    async with sim_gateway(gateway={"portfolio_interval_s": 0.5}) as sim, bot_on(sim) as bot:
+        bot.reqAccountUpdates(True, "")
+        await bot.wait_for("accountDownloadEnd")
+        first = len(bot.named("updatePortfolio"))
+        assert first == len(sim.exchange.positions(sim.exchange.accounts[0])) > 0
+        await bot.wait_for("updatePortfolio", count=2 * first)
+
+
+async def test_default_portfolio_interval_then_no_second_round_with_the_pnl_stream() -> None:
+    async with sim_gateway() as sim, bot_on(sim) as bot:
+        bot.reqAccountUpdates(True, "")
+        await bot.wait_for("accountDownloadEnd")
+        first = len(bot.named("updatePortfolio"))
+        bot.reqPnL(5, sim.exchange.accounts[0], "")
+        await until(lambda: len(bot.named("pnl")) >= 3)  # three rounds of the PnL stream
+        assert len(bot.named("updatePortfolio")) == first

@@ -8,7 +8,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardd.core.book import Book, RateWindow
+from guardd.core.book import PORTFOLIO_MAX_AGE_S, Book, RateWindow, value_fresh
 from guardd.core.engine import Evaluation
 from guardd.core.events import (
     AccountValue,
@@ -25,6 +25,7 @@ from guardd.core.events import (
     OrderStatus,
     PermId,
     PnLUpdate,
+    PortfolioValue,
     PositionsEnd,
     PositionUpdate,
     PositionValue,
@@ -333,6 +334,87 @@ def test_position_value_then_used_and_quantity_change_scales_it() -> None:
     assert book.exposure().gross == 5000.0
     book.fold(pos(1, 50, ts=3.0))
     assert book.exposure().gross == 2500.0
+
+
+def portfolio(
+    con_id: int, qty: float, value: float, ts: float, account: str = ACC
+) -> PortfolioValue:
+    price = value / qty if qty else 0.0
+    return PortfolioValue(
+        account=account,
+        con_id=ConId(con_id),
+        position=qty,
+        market_price=price,
+        market_value=value,
+        ts=ts,
+    )
+
+
+def test_portfolio_value_then_every_position_valued_without_a_price() -> None:
+    book = synced_book(pos(1, 100), pos(2, -50))
+    assert book.exposure().unvalued == 2
+    book.fold(portfolio(1, 100, 5000.0, ts=2.0))
+    book.fold(portfolio(2, -50, -1000.0, ts=2.0))
+    exposure = book.exposure()
+    assert exposure.unvalued == 0
+    assert exposure.gross == 6000.0
+    p = book.position(ConId(1))
+    assert p is not None
+    assert (p.value, p.value_ts, p.portfolio_ts) == (5000.0, 2.0, 2.0)
+
+
+def test_price_after_portfolio_value_then_latest_received_wins() -> None:
+    book = synced_book(pos(1, 100))
+    book.fold(portfolio(1, 100, 5000.0, ts=2.0))
+    book.fold(tick(1, 51.0, ts=3.0))
+    p = book.position(ConId(1))
+    assert p is not None
+    assert (p.value, p.value_ts, p.portfolio_ts) == (5100.0, 3.0, 2.0)
+    book.fold(portfolio(1, 100, 5200.0, ts=4.0))
+    p = book.position(ConId(1))
+    assert p is not None
+    assert (p.value, p.value_ts) == (5200.0, 4.0)
+
+
+def test_portfolio_value_older_than_a_price_then_price_kept() -> None:
+    book = synced_book(pos(1, 100), tick(1, 51.0, ts=5.0))
+    book.fold(portfolio(1, 100, 5000.0, ts=4.0))
+    p = book.position(ConId(1))
+    assert p is not None
+    assert (p.value, p.value_ts) == (5100.0, 5.0)
+
+
+def test_portfolio_quantity_disagrees_then_scaled_to_the_book_quantity() -> None:
+    book = synced_book(pos(1, 100))
+    book.fold(portfolio(1, 200, 10000.0, ts=2.0))  # a fill the positions stream has not sent yet
+    assert book.exposure().gross == 5000.0
+
+
+def test_portfolio_value_of_unknown_quantity_or_other_account_then_not_folded() -> None:
+    book = synced_book(pos(1, math.nan), pos(2, 100, account="DU999"))
+    book.fold(portfolio(1, 100, 5000.0, ts=2.0))
+    book.fold(portfolio(2, 100, 5000.0, ts=2.0, account="DU999"))
+    p = book.position(ConId(1))
+    assert p is not None and p.value is None
+    assert book.exposure().unvalued == 1
+
+
+def test_portfolio_valued_position_then_fresh_within_ibs_refresh_then_stale() -> None:
+    book = synced_book(pos(1, 100))
+    book.fold(portfolio(1, 100, 5000.0, ts=100.0))
+    p = book.position(ConId(1))
+    assert p is not None
+    assert value_fresh(p, 100.0 + 30, max_age_s=30)
+    assert value_fresh(p, 100.0 + PORTFOLIO_MAX_AGE_S, max_age_s=30)
+    assert not value_fresh(p, 100.0 + PORTFOLIO_MAX_AGE_S + 1, max_age_s=30)
+
+
+def test_price_valued_position_without_portfolio_then_stale_after_max_age() -> None:
+    book = synced_book(pos(1, 100), tick(1, 50.0, ts=100.0))
+    p = book.position(ConId(1))
+    assert p is not None
+    assert value_fresh(p, 130.0, max_age_s=30)
+    assert not value_fresh(p, 131.0, max_age_s=30)
 
 
 def test_other_account_position_then_kept_but_not_totalled() -> None:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from guardd.config import parse_config
-from guardd.core.book import Book
+from guardd.core.book import PORTFOLIO_MAX_AGE_S, Book
 from guardd.core.events import (
     AccountValue,
     BrokerEvent,
@@ -25,6 +25,7 @@ from guardd.core.events import (
     OrderId,
     PermId,
     PnLUpdate,
+    PortfolioValue,
     PositionsEnd,
     PositionUpdate,
     PriceTick,
@@ -173,6 +174,22 @@ def test_leverage_nan_net_liq_then_data() -> None:
 def test_leverage_stale_position_value_then_data() -> None:
     book = book_with(av("NetLiquidation", "100"), pos(1, 5000), tick(1, 100.0, ts=T - 100))
     assert LEV.evaluate(book, T).level == "data"
+
+
+def test_leverage_portfolio_value_within_ibs_refresh_then_graded_after_it_data() -> None:
+    book = book_with(av("NetLiquidation", "1000000"), pos(1, 5000))
+    book.fold(
+        PortfolioValue(
+            account=ACC,
+            con_id=ConId(1),
+            position=5000,
+            market_price=100.0,
+            market_value=500_000.0,
+            ts=T,
+        )
+    )
+    assert LEV.evaluate(book, T + 120).value == 0.5  # older than 30 s, IB refreshes every 180 s
+    assert LEV.evaluate(book, T + PORTFOLIO_MAX_AGE_S + 1).level == "data"
 
 
 def test_leverage_unsynced_book_then_data() -> None:
