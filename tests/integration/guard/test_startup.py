@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from guardd.broker.ib import _IbSession
+from guardd.broker.session import IbSession
 from guardd.config import Config, MetricsConfig
 from guardd.runtime.guard import Guard
 from guardd.sdnotify import Notifier
@@ -236,18 +236,18 @@ def wedge() -> Iterator[threading.Event]:
     """A wedged broker adapter: the first heartbeat answer (currentTime) blocks the ibapi
     thread that decodes messages until the event is set, as a callback that deadlocks would."""
     release = threading.Event()
-    original = _IbSession.currentTime
+    original = IbSession.currentTime
 
-    def stuck(self: _IbSession, time: int) -> None:
+    def stuck(self: IbSession, time: int) -> None:
         release.wait(30)
         original(self, time)
 
-    _IbSession.currentTime = stuck  # type: ignore[method-assign]
+    IbSession.currentTime = stuck  # type: ignore[method-assign]
     try:
         yield release
     finally:
         release.set()
-        _IbSession.currentTime = original  # type: ignore[method-assign]
+        IbSession.currentTime = original  # type: ignore[method-assign]
 
 
 @pytest.mark.usefixtures("watchdog_env")

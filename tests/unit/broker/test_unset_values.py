@@ -17,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from ibapi.const import UNSET_DECIMAL, UNSET_DOUBLE, UNSET_INTEGER, UNSET_LONG
 
-from guardd.broker.ib import IbBroker, _client_id, _number, _order_id, _perm_id
+from guardd.broker.convert import client_id, number, order_id, perm_id
+from guardd.broker.ib import IbBroker
 from guardd.core.book import Book
 from guardd.core.close import CloseEpisode, Held
 from guardd.core.events import (
@@ -48,29 +49,29 @@ AAPL = 265598
 
 
 def test_unset_markers_then_unknown_never_a_number() -> None:
-    assert math.isnan(_number(UNSET_DECIMAL))
-    assert math.isnan(_number(UNSET_DOUBLE))
-    assert math.isnan(_number(UNSET_INTEGER))
-    assert math.isnan(_number(UNSET_LONG))
-    assert math.isnan(_number(""))
-    assert _order_id(UNSET_INTEGER) == 0
-    assert _perm_id(UNSET_LONG) == 0 and _perm_id(UNSET_INTEGER) == 0
-    assert _client_id(UNSET_INTEGER) == UNKNOWN_CLIENT_ID
+    assert math.isnan(number(UNSET_DECIMAL))
+    assert math.isnan(number(UNSET_DOUBLE))
+    assert math.isnan(number(UNSET_INTEGER))
+    assert math.isnan(number(UNSET_LONG))
+    assert math.isnan(number(""))
+    assert order_id(UNSET_INTEGER) == 0
+    assert perm_id(UNSET_LONG) == 0 and perm_id(UNSET_INTEGER) == 0
+    assert client_id(UNSET_INTEGER) == UNKNOWN_CLIENT_ID
 
 
 def test_values_next_to_the_markers_then_kept_as_numbers() -> None:
     # Recognised by equality with ibapi's markers, never by magnitude.
-    assert _number(Decimal(2**127 - 2)) == float(2**127 - 2)
-    assert _number(Decimal(0)) == 0.0
-    assert _number(1e308) == 1e308
-    assert _number(UNSET_INTEGER - 1) == UNSET_INTEGER - 1
-    assert _order_id(UNSET_INTEGER - 1) == UNSET_INTEGER - 1
-    assert _client_id(0) == 0 and _client_id(UNSET_INTEGER - 1) == UNSET_INTEGER - 1
+    assert number(Decimal(2**127 - 2)) == float(2**127 - 2)
+    assert number(Decimal(0)) == 0.0
+    assert number(1e308) == 1e308
+    assert number(UNSET_INTEGER - 1) == UNSET_INTEGER - 1
+    assert order_id(UNSET_INTEGER - 1) == UNSET_INTEGER - 1
+    assert client_id(0) == 0 and client_id(UNSET_INTEGER - 1) == UNSET_INTEGER - 1
 
 
 @given(st.integers(min_value=-(2**62), max_value=2**62))
 def test_any_real_quantity_then_unchanged(quantity: int) -> None:
-    assert _number(Decimal(quantity)) == float(quantity)
+    assert number(Decimal(quantity)) == float(quantity)
 
 
 # ---- the Book -----------------------------------------------------------------------------------

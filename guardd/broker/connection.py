@@ -1,0 +1,595 @@
+"""Connection supervision: connect, handshake, reconnect, liveness, stop.
+
+Threads: ibapi's `connect()` does a blocking handshake (no timeout of its own) and starts an
+EReader thread; `EClient.run()` decodes frames and calls the EWrapper on its own thread. Each
+connection attempt is an `IbSession` (one EClient + EWrapper, `guardd.broker.session`); its
+callbacks cross into the event loop in order and reach `IbConnection.on_items`. Requests are
+sent from the event loop through the one `PacedSender` (ibapi's socket send holds a lock).
+
+Connection life: `__aenter__` (`start`) connects once and raises BrokerConnectError when it cannot
+(timeout, refused, client id in use, account not managed by the login); `connect` keeps trying
+with the reconnect back-off instead (a guard started while its gateway is down), raising only
+AccountNotManagedError. After that the `_reconnect_loop` keeps the session alive: a drop emits
+`Disconnected`, then the broker reconnects with bounded, jittered exponential backoff (slower
+after error 326), never giving up while it runs.
+
+Stopping is bounded: `stop` closes the socket of every session and connect attempt (again and
+again while it waits: ibapi's blocking connect and handshake have no timeout of their own, and a
+connect thread may create its socket just after a first close found none) and waits at most
+`JOIN_TIMEOUT_S` for the ibapi threads; a thread still stuck is a daemon and is left behind.
+
+Liveness (`alive`, for the systemd watchdog): the adapter promises its next sign of life and
+keeps the promise. Connected, every message from the gateway is one, and the heartbeat makes one
+due every `heartbeat_interval_s + heartbeat_timeout_s`; disconnected, each connect attempt and
+each back-off sleep promise the next attempt. A reconnect loop that keeps retrying is alive; one
+wedged (a callback that never returns, an attempt that never ends, a session whose threads never
+end) breaks its promise and is not.
+
+Silent TCP death (a NAT or firewall forgets the connection; nothing is closed, nothing arrives) is
+noticed by an application heartbeat: every `heartbeat_interval_s` the session sends reqCurrentTime
+on the NORMAL lane, and when nothing at all (the answer or any other message) arrives within
+`heartbeat_timeout_s` of it being written, the session is dropped as dead and the reconnect loop
+takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Final, Self, cast
+
+import structlog
+from ibapi.client import EClient
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
+
+from guardd.broker.pacer import DEFAULT_MESSAGES_PER_SECOND, Lane, PacedSender
+from guardd.broker.session import Accounts, IbSession, Pong
+from guardd.core import events as ev
+from guardd.errors import (
+    AccountNotManagedError,
+    BrokerConnectError,
+    BrokerDisconnectedError,
+    GuarddError,
+)
+
+log = structlog.get_logger("guardd.broker.ib")
+
+CLIENT_ID_IN_USE: Final = 326
+
+JOIN_TIMEOUT_S: Final = 0.75
+"""How long `stop` (and a failed `start`) waits for the ibapi threads to end."""
+ABORT_GRACE_S: Final = 2.5
+"""How long a timed-out connect attempt may take to end after its socket is closed."""
+
+_SENTINEL: Final = object()
+
+
+class ClientIdInUseError(BrokerConnectError):
+    """Error 326: another session already uses guardd's client id at the gateway."""
+
+
+def reconnect_delay(
+    attempt: int,
+    error: BaseException | None,
+    *,
+    initial_s: float,
+    max_s: float,
+    client_id_in_use_s: float,
+    jitter: float,
+) -> float:
+    """Seconds before reconnect attempt `attempt + 1`: exponential, capped, jittered.
+
+    `initial_s * 2**(attempt - 1)` capped at `max_s`, plus `jitter * initial_s` (jitter in [0, 1)
+    spreads guards that lost the same gateway). After error 326 (our client id still held by a
+    session the gateway has not noticed is dead) wait at least `client_id_in_use_s`.
+    """
+    wait = min(max_s, initial_s * 2.0 ** min(max(attempt - 1, 0), 30))
+    wait += jitter * initial_s
+    if isinstance(error, ClientIdInUseError):
+        wait = max(wait, client_id_in_use_s)
+    return wait
+
+
+class IbConnection:
+    """The supervised connection to TWS / IB Gateway: one live `IbSession` at a time.
+
+    Subclasses handle what arrives (`_on_item`), subscribe after every connect (`_on_connected`)
+    and add their own state (`_init_state`, called at the end of `__init__`).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: int,
+        account: str,
+        connect_timeout_s: float = 10.0,
+        messages_per_second: float = DEFAULT_MESSAGES_PER_SECOND,
+        *,
+        kill_reserve: int = 0,
+        clock: Callable[[], float] = time.time,
+        reconnect_initial_s: float = 0.5,
+        reconnect_max_s: float = 30.0,
+        client_id_in_use_wait_s: float = 15.0,
+        heartbeat_interval_s: float | None = 5.0,
+        heartbeat_timeout_s: float = 5.0,
+        progress_slack_s: float = 5.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.client_id = client_id
+        self.account = account
+        self.connect_timeout_s = connect_timeout_s
+        self.clock = clock
+        self.reconnect_initial_s = reconnect_initial_s
+        self.reconnect_max_s = reconnect_max_s
+        self.client_id_in_use_wait_s = client_id_in_use_wait_s
+        self.heartbeat_interval_s = heartbeat_interval_s  # None: no heartbeat
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.heartbeat_failures = 0
+        # Liveness: the monotonic time by which the adapter promised its next sign of life
+        # (None: nothing promised yet, not started); `progress_slack_s` is added to each promise.
+        self.progress_slack_s = progress_slack_s
+        self._alive_until: float | None = None
+        self._messages_per_second = messages_per_second
+        self._kill_reserve = kill_reserve
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sender: PacedSender | None = None
+        self._events: asyncio.Queue[object] = asyncio.Queue()
+        self._session: IbSession | None = None
+        self._attempt: IbSession | None = None  # the latest connect attempt's session
+        self._sessions = itertools.count(1)
+        self._lost = asyncio.Event()
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stopped = False
+        self._threads: list[threading.Thread] = []
+        self.reconnects = 0
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """Set up a subclass's own state (called last by `__init__`)."""
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "IbBroker is used outside `async with`"
+        return self._loop
+
+    @property
+    def connected(self) -> bool:
+        """True while a session is up and announced (`Connected` emitted, not yet dropped)."""
+        return self._session is not None and self._session.announced
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def alive(self) -> bool:
+        """True while the adapter keeps its promise of a next sign of life (see the module doc):
+        it answers "is the adapter working?", not "is IB up?"."""
+        if self._stopped or self._alive_until is None:
+            return True  # not started, or stopped on purpose: nothing is due
+        task = self._reconnect_task
+        if task is not None and task.done():
+            return False  # nothing would ever reconnect
+        if self.heartbeat_interval_s is None and self.connected:
+            return True  # without a heartbeat a quiet session cannot be told from a dead one
+        return time.monotonic() <= self._alive_until
+
+    def _expect_progress(self, within_s: float) -> None:
+        self._alive_until = time.monotonic() + within_s + self.progress_slack_s
+
+    def _heard(self) -> None:
+        """A message of the live session arrived: the next one is due within a heartbeat."""
+        interval = self.heartbeat_interval_s
+        if interval is not None:
+            self._expect_progress(interval + self.heartbeat_timeout_s)
+
+    async def connect(self) -> None:
+        """Connect, retrying with the reconnect back-off until connected, then keep the
+        connection alive (as `start`). Only AccountNotManagedError is raised: the login does not
+        manage the account, which no retry mends. Cancel it to give up (bounded, see `stop`)."""
+        attempt = 0
+        while True:
+            try:
+                await self.start()
+                return
+            except AccountNotManagedError:
+                raise
+            except BrokerConnectError as exc:
+                # Not fatal: the gateway may be restarting (it does every night).
+                attempt += 1
+                delay = reconnect_delay(
+                    attempt,
+                    exc,
+                    initial_s=self.reconnect_initial_s,
+                    max_s=self.reconnect_max_s,
+                    client_id_in_use_s=self.client_id_in_use_wait_s,
+                    jitter=random.random(),
+                )
+                log.warning(
+                    "ib_connect_failed", error=str(exc), attempt=attempt, retry_in_s=round(delay, 3)
+                )
+                self._expect_progress(delay)
+                await asyncio.sleep(delay)
+
+    async def start(self) -> None:
+        """Connect once (raising BrokerConnectError on failure), then keep the connection alive."""
+        self._loop = asyncio.get_running_loop()
+        self._sender = PacedSender(self._messages_per_second, kill_reserve=self._kill_reserve)
+        self._sender.start()
+        try:
+            await self._connect_once()
+        except BaseException:
+            await self._sender.stop()
+            # A refused or abandoned attempt leaves no ibapi thread behind (bounded).
+            await self._join_threads(self._attempt)
+            raise
+        self._reconnect_task = asyncio.create_task(self._reconnect_loop(), name="ib_reconnect_loop")
+
+    async def stop(self) -> None:
+        """Disconnect, end the reconnect loop and the sender, join the ibapi threads."""
+        if self._stopped:
+            return
+        self._stopping = True
+        task, self._reconnect_task = self._reconnect_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._stop_tasks()
+        session = self._session
+        if session is not None:
+            session.abort()
+            await cancelled(session.heartbeat_task)
+            await cancelled(session.positions_retry_task)
+        if self._sender is not None:
+            await self._sender.stop()
+        await self._join_threads(session, self._attempt)
+        if session is not None and self._session is session:
+            self._end_session(session, "stopped")
+        self._stopped = True
+        self._events.put_nowait(_SENTINEL)
+        log.info("broker_stopped", client_id=self.client_id)
+
+    async def events(self) -> AsyncIterator[ev.BrokerEvent]:
+        """Every BrokerEvent in arrival order, until the broker stops."""
+        while True:
+            item = await self._events.get()
+            if item is _SENTINEL:
+                self._events.put_nowait(_SENTINEL)  # a second reader ends too
+                return
+            yield cast(ev.BrokerEvent, item)
+
+    # ---- connecting ------------------------------------------------------------------------
+
+    def _spawn_thread(self, target: Callable[[], None], name: str) -> threading.Thread:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
+    async def _join_threads(
+        self, *sessions: IbSession | None, timeout_s: float = JOIN_TIMEOUT_S
+    ) -> None:
+        """Wait at most `timeout_s` for the ibapi threads to end, closing `sessions`' sockets
+        again while waiting (a connect thread may open its socket after a first close found
+        none); a thread still alive then is a daemon, logged and left behind."""
+        threads, self._threads = self._threads, []
+        alive = [t for t in threads if t.is_alive()]
+        deadline = time.monotonic() + timeout_s
+        while alive and time.monotonic() < deadline:
+            for session in sessions:
+                if session is not None:
+                    session.abort()
+            await asyncio.sleep(0.01)
+            alive = [t for t in alive if t.is_alive()]
+        stuck = [t.name for t in alive if t.is_alive()]
+        if stuck:
+            log.warning("ibapi_threads_not_joined", threads=stuck)
+            self._threads.extend(t for t in alive if t.is_alive())
+
+    async def _connect_once(self) -> None:
+        """One attempt: handshake, run thread, managedAccounts and nextValidId, resubscribe."""
+        session = IbSession(self, next(self._sessions))
+        self._attempt = session
+        deadline = self.loop.time() + self.connect_timeout_s
+        handshake: asyncio.Future[None] = self.loop.create_future()
+        self._expect_progress(self.connect_timeout_s + ABORT_GRACE_S)
+
+        def do_connect() -> None:
+            exc: BaseException | None = None
+            try:
+                session.connect(self.host, self.port, self.client_id)
+            except Exception as err:  # ibapi raises on odd states; report it to the loop
+                exc = err
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(settle, handshake, exc)
+
+        log.info("broker_connecting", host=self.host, port=self.port, client_id=self.client_id)
+        connect_thread = self._spawn_thread(do_connect, f"ibapi-connect-{self.client_id}")
+        try:
+            done, _ = await asyncio.wait({handshake}, timeout=self.connect_timeout_s)
+        except BaseException:  # cancelled (stopping): end the blocking handshake now
+            session.abort()
+            raise
+        if not done:
+            session.abort()
+            await asyncio.wait({handshake}, timeout=2.0)
+            await asyncio.to_thread(connect_thread.join, 0.5)
+            raise BrokerConnectError(
+                f"no API handshake from {self.host}:{self.port} within {self.connect_timeout_s} s"
+            )
+        if (exc := handshake.exception()) is not None:
+            raise BrokerConnectError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        if session.connState != EClient.CONNECTED:  # the handshake itself failed
+            detail = session.last_error[1] if session.last_error else "connection failed"
+            raise BrokerConnectError(f"cannot connect to {self.host}:{self.port}: {detail}")
+        # Even if the socket has closed already (error 326 then close), the run thread decodes
+        # what was received, and its end settles `session.ready`.
+
+        self._session = session
+        session.run_thread = self._spawn_thread(
+            lambda: self._run_session(session), f"ibapi-run-{self.client_id}"
+        )
+        if session.reader is not None:  # ibapi's EReader thread
+            self._threads.append(session.reader)
+        try:
+            remaining = max(0.0, deadline - self.loop.time())
+            await asyncio.wait_for(asyncio.shield(session.ready), remaining)
+        except TimeoutError as exc:
+            self._give_up(session)
+            raise BrokerConnectError(
+                f"no managedAccounts / nextValidId within {self.connect_timeout_s} s"
+            ) from exc
+        except BaseException:
+            self._give_up(session)
+            raise
+        log.info(
+            "broker_connected",
+            client_id=self.client_id,
+            server_version=session.serverVersion(),
+            accounts=list(session.managed or ()),
+            next_order_id=session.next_id,
+        )
+        self._on_connected(session)
+        # The gateway's clock at once: market hours are judged at its time.
+        self._request(session, Lane.NORMAL, "reqCurrentTime", lambda s: s.reqCurrentTime())
+        if self.heartbeat_interval_s is not None:
+            session.heartbeat_task = asyncio.create_task(
+                self._heartbeat_loop(session), name="ib_heartbeat_loop"
+            )
+
+    async def _heartbeat_loop(self, session: IbSession) -> None:
+        """Send reqCurrentTime every interval; drop the session when nothing answers in time.
+
+        The timeout counts from the moment the request was written to the socket, so a paced
+        queue full of kill-lane work never passes for a dead connection; any message after the
+        write counts as an answer (a gateway busy streaming is alive).
+        """
+        interval = self.heartbeat_interval_s
+        assert interval is not None
+        timeout = self.heartbeat_timeout_s
+        while self._session is session:
+            await asyncio.sleep(interval)
+            if self._session is not session:
+                return
+            session.heard.clear()  # before the write, so a quick answer is never missed
+            sent = self._request(
+                session, Lane.NORMAL, "reqCurrentTime", lambda s: s.reqCurrentTime()
+            )
+            try:
+                await sent
+            except GuarddError:
+                return  # the session is already gone
+            try:
+                await asyncio.wait_for(session.heard.wait(), timeout)
+            except TimeoutError:
+                if self._session is not session:
+                    return
+                self.heartbeat_failures += 1
+                session.drop_reason = f"no answer to a heartbeat within {timeout:g} s"
+                log.error(
+                    "ib_heartbeat_missed",
+                    timeout_s=timeout,
+                    client_id=self.client_id,
+                    total=self.heartbeat_failures,
+                )
+                session.abort()  # the run thread ends; the reconnect loop takes over
+                return
+
+    def _give_up(self, session: IbSession) -> None:
+        session.abort()
+        if self._session is session:
+            self._end_session(session, "connect attempt abandoned")
+
+    def _run_session(self, session: IbSession) -> None:
+        """Target of the run thread: decode until the socket closes, then tell the loop."""
+        try:
+            session.run()
+        except Exception as exc:  # e.g. a message decoded after ibapi reset its state
+            log.warning("ibapi_run_failed", error=repr(exc))
+        finally:
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._on_session_ended, session)
+
+    def _on_session_ended(self, session: IbSession) -> None:
+        if not session.ready.done():
+            code, text = session.last_error or (0, "connection closed during the handshake")
+            error_type = ClientIdInUseError if code == CLIENT_ID_IN_USE else BrokerConnectError
+            session.ready.set_exception(error_type(f"IB error {code}: {text}"))
+        if self._session is session:
+            reason = "connection closed"
+            if self._stopping:
+                reason = "stopped"
+            elif session.drop_reason is not None:
+                reason = session.drop_reason
+            elif session.last_error is not None:
+                reason = f"connection closed after IB error {session.last_error[0]}"
+            was_up = session.announced
+            self._end_session(session, reason)
+            if was_up and not self._stopping:
+                self._lost.set()  # a failed attempt is retried by the attempt's own caller
+
+    def _end_session(self, session: IbSession, reason: str) -> None:
+        self._session = None
+        for task in (session.heartbeat_task, session.positions_retry_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        if session.announced:
+            self._emit(ev.Disconnected(reason=reason, ts=self.clock()))
+            log.warning("broker_disconnected", reason=reason, client_id=self.client_id)
+        if self._sender is not None:
+            self._sender.fail_pending(reason)
+
+    def _backoff(self, state: RetryCallState) -> float:
+        outcome = state.outcome
+        return reconnect_delay(
+            state.attempt_number,
+            outcome.exception() if outcome is not None else None,
+            initial_s=self.reconnect_initial_s,
+            max_s=self.reconnect_max_s,
+            client_id_in_use_s=self.client_id_in_use_wait_s,
+            jitter=random.random(),
+        )
+
+    async def _reconnect_loop(self) -> None:
+        """Wait for a lost session and connect again, backing off, for as long as we run."""
+        while True:
+            await self._lost.wait()
+            self._lost.clear()
+            retrying = AsyncRetrying(
+                wait=self._backoff,
+                retry=retry_if_exception_type(Exception),  # log, back off, never give up
+                stop=stop_never,
+                before_sleep=self._log_retry,
+                reraise=True,
+            )
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        await self._connect_once()
+            except Exception as exc:  # a bug in the retry machinery must not end the guard
+                log.exception("broker_reconnect_loop_failed", error=repr(exc))
+                self._expect_progress(self.reconnect_max_s)
+                await asyncio.sleep(self.reconnect_max_s)
+                self._lost.set()
+                continue
+            self.reconnects += 1
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        sleep = state.next_action.sleep if state.next_action is not None else 0.0
+        self._expect_progress(sleep)  # the back-off promises the next attempt
+        log.warning(
+            "broker_reconnect_failed",
+            attempt=state.attempt_number,
+            error=str(exc),
+            retry_in_s=sleep,
+        )
+
+    # ---- callbacks on the loop -------------------------------------------------------------
+
+    def _emit(self, event: ev.BrokerEvent) -> None:
+        self._events.put_nowait(event)
+
+    def on_items(self, session: IbSession, items: list[object]) -> None:
+        """Callbacks of `session` crossed into the loop, in the order the ibapi thread saw them."""
+        if session is self._session:
+            self._heard()
+        for item in items:
+            self._on_item(session, item)
+
+    def _on_item(self, session: IbSession, item: object) -> None:
+        """Handle one callback on the event loop, in the order the ibapi thread saw it: the
+        handshake's and the heartbeat's here, every other message in `_on_message`."""
+        if session is not self._session:
+            if isinstance(item, ev.BrokerError):
+                session.last_error = (item.code, item.message)
+            return  # a late message of a session we already gave up
+        session.heard.set()
+        match item:
+            case Pong(epoch_s=epoch_s, ts=ts):
+                # An answer without its time field arrives from ibapi as 0: no time, not 1970
+                # (it would put the gateway's clock 56 years behind and misjudge market hours).
+                if epoch_s > 0:
+                    self._emit(ev.ServerTime(server_time=float(epoch_s), ts=ts))
+            case Accounts(accounts=accounts):
+                session.managed = accounts
+                self._maybe_announce(session)
+            case _:
+                self._on_message(session, item)
+
+    def _on_message(self, session: IbSession, item: object) -> None:
+        """One message of the live session other than the handshake's and the heartbeat's."""
+
+    def _on_connected(self, session: IbSession) -> None:
+        """A session was announced: subscribe to what the Book needs."""
+
+    async def _stop_tasks(self) -> None:
+        """End a subclass's background tasks (called by `stop` before the session closes)."""
+
+    def _maybe_announce(self, session: IbSession) -> None:
+        if session.managed is None or session.first_order_id is None or session.ready.done():
+            return
+        if self.account not in session.managed:
+            session.ready.set_exception(
+                AccountNotManagedError(
+                    f"account {self.account} is not managed by this login "
+                    f"(managedAccounts: {', '.join(session.managed) or 'none'}); "
+                    "reqGlobalCancel reaches every account of a login: run one guardd per login"
+                )
+            )
+            return
+        session.announced = True
+        self._emit(
+            ev.Connected(
+                server_version=int(session.serverVersion() or 0),
+                managed_accounts=session.managed,
+                next_order_id=session.first_order_id,
+                ts=self.clock(),
+            )
+        )
+        session.ready.set_result(None)
+
+    def _request(
+        self, session: IbSession, lane: Lane, label: str, call: Callable[[IbSession], None]
+    ) -> asyncio.Future[None]:
+        """Queue one ibapi request for `session` on the paced sender."""
+        assert self._sender is not None
+
+        def send() -> None:
+            if session is not self._session or not session.isConnected():
+                raise BrokerDisconnectedError(f"{label}: not connected to IB")
+            call(session)
+
+        return self._sender.submit(lane, label, send)
+
+
+async def cancelled(task: asyncio.Task[None] | None) -> None:
+    """Cancel a task and wait for it to end."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)
