@@ -603,13 +603,14 @@ class IbConfig(_Model):
 
     @model_validator(mode="after")
     def _backoff_in_order(self) -> Self:
-        if self.reconnect_backoff_max_s < self.reconnect_backoff_min_s:
-            raise _broken(
-                "reconnect_backoff_max_s",
-                f"must be greater than or equal to @reconnect_backoff_min_s "
-                f"({self.reconnect_backoff_min_s})",
-            )
+        _backoff_in_order(self, "reconnect_backoff_min_s", "reconnect_backoff_max_s")
         return self
+
+
+def _backoff_in_order(model: _Model, first: str, cap: str) -> None:
+    """A back-off's cap (the key `cap`) is not below its first delay (the key `first`)."""
+    if getattr(model, cap) < getattr(model, first):
+        raise _broken(cap, f"must be greater than or equal to @{first} ({getattr(model, first)})")
 
 
 class TokenFiles(_Model):
@@ -875,7 +876,7 @@ class NotifyConfig(_Model):
     """Notifications of kills, warnings, reductions, flat confirmed, re-arms and conditions
     (docs/notifications.md). They are sent after the actions they report, from a queue of
     ``queue_size`` per target (when full, the oldest is dropped and counted), each tried
-    ``attempts`` times with exponential back-off, ``timeout_s`` per try; at most
+    ``attempts`` times under the retry policy (`guardd.retry`), ``timeout_s`` per try; at most
     ``rate_limit_count`` notices of one kind go per ``rate_limit_window_s`` seconds. A
     disconnect from IB is notified once it has lasted ``disconnect_after_s`` seconds."""
 
@@ -889,6 +890,11 @@ class NotifyConfig(_Model):
     retry_backoff_max_s: Seconds = 30.0
     rate_limit_count: Annotated[int, Field(ge=1)] = 10
     rate_limit_window_s: Seconds = 300.0
+
+    @model_validator(mode="after")
+    def _backoff_in_order(self) -> Self:
+        _backoff_in_order(self, "retry_backoff_s", "retry_backoff_max_s")
+        return self
 
     @model_validator(mode="after")
     def _names_unique(self) -> Self:

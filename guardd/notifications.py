@@ -12,7 +12,7 @@ Never in the kill's way: the guard calls `Notifications.publish` after a decisio
 out; `publish` is synchronous, does no I/O and never raises: it checks the per-kind rate limit,
 builds the body, and appends it to each interested target's bounded queue (full: the oldest
 is dropped, and counted). One task per target (`_send_loop`) sends from its queue, each
-notice tried ``attempts`` times with exponential back-off (tenacity), ``timeout_s`` per try. A
+notice tried ``attempts`` times under the retry policy (`guardd.retry`), ``timeout_s`` per try. A
 target that fails or hangs delays only its own later notices. Counted in metrics by kind:
 ``guardd_notifications_sent_total``, ``_failed_total`` (every try failed), ``_dropped_total``
 (``reason`` rate_limited or queue_full). Notices still queued when the guard stops are not sent.
@@ -34,13 +34,13 @@ from typing import Any, Literal
 
 import aiohttp
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from guardd import __version__
 from guardd.config import NotifyConfig
 from guardd.core.notices import Notice, RateLimit
 from guardd.errors import GuarddError
 from guardd.metrics import Metrics
+from guardd.retry import Backoff, RetryPolicy
 
 __all__ = [
     "SIGNATURE_HEADER",
@@ -172,6 +172,7 @@ class Notifications:
         self.status = status
         self.clock = clock
         self.rate_limit = RateLimit(cfg.rate_limit_count, cfg.rate_limit_window_s)
+        self._retry = RetryPolicy(cfg.retry_backoff_s, cfg.retry_backoff_max_s)
         self._outboxes = [_Outbox(t, cfg.queue_size) for t in targets]
         metrics.init_notifications((o.target.name, o.target.kinds) for o in self._outboxes)
 
@@ -257,19 +258,18 @@ class Notifications:
     async def _deliver(
         self, outbox: _Outbox, session: aiohttp.ClientSession, item: _Queued
     ) -> None:
-        cfg = self.cfg
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(cfg.attempts),
-            wait=wait_exponential(multiplier=cfg.retry_backoff_s, max=cfg.retry_backoff_max_s),
-            retry=retry_if_exception_type(DeliveryError),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
+        backoff = Backoff(self._retry)
+        while True:
+            try:
                 if outbox.target.channel == "webhook":
                     await self._post_webhook(outbox.target, session, item)
                 else:
                     await self._send_apprise(outbox, item)
+                return
+            except DeliveryError:
+                if backoff.attempts + 1 >= self.cfg.attempts:
+                    raise
+            await backoff.sleep()
 
     async def _post_webhook(
         self, target: Target, session: aiohttp.ClientSession, item: _Queued
