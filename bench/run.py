@@ -38,8 +38,9 @@ import aiohttp
 import aiomqtt
 
 from guardd.control.auth import signed_payload
+from guardd.core.engine import Latch
 from guardd.state.journal import Journal, read_journal
-from guardd.state.latch import LatchState, write_latch
+from guardd.state.latch import Armed, write_latch
 from ibsim.bot import RunawayBot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -489,7 +490,11 @@ def fsync_costs(directory: Path, count: int) -> dict[str, Any]:
             t = time.perf_counter()
             journal.append("bench", n=n)
             appends.append(time.perf_counter() - t)
-            state = LatchState(halted=n % 2 == 0, reason="bench", source="bench", since=time.time())
+            state = (
+                Latch("bench", "bench", "bench", "cancel", time.time(), n)
+                if n % 2 == 0
+                else Armed("bench", "bench", "bench", time.time(), n)
+            )
             t = time.perf_counter()
             write_latch(directory / "latch.json", state)
             latches.append(time.perf_counter() - t)

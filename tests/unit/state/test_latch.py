@@ -13,27 +13,29 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guardd.core.engine import Latch
 from guardd.errors import LatchError
 from guardd.state.latch import (
     FRESH_START,
     LATCH_MISSING,
     LATCH_UNREADABLE,
-    LatchState,
+    Armed,
+    LatchFile,
     later_of,
     read_latch,
     witness_step,
     write_latch,
 )
 
-HALTED = LatchState(
-    halted=True,
+HALTED = Latch(
     reason="leverage_breached",
     source="rule:leverage",
-    since=1_718_000_000.25,
-    decision_id="d-42",
+    principal="guardd",
     mode="flatten",
+    since=1_718_000_000.25,
+    decision_id=42,
 )
-ARMED = LatchState(halted=False, reason="re-armed after review", source="http:arm", since=5.0)
+ARMED = Armed(reason="re-armed after review", source="http:arm", principal="alice", since=5.0)
 
 
 def test_write_then_read_back_same_state(tmp_path: Path) -> None:
@@ -54,20 +56,28 @@ def test_overwrite_then_latest_state_read(tmp_path: Path) -> None:
 
 
 states = st.builds(
-    LatchState,
-    halted=st.booleans(),
+    Latch,
     reason=st.text(),
     source=st.text(),
-    since=st.floats(allow_nan=False, allow_infinity=False),
-    decision_id=st.none() | st.text(),
+    principal=st.text(),
     mode=st.sampled_from(["cancel", "flatten"]),
+    since=st.floats(allow_nan=False, allow_infinity=False),
+    decision_id=st.integers(min_value=0),
+    detail=st.text(),
+) | st.builds(
+    Armed,
+    reason=st.text(),
+    source=st.text(),
+    principal=st.text(),
+    since=st.floats(allow_nan=False, allow_infinity=False),
+    decision_id=st.integers(min_value=0),
     detail=st.text(),
 )
 
 
 @settings(max_examples=50, deadline=None)
 @given(state=states)
-def test_any_state_then_round_trips(state: LatchState) -> None:
+def test_any_state_then_round_trips(state: LatchFile) -> None:
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "latch.json"
 
@@ -141,7 +151,7 @@ def test_write_then_file_synced_before_rename_and_directory_after(
 
 
 def test_non_finite_since_then_latch_error(tmp_path: Path) -> None:
-    state = LatchState(halted=True, reason="x", source="y", since=float("nan"))
+    state = Latch("x", "y", "z", "cancel", since=float("nan"), decision_id=1)
 
     with pytest.raises(LatchError, match="finite"):
         write_latch(tmp_path / "latch.json", state)
@@ -158,7 +168,7 @@ def test_unwritable_directory_then_latch_error(tmp_path: Path) -> None:
 def test_missing_file_then_halted_latch_missing(tmp_path: Path) -> None:
     state = read_latch(tmp_path / "latch.json", allow_missing=False, now=77.0)
 
-    assert state.halted
+    assert isinstance(state, Latch)
     assert state.reason == LATCH_MISSING
     assert state.mode == "cancel"  # never flatten because a file vanished
     assert state.since == 77.0
@@ -167,7 +177,7 @@ def test_missing_file_then_halted_latch_missing(tmp_path: Path) -> None:
 def test_missing_file_with_fresh_start_then_armed(tmp_path: Path) -> None:
     state = read_latch(tmp_path / "latch.json", allow_missing=True, now=77.0)
 
-    assert not state.halted
+    assert isinstance(state, Armed)
     assert state.reason == FRESH_START
     assert state.since == 77.0
 
@@ -175,11 +185,25 @@ def test_missing_file_with_fresh_start_then_armed(tmp_path: Path) -> None:
 CORRUPT = {
     "empty": b"",
     "garbage": b"\x00\xffnot json",
-    "truncated": b'{"version": 1, "halted": fal',
+    "truncated": b'{"version": 2, "halted": fal',
     "a list": b"[1, 2]",
     "deep nesting": b"[" * 100_000,
     "no version": json.dumps({"halted": False}).encode(),
-    "future version": json.dumps({"version": 2}).encode(),
+    "future version": json.dumps({"version": 3}).encode(),
+    "version as bool": b'{"version":true,"halted":false,"reason":"r","source":"s","since":1,'
+    b'"decision_id":null,"mode":"cancel","detail":""}',
+    "v2 halted without principal": b'{"version":2,"halted":true,"reason":"r","source":"s",'
+    b'"since":1,"decision_id":7,"mode":"cancel","detail":""}',
+    "v2 unknown mode": b'{"version":2,"halted":true,"reason":"r","source":"s",'
+    b'"principal":"p","since":1,"decision_id":7,"mode":"nuke","detail":""}',
+    "v2 halted without mode": b'{"version":2,"halted":true,"reason":"r","source":"s",'
+    b'"principal":"p","since":1,"decision_id":7,"detail":""}',
+    "v2 decision id a string": b'{"version":2,"halted":true,"reason":"r","source":"s",'
+    b'"principal":"p","since":1,"decision_id":"7","mode":"cancel","detail":""}',
+    "v2 decision id negative": b'{"version":2,"halted":false,"reason":"r","source":"s",'
+    b'"principal":"p","since":1,"decision_id":-1,"detail":""}',
+    "v2 principal a number": b'{"version":2,"halted":false,"reason":"r","source":"s",'
+    b'"principal":1,"since":1,"decision_id":1,"detail":""}',
     "halted as string": b'{"version":1,"halted":"false","reason":"r","source":"s","since":1,'
     b'"decision_id":null,"mode":"cancel","detail":""}',
     "since as bool": b'{"version":1,"halted":false,"reason":"r","source":"s","since":true,'
@@ -209,20 +233,70 @@ def test_corrupt_file_then_halted_latch_unreadable(
 
     state = read_latch(path, allow_missing=allow_missing)
 
-    assert state.halted
-    assert state.reason == LATCH_UNREADABLE
+    assert isinstance(state, Latch)
+    assert (state.reason, state.mode, state.decision_id) == (LATCH_UNREADABLE, "cancel", 0)
     assert state.detail.startswith(str(path))
 
 
 def test_valid_armed_document_then_read_armed(tmp_path: Path) -> None:
-    # Guards the corrupt cases above: they differ from this valid document in one thing each.
+    # Guards the corrupt cases above: they differ from a valid document in one thing each.
     path = tmp_path / "latch.json"
     path.write_bytes(
         b'{"version":1,"halted":false,"reason":"r","source":"s","since":1,'
         b'"decision_id":null,"mode":"cancel","detail":""}'
     )
+    assert isinstance(read_latch(path, allow_missing=False), Armed)
 
-    assert read_latch(path, allow_missing=False).halted is False
+    path.write_bytes(
+        b'{"version":2,"halted":false,"reason":"r","source":"s","principal":"p","since":1,'
+        b'"decision_id":1,"detail":""}'
+    )
+    assert read_latch(path, allow_missing=False) == Armed("r", "s", "p", 1.0, 1)
+
+    path.write_bytes(
+        b'{"version":2,"halted":true,"reason":"r","source":"s","principal":"p","since":1,'
+        b'"decision_id":7,"mode":"cancel","detail":""}'
+    )
+    assert read_latch(path, allow_missing=False) == Latch("r", "s", "p", "cancel", 1.0, 7)
+
+
+def test_kill_by_a_principal_written_then_read_back_with_that_principal(tmp_path: Path) -> None:
+    path = tmp_path / "latch.json"
+    kill = Latch("runaway bot", "http", "alice", "flatten", 100.0, 3)
+
+    write_latch(path, kill)
+
+    assert json.loads(path.read_text())["principal"] == "alice"
+    assert read_latch(path, allow_missing=False) == kill
+
+
+def test_version_1_halt_then_read_halted_with_the_principal_its_detail_named(
+    tmp_path: Path,
+) -> None:
+    # What guardd wrote before the latch kept its principal: "principal=<name>" in detail.
+    path = tmp_path / "latch.json"
+    path.write_bytes(
+        b'{"version":1,"halted":true,"reason":"runaway","source":"http","since":100.5,'
+        b'"decision_id":"12","mode":"flatten","detail":"principal=alice"}'
+    )
+
+    state = read_latch(path, allow_missing=False)
+
+    assert state == Latch(
+        "runaway", "http", "alice", "flatten", 100.5, 12, detail="principal=alice"
+    )
+
+
+def test_version_1_halt_without_principal_then_halted_by_unknown(tmp_path: Path) -> None:
+    path = tmp_path / "latch.json"
+    path.write_bytes(
+        b'{"version":1,"halted":true,"reason":"latch_missing","source":"latch_file","since":1,'
+        b'"decision_id":"d-42","mode":"cancel","detail":"gone"}'
+    )
+
+    state = read_latch(path, allow_missing=True)
+
+    assert state == Latch("latch_missing", "latch_file", "unknown", "cancel", 1.0, 0, "gone")
 
 
 def test_unreadable_path_then_halted(tmp_path: Path) -> None:
@@ -231,7 +305,7 @@ def test_unreadable_path_then_halted(tmp_path: Path) -> None:
 
     state = read_latch(path, allow_missing=True)
 
-    assert state.halted
+    assert isinstance(state, Latch)
     assert state.reason == LATCH_UNREADABLE
 
 
@@ -244,7 +318,7 @@ def test_any_bytes_then_read_never_raises_and_fails_closed(content: bytes) -> No
 
         state = read_latch(path, allow_missing=True)
 
-        assert state.halted or json.loads(content)["halted"] is False
+        assert isinstance(state, Latch) or json.loads(content)["halted"] is False
 
 
 # ------------------------------------------------------------------ the journal as second witness
@@ -269,7 +343,7 @@ def _decision(decision_id: int, state: str, previous: str, mode: str | None = No
     return record
 
 
-def _witness(records: list[dict]) -> LatchState | None:
+def _witness(records: list[dict]) -> Latch | None:
     witness = None
     for record in records:
         witness = witness_step(witness, record)
@@ -280,10 +354,10 @@ def test_journal_kill_then_witness_halted_with_its_latch() -> None:
     witness = _witness([_decision(3, "HALTED", "ARMED", "flatten")])
 
     assert witness is not None
-    assert (witness.halted, witness.mode, witness.decision_id, witness.since) == (
-        True,
+    assert (witness.principal, witness.mode, witness.decision_id, witness.since) == (
+        "alice",
         "flatten",
-        "3",
+        3,
         103.0,
     )
 
@@ -302,7 +376,7 @@ def test_second_kill_escalates_then_witness_has_the_later_mode() -> None:
 
     witness = _witness(records)
 
-    assert witness is not None and (witness.mode, witness.decision_id) == ("flatten", "5")
+    assert witness is not None and (witness.mode, witness.decision_id) == ("flatten", 5)
 
 
 def test_sweeps_and_other_records_then_witness_unchanged() -> None:
@@ -312,7 +386,7 @@ def test_sweeps_and_other_records_then_witness_unchanged() -> None:
 
     witness = _witness(records)
 
-    assert witness is not None and witness.decision_id == "3"
+    assert witness is not None and witness.decision_id == 3
 
 
 def test_malformed_latch_in_journal_then_ignored() -> None:
@@ -323,14 +397,14 @@ def test_malformed_latch_in_journal_then_ignored() -> None:
 
 
 def test_file_armed_before_journal_kill_then_journal_wins() -> None:
-    armed = LatchState(halted=False, reason="re-armed", source="arm", since=1.0, decision_id="2")
+    armed = Armed(reason="re-armed", source="arm", principal="bob", since=1.0, decision_id=2)
     witness = _witness([_decision(3, "HALTED", "ARMED", "flatten")])
 
     assert later_of(armed, witness) is witness
 
 
 def test_file_fresh_start_without_decision_then_journal_kill_wins() -> None:
-    fresh = LatchState(halted=False, reason=FRESH_START, source="operator", since=1.0)
+    fresh = Armed(reason=FRESH_START, source="operator", principal="operator", since=1.0)
     witness = _witness([_decision(3, "HALTED", "ARMED", "cancel")])
 
     assert later_of(fresh, witness) is witness
@@ -338,7 +412,7 @@ def test_file_fresh_start_without_decision_then_journal_kill_wins() -> None:
 
 def test_file_rearmed_after_journal_kill_then_file_wins() -> None:
     # The re-arm reached the file but not the journal (a journal write failed).
-    armed = LatchState(halted=False, reason="re-armed", source="arm", since=9.0, decision_id="7")
+    armed = Armed(reason="re-armed", source="arm", principal="bob", since=9.0, decision_id=7)
     witness = _witness([_decision(3, "HALTED", "ARMED", "flatten")])
 
     assert later_of(armed, witness) is armed
@@ -349,7 +423,8 @@ EXHAUST_FDS = """
 import json, os, resource, sys
 from pathlib import Path
 from guardd.errors import LatchError
-from guardd.state.latch import LatchState, LatchWriter, write_latch
+from guardd.core.engine import Latch
+from guardd.state.latch import LatchWriter, write_latch
 
 directory = Path(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
@@ -360,7 +435,7 @@ while True:  # every descriptor the process may have, taken (as a connection flo
         hog.append(os.open("/dev/null", os.O_RDONLY))
     except OSError:
         break
-halted = LatchState(halted=True, reason="kill", source="http", since=1.0, mode="cancel")
+halted = Latch("kill", "http", "alice", "cancel", 1.0, 1)
 outcome = {}
 try:
     write_latch(directory / "other.json", halted)
@@ -368,7 +443,7 @@ try:
 except LatchError as exc:
     outcome["one_off"] = str(exc)
 for n in range(3):  # again and again: the reserve is taken back after each write
-    writer.write(LatchState(halted=True, reason=f"kill {n}", source="http", since=1.0))
+    writer.write(Latch(f"kill {n}", "http", "alice", "cancel", 1.0, n))
 outcome["reserved"] = writer.reserved
 for fd in hog:
     os.close(fd)
