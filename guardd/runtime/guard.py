@@ -1,12 +1,15 @@
-"""The guard: broker events -> Book -> rules -> engine -> executor -> broker, and commands in.
+"""The guard: broker events -> Book -> monitor -> engine -> executor -> broker, and commands in.
 
-`Guard` wires the pure core to its adapters and owns the long-running tasks in one TaskGroup:
+`Guard` wires the pure core to its adapters and owns the long-running tasks in one TaskGroup. What
+to judge when is the core's `Monitor` (`guardd.core.monitor`); the guard moves events and time in
+and decisions out:
 
-- `_event_loop` folds every broker event into the Book; order events go through the fast path
-  (order-rate and per-order checks, then the engine) so a runaway bot is stopped on the order that
-  breaks the limit, not on the next timer tick.
-- `_evaluate_loop` evaluates every rule on a short timer (time-based rules: staleness,
-  connectivity, heartbeats, decaying rate windows) and publishes metrics.
+- `_event_loop` folds every broker event into the Book; an order event goes through the monitor's
+  fast path (`Monitor.on_order`: order-rate and per-order checks), then the engine, so a runaway
+  bot is stopped on the order that breaks the limit, not on the next timer tick.
+- `_evaluate_loop` has the monitor judge every rule on a short timer (`Monitor.on_timer`:
+  time-based rules too, staleness, connectivity, heartbeats, decaying rate windows), steps the
+  engine and publishes metrics.
 - the control plane (HTTP, MQTT), metrics listener and systemd watchdog when configured.
 
 Start-up order matters: the latch is read and restored BEFORE connecting to IB, so a guard that
@@ -47,7 +50,8 @@ from guardd.control.refusals import RefusalLedger, RefusalSummary, refusal_kind
 from guardd.core import events as ev
 from guardd.core.book import Book
 from guardd.core.close import Record
-from guardd.core.engine import Arm, Decision, Engine, Evaluation, Kill, Latch, State
+from guardd.core.engine import Arm, Decision, Engine, Kill, Latch, State
+from guardd.core.monitor import Monitor, Scale, exposure_figures
 from guardd.core.notices import (
     ConditionKind,
     Lasting,
@@ -56,15 +60,12 @@ from guardd.core.notices import (
     notice_of_close,
     notices_of,
 )
-from guardd.core.rules import Finding, Thresholds
-from guardd.core.stress import StressLoss
 from guardd.credentials import load_credentials
 from guardd.errors import ConfigError, GuarddError, JournalError, StartupError
 from guardd.metrics import Metrics, MetricsServer, metrics_handler
 from guardd.notifications import Notifications
 from guardd.runtime.executor import Executor, journal_children, journal_order_ids
 from guardd.runtime.rulebook import (
-    RuleSet,
     build_close_policy,
     build_close_settings,
     build_policy,
@@ -147,8 +148,7 @@ class Guard:
                 "latch_restored", reason=latch.reason, mode=latch.mode, principal=latch.principal
             )
             self.metrics.count_kill("restored")
-        self.rules = build_rules(cfg)
-        self._rule_limits = _rule_limits(self.rules)
+        self.monitor = Monitor(build_rules(cfg))
         self.engine = Engine(build_policy(cfg), latch=latch, first_decision_id=last_decision + 1)
         sampling = build_sampling(cfg)
         self.book = Book(
@@ -199,7 +199,6 @@ class Guard:
                 # The restored children are ours again (claimed in the Book), and only they.
                 self.executor.restore_children(latch.decision_id, children)
                 log.warning("close_children_restored", count=len(children))
-        self._findings: dict[str, Finding] = {}
         self._trading_day: str | None = None
         # The two-person re-arm rule (control.two_person_rearm): one for HTTP and MQTT, so their
         # arms count together; `_rearm_first_force` is whether the pending first arm forced.
@@ -213,9 +212,6 @@ class Guard:
         # Refused commands: the first of each kind per interval journaled in full, the rest
         # counted and journaled as one summary per interval (a junk flood costs no fsync each).
         self.refusals = RefusalLedger(cfg.control.refusal_interval_s)
-        self._watched: set[ev.ConId] = set()
-        checks = self.rules.order_checks
-        self._watch_order_prices = checks is not None and checks.collar is not None
         self._lock = asyncio.Lock()
         self._last_decision: Decision | None = None
         self.http: ControlHttpServer | None = None
@@ -289,23 +285,13 @@ class Guard:
         """Swap in `cfg`'s limits (everything else in it equals the running config)."""
         added_bots = cfg.limits.heartbeats.bots.keys() - self.cfg.limits.heartbeats.bots.keys()
         self.cfg = cfg
-        self.rules = build_rules(cfg)
-        self._rule_limits = _rule_limits(self.rules)
+        self.monitor.set_rules(build_rules(cfg))  # a removed rule's finding goes with it
         self.engine.set_policy(build_policy(cfg))
         sampling = build_sampling(cfg)
         self.book.price_history_s = sampling.history_s
         self.book.price_sample_s = sampling.sample_s
         # A bot watched from now on is not silent since the guard started.
         self.book.watch_heartbeats(added_bots, self.clock())
-        checks = self.rules.order_checks
-        self._watch_order_prices = checks is not None and checks.collar is not None
-        # A removed rule's last finding must not hold a breach (or a state) any longer.
-        names = {rule.name for rule in self.rules.periodic}
-        if self.rules.order_rate is not None:
-            names.add("order_rate")
-        if self.rules.order_checks is not None:
-            names.add("order_checks")
-        self._findings = {name: f for name, f in self._findings.items() if name in names}
         self.metrics.clear_rules()
 
     # ---- running ---------------------------------------------------------------------------
@@ -508,17 +494,14 @@ class Guard:
                         # Orders and cancels work again: a kill that could not act now can.
                         self.executor.notice()
                         await self._evaluate(self.clock(), trigger_ts=event.ts)
-                case ev.PositionUpdate(account=account, con_id=con_id, exchange=exchange):
-                    if account == self.cfg.account and event.quantity != 0:
-                        # Live prices of every held contract: volatility, position values
-                        # between PnL updates, and the planner's marketable-limit prices.
-                        self._watch_prices(con_id, exchange)
-                case ev.OpenOrder(con_id=con_id) if self._watch_order_prices:
-                    order = self.book.order(event.perm_id)
-                    if order is None or not self.book.is_own(order):
-                        self._watch_prices(con_id, "")  # the price collar needs a last price
                 case _:
                     pass
+            watch = self.monitor.price_watch(self.book, event)
+            if watch is not None:
+                con_id, exchange = watch.con_id, watch.exchange
+                self.broker.watch_prices(
+                    [con_id], exchanges={con_id: exchange} if exchange else None
+                )
             if isinstance(event, _ORDER_EVENTS):
                 await self._on_order_event(event)
             if isinstance(event, _BOOK_CHANGES):
@@ -532,31 +515,17 @@ class Guard:
                     log.info("guard_ready", state=self.engine.state)
             self.metrics.observe_event_processing(time.perf_counter() - started)
 
-    def _watch_prices(self, con_id: ev.ConId, exchange: str) -> None:
-        if con_id in self._watched or not con_id:
-            return
-        self._watched.add(con_id)
-        self.broker.watch_prices([con_id], exchanges={con_id: exchange} if exchange else None)
-
     async def _on_order_event(self, event: ev.OpenOrder | ev.OrderStatus) -> None:
         """The fast path: a new order may break the order-rate or a per-order limit now."""
         now = self.clock()
-        changed = self._report_impersonations()
-        if self.rules.order_rate is not None:
-            self._findings["order_rate"] = self.rules.order_rate.evaluate(self.book, now)
-            changed = True
-        if self.rules.order_checks is not None and isinstance(event, ev.OpenOrder):
-            order = self.book.order(event.perm_id)
-            if order is not None and order.working and not self.book.is_own(order):
-                finding = self.rules.order_checks.check(order, self.book, now)
-                if finding.breach or self._findings.get("order_checks") is None:
-                    self._findings["order_checks"] = finding
-                    changed = True
-        if changed or self.engine.state == State.HALTED:
+        impersonated = self._report_impersonations()
+        halted = self.engine.state == State.HALTED
+        if self.monitor.on_order(self.book, event, now, impersonated=impersonated, halted=halted):
             await self._evaluate(now, trigger_ts=event.ts)
 
     def _report_impersonations(self) -> bool:
-        """Journal, count and flag each foreign order labelled as ours, once per order."""
+        """Journal and count each foreign order labelled as ours, once per order; True when
+        there was one (the monitor judges the impersonation rule at once)."""
         found = self.book.take_impersonations()
         if not found:
             return False
@@ -578,8 +547,6 @@ class Guard:
                 order_ref=order.order_ref,
             )
         self.metrics.count_impersonated(len(found))
-        rule = self.rules.impersonation
-        self._findings[rule.name] = rule.evaluate(self.book, self.clock())
         return True
 
     def _roll_day(self, now: float) -> None:
@@ -597,15 +564,7 @@ class Guard:
             await asyncio.sleep(EVALUATE_EVERY_S)
             now = self.clock()
             self._roll_day(now)
-            for rule in self.rules.periodic:
-                finding = rule.evaluate(self.book, now)
-                self._findings[finding.rule] = finding
-            if self.rules.order_rate is not None:
-                self._findings["order_rate"] = self.rules.order_rate.evaluate(self.book, now)
-            stale_check = self._findings.get("order_checks")
-            if stale_check is not None and stale_check.breach and self.engine.state != "HALTED":
-                # A per-order breach that did not halt (warn) clears once no order breaks it.
-                self._findings.pop("order_checks", None)
+            self.monitor.on_timer(self.book, now, halted=self.engine.state == State.HALTED)
             await self._evaluate(now, trigger_ts=now)
             self.executor.retry_latch()
             self._watch_journal_rotation()
@@ -617,7 +576,7 @@ class Guard:
 
     async def _evaluate(self, now: float, *, trigger_ts: float | None) -> None:
         async with self._lock:
-            evaluation = Evaluation.of(self.book, tuple(self._findings.values()))
+            evaluation = self.monitor.evaluation(self.book)
             decision = self.engine.step(evaluation, now)
             await self._carry_out(decision, trigger_ts)
 
@@ -642,7 +601,7 @@ class Guard:
             by_rule = latch is not None and latch.source.startswith("rule")
             if decision.state == State.HALTED and by_rule:
                 self.metrics.count_kill("rule")  # commands are counted in `handle`
-        for finding in self._findings.values():
+        for finding in self.monitor.findings.values():
             self.metrics.observe_level(finding.rule, finding.level)
         if self.mqtt is not None and changed:
             self.mqtt.publish_state(self.status())
@@ -715,29 +674,23 @@ class Guard:
         }
 
     def _publish_metrics(self) -> None:
-        for finding in self._findings.values():
+        for finding in self.monitor.findings.values():
             self.metrics.observe_level(finding.rule, finding.level)  # counts a breach once
-            if finding.value is not None and math.isfinite(finding.value):
-                limits = self._rule_limits.get(finding.rule, Thresholds())
-                self.metrics.observe_rule(
-                    finding.rule,
-                    finding.subject,
-                    finding.value,
-                    limits,
-                    higher_is_worse=finding.rule != "margin_cushion",
-                )
-        exposure = self.book.exposure()
-        nl = self.book.net_liquidation
-        cushion = self.book.value("Cushion")
-        net_liq = nl.value if nl is not None else None
-        leverage = None
-        if exposure.gross is not None and net_liq is not None and net_liq > 0:
-            leverage = exposure.gross / net_liq
+        for reading in self.monitor.readings():
+            finding, scale = reading.finding, reading.scale
+            self.metrics.observe_rule(
+                finding.rule,
+                finding.subject,
+                finding.value,
+                scale.limits,
+                higher_is_worse=scale.higher_is_worse,
+            )
+        figures = exposure_figures(self.book)
         self.metrics.set_exposure(
-            exposure.gross,
-            net_liq,
-            leverage,
-            cushion.value if cushion is not None else None,
+            figures.gross,
+            figures.net_liquidation,
+            figures.leverage,
+            figures.cushion,
             currency=self.book.base_currency,
         )
         stress = self.stress_losses()
@@ -899,7 +852,7 @@ class Guard:
             },
             "findings": {
                 name: {"level": f.level, "value": f.value, "message": f.message}
-                for name, f in self._findings.items()
+                for name, f in self.monitor.findings.items()
                 if f.level != "ok"
             },
             # each stress scenario's projected loss (base currency) and loss / NetLiquidation,
@@ -909,19 +862,13 @@ class Guard:
 
     def stress_losses(self) -> StressView | None:
         """Each configured stress scenario's loss now, or None when none is configured."""
-        rule = next((r for r in self.rules.periodic if isinstance(r, StressLoss)), None)
-        if rule is None:
+        figures = self.monitor.stress(self.book, self.clock())
+        if figures is None:
             return None
-        report = rule.losses(self.book, self.clock())
-        nl = self.book.net_liquidation
-        net_liq = nl.value if nl is not None and math.isfinite(nl.value) and nl.value > 0 else None
-        scenarios: dict[str, ScenarioLoss] = {}
-        for scenario in rule.scenarios:
-            loss = report.losses.get(scenario.name)
-            ratio = None if loss is None or net_liq is None else loss / net_liq
-            scenarios[scenario.name] = {"loss": loss, "ratio": ratio}
-        missing = None if report.missing is None else report.missing.message
-        return {"scenarios": scenarios, "missing": missing}
+        return {
+            "scenarios": {s.name: {"loss": s.loss, "ratio": s.ratio} for s in figures.scenarios},
+            "missing": figures.missing,
+        }
 
     def console_view(self) -> Mapping[str, object]:
         """What the web console shows (``guardd.control.console``), JSON-able: the status, why
@@ -932,17 +879,17 @@ class Guard:
         if latch is not None:
             why = [f"{latch.source}: {latch.reason}"]
         else:
-            why = [f.message for f in self._findings.values() if f.breach]
+            why = [f.message for f in self.monitor.findings.values() if f.breach]
         rules = [
             {
                 "rule": f.rule,
                 "subject": f.subject,
                 "level": f.level,
                 "value": _finite_or_none(f.value),
-                "limits": _limits_json(self._rule_limits.get(f.rule)),
+                "limits": _limits_json(self.monitor.scale(f.rule)),
                 "message": f.message,
             }
-            for f in sorted(self._findings.values(), key=lambda f: f.rule)
+            for f in sorted(self.monitor.findings.values(), key=lambda f: f.rule)
         ]
         positions = [
             {
@@ -1094,18 +1041,6 @@ class StressView(TypedDict):
     missing: str | None
 
 
-def _rule_limits(rule_set: RuleSet) -> dict[str, Thresholds]:
-    """Each rule's warn / reduce / kill levels by rule name (the console and the metrics)."""
-    limits: dict[str, Thresholds] = {}
-    for rule in rule_set.periodic:
-        found = getattr(rule, "limits", None)
-        if isinstance(found, Thresholds):
-            limits[rule.name] = found
-    if rule_set.order_rate is not None:
-        limits["order_rate"] = rule_set.order_rate.per_client_1s
-    return limits
-
-
 def _person(command: ControlCommand) -> str:
     """Who the two-person rule counts: the command's person, else its credential's name (only
     when no person is configured for it: with the rule on, the config names every arm's)."""
@@ -1154,9 +1089,10 @@ def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def _limits_json(limits: Thresholds | None) -> dict[str, float | None]:
-    if limits is None:
+def _limits_json(scale: Scale | None) -> dict[str, float | None]:
+    if scale is None:
         return {"warn": None, "reduce": None, "kill": None}
+    limits = scale.limits
     return {"warn": limits.warn, "reduce": limits.reduce, "kill": limits.kill}
 
 

@@ -13,6 +13,7 @@ from guardd.config import Config, LevelLimit
 from guardd.core import rules, stress
 from guardd.core.close import CloseSettings
 from guardd.core.engine import Policy
+from guardd.core.monitor import RuleSet
 from guardd.core.planner import ClosePolicy, OrderType, OrderTypeRule
 from guardd.core.pricing import Market, RepricePolicy, Widen
 
@@ -24,17 +25,6 @@ _MIN_HISTORY_S = 900.0
 def thresholds(limit: LevelLimit) -> rules.Thresholds:
     """A config limit's warn / reduce / kill as the core's Thresholds."""
     return rules.Thresholds(warn=limit.warn, reduce=limit.reduce, kill=limit.kill)
-
-
-@dataclass(frozen=True, slots=True)
-class RuleSet:
-    """The rules evaluated on a timer, and the per-order checks run on every new order."""
-
-    periodic: tuple[rules.Rule, ...]
-    order_checks: rules.OrderChecks | None
-    order_rate: rules.OrderRate | None
-    # also in `periodic`; the app evaluates it at once when an impersonating order appears
-    impersonation: rules.Impersonation
 
 
 def build_rules(cfg: Config) -> RuleSet:
