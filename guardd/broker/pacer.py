@@ -13,7 +13,12 @@ Two layers:
 - `MessageBudget` and `LaneQueue` are pure: no clock reads, no asyncio. `MessageBudget` is a token
   bucket (rate `budget / window`, capacity `burst`) for smooth spacing, capped by a sliding log so
   that no half-open window of `window` seconds ever holds more than `budget` sends — the way
-  IB (and the simulated gateway) count.
+  IB (and the simulated gateway) count. The sender's bucket holds `DEFAULT_BURST` tokens: a
+  send that leaves late (the task woke a few milliseconds after its token was due, or the loop
+  was busy) does not push every later token back, so the budget is spent in full; with a
+  capacity of one token each late wake-up was lost for good (38.1-38.6 of 40 messages a second
+  measured). The burst never lifts the window cap: at most `budget` sends (at most 49: the
+  config keeps it under IB's 50) in any 1 s window, whatever the pattern.
 - `PacedSender` owns one queue and one task (`_send_loop`) that drains the lanes in priority
   order. It sleeps until the next token is due and picks the lane only when it may send, so a
   kill message enqueued while the task waits goes out on the very next token.
@@ -35,12 +40,23 @@ import structlog
 
 from guardd.errors import BrokerDisconnectedError
 
-__all__ = ["DEFAULT_MESSAGES_PER_SECOND", "Lane", "LaneQueue", "MessageBudget", "PacedSender"]
+__all__ = [
+    "DEFAULT_BURST",
+    "DEFAULT_MESSAGES_PER_SECOND",
+    "Lane",
+    "LaneQueue",
+    "MessageBudget",
+    "PacedSender",
+]
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_MESSAGES_PER_SECOND = 40.0
 """guardd's default budget: IB's limit is 50 messages a second per client."""
+
+DEFAULT_BURST = 4
+"""Tokens the sender's bucket holds: up to 3 intervals (75 ms at 40 a second) of late wake-ups
+are made up, never more than the budget in any window."""
 
 T = TypeVar("T")
 
@@ -170,7 +186,7 @@ class PacedSender:
         messages_per_second: float = DEFAULT_MESSAGES_PER_SECOND,
         *,
         kill_reserve: int = 0,
-        burst: int = 1,
+        burst: int = DEFAULT_BURST,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         budget = max(1, math.floor(messages_per_second))

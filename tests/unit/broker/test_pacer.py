@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardd.broker.pacer import Lane, LaneQueue, MessageBudget, PacedSender
+from guardd.broker.pacer import (
+    DEFAULT_BURST,
+    Lane,
+    LaneQueue,
+    MessageBudget,
+    PacedSender,
+)
+from guardd.config import BudgetConfig
 from guardd.errors import BrokerDisconnectedError
 
 
@@ -95,6 +102,107 @@ def test_asking_whenever_due_then_full_rate_and_still_within_budget(
     assert len(granted) >= 5 * budget - 1  # the budget is actually used, not wasted
 
 
+IB_MESSAGES_PER_SECOND = 50  # IB's default limit per API client, as the simulated gateway counts
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    budget=st.integers(1, 49),
+    reserve_fraction=st.floats(0.0, 1.0),
+    burst=st.integers(1, 10),
+    requests=st.lists(
+        st.tuples(
+            st.sampled_from(list(Lane)),
+            st.floats(0.0, 0.2),  # gap before the request is made, seconds
+            st.floats(0.0, 0.2),  # how late the sender wakes for it, seconds
+        ),
+        max_size=300,
+    ),
+)
+def test_sender_budgets_with_burst_and_late_wakeups_then_never_over_ibs_limit_in_any_second(
+    budget: int,
+    reserve_fraction: float,
+    burst: int,
+    requests: list[tuple[Lane, float, float]],
+) -> None:
+    # Arrange: the two budgets as PacedSender composes them (every message takes from the full
+    # budget; NORMAL also from budget - kill_reserve), with a burst, at any valid budget
+    reserve = min(budget - 1, round(budget * reserve_fraction))
+    BudgetConfig(messages_per_second=budget, kill_reserve=reserve)  # a budget the config takes
+    full = MessageBudget(budget, burst=min(burst, budget), now=0.0)
+    normal = MessageBudget(budget - reserve, burst=min(burst, budget - reserve), now=0.0)
+
+    # Act: each message is sent when both its budgets allow, plus the sender's late wake-up
+    now, sent, sent_normal = 0.0, [], []
+    for lane, gap, late in requests:
+        now += gap
+        while True:
+            due = full.due(now)
+            if lane is Lane.NORMAL:
+                due = max(due, normal.due(now))
+            if due > now:
+                now = due + late
+            if (lane is not Lane.NORMAL or normal.due(now) <= now) and full.try_take(now):
+                if lane is Lane.NORMAL:
+                    assert normal.try_take(now)
+                    sent_normal.append(now)
+                sent.append(now)
+                break
+
+    # Assert: never more than the budget (and so never IB's 50) in any 1 s window, and NORMAL
+    # never more than its share, whatever the burst and the lateness
+    assert most_in_any_window(sent, 1.0) <= budget < IB_MESSAGES_PER_SECOND
+    assert most_in_any_window(sent_normal, 1.0) <= budget - reserve
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    budget=st.integers(10, 49),
+    lateness=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=50),
+)
+def test_late_wakeups_within_the_burst_then_budget_spent_in_full(
+    budget: int, lateness: list[float]
+) -> None:
+    # Arrange: a sender that always has work and wakes late for every token, by up to the
+    # time the burst covers ((DEFAULT_BURST - 1) intervals) minus a little
+    interval = 1.0 / budget
+    cover = (DEFAULT_BURST - 1) * interval * 0.9
+    pacer = MessageBudget(budget, burst=DEFAULT_BURST, now=0.0)
+
+    # Act: 20 s of sends; whenever the sender has to sleep for a token it wakes that late
+    now, sent = 0.0, []
+    while now < 20.0:
+        due = pacer.due(now)
+        if due > now:
+            now = due + lateness[len(sent) % len(lateness)] * cover
+        assert pacer.try_take(now)
+        sent.append(now)
+
+    # Assert: the late wake-ups cost at most one wake-up per window, not one per send: at least
+    # budget / (1 s + the longest delay) a second (with one token a second bucket it fell to
+    # 1 / (interval + delay): 38 instead of 40 at 1 ms late)
+    rate = len(sent) / sent[-1]
+    assert rate >= budget / (1.0 + cover) - 1 / 20
+    assert most_in_any_window(sent, 1.0) <= budget
+
+
+def test_one_token_bucket_and_late_wakeups_then_budget_lost() -> None:
+    # Arrange: why the sender's bucket holds more than one token
+    pacer = MessageBudget(40, burst=1, now=0.0)
+
+    # Act: 10 s of sends; the sender wakes 2 ms late whenever it sleeps for a token
+    now, sent = 0.0, 0
+    while now < 10.0:
+        due = pacer.due(now)
+        if due > now:
+            now = due + 0.002
+        assert pacer.try_take(now)
+        sent += 1
+
+    # Assert: every late wake-up is lost: 1 / (25 ms + 2 ms) = 37 a second, not 40
+    assert sent / now < 37.5
+
+
 @given(
     before=st.lists(st.sampled_from([Lane.NORMAL, Lane.FLATTEN]), max_size=60),
     popped=st.integers(0, 60),
@@ -152,12 +260,15 @@ async def test_sender_then_paced_at_budget_in_priority_order() -> None:
     labels = [label for label, _ in sent]
     assert len(labels) == 31
     at = labels.index("kill")
-    assert 0 < at <= 8  # sent on the next token, ahead of the ~25 normal messages still queued
+    # Sent on the next token, ahead of the ~20 normal messages still queued (the first
+    # DEFAULT_BURST normals went at once, then about 5 more in the 55 ms)
+    assert 0 < at <= 7 + DEFAULT_BURST
     assert labels[:at] == [f"n{i}" for i in range(at)]
     times = [t for _, t in sent]
     assert most_in_any_window(times, 1.0) <= 100
-    # Spaced by the token rate (1/100 s), with a little slack for timer granularity.
-    assert times[-1] - times[0] >= 30 * 0.01 * 0.9
+    # Spaced by the token rate (1/100 s) after the first burst, with a little slack for timer
+    # granularity.
+    assert times[-1] - times[0] >= (31 - DEFAULT_BURST) * 0.01 * 0.9
 
 
 async def test_sender_idle_then_message_sent_at_once() -> None:
