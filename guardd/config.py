@@ -7,8 +7,8 @@ key path and the rule, e.g. ``limits.leverage.kill: must be greater than or equa
 limits.leverage.reduce (2.0)``; the daemon exits 78 (EX_CONFIG) on it.
 
 ``configs/guardd.example.toml`` documents every key. Limits read naturally:
-``cfg.limits.leverage.kill`` is the leverage that halts the account, or None when not set, and
-``cfg.limits.leverage.breached(2.4)`` is the worst level a value breaches.
+``cfg.limits.leverage.kill`` is the leverage that halts the account, or None when not set (the
+core's rules grade a value against the levels: ``guardd.core.rules.grade``).
 """
 
 from __future__ import annotations
@@ -198,24 +198,6 @@ class LevelLimit(_Model):
             for level in LEVELS
             if (value := getattr(self, level)) is not None  # getattr: LEVELS names the fields
         )
-
-    def breaches(self, value: float, level: Level) -> bool:
-        """Whether ``value`` breaches ``level``; an unset level, NaN or infinity never breaches.
-
-        NaN and missing data are their own findings: a rule must not halt an account on them.
-        """
-        threshold: float | None = getattr(self, level)
-        if threshold is None or value != value or value in (float("inf"), float("-inf")):
-            return False
-        return value >= threshold if self.higher_is_worse else value <= threshold
-
-    def breached(self, value: float) -> Level | None:
-        """The most severe level ``value`` breaches, or None."""
-        worst: Level | None = None
-        for level in LEVELS:
-            if self.breaches(value, level):
-                worst = level
-        return worst
 
 
 class _FractionLimit(LevelLimit):

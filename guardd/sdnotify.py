@@ -4,7 +4,8 @@ Under ``Type=notify`` the app sends ``READY=1`` once the latch is loaded and the
 ``STATUS=...`` lines that ``systemctl status`` shows, and ``STOPPING=1`` on the way out. With
 ``WatchdogSec=`` set, systemd passes ``$WATCHDOG_USEC`` and restarts the guard when no
 ``WATCHDOG=1`` arrives in time; `HealthWatchdog` pings only while the guard is healthy, so a
-wedged guard (a blocked event loop, a broker adapter that stopped making progress) is restarted.
+wedged guard (a blocked event loop, a broker adapter that broke its promise of a next sign of
+life, an evaluate loop that stopped going round) is restarted.
 Outside systemd ($NOTIFY_SOCKET unset) every call is a no-op.
 """
 
@@ -19,7 +20,7 @@ from typing import Self
 
 import structlog
 
-__all__ = ["HealthWatchdog", "Notifier", "progress_within", "watchdog_interval"]
+__all__ = ["HealthWatchdog", "Notifier", "watchdog_interval"]
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -120,32 +121,21 @@ def watchdog_interval(
     return int(usec) / 2 / 1_000_000
 
 
-def progress_within(
-    last_progress: Callable[[], float | None],
-    max_age_s: float,
-    clock: Callable[[], float] = time.monotonic,
-) -> Callable[[], bool]:
-    """A ``broker_progress`` check: True while `last_progress()` (on `clock`'s scale) is recent."""
-
-    def fresh() -> bool:
-        last = last_progress()
-        return last is not None and clock() - last <= max_age_s
-
-    return fresh
-
-
 class HealthWatchdog:
-    """Feeds systemd's watchdog only while the event loop is responsive and the broker progresses.
+    """Feeds systemd's watchdog only while the event loop is responsive and the guard is alive.
 
     Every `sample_s` it measures how late its own sleep woke up (the event loop's lag) and keeps
     the worst lag seen. Every `interval_s` (from `watchdog_interval()`) it decides: it sends
     ``WATCHDOG=1`` when the worst lag since the last decision is under `max_loop_lag_s` and
-    `broker_progress()` is True; otherwise it withholds the ping and logs why. With the interval
+    `alive()` is True (else the reason is ``broker_stalled``); otherwise it withholds the ping
+    and logs why. With the interval
     at half of ``WatchdogSec`` one withheld ping is forgiven (a hiccup); two in a row and systemd
     restarts the guard. The HALTED latch is on disk, so a restarted guard comes back HALTED.
 
-    `broker_progress` must answer "is the broker side alive?", not "is IB up?": while
-    disconnected, a reconnect loop that keeps trying is progress. IB Gateway restarts every
+    The guard's `alive` (`Guard._broker_alive`) asks whether the broker adapter keeps its promise
+    of a next sign of life (`IbBroker.alive`) and the evaluate loop went round lately. It must
+    answer "is the guard working?", not "is IB up?": while disconnected, a reconnect loop that
+    keeps trying is alive. IB Gateway restarts every
     night; a guard that got itself restarted for it would lose its control plane for nothing.
     IB being down is an alert (``guardd_ib_connected``), not a reason to restart.
     """
@@ -154,7 +144,7 @@ class HealthWatchdog:
         self,
         notifier: Notifier,
         interval_s: float,
-        broker_progress: Callable[[], bool],
+        alive: Callable[[], bool],
         *,
         max_loop_lag_s: float = 1.0,
         sample_s: float | None = None,
@@ -165,7 +155,7 @@ class HealthWatchdog:
             raise ValueError("the watchdog interval and the loop lag bound must be positive")
         self._notifier = notifier
         self.interval_s = interval_s
-        self._broker_progress = broker_progress
+        self._alive = alive
         self.max_loop_lag_s = max_loop_lag_s
         self.sample_s = min(interval_s / 4, 0.25) if sample_s is None else sample_s
         self._clock = clock
@@ -195,7 +185,7 @@ class HealthWatchdog:
         reason: str | None = None
         if worst_lag >= self.max_loop_lag_s:
             reason = "loop_lag"
-        elif not self._safe_progress():
+        elif not self._safe_alive():
             reason = "broker_stalled"
         if reason is None:
             if self._notifier.watchdog():
@@ -211,9 +201,9 @@ class HealthWatchdog:
             log.warning("watchdog_withheld", reason=reason, loop_lag_s=round(worst_lag, 4))
         self.last_reason = reason
 
-    def _safe_progress(self) -> bool:
+    def _safe_alive(self) -> bool:
         try:
-            return bool(self._broker_progress())
+            return bool(self._alive())
         except Exception as exc:  # a failing health check is unhealthy, not a crash
             log.warning("watchdog_check_failed", error=repr(exc))
             return False

@@ -41,7 +41,6 @@ from ibsim.wire import UNSET_DOUBLE, UNSET_INTEGER, Field
 SERVER_VERSION = 178  # the text protocol's base version here; ib_async tops out at it
 
 # Server versions at which the layouts below gain fields (ibapi server_versions.py).
-V_FUND_DATA_FIELDS = 179
 V_LAST_TRADE_DATE = 182
 V_CUSTOMER_ACCOUNT = 183
 V_PROFESSIONAL_CUSTOMER = 184

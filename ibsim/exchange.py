@@ -354,10 +354,6 @@ class Exchange:
         """The time prices were last advanced to."""
         return self._now
 
-    @property
-    def margin_multiplier(self) -> float:
-        return self._margin_multiplier
-
     def find_instrument(self, spec: ContractSpec) -> Instrument | None:
         """The one instrument a client's contract fields name, or None if none or ambiguous.
 

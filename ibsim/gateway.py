@@ -308,7 +308,6 @@ class Session:
             self._held.append(frame)  # TCP would retransmit it after the freeze
             return
         self.writer.write(frame)
-        self.gateway.sent_messages += 1
 
     def release_held(self) -> None:
         """Send what was held back while the gateway was frozen, in order."""
@@ -317,7 +316,6 @@ class Session:
             return
         for frame in held:
             self.writer.write(frame)
-            self.gateway.sent_messages += 1
 
     def close(self) -> None:
         if not self._closed:
@@ -388,7 +386,6 @@ class SimGateway:
         self.pacing_violations = 0
         self.global_cancels = 0
         self.global_cancel_times: list[float] = []
-        self.sent_messages = 0
         self.received_by_id: Counter[int] = Counter()
         self.received_by_client: Counter[int] = Counter()
         self._listeners: list[Callable[[int, int, list[str]], None]] = []
@@ -1418,7 +1415,6 @@ class SimGateway:
                 attempted += due
             await asyncio.sleep(tick_s)
         stats.elapsed_s = loop.time() - start
-        self.sent_messages += stats.sent
         return stats
 
     def _flood_frames(self) -> list[tuple[Session, bytes]]:

@@ -200,7 +200,6 @@ class PacedSender:
         self._queue: LaneQueue[_Outgoing] = LaneQueue()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.sent_total = 0
         self.sent_by_lane: dict[Lane, int] = dict.fromkeys(Lane, 0)
 
     async def __aenter__(self) -> PacedSender:
@@ -279,7 +278,6 @@ class PacedSender:
                 log.warning("message_send_failed", label=item.label, error=str(exc))
                 item.sent.set_exception(exc)
                 continue
-            self.sent_total += 1
             self.sent_by_lane[item.lane] += 1
             item.sent.set_result(None)
             if item.lane is not Lane.NORMAL:

@@ -364,14 +364,12 @@ class Book:
 
         # connection and sync
         self.connected = False
-        self.server_connected = True
         self.disconnected_since: float | None = created_at
         self.server_lost_since: float | None = None
         self.generation = 0
         self.positions_synced = False
         self.orders_synced = False
         self.executions_synced = False  # the executions download of this connection has ended
-        self.account_download_done = False
         self.managed_accounts: tuple[str, ...] = ()
         self.next_order_id = 0
         self.server_version = 0
@@ -392,8 +390,6 @@ class Book:
         self._values: dict[tuple[str, str], Sample] = {}
         self._margin_change: MarginChange | None = None
         self.pnl_daily: Sample | None = None
-        self.pnl_unrealized: Sample | None = None
-        self.pnl_realized: Sample | None = None
         self._start_of_day: float | None = None
         self._peak_equity: float | None = None
         self._equity_history: deque[tuple[float, float]] = deque()
@@ -461,11 +457,9 @@ class Book:
                 if self.disconnected_since is None:
                     self.disconnected_since = event.ts
             case ConnectivityLost():
-                self.server_connected = False
                 if self.server_lost_since is None:
                     self.server_lost_since = event.ts
             case ConnectivityRestored():
-                self.server_connected = True
                 self.server_lost_since = None
                 if event.data_lost:
                     self._begin_resync()
@@ -478,8 +472,7 @@ class Book:
             case AccountValue():
                 self._on_account_value(event)
             case AccountDownloadEnd():
-                if event.account == self.account:
-                    self.account_download_done = True
+                pass  # nothing waits for it: each account value counts from its own arrival
             case PnLUpdate():
                 self._on_pnl(event)
             case PositionValue():
@@ -525,7 +518,6 @@ class Book:
     def _on_connected(self, event: Connected) -> None:
         self.connected = True
         self.disconnected_since = None
-        self.server_connected = True
         self.server_lost_since = None
         self.managed_accounts = event.managed_accounts
         self.next_order_id = event.next_order_id
@@ -537,7 +529,6 @@ class Book:
         self.positions_synced = False
         self.orders_synced = False
         self.executions_synced = False
-        self.account_download_done = False
 
     # positions -------------------------------------------------------------
 
@@ -817,8 +808,6 @@ class Book:
         if event.account != self.account:
             return
         self.pnl_daily = Sample(event.daily, event.ts)
-        self.pnl_unrealized = Sample(event.unrealized, event.ts)
-        self.pnl_realized = Sample(event.realized, event.ts)
         self._maybe_start_day(event.ts)
         self._track_equity(event.ts)
 

@@ -38,11 +38,6 @@ class MarketHours:
             return "extended"
         return "closed"
 
-    def next_open(self, now: float) -> float | None:
-        """When the next session of any kind starts after `now`, if the hours say."""
-        starts = [s for s, _ in (*self.trading, *self.regular) if s > now]
-        return min(starts) if starts else None
-
 
 def _inside(intervals: Sequence[Interval], now: float) -> bool:
     return any(start <= now < end for start, end in intervals)

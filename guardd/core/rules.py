@@ -93,11 +93,6 @@ def _worst_or_highest(findings: Sequence[Finding]) -> Finding | None:
     return found
 
 
-def evaluate_all(rules: Sequence[Rule], book: Book, now: float) -> tuple[Finding, ...]:
-    """Evaluate every rule in order."""
-    return tuple(rule.evaluate(book, now) for rule in rules)
-
-
 def grade(
     rule: str,
     value: float,

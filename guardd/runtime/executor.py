@@ -210,7 +210,6 @@ class Executor:
         self._latch_writer: LatchWriter | None = None
         with contextlib.suppress(LatchError):  # opened again on the first write
             self._latch_writer = LatchWriter(latch_path)
-        self.global_cancels_sent = 0
         self.last_flat_confirmed: float | None = None
         # An order id of ours was refused (103): ask the gateway (reqIds) before the next child.
         self.order_ids_in_doubt = False
@@ -368,7 +367,6 @@ class Executor:
             log.warning("global_cancel_deferred", reason=reason, error=str(exc))
             return
         sent = self.clock()
-        self.global_cancels_sent += 1
         working = self.book.foreign_working_count
         if self.metrics is not None:
             self.metrics.count_cancelled(working)

@@ -2,8 +2,9 @@
 
 One JSON object per line: ``{"ts": <epoch seconds>, "kind": "<snake_case fact>", ...fields}``.
 ``Journal.append`` returns only after the line is written and fsynced, so a record the caller has
-seen returned survives a crash or power loss. The API is synchronous and thread-safe; asyncio code
-calls it through ``asyncio.to_thread`` when an fsync must not stall the loop.
+seen returned survives a crash or power loss. The API is synchronous and thread-safe; the guard
+calls it on the event loop (an append with its fsync costs about a millisecond, less than a
+thread hop), and the kill's cancel goes out before the decision's record (runtime/executor.py).
 
 A crash can leave a torn last line (no newline, or not JSON). Opening the journal copies that line
 to ``<path>.torn-<n>``, cuts it off and appends a ``journal_torn_tail`` record, so complete records

@@ -18,10 +18,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from guardd.config import (
-    LEVELS,
     Config,
-    LeverageLimit,
-    MarginCushionLimit,
     changed_keys,
     load_config,
     parse_config,
@@ -425,52 +422,6 @@ def test_config_error_then_exit_code_ex_config() -> None:
 
     assert err.exit_code == EX_CONFIG == 78
     assert isinstance(err, GuarddError)
-
-
-# --- level helpers ----------------------------------------------------------------------------
-
-
-def test_higher_is_worse_value_then_worst_level_breached() -> None:
-    limit = LeverageLimit(warn=1.5, reduce=2.0, kill=3.0)
-
-    assert limit.breached(1.0) is None
-    assert limit.breached(1.5) == "warn"
-    assert limit.breached(2.9) == "reduce"
-    assert limit.breached(3.0) == "kill"
-
-
-def test_lower_is_worse_value_then_worst_level_breached() -> None:
-    limit = MarginCushionLimit(warn=0.3, kill=0.1)
-
-    assert limit.breached(0.5) is None
-    assert limit.breached(0.2) == "warn"
-    assert limit.breached(0.05) == "kill"
-    assert not limit.breaches(0.05, "reduce")  # unset level never fires
-
-
-@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_non_finite_value_then_nothing_breached(value: float) -> None:
-    assert LeverageLimit(kill=3.0).breached(value) is None
-    assert MarginCushionLimit(kill=0.1).breached(value) is None
-
-
-levels = st.floats(min_value=0.001, max_value=1)  # fraction rules refuse a 0 level
-
-
-@given(st.lists(levels, min_size=3, max_size=3), levels, levels)
-def test_any_ordered_levels_then_severity_grows_with_risk(
-    raw: list[float], low: float, high: float
-) -> None:
-    warn, reduce, kill = sorted(raw)
-    low, high = sorted((low, high))
-    worse = LeverageLimit(warn=warn, reduce=reduce, kill=kill)
-    cushion = MarginCushionLimit(warn=kill, reduce=reduce, kill=warn)
-
-    def rank(level: str | None) -> int:
-        return -1 if level is None else LEVELS.index(level)
-
-    assert rank(worse.breached(low)) <= rank(worse.breached(high))
-    assert rank(cushion.breached(high)) <= rank(cushion.breached(low))
 
 
 # --- garbage never escapes as anything but ConfigError -----------------------------------------

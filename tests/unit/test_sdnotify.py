@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from guardd.metrics import Metrics
-from guardd.sdnotify import HealthWatchdog, Notifier, progress_within, watchdog_interval
+from guardd.sdnotify import HealthWatchdog, Notifier, watchdog_interval
 
 
 class FakeSystemd:
@@ -136,18 +136,6 @@ def test_watchdog_environment_then_interval_is_half_or_none(
     environ: dict[str, str], expected: float | None
 ) -> None:
     assert watchdog_interval(environ) == expected
-
-
-def test_progress_timestamps_then_fresh_only_within_age() -> None:
-    now = [100.0]
-    last: list[float | None] = [None]
-    fresh = progress_within(lambda: last[0], 5.0, clock=lambda: now[0])
-
-    assert fresh() is False
-    last[0] = 97.0
-    assert fresh() is True
-    now[0] = 103.0
-    assert fresh() is False
 
 
 async def run_for(watchdog: HealthWatchdog, seconds: float) -> None:

@@ -496,6 +496,28 @@ def test_non_finite_value_then_data_not_ok_nor_breach() -> None:
         assert finding.value is None
 
 
+levels = st.floats(min_value=0.001, max_value=1)
+
+
+@given(st.lists(levels, min_size=3, max_size=3), levels, levels)
+def test_any_ordered_levels_then_severity_grows_with_risk(
+    raw: list[float], low: float, high: float
+) -> None:
+    warn, reduce, kill = sorted(raw)
+    low, high = sorted((low, high))
+    worse = Thresholds(warn=warn, reduce=reduce, kill=kill)
+    cushion = Thresholds(warn=kill, reduce=reduce, kill=warn)  # lower is worse
+    rank = ("ok", "warn", "reduce", "kill").index
+
+    def graded(value: float, limits: Thresholds, *, higher_is_worse: bool) -> int:
+        return rank(grade("r", value, limits, what="x", higher_is_worse=higher_is_worse).level)
+
+    assert graded(low, worse, higher_is_worse=True) <= graded(high, worse, higher_is_worse=True)
+    assert graded(high, cushion, higher_is_worse=False) <= graded(
+        low, cushion, higher_is_worse=False
+    )
+
+
 def stop_order(
     perm: int,
     order_type: str,
