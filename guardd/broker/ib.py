@@ -12,8 +12,8 @@
 
 Unset values (see `guardd.broker.convert`): a quantity ibapi reports as unset is NaN, unknown. A
 position of the guarded account whose quantity arrives unset is asked for again: reqPositions
-after `positions_retry_s`, doubling up to `positions_retry_max_s`, at most `positions_retries`
-times until every quantity is known again (logged `positions_rerequested`;
+under the retry policy `positions_retry` (1 s doubling up to 30 s, jittered), at most
+`positions_retries` times until every quantity is known again (logged `positions_rerequested`;
 `positions_retries_exhausted` once the bound is reached; a new connection starts afresh).
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 from typing import Final, cast
 
 import structlog
@@ -42,6 +43,7 @@ from guardd.broker.requests import (
 from guardd.broker.session import HoursUnreadable, IbSession, NextId
 from guardd.core import events as ev
 from guardd.errors import GuarddError
+from guardd.retry import RetryPolicy
 
 __all__ = [
     "DATA_REQ_ID_BASE",
@@ -64,10 +66,9 @@ READ_ONLY: Final = 321  # "... The API interface is currently in Read-Only mode.
 ORDER_TO_CANCEL_NOT_FOUND: Final = 10147
 NOTICES: Final = frozenset({2104, 2106, 2107, 2108, 2158})  # farm OK / inactive: informational
 
-POSITIONS_RETRY_S: Final = 1.0
-"""After a position quantity arrives unset: the first reqPositions again after this long,
-each next one after twice as long as the one before (capped at `POSITIONS_RETRY_MAX_S`)."""
-POSITIONS_RETRY_MAX_S: Final = 30.0
+POSITIONS_RETRY: Final = RetryPolicy(initial_s=1.0, max_s=30.0)
+"""After a position quantity arrives unset: the first reqPositions again after about a second,
+each next one after about twice as long as the one before, up to 30 s (`guardd.retry`)."""
 POSITIONS_RETRIES: Final = 8
 """At most this many reqPositions again per connection while quantities stay unknown (the
 bound resets once every quantity is known again)."""
@@ -90,8 +91,7 @@ class IbBroker(IbRequests):
         self._read_only_task: asyncio.Task[None] | None = None
         self.pacing_violations = 0
         # Asking again for positions whose quantity arrived unset (see the module doc).
-        self.positions_retry_s = POSITIONS_RETRY_S
-        self.positions_retry_max_s = POSITIONS_RETRY_MAX_S
+        self.positions_retry = POSITIONS_RETRY
         self.positions_retries = POSITIONS_RETRIES
         self.positions_rerequests = 0
 
@@ -185,10 +185,7 @@ class IbBroker(IbRequests):
                     retries=session.positions_retries,
                 )
                 return
-            delay = min(
-                self.positions_retry_max_s,
-                self.positions_retry_s * 2.0 ** min(session.positions_retries, 30),
-            )
+            delay = self.positions_retry.delay(session.positions_retries + 1, random.random())
             await asyncio.sleep(delay)
             if self._session is not session or not session.unknown_positions:
                 return

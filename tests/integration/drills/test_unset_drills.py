@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from guardd.retry import RetryPolicy
 from ibsim.gateway import FieldOmission, SimGateway
 from tests.drill_helpers import kill_command, running
 from tests.guard_harness import (
@@ -47,8 +48,7 @@ QUANTITY_OMITTED = FieldOmission({"position": frozenset({"position"})}, frozense
 
 
 def fast_position_retries(guard: Any) -> None:
-    guard.broker.positions_retry_s = 0.2
-    guard.broker.positions_retry_max_s = 0.5
+    guard.broker.positions_retry = RetryPolicy(0.2, 0.5)
 
 
 @contextlib.asynccontextmanager

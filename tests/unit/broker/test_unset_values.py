@@ -35,6 +35,7 @@ from guardd.core.events import (
     PositionUpdate,
     PositionValue,
 )
+from guardd.retry import RetryPolicy
 from ibsim.gateway import REQ_POSITIONS, FieldOmission, SimGateway
 from ibsim.scenario import OmitFields, ScenarioError, parse_scenario
 from ibsim.server import build_gateway
@@ -283,11 +284,7 @@ async def test_quantity_unset_then_positions_asked_again_bounded_until_known() -
         sim.omit_fields(omission)
         asked = _count_requests(sim)
         broker = IbBroker("127.0.0.1", sim.port, 0, "DU000001", heartbeat_interval_s=None)
-        broker.positions_retry_s, broker.positions_retry_max_s, broker.positions_retries = (
-            0.05,
-            0.1,
-            3,
-        )
+        broker.positions_retry, broker.positions_retries = RetryPolicy(0.05, 0.1), 3
         seen: list[PositionUpdate] = []
 
         async def collect_loop() -> None:
