@@ -37,7 +37,6 @@ class StateFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.writes = 0
 
     def load(self) -> dict[str, Any] | None:
         """The saved state, None when the file does not exist; StateFileError when it exists
@@ -90,7 +89,6 @@ class StateFile:
             with contextlib.suppress(OSError):
                 temp.unlink(missing_ok=True)
             raise StateFileError(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
-        self.writes += 1
 
 
 def _no_constant(name: str) -> float:

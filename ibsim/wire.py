@@ -22,7 +22,6 @@ API_PREFIX = b"API\0"
 MAX_FRAME = 16 * 1024 * 1024  # TWS refuses larger messages; so do we
 UNSET_DOUBLE = 1.7976931348623157e308
 UNSET_INTEGER = 2**31 - 1
-UNSET_DECIMAL_TEXT = "170141183460469231731687303715884105727"  # ibapi's UNSET_DECIMAL
 
 RAW_ID_VERSION = 201  # ibapi MIN_SERVER_VER_PROTOBUF: 4-byte binary message ids from here on
 PROTOBUF_OFFSET = 200  # ibapi PROTOBUF_MSG_ID: a protobuf message travels as 200 + its id

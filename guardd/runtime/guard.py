@@ -213,7 +213,6 @@ class Guard:
         # counted and journaled as one summary per interval (a junk flood costs no fsync each).
         self.refusals = RefusalLedger(cfg.control.refusal_interval_s)
         self._lock = asyncio.Lock()
-        self._last_decision: Decision | None = None
         self.http: ControlHttpServer | None = None
         self.mqtt: MqttControl | None = None
         self.ready_event = asyncio.Event()
@@ -315,7 +314,7 @@ class Guard:
                 raise
             raise error from group
         finally:
-            self.notifier.notify("STOPPING=1")
+            self.notifier.stopping()
             await self.executor.stop_episode("shutting down")
             self.flush_refusals(force=True)
             self._journal("guard_stopped", account=self.cfg.account)
@@ -584,7 +583,6 @@ class Guard:
         changed = decision.state != decision.previous_state
         if not (changed or decision.actions or decision.refused):
             return
-        self._last_decision = decision
         # The actions first (on a kill: the cancel, the decision's record, the latch, closing
         # orders); logs and metrics after.
         await self.executor.carry_out(decision, trigger_ts=trigger_ts)
