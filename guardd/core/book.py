@@ -831,7 +831,8 @@ class Book:
         self._record_sample(self._equity_history, ts, equity)
 
     def set_start_of_day(self, net_liquidation: float) -> None:
-        """Set start-of-day net liquidation explicitly (e.g. restored from the journal)."""
+        """Set start-of-day net liquidation explicitly (a test's seam: the Book derives it from
+        NetLiquidation minus IB's daily PnL, so a restart needs nothing restored)."""
         self._start_of_day = net_liquidation
         self._peak_equity = None
         self._equity_history.clear()
