@@ -50,6 +50,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from guardd.broker.pacer import DEFAULT_MESSAGES_PER_SECOND, Lane, PacedSender
 from guardd.broker.session import Accounts, IbSession, Pong
 from guardd.core import events as ev
+from guardd.core.ibcodes import IbCode
 from guardd.errors import (
     AccountNotManagedError,
     BrokerConnectError,
@@ -59,7 +60,6 @@ from guardd.errors import (
 
 log = structlog.get_logger("guardd.broker.ib")
 
-CLIENT_ID_IN_USE: Final = 326
 
 JOIN_TIMEOUT_S: Final = 0.75
 """How long `stop` (and a failed `start`) waits for the ibapi threads to end."""
@@ -427,7 +427,9 @@ class IbConnection:
     def _on_session_ended(self, session: IbSession) -> None:
         if not session.ready.done():
             code, text = session.last_error or (0, "connection closed during the handshake")
-            error_type = ClientIdInUseError if code == CLIENT_ID_IN_USE else BrokerConnectError
+            error_type = (
+                ClientIdInUseError if code == IbCode.CLIENT_ID_IN_USE else BrokerConnectError
+            )
             session.ready.set_exception(error_type(f"IB error {code}: {text}"))
         if self._session is session:
             reason = "connection closed"

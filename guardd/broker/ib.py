@@ -42,6 +42,7 @@ from guardd.broker.requests import (
 )
 from guardd.broker.session import HoursUnreadable, IbSession, NextId
 from guardd.core import events as ev
+from guardd.core.ibcodes import IbClass, IbCode, ib_class
 from guardd.errors import GuarddError
 from guardd.retry import RetryPolicy
 
@@ -54,17 +55,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
-
-# IB error and notice codes the adapter acts on.
-PACING_VIOLATION: Final = 100
-NOT_CONNECTED: Final = 504
-CONNECTIVITY_LOST: Final = 1100
-RESTORED_DATA_LOST: Final = 1101
-RESTORED_DATA_KEPT: Final = 1102
-SERVER_CONNECTIVITY_BROKEN: Final = 2110
-READ_ONLY: Final = 321  # "... The API interface is currently in Read-Only mode." (and others)
-ORDER_TO_CANCEL_NOT_FOUND: Final = 10147
-NOTICES: Final = frozenset({2104, 2106, 2107, 2108, 2158})  # farm OK / inactive: informational
 
 POSITIONS_RETRY: Final = RetryPolicy(initial_s=1.0, max_s=30.0)
 """After a position quantity arrives unset: the first reqPositions again after about a second,
@@ -209,27 +199,28 @@ class IbBroker(IbRequests):
 
     def _on_error(self, session: IbSession, error: ev.BrokerError) -> None:
         code = error.code
-        if code not in NOTICES:
+        informational = ib_class(code) is IbClass.INFORMATIONAL
+        if not informational:
             session.last_error = (code, error.message)
         if error.req_id == READ_ONLY_PROBE_ID:
             self._on_probe_answer(error)
             return
-        if code == READ_ONLY and "read-only" in error.message.lower():
+        if code == IbCode.READ_ONLY and "read-only" in error.message.lower():
             self._read_only_seen(error)
         match code:
-            case 1100:
+            case IbCode.CONNECTIVITY_LOST:
                 log.warning("ib_connectivity_lost", code=code, message=error.message)
                 self._emit(ev.ConnectivityLost(ts=error.ts))
-            case 2110:
+            case IbCode.SERVER_CONNECTIVITY_BROKEN:
                 log.warning("ib_server_connectivity_broken", code=code, message=error.message)
                 self._emit(ev.ConnectivityLost(ts=error.ts))
-            case 1101 | 1102:
-                data_lost = code == RESTORED_DATA_LOST
+            case IbCode.RESTORED_DATA_LOST | IbCode.RESTORED_DATA_KEPT:
+                data_lost = code == IbCode.RESTORED_DATA_LOST
                 log.warning("ib_connectivity_restored", code=code, data_lost=data_lost)
                 self._emit(ev.ConnectivityRestored(data_lost=data_lost, ts=error.ts))
                 if data_lost and session.announced:
                     self._resubscribe(session)
-            case 100:
+            case IbCode.PACING_VIOLATION:
                 self.pacing_violations += 1
                 log.error(
                     "ib_pacing_violated",
@@ -238,15 +229,15 @@ class IbBroker(IbRequests):
                     client_id=self.client_id,
                 )
                 self._emit(error)
-            case 326:
+            case IbCode.CLIENT_ID_IN_USE:
                 log.error("ib_client_id_in_use", client_id=self.client_id, message=error.message)
                 self._emit(error)
-            case 504:
+            case IbCode.NOT_CONNECTED:
                 log.warning("ib_not_connected", message=error.message)
                 self._emit(error)
                 session.abort()  # the run thread ends and the reconnect loop takes over
             case _:
-                if code in NOTICES:
+                if informational:
                     log.info("ib_notice", code=code, message=error.message)
                 else:
                     log.warning("ib_error", req_id=error.req_id, code=code, message=error.message)
@@ -273,7 +264,7 @@ class IbBroker(IbRequests):
             )
 
     def _on_probe_answer(self, error: ev.BrokerError) -> None:
-        if error.code == READ_ONLY:
+        if error.code == IbCode.READ_ONLY:
             return  # still read-only
         if self.read_only:
             # Any other answer (10147: not found) means the cancel was taken up as usual.

@@ -80,10 +80,10 @@ from guardd.core.events import (
     SizeTick,
 )
 from guardd.core.hours import MarketHours, Session
+from guardd.core.ibcodes import TERMINAL_STATUSES
 from guardd.core.planner import ORDER_REF_PREFIX
 from guardd.core.pricing import ClosePrices, PricePoint
 
-TERMINAL_STATUSES = frozenset({"Filled", "Cancelled", "ApiCancelled", "Inactive"})
 """Order statuses after which an order no longer works (Inactive counts as done: rejected)."""
 
 BASE = "BASE"

@@ -116,6 +116,7 @@ from typing import Any, Literal
 
 from guardd.core import planner, pricing
 from guardd.core.events import ConId
+from guardd.core.ibcodes import IbClass, OrderStatus, ib_class
 from guardd.core.planner import (
     Action,
     ChildOrder,
@@ -132,24 +133,24 @@ from guardd.core.planner import (
 
 ZERO = Decimal(0)
 LIVE = frozenset({ChildStatus.PENDING_ACK, ChildStatus.WORKING})
-_TERMINAL = {
-    "Filled": ChildStatus.FILLED,
-    "Cancelled": ChildStatus.CANCELLED,
-    "ApiCancelled": ChildStatus.CANCELLED,
-    "Inactive": ChildStatus.REJECTED,
+_TERMINAL: Mapping[str, ChildStatus] = {
+    OrderStatus.FILLED: ChildStatus.FILLED,
+    OrderStatus.CANCELLED: ChildStatus.CANCELLED,
+    OrderStatus.API_CANCELLED: ChildStatus.CANCELLED,
+    OrderStatus.INACTIVE: ChildStatus.REJECTED,
 }
-# Broker errors naming one of our order ids without refusing it: notices about a working order
-# (202 cancelled, 399 order message, 404 held for shares to borrow, 2109 outsideRth ignored) and
-# answers to a cancel of it (161 not cancellable, 10148 filled or cancelled already); warnings
-# 2100-2199 too. Every other error naming a live child refuses it.
-NOTICE_CODES = frozenset({161, 202, 399, 404, 2109, 10148})
+# How an error naming one of our live children acts on it, by its class (guardd.core.ibcodes).
+# Answers to a cancelOrder of ours (not found; filled or cancelled already): after a cancel no
+# reject, the child's status and fills decide.
+_CANCEL_ANSWERS = frozenset({IbClass.CANCEL_NOT_FOUND, IbClass.CANCEL_REFUSED})
+# Notices about a working order (202 cancelled, 399 order message, 404 held for shares to borrow,
+# 2109 outsideRth ignored), a cancel refused without a cancel of ours, farm status and warnings:
+# nothing changes.
+_NOTICES = frozenset({IbClass.ORDER_NOTICE, IbClass.CANCEL_REFUSED, IbClass.INFORMATIONAL})
 # Refusals of the order id (103: not above every id seen, the Master API client rule) or of the
 # API (321: Read-Only API), not of the order: no reject, the quantity goes out again.
-ID_REFUSED = 103
-ID_OR_API_REFUSED = frozenset({ID_REFUSED, 321})
-# Answers to a cancelOrder of ours: not found, already filled or cancelled, not cancellable now.
-# After a cancel they are no reject: the child's status and fills decide.
-CANCEL_ANSWER_CODES = frozenset({10147, 10148, 161})
+_ID_OR_API_REFUSED = frozenset({IbClass.ID_REFUSED, IbClass.READ_ONLY})
+# Every other class refuses the child (a reject; unknown codes included, see ibcodes).
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -434,10 +435,13 @@ class CloseEpisode:
         """An error naming one of our live children's order ids; the fact to journal, or None
         when it concerns no live child of ours or changes nothing.
 
-        - The broker's answer to a cancel of ours (`CANCEL_ANSWER_CODES`: not found, filled or
-          cancelled already) changes nothing: the child's status and fills decide.
-        - A notice about a working order (`NOTICE_CODES`, warnings 2100-2199) changes nothing.
-        - A refusal of the id or of the API, not of the order (`ID_OR_API_REFUSED`: 103, 321):
+        - The broker's answer to a cancel of ours (classes ``CANCEL_NOT_FOUND`` and
+          ``CANCEL_REFUSED``: not found, filled or cancelled already) changes nothing: the
+          child's status and fills decide.
+        - A notice about a working order (``ORDER_NOTICE``), a cancel refused that we did not
+          send (``CANCEL_REFUSED``), an informational code (warnings 2100-2199) changes nothing.
+        - A refusal of the id or of the API, not of the order (``ID_REFUSED`` 103, ``READ_ONLY``
+          321):
           no order exists under the id; the child is freed without counting as a reject, and
           its quantity is planned again under a new id (`refuse`).
         - Any other error refuses the child: a reject, counted toward the policy's
@@ -446,7 +450,8 @@ class CloseEpisode:
         child = self._by_order_id.get(order_id)
         if child is None or not child.live:
             return None
-        if code in CANCEL_ANSWER_CODES and (
+        kind = ib_class(code)
+        if kind in _CANCEL_ANSWERS and (
             child.cancel_sent is not None or child.reprice_at is not None
         ):
             return Record(
@@ -459,7 +464,7 @@ class CloseEpisode:
                     "reprice": child.reprice_at is not None,
                 },
             )
-        if code in NOTICE_CODES or 2100 <= code < 2200:
+        if kind in _NOTICES:
             return None
         fields = {
             "decision_id": self.decision_id,
@@ -468,7 +473,7 @@ class CloseEpisode:
             "code": code,
             "message": message,
         }
-        if code in ID_OR_API_REFUSED:
+        if kind in _ID_OR_API_REFUSED:
             self.refuse(order_id, now)
             return Record("child_order_refused", fields, "warning")
         if self.reject(order_id, now) is None:

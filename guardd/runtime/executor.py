@@ -51,7 +51,6 @@ from guardd.broker.pacer import Lane
 from guardd.core import planner
 from guardd.core.book import Book
 from guardd.core.close import (
-    ID_REFUSED,
     CloseEpisode,
     CloseSettings,
     Fill,
@@ -75,6 +74,7 @@ from guardd.core.engine import (
 )
 from guardd.core.events import BrokerError, ConId, OrderId
 from guardd.core.hours import Session
+from guardd.core.ibcodes import IbCode
 from guardd.errors import GuarddError, JournalError, LatchError
 from guardd.metrics import Metrics
 from guardd.retry import Backoff, RetryPolicy
@@ -485,7 +485,7 @@ class Executor:
         record = episode.broker_error(error.req_id, error.code, error.message, self.clock())
         if record is None:
             return
-        if record.kind == "child_order_refused" and error.code == ID_REFUSED:
+        if record.kind == "child_order_refused" and error.code == IbCode.DUPLICATE_ORDER_ID:
             self.order_ids_in_doubt = True
         self._journal_record(record)
         self._wake.set()
