@@ -129,6 +129,7 @@ from guardd.core.planner import (
     NoteKind,
     OrderType,
     PositionKey,
+    sequence_of,
 )
 
 ZERO = Decimal(0)
@@ -1238,11 +1239,3 @@ def child_status(status: str, previous: ChildStatus) -> ChildStatus:
     # Working at the broker: even a child given up as lost after a re-sync counts again, so
     # its quantity is never planned twice.
     return ChildStatus.WORKING
-
-
-def sequence_of(order_ref: str) -> int:
-    """The sequence number at the end of a close child's orderRef (0 when there is none)."""
-    try:
-        return int(order_ref.rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        return 0

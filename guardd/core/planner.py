@@ -93,7 +93,10 @@ DecisionId = NewType("DecisionId", str)
 
 ZERO = Decimal(0)
 ONE = Decimal(1)
-ORDER_REF_PREFIX = "guardd:"  # the label on our close orders, for people: never an ownership key
+ORDER_REF_PREFIX = "guardd:"
+"""The label on our close orders, `guardd:<kind>:<decision_id>:<n>`: for people, never an ownership
+key (`Book.is_own` is by client id and order id). Composed by `order_ref_prefix`, read back by
+`sequence_of`; the one definition."""
 FX_MAX_CHILD_QUANTITY = Decimal(10_000_000)  # an FX close child, in the pair's base currency
 
 
@@ -550,8 +553,8 @@ def _plan(
             candidates.append(candidate)
     notes.extend(Note(key, NoteKind.NO_POSITION) for key in sorted(by_key.keys() - seen))
 
-    prefix = f"{ORDER_REF_PREFIX}{kind}:{decision_id}:"
-    used = (_sequence(c.order_ref, prefix) for group in by_key.values() for c in group)
+    prefix = order_ref_prefix(kind, decision_id)
+    used = (sequence_of(c.order_ref, prefix) for group in by_key.values() for c in group)
     sequence = max(sequence_start, 1 + max(used, default=0))
     orders: list[NewChildOrder] = []
     for candidate in sorted(candidates, key=_Candidate.sort_key):
@@ -579,10 +582,17 @@ def _plan(
     return Plan(orders=tuple(orders), notes=tuple(notes), at_target=tuple(at_target))
 
 
-def _sequence(order_ref: str, prefix: str) -> int:
+def order_ref_prefix(kind: CloseKind, decision_id: DecisionId | int) -> str:
+    """The orderRef of a close child of decision `decision_id` but its sequence number."""
+    return f"{ORDER_REF_PREFIX}{kind}:{decision_id}:"
+
+
+def sequence_of(order_ref: str, prefix: str = ORDER_REF_PREFIX) -> int:
+    """The sequence number at the end of a close child's orderRef that starts with `prefix`
+    (`order_ref_prefix`, or any of ours by default); 0 when it has none."""
     if not order_ref.startswith(prefix):
         return 0
-    tail = order_ref[len(prefix) :]
+    tail = order_ref[len(prefix) :].rsplit(":", 1)[-1]
     return int(tail) if tail.isdecimal() else 0
 
 

@@ -58,7 +58,6 @@ from guardd.core.close import (
     Observation,
     OrderReport,
     Record,
-    sequence_of,
 )
 from guardd.core.engine import (
     Action,
@@ -678,7 +677,7 @@ class Executor:
         position = self.book.position(order.key.con_id, order.key.account)
         assert position is not None  # the episode only closes positions the Book holds
         if self.dry_run:
-            episode.sequence = max(episode.sequence, sequence_of(order.order_ref) + 1)
+            episode.sequence = max(episode.sequence, planner.sequence_of(order.order_ref) + 1)
             self._journal(
                 "child_order_dry_run",
                 decision_id=episode.decision_id,

@@ -10,7 +10,7 @@ import pytest
 
 from guardd.broker.ib import IbBroker
 from guardd.core.book import Book
-from guardd.core.close import child_status, sequence_of
+from guardd.core.close import child_status
 from guardd.core.engine import Decision, Flatten, State
 from guardd.core.events import (
     ConId,
@@ -22,7 +22,7 @@ from guardd.core.events import (
     PositionValue,
     PriceTick,
 )
-from guardd.core.planner import ChildStatus, ClosePolicy
+from guardd.core.planner import ChildStatus, ClosePolicy, order_ref_prefix, sequence_of
 from guardd.runtime.executor import Executor, regular_hours
 from guardd.state.journal import Journal, read_journal
 
@@ -53,6 +53,11 @@ def test_broker_status_thenchild_status(
 def test_order_ref_then_sequence_number() -> None:
     assert sequence_of("guardd:flatten:19:7") == 7
     assert sequence_of("not-ours") == 0
+    assert sequence_of("someone:flatten:19:7") == 0  # our label only
+    assert sequence_of("guardd:flatten:19:7", order_ref_prefix("flatten", 19)) == 7
+    assert sequence_of("guardd:flatten:19:7", order_ref_prefix("reduce", 19)) == 0
+    assert sequence_of("guardd:flatten:19:7", order_ref_prefix("flatten", 1)) == 0
+    assert sequence_of(order_ref_prefix("reduce", 4) + "12") == 12
 
 
 def test_new_york_session_then_regular_hours_only_inside() -> None:
