@@ -151,7 +151,7 @@ async def _guard(cfg: object, *, fresh_start: bool, path: Path) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     try:
-        guard = Guard(cfg, fresh_start=fresh_start, notifier=Notifier.from_env())
+        guard = Guard.open(cfg, fresh_start=fresh_start, notifier=Notifier.from_env())
     except ConfigError:
         raise
     except (GuarddError, OSError) as exc:  # the state directory, the latch, the journal

@@ -173,7 +173,7 @@ async def run_demo(
             timeline.say("gateway", f"account {account}: {_book(gateway, account)}")
             cfg = demo_config(base, ib_port=gateway.port, state_dir=Path(tmp))
             _watch_gateway(gateway, timeline, cfg.ib.client_id)
-            guard = Guard(cfg, fresh_start=True)
+            guard = Guard.open(cfg, fresh_start=True)
             stop = asyncio.Event()
             guard_task = asyncio.create_task(guard.run(stop), name="guard")
             bot = RunawayBot("127.0.0.1", gateway.port, BOT_CLIENT_ID)

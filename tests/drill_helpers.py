@@ -53,7 +53,7 @@ async def running(
 ) -> AsyncIterator[Guard]:
     """A Guard running as a task (like tests.guard_harness.running_guard), with its broker's
     heartbeat set to (interval, timeout) and `prepare(guard)` called before it runs."""
-    guard = Guard(cfg, fresh_start=fresh_start, **guard_kwargs)
+    guard = Guard.open(cfg, fresh_start=fresh_start, **guard_kwargs)
     if heartbeat is not None:
         guard.broker.heartbeat_interval_s, guard.broker.heartbeat_timeout_s = heartbeat
     if prepare is not None:

@@ -121,7 +121,7 @@ async def running_guard(
 ) -> AsyncIterator[Guard]:
     """A Guard running as a task; ready (synced) on entry unless told not to wait; stopped
     (and its task awaited, so errors surface) on exit."""
-    guard = Guard(cfg, fresh_start=fresh_start)
+    guard = Guard.open(cfg, fresh_start=fresh_start)
     stop = asyncio.Event()
     task = asyncio.create_task(guard.run(stop), name="guard")
     try:

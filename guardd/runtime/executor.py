@@ -77,7 +77,7 @@ from guardd.core.ibcodes import IbCode
 from guardd.errors import GuarddError, JournalError, LatchError
 from guardd.metrics import Metrics
 from guardd.retry import Backoff, RetryPolicy
-from guardd.state.journal import Journal, journal_segments, read_journal
+from guardd.state.journal import Journal
 from guardd.state.latch import Armed, LatchFile, LatchWriter
 
 log = structlog.get_logger(__name__)
@@ -835,29 +835,3 @@ def _loggable(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _NOT_OURS = -1  # the client id a fill the Book does not know as ours is given for the episode
-_RESTORED_KINDS = frozenset({"child_order_sent", "child_order_acknowledged", "close_anchor"})
-
-
-def journal_order_ids(path: Path) -> set[int]:
-    """Every order id the journal says guardd sent (or was about to send), any decision, in
-    any segment."""
-    if not journal_segments(path):
-        return set()
-    return {
-        int(rec["order_id"])
-        for rec in read_journal(path)
-        if rec.get("kind") == "child_order_sent" and rec.get("order_id") is not None
-    }
-
-
-def journal_children(path: Path, decision_id: int) -> list[dict[str, Any]]:
-    """The `child_order_sent`, `child_order_acknowledged` and `close_anchor` records of one
-    decision, for `Executor.restore_children` (from every segment: a rotation in the middle of a
-    close leaves the decision's first children in an older one)."""
-    if not journal_segments(path):
-        return []
-    return [
-        rec
-        for rec in read_journal(path)
-        if rec.get("kind") in _RESTORED_KINDS and rec.get("decision_id") == decision_id
-    ]

@@ -12,15 +12,16 @@ and decisions out:
   engine and publishes metrics.
 - the control plane (HTTP, MQTT), metrics listener and systemd watchdog when configured.
 
-Start-up order matters: the latch is read and restored BEFORE connecting to IB, so a guard that
-was HALTED comes back HALTED and carries the kill out as soon as the Book has re-synced. The
-journal is the latch's second witness: a kill decision it records later than the latch file's
-state means HALTED (and the file is rewritten). Then the credentials are read and the control
-plane (HTTP, MQTT, /metrics) listens, still before IB: a kill is served from the first second,
-latched while IB is not there and carried out on the first sync; `waiting_for` says what the
-guard waits for. Every engine step and its execution happen under one lock; a kill's cancel goes
-out first, then its latch is written, then closing orders and the command's answer, which says
-whether the latch is durable.
+Start-up order matters: `Guard.open` reads and restores the latch BEFORE anything connects to IB
+(the constructor only wires what it read), so a guard that was HALTED comes back HALTED and
+carries the kill out as soon as the Book has re-synced. The journal, scanned once, is the latch's
+second witness: a kill decision it records later than the latch file's state means HALTED (and
+the file is rewritten). Then `run` reads the credentials and the control plane (HTTP, MQTT,
+/metrics) listens, still before IB: a kill is served from the first second, latched while IB is
+not there and carried out on the first sync; `waiting_for` says what the guard waits for. Every
+engine step and its execution happen under one lock; a kill's cancel goes out first, then its
+latch is written, then closing orders and the command's answer, which says whether the latch is
+durable.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from guardd.credentials import load_credentials
 from guardd.errors import ConfigError, GuarddError, JournalError, StartupError
 from guardd.metrics import Metrics, MetricsServer, metrics_handler
 from guardd.notifications import Notifications
-from guardd.runtime.executor import Executor, journal_children, journal_order_ids
+from guardd.runtime.executor import Executor
 from guardd.runtime.rulebook import (
     build_close_policy,
     build_close_settings,
@@ -72,16 +73,9 @@ from guardd.runtime.rulebook import (
     build_rules,
     build_sampling,
 )
+from guardd.runtime.startup import Restored, restore
 from guardd.sdnotify import HealthWatchdog, Notifier, watchdog_interval
-from guardd.state.journal import Journal, Rotation, journal_segments, read_journal
-from guardd.state.latch import (
-    FRESH_START,
-    Armed,
-    later_of,
-    read_latch,
-    witness_step,
-    write_latch,
-)
+from guardd.state.journal import Journal, Rotation
 
 log = structlog.get_logger(__name__)
 
@@ -104,52 +98,84 @@ _BOOK_CHANGES = (
 class Guard:
     """One guardd instance guarding one IB account (and, through reqGlobalCancel, its login)."""
 
-    def __init__(
-        self,
+    @classmethod
+    def open(
+        cls,
         cfg: Config,
         *,
         clock: Callable[[], float] = time.time,
         registry: CollectorRegistry | None = None,
         fresh_start: bool = False,
         notifier: Notifier | None = None,
+    ) -> Guard:
+        """The start-up step: open the guard's state and make the guard, before anything connects.
+
+        Creates the state directory, opens the journal, restores the latch from the file or,
+        when the journal records a later kill, from the journal (the second witness: a latch
+        write may have failed; the file is then repaired), scanning the journal once
+        (`guardd.runtime.startup`), and journals ``guard_started``. A missing latch file starts
+        HALTED unless `fresh_start`. Raises JournalError when the journal cannot be opened, read
+        or written.
+        """
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        journal = Journal(
+            cfg.journal_path,
+            clock=clock,
+            rotation=Rotation(cfg.journal.rotate, cfg.journal.max_bytes),
+        )
+        try:
+            restored = restore(cfg, fresh_start=fresh_start, now=clock())
+            journal.append(
+                "guard_started",
+                account=cfg.account,
+                version=__version__,
+                halted=restored.halted is not None,
+                latch_reason=restored.latch.reason,
+                latch_from="journal" if restored.from_journal else "file",
+                dry_run=cfg.dry_run,
+            )
+        except BaseException:
+            journal.close()
+            raise
+        latch = restored.halted
+        if latch is not None:
+            log.warning(
+                "latch_restored", reason=latch.reason, mode=latch.mode, principal=latch.principal
+            )
+        guard = cls(cfg, restored, journal, clock=clock, registry=registry, notifier=notifier)
+        if restored.from_journal:
+            log.error("latch_restored_from_journal", decision_id=restored.latch.decision_id)
+            guard.executor.persist_latch(restored.latch)  # the file said less than the journal
+        if restored.children:
+            log.warning("close_children_restored", count=len(restored.children))
+        return guard
+
+    def __init__(
+        self,
+        cfg: Config,
+        restored: Restored,
+        journal: Journal,
+        *,
+        clock: Callable[[], float] = time.time,
+        registry: CollectorRegistry | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
+        """Wire the guard from the state it starts from (`restored`) and its open `journal`;
+        `Guard.open` reads both."""
         self.cfg = cfg
         self.clock = clock
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry, account=cfg.account, version=__version__)
         self.notifier = notifier or Notifier(None)
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(
-            cfg.journal_path,
-            clock=clock,
-            rotation=Rotation(cfg.journal.rotate, cfg.journal.max_bytes),
-        )
+        self.journal = journal
         now = clock()
-        # The latch first: restored before anything connects, from the file or, when it records
-        # a later kill, from the journal (the second witness: a latch write may have failed).
-        on_disk = read_latch(cfg.latch_path, allow_missing=fresh_start, now=now)
-        if isinstance(on_disk, Armed) and on_disk.reason == FRESH_START:
-            write_latch(cfg.latch_path, on_disk)
-        last_decision, witness = _scan_journal(cfg)
-        restored = later_of(on_disk, witness)
-        self.journal.append(
-            "guard_started",
-            account=cfg.account,
-            version=__version__,
-            halted=isinstance(restored, Latch),
-            latch_reason=restored.reason,
-            latch_from="file" if restored is on_disk else "journal",
-            dry_run=cfg.dry_run,
-        )
         # The latch as the engine left it, who killed included (the file keeps the principal).
-        latch = restored if isinstance(restored, Latch) else None
+        latch = restored.halted
         if latch is not None:
-            log.warning(
-                "latch_restored", reason=latch.reason, mode=latch.mode, principal=latch.principal
-            )
             self.metrics.count_kill("restored")
         self.monitor = Monitor(build_rules(cfg))
-        self.engine = Engine(build_policy(cfg), latch=latch, first_decision_id=last_decision + 1)
+        first_decision_id = restored.last_decision_id + 1
+        self.engine = Engine(build_policy(cfg), latch=latch, first_decision_id=first_decision_id)
         sampling = build_sampling(cfg)
         self.book = Book(
             cfg.account,
@@ -183,22 +209,16 @@ class Guard:
             messages_per_second=cfg.budget.messages_per_second,
             metrics=self.metrics,
             clock=clock,
-            latch_on_disk=on_disk,
+            latch_on_disk=restored.on_disk,
             close_settings=build_close_settings(cfg),
             on_close_record=self._on_close_record,
         )
-        if restored is not on_disk:
-            log.error("latch_restored_from_journal", decision_id=restored.decision_id)
-            self.executor.persist_latch(restored)  # the file said less than the journal: repair
         # Every order id a previous process sent (or was about to send) is never handed out again:
         # a reused id would modify that order, or make a stranger's order look like our child.
-        self.broker.reserve_order_ids(journal_order_ids(cfg.journal_path))
-        if latch is not None and latch.mode == "flatten" and latch.decision_id:
-            children = journal_children(cfg.journal_path, latch.decision_id)
-            if children:
-                # The restored children are ours again (claimed in the Book), and only they.
-                self.executor.restore_children(latch.decision_id, children)
-                log.warning("close_children_restored", count=len(children))
+        self.broker.reserve_order_ids(restored.order_ids)
+        if latch is not None and restored.children:
+            # The restored children are ours again (claimed in the Book), and only they.
+            self.executor.restore_children(latch.decision_id, restored.children)
         self._trading_day: str | None = None
         # The two-person re-arm rule (control.two_person_rearm): one for HTTP and MQTT, so their
         # arms count together; `_rearm_first_force` is whether the pending first arm forced.
@@ -298,7 +318,7 @@ class Guard:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Guard until `stop` is set (or forever).
 
-        Start-up order: the latch (restored at construction), the credentials, the control plane
+        Start-up order: the latch (restored by `Guard.open`), the credentials, the control plane
         (HTTP, MQTT, /metrics), and only then IB. A failure before IB raises StartupError
         (ConfigError for a credential); once running, `stop` ends every phase (connect back-off,
         handshake, sync, flatten) within about a second, journaling ``guard_stopped`` and
@@ -950,7 +970,7 @@ class Guard:
         }
 
     def ready(self) -> bool:
-        """Latch restored (always, at construction) and the broker synced."""
+        """Latch restored (always, by `Guard.open`) and the broker synced."""
         return self.waiting_for() is None
 
     def waiting_for(self) -> str | None:
@@ -1105,18 +1125,3 @@ def _journal_line(record: Mapping[str, Any]) -> dict[str, object]:
         if record.get(key) not in (None, "", [])
     }
     return {"ts": record.get("ts"), "kind": record.get("kind"), "details": details}
-
-
-def _scan_journal(cfg: Config) -> tuple[int, Latch | None]:
-    """One pass over the journal: the last decision id (ids continue across restarts, so records
-    stay unambiguous) and the latch its decisions say holds (`witness_step`)."""
-    last = 0
-    witness: Latch | None = None
-    path = cfg.journal_path
-    if journal_segments(path):  # every rotated segment too, oldest first
-        for rec in read_journal(path):
-            value = rec.get("decision_id")
-            if isinstance(value, int) and value > last:
-                last = value
-            witness = witness_step(witness, rec)
-    return last, witness

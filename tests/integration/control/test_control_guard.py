@@ -170,7 +170,7 @@ async def running_guard(
     token_files = cfg.control.http.token_files
     files = {"read": token_files.read, "kill": token_files.kill, "arm": token_files.arm}
     tokens = {role: path.read_text().strip() for role, path in files.items() if path}
-    guard = Guard(cfg, fresh_start=True)
+    guard = Guard.open(cfg, fresh_start=True)
     stop = asyncio.Event()
     task = asyncio.create_task(guard.run(stop), name="guard")
     try:

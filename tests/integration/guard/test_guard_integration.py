@@ -510,8 +510,8 @@ async def test_volatility_window_then_book_keeps_the_whole_window_in_enough_samp
 ) -> None:
     # Arrange / Act: a one-hour window (the default) and a five-second one
     vol = "[limits.volatility]\nreduce = 0.9\ntarget_leverage = 1.0\n"
-    long = Guard(guard_config(1, tmp_path / "long", vol))
-    short = Guard(guard_config(1, tmp_path / "short", vol + "window_s = 5.0\n"))
+    long = Guard.open(guard_config(1, tmp_path / "long", vol))
+    short = Guard.open(guard_config(1, tmp_path / "short", vol + "window_s = 5.0\n"))
     long.journal.close()
     short.journal.close()
 

@@ -36,7 +36,7 @@ def heartbeat_guard(sim: SimGateway, broker: Broker, state_dir: Path) -> Guard:
     beats = cfg.limits.heartbeats.model_copy(
         update={"bots": {"alpha": BotHeartbeat(timeout_s=1.5, action="kill")}}
     )
-    return Guard(
+    return Guard.open(
         cfg.model_copy(
             update={
                 "control": cfg.control.model_copy(update={"mqtt": mqtt}),

@@ -100,7 +100,7 @@ async def test_latch_write_fails_during_kill_then_cancel_and_flatten_anyway_and_
 
     # Act: restart on the same state directory, whose latch file still says armed
     assert json.loads(cfg.latch_path.read_text())["halted"] is False
-    restarted = Guard(cfg, fresh_start=False)
+    restarted = Guard.open(cfg, fresh_start=False)
     try:
         # Assert: the journal's record of the kill wins; the file is repaired
         assert restarted.engine.state == "HALTED"

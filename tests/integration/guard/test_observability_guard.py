@@ -154,7 +154,7 @@ async def test_guard_killed_under_real_prometheus_then_every_panel_has_data_and_
 ) -> None:
     (tmp_path / "state").mkdir()
     cfg = guard_config(sim.port, tmp_path / "state", mqtt=mqtt_broker)
-    guard = Guard(cfg, fresh_start=True)
+    guard = Guard.open(cfg, fresh_start=True)
     target = f"127.0.0.1:{cfg.control.http.port}"
     queries = dashboard_queries()
     bot = RunawayBot("127.0.0.1", sim.port, BOT_CLIENT_ID)
@@ -257,7 +257,7 @@ async def test_guard_under_systemd_watchdog_then_ready_only_after_sync_and_pings
 
     with notify_socket() as (address, sock):
         notifier = Notifier(address)
-        guard = Guard(cfg, fresh_start=True, notifier=notifier)
+        guard = Guard.open(cfg, fresh_start=True, notifier=notifier)
         async with running(guard):
             # No gateway yet: the guard retries, says so, pings (a retrying connect loop is
             # alive), and must not say READY.
@@ -419,7 +419,7 @@ async def test_first_start_without_latch_then_halted_until_an_operator_arms(
     # file yet); the operator checks it and re-arms.
     (tmp_path / "state").mkdir()
     cfg = guard_config(sim.port, tmp_path / "state")
-    guard = Guard(cfg)  # no fresh_start, as the systemd unit runs it
+    guard = Guard.open(cfg)  # no fresh_start, as the systemd unit runs it
 
     async with running(guard):
         await asyncio.wait_for(guard.ready_event.wait(), 10)

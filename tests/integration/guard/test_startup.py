@@ -99,7 +99,7 @@ async def test_kill_before_first_connect_then_latched_and_carried_out_on_first_s
     ib_port = free_port()  # nothing listens there yet: the gateway is down
     cfg = http_config(ib_port, tmp_path / "state", '[kill]\nmode = "flatten"\n')
     token = tokens(cfg)
-    guard = Guard(cfg, fresh_start=True)
+    guard = Guard.open(cfg, fresh_start=True)
     async with guard_task(guard), aiohttp.ClientSession() as session:
         await wait_until(lambda: guard.http is not None, what="HTTP started")
         assert guard.http is not None
@@ -182,7 +182,7 @@ async def test_sd_status_then_waiting_for_ib_then_armed_then_halted(
     ib_port = free_port()
     cfg = guard_config(ib_port, tmp_path / "state")
     with Notifier(systemd.address) as notifier:
-        guard = Guard(cfg, fresh_start=True, notifier=notifier)
+        guard = Guard.open(cfg, fresh_start=True, notifier=notifier)
         async with guard_task(guard):
             await wait_until(
                 lambda: any("waiting for IB at" in s for s in statuses(systemd)),
@@ -215,7 +215,7 @@ async def test_gateway_down_and_reconnecting_then_watchdog_keeps_pinging(
     ib_port = free_port()  # never up: the connect loop keeps retrying
     cfg = guard_config(ib_port, tmp_path / "state")
     with Notifier(systemd.address) as notifier:
-        guard = Guard(cfg, fresh_start=True, notifier=notifier)
+        guard = Guard.open(cfg, fresh_start=True, notifier=notifier)
         guard.broker.progress_slack_s = 1.0
         async with guard_task(guard):
             await wait_until(lambda: systemd.pings() != [], what="the first ping")
@@ -257,7 +257,7 @@ async def test_wedged_broker_adapter_then_watchdog_pings_stop_and_resume_once_un
 ) -> None:
     cfg = guard_config(sim.port, tmp_path / "state")
     with Notifier(systemd.address) as notifier:
-        guard = Guard(cfg, fresh_start=True, notifier=notifier)
+        guard = Guard.open(cfg, fresh_start=True, notifier=notifier)
         guard.broker.heartbeat_interval_s, guard.broker.heartbeat_timeout_s = 0.3, 0.3
         guard.broker.progress_slack_s = 0.5
         async with guard_task(guard):

@@ -14,7 +14,7 @@ NY = ZoneInfo("America/New_York")
 
 def test_midnight_new_york_then_daily_loss_and_drawdown_re_anchor(tmp_path: Path) -> None:
     cfg = demo_config(load_config(DEMO_CONFIG), ib_port=7497, state_dir=tmp_path)
-    guard = Guard(cfg, fresh_start=True)
+    guard = Guard.open(cfg, fresh_start=True)
     evening = datetime(2026, 11, 23, 23, 59, tzinfo=NY).timestamp()
     guard._roll_day(evening)
     guard.book.set_start_of_day(1_000_000.0)
@@ -36,7 +36,7 @@ def test_refusal_summary_unjournaled_then_carried_with_its_first_refusal_time(
     # two counted); the journal then cannot take the interval's summary (as on a full disk)
     cfg = demo_config(load_config(DEMO_CONFIG), ib_port=7497, state_dir=tmp_path)
     now = [100.0]
-    guard = Guard(cfg, fresh_start=True, clock=lambda: now[0])
+    guard = Guard.open(cfg, fresh_start=True, clock=lambda: now[0])
     interval = cfg.control.refusal_interval_s
     refused = {"channel": "http", "error": "AuthError", "status": 401, "principal": None}
     for _ in range(3):
@@ -66,7 +66,7 @@ def test_refusal_summary_unjournaled_then_carried_with_its_first_refusal_time(
 def test_reload_of_a_file_nested_too_deep_then_refused_and_journaled(tmp_path: Path) -> None:
     # Arrange: a running config, and a file TOML cannot parse without exhausting the stack
     cfg = demo_config(load_config(DEMO_CONFIG), ib_port=7497, state_dir=tmp_path)
-    guard = Guard(cfg, fresh_start=True)
+    guard = Guard.open(cfg, fresh_start=True)
     path = tmp_path / "guardd.toml"
     path.write_text("a = " + "[" * 100_000)
 
