@@ -10,8 +10,9 @@ Connection life: `__aenter__` (`start`) connects once and raises BrokerConnectEr
 (timeout, refused, client id in use, account not managed by the login); `connect` keeps trying
 with the reconnect back-off instead (a guard started while its gateway is down), raising only
 AccountNotManagedError. After that the `_reconnect_loop` keeps the session alive: a drop emits
-`Disconnected`, then the broker reconnects with bounded, jittered exponential backoff (slower
-after error 326), never giving up while it runs.
+`Disconnected`, then the broker reconnects under the retry policy (`guardd.retry`: capped,
+jittered exponential back-off from `ib.reconnect_backoff_min_s` to `_max_s`; at least
+`client_id_in_use_wait_s` after error 326), never giving up while it runs.
 
 Stopping is bounded: `stop` closes the socket of every session and connect attempt (again and
 again while it waits: ibapi's blocking connect and handshake have no timeout of their own, and a
@@ -37,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -45,7 +45,6 @@ from typing import Final, Self, cast
 
 import structlog
 from ibapi.client import EClient
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
 
 from guardd.broker.pacer import DEFAULT_MESSAGES_PER_SECOND, Lane, PacedSender
 from guardd.broker.session import Accounts, IbSession, Pong
@@ -57,6 +56,7 @@ from guardd.errors import (
     BrokerDisconnectedError,
     GuarddError,
 )
+from guardd.retry import Backoff, RetryPolicy
 
 log = structlog.get_logger("guardd.broker.ib")
 
@@ -74,25 +74,14 @@ class ClientIdInUseError(BrokerConnectError):
 
 
 def reconnect_delay(
-    attempt: int,
-    error: BaseException | None,
-    *,
-    initial_s: float,
-    max_s: float,
-    client_id_in_use_s: float,
-    jitter: float,
+    backoff_s: float, error: BaseException | None, *, client_id_in_use_s: float
 ) -> float:
-    """Seconds before reconnect attempt `attempt + 1`: exponential, capped, jittered.
-
-    `initial_s * 2**(attempt - 1)` capped at `max_s`, plus `jitter * initial_s` (jitter in [0, 1)
-    spreads guards that lost the same gateway). After error 326 (our client id still held by a
-    session the gateway has not noticed is dead) wait at least `client_id_in_use_s`.
-    """
-    wait = min(max_s, initial_s * 2.0 ** min(max(attempt - 1, 0), 30))
-    wait += jitter * initial_s
+    """Seconds before the next connect attempt: the retry policy's `backoff_s` (`guardd.retry`),
+    and after error 326 (our client id still held by a session the gateway has not noticed is
+    dead) at least `client_id_in_use_s`."""
     if isinstance(error, ClientIdInUseError):
-        wait = max(wait, client_id_in_use_s)
-    return wait
+        return max(backoff_s, client_id_in_use_s)
+    return backoff_s
 
 
 class IbConnection:
@@ -126,8 +115,7 @@ class IbConnection:
         self.account = account
         self.connect_timeout_s = connect_timeout_s
         self.clock = clock
-        self.reconnect_initial_s = reconnect_initial_s
-        self.reconnect_max_s = reconnect_max_s
+        self.reconnect = RetryPolicy(reconnect_initial_s, reconnect_max_s)
         self.client_id_in_use_wait_s = client_id_in_use_wait_s
         self.heartbeat_interval_s = heartbeat_interval_s  # None: no heartbeat
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -199,7 +187,7 @@ class IbConnection:
         """Connect, retrying with the reconnect back-off until connected, then keep the
         connection alive (as `start`). Only AccountNotManagedError is raised: the login does not
         manage the account, which no retry mends. Cancel it to give up (bounded, see `stop`)."""
-        attempt = 0
+        backoff = Backoff(self.reconnect)
         while True:
             try:
                 await self.start()
@@ -208,20 +196,7 @@ class IbConnection:
                 raise
             except BrokerConnectError as exc:
                 # Not fatal: the gateway may be restarting (it does every night).
-                attempt += 1
-                delay = reconnect_delay(
-                    attempt,
-                    exc,
-                    initial_s=self.reconnect_initial_s,
-                    max_s=self.reconnect_max_s,
-                    client_id_in_use_s=self.client_id_in_use_wait_s,
-                    jitter=random.random(),
-                )
-                log.warning(
-                    "ib_connect_failed", error=str(exc), attempt=attempt, retry_in_s=round(delay, 3)
-                )
-                self._expect_progress(delay)
-                await asyncio.sleep(delay)
+                await self._back_off(backoff, exc, "ib_connect_failed")
 
     async def start(self) -> None:
         """Connect once (raising BrokerConnectError on failure), then keep the connection alive."""
@@ -455,51 +430,28 @@ class IbConnection:
         if self._sender is not None:
             self._sender.fail_pending(reason)
 
-    def _backoff(self, state: RetryCallState) -> float:
-        outcome = state.outcome
-        return reconnect_delay(
-            state.attempt_number,
-            outcome.exception() if outcome is not None else None,
-            initial_s=self.reconnect_initial_s,
-            max_s=self.reconnect_max_s,
-            client_id_in_use_s=self.client_id_in_use_wait_s,
-            jitter=random.random(),
-        )
-
     async def _reconnect_loop(self) -> None:
         """Wait for a lost session and connect again, backing off, for as long as we run."""
         while True:
             await self._lost.wait()
             self._lost.clear()
-            retrying = AsyncRetrying(
-                wait=self._backoff,
-                retry=retry_if_exception_type(Exception),  # log, back off, never give up
-                stop=stop_never,
-                before_sleep=self._log_retry,
-                reraise=True,
-            )
-            try:
-                async for attempt in retrying:
-                    with attempt:
-                        await self._connect_once()
-            except Exception as exc:  # a bug in the retry machinery must not end the guard
-                log.exception("broker_reconnect_loop_failed", error=repr(exc))
-                self._expect_progress(self.reconnect_max_s)
-                await asyncio.sleep(self.reconnect_max_s)
-                self._lost.set()
-                continue
+            backoff = Backoff(self.reconnect)
+            while True:
+                try:
+                    await self._connect_once()
+                    break
+                except Exception as exc:  # swallowed here only: log, back off, never give up
+                    await self._back_off(backoff, exc, "broker_reconnect_failed")
             self.reconnects += 1
 
-    def _log_retry(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        sleep = state.next_action.sleep if state.next_action is not None else 0.0
-        self._expect_progress(sleep)  # the back-off promises the next attempt
-        log.warning(
-            "broker_reconnect_failed",
-            attempt=state.attempt_number,
-            error=str(exc),
-            retry_in_s=sleep,
+    async def _back_off(self, backoff: Backoff, error: Exception, event: str) -> None:
+        """Log a failed connect attempt and wait before the next one, promising it (liveness)."""
+        delay = reconnect_delay(
+            backoff.next(), error, client_id_in_use_s=self.client_id_in_use_wait_s
         )
+        log.warning(event, error=str(error), attempt=backoff.attempts, retry_in_s=round(delay, 3))
+        self._expect_progress(delay)  # the back-off promises the next attempt
+        await asyncio.sleep(delay)
 
     # ---- callbacks on the loop -------------------------------------------------------------
 

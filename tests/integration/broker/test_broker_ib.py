@@ -28,6 +28,7 @@ from guardd.errors import (
     BrokerDisconnectedError,
     BrokerError,
 )
+from guardd.retry import RetryPolicy
 from ibsim import codec
 from ibsim.gateway import REQ_MKT_DATA, SimGateway
 from ibsim.hours import US_EQUITY
@@ -517,23 +518,23 @@ async def test_gateway_pacing_tighter_than_budget_then_error_100_counted() -> No
 
 
 @pytest.mark.parametrize(
-    ("attempt", "error", "jitter", "expected"),
+    ("attempt", "error", "draw", "expected"),
     [
         (1, BrokerConnectError("refused"), 0.0, 0.5),
         (2, BrokerConnectError("refused"), 0.0, 1.0),
-        (4, BrokerConnectError("refused"), 0.5, 4.25),
+        (4, BrokerConnectError("refused"), 0.5, 3.6),  # jitter: up to a fifth off
         (20, BrokerConnectError("refused"), 0.0, 30.0),  # capped
-        (20, BrokerConnectError("refused"), 0.99, 30.495),  # capped, then jittered
+        (20, BrokerConnectError("refused"), 0.99, 24.06),  # capped, then jittered below the cap
         (1, ClientIdInUseError("326"), 0.0, 15.0),  # slower after 326
         (10, ClientIdInUseError("326"), 0.0, 30.0),  # the capped exponential wins when slower
     ],
 )
 def test_reconnect_attempt_then_backoff_grows_capped_and_slower_after_326(
-    attempt: int, error: BaseException, jitter: float, expected: float
+    attempt: int, error: BaseException, draw: float, expected: float
 ) -> None:
-    delay = reconnect_delay(
-        attempt, error, initial_s=0.5, max_s=30.0, client_id_in_use_s=15.0, jitter=jitter
-    )
+    backoff_s = RetryPolicy(initial_s=0.5, max_s=30.0).delay(attempt, draw)
+
+    delay = reconnect_delay(backoff_s, error, client_id_in_use_s=15.0)
 
     assert delay == pytest.approx(expected)
 
