@@ -66,8 +66,8 @@ from pathlib import Path
 from typing import Final, Literal, Protocol, get_args
 
 from guardd.control.commands import (
-    Action,
     Channel,
+    CommandKind,
     ControlCommand,
     check_force,
     check_mode,
@@ -116,7 +116,7 @@ _PAYLOAD_FIELDS: Final = frozenset(
 )
 
 
-def required_role(action: Action) -> Role:
+def required_role(action: CommandKind) -> Role:
     """The role a command needs: ``kill`` for kill, ``arm`` for a re-arm."""
     return "kill" if action == "kill" else "arm"
 
@@ -520,7 +520,7 @@ def sign(secret: bytes, canonical: bytes) -> str:
 class SignedCommand:
     """An MQTT command payload that parsed; not yet authenticated."""
 
-    action: Action
+    action: CommandKind
     reason: str
     mode: KillMode | None
     force: bool
@@ -545,7 +545,7 @@ class SignedCommand:
 
 def signed_payload(
     *,
-    action: Action,
+    action: CommandKind,
     target: str,
     reason: str,
     key_id: str,
@@ -575,7 +575,7 @@ def signed_payload(
     return payload
 
 
-def parse_signed_command(payload: bytes, *, topic_action: Action) -> SignedCommand:
+def parse_signed_command(payload: bytes, *, topic_action: CommandKind) -> SignedCommand:
     """Parse and check an MQTT command payload's shape; ``CommandError`` says what is wrong."""
     try:
         data = json.loads(payload)
@@ -584,7 +584,7 @@ def parse_signed_command(payload: bytes, *, topic_action: Action) -> SignedComma
     return signed_command_from(data, topic_action=topic_action)
 
 
-def signed_command_from(data: object, *, topic_action: Action) -> SignedCommand:
+def signed_command_from(data: object, *, topic_action: CommandKind) -> SignedCommand:
     """Check a parsed MQTT command payload's shape (``parse_signed_command`` after the JSON)."""
     if not isinstance(data, dict):
         raise CommandError("payload must be a JSON object")

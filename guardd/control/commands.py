@@ -21,12 +21,11 @@ from guardd.core.engine import KILL_MODES, KillMode
 from guardd.errors import CommandError, GuarddError
 
 __all__ = [
-    "ACTIONS",
     "CHANNELS",
     "MAX_REASON_CHARS",
-    "Action",
     "Channel",
     "CommandHandler",
+    "CommandKind",
     "CommandOutcome",
     "ControlCommand",
     "HttpRefusedError",
@@ -36,10 +35,11 @@ __all__ = [
     "refusal_record",
 ]
 
-Action = Literal["kill", "arm"]
+CommandKind = Literal["kill", "arm"]
+"""What an operator asks for (the ``action`` of a command on every channel): not the engine's
+actions (`guardd.core.engine.Action`), nor an order's side (`guardd.core.planner.Side`)."""
 Channel = Literal["http", "mqtt", "cli"]
 
-ACTIONS: Final[tuple[Action, ...]] = get_args(Action)
 CHANNELS: Final[tuple[Channel, ...]] = get_args(Channel)
 MAX_REASON_CHARS: Final = 500
 
@@ -48,7 +48,7 @@ MAX_REASON_CHARS: Final = 500
 class ControlCommand:
     """A kill or re-arm an operator asked for, already authenticated and checked."""
 
-    action: Action
+    action: CommandKind
     principal: str  # who: token name / MQTT key id / operator
     channel: Channel
     reason: str

@@ -52,8 +52,8 @@ from aiohttp import web
 
 from guardd.control.auth import Principal, TokenStore, required_role
 from guardd.control.commands import (
-    Action,
     CommandHandler,
+    CommandKind,
     ControlCommand,
     HttpRefusedError,
     check_force,
@@ -75,7 +75,7 @@ MAX_STREAMS: Final = 32
 REFRESH_S: Final = 0.25
 KEEPALIVE_S: Final = 15.0
 _STATIC: Final = {"console.js": "text/javascript", "console.css": "text/css"}
-_FIELDS: Final[Mapping[Action, frozenset[str]]] = {
+_FIELDS: Final[Mapping[CommandKind, frozenset[str]]] = {
     "kill": frozenset({"reason", "mode"}),
     "arm": frozenset({"reason", "force"}),
 }
@@ -320,7 +320,7 @@ class Console:
     async def _arm(self, request: web.Request) -> web.Response:
         return await self._command(request, "arm")
 
-    async def _command(self, request: web.Request, action: Action) -> web.Response:
+    async def _command(self, request: web.Request, action: CommandKind) -> web.Response:
         request_id = uuid.uuid4().hex
         principal: Principal | None = None
         body: object = None
@@ -422,7 +422,7 @@ def _same_origin(request: web.Request) -> None:
         raise HttpRefusedError(403, AuthError(f"request from another origin refused ({origin})"))
 
 
-def _require(principal: Principal, action: Action) -> None:
+def _require(principal: Principal, action: CommandKind) -> None:
     try:
         principal.require(required_role(action))
     except AuthError as exc:
@@ -443,7 +443,7 @@ async def _read_json(request: web.Request) -> object:
 
 
 def _command_from_body(
-    body: object, action: Action, principal: Principal, request_id: str
+    body: object, action: CommandKind, principal: Principal, request_id: str
 ) -> ControlCommand:
     if not isinstance(body, dict):
         raise HttpRefusedError(400, CommandError("body must be a JSON object"))

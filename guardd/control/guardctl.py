@@ -44,7 +44,7 @@ import aiomqtt
 from guardd import __version__
 from guardd.completion import add_completion_command, complete_files, script
 from guardd.control.auth import read_secret_file, signed_payload
-from guardd.control.commands import Action, check_reason
+from guardd.control.commands import CommandKind, check_reason
 from guardd.core.engine import KILL_MODES, KillMode
 from guardd.errors import CommandError, ConfigError
 
@@ -367,7 +367,7 @@ async def _mqtt_command(args: argparse.Namespace) -> _Answer:
     if args.account == "all" and args.command != "kill":
         raise ConfigError("--account", '"all" is for a fleet-wide kill only')
     key = _secret(args.key_file, "GUARDD_KEY", "--key-file")
-    action: Action = "kill" if args.command == "kill" else "arm"
+    action: CommandKind = "kill" if args.command == "kill" else "arm"
     mode: KillMode | None = args.mode if action == "kill" else None
     nonce = secrets.token_hex(16)
     command = signed_payload(

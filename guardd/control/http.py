@@ -53,8 +53,8 @@ from aiohttp import web
 
 from guardd.control.auth import Principal, Role, TokenStore, required_role
 from guardd.control.commands import (
-    Action,
     CommandHandler,
+    CommandKind,
     ControlCommand,
     HttpRefusedError,
     check_force,
@@ -86,7 +86,7 @@ ACCEPT_BATCH: Final = 128
 """The listen backlog, which is also how many connections asyncio accepts in one go."""
 _JSON: Final = "application/json"
 _REQUEST_ID: Final = web.RequestKey("request_id", str)
-_FIELDS: Final[Mapping[Action, frozenset[str]]] = {
+_FIELDS: Final[Mapping[CommandKind, frozenset[str]]] = {
     "kill": frozenset({"reason", "mode"}),
     "arm": frozenset({"reason", "force"}),
 }
@@ -387,7 +387,7 @@ class ControlHttpServer:
         except AuthError as exc:
             raise HttpRefusedError(401, exc) from exc
 
-    async def _command(self, request: web.Request, action: Action) -> web.Response:
+    async def _command(self, request: web.Request, action: CommandKind) -> web.Response:
         request_id: str = request[_REQUEST_ID]
         principal: Principal | None = None
         body: object = None
@@ -438,7 +438,7 @@ class ControlHttpServer:
     def _audit_refusal(
         self,
         request: web.Request,
-        action: Action,
+        action: CommandKind,
         principal: Principal | None,
         reason: object,
         refused: HttpRefusedError,
@@ -505,7 +505,7 @@ async def _read_json(request: web.Request, limit: int, timeout_s: float) -> obje
 
 
 def _command_from_body(
-    body: object, action: Action, principal: str, request_id: str, *, person: str | None = None
+    body: object, action: CommandKind, principal: str, request_id: str, *, person: str | None = None
 ) -> ControlCommand:
     if not isinstance(body, dict):
         raise HttpRefusedError(400, CommandError("body must be a JSON object"))

@@ -60,8 +60,8 @@ from guardd.control.auth import (
     verify_signed_command,
 )
 from guardd.control.commands import (
-    Action,
     CommandHandler,
+    CommandKind,
     CommandOutcome,
     ControlCommand,
     refusal_record,
@@ -121,7 +121,7 @@ class Topics:
         bot = topic[len(self.heartbeat) :]
         return bot if _BOT_NAME.fullmatch(bot) else None
 
-    def route(self, topic: str) -> tuple[Action, str] | None:
+    def route(self, topic: str) -> tuple[CommandKind, str] | None:
         """The (action, target) a command topic stands for, or None for any other topic."""
         if topic == self.kill:
             return "kill", self.account
@@ -369,7 +369,7 @@ class MqttControl:
     def _refuse(
         self,
         topic: str,
-        action: Action,
+        action: CommandKind,
         payload: bytes,
         error: CommandError,
         *,

@@ -118,7 +118,6 @@ from guardd.core import planner, pricing
 from guardd.core.events import ConId
 from guardd.core.ibcodes import IbClass, OrderStatus, ib_class
 from guardd.core.planner import (
-    Action,
     ChildOrder,
     ChildStatus,
     CloseKind,
@@ -129,6 +128,7 @@ from guardd.core.planner import (
     NoteKind,
     OrderType,
     PositionKey,
+    Side,
     sequence_of,
 )
 
@@ -288,7 +288,7 @@ class Child:
     order_id: int
     order_ref: str
     key: PositionKey
-    action: Action
+    action: Side
     quantity: Decimal
     generation: int  # the connection it was sent on; -1: restored from the journal
     sent_at: float
@@ -323,7 +323,7 @@ class Child:
     @property
     def sign(self) -> int:
         """+1 for a buy, -1 for a sell: the sign of its fills on the position."""
-        return 1 if self.action is Action.BUY else -1
+        return 1 if self.action is Side.BUY else -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,7 +523,7 @@ class CloseEpisode:
                         order_id=int(rec["order_id"]),
                         order_ref=ref,
                         key=key,
-                        action=Action(str(rec["action"])),
+                        action=Side(str(rec["action"])),
                         quantity=Decimal(str(rec["quantity"])),
                         generation=-1,
                         # The record's own time: a restored limit that still works is re-priced
@@ -1199,11 +1199,11 @@ def _less_foreign(closable: Decimal, buying: Decimal, selling: Decimal) -> Decim
     return closable
 
 
-def _closing_action(quantity: Decimal) -> Action | None:
+def _closing_action(quantity: Decimal) -> Side | None:
     if quantity > 0:
-        return Action.SELL
+        return Side.SELL
     if quantity < 0:
-        return Action.BUY
+        return Side.BUY
     return None
 
 

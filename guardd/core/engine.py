@@ -166,6 +166,8 @@ class ClearLatch:
 
 
 Action = LatchHalt | CancelAll | Flatten | Reduce | Alert | ClearLatch
+"""What a decision asks the shell to do, in order (not an order's side: `planner.Side`; not an
+operator's command: `control.commands.CommandKind`)."""
 
 
 @dataclass(frozen=True, slots=True)

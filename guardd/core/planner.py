@@ -108,8 +108,9 @@ class PositionKey:
     con_id: ConId
 
 
-class Action(StrEnum):
-    """The side of an order."""
+class Side(StrEnum):
+    """The side of an order: what IB's Order.action holds (the `action` field of a child order;
+    not the engine's actions, nor a control command)."""
 
     BUY = "BUY"
     SELL = "SELL"
@@ -180,7 +181,7 @@ class ChildOrder:
 
     key: PositionKey
     order_ref: str
-    action: Action
+    action: Side
     quantity: Decimal
     filled: Decimal
     status: ChildStatus
@@ -285,7 +286,7 @@ class NewChildOrder:
 
     key: PositionKey
     symbol: str
-    action: Action
+    action: Side
     quantity: Decimal
     order_type: OrderType
     limit_price: float | None
@@ -363,7 +364,7 @@ def close_ledger(quantity: Decimal, children: Sequence[ChildOrder]) -> CloseLedg
     if len(actions) > 1:
         return None
     if actions:
-        direction = 1 if actions == {Action.SELL} else -1
+        direction = 1 if actions == {Side.SELL} else -1
     else:
         direction = (quantity > 0) - (quantity < 0)
     sign = Decimal(direction)
@@ -512,7 +513,7 @@ def plan_reduce(
 class _Candidate:
     position: ConfirmedPosition
     exposure: float | None
-    action: Action
+    action: Side
     quantity: Decimal
     order_type: OrderType
     limit_price: float | None
@@ -657,7 +658,7 @@ def _assess(
     if quantity < ONE:
         notes.append(Note(key, NoteKind.FRACTIONAL_REMAINDER, need))
         return None
-    action = Action.SELL if ledger.direction > 0 else Action.BUY
+    action = Side.SELL if ledger.direction > 0 else Side.BUY
     outside_rth = not position.regular_hours
     stock_outside_rth = outside_rth and position.sec_type == "STK"
     use_limit = rule.order_type is OrderType.LMT or (
@@ -665,7 +666,7 @@ def _assess(
     )
     priced = pricing.close_price(
         position.prices,
-        sell=action is Action.SELL,
+        sell=action is Side.SELL,
         market_first=not use_limit,
         # IB rejects a stock's market order outside regular hours, whatever the policy says.
         market_allowed=rule.market_allowed and not stock_outside_rth,

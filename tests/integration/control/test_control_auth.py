@@ -27,7 +27,7 @@ from guardd.control.auth import (
     signed_payload,
     verify_signed_command,
 )
-from guardd.control.commands import Action, ControlCommand, check_reason
+from guardd.control.commands import CommandKind, ControlCommand, check_reason
 from guardd.errors import AuthError, CommandError, ConfigError, NonceNotDurableError, ReplayError
 
 NOW = 1_767_225_600
@@ -44,7 +44,7 @@ ALICE = SECRET.decode()
 def verify(
     raw: bytes,
     *,
-    action: Action = "kill",
+    action: CommandKind = "kill",
     target: str = "DU1",
     now: float = NOW,
     nonces: NonceCache | None = None,

@@ -18,10 +18,10 @@ from guardd.core.close import (
 from guardd.core.events import ConId
 from guardd.core.planner import (
     AccountId,
-    Action,
     ClosePolicy,
     ConfirmedPosition,
     PositionKey,
+    Side,
 )
 
 KEY = PositionKey(AccountId("DU1"), ConId(1))
@@ -104,7 +104,7 @@ def kinds(plan: Round) -> list[str]:
 
 def close_fully(episode: CloseEpisode, broker: Broker, order_id: int, quantity: int) -> Round:
     """Our child fills completely; execution, status and figure all arrive."""
-    sign = 1 if child_of(episode, order_id).action is Action.BUY else -1
+    sign = 1 if child_of(episode, order_id).action is Side.BUY else -1
     broker.fills.append(
         fill(f"own{order_id}", sign * quantity, broker.now, client=OURS, order_id=order_id)
     )
@@ -119,7 +119,7 @@ def test_flat_confirmed_then_a_new_fill_then_a_new_round_closes_it() -> None:
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
     plan = episode.step(broker.obs(), POLICY, 4)
     (first,) = send_all(episode, plan, broker, 100)
-    assert plan.orders[0].action is Action.SELL and plan.orders[0].quantity == 10
+    assert plan.orders[0].action is Side.SELL and plan.orders[0].quantity == 10
     done = close_fully(episode, broker, first, 10)
     assert "flat_confirmed" in kinds(done) and episode.at_target
 
@@ -131,7 +131,7 @@ def test_flat_confirmed_then_a_new_fill_then_a_new_round_closes_it() -> None:
 
     # Assert
     assert "close_round_started" in kinds(again) and episode.round == 2
-    assert [(o.action, o.quantity) for o in again.orders] == [(Action.SELL, Decimal(3))]
+    assert [(o.action, o.quantity) for o in again.orders] == [(Side.SELL, Decimal(3))]
 
 
 def test_old_figure_after_flat_then_no_close() -> None:
@@ -224,7 +224,7 @@ def test_child_missing_after_reconnect_then_lost_only_after_executions_and_grace
     # Assert: counted live (no new child) until then; then lost, and the 10 closed anew
     assert waiting.orders == () and still.orders == ()
     assert "child_order_lost" in kinds(lost)
-    assert [(o.action, o.quantity) for o in lost.orders] == [(Action.SELL, Decimal(10))]
+    assert [(o.action, o.quantity) for o in lost.orders] == [(Side.SELL, Decimal(10))]
 
 
 def test_lost_child_reported_again_then_counts_again() -> None:
@@ -257,7 +257,7 @@ def test_liquidation_while_child_works_then_excess_cancelled_and_rest_closed() -
 
     # Assert: our 10 would cross zero by 6: cancelled; then only the 4 left are sold
     assert [c.why for c in plan.cancels] == ["over_working"]
-    assert [(o.action, o.quantity) for o in after.orders] == [(Action.SELL, Decimal(4))]
+    assert [(o.action, o.quantity) for o in after.orders] == [(Side.SELL, Decimal(4))]
 
 
 def test_position_flips_under_a_live_child_then_it_is_cancelled_and_nothing_added() -> None:
@@ -317,7 +317,7 @@ def test_reduce_target_drifts_then_re_pursued() -> None:
 
     # Assert
     assert "close_round_started" in kinds(again)
-    assert [(o.action, o.quantity) for o in again.orders] == [(Action.SELL, Decimal(3))]
+    assert [(o.action, o.quantity) for o in again.orders] == [(Side.SELL, Decimal(3))]
 
 
 def test_position_within_tolerance_then_flat() -> None:
@@ -426,7 +426,7 @@ def test_foreign_sell_still_working_against_a_long_then_only_the_rest_closed() -
     (first,) = send_all(episode, plan, broker, 100)
 
     # Assert: 4 now; the bot's 6 fills, ours fills, nothing more and flat
-    assert [(o.action, o.quantity) for o in plan.orders] == [(Action.SELL, Decimal(4))]
+    assert [(o.action, o.quantity) for o in plan.orders] == [(Side.SELL, Decimal(4))]
     broker.now += 1
     broker.fills.append(fill("bot1", -6, broker.now))
     broker.foreign_selling.clear()
@@ -442,7 +442,7 @@ def test_foreign_buy_working_against_a_long_then_the_whole_position_closed() -> 
 
     plan = episode.step(broker.obs(), POLICY, 4)
 
-    assert [(o.action, o.quantity) for o in plan.orders] == [(Action.SELL, Decimal(10))]
+    assert [(o.action, o.quantity) for o in plan.orders] == [(Side.SELL, Decimal(10))]
 
 
 def test_foreign_sells_cover_the_whole_long_then_no_child_until_they_end() -> None:
@@ -456,7 +456,7 @@ def test_foreign_sells_cover_the_whole_long_then_no_child_until_they_end() -> No
     broker.now += 1
     broker.foreign_selling.clear()  # cancelled, nothing filled
     again = episode.step(broker.obs(), POLICY, 4)
-    assert [(o.action, o.quantity) for o in again.orders] == [(Action.SELL, Decimal(10))]
+    assert [(o.action, o.quantity) for o in again.orders] == [(Side.SELL, Decimal(10))]
 
 
 def test_many_fills_of_uncertain_containment_then_closes_what_every_case_allows() -> None:
@@ -476,7 +476,7 @@ def test_many_fills_of_uncertain_containment_then_closes_what_every_case_allows(
     # Assert: closes only what holds whichever of them the figure contains (it may hold none),
     # in whole contracts
     assert 10 < sum(sells) < 30
-    assert [o.action for o in plan.orders] == [Action.SELL]
+    assert [o.action for o in plan.orders] == [Side.SELL]
     assert sum(o.quantity for o in plan.orders) == int(100 - sum(sells))
 
 
@@ -499,7 +499,7 @@ def test_execution_arrives_after_the_figure_that_holds_it_then_not_counted_twice
 
     # Assert: the fill is not counted on top of the figure (that said flat, for ever)
     assert waiting.orders == ()
-    assert [(o.action, o.quantity) for o in later.orders] == [(Action.BUY, Decimal(1))]
+    assert [(o.action, o.quantity) for o in later.orders] == [(Side.BUY, Decimal(1))]
 
 
 def test_broker_figure_farther_than_the_fills_then_asked_afresh_and_adopted_when_confirmed() -> (
@@ -534,4 +534,4 @@ def test_broker_figure_farther_than_the_fills_then_asked_afresh_and_adopted_when
     assert noticed.orders == () and noticed.refresh_positions
     assert any(r.kind == "position_disagrees" and r.level == "error" for r in noticed.records)
     assert stale.orders == () and stale.refresh_positions
-    assert [(o.action, o.quantity) for o in answered.orders] == [(Action.BUY, Decimal(1))]
+    assert [(o.action, o.quantity) for o in answered.orders] == [(Side.BUY, Decimal(1))]

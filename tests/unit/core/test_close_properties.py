@@ -36,10 +36,10 @@ from guardd.core.close import (
 from guardd.core.events import ConId
 from guardd.core.planner import (
     AccountId,
-    Action,
     ClosePolicy,
     ConfirmedPosition,
     PositionKey,
+    Side,
 )
 
 KEY = PositionKey(AccountId("DU1"), ConId(1))
@@ -52,7 +52,7 @@ SETTINGS = CloseSettings(client_id=OUR_CLIENT, settle_s=5.0, lost_grace_s=2.0, o
 @dataclass
 class BrokerOrder:
     order_id: int
-    action: Action
+    action: Side
     quantity: int
     filled: int = 0
     status: str = "Submitted"
@@ -65,7 +65,7 @@ class BrokerOrder:
 
     @property
     def sign(self) -> int:
-        return 1 if self.action is Action.BUY else -1
+        return 1 if self.action is Side.BUY else -1
 
 
 @dataclass

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from guardd.core.events import ConId
 from guardd.core.planner import (
     AccountId,
-    Action,
     ChildOrder,
     ChildStatus,
     ClosePolicy,
@@ -24,6 +23,7 @@ from guardd.core.planner import (
     OrderTypeRule,
     Plan,
     PositionKey,
+    Side,
     close_ledger,
     exposure,
     keep_fraction_for_gross,
@@ -72,7 +72,7 @@ def position(
 
 def child(
     con_id: int,
-    action: Action,
+    action: Side,
     quantity: int,
     *,
     filled: int = 0,
@@ -135,7 +135,7 @@ def test_position_with_unknown_exposure_then_it_goes_first() -> None:
 def test_long_and_short_then_long_sells_and_short_buys() -> None:
     plan = flatten([position(1, 7), position(2, -4)])
     sides = {o.key: (o.action, o.quantity) for o in plan.orders}
-    assert sides == {key(1): (Action.SELL, D(7)), key(2): (Action.BUY, D(4))}
+    assert sides == {key(1): (Side.SELL, D(7)), key(2): (Side.BUY, D(4))}
 
 
 def test_flat_position_then_at_target_and_no_order() -> None:
@@ -206,7 +206,7 @@ def test_unknown_sec_type_then_fallback_limit() -> None:
 def test_position_larger_than_max_child_then_one_child_of_max_this_round() -> None:
     policy = ClosePolicy(max_child_quantity=D(300))
     plan = flatten([position(1, -1000)], policy=policy)
-    assert [(o.action, o.quantity) for o in plan.orders] == [(Action.BUY, D(300))]
+    assert [(o.action, o.quantity) for o in plan.orders] == [(Side.BUY, D(300))]
 
 
 def test_split_close_over_rounds_then_reaches_zero_exactly() -> None:
@@ -251,7 +251,7 @@ def test_zero_budget_then_no_orders() -> None:
 
 
 def test_existing_children_then_new_refs_continue_the_sequence() -> None:
-    done = child(1, Action.SELL, 4, filled=0, status=ChildStatus.REJECTED, planned_against=10, n=7)
+    done = child(1, Side.SELL, 4, filled=0, status=ChildStatus.REJECTED, planned_against=10, n=7)
     plan = flatten([position(1, 10), position(2, 3)], [done])
     assert [o.order_ref for o in plan.orders] == [
         f"guardd:flatten:{DECISION}:8",
@@ -263,14 +263,14 @@ def test_existing_children_then_new_refs_continue_the_sequence() -> None:
 
 
 def test_fill_reported_before_position_update_then_no_second_child() -> None:
-    filled = child(1, Action.SELL, 100, filled=100, status=ChildStatus.FILLED, planned_against=100)
+    filled = child(1, Side.SELL, 100, filled=100, status=ChildStatus.FILLED, planned_against=100)
     plan = flatten([position(1, 100)], [filled])
     assert plan.orders == ()
     assert plan.at_target == ()  # not confirmed flat yet
 
 
 def test_position_update_before_fill_report_then_no_second_child_and_not_flat() -> None:
-    working = child(1, Action.SELL, 100, filled=0, planned_against=100)
+    working = child(1, Side.SELL, 100, filled=0, planned_against=100)
     plan = flatten([position(1, 0)], [working])
     assert plan.orders == ()
     assert plan.notes == ()  # not over working: the child simply filled
@@ -280,31 +280,29 @@ def test_position_update_before_fill_report_then_no_second_child_and_not_flat() 
 def test_stale_position_after_partial_fills_then_only_the_unclosed_rest() -> None:
     # child 1 sold 60 of 100 (reported); the position shows 40; child 2 (40) was rejected;
     # then a stale update says 100 again.
-    first = child(1, Action.SELL, 60, filled=60, status=ChildStatus.FILLED, planned_against=100)
-    second = child(1, Action.SELL, 40, status=ChildStatus.REJECTED, planned_against=40, n=2)
+    first = child(1, Side.SELL, 60, filled=60, status=ChildStatus.FILLED, planned_against=100)
+    second = child(1, Side.SELL, 40, status=ChildStatus.REJECTED, planned_against=40, n=2)
     plan = flatten([position(1, 100)], [first, second])
-    assert [(o.action, o.quantity) for o in plan.orders] == [(Action.SELL, D(40))]
+    assert [(o.action, o.quantity) for o in plan.orders] == [(Side.SELL, D(40))]
 
 
 def test_partial_fill_then_cancel_then_replans_the_unfilled_rest() -> None:
-    cancelled = child(
-        1, Action.BUY, 50, filled=20, status=ChildStatus.CANCELLED, planned_against=-50
-    )
+    cancelled = child(1, Side.BUY, 50, filled=20, status=ChildStatus.CANCELLED, planned_against=-50)
     plan = flatten([position(1, -30)], [cancelled])
     assert [(o.action, o.quantity, o.planned_against) for o in plan.orders] == [
-        (Action.BUY, D(30), D(-30))
+        (Side.BUY, D(30), D(-30))
     ]
 
 
 def test_rejected_child_then_its_quantity_is_planned_again() -> None:
-    rejected = child(1, Action.SELL, 10, status=ChildStatus.REJECTED, planned_against=10)
+    rejected = child(1, Side.SELL, 10, status=ChildStatus.REJECTED, planned_against=10)
     plan = flatten([position(1, 10)], [rejected])
     assert [o.quantity for o in plan.orders] == [D(10)]
 
 
 def test_rejected_too_often_then_no_new_child() -> None:
     rejects = [
-        child(1, Action.SELL, 10, status=ChildStatus.REJECTED, planned_against=10, n=n)
+        child(1, Side.SELL, 10, status=ChildStatus.REJECTED, planned_against=10, n=n)
         for n in range(1, 4)
     ]
     plan = flatten([position(1, 10)], rejects)
@@ -313,38 +311,38 @@ def test_rejected_too_often_then_no_new_child() -> None:
 
 
 def test_unacknowledged_send_then_no_new_child_for_that_position() -> None:
-    pending = child(1, Action.SELL, 10, status=ChildStatus.PENDING_ACK, planned_against=100)
+    pending = child(1, Side.SELL, 10, status=ChildStatus.PENDING_ACK, planned_against=100)
     plan = flatten([position(1, 100), position(2, 5)], [pending])
     assert [o.key for o in plan.orders] == [key(2)]
     assert Note(key(1), NoteKind.AWAITING_ACK, D(90)) in plan.notes
 
 
 def test_working_child_covers_part_then_only_the_rest() -> None:
-    working = child(1, Action.SELL, 30, filled=10, planned_against=100)
+    working = child(1, Side.SELL, 30, filled=10, planned_against=100)
     plan = flatten([position(1, 95)], [working])  # 5 of the 10 filled are confirmed so far
     assert [o.quantity for o in plan.orders] == [D(70)]
 
 
 def test_position_grew_after_child_was_planned_then_plans_the_growth() -> None:
-    working = child(1, Action.SELL, 100, planned_against=100)
+    working = child(1, Side.SELL, 100, planned_against=100)
     plan = flatten([position(1, 130)], [working])
     assert [o.quantity for o in plan.orders] == [D(30)]
 
 
 def test_working_more_than_needed_then_over_working_reported() -> None:
     # another actor sold 80 after our child was planned: our 100 would take it short
-    working = child(1, Action.SELL, 100, filled=0, planned_against=100)
+    working = child(1, Side.SELL, 100, filled=0, planned_against=100)
     plan = flatten([position(1, 20)], [working])
     assert plan.orders == ()
     # from what the planner can know, the 80 may be our own fills: it reports nothing to cancel
     assert NoteKind.OVER_WORKING not in kinds(plan)
-    bigger = child(1, Action.SELL, 150, filled=0, planned_against=100)
+    bigger = child(1, Side.SELL, 150, filled=0, planned_against=100)
     over = flatten([position(1, 100)], [bigger])
     assert Note(key(1), NoteKind.OVER_WORKING, D(50)) in over.notes
 
 
 def test_finished_children_past_target_then_reported() -> None:
-    done = child(1, Action.SELL, 120, filled=120, status=ChildStatus.FILLED, planned_against=100)
+    done = child(1, Side.SELL, 120, filled=120, status=ChildStatus.FILLED, planned_against=100)
     plan = flatten([position(1, -20)], [done])
     assert plan.orders == ()
     assert Note(key(1), NoteKind.PAST_TARGET, D(20)) in plan.notes
@@ -352,8 +350,8 @@ def test_finished_children_past_target_then_reported() -> None:
 
 def test_children_both_buy_and_sell_then_refuses_to_plan() -> None:
     children = [
-        child(1, Action.SELL, 5, planned_against=10),
-        child(1, Action.BUY, 5, planned_against=10, n=2),
+        child(1, Side.SELL, 5, planned_against=10),
+        child(1, Side.BUY, 5, planned_against=10, n=2),
     ]
     plan = flatten([position(1, 10)], children)
     assert plan.orders == ()
@@ -362,14 +360,14 @@ def test_children_both_buy_and_sell_then_refuses_to_plan() -> None:
 
 
 def test_child_without_baseline_then_plans_conservatively_and_reports() -> None:
-    done = child(1, Action.SELL, 40, filled=40, status=ChildStatus.FILLED, planned_against=None)
+    done = child(1, Side.SELL, 40, filled=40, status=ChildStatus.FILLED, planned_against=None)
     plan = flatten([position(1, 60)], [done])  # the 40 may or may not be in the 60
     assert [o.quantity for o in plan.orders] == [D(20)]
     assert Note(key(1), NoteKind.UNKNOWN_BASELINE, D(1)) in plan.notes
 
 
 def test_children_for_position_not_passed_then_reported() -> None:
-    working = child(9, Action.SELL, 5, planned_against=5)
+    working = child(9, Side.SELL, 5, planned_against=5)
     plan = flatten([], [working])
     assert plan.notes == (Note(key(9), NoteKind.NO_POSITION),)
 
@@ -389,7 +387,7 @@ def test_quantity_not_a_number_then_reported() -> None:
 
 def test_child_with_filled_above_quantity_then_refused() -> None:
     with pytest.raises(ValueError, match="filled"):
-        child(1, Action.SELL, 5, filled=6, planned_against=5)
+        child(1, Side.SELL, 5, filled=6, planned_against=5)
 
 
 # -- reduce ------------------------------------------------------------------------------------
@@ -421,8 +419,8 @@ def test_reduce_then_each_position_to_its_target() -> None:
     positions = [position(1, 10), position(2, -30)]
     plan = reduce(positions, reduce_targets(positions, keep=0.25))
     assert {(o.key, o.action, o.quantity) for o in plan.orders} == {
-        (key(1), Action.SELL, D(7)),
-        (key(2), Action.BUY, D(22)),
+        (key(1), Side.SELL, D(7)),
+        (key(2), Side.BUY, D(22)),
     }
     assert all(o.order_ref.startswith(f"guardd:reduce:{DECISION}:") for o in plan.orders)
 
@@ -481,7 +479,7 @@ def test_any_book_then_one_bounded_child_per_position_in_exposure_order(
         # the class's own cap (FX) where it has one, else the policy's
         cap = policy.rule_for(by_key[order.key].sec_type).max_child_quantity or D(max_child)
         assert 1 <= order.quantity <= min(abs(quantity), cap)
-        assert order.action is (Action.SELL if quantity > 0 else Action.BUY)
+        assert order.action is (Side.SELL if quantity > 0 else Side.BUY)
         assert (order.order_type is OrderType.LMT) == (order.limit_price is not None)
     ranks = [exposure(by_key[o.key]) for o in plan.orders]
     unknown = [r is None for r in ranks]
@@ -505,8 +503,8 @@ def test_fx_position_then_closed_whole_at_market_not_cut_into_odd_lots() -> None
     # Assert: one market order per pair for the whole quantity in the pair's base currency
     sent = {(o.key.con_id, o.action, o.quantity, o.order_type) for o in plan.orders}
     assert sent == {
-        (1, Action.SELL, D(100_000), OrderType.MKT),
-        (2, Action.BUY, D(150_000), OrderType.MKT),
+        (1, Side.SELL, D(100_000), OrderType.MKT),
+        (2, Side.BUY, D(150_000), OrderType.MKT),
     }
 
 
@@ -522,7 +520,7 @@ def test_class_cap_then_used_instead_of_the_policy_cap() -> None:
     sent = first.orders[0]
     second = flatten(
         [eur],
-        [child(1, Action.SELL, int(sent.quantity), planned_against=100_000)],
+        [child(1, Side.SELL, int(sent.quantity), planned_against=100_000)],
         policy=policy,
     )
 

@@ -27,7 +27,6 @@ from hypothesis.stateful import (
 from guardd.core.events import ConId
 from guardd.core.planner import (
     AccountId,
-    Action,
     ChildOrder,
     ChildStatus,
     ClosePolicy,
@@ -36,6 +35,7 @@ from guardd.core.planner import (
     NoteKind,
     Plan,
     PositionKey,
+    Side,
     close_ledger,
     plan_flatten,
     plan_reduce,
@@ -51,7 +51,7 @@ BROKER_LIVE = "working"
 class BrokerOrder:
     """An order as the simulated broker holds it."""
 
-    action: Action
+    action: Side
     quantity: int
     filled: int = 0
     status: str = BROKER_LIVE  # working | filled | cancelled | rejected
@@ -141,7 +141,7 @@ class FlattenMachine(RuleBasedStateMachine):
     def _send(self, plan: Plan, reaches: list[bool]) -> None:
         assert len(plan.orders) <= 1  # one position: at most one child a round
         for order, reach in zip(plan.orders, reaches, strict=False):
-            expected = Action.SELL if self.start_position > 0 else Action.BUY
+            expected = Side.SELL if self.start_position > 0 else Side.BUY
             assert order.action is expected
             assert order.order_ref not in self.children
             assert 1 <= order.quantity <= self.policy.max_child_quantity
@@ -168,7 +168,7 @@ class FlattenMachine(RuleBasedStateMachine):
         order.filled += quantity
         if order.filled == order.quantity:
             order.status = "filled"
-        step = quantity if order.action is Action.BUY else -quantity
+        step = quantity if order.action is Side.BUY else -quantity
         self.true_position += step
         self.order_events[ref].append((order.status, order.filled))
         self.position_queue.append(self.true_position)

@@ -30,12 +30,12 @@ from guardd.core.close import CloseEpisode, CloseSettings, Fill, Held, Observati
 from guardd.core.events import ConId
 from guardd.core.planner import (
     AccountId,
-    Action,
     ClosePolicy,
     ConfirmedPosition,
     OrderType,
     OrderTypeRule,
     PositionKey,
+    Side,
 )
 from guardd.core.pricing import (
     ClosePrices,
@@ -60,7 +60,7 @@ SETTINGS = CloseSettings(client_id=OURS, settle_s=5.0, lost_grace_s=2.0, cancel_
 
 @dataclass
 class BrokerOrder:
-    action: Action
+    action: Side
     quantity: int
     limit: float | None  # None: market
     filled: int = 0
@@ -163,7 +163,7 @@ class RepriceMachine(RuleBasedStateMachine):
         order.filled += quantity
         if order.filled == order.quantity:
             order.status = "Filled"
-        signed = quantity if order.action is Action.BUY else -quantity
+        signed = quantity if order.action is Side.BUY else -quantity
         self.true_position += signed
         self.events[order_id].append((order.status, order.filled))
         exec_id = f"e{self.next_exec}"
@@ -176,7 +176,7 @@ class RepriceMachine(RuleBasedStateMachine):
     def _marketable(self, order: BrokerOrder) -> bool:
         if order.limit is None:
             return True
-        if order.action is Action.SELL:
+        if order.action is Side.SELL:
             return order.limit <= self._bid()
         return order.limit >= self._ask()
 
@@ -204,7 +204,7 @@ class RepriceMachine(RuleBasedStateMachine):
                 assert point is not None and point.price == basis.price
                 assert self.now - point.received <= REPRICE.max_price_age_s, "stale basis"
                 collar = collar_at(order.step, 0.01, REPRICE)
-                sell = order.action is Action.SELL
+                sell = order.action is Side.SELL
                 assert order.limit_price == marketable_limit(
                     basis.price, sell=sell, collar=collar, min_tick=TICK
                 )
