@@ -1,4 +1,11 @@
-"""Shared fixtures: a simulated gateway on a free loopback port.
+"""Shared fixtures and the two helpers every test uses: `eventually` and `free_port`.
+
+- `await eventually(check, "what is awaited")`: poll `check` (a plain or an async function) until
+  it returns something truthy and return that; fail the test after `timeout_s` saying what was
+  awaited. Await an event instead where the code under test offers one.
+- `free_port()`: a loopback TCP port that was free a moment ago, for a program that must be told
+  its port before it starts (servers in the test process bind port 0 and report theirs).
+- the `sim` fixture: a simulated gateway on a free loopback port.
 
 `--sim-server-version N` sets the highest server version every simulated gateway of the run offers
 (unless a test names one): 226 by default, the protobuf wire a current TWS speaks with ibapi;
@@ -8,7 +15,11 @@ wire.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import inspect
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 
@@ -39,6 +50,46 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"simulated gateway: server version {sim_gateway.DEFAULT_SERVER_VERSION}"
+
+
+T = TypeVar("T")
+
+
+async def eventually(
+    check: Callable[[], T | Awaitable[T]],
+    what: str | None = None,
+    *,
+    timeout_s: float = 10.0,
+    interval_s: float = 0.02,
+) -> T:
+    """The first truthy result of `check()` (awaited when it is a coroutine), polled every
+    `interval_s`; AssertionError after `timeout_s` naming `what` (by default `check`'s source)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout_s:g} s: {what or _source(check)}")
+        await asyncio.sleep(interval_s)
+
+
+def _source(check: Callable[..., object]) -> str:
+    try:
+        return inspect.getsource(check).strip()
+    except (OSError, TypeError):
+        return repr(check)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (another process may take it before the
+    caller binds it: use port 0 where the server reports the port it got)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 SCENARIO = {

@@ -34,7 +34,8 @@ from guardd.runtime.guard import Guard
 from ibsim.bot import RunawayBot
 from ibsim.gateway import PLACE_ORDER, SimGateway
 from ibsim.types import OrderRequest
-from tests.guard_harness import ACCOUNT, GUARD_CLIENT_ID, free_port
+from tests.conftest import eventually, free_port
+from tests.guard_harness import ACCOUNT, GUARD_CLIENT_ID
 from tests.ibapi_harness import IbapiClient, connected
 
 REQ_POSITIONS, REQ_ALL_OPEN_ORDERS, REQ_GLOBAL_CANCEL = 61, 16, 58
@@ -237,12 +238,12 @@ def alive(pid: int) -> bool:
 
 
 async def wait_gone(pid: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while alive(pid):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            raise AssertionError(f"guard process {pid} did not end in {timeout_s} s")
-        await asyncio.sleep(0.01)
+    """Wait for process `pid` to end; SIGKILL it (and fail) when it outlives `timeout_s`."""
+    try:
+        await eventually(lambda: not alive(pid), f"guard process {pid} ended", timeout_s=timeout_s)
+    except AssertionError:
+        os.kill(pid, signal.SIGKILL)
+        raise
 
 
 def write_run_config(state_dir: Path, ib_port: int, extra_toml: str = "") -> tuple[Path, str, str]:
@@ -296,15 +297,13 @@ port = {http_port}
 
 
 async def http_ready(session: aiohttp.ClientSession, url: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    async def ready() -> bool:
         with contextlib.suppress(aiohttp.ClientError, OSError):
             async with session.get(f"{url}/readyz") as response:
-                if response.status == 200:
-                    return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{url} not ready in {timeout_s} s")
-        await asyncio.sleep(0.02)
+                return response.status == 200
+        return False
+
+    await eventually(ready, f"{url} ready", timeout_s=timeout_s)
 
 
 async def http_kill(

@@ -5,7 +5,6 @@
 - `guard_config(port, state_dir, extra_toml)`: a Config for that gateway, with HTTP control and
   metrics off unless asked (HTTP gets a free port and throwaway token files).
 - `running_guard(cfg)`: start `Guard.run` as a task, wait until it is ready, stop it on exit.
-- `wait_until(predicate)`: poll the loop until something holds, or fail with a message.
 - `journal(cfg)`: the audit journal's records.
 """
 
@@ -15,9 +14,7 @@ import asyncio
 import contextlib
 import copy
 import secrets
-import socket
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -28,7 +25,7 @@ from guardd.state.journal import read_journal
 from ibsim.gateway import SimGateway
 from ibsim.scenario import parse_scenario
 from ibsim.server import build_gateway
-from tests.conftest import SCENARIO
+from tests.conftest import SCENARIO, free_port
 
 ACCOUNT = "DU000001"
 AAPL, MSFT, ES = 265598, 272093, 620731015
@@ -53,13 +50,6 @@ messages_per_second = 40
 [metrics]
 enabled = false
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def scenario_data(**changes: Any) -> dict[str, Any]:
@@ -141,21 +131,6 @@ async def running_guard(
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
-
-
-async def wait_until(
-    predicate: Callable[[], bool],
-    timeout_s: float = 10.0,
-    *,
-    what: str = "condition",
-    interval_s: float = 0.02,
-) -> None:
-    """Poll until `predicate()` holds; fail the test after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(interval_s)
 
 
 def journal(cfg: Config) -> list[dict[str, Any]]:

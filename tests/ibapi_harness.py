@@ -157,16 +157,6 @@ async def connected(port: int, client_id: int) -> IbapiClient:
     return client
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll the loop until `predicate()` holds; TimeoutError after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 def stock(symbol: str) -> Contract:
     contract = Contract()
     contract.symbol = symbol

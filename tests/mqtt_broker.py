@@ -28,6 +28,7 @@ import pytest
 
 from guardd.control.auth import TwoPersonRule
 from guardd.control.commands import CommandOutcome, ControlCommand
+from tests.conftest import free_port
 
 MQTT_USER = "guardd"
 MQTT_PASSWORD = "broker-password-0123"
@@ -57,13 +58,6 @@ def mosquitto_binary() -> str:
             pytrace=False,
         )
     return found
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _password_line(user: str, password: str) -> str:

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from ibsim.exchange import Exchange
 from ibsim.scenario import load_scenario
 from ibsim.state import StateFile
+from tests.conftest import eventually
 
 
 def write_scenario(
@@ -96,18 +96,23 @@ class SimProcess:
         """Start the process and wait until it listens (it listens once its state is loaded)."""
         self.proc = await asyncio.to_thread(self._launch)
         self.starts += 1
-        deadline = time.monotonic() + timeout_s
-        while True:
+
+        def listening() -> bool:
+            assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"guardd sim ended with {self.proc.returncode}: {self.tail()}")
+                raise AssertionError(f"guardd sim ended with {self.proc.returncode}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
+                    return True
             except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"guardd sim not listening in {timeout_s} s: {self.tail()}")
-            await asyncio.sleep(0.05)
+                return False
+
+        try:
+            await eventually(
+                listening, "guardd sim listening", timeout_s=timeout_s, interval_s=0.05
+            )
+        except AssertionError as failed:
+            raise AssertionError(f"{failed}: {self.tail()}") from None
 
     def _launch(self) -> subprocess.Popen[bytes]:
         with self.log.open("ab") as out:

@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -19,8 +18,8 @@ import pytest
 import structlog
 
 from guardd.logs import bind_decision, configure_logging, get_logger
+from tests.conftest import eventually, free_port
 from tests.drill_helpers import write_run_config
-from tests.guard_harness import free_port
 
 
 class FakeTerminal(io.StringIO):
@@ -273,10 +272,12 @@ async def test_guardd_run_under_systemd_journal_then_warnings_carry_priority_4(
             stdout=asyncio.subprocess.DEVNULL, stderr=err, env=env,
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 20
-            while '"level": "warning"' not in stderr.read_text():
-                assert time.monotonic() < deadline, stderr.read_text()
-                await asyncio.sleep(0.05)
+            await eventually(
+                lambda: '"level": "warning"' in stderr.read_text(),
+                "a warning logged",
+                timeout_s=20,
+                interval_s=0.05,
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(proc.wait(), 20)

@@ -34,8 +34,8 @@ from ibsim.gateway import REQ_MKT_DATA, SimGateway
 from ibsim.hours import US_EQUITY
 from ibsim.scenario import parse_scenario
 from ibsim.server import build_gateway
-from tests.conftest import SCENARIO
-from tests.ibapi_harness import IbapiClient, limit_order, stock, until
+from tests.conftest import SCENARIO, eventually, free_port
+from tests.ibapi_harness import IbapiClient, limit_order, stock
 
 pytestmark = pytest.mark.integration
 
@@ -425,8 +425,7 @@ async def test_stopped_while_the_handshake_is_never_answered_then_stop_bounded_a
 
 
 async def test_connect_with_gateway_down_then_retries_until_it_listens() -> None:
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
+    port = free_port()
     broker = IbBroker(
         "127.0.0.1",
         port,
@@ -460,8 +459,7 @@ async def test_connect_to_a_login_without_the_account_then_raised_not_retried(
 
 
 async def test_nothing_listening_then_connect_error() -> None:
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
+    port = free_port()
     broker = IbBroker("127.0.0.1", port, GUARD_ID, ACCOUNT, connect_timeout_s=2.0)
 
     with pytest.raises(BrokerConnectError):
@@ -787,7 +785,7 @@ async def test_read_only_api_then_said_once_probed_and_lifted(
     on = await recorder.wait_for(ev.ApiReadOnly)
     await recorder.wait_for(ev.BrokerError, lambda e: e.code == 321)
     probes = sim.read_only_refusals
-    await until(lambda: sim.read_only_refusals >= probes + 2)  # the probe keeps asking
+    await eventually(lambda: sim.read_only_refusals >= probes + 2)  # the probe keeps asking
     sim.set_read_only(False)
     off = await recorder.wait_for(ev.ApiReadOnly, lambda e: not e.read_only)
     # Assert: one event each way; the probe's own answers are not emitted as errors

@@ -27,16 +27,15 @@ from guardd.control.console import COOKIE
 from guardd.runtime.guard import Guard
 from ibsim.bot import RunawayBot
 from ibsim.gateway import SimGateway
+from tests.conftest import eventually, free_port
 from tests.guard_harness import (
     ACCOUNT,
     BASE_TOML,
     GUARD_CLIENT_ID,
     flat,
-    free_port,
     journal,
     running_guard,
     sim_gateway,
-    wait_until,
 )
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -147,7 +146,7 @@ async def test_console_in_chromium_then_login_kill_flat_and_two_people_rearm(
         try:
             bot.place_limit("AAPL", "BUY", 100, 150.0)
             bot.place_limit("MSFT", "BUY", 10, 300.0)
-            await wait_until(lambda: guard.book.working_order_count == 2, what="bot orders")
+            await eventually(lambda: guard.book.working_order_count == 2, "bot orders")
             browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             url = console_url(guard)
 
@@ -183,10 +182,10 @@ async def test_console_in_chromium_then_login_kill_flat_and_two_people_rearm(
             # Assert: HALTED in both browsers, the gateway flat with no order working.
             await _state(alice_page, "HALTED")
             await _state(read_page, "HALTED")
-            await wait_until(
+            await eventually(
                 lambda: flat(sim) and not sim.exchange.working_orders(),
+                "the gateway flat with no working order",
                 timeout_s=20,
-                what="the gateway flat with no working order",
             )
             await alice_page.wait_for_selector("#positions td:has-text('flat')", timeout=15_000)
             await alice_page.wait_for_selector("#orders p:has-text('none working')")
@@ -317,7 +316,7 @@ async def test_console_events_then_stream_sends_the_view_again_when_the_state_ch
                             return
 
             reader = asyncio.create_task(read_states())
-            await wait_until(lambda: bool(states), what="the first view")
+            await eventually(lambda: bool(states), "the first view")
             kill = {"reason": "stream test", "mode": "cancel"}
             async with http.post(f"{url}/kill", json=kill, headers={"X-CSRF-Token": csrf}) as r:
                 assert r.status == 200
@@ -336,7 +335,7 @@ async def test_demo_then_prints_the_console_url_and_serves_it_while_it_stays() -
     stay = asyncio.Event()
     demo = asyncio.create_task(run_demo(out, stay=stay))
     try:
-        await wait_until(lambda: "stays up" in out.getvalue() or demo.done(), timeout_s=60)
+        await eventually(lambda: "stays up" in out.getvalue() or demo.done(), timeout_s=60)
         found = re.search(
             r"console\s+(http://\S+/console)\s+\(log in with the token in (\S+)", out.getvalue()
         )

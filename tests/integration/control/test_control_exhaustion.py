@@ -21,7 +21,8 @@ import pytest
 
 from guardd.control.http import FD_RESERVE
 from ibsim.gateway import SimGateway
-from tests.integration.control.test_control_guard import Running, eventually, running_guard
+from tests.conftest import eventually
+from tests.integration.control.test_control_guard import Running, running_guard
 from tests.integration.ops.test_deploy import UNITS, directives
 from tests.mqtt_broker import Broker, mqtt_broker
 
@@ -147,7 +148,7 @@ async def test_idle_and_slow_body_connections_held_then_kill_answered_latched_an
             assert open_files < nofile_as_the_unit
 
         # The guard recovers when they go
-        await eventually(lambda: server.connections == 0, "every connection gone", 30)
+        await eventually(lambda: server.connections == 0, "every connection gone", timeout_s=30)
         armed, answer = await run.post("arm", {"reason": "recovered", "force": True}, "arm")
         assert armed == 200 and answer["state"] == "ARMED"
         assert (await get_status(run))[0] == 200

@@ -19,13 +19,8 @@ import pytest
 from bench.junk import JunkFlood
 from guardd.state.journal import read_journal
 from ibsim.gateway import SimGateway
-from tests.integration.control.test_control_guard import (
-    ACCOUNT,
-    Running,
-    eventually,
-    running_guard,
-    signed,
-)
+from tests.conftest import eventually
+from tests.integration.control.test_control_guard import ACCOUNT, Running, running_guard, signed
 from tests.mqtt_broker import MQTT_USER, Broker, mqtt_broker, start_broker, start_deployed_broker
 
 __all__ = ["mqtt_broker"]  # fixture used by name
@@ -78,7 +73,9 @@ async def test_junk_flood_then_valid_kill_latched_and_every_refusal_accounted_fo
 
             await eventually(lambda: bool(run.journal("command")), "the valid kill carried out")
             latch = json.loads(run.guard.cfg.latch_path.read_text())
-            await eventually(lambda: run.guard.refusals.total == JUNK, "every junk counted", 60)
+            await eventually(
+                lambda: run.guard.refusals.total == JUNK, "every junk counted", timeout_s=60
+            )
             during_flood = refusals_in_journal(run)
         finally:
             await flood.close()
@@ -177,4 +174,6 @@ async def test_flood_over_running_guard_then_guard_keeps_answering_http(
             await flood.wait()
         finally:
             await flood.close()
-        await eventually(lambda: run.guard.refusals.total == flood.sent, "all counted", 60)
+        await eventually(
+            lambda: run.guard.refusals.total == flood.sent, "all counted", timeout_s=60
+        )

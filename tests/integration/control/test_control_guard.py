@@ -29,10 +29,10 @@ from ibsim.bot import RunawayBot
 from ibsim.gateway import SimGateway
 from ibsim.scenario import parse_scenario
 from ibsim.server import build_gateway
-from tests.conftest import SCENARIO
+from tests.conftest import SCENARIO, eventually, free_port
 from tests.drill_helpers import http_ready, write_run_config
 from tests.integration.control.test_guardctl import doc_example, guardctl, require_tools, run_shell
-from tests.mqtt_broker import Broker, free_port, mqtt_broker
+from tests.mqtt_broker import Broker, mqtt_broker
 
 __all__ = ["mqtt_broker"]  # fixture used by name
 
@@ -41,13 +41,6 @@ BOT_CLIENT_ID = 7
 # alice's key is not granted roles: kill only. bob's may kill and re-arm.
 KEYS = {"alice": "alice-secret-key-0123456789", "bob": "bob-secret-key-0123456789ab"}
 KEY_ROLES = {"bob": ["kill", "arm"]}
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"not in {timeout:g} s: {what}"
-        await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -237,7 +230,7 @@ async def test_signed_mqtt_kill_flatten_then_positions_flat_at_gateway(running: 
     await running.publish("kill", signed("kill", "bob", mode="flatten"))
 
     await eventually(lambda: running.state == "HALTED", "HALTED")
-    await eventually(lambda: not running.sim.exchange.positions(ACCOUNT), "flat", timeout=20)
+    await eventually(lambda: not running.sim.exchange.positions(ACCOUNT), "flat", timeout_s=20)
     assert running.sim.global_cancels >= 1
     assert not running.sim.exchange.working_orders()
 
@@ -258,7 +251,7 @@ async def test_documented_openssl_mosquitto_pub_kill_then_guard_halted(running: 
     await eventually(lambda: running.state == "HALTED", "HALTED")
     await eventually(lambda: running.sim.global_cancels >= 1, "global cancel at the gateway")
     # no mode in the example: the configured kill.mode (flatten in configs/demo.toml) applies
-    await eventually(lambda: not running.sim.exchange.positions(ACCOUNT), "flat", timeout=20)
+    await eventually(lambda: not running.sim.exchange.positions(ACCOUNT), "flat", timeout_s=20)
     assert running.journal("command_refused") == []
 
 
@@ -339,11 +332,12 @@ async def test_retained_state_after_kill_then_halted_and_guardctl_status_via_htt
     await running.publish("kill", signed("kill", "alice", mode="cancel"))
     await eventually(lambda: running.state == "HALTED", "HALTED")
 
-    retained = await running.retained_state()
-    deadline = time.monotonic() + 5
-    while retained["state"] != "HALTED" and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)  # the guard publishes its new state a moment after the kill
+    async def retained_halted() -> dict[str, Any] | None:
         retained = await running.retained_state()
+        return retained if retained["state"] == "HALTED" else None
+
+    # the guard publishes its new state a moment after the kill
+    retained = await eventually(retained_halted, "HALTED retained", interval_s=0.05)
     code = await guardctl(
         "status", "--via", "http", "--url", running.url,
         "--token-file", str(running.token_files["read"]),

@@ -7,7 +7,7 @@ import json
 import resource
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -23,6 +23,7 @@ from guardd.control.http import (
     connection_cap,
     server_ssl_context,
 )
+from tests.conftest import eventually
 from tests.mqtt_broker import MemoryHandler
 
 TOKENS = {
@@ -543,7 +544,7 @@ async def test_connections_over_cap_then_oldest_idle_closed_and_kill_answered(
     async with server, aiohttp.ClientSession() as session:
         idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(40)]
         try:
-            await eventually_true(lambda: server.evicted >= 40 - server.cap)
+            await eventually(lambda: server.evicted >= 40 - server.cap)
 
             status, body = await Control(server, handler, session).post(
                 "/v1/kill", {"reason": "x"}, role="kill"
@@ -561,12 +562,6 @@ async def test_connections_over_cap_then_oldest_idle_closed_and_kill_answered(
 async def _closed(reader: asyncio.StreamReader) -> bool:
     async with asyncio.timeout(2):
         return await reader.read() == b""
-
-
-async def eventually_true(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():  # noqa: ASYNC110 (a condition of another object, polled)
-            await asyncio.sleep(0.01)
 
 
 def test_connection_cap_then_open_file_limit_less_reserve() -> None:

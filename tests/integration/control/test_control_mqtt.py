@@ -24,10 +24,10 @@ from guardd.control.http import ControlHttpServer
 from guardd.control.mqtt import MqttControl
 from guardd.control.nonces import NonceStore, read_nonce_file
 from guardd.retry import RetryPolicy
+from tests.conftest import eventually, free_port
 from tests.mqtt_broker import (
     Broker,
     MemoryHandler,
-    free_port,
     mqtt_broker,
     mqtt_broker_with_password,
     start_broker,
@@ -87,14 +87,6 @@ def control(handler: MemoryHandler, broker: Broker | None = None, **kw: object) 
         state_interval_s=0.05,
         **kw,  # type: ignore[arg-type]
     )
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def next_message(client: aiomqtt.Client, timeout: float = 5.0) -> aiomqtt.Message:
@@ -584,7 +576,7 @@ async def test_broker_restarts_then_reconnects_and_republishes_state(tmp_path: P
             await eventually(lambda: not mqtt.connected)
             handler.state = "HALTED"
             broker, stop = start_broker(tmp_path / "second", port=broker.port)
-            await eventually(lambda: mqtt.connected, timeout=10)
+            await eventually(lambda: mqtt.connected, timeout_s=10)
 
             async with aiomqtt.Client(broker.host, broker.port) as late:
                 await late.subscribe(f"guardd/{ACCOUNT}/state", qos=1)

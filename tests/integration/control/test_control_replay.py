@@ -9,7 +9,6 @@ is refused and journaled as ``command_refused``, and nothing changes at the guar
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -27,8 +26,9 @@ import pytest
 from guardd.control.auth import signed_payload
 from guardd.state.journal import read_journal
 from ibsim.gateway import SimGateway
+from tests.conftest import eventually
 from tests.drill_helpers import GuardProcesses, http_kill, http_ready, wait_gone, write_run_config
-from tests.guard_harness import ACCOUNT, GUARD_CLIENT_ID, wait_until
+from tests.guard_harness import ACCOUNT, GUARD_CLIENT_ID
 from tests.mqtt_broker import Broker, start_broker
 
 pytestmark = pytest.mark.integration
@@ -91,10 +91,10 @@ class Daemon:
             return str((await response.json())["state"])
 
     async def wait_state(self, http: aiohttp.ClientSession, state: str) -> None:
-        deadline = time.monotonic() + 10
-        while (now := await self.state(http)) != state:
-            assert time.monotonic() < deadline, f"state {now}, not {state}"
-            await asyncio.sleep(0.02)
+        async def there() -> bool:
+            return await self.state(http) == state
+
+        await eventually(there, f"state {state}")
 
 
 @contextlib.asynccontextmanager
@@ -160,7 +160,9 @@ async def test_captured_kill_and_arm_replayed_after_restart_then_all_refused_and
             finally:
                 os.kill(first, signal.SIGKILL)  # it dies: no clean shutdown, nothing flushed late
             await wait_gone(first)
-            await wait_until(lambda: GUARD_CLIENT_ID not in sim.sessions, 5, what="session gone")
+            await eventually(
+                lambda: GUARD_CLIENT_ID not in sim.sessions, "session gone", timeout_s=5
+            )
             # the attacker leaves both on the broker, retained, for the guard's next start
             await publish(broker, kill, retain=True)
             await publish(broker, arm, retain=True)
@@ -169,18 +171,18 @@ async def test_captured_kill_and_arm_replayed_after_restart_then_all_refused_and
             # Act 1: the restart; then replays within the window, while ARMED
             second = procs.start(guard.config, log, fresh_start=False)
             await http_ready(http, guard.url)
-            await wait_until(
+            await eventually(
                 lambda: guard.refusals_accounted() >= 2,
-                10,
-                what="the retained kill and arm refused at subscription",
+                "the retained kill and arm refused at subscription",
+                timeout_s=10,
             )
             await publish(broker, kill)
             await publish(broker, kill, retain=True)  # a live subscriber gets it as a plain one
-            await wait_until(lambda: guard.refusals_accounted() >= 4, 10)
+            await eventually(lambda: guard.refusals_accounted() >= 4, timeout_s=10)
             # ... and after the window: the old pair is stale now
-            await wait_until(lambda: time.time() > old_ts + WINDOW_S + 1, WINDOW_S)
+            await eventually(lambda: time.time() > old_ts + WINDOW_S + 1, timeout_s=WINDOW_S)
             await publish(broker, old_kill)
-            await wait_until(lambda: guard.refusals_accounted() >= 5, 10)
+            await eventually(lambda: guard.refusals_accounted() >= 5, timeout_s=10)
             armed_after_kill_replays = await guard.state(http)
             cancels_after_kill_replays = sim.global_cancels
 
@@ -190,7 +192,7 @@ async def test_captured_kill_and_arm_replayed_after_restart_then_all_refused_and
             await publish(broker, arm)
             await publish(broker, arm, retain=True)
             await publish(broker, old_arm)
-            await wait_until(lambda: guard.refusals_accounted() >= 8, 10)
+            await eventually(lambda: guard.refusals_accounted() >= 8, timeout_s=10)
             halted_after_arm_replays = await guard.state(http)
             commands = guard.since_last_start("command")
             refusals = guard.since_last_start("command_refused")

@@ -7,8 +7,7 @@ import asyncio
 import json
 import os
 import shutil
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from guardd.control.guardctl import describe_status, main
 from guardd.control.http import ControlHttpServer
 from guardd.control.mqtt import MqttControl
 from guardd.retry import RetryPolicy
-from tests.mqtt_broker import Broker, MemoryHandler, free_port, mqtt_broker
+from tests.conftest import eventually, free_port
+from tests.mqtt_broker import Broker, MemoryHandler, mqtt_broker
 
 __all__ = ["mqtt_broker"]  # fixture used by name
 
@@ -48,13 +48,6 @@ def secret_file(tmp_path: Path, name: str, text: str) -> str:
 async def guardctl(*argv: str) -> int:
     """Run guardctl in a thread (it runs its own event loop) while the servers run in ours."""
     return await asyncio.to_thread(main, list(argv))
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def printed_json(out: str) -> object:

@@ -27,6 +27,7 @@ import pytest
 
 from guardd.state.journal import journal_segments, read_journal
 from ibsim.gateway import PLACE_ORDER, SimGateway
+from tests.conftest import eventually
 from tests.drill_helpers import (
     GuardProcesses,
     client,
@@ -47,7 +48,6 @@ from tests.guard_harness import (
     position,
     sim_gateway,
     starting_positions,
-    wait_until,
     zero_crossings,
 )
 from tests.ibapi_harness import market_order, stock
@@ -121,10 +121,10 @@ async def assert_flat_never_crossed(sim: SimGateway, start: dict[int, float]) ->
 
 
 async def guard_confirms_flat(guard: Any, timeout_s: float = 20.0) -> None:
-    await wait_until(
+    await eventually(
         lambda: guard.executor.episode is not None and guard.executor.episode.at_target,
-        timeout_s,
-        what="the guard confirms flat",
+        "the guard confirms flat",
+        timeout_s=timeout_s,
     )
 
 
@@ -141,13 +141,13 @@ async def test_positions_delayed_while_a_bot_trades_the_same_contract_then_flat_
         sim.delay_positions(DELAY_S)
         async with running(cfg) as guard, client(sim.port, BOT) as bot:
             await guard.handle(kill_command("flatten"))
-            await wait_until(lambda: child_mid_fill(sim), 10, what="a child filling")
+            await eventually(lambda: child_mid_fill(sim), "a child filling", timeout_s=10)
 
             # Act: another client sells 300 and buys 200 AAPL at market meanwhile
             first = int(bot.named("nextValidId")[0][0])
             bot.placeOrder(first, stock("AAPL"), market_order("SELL", 300))
             bot.placeOrder(first + 1, stock("AAPL"), market_order("BUY", 200))
-            await wait_until(lambda: flat_and_idle(sim), 30, what="flat at the gateway")
+            await eventually(lambda: flat_and_idle(sim), "flat at the gateway", timeout_s=30)
             await guard_confirms_flat(guard)
 
         # Assert
@@ -169,11 +169,11 @@ async def test_positions_delayed_while_ib_liquidates_then_flat_never_crossed(
         sim.delay_positions(DELAY_S)
         async with running(cfg) as guard:
             await guard.handle(kill_command("flatten"))
-            await wait_until(lambda: child_mid_fill(sim), 10, what="a child filling")
+            await eventually(lambda: child_mid_fill(sim), "a child filling", timeout_s=10)
 
             # Act: IB liquidates 400 AAPL while the guard's child works and the stream lags
             sim.liquidate(ACCOUNT, AAPL, 400)
-            await wait_until(lambda: flat_and_idle(sim), 30, what="flat at the gateway")
+            await eventually(lambda: flat_and_idle(sim), "flat at the gateway", timeout_s=30)
             await guard_confirms_flat(guard)
 
         # Assert
@@ -208,24 +208,24 @@ async def test_guard_killed_mid_flatten_restarted_with_positions_delayed_then_fl
                     await http_ready(http, url)
                     status, body = await http_kill(http, url, token)
                     assert status == 200, body
-                    await wait_until(lambda: child_mid_fill(sim), 10, what="a child filling")
+                    await eventually(lambda: child_mid_fill(sim), "a child filling", timeout_s=10)
                 finally:
                     os.kill(first, signal.SIGKILL)
                 await wait_gone(first)
-                await wait_until(lambda: GUARD_CLIENT_ID not in sim.sessions, 5, what="gone")
+                await eventually(lambda: GUARD_CLIENT_ID not in sim.sessions, "gone", timeout_s=5)
             assert child_mid_fill(sim), "the guard died with no child working"
 
             # Act: restart while the dead guard's child keeps filling and its position updates
             # are still on their way (they arrive after the restarted guard's snapshot)
             second = procs.start(config, log, fresh_start=False)
             try:
-                await wait_until(
+                await eventually(
                     lambda: (
                         flat_and_idle(sim)
                         and any(r.get("kind") == "flat_confirmed" for r in since_restart())
                     ),
-                    30,
-                    what="flat at the gateway, confirmed by the restarted guard",
+                    "flat at the gateway, confirmed by the restarted guard",
+                    timeout_s=30,
                 )
             finally:
                 os.kill(second, signal.SIGTERM)
@@ -271,11 +271,11 @@ async def test_journal_rotated_mid_flatten_killed_and_latch_lost_then_witness_an
                     armed_latch = latch.read_bytes()  # the latch before the kill
                     status, body = await http_kill(http, url, token)
                     assert status == 200, body
-                    await wait_until(lambda: child_mid_fill(sim), 10, what="a child filling")
+                    await eventually(lambda: child_mid_fill(sim), "a child filling", timeout_s=10)
                 finally:
                     os.kill(first, signal.SIGKILL)
                 await wait_gone(first)
-                await wait_until(lambda: GUARD_CLIENT_ID not in sim.sessions, 5, what="gone")
+                await eventually(lambda: GUARD_CLIENT_ID not in sim.sessions, "gone", timeout_s=5)
             assert child_mid_fill(sim), "the guard died with no child working"
             # The drill's premise: the kill and its first children are in rotated segments only.
             live = [json.loads(line) for line in jpath.read_bytes().splitlines()]
@@ -290,13 +290,13 @@ async def test_journal_rotated_mid_flatten_killed_and_latch_lost_then_witness_an
             # Act: restart while the dead guard's child keeps filling
             second = procs.start(config, log, fresh_start=False)
             try:
-                await wait_until(
+                await eventually(
                     lambda: (
                         flat_and_idle(sim)
                         and any(r.get("kind") == "flat_confirmed" for r in since_start(jpath, 2))
                     ),
-                    30,
-                    what="flat at the gateway, confirmed by the restarted guard",
+                    "flat at the gateway, confirmed by the restarted guard",
+                    timeout_s=30,
                 )
             finally:
                 os.kill(second, signal.SIGTERM)
@@ -333,11 +333,11 @@ async def test_gateway_restarts_with_positions_delayed_during_flatten_then_flat_
         sim.delay_positions(DELAY_S)
         async with running(cfg) as guard:
             await guard.handle(kill_command("flatten"))
-            await wait_until(lambda: child_mid_fill(sim), 10, what="a child filling")
+            await eventually(lambda: child_mid_fill(sim), "a child filling", timeout_s=10)
 
             # Act: the gateway restarts (order ids rolled back); updates from before it are late
             await sim.restart(0.5, next_order_id=1)
-            await wait_until(lambda: flat_and_idle(sim), 30, what="flat at the gateway")
+            await eventually(lambda: flat_and_idle(sim), "flat at the gateway", timeout_s=30)
             await guard_confirms_flat(guard)
 
         # Assert
@@ -366,9 +366,9 @@ async def test_socket_freezes_while_a_child_is_in_flight_then_flat_never_crossed
         async with running(cfg, heartbeat=(0.5, 1.0)) as guard:
             # Act
             await guard.handle(kill_command("flatten"))
-            await wait_until(lambda: bool(freezes), 10, what="a child sent")
+            await eventually(lambda: bool(freezes), "a child sent", timeout_s=10)
             await freezes[0]
-            await wait_until(lambda: flat_and_idle(sim), 30, what="flat at the gateway")
+            await eventually(lambda: flat_and_idle(sim), "flat at the gateway", timeout_s=30)
             await guard_confirms_flat(guard)
 
         # Assert
@@ -390,12 +390,12 @@ async def test_child_cancelled_by_someone_else_while_guard_cut_off_then_rest_clo
         cfg = guard_config(sim.port, tmp_path, FLATTEN)
         async with running(cfg) as guard:
             await guard.handle(kill_command("flatten"))
-            await wait_until(lambda: child_mid_fill(sim), 10, what="a child filling")
+            await eventually(lambda: child_mid_fill(sim), "a child filling", timeout_s=10)
 
             # Act: the guard is cut off for 1 s; meanwhile its working child is cancelled
             cancelled = await sim.cancel_orders_while_dropped(1.0, client_id=GUARD_CLIENT_ID)
             left = position(sim, AAPL)
-            await wait_until(lambda: flat_and_idle(sim), 30, what="flat at the gateway")
+            await eventually(lambda: flat_and_idle(sim), "flat at the gateway", timeout_s=30)
             await guard_confirms_flat(guard)
 
         # Assert: the lost child was given up only after the re-sync showed it gone, and what

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from guardd.core.engine import State
+from tests.conftest import eventually
 from tests.drill_helpers import client, gateway_says_flat
 from tests.guard_harness import (
     ACCOUNT,
@@ -24,7 +25,6 @@ from tests.guard_harness import (
     running_guard,
     sim_gateway,
     starting_positions,
-    wait_until,
     zero_crossings,
 )
 
@@ -101,8 +101,8 @@ async def test_eur_base_account_then_leverage_in_eur_and_kill_at_the_right_figur
         cfg = guard_config(sim.port, tmp_path, LEVERAGE_LIMITS)
         async with running_guard(cfg) as guard:
             # Act 1: the guard values the book
-            await wait_until(
-                lambda: leverage_finding(guard.status()) is not None, what="leverage graded"
+            await eventually(
+                lambda: leverage_finding(guard.status()) is not None, "leverage graded"
             )
             status = guard.status()
 
@@ -118,11 +118,13 @@ async def test_eur_base_account_then_leverage_in_eur_and_kill_at_the_right_figur
 
             # Act 2: SAP +10 %: short 660,000 EUR; net liquidation 340,000; gross 1,560,000
             sim.jump_price(EUR_STOCK, 0.10)
-            await wait_until(lambda: guard.engine.state == State.HALTED, what="HALTED")
+            await eventually(lambda: guard.engine.state == State.HALTED, "HALTED")
             latch = guard.engine.latch
             assert latch is not None and latch.source == "rule:leverage"
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 20, what="flat confirmed"
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=20,
             )
 
         # Assert 2: the kill came at gross 1,560,000 EUR over net liquidation 340,000 (4.59 x),

@@ -23,6 +23,7 @@ from guardd.core.events import ConId
 from guardd.core.pricing import PricePoint
 from guardd.runtime.guard import Guard
 from ibsim.gateway import SimGateway
+from tests.conftest import eventually
 from tests.drill_helpers import kill_command, running
 from tests.guard_harness import (
     AAPL,
@@ -33,7 +34,6 @@ from tests.guard_harness import (
     journal,
     sim_gateway,
     starting_positions,
-    wait_until,
     zero_crossings,
 )
 from tests.ibapi_harness import connected
@@ -130,13 +130,13 @@ async def test_feed_lags_during_flatten_then_closes_repriced_up_the_escalation_a
         assert await independent_positions(sim.port) == {AAPL: 1000.0, MSFT: -500.0, ES: -2.0}
         cfg = guard_config(sim.port, tmp_path, REPRICING)
         async with running(cfg) as guard:
-            await wait_until(lambda: fresh_prices(guard, (AAPL, MSFT, ES)), what="live prices")
+            await eventually(lambda: fresh_prices(guard, (AAPL, MSFT, ES)), "live prices")
             # the feed falls LAG_S behind: it replays the gateway's own record of the quotes of
             # LAG_S ago, sizes changing, so every price looks current to the guard. Then the
             # market jumps against every close; the guard's feed shows it only LAG_S later,
             # long after the escalation has run (four steps, 0.5 s apart).
-            await wait_until(
-                lambda: sim.quote_history_s(AAPL) >= LAG_S, LAG_S + 5, what="quote record"
+            await eventually(
+                lambda: sim.quote_history_s(AAPL) >= LAG_S, "quote record", timeout_s=LAG_S + 5
             )
             sim.fault_market_data([AAPL, MSFT, ES], lag_s=LAG_S)
             for con_id, fraction in JUMPS.items():
@@ -146,13 +146,15 @@ async def test_feed_lags_during_flatten_then_closes_repriced_up_the_escalation_a
             await guard.handle(kill_command("flatten"))
 
             # Assert: flat at the gateway, each close re-priced until it filled
-            await wait_until(
+            await eventually(
                 lambda: all(p.position == 0 for p in sim.exchange.positions("DU000001")),
-                30,
-                what="flat at the gateway",
+                "flat at the gateway",
+                timeout_s=30,
             )
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 20, what="flat confirmed"
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=20,
             )
         assert_flat(await independent_positions(sim.port))
         assert zero_crossings(sim, start) == [], "a position crossed zero"
@@ -189,23 +191,25 @@ async def test_feed_frozen_during_flatten_then_never_a_limit_from_the_frozen_pri
         assert await independent_positions(sim.port) == {AAPL: 1000.0, MSFT: -500.0, ES: -2.0}
         cfg = guard_config(sim.port, tmp_path, REPRICING)
         async with running(cfg) as guard:
-            await wait_until(lambda: fresh_prices(guard, (AAPL, MSFT, ES)), what="live prices")
+            await eventually(lambda: fresh_prices(guard, (AAPL, MSFT, ES)), "live prices")
             sim.fault_market_data([AAPL, MSFT, ES], lag_s=None)  # no more ticks at all
             for con_id, fraction in JUMPS.items():
                 sim.jump_price(con_id, fraction)
-            await wait_until(
+            await eventually(
                 lambda: stale_prices(guard, (AAPL, MSFT, ES), older_than=1.0),
-                what="the guard's prices older than max_price_age_s",
+                "the guard's prices older than max_price_age_s",
             )
 
             # Act
             await guard.handle(kill_command("flatten"))
 
             # Assert: the future closes at market at once; the stocks wait for a price
-            await wait_until(lambda: sim.exchange.position("DU000001", ES).position == 0, 10)
-            await wait_until(
+            await eventually(
+                lambda: sim.exchange.position("DU000001", ES).position == 0, timeout_s=10
+            )
+            await eventually(
                 lambda: any(r["kind"] == "close_price_unusable" for r in journal(cfg)),
-                what="stale price reported",
+                "stale price reported",
             )
             assert not [o for o in guard_orders_by_contract(sim)[AAPL]]
             assert not [o for o in guard_orders_by_contract(sim)[MSFT]]
@@ -213,13 +217,15 @@ async def test_feed_frozen_during_flatten_then_never_a_limit_from_the_frozen_pri
             # Act: the feed comes back
             sim.clear_market_data_fault([AAPL, MSFT, ES])
 
-            await wait_until(
+            await eventually(
                 lambda: all(p.position == 0 for p in sim.exchange.positions("DU000001")),
-                20,
-                what="flat at the gateway",
+                "flat at the gateway",
+                timeout_s=20,
             )
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 20, what="flat confirmed"
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=20,
             )
         assert_flat(await independent_positions(sim.port))
         assert zero_crossings(sim, start) == [], "a position crossed zero"

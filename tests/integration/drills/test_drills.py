@@ -29,6 +29,7 @@ from guardd.core.engine import State
 from ibsim.bot import RunawayBot
 from ibsim.gateway import SimGateway
 from ibsim.types import Instrument, OrderRequest
+from tests.conftest import eventually
 from tests.drill_helpers import (
     REQ_ALL_OPEN_ORDERS,
     REQ_GLOBAL_CANCEL,
@@ -55,7 +56,6 @@ from tests.guard_harness import (
     position,
     sim_gateway,
     starting_positions,
-    wait_until,
     zero_crossings,
 )
 from tests.mqtt_broker import start_broker
@@ -132,13 +132,13 @@ async def test_gateway_freezes_silently_then_disconnect_noticed_and_resynced_aft
         # Act
         frozen_at = loop.time()
         freeze = asyncio.create_task(sim.freeze(4.0))
-        await wait_until(lambda: not guard.book.connected, 3.0, what="disconnect noticed")
+        await eventually(lambda: not guard.book.connected, "disconnect noticed", timeout_s=3.0)
         noticed_s = loop.time() - frozen_at
         # the evaluate loop publishes the metric; bounded well inside the 4 s freeze
-        await wait_until(lambda: ib_connected_metric(guard) == 0, 1.0, what="metric published")
+        await eventually(lambda: ib_connected_metric(guard) == 0, "metric published", timeout_s=1.0)
         metric_during = ib_connected_metric(guard)
         await freeze
-        await wait_until(lambda: guard.book.synced, 10, what="re-synced after the freeze")
+        await eventually(lambda: guard.book.synced, "re-synced after the freeze", timeout_s=10)
 
         # Assert
         assert noticed_s <= 0.5 + 1.0 + 0.5
@@ -167,17 +167,17 @@ async def test_bot_modifies_during_connectivity_loss_then_kill_cancels_both_orde
         bot = await bot_on(sim)
         try:
             order_id = bot.place_limit("AAPL", "BUY", 100, 150.0)
-            await wait_until(lambda: len(sim.exchange.working_orders()) == 1, what="bot order")
+            await eventually(lambda: len(sim.exchange.working_orders()) == 1, "bot order")
 
             # Act: connectivity lost, the bot modifies, connectivity restored, then a kill
             sim.connectivity_lost()
             await asyncio.sleep(0.2)
             modify_limit(bot, order_id, "AAPL", "BUY", 100, 151.0)
-            await wait_until(lambda: len(sim.exchange.working_orders()) == 2, what="split order")
+            await eventually(lambda: len(sim.exchange.working_orders()) == 2, "split order")
             sim.connectivity_restored()
             await asyncio.sleep(0.5)
             outcome = await guard.handle(kill_command())
-            await wait_until(lambda: not sim.exchange.working_orders(), what="no working order")
+            await eventually(lambda: not sim.exchange.working_orders(), "no working order")
             await asyncio.sleep(0.3)
 
             # Assert
@@ -203,15 +203,13 @@ async def test_restart_after_positions_changed_while_down_then_closes_exactly_th
     cfg = guard_config(sim.port, tmp_path, FLATTEN)
     async with running(cfg) as guard:
         await guard.handle(kill_command("flatten"))
-        await wait_until(
-            lambda: "child_order_rejected" in journal_kinds(cfg), what="a rejected child"
-        )
+        await eventually(lambda: "child_order_rejected" in journal_kinds(cfg), "a rejected child")
     assert "child_order_sent" in journal_kinds(cfg)
     # Meanwhile another client trades: AAPL 1000 -> 600
     bot = await bot_on(sim)
     try:
         bot.place_limit("AAPL", "SELL", 400, 100.0)  # marketable: fills at the bid
-        await wait_until(lambda: position(sim, AAPL) == 600, what="the bot's sale")
+        await eventually(lambda: position(sim, AAPL) == 600, "the bot's sale")
     finally:
         await bot.disconnect()
     sim.reject_orders(None)
@@ -224,9 +222,9 @@ async def test_restart_after_positions_changed_while_down_then_closes_exactly_th
     # Act
     async with running(cfg, fresh_start=False, wait_ready=False) as again:
         assert again.engine.state == State.HALTED
-        await wait_until(lambda: flat(sim), 20, what="flat at the gateway")
-        await wait_until(
-            lambda: again.executor.last_flat_confirmed is not None, 20, what="flat confirmed"
+        await eventually(lambda: flat(sim), "flat at the gateway", timeout_s=20)
+        await eventually(
+            lambda: again.executor.last_flat_confirmed is not None, "flat confirmed", timeout_s=20
         )
 
     # Assert: nothing sent before both sync requests; exactly the broker's view closed
@@ -303,7 +301,7 @@ async def _kill9_trial(
     finally:
         os.kill(first, signal.SIGKILL)
     await wait_gone(first)
-    await wait_until(lambda: GUARD_CLIENT_ID not in sim.sessions, 5, what="session gone")
+    await eventually(lambda: GUARD_CLIENT_ID not in sim.sessions, "session gone", timeout_s=5)
 
     second = procs.start(config, log, fresh_start=False)
     try:
@@ -317,7 +315,7 @@ async def _kill9_trial(
                 r.get("kind") == "flat_confirmed" for r in recs[starts[1] :]
             )
 
-        await wait_until(done, 10, what=f"flat confirmed after restart ({jpath})")
+        await eventually(done, f"flat confirmed after restart ({jpath})", timeout_s=10)
         records = cfg_journal()
     finally:
         os.kill(second, signal.SIGTERM)
@@ -365,13 +363,13 @@ async def test_daily_reset_then_no_breach_and_kill_during_outage_carried_out_on_
     async with running(cfg) as guard:
         bot = await bot_on(sim)
         bot.place_limit("AAPL", "BUY", 100, 150.0)
-        await wait_until(lambda: len(sim.exchange.working_orders()) == 1, what="bot order")
+        await eventually(lambda: len(sim.exchange.working_orders()) == 1, "bot order")
         await bot.disconnect()
         states: set[State] = set()
 
         # Act: the reset; during the outage a kill arrives
         reset = asyncio.create_task(sim.daily_reset(3.0))
-        await wait_until(lambda: not guard.book.connected, 3, what="disconnected")
+        await eventually(lambda: not guard.book.connected, "disconnected", timeout_s=3)
         for _ in range(20):
             states.add(guard.engine.state)
             await asyncio.sleep(0.05)
@@ -379,7 +377,7 @@ async def test_daily_reset_then_no_breach_and_kill_during_outage_carried_out_on_
         assert outcome.accepted and guard.engine.state == State.HALTED
         assert len(sim.exchange.working_orders()) == 1, "nothing can be cancelled yet"
         await reset
-        await wait_until(lambda: not sim.exchange.working_orders(), 10, what="order cancelled")
+        await eventually(lambda: not sim.exchange.working_orders(), "order cancelled", timeout_s=10)
 
         # Assert
         assert State.HALTED not in states, "the reset alone must not halt"
@@ -407,7 +405,7 @@ async def test_flatten_rejected_market_closed_then_halted_retries_escalates_and_
     async with running(cfg) as guard:
         # Act
         await guard.handle(kill_command("flatten"))
-        await wait_until(lambda: "close_overdue" in journal_kinds(cfg), 10, what="escalation")
+        await eventually(lambda: "close_overdue" in journal_kinds(cfg), "escalation", timeout_s=10)
         await asyncio.sleep(3.0)
         rejected_places = len(wire.places())
 
@@ -422,9 +420,9 @@ async def test_flatten_rejected_market_closed_then_halted_retries_escalates_and_
 
         # Act: the market opens
         sim.reject_orders(None)
-        await wait_until(lambda: flat(sim), 20, what="flat at the gateway")
-        await wait_until(
-            lambda: guard.executor.last_flat_confirmed is not None, 20, what="flat confirmed"
+        await eventually(lambda: flat(sim), "flat at the gateway", timeout_s=20)
+        await eventually(
+            lambda: guard.executor.last_flat_confirmed is not None, "flat confirmed", timeout_s=20
         )
     assert zero_crossings(sim, start) == []
     assert guard_close_totals(sim) == {con: -Decimal(str(q)) for con, q in start.items()}
@@ -444,18 +442,18 @@ async def test_broker_liquidates_during_flatten_then_position_ends_at_zero_never
         cfg = guard_config(sim.port, tmp_path, FLATTEN)
         async with running(cfg) as guard:
             await guard.handle(kill_command("flatten"))
-            await wait_until(
-                lambda: guard_close_totals(sim).get(AAPL, 0) <= -100, what="the child filling"
+            await eventually(
+                lambda: guard_close_totals(sim).get(AAPL, 0) <= -100, "the child filling"
             )
 
             # Act: IB liquidates 400 AAPL itself
             sim.liquidate(ACCOUNT, AAPL, 400)
             # The guard cancels its working child there, waits for the broker's figure to
             # settle, and closes what remains.
-            await wait_until(
+            await eventually(
                 lambda: position(sim, AAPL) == 0 and not sim.exchange.working_orders(),
-                20,
-                what="flat with no child working",
+                "flat with no child working",
+                timeout_s=20,
             )
             await asyncio.sleep(0.5)  # nothing more may be sent after flat
             assert guard.executor.last_flat_confirmed is not None
@@ -495,22 +493,26 @@ alice = "{key}"
     cfg = load_config(config)
     try:
         async with running(cfg) as guard:
-            await wait_until(
-                lambda: guard.mqtt is not None and guard.mqtt.connected, 10, what="mqtt"
+            await eventually(
+                lambda: guard.mqtt is not None and guard.mqtt.connected, "mqtt", timeout_s=10
             )
             bot = await bot_on(sim)
             bot.place_limit("AAPL", "BUY", 100, 150.0)
-            await wait_until(lambda: len(sim.exchange.working_orders()) == 1, what="bot order")
+            await eventually(lambda: len(sim.exchange.working_orders()) == 1, "bot order")
             await bot.disconnect()
 
             # Act
             stop_broker()
-            await wait_until(
-                lambda: guard.mqtt is not None and not guard.mqtt.connected, 10, what="mqtt down"
+            await eventually(
+                lambda: guard.mqtt is not None and not guard.mqtt.connected,
+                "mqtt down",
+                timeout_s=10,
             )
             async with aiohttp.ClientSession() as http:
                 status, body = await asyncio.wait_for(http_kill(http, url, token, None), 5)
-            await wait_until(lambda: not sim.exchange.working_orders(), 5, what="order cancelled")
+            await eventually(
+                lambda: not sim.exchange.working_orders(), "order cancelled", timeout_s=5
+            )
 
             # Assert
             assert status == 200, body
@@ -555,7 +557,7 @@ async def test_event_loop_blocked_then_watchdog_pings_stop(
     try:
         notifier = Notifier(path)
         async with running(cfg, notifier=notifier):
-            await wait_until(lambda: len(pings) >= 2, 5, what="watchdog pings")
+            await eventually(lambda: len(pings) >= 2, "watchdog pings", timeout_s=5)
 
             # Act: block the loop for 2.5 s
             span: list[float] = []
@@ -629,13 +631,15 @@ async def test_gateway_restart_rolls_back_order_ids_during_flatten_then_no_order
         cfg = guard_config(sim.port, tmp_path, FLATTEN)
         async with running(cfg) as guard:
             await guard.handle(kill_command("flatten"))
-            await wait_until(lambda: guard_close_totals(sim).get(AAPL, 0) < 0, what="a fill")
+            await eventually(lambda: guard_close_totals(sim).get(AAPL, 0) < 0, "a fill")
 
             # Act: the gateway restarts and rolls nextValidId back to 1
             await sim.restart(0.5, next_order_id=1)
-            await wait_until(lambda: flat(sim), 20, what="flat at the gateway")
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 20, what="flat confirmed"
+            await eventually(lambda: flat(sim), "flat at the gateway", timeout_s=20)
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=20,
             )
 
         # Assert: every order id the guard sent names one order, never two refs

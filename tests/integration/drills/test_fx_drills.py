@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import eventually
 from tests.drill_helpers import client, gateway_says_flat, kill_command
 from tests.guard_harness import (
     ACCOUNT,
@@ -23,7 +24,6 @@ from tests.guard_harness import (
     running_guard,
     sim_gateway,
     starting_positions,
-    wait_until,
     zero_crossings,
 )
 
@@ -103,8 +103,8 @@ async def test_kill_with_fx_and_stock_then_flat_by_pair_conventions(tmp_path: Pa
         cfg = guard_config(sim.port, tmp_path, FLATTEN)
         async with running_guard(cfg) as guard:
             # Arrange: the guard values the book in USD, FX through the ExchangeRate values
-            await wait_until(
-                lambda: guard.status()["gross_position_value"] is not None, what="book valued"
+            await eventually(
+                lambda: guard.status()["gross_position_value"] is not None, "book valued"
             )
             status = guard.status()
             assert status["base_currency"] == "USD"
@@ -113,8 +113,10 @@ async def test_kill_with_fx_and_stock_then_flat_by_pair_conventions(tmp_path: Pa
 
             # Act
             await guard.handle(kill_command("flatten"))
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 20, what="flat confirmed"
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=20,
             )
 
         # Assert: each pair closed by one market order on IDEALPRO for its whole quantity in the

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import eventually
 from tests.drill_helpers import client, gateway_says_flat, kill_command, running
 from tests.guard_harness import (
     AAPL,
@@ -21,7 +22,6 @@ from tests.guard_harness import (
     journal_kinds,
     sim_gateway,
     starting_positions,
-    wait_until,
     zero_crossings,
 )
 from tests.ibapi_harness import IbapiClient, market_order, stock
@@ -53,20 +53,24 @@ async def test_bot_fills_once_right_after_flat_confirmed_then_closed_again(
         cfg = guard_config(sim.port, tmp_path, FLATTEN)
         async with running(cfg) as guard, client(sim.port, BOT) as bot:
             await guard.handle(kill_command("flatten"))
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 10, what="flat confirmed"
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=10,
             )
             first_flat = guard.executor.last_flat_confirmed
 
             # Act: right after "flat confirmed" one market order of the bot fills
             buy(bot, first_id(bot), 100)
-            await wait_until(
-                lambda: any(f.client_id == BOT for f in sim.exchange.fills()), 5, what="bot fill"
+            await eventually(
+                lambda: any(f.client_id == BOT for f in sim.exchange.fills()),
+                "bot fill",
+                timeout_s=5,
             )
-            await wait_until(
+            await eventually(
                 lambda: guard.executor.last_flat_confirmed != first_flat,
-                10,
-                what="flat confirmed again",
+                "flat confirmed again",
+                timeout_s=10,
             )
 
         # Assert
@@ -103,17 +107,17 @@ async def test_bot_keeps_filling_during_and_after_flatten_then_flat_never_crosse
             bot_fills = lambda: sum(  # noqa: E731
                 f.shares for f in sim.exchange.fills() if f.client_id == BOT
             )
-            await wait_until(
+            await eventually(
                 lambda: (
                     starting_positions(sim).get(AAPL, 0) == 0 and not sim.exchange.working_orders()
                 ),
-                15,
-                what="flat at the gateway",
+                "flat at the gateway",
+                timeout_s=15,
             )
-            await wait_until(
+            await eventually(
                 lambda: guard.executor.episode is not None and guard.executor.episode.at_target,
-                10,
-                what="the guard confirms flat",
+                "the guard confirms flat",
+                timeout_s=10,
             )
 
         # Assert

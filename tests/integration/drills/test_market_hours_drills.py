@@ -21,7 +21,7 @@ import pytest
 
 from guardd.runtime.guard import Guard
 from ibsim.gateway import SimGateway
-from tests.conftest import SCENARIO
+from tests.conftest import SCENARIO, eventually
 from tests.drill_helpers import gateway_says_flat, kill_command, running
 from tests.guard_harness import (
     AAPL,
@@ -33,7 +33,6 @@ from tests.guard_harness import (
     journal_kinds,
     sim_gateway,
     starting_positions,
-    wait_until,
     zero_crossings,
 )
 
@@ -86,13 +85,17 @@ async def test_flatten_at_03_00_new_york_then_limit_outside_rth_and_flat(tmp_pat
         start = starting_positions(sim)
         cfg = guard_config(sim.port, tmp_path, FLATTEN)
         async with running(cfg, prepare=fast_heartbeat) as guard:
-            await wait_until(lambda: len(guard.book.market_hours) == 2, 5, what="contract hours")
+            await eventually(
+                lambda: len(guard.book.market_hours) == 2, "contract hours", timeout_s=5
+            )
             assert guard.book.market_session(AAPL, guard.clock()) == "extended"
 
             # Act
             await guard.handle(kill_command("flatten"))
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 15, what="flat confirmed"
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=15,
             )
 
         # Assert: flat, read by another client; the stock closed with limits and outsideRth
@@ -114,14 +117,16 @@ async def test_flatten_on_a_closed_market_then_waits_for_the_open_and_completes(
         start = starting_positions(sim)
         cfg = guard_config(sim.port, tmp_path, FLATTEN)
         async with running(cfg, prepare=fast_heartbeat) as guard:
-            await wait_until(lambda: len(guard.book.market_hours) == 2, 5, what="contract hours")
+            await eventually(
+                lambda: len(guard.book.market_hours) == 2, "contract hours", timeout_s=5
+            )
 
             # Act: the kill
             outcome = await guard.handle(kill_command("flatten"))
-            await wait_until(
-                lambda: "close_waiting_for_open" in journal_kinds(cfg), 10, what="waiting"
+            await eventually(
+                lambda: "close_waiting_for_open" in journal_kinds(cfg), "waiting", timeout_s=10
             )
-            await wait_until(lambda: waiting_metric(guard) == 2, 5, what="metric")
+            await eventually(lambda: waiting_metric(guard) == 2, "metric", timeout_s=5)
 
             # Assert: latched, the close pending and said so; nothing sent to a closed market
             assert outcome.accepted
@@ -136,8 +141,10 @@ async def test_flatten_on_a_closed_market_then_waits_for_the_open_and_completes(
 
             # Act: the gateway's clock moves to Monday's open
             sim.set_clock(MONDAY_OPEN.timestamp())
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 15, what="flat confirmed"
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=15,
             )
 
             # Assert: the close completed and no longer waits

@@ -19,6 +19,7 @@ import pytest
 
 from guardd.core.events import ConId
 from ibsim.exchange import option_expiry
+from tests.conftest import eventually
 from tests.drill_helpers import gateway_says_flat, kill_command
 from tests.guard_harness import (
     ACCOUNT,
@@ -27,7 +28,6 @@ from tests.guard_harness import (
     running_guard,
     sim_gateway,
     starting_positions,
-    wait_until,
     zero_crossings,
 )
 
@@ -104,12 +104,12 @@ async def test_kill_with_an_option_book_and_stock_then_flat_by_limits_never_mark
         async with running_guard(cfg) as guard:
             # Arrange: every option valued (price x 100) and its computation from IB in the Book
             book = guard.book
-            await wait_until(
+            await eventually(
                 lambda: (
                     all(book.option_greeks(ConId(c)) is not None for c in OPTIONS)
                     and guard.status()["gross_position_value"] is not None
                 ),
-                what="options valued and their computations in",
+                "options valued and their computations in",
             )
             for con_id in OPTIONS:
                 held = book.position(ConId(con_id))
@@ -130,8 +130,8 @@ async def test_kill_with_an_option_book_and_stock_then_flat_by_limits_never_mark
                     strike,
                     option_expiry(EXPIRY),
                 )
-            await wait_until(
-                lambda: _stress(guard)["down 10%"]["loss"] is not None, what="stress losses"
+            await eventually(
+                lambda: _stress(guard)["down 10%"]["loss"] is not None, "stress losses"
             )
             down = _stress(guard)["down 10%"]
             assert down["loss"] > 300 * 200 * 0.10  # more than the stock's 6,000
@@ -143,13 +143,15 @@ async def test_kill_with_an_option_book_and_stock_then_flat_by_limits_never_mark
                 )
                 return math.nan if value is None else float(value)
 
-            await wait_until(lambda: math.isfinite(ratio()), what="stress metric")
+            await eventually(lambda: math.isfinite(ratio()), "stress metric")
             assert ratio() == pytest.approx(down["ratio"], rel=0.05)
 
             # Act
             await guard.handle(kill_command("flatten"))
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 20, what="flat confirmed"
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=20,
             )
 
         # Assert: each option closed by limit orders on the right side (sell the longs, buy the

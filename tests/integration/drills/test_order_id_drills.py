@@ -20,6 +20,7 @@ from guardd.core.engine import Latch
 from guardd.runtime.guard import Guard
 from ibsim.gateway import SimGateway
 from ibsim.types import ContractSpec, OrderRequest
+from tests.conftest import eventually
 from tests.drill_helpers import client, gateway_says_flat, kill_command, running
 from tests.guard_harness import (
     AAPL,
@@ -31,7 +32,6 @@ from tests.guard_harness import (
     journal_kinds,
     sim_gateway,
     starting_positions,
-    wait_until,
     zero_crossings,
 )
 from tests.ibapi_harness import limit_order, stock
@@ -58,14 +58,18 @@ async def test_flatten_while_a_bot_holds_higher_order_ids_then_flat_and_no_id_re
         async with running(cfg) as guard, client(sim.port, BOT) as bot:
             for n in range(3):
                 bot.placeOrder(HIGH_ID + n, stock("AAPL"), limit_order("BUY", 10, 1.0))
-            await wait_until(
-                lambda: guard.broker.highest_order_id_seen >= HIGH_ID + 2, 5, what="bot ids seen"
+            await eventually(
+                lambda: guard.broker.highest_order_id_seen >= HIGH_ID + 2,
+                "bot ids seen",
+                timeout_s=5,
             )
 
             # Act
             await guard.handle(kill_command("flatten"))
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 15, what="flat confirmed"
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=15,
             )
 
         # Assert: flat and nothing working, read by another client; every guard id above 902
@@ -109,12 +113,14 @@ async def test_child_refused_as_duplicate_id_then_reid_after_reqids_and_flat(
         async with running(cfg) as guard:
             # Act
             await guard.handle(kill_command("flatten"))
-            await wait_until(lambda: bool(injected), 5, what="the first child")
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 15, what="flat confirmed"
+            await eventually(lambda: bool(injected), "the first child", timeout_s=5)
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=15,
             )
             # the bot's order came after the kill's cancel: the sweep cancels it
-            await wait_until(lambda: sim.exchange.working_orders() == [], 10, what="swept")
+            await eventually(lambda: sim.exchange.working_orders() == [], "swept", timeout_s=10)
 
         # Assert: the refused child was re-id'd after reqIds, above the bot's id, and it closed
         positions, working = await gateway_says_flat(sim.port)
@@ -146,12 +152,12 @@ async def test_kill_in_read_only_mode_then_latched_says_cannot_act_and_completes
 
         async with running(cfg, prepare=fast_probe) as guard, client(sim.port, BOT) as bot:
             bot.placeOrder(50, stock("AAPL"), limit_order("BUY", 10, 1.0))
-            await wait_until(lambda: guard.book.working_order_count == 1, 5, what="bot order")
+            await eventually(lambda: guard.book.working_order_count == 1, "bot order", timeout_s=5)
             sim.set_read_only(True)
 
             # Act: the kill
             outcome = await guard.handle(kill_command("flatten"))
-            await wait_until(lambda: guard.book.read_only, 5, what="read-only noticed")
+            await eventually(lambda: guard.book.read_only, "read-only noticed", timeout_s=5)
 
             # Assert: latched and durable, and loud that it cannot act; nothing could be done
             assert outcome.accepted and outcome.latch_durable
@@ -167,9 +173,11 @@ async def test_kill_in_read_only_mode_then_latched_says_cannot_act_and_completes
 
             # Act: the operator switches Read-only off
             sim.set_read_only(False)
-            await wait_until(lambda: not guard.book.read_only, 5, what="read-only lifted")
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 15, what="flat confirmed"
+            await eventually(lambda: not guard.book.read_only, "read-only lifted", timeout_s=5)
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=15,
             )
 
             # Assert: the kill is carried out

@@ -18,6 +18,7 @@ from ibapi.order import Order
 
 from guardd.core.events import OrderId
 from ibsim.gateway import SimGateway
+from tests.conftest import eventually
 from tests.drill_helpers import client, gateway_says_flat, kill_command, running
 from tests.guard_harness import (
     GUARD_CLIENT_ID,
@@ -25,7 +26,6 @@ from tests.guard_harness import (
     guard_config,
     sim_gateway,
     starting_positions,
-    wait_until,
     zero_crossings,
 )
 from tests.ibapi_harness import IbapiClient, market_order, stock
@@ -91,8 +91,10 @@ async def test_kill_with_working_brackets_and_oca_groups_then_no_stop_or_target_
             bot.placeOrder(oid + 9, stock("MSFT"), order("BUY", 50, "STP", auxPrice=430.0, **oca))
             bot.placeOrder(oid + 10, stock("MSFT"), order("SELL", 50, "STP", auxPrice=410.0, **oca))
             bot.placeOrder(oid + 11, stock("MSFT"), order("SELL", 100, "TRAIL", auxPrice=5.0))
-            await wait_until(
-                lambda: guard.book.working_order_count == 11, 10, what="the guard sees 11 orders"
+            await eventually(
+                lambda: guard.book.working_order_count == 11,
+                "the guard sees 11 orders",
+                timeout_s=10,
             )
             book = guard.book
             seen = {o.order_id: o for o in book.orders.values() if o.client_id == BOT}
@@ -105,8 +107,10 @@ async def test_kill_with_working_brackets_and_oca_groups_then_no_stop_or_target_
 
             # Act
             await guard.handle(kill_command("flatten"))
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 15, what="flat confirmed"
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=15,
             )
 
             # Assert: flat, nothing working; every stop and target the bot had stays silent
@@ -129,20 +133,20 @@ async def test_kill_while_a_stop_triggers_then_flat_and_never_crossed(tmp_path: 
             oid = first_id(bot)
             bot.placeOrder(oid, stock("MSFT"), market_order("BUY", 200))
             bot.placeOrder(oid + 1, stock("MSFT"), order("BUY", 300, "STP", auxPrice=421.0))
-            await wait_until(
-                lambda: guard.book.working_order_count == 1, 10, what="the guard sees the stop"
+            await eventually(
+                lambda: guard.book.working_order_count == 1, "the guard sees the stop", timeout_s=10
             )
             start = starting_positions(sim)
 
             # Act: the stop triggers and fills while the kill is being handled
             asyncio.get_running_loop().call_soon(sim.jump_price, MSFT, 0.01)
             await guard.handle(kill_command("flatten"))
-            await wait_until(
+            await eventually(
                 lambda: (
                     guard.executor.last_flat_confirmed is not None and not starting_positions(sim)
                 ),
-                15,
-                what="flat confirmed",
+                "flat confirmed",
+                timeout_s=15,
             )
 
         # Assert
@@ -164,25 +168,25 @@ async def test_kill_whose_cancels_race_the_bots_fills_then_flat_without_overfill
             # Arrange: long 600 (bought in six passes), and a resting sell of 400 above
             oid = first_id(bot)
             bot.placeOrder(oid, stock("MSFT"), market_order("BUY", 600))
-            await wait_until(lambda: starting_positions(sim) == {MSFT: 600.0}, 10, what="long")
+            await eventually(lambda: starting_positions(sim) == {MSFT: 600.0}, "long", timeout_s=10)
             bot.placeOrder(oid + 1, stock("MSFT"), order("SELL", 400, "LMT", lmtPrice=425.0))
-            await wait_until(
-                lambda: guard.book.working_order_count == 1, 10, what="the guard sees the sell"
+            await eventually(
+                lambda: guard.book.working_order_count == 1, "the guard sees the sell", timeout_s=10
             )
             start = starting_positions(sim)
             since = len(sim.exchange.fills())
 
             # Act: the kill's cancel is pending when the market reaches the bot's sell
             kill = asyncio.create_task(guard.handle(kill_command("flatten")))
-            await wait_until(lambda: sim.exchange.pending_cancels() != [], 10, what="pending")
+            await eventually(lambda: sim.exchange.pending_cancels() != [], "pending", timeout_s=10)
             sim.jump_price(MSFT, 0.02)
             await kill
-            await wait_until(
+            await eventually(
                 lambda: (
                     guard.executor.last_flat_confirmed is not None and not starting_positions(sim)
                 ),
-                20,
-                what="flat confirmed",
+                "flat confirmed",
+                timeout_s=20,
             )
 
         # Assert: the bot's sell filled (in part) under the pending cancel; the guard sold the

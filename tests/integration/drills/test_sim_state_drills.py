@@ -16,17 +16,9 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import eventually, free_port
 from tests.drill_helpers import gateway_says_flat, kill_command, running
-from tests.guard_harness import (
-    AAPL,
-    ACCOUNT,
-    ES,
-    GUARD_CLIENT_ID,
-    free_port,
-    guard_config,
-    wait_until,
-    zero_crossings,
-)
+from tests.guard_harness import AAPL, ACCOUNT, ES, GUARD_CLIENT_ID, guard_config, zero_crossings
 from tests.sim_process import SimProcess, saved_exchange, saved_state, write_scenario
 
 pytestmark = pytest.mark.integration
@@ -91,17 +83,17 @@ async def test_gateway_process_killed_9_mid_flatten_restarted_with_state_then_fl
         cfg = guard_config(sim.port, tmp_path / "guard", FLATTEN)
         async with running(cfg) as guard:
             await guard.handle(kill_command("flatten"))
-            await wait_until(lambda: guard_child_mid_fill(state), 15, what="a child filling")
+            await eventually(lambda: guard_child_mid_fill(state), "a child filling", timeout_s=15)
 
             # Act: the gateway process dies mid-fill and comes back on its state
             sim.kill9()
             killed_at = [o["filled"] for o in _guard_orders(state) if o["status"] in WORKING]
             await sim.start()
-            await wait_until(lambda: flat_and_idle(state), 60, what="flat at the gateway")
-            await wait_until(
+            await eventually(lambda: flat_and_idle(state), "flat at the gateway", timeout_s=60)
+            await eventually(
                 lambda: guard.executor.episode is not None and guard.executor.episode.at_target,
-                30,
-                what="the guard confirms flat",
+                "the guard confirms flat",
+                timeout_s=30,
             )
             assert guard.book.generation >= 2, "the guard did not go through a reconnect"
 

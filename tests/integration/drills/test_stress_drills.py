@@ -23,6 +23,7 @@ import pytest
 
 from guardd.core.engine import State
 from guardd.core.events import ConId
+from tests.conftest import eventually
 from tests.drill_helpers import gateway_says_flat
 from tests.guard_harness import (
     ACCOUNT,
@@ -33,7 +34,6 @@ from tests.guard_harness import (
     running_guard,
     sim_gateway,
     starting_positions,
-    wait_until,
     zero_crossings,
 )
 
@@ -101,11 +101,11 @@ async def test_vol_shock_trips_the_stress_limit_then_reduces_toward_target_lever
                 ratio: float | None = view["scenarios"]["vol doubles"]["ratio"]
                 return ratio
 
-            await wait_until(
+            await eventually(
                 lambda: (
                     book.option_greeks(ConId(PUT_190)) is not None and scenario_ratio() is not None
                 ),
-                what="the stress loss of the book",
+                "the stress loss of the book",
             )
             before = scenario_ratio()
             assert before is not None and 0.05 < before < 0.2
@@ -114,15 +114,17 @@ async def test_vol_shock_trips_the_stress_limit_then_reduces_toward_target_lever
 
             # Act: the puts' implied volatility 30 % -> 90 % (the volatility fault's call)
             sim.set_volatility(PUT_190, 0.9)
-            await wait_until(
-                lambda: guard.engine.state == State.REDUCING, 10, what="REDUCING on stress loss"
+            await eventually(
+                lambda: guard.engine.state == State.REDUCING,
+                "REDUCING on stress loss",
+                timeout_s=10,
             )
             shock_nl = sim.exchange.net_liquidation(ACCOUNT)
             shock_gross = _gross(sim)  # prices stand still: the stock's walk is flat
-            await wait_until(
+            await eventually(
                 lambda: any(r.get("kind") == "reduce_confirmed" for r in journal(cfg)),
-                15,
-                what="reduce confirmed",
+                "reduce confirmed",
+                timeout_s=15,
             )
             episode = guard.executor.episode
             assert episode is not None and episode.kind == "reduce"

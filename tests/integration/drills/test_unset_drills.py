@@ -20,6 +20,7 @@ import pytest
 
 from guardd.retry import RetryPolicy
 from ibsim.gateway import FieldOmission, SimGateway
+from tests.conftest import eventually
 from tests.drill_helpers import kill_command, running
 from tests.guard_harness import (
     AAPL,
@@ -30,7 +31,6 @@ from tests.guard_harness import (
     position,
     sim_gateway,
     starting_positions,
-    wait_until,
 )
 from tests.integration.drills.test_close_fault_drills import (
     FLATTEN,
@@ -104,12 +104,12 @@ async def test_quantity_omitted_from_the_start_then_flat_only_once_the_figure_ar
 
             # Act: kill in flatten mode; ES closes, AAPL's quantity stays unknown
             await guard.handle(kill_command("flatten"))
-            await wait_until(lambda: position(sim, ES) == 0, 15, what="ES closed")
+            await eventually(lambda: position(sim, ES) == 0, "ES closed", timeout_s=15)
             asked = guard.broker.positions_rerequests
-            await wait_until(
+            await eventually(
                 lambda: guard.broker.positions_rerequests >= asked + 2,
-                10,
-                what="positions asked for again",
+                "positions asked for again",
+                timeout_s=10,
             )
 
             # Assert (fault on): nothing confirmed, AAPL untouched
@@ -121,7 +121,7 @@ async def test_quantity_omitted_from_the_start_then_flat_only_once_the_figure_ar
 
             # Act: the gateway sends AAPL's quantity again
             sim.restore_fields(QUANTITY_OMITTED)
-            await wait_until(lambda: flat_and_idle(sim), 30, what="flat at the gateway")
+            await eventually(lambda: flat_and_idle(sim), "flat at the gateway", timeout_s=30)
             await guard_confirms_flat(guard)
 
         # Assert
@@ -151,13 +151,15 @@ async def test_quantities_and_ids_omitted_during_a_flatten_then_never_flat_on_th
             flat_witness(guard, sim) as violations,
         ):
             await guard.handle(kill_command("flatten"))
-            await wait_until(lambda: child_mid_fill(sim), 10, what="a child filling")
+            await eventually(lambda: child_mid_fill(sim), "a child filling", timeout_s=10)
 
             # Act: AAPL's quantities, values, fill counts and client ids go missing mid-fill
             sim.omit_fields(omission)
-            await wait_until(lambda: flat_and_idle(sim), 30, what="flat at the gateway")
-            await wait_until(
-                lambda: sim.omitted_messages["position"] > 0, 10, what="an update without quantity"
+            await eventually(lambda: flat_and_idle(sim), "flat at the gateway", timeout_s=30)
+            await eventually(
+                lambda: sim.omitted_messages["position"] > 0,
+                "an update without quantity",
+                timeout_s=10,
             )
             sim.restore_fields(omission)
             await guard_confirms_flat(guard)

@@ -22,6 +22,7 @@ from guardd.runtime.guard import Guard
 from ibsim.bot import RunawayBot
 from ibsim.gateway import SimGateway
 from ibsim.types import OrderRequest
+from tests.conftest import eventually
 from tests.guard_harness import (
     AAPL,
     ACCOUNT,
@@ -37,7 +38,6 @@ from tests.guard_harness import (
     running_guard,
     sim_gateway,
     starting_positions,
-    wait_until,
     zero_crossings,
 )
 
@@ -112,10 +112,10 @@ async def test_runaway_bot_then_halted_and_every_bot_order_cancelled(
     async with running_guard(cfg) as guard, bot_on(sim) as bot:
         # Act: 30 resting orders at 12/s, far over the 5/s kill limit
         run = asyncio.create_task(bot.run_away(symbol="AAPL", price=150.0, rate=12, count=30))
-        await wait_until(lambda: guard.engine.state == State.HALTED, what="HALTED")
+        await eventually(lambda: guard.engine.state == State.HALTED, "HALTED")
         at_kill = len(bot_orders(sim))
         await run
-        await wait_until(lambda: not sim.exchange.working_orders(), what="no working order")
+        await eventually(lambda: not sim.exchange.working_orders(), "no working order")
         await asyncio.sleep(0.3)  # nothing new should come back to life
 
         # Assert
@@ -153,9 +153,11 @@ async def test_leverage_breach_with_delayed_duplicated_positions_then_flat_exact
 
         # Act
         async with running_guard(cfg) as guard:
-            await wait_until(lambda: guard.engine.state == State.HALTED, what="HALTED")
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 20, what="flat confirmed"
+            await eventually(lambda: guard.engine.state == State.HALTED, "HALTED")
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=20,
             )
             await asyncio.sleep(1.0)  # late, delayed duplicates must not start a second round
 
@@ -197,8 +199,8 @@ mode = "flatten"
 
         # Act
         sim.jump_price(AAPL, -0.40)
-        await wait_until(lambda: guard.engine.state == State.HALTED, what="HALTED")
-        await wait_until(lambda: flat(sim), 15, what="flat at the gateway")
+        await eventually(lambda: guard.engine.state == State.HALTED, "HALTED")
+        await eventually(lambda: flat(sim), "flat at the gateway", timeout_s=15)
 
         # Assert
         latch = guard.engine.latch
@@ -237,9 +239,9 @@ mode = "flatten"
 
         # Act: AAPL starts moving 8 % a day (far over 50 % a year)
         sim.set_volatility(AAPL, 0.08)
-        await wait_until(lambda: guard.engine.state == State.REDUCING, 15, what="REDUCING")
-        await wait_until(
-            lambda: "reduce_confirmed" in journal_kinds(cfg), 15, what="reduce confirmed"
+        await eventually(lambda: guard.engine.state == State.REDUCING, "REDUCING", timeout_s=15)
+        await eventually(
+            lambda: "reduce_confirmed" in journal_kinds(cfg), "reduce confirmed", timeout_s=15
         )
 
         # Assert
@@ -269,14 +271,16 @@ async def test_disconnect_during_flatten_then_resumes_flat_without_duplicate_chi
         refs = SentRefs(sim)
         cfg = guard_config(sim.port, tmp_path, LEVERAGE_KILL)
         async with running_guard(cfg) as guard:
-            await wait_until(lambda: len(guard_orders(sim)) >= 1, what="a child at the gateway")
-            await wait_until(lambda: guard_fill_totals(sim).get(AAPL, 0) < 0, what="a fill")
+            await eventually(lambda: len(guard_orders(sim)) >= 1, "a child at the gateway")
+            await eventually(lambda: guard_fill_totals(sim).get(AAPL, 0) < 0, "a fill")
 
             # Act
             await sim.drop_all_clients(1.0)
-            await wait_until(lambda: flat(sim), 20, what="flat at the gateway")
-            await wait_until(
-                lambda: guard.executor.last_flat_confirmed is not None, 20, what="flat confirmed"
+            await eventually(lambda: flat(sim), "flat at the gateway", timeout_s=20)
+            await eventually(
+                lambda: guard.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=20,
             )
             await asyncio.sleep(0.5)
 
@@ -330,16 +334,18 @@ async def test_guard_restarted_mid_flatten_then_halted_again_and_finishes_flat(
         refs = SentRefs(sim)
         cfg = guard_config(sim.port, tmp_path, LEVERAGE_KILL)
         async with running_guard(cfg) as guard:
-            await wait_until(lambda: guard_fill_totals(sim).get(AAPL, 0) < 0, what="a fill")
+            await eventually(lambda: guard_fill_totals(sim).get(AAPL, 0) < 0, "a fill")
             assert guard.engine.state == State.HALTED
         assert not flat(sim), "stopped before the flatten finished"
 
         # Act: the same state dir, no --fresh-start
         async with running_guard(cfg, fresh_start=False, wait_ready=False) as again:
             halted_at_start = again.engine.state
-            await wait_until(lambda: flat(sim), 20, what="flat at the gateway")
-            await wait_until(
-                lambda: again.executor.last_flat_confirmed is not None, 20, what="flat confirmed"
+            await eventually(lambda: flat(sim), "flat at the gateway", timeout_s=20)
+            await eventually(
+                lambda: again.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=20,
             )
 
         # Assert
@@ -362,11 +368,11 @@ async def test_missing_latch_without_fresh_start_then_halted_and_orders_cancelle
     start = starting_positions(sim)
     async with bot_on(sim) as bot:
         bot.place_limit("AAPL", "BUY", 100, 150.0)
-        await wait_until(lambda: len(sim.exchange.working_orders()) == 1, what="a bot order")
+        await eventually(lambda: len(sim.exchange.working_orders()) == 1, "a bot order")
 
         # Act
         async with running_guard(cfg, fresh_start=False) as guard:
-            await wait_until(lambda: not sim.exchange.working_orders(), what="the order cancelled")
+            await eventually(lambda: not sim.exchange.working_orders(), "the order cancelled")
 
             # Assert
             assert guard.engine.state == State.HALTED
@@ -385,7 +391,7 @@ async def test_missing_latch_with_fresh_start_then_armed_and_orders_left(
     cfg = guard_config(sim.port, tmp_path, RUNAWAY_LIMITS)
     async with bot_on(sim) as bot:
         bot.place_limit("AAPL", "BUY", 100, 150.0)
-        await wait_until(lambda: len(sim.exchange.working_orders()) == 1, what="a bot order")
+        await eventually(lambda: len(sim.exchange.working_orders()) == 1, "a bot order")
 
         # Act
         async with running_guard(cfg, fresh_start=True) as guard:
@@ -411,13 +417,11 @@ async def test_dry_run_breach_then_journaled_and_nothing_sent(
     refs = SentRefs(sim)
     async with bot_on(sim) as bot:
         bot.place_limit("AAPL", "BUY", 100, 150.0)
-        await wait_until(lambda: len(sim.exchange.working_orders()) == 1, what="a bot order")
+        await eventually(lambda: len(sim.exchange.working_orders()) == 1, "a bot order")
 
         # Act
         async with running_guard(cfg) as guard:
-            await wait_until(
-                lambda: "close_dry_run_planned" in journal_kinds(cfg), what="dry-run plan"
-            )
+            await eventually(lambda: "close_dry_run_planned" in journal_kinds(cfg), "dry-run plan")
             await asyncio.sleep(0.5)
 
             # Assert
@@ -448,16 +452,18 @@ async def test_child_cancelled_while_guard_down_then_restart_closes_the_rest(
         refs = SentRefs(sim)
         cfg = guard_config(sim.port, tmp_path, LEVERAGE_KILL)
         async with running_guard(cfg) as guard:
-            await wait_until(lambda: guard_fill_totals(sim).get(AAPL, 0) < 0, what="a fill")
+            await eventually(lambda: guard_fill_totals(sim).get(AAPL, 0) < 0, "a fill")
             assert guard.engine.state == State.HALTED
         sim.route(sim.exchange.global_cancel(sim.clock()))
         assert not flat(sim) and not sim.exchange.working_orders()
 
         # Act
         async with running_guard(cfg, fresh_start=False) as again:
-            await wait_until(lambda: flat(sim), 20, what="flat at the gateway")
-            await wait_until(
-                lambda: again.executor.last_flat_confirmed is not None, 20, what="flat confirmed"
+            await eventually(lambda: flat(sim), "flat at the gateway", timeout_s=20)
+            await eventually(
+                lambda: again.executor.last_flat_confirmed is not None,
+                "flat confirmed",
+                timeout_s=20,
             )
 
         # Assert
@@ -478,9 +484,9 @@ async def test_kill_while_disconnected_then_latched_and_carried_out_on_reconnect
     start = starting_positions(sim)
     async with bot_on(sim) as bot, running_guard(cfg) as guard:
         bot.place_limit("AAPL", "BUY", 100, 150.0)
-        await wait_until(lambda: len(sim.exchange.working_orders()) == 1, what="a bot order")
+        await eventually(lambda: len(sim.exchange.working_orders()) == 1, "a bot order")
         drop = asyncio.create_task(sim.drop_all_clients(1.5))
-        await wait_until(lambda: not guard.book.connected, what="the guard disconnected")
+        await eventually(lambda: not guard.book.connected, "the guard disconnected")
 
         # Act
         outcome = await guard.handle(
@@ -489,8 +495,8 @@ async def test_kill_while_disconnected_then_latched_and_carried_out_on_reconnect
         latched = read_latch_file(cfg.latch_path)
         cancels_while_down = sim.global_cancels
         await drop
-        await wait_until(lambda: flat(sim), 15, what="flat at the gateway")
-        await wait_until(lambda: not sim.exchange.working_orders(), what="no working order")
+        await eventually(lambda: flat(sim), "flat at the gateway", timeout_s=15)
+        await eventually(lambda: not sim.exchange.working_orders(), "no working order")
 
         # Assert
         assert outcome.accepted and outcome.state == "HALTED"
@@ -537,8 +543,8 @@ async def test_runaway_bot_during_slow_flatten_then_swept_and_flat_without_over_
         async with running_guard(cfg) as guard, bot_on(sim) as bot:
             # Act
             await bot.run_away(symbol="MSFT", price=300.0, rate=12, count=30)
-            await wait_until(lambda: flat(sim), 20, what="flat at the gateway")
-            await wait_until(lambda: not sim.exchange.working_orders(), what="no working order")
+            await eventually(lambda: flat(sim), "flat at the gateway", timeout_s=20)
+            await eventually(lambda: not sim.exchange.working_orders(), "no working order")
 
             # Assert
             assert guard.engine.state == State.HALTED

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
@@ -14,18 +12,12 @@ from guardd.config import BotHeartbeat, load_config
 from guardd.demo import DEMO_CONFIG, demo_config
 from guardd.runtime.guard import Guard
 from ibsim.gateway import SimGateway
+from tests.conftest import eventually
 from tests.mqtt_broker import Broker, mqtt_broker
 
 __all__ = ["mqtt_broker"]  # fixture used by name
 
 pytestmark = pytest.mark.integration
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"not in {timeout:g} s: {what}"
-        await asyncio.sleep(0.02)
 
 
 def heartbeat_guard(sim: SimGateway, broker: Broker, state_dir: Path) -> Guard:
@@ -64,7 +56,9 @@ async def test_bot_heartbeats_then_armed_and_silence_then_halted(
             assert str(guard.engine.state) == "ARMED"
             assert "stranger" not in guard.book.heartbeats
         # The bot falls silent: the dead-man fires.
-        await eventually(lambda: str(guard.engine.state) == "HALTED", "halted on silence", 6)
+        await eventually(
+            lambda: str(guard.engine.state) == "HALTED", "halted on silence", timeout_s=6
+        )
         assert guard.engine.latch is not None and "heartbeat" in guard.engine.latch.reason
         await eventually(lambda: sim.global_cancels >= 1, "global cancel at the gateway")
         assert sim.pacing_violations == 0

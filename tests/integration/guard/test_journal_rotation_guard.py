@@ -17,7 +17,8 @@ import pytest
 from guardd.control.guardctl import describe_status
 from guardd.state.journal import journal_segments, read_journal
 from ibsim.gateway import SimGateway
-from tests.guard_harness import ACCOUNT, guard_config, running_guard, wait_until
+from tests.conftest import eventually
+from tests.guard_harness import ACCOUNT, guard_config, running_guard
 
 pytestmark = pytest.mark.integration
 
@@ -46,14 +47,14 @@ async def test_journal_cannot_rotate_then_said_once_exported_in_status_and_clear
         monkeypatch.setattr(os, "rename", disk_full_for_the_journal)
         for n in range(10):  # each append is due to rotate, and each rotation fails
             guard.journal.append("drill_record", n=n, pad="x" * 300)
-        await wait_until(lambda: failing() == 1, what="the rotation failure exported")
+        await eventually(lambda: failing() == 1, "the rotation failure exported")
         status = guard.status()
         for n in range(10, 20):
             guard.journal.append("drill_record", n=n, pad="x" * 300)
 
         monkeypatch.undo()
         guard.journal.append("drill_record", n=20)  # rotates now
-        await wait_until(lambda: failing() == 0, what="the recovery exported")
+        await eventually(lambda: failing() == 0, "the recovery exported")
         cleared = guard.status()
 
     assert "No space left on device" in str(status["journal_rotation_error"])

@@ -20,12 +20,12 @@ from guardd.runtime.guard import Guard
 from guardd.state.journal import read_journal
 from ibsim.bot import RunawayBot
 from ibsim.gateway import SimGateway
+from tests.conftest import eventually
 from tests.integration.control.test_control_guard import (
     ACCOUNT,
     Running,
     bot,
     bot_orders,
-    eventually,
     positions,
     running_guard,
 )
@@ -86,7 +86,7 @@ async def test_latch_write_fails_during_kill_then_cancel_and_flatten_anyway_and_
         assert answer["latch_durable"] is False
         assert "LATCH NOT DURABLE" in answer["message"]
         await eventually(lambda: not bot_orders(sim), "the bot's order cancelled")
-        await eventually(lambda: not any(positions(sim).values()), "flat", timeout=20)
+        await eventually(lambda: not any(positions(sim).values()), "flat", timeout_s=20)
         shown = await status(running)
         assert shown["state"] == "HALTED"
         assert shown["latch_durable"] is False

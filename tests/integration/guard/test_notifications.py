@@ -43,7 +43,8 @@ from guardd.notifications import (
     verify,
 )
 from ibsim.gateway import SimGateway
-from tests.guard_harness import ACCOUNT, flat, guard_config, running_guard, wait_until
+from tests.conftest import eventually
+from tests.guard_harness import ACCOUNT, flat, guard_config, running_guard
 
 # ---- a local receiver -------------------------------------------------------------------------
 
@@ -162,13 +163,13 @@ async def test_kill_then_signed_webhook_says_kill_and_flat_confirmed_and_apprise
     async with running_guard(cfg) as guard:
         # Act
         outcome = await guard.handle(KILL)
-        await wait_until(lambda: flat(sim), 15, what="flat at the gateway")
-        await wait_until(
-            lambda: receiver.kinds() == ["kill", "flat_confirmed"], what="kill, flat confirmed"
+        await eventually(lambda: flat(sim), "flat at the gateway", timeout_s=15)
+        await eventually(
+            lambda: receiver.kinds() == ["kill", "flat_confirmed"], "kill, flat confirmed"
         )
-        await wait_until(
+        await eventually(
             lambda: sum(r.path == "/apprise" for r in receiver.received) == 2,
-            what="both through apprise",
+            "both through apprise",
         )
         sent = sample(guard, "guardd_notifications_sent_total", kind="kill", target="ops")
 
@@ -215,7 +216,7 @@ async def test_receiver_hangs_then_kill_cancels_at_gateway_and_failures_counted(
     cfg = guard_config(sim.port, tmp_path / "state", notify_toml(receiver, key_file))
     async with running_guard(cfg) as guard:
         await guard.handle(KILL)
-        await wait_until(lambda: receiver.hanging == 1, what="the receiver hanging")
+        await eventually(lambda: receiver.hanging == 1, "the receiver hanging")
         cancels_before = sim.global_cancels
 
         # Act: a second kill (flatten) while the receiver still hangs
@@ -225,18 +226,16 @@ async def test_receiver_hangs_then_kill_cancels_at_gateway_and_failures_counted(
             )
         )
         hanging_when_answered = receiver.hanging
-        await wait_until(
-            lambda: sim.global_cancels > cancels_before, what="the cancel at the gateway"
-        )
+        await eventually(lambda: sim.global_cancels > cancels_before, "the cancel at the gateway")
         hanging_when_cancelled = receiver.hanging
-        await wait_until(lambda: flat(sim), 15, what="flat while the receiver hangs")
+        await eventually(lambda: flat(sim), "flat while the receiver hangs", timeout_s=15)
         hanging_when_flat = receiver.hanging
-        await wait_until(
+        await eventually(
             lambda: (
                 sample(guard, "guardd_notifications_failed_total", kind="kill", target="ops") == 2.0
             ),
-            15,
-            what="both kill notifications counted failed",
+            "both kill notifications counted failed",
+            timeout_s=15,
         )
         sent = sample(guard, "guardd_notifications_sent_total", kind="kill", target="ops")
 
@@ -259,11 +258,11 @@ async def test_receiver_fails_then_retried_and_counted_failed(
     async with running_guard(cfg) as guard:
         # Act
         await guard.handle(KILL)
-        await wait_until(
+        await eventually(
             lambda: (
                 sample(guard, "guardd_notifications_failed_total", kind="kill", target="ops") == 1.0
             ),
-            what="the kill notification counted failed",
+            "the kill notification counted failed",
         )
         state = guard.engine.state
 
@@ -285,7 +284,7 @@ async def test_kills_over_the_rate_limit_then_dropped_and_counted(
         # Act: three kills
         for _ in range(3):
             await guard.handle(KILL)
-        await wait_until(lambda: receiver.kinds() == ["kill"], what="one kill notification")
+        await eventually(lambda: receiver.kinds() == ["kill"], "one kill notification")
         dropped = sample(
             guard, "guardd_notifications_dropped_total", kind="kill", reason="rate_limited"
         )
@@ -316,10 +315,10 @@ async def test_latch_not_durable_and_lasting_disconnect_then_notified_and_resolv
 
         # Act: a kill whose latch cannot be written, then the path repaired; then a 1.5 s drop
         await guard.handle(KILL)
-        await wait_until(lambda: "latch_not_durable" in receiver.kinds(), what="not durable")
+        await eventually(lambda: "latch_not_durable" in receiver.kinds(), "not durable")
         guard.executor.latch_path = good_path
-        await wait_until(lambda: guard.executor.latch_durable, what="latch durable again")
-        await wait_until(lambda: receiver.kinds().count("latch_not_durable") == 2, what="resolved")
+        await eventually(lambda: guard.executor.latch_durable, "latch durable again")
+        await eventually(lambda: receiver.kinds().count("latch_not_durable") == 2, "resolved")
         dropped_at = time.time()
 
         def of_the_drop() -> list[dict[str, Any]]:
@@ -332,7 +331,7 @@ async def test_latch_not_durable_and_lasting_disconnect_then_notified_and_resolv
             ]
 
         await sim.drop_all_clients(1.5)
-        await wait_until(lambda: len(of_the_drop()) == 2, 15, what="began and ended")
+        await eventually(lambda: len(of_the_drop()) == 2, "began and ended", timeout_s=15)
 
     # Assert: each condition told when it began, and when it ended (resolved)
     by_kind: dict[str, list[dict[str, Any]]] = {}
@@ -358,9 +357,9 @@ async def test_kill_while_api_read_only_then_kill_and_read_only_notified_then_re
 
         # Act: a kill the gateway refuses (321), then the operator switches Read-Only off
         await guard.handle(KILL)
-        await wait_until(lambda: "read_only" in receiver.kinds(), what="read-only notified")
+        await eventually(lambda: "read_only" in receiver.kinds(), "read-only notified")
         sim.set_read_only(False)
-        await wait_until(lambda: receiver.kinds().count("read_only") == 2, what="lifted")
+        await eventually(lambda: receiver.kinds().count("read_only") == 2, "lifted")
 
     # Assert
     bodies = [r.json() for r in receiver.received]
@@ -384,14 +383,14 @@ async def test_full_queue_then_oldest_dropped_and_counted(receiver: Receiver) ->
     task = asyncio.create_task(sender.run())
     try:
         sender.publish(Notice("warn", "w0", "first", time.time()))
-        await wait_until(lambda: receiver.hanging == 1, what="the first in flight")
+        await eventually(lambda: receiver.hanging == 1, "the first in flight")
 
         # Act: four more while the first hangs
         for n in range(1, 5):
             sender.publish(Notice("warn", f"w{n}", "more", time.time()))
         queued = sender.queued("ops")
         receiver.release.set()
-        await wait_until(lambda: len(receiver.received) == 2, what="the queue delivered")
+        await eventually(lambda: len(receiver.received) == 2, "the queue delivered")
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -430,11 +429,11 @@ async def test_delivery_fails_then_log_never_shows_the_url_token(
         with structlog.testing.capture_logs() as logs:
             # Act
             sender.publish(Notice("warn", "w", "m", time.time()))
-            await wait_until(
+            await eventually(
                 lambda: (
                     registry.get_sample_value("guardd_notifications_failed_total", labels) == 1.0
                 ),
-                what="the failure counted",
+                "the failure counted",
             )
     finally:
         task.cancel()

@@ -22,6 +22,7 @@ from guardd.core.engine import State
 from guardd.state.journal import Journal, read_journal
 from ibsim.bot import RunawayBot
 from ibsim.gateway import SimGateway
+from tests.conftest import eventually
 from tests.drill_helpers import (
     GuardProcesses,
     http_kill,
@@ -40,7 +41,6 @@ from tests.guard_harness import (
     journal,
     sim_gateway,
     starting_positions,
-    wait_until,
     zero_crossings,
 )
 
@@ -91,19 +91,18 @@ async def test_bot_labels_order_as_guard_child_while_halted_then_swept_reported_
         try:
             # Act: the bot's order carries the guard's label
             order_id = bot.place_limit("AAPL", "BUY", 100, FAR_BELOW, order_ref=LABEL)
-            await wait_until(
+            await eventually(
                 lambda: any(o.order_id == order_id for o in sim.exchange.orders()),
-                what="the bot's order at the gateway",
+                "the bot's order at the gateway",
             )
-            await wait_until(
+            await eventually(
                 lambda: not bot_order(sim, order_id).is_working,
-                10,
-                what="the labelled order swept",
+                "the labelled order swept",
+                timeout_s=10,
             )
             impostor = bot_order(sim, order_id)
-            await wait_until(
-                lambda: "impersonation" in guard.status()["findings"],  # type: ignore[operator]
-                what="the impersonation finding",
+            await eventually(
+                lambda: "impersonation" in guard.status()["findings"], "the impersonation finding"
             )
             status = guard.status()
             metric = impersonated_metric(guard)
@@ -131,10 +130,10 @@ async def test_bot_labels_order_above_per_order_limit_then_kill(
         try:
             # Act
             order_id = bot.place_limit("AAPL", "BUY", 1000, FAR_BELOW, order_ref=LABEL)
-            await wait_until(
-                lambda: guard.engine.state == State.HALTED, 10, what="the per-order kill"
+            await eventually(
+                lambda: guard.engine.state == State.HALTED, "the per-order kill", timeout_s=10
             )
-            await wait_until(lambda: sim.exchange.working_orders() == [], 10, what="cancelled")
+            await eventually(lambda: sim.exchange.working_orders() == [], "cancelled", timeout_s=10)
             latch = guard.engine.latch
         finally:
             await bot.disconnect()
@@ -157,10 +156,10 @@ async def test_journal_unwritable_when_bot_labels_order_above_limit_then_kill_an
         try:
             # Act: the impostor's record cannot be written, the kill must happen all the same
             order_id = bot.place_limit("AAPL", "BUY", 1000, FAR_BELOW, order_ref=LABEL)
-            await wait_until(
-                lambda: guard.engine.state == State.HALTED, 10, what="the per-order kill"
+            await eventually(
+                lambda: guard.engine.state == State.HALTED, "the per-order kill", timeout_s=10
             )
-            await wait_until(lambda: sim.exchange.working_orders() == [], 10, what="cancelled")
+            await eventually(lambda: sim.exchange.working_orders() == [], "cancelled", timeout_s=10)
             errors = guard.registry.get_sample_value(
                 "guardd_journal_write_errors_total", {"account": ACCOUNT}
             )
@@ -207,11 +206,11 @@ async def test_guard_killed_mid_flatten_then_restart_knows_its_children_and_only
                     await http_ready(http, url)
                     status, body = await http_kill(http, url, token)
                     assert status == 200, body
-                    await wait_until(child_mid_fill, 10, what="a child working, partly filled")
+                    await eventually(child_mid_fill, "a child working, partly filled", timeout_s=10)
                 finally:
                     os.kill(first, signal.SIGKILL)
                 await wait_gone(first)
-                await wait_until(lambda: GUARD_CLIENT_ID not in sim.sessions, 5, what="gone")
+                await eventually(lambda: GUARD_CLIENT_ID not in sim.sessions, "gone", timeout_s=5)
             sent = [r for r in records() if r.get("kind") == "child_order_sent"]
             alive_children = [
                 o for o in sim.exchange.orders() if o.client_id == GUARD_CLIENT_ID and o.is_working
@@ -222,24 +221,24 @@ async def test_guard_killed_mid_flatten_then_restart_knows_its_children_and_only
             # like one of the dead guard's children
             second = procs.start(config, log, fresh_start=False)
             try:
-                await wait_until(
+                await eventually(
                     lambda: any(r.get("kind") == "global_cancel_sent" for r in since_restart()),
-                    15,
-                    what="the restarted guard's sweep",
+                    "the restarted guard's sweep",
+                    timeout_s=15,
                 )
                 bot = await bot_on(sim)
                 try:
                     label = str(sent[0]["order_ref"])
                     order_id = bot.place_limit("AAPL", "BUY", 100, FAR_BELOW, order_ref=label)
-                    await wait_until(
+                    await eventually(
                         lambda: (
                             flat(sim)
                             and sim.exchange.working_orders() == []
                             and any(r.get("kind") == "flat_confirmed" for r in since_restart())
                             and impersonations(since_restart()) != []
                         ),
-                        30,
-                        what="flat, swept, confirmed and the impostor reported",
+                        "flat, swept, confirmed and the impostor reported",
+                        timeout_s=30,
                     )
                 finally:
                     await bot.disconnect()

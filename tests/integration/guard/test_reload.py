@@ -8,10 +8,8 @@ a breach of the new limits acts. Under systemd the guard says RELOADING=1, then 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +17,8 @@ import aiohttp
 import pytest
 
 from ibsim.gateway import SimGateway
+from tests.conftest import eventually
 from tests.drill_helpers import http_ready
-from tests.guard_harness import wait_until
 from tests.integration.guard.test_stop import GuardRun, guardd_run
 from tests.unit.test_sdnotify import FakeSystemd, systemd
 
@@ -50,7 +48,7 @@ def records(run: GuardRun, kind: str) -> list[dict[str, Any]]:
 async def reload(run: GuardRun, kind: str, count: int) -> dict[str, Any]:
     """SIGHUP the guard and wait for its `count`-th `kind` record (reloaded or refused)."""
     os.kill(run.proc.pid, signal.SIGHUP)
-    await wait_until(lambda: len(records(run, kind)) >= count, 10, what=kind)
+    await eventually(lambda: len(records(run, kind)) >= count, kind, timeout_s=10)
     assert run.proc.returncode is None, run.log.read_text()
     return records(run, kind)[count - 1]
 
@@ -63,11 +61,12 @@ async def state(session: aiohttp.ClientSession, url: str, run: GuardRun) -> str:
 
 
 async def wait_state(session: aiohttp.ClientSession, url: str, run: GuardRun, want: str) -> None:
-    """Poll the guard's status until it says `want` (10 s at most)."""
-    deadline = time.monotonic() + 10
-    while (seen := await state(session, url, run)) != want:
-        assert time.monotonic() < deadline, f"state {want} never came; still {seen}"
-        await asyncio.sleep(0.05)
+    """Poll the guard's status until it says `want`."""
+
+    async def there() -> bool:
+        return await state(session, url, run) == want
+
+    await eventually(there, f"state {want}")
 
 
 async def test_sighup_with_new_limits_then_rules_swapped_and_the_new_limit_acts(

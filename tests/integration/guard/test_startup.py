@@ -28,16 +28,9 @@ from guardd.state.latch import read_latch
 from ibsim.gateway import PLACE_ORDER, SimGateway
 from ibsim.scenario import parse_scenario
 from ibsim.server import build_gateway
+from tests.conftest import eventually, free_port
 from tests.drill_helpers import REQ_GLOBAL_CANCEL, GuardWire, kill_command
-from tests.guard_harness import (
-    flat,
-    free_port,
-    guard_config,
-    journal_kinds,
-    scenario_data,
-    wait_until,
-    zero_crossings,
-)
+from tests.guard_harness import flat, guard_config, journal_kinds, scenario_data, zero_crossings
 from tests.unit.test_sdnotify import FakeSystemd, systemd
 
 __all__ = ["systemd"]  # fixture used by name
@@ -101,7 +94,7 @@ async def test_kill_before_first_connect_then_latched_and_carried_out_on_first_s
     token = tokens(cfg)
     guard = Guard.open(cfg, fresh_start=True)
     async with guard_task(guard), aiohttp.ClientSession() as session:
-        await wait_until(lambda: guard.http is not None, what="HTTP started")
+        await eventually(lambda: guard.http is not None, "HTTP started")
         assert guard.http is not None
         url = guard.http.url
         await http_up(session, url)
@@ -137,13 +130,13 @@ async def test_kill_before_first_connect_then_latched_and_carried_out_on_first_s
         async with build_gateway(scenario, host="127.0.0.1", port=ib_port) as sim:
             wire = GuardWire(sim)
             start = {p.instrument.con_id: p.position for p in sim.exchange.positions(cfg.account)}
-            await wait_until(lambda: flat(sim), 20, what="flat after the first connect")
-            await wait_until(lambda: guard.ready(), what="synced")
+            await eventually(lambda: flat(sim), "flat after the first connect", timeout_s=20)
+            await eventually(lambda: guard.ready(), "synced")
             assert await get(session, f"{url}/readyz") == (
                 200,
                 {"ready": True, "waiting_for": None},
             )
-            await wait_until(lambda: sim.exchange.working_orders() == [], what="no order")
+            await eventually(lambda: sim.exchange.working_orders() == [], "no order")
 
             # The global cancel went out first, then the close orders from the synced book.
             sent = [s.msg_id for s in wire.sent if s.msg_id in (REQ_GLOBAL_CANCEL, PLACE_ORDER)]
@@ -184,26 +177,23 @@ async def test_sd_status_then_waiting_for_ib_then_armed_then_halted(
     with Notifier(systemd.address) as notifier:
         guard = Guard.open(cfg, fresh_start=True, notifier=notifier)
         async with guard_task(guard):
-            await wait_until(
+            await eventually(
                 lambda: any("waiting for IB at" in s for s in statuses(systemd)),
-                what="STATUS waiting for IB",
+                "STATUS waiting for IB",
             )
             assert "READY=1" not in "\n".join(systemd.messages())
 
             scenario = parse_scenario(scenario_data())
             async with build_gateway(scenario, host="127.0.0.1", port=ib_port):
-                await wait_until(lambda: guard.ready_event.is_set(), what="ready")
-                await wait_until(
-                    lambda: any(m.startswith("READY=1") for m in systemd.messages()),
-                    what="READY=1",
+                await eventually(lambda: guard.ready_event.is_set(), "ready")
+                await eventually(
+                    lambda: any(m.startswith("READY=1") for m in systemd.messages()), "READY=1"
                 )
-                await wait_until(
-                    lambda: statuses(systemd)[-1] == "ARMED; guarding", what="STATUS ARMED"
-                )
+                await eventually(lambda: statuses(systemd)[-1] == "ARMED; guarding", "STATUS ARMED")
                 await guard.handle(kill_command(mode="cancel", reason="status drill"))
-                await wait_until(
+                await eventually(
                     lambda: statuses(systemd)[-1].startswith("HALTED (http: status drill)"),
-                    what="STATUS HALTED",
+                    "STATUS HALTED",
                 )
     assert systemd.messages()[-1] == "STOPPING=1"
 
@@ -218,7 +208,7 @@ async def test_gateway_down_and_reconnecting_then_watchdog_keeps_pinging(
         guard = Guard.open(cfg, fresh_start=True, notifier=notifier)
         guard.broker.progress_slack_s = 1.0
         async with guard_task(guard):
-            await wait_until(lambda: systemd.pings() != [], what="the first ping")
+            await eventually(lambda: systemd.pings() != [], "the first ping")
             # Several back-off rounds (0.2 s .. 1.0 s, plus the attempt) with nothing up: the
             # adapter keeps its promises all along, and the pings keep coming.
             watched_from = time.monotonic()
@@ -261,19 +251,21 @@ async def test_wedged_broker_adapter_then_watchdog_pings_stop_and_resume_once_un
         guard.broker.heartbeat_interval_s, guard.broker.heartbeat_timeout_s = 0.3, 0.3
         guard.broker.progress_slack_s = 0.5
         async with guard_task(guard):
-            await wait_until(lambda: guard.ready_event.is_set(), what="ready")
+            await eventually(lambda: guard.ready_event.is_set(), "ready")
             # The first heartbeat's answer wedges the ibapi thread: nothing more is decoded, the
             # heartbeat drops the session, but its thread never ends, so nothing reconnects.
-            await wait_until(lambda: guard.broker.heartbeat_failures == 1, 5, what="heartbeat")
-            await wait_until(lambda: not guard._broker_alive(), 5, what="adapter stalled")
+            await eventually(lambda: guard.broker.heartbeat_failures == 1, "heartbeat", timeout_s=5)
+            await eventually(lambda: not guard._broker_alive(), "adapter stalled", timeout_s=5)
             stalled_at = time.monotonic()
-            await wait_until(lambda: time.monotonic() - stalled_at > 1.0, what="ten ping decisions")
+            await eventually(lambda: time.monotonic() - stalled_at > 1.0, "ten ping decisions")
             # Every decision after the stall (the first at most one interval, 0.1 s, later)
             # withheld its ping.
             assert systemd.pings(after=stalled_at + 0.3) == [], "no ping while wedged"
             assert not guard._broker_alive()
 
             wedge.set()  # the callback returns: the thread ends, the broker reconnects
-            await wait_until(lambda: guard.broker.reconnects >= 1, 10, what="reconnected")
+            await eventually(lambda: guard.broker.reconnects >= 1, "reconnected", timeout_s=10)
             resumed = time.monotonic()
-            await wait_until(lambda: systemd.pings(after=resumed) != [], 5, what="pings resume")
+            await eventually(
+                lambda: systemd.pings(after=resumed) != [], "pings resume", timeout_s=5
+            )

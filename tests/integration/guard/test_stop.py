@@ -25,8 +25,9 @@ import pytest
 from guardd.state.journal import read_journal
 from ibsim.gateway import PLACE_ORDER, SimGateway
 from ibsim.types import Instrument, OrderRequest
+from tests.conftest import eventually, free_port
 from tests.drill_helpers import REQ_POSITIONS, http_kill, http_ready, write_run_config
-from tests.guard_harness import GUARD_CLIENT_ID, free_port, wait_until
+from tests.guard_harness import GUARD_CLIENT_ID
 
 pytestmark = pytest.mark.integration
 
@@ -99,15 +100,17 @@ async def guardd_run(
 
 
 async def control_up(session: aiohttp.ClientSession, url: str, run: GuardRun) -> None:
-    deadline = time.monotonic() + 20
-    while True:
+    async def up() -> bool:
+        assert run.proc.returncode is None, f"guardd exited: {run.log.read_text()}"
         with contextlib.suppress(aiohttp.ClientError, OSError):
             async with session.get(f"{url}/healthz") as response:
-                if response.status == 200:
-                    return
-        if run.proc.returncode is not None or time.monotonic() > deadline:
-            raise AssertionError(f"control plane not up: {run.log.read_text()}")
-        await asyncio.sleep(0.05)
+                return response.status == 200
+        return False
+
+    try:
+        await eventually(up, "the control plane up", timeout_s=20, interval_s=0.05)
+    except AssertionError as failed:
+        raise AssertionError(f"{failed}: {run.log.read_text()}") from None
 
 
 async def waiting_for(url: str) -> object:
@@ -152,7 +155,7 @@ async def test_signal_during_connect_back_off_then_stops_within_2s(
     tmp_path: Path, sig: signal.Signals
 ) -> None:
     async with guardd_run(tmp_path, free_port()) as (run, url, _):  # nothing listens
-        await wait_until(lambda: run.logged("ib_connect_failed"), 10, what="a failed connect")
+        await eventually(lambda: run.logged("ib_connect_failed"), "a failed connect", timeout_s=10)
         assert await waiting_for(url) == "ib_connect"
         latch = run.latch()
 
@@ -167,7 +170,7 @@ async def test_signal_while_gateway_never_answers_the_handshake_then_stops_withi
     tmp_path: Path, sig: signal.Signals
 ) -> None:
     async with silent_gateway() as (port, accepted), guardd_run(tmp_path, port) as (run, url, _):
-        await wait_until(lambda: accepted != [], 10, what="the guard's TCP connection")
+        await eventually(lambda: accepted != [], "the guard's TCP connection", timeout_s=10)
         assert await waiting_for(url) == "ib_connect"
         latch = run.latch()
 
@@ -189,7 +192,7 @@ async def test_signal_while_gateway_frozen_during_sync_then_stops_within_2s(
     sim.on_message(freeze_on_sync)
     try:
         async with guardd_run(tmp_path, sim.port) as (run, url, _):
-            await wait_until(lambda: sim.frozen, 10, what="the gateway frozen mid-sync")
+            await eventually(lambda: sim.frozen, "the gateway frozen mid-sync", timeout_s=10)
             assert await waiting_for(url) == "ib_sync"
             latch = run.latch()
 
@@ -225,7 +228,7 @@ async def test_signal_mid_flatten_then_stops_within_2s_and_stays_halted(
         await http_ready(s, url)
         status, body = await http_kill(s, url, token, mode="flatten")
         assert status == 200, body
-        await wait_until(lambda: placed != [], 10, what="a close order sent")
+        await eventually(lambda: placed != [], "a close order sent", timeout_s=10)
         latch = run.latch()
         assert json.loads(latch)["halted"] is True
 

@@ -8,7 +8,7 @@ from ib_async import IB, Future, LimitOrder, MarketOrder, Stock
 from ibsim.gateway import SimGateway
 from ibsim.scenario import Scenario
 from ibsim.server import build_gateway
-from tests.ibapi_harness import until
+from tests.conftest import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ async def test_connect_then_positions_account_and_pnl(sim: SimGateway) -> None:
         values = {v.tag for v in ib.accountValues(ACCOUNT)}
         assert {"NetLiquidation", "MaintMarginReq", "ExcessLiquidity"} <= values
         pnl = ib.reqPnL(ACCOUNT)
-        await until(lambda: pnl.dailyPnL == pnl.dailyPnL and pnl.dailyPnL is not None)
+        await eventually(lambda: pnl.dailyPnL == pnl.dailyPnL and pnl.dailyPnL is not None)
         assert pnl.account == ACCOUNT
     finally:
         ib.disconnect()
@@ -58,7 +58,7 @@ async def test_qualify_stock_and_future_then_con_ids(sim: SimGateway) -> None:
         assert aapl.conId == 265598
         assert es.conId == 620731015
         ticker = ib.reqMktData(aapl)
-        await until(lambda: ticker.bid == ticker.bid and ticker.bid > 0)
+        await eventually(lambda: ticker.bid == ticker.bid and ticker.bid > 0)
         assert ticker.ask > ticker.bid
     finally:
         ib.disconnect()
@@ -69,15 +69,17 @@ async def test_limit_and_market_orders_then_fills(sim: SimGateway) -> None:
     try:
         [aapl] = await ib.qualifyContractsAsync(Stock("AAPL", "SMART", "USD"))
         trade = ib.placeOrder(aapl, MarketOrder("BUY", 100))
-        await until(trade.isDone)
+        await eventually(trade.isDone)
         assert trade.orderStatus.status == "Filled"
         assert sum(f.execution.shares for f in trade.fills) == 100
-        await until(lambda: {p.contract.symbol: p.position for p in ib.positions()}["AAPL"] == 1100)
+        await eventually(
+            lambda: {p.contract.symbol: p.position for p in ib.positions()}["AAPL"] == 1100
+        )
 
         resting = ib.placeOrder(aapl, LimitOrder("BUY", 10, 1.0))
-        await until(lambda: resting.orderStatus.status == "Submitted")
+        await eventually(lambda: resting.orderStatus.status == "Submitted")
         ib.cancelOrder(resting.order)
-        await until(resting.isDone)
+        await eventually(resting.isDone)
         assert resting.orderStatus.status == "Cancelled"
     finally:
         ib.disconnect()
@@ -89,9 +91,9 @@ async def test_global_cancel_from_another_client_then_bot_orders_cancelled(sim: 
     try:
         [msft] = await bot.qualifyContractsAsync(Stock("MSFT", "SMART", "USD"))
         trades = [bot.placeOrder(msft, LimitOrder("BUY", 10, 1.0 + n)) for n in range(3)]
-        await until(lambda: all(t.orderStatus.status == "Submitted" for t in trades))
+        await eventually(lambda: all(t.orderStatus.status == "Submitted" for t in trades))
         guard.reqGlobalCancel()
-        await until(lambda: all(t.orderStatus.status == "Cancelled" for t in trades))
+        await eventually(lambda: all(t.orderStatus.status == "Cancelled" for t in trades))
         assert not sim.exchange.working_orders()
     finally:
         bot.disconnect()
@@ -104,7 +106,7 @@ async def test_master_client_then_sees_bot_orders(sim: SimGateway) -> None:
     try:
         [msft] = await bot.qualifyContractsAsync(Stock("MSFT", "SMART", "USD"))
         bot.placeOrder(msft, LimitOrder("BUY", 10, 1.0))
-        await until(lambda: any(t.order.clientId == 5 for t in master.openTrades()))
+        await eventually(lambda: any(t.order.clientId == 5 for t in master.openTrades()))
     finally:
         master.disconnect()
         bot.disconnect()
@@ -118,7 +120,7 @@ async def test_pacing_violation_then_error_100_and_disconnect(sim: SimGateway) -
     try:
         for _ in range(60):
             ib.client.reqCurrentTime()
-        await until(lambda: not ib.isConnected())
+        await eventually(lambda: not ib.isConnected())
         assert 100 in errors
         assert sim.pacing_violations == 1
     finally:
@@ -129,9 +131,9 @@ async def test_gateway_restart_then_reconnect_sees_orders(sim: SimGateway) -> No
     ib = await connected(sim, 5)
     [msft] = await ib.qualifyContractsAsync(Stock("MSFT", "SMART", "USD"))
     ib.placeOrder(msft, LimitOrder("BUY", 10, 1.0))
-    await until(lambda: len(sim.exchange.working_orders()) == 1)
+    await eventually(lambda: len(sim.exchange.working_orders()) == 1)
     await sim.restart(0.3)
-    await until(lambda: not ib.isConnected())
+    await eventually(lambda: not ib.isConnected())
     ib.disconnect()
     again = await connected(sim, 5)
     try:

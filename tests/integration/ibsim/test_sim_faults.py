@@ -13,8 +13,8 @@ from ib_async import IB, MarketOrder, Stock
 
 from ibsim.gateway import SimGateway
 from ibsim.scenario import Scenario, ScenarioError, load_scenario, parse_scenario, run_faults
-from tests.conftest import SCENARIO
-from tests.ibapi_harness import IbapiClient, connected, limit_order, market_order, stock, until
+from tests.conftest import SCENARIO, eventually, free_port
+from tests.ibapi_harness import IbapiClient, connected, limit_order, market_order, stock
 
 pytestmark = pytest.mark.integration
 
@@ -144,15 +144,8 @@ def test_example_scenarios_then_load(tmp_path: Path) -> None:
         load_scenario(broken)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def test_guardd_sim_program_then_ib_async_trades_against_it() -> None:
-    port = _free_port()
+    port = free_port()
     scenario = ROOT / "configs" / "scenarios" / "calm.toml"
     proc = await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "ibsim", "--port", str(port), "--scenario", str(scenario)],
@@ -299,11 +292,11 @@ async def test_split_modifies_during_connectivity_loss_then_two_orders(sim: SimG
         await client.wait_for("orderStatus", lambda a: a[0] == oid and a[1] == "Submitted")
         # Act: modify while connected (a real modify), then while connectivity is lost (split)
         client.placeOrder(oid, stock("AAPL"), limit_order("BUY", 10, 151.0))
-        await until(lambda: [o.lmt_price for o in sim.exchange.working_orders()] == [151.0])
+        await eventually(lambda: [o.lmt_price for o in sim.exchange.working_orders()] == [151.0])
         assert len(sim.exchange.working_orders()) == 1
         sim.connectivity_lost()
         client.placeOrder(oid, stock("AAPL"), limit_order("BUY", 10, 152.0))
-        await until(lambda: sim.split_orders == 1)
+        await eventually(lambda: sim.split_orders == 1)
         sim.connectivity_restored()
 
         working = sim.exchange.working_orders()
@@ -312,10 +305,10 @@ async def test_split_modifies_during_connectivity_loss_then_two_orders(sim: SimG
         assert len({o.perm_id for o in working}) == 2
         assert sim.split_orders == 1
         client.cancel(oid)  # cancelOrder reaches the original only
-        await until(lambda: len(sim.exchange.working_orders()) == 1)
+        await eventually(lambda: len(sim.exchange.working_orders()) == 1)
         assert [o.lmt_price for o in sim.exchange.working_orders()] == [152.0]
         client.global_cancel()
-        await until(lambda: sim.exchange.working_orders() == [])
+        await eventually(lambda: sim.exchange.working_orders() == [])
         assert sim.exchange.working_orders() == []
     finally:
         await client.stop()
@@ -402,7 +395,7 @@ async def test_orders_cancelled_while_dropped_then_owner_reconnects_to_none_and_
     try:
         owner.placeOrder(owner.named("nextValidId")[0][0], stock("AAPL"), limit_order("BUY", 10, 1))
         other.placeOrder(other.named("nextValidId")[0][0], stock("AAPL"), limit_order("BUY", 10, 1))
-        await until(lambda: len(sim.exchange.working_orders()) == 2)
+        await eventually(lambda: len(sim.exchange.working_orders()) == 2)
         faults = parse_scenario(
             {
                 **SCENARIO,

@@ -19,9 +19,9 @@ from ibapi.contract import Contract
 from ibsim.gateway import SimGateway
 from ibsim.hours import US_EQUITY, Calendar
 from ibsim.scenario import ScenarioError, parse_scenario, run_faults
-from tests.conftest import SCENARIO
+from tests.conftest import SCENARIO, eventually
 from tests.guard_harness import sim_gateway
-from tests.ibapi_harness import IbapiClient, connected, limit_order, market_order, stock, until
+from tests.ibapi_harness import IbapiClient, connected, limit_order, market_order, stock
 
 pytestmark = pytest.mark.integration
 
@@ -239,7 +239,7 @@ async def test_market_data_error_fault_then_request_answered_with_the_code(code:
             await bot.wait_for("tickPrice", lambda a: a[0] == 51)
         else:
             sim.step_market()
-            await until(lambda: bool(bot.named("error")))
+            await eventually(lambda: bool(bot.named("error")))
             assert [a for a in bot.named("tickPrice") if a[0] == 51] == []
 
 
@@ -286,5 +286,5 @@ async def test_default_portfolio_interval_then_no_second_round_with_the_pnl_stre
         await bot.wait_for("accountDownloadEnd")
         first = len(bot.named("updatePortfolio"))
         bot.reqPnL(5, sim.exchange.accounts[0], "")
-        await until(lambda: len(bot.named("pnl")) >= 3)  # three rounds of the PnL stream
+        await eventually(lambda: len(bot.named("pnl")) >= 3)  # three rounds of the PnL stream
         assert len(bot.named("updatePortfolio")) == first

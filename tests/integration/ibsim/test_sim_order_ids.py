@@ -11,8 +11,8 @@ import pytest
 
 from ibsim.gateway import SimGateway
 from ibsim.scenario import Scenario, parse_scenario, run_faults
-from tests.conftest import SCENARIO
-from tests.ibapi_harness import IbapiClient, connected, limit_order, market_order, stock, until
+from tests.conftest import SCENARIO, eventually
+from tests.ibapi_harness import IbapiClient, connected, limit_order, market_order, stock
 
 pytestmark = pytest.mark.integration
 
@@ -186,7 +186,7 @@ async def test_read_only_fault_in_a_scenario_then_on_for_its_seconds(
 
     # Act
     playing = asyncio.ensure_future(run_faults(sim, scenario, faults))
-    await until(lambda: sim.read_only)
+    await eventually(lambda: sim.read_only)
     seen.append(sim.read_only)
     await playing
 

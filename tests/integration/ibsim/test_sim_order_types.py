@@ -14,8 +14,9 @@ import pytest
 from ibapi.order import Order
 
 from ibsim.gateway import SimGateway
+from tests.conftest import eventually
 from tests.guard_harness import sim_gateway
-from tests.ibapi_harness import IbapiClient, connected, limit_order, market_order, stock, until
+from tests.ibapi_harness import IbapiClient, connected, limit_order, market_order, stock
 
 pytestmark = pytest.mark.integration
 
@@ -342,7 +343,7 @@ async def test_oca_members_marketable_at_once_then_block_or_overfill(
 
         sim.jump_price(MSFT, 0.02)  # both marketable in one pass
 
-        await until(lambda: not sim.exchange.working_orders())
+        await eventually(lambda: not sim.exchange.working_orders())
         # with block (1) one fills and the other is cancelled; without block (3) both fill
         assert sim.exchange.position("DU000001", MSFT).position == -sold
 

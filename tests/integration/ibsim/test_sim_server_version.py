@@ -4,7 +4,6 @@ line, and what ibapi negotiates with a running `guardd sim`."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from guardd.cli import main
 from ibsim.gateway import GatewayConfig
 from ibsim.scenario import ScenarioError, parse_scenario
+from tests.conftest import free_port
 from tests.ibapi_harness import IbapiClient
 
 
@@ -45,16 +45,9 @@ def test_guardd_sim_with_bad_server_version_then_usage_error(
     assert "--server-version" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.mark.integration
 async def test_guardd_sim_program_with_server_version_then_ibapi_negotiates_it() -> None:
-    port = _free_port()
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "ibsim", "--port", str(port), "--server-version", "215"],
         stdout=asyncio.subprocess.PIPE,

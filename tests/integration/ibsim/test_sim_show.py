@@ -7,9 +7,7 @@ process with the official ibapi client trading against it over TCP.
 
 from __future__ import annotations
 
-import asyncio
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,8 @@ from hypothesis import strategies as st
 from ibsim.exchange import Exchange
 from ibsim.show import FLAT_LINE, render_gateway_side
 from ibsim.types import ContractSpec, Instrument, OrderRequest
-from tests.guard_harness import ACCOUNT, free_port
+from tests.conftest import eventually, free_port
+from tests.guard_harness import ACCOUNT
 from tests.ibapi_harness import connected, limit_order, market_order, stock
 from tests.sim_process import SimProcess, write_scenario
 
@@ -218,15 +217,14 @@ async def _table_after(
     sim: SimProcess, start: int, holds: Callable[[str], bool], timeout_s: float = 10.0
 ) -> str:
     """The first table printed past table number `start` for which `holds` is true."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        tables = _tables(sim.output())
-        for table in tables[start:]:
-            if holds(table):
-                return table
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no such table in {timeout_s} s: {sim.tail()}")
-        await asyncio.sleep(0.05)
+
+    def found() -> str | None:
+        return next((t for t in _tables(sim.output())[start:] if holds(t)), None)
+
+    try:
+        return await eventually(found, "such a table", timeout_s=timeout_s, interval_s=0.05)
+    except AssertionError as failed:
+        raise AssertionError(f"{failed}: {sim.tail()}") from None
 
 
 def _printed(sim: SimProcess) -> int:

@@ -18,8 +18,8 @@ from ibapi.execution import ExecutionFilter
 from ibsim.scenario import parse_scenario
 from ibsim.state import StateFile
 from ibsim.types import ContractSpec, OrderRequest
-from tests.conftest import SCENARIO
-from tests.guard_harness import AAPL, ACCOUNT, free_port
+from tests.conftest import SCENARIO, free_port
+from tests.guard_harness import AAPL, ACCOUNT
 from tests.ibapi_harness import IbapiClient, connected, limit_order, market_order, stock
 from tests.sim_process import SimProcess, saved_state, write_scenario
 

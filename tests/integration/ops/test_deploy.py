@@ -12,7 +12,6 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from guardd.core.rules import Thresholds
 from guardd.errors import ConfigError, StartupError
 from guardd.metrics import Metrics, MetricsServer
+from tests.conftest import eventually, free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
@@ -373,13 +373,6 @@ def test_dashboard_scrape_panel_when_the_guard_is_down_then_0_for_its_account(
 # ---------------------------------------------------------------------------------- end to end
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 @pytest.mark.integration
 async def test_real_prometheus_scrapes_a_halted_guard_then_guardd_halted_fires(
     tmp_path: Path,
@@ -412,29 +405,34 @@ async def test_real_prometheus_scrapes_a_halted_guard_then_guardd_halted_fires(
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            firing = await wait_for_alert(f"http://127.0.0.1:{web_port}", "GuarddHalted", 30.0)
+            async with aiohttp.ClientSession() as session:
+                firing = await eventually(
+                    lambda: firing_alert(session, f"http://127.0.0.1:{web_port}", "GuarddHalted"),
+                    "GuarddHalted firing",
+                    timeout_s=30,
+                    interval_s=0.25,
+                )
         finally:
             process.terminate()
             _, stderr = await process.communicate()
+            print("prometheus:", stderr.decode()[-2000:])  # shown when the test fails
 
-    assert firing is not None, stderr.decode()[-2000:]
     assert firing["labels"]["account"] == "DU1"
     assert firing["labels"]["job"] == "guardd"
 
 
-async def wait_for_alert(url: str, name: str, timeout: float) -> dict[str, Any] | None:
-    """The first firing alert called `name` on the Prometheus at `url`, or None at `timeout`."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    async with aiohttp.ClientSession() as session:
-        while asyncio.get_running_loop().time() < deadline:
-            try:
-                async with session.get(f"{url}/api/v1/alerts") as response:
-                    body = await response.json()
-            except aiohttp.ClientError:
-                body = {"data": {"alerts": []}}
-            for alert in body["data"]["alerts"]:
-                if alert["labels"]["alertname"] == name and alert["state"] == "firing":
-                    found: dict[str, Any] = alert
-                    return found
-            await asyncio.sleep(0.25)
+async def firing_alert(
+    session: aiohttp.ClientSession, url: str, name: str
+) -> dict[str, Any] | None:
+    """The firing alert called `name` on the Prometheus at `url`; None while there is none (or
+    Prometheus does not answer yet)."""
+    try:
+        async with session.get(f"{url}/api/v1/alerts") as response:
+            body = await response.json()
+    except aiohttp.ClientError:
+        return None
+    for alert in body["data"]["alerts"]:
+        if alert["labels"]["alertname"] == name and alert["state"] == "firing":
+            found: dict[str, Any] = alert
+            return found
     return None

@@ -39,8 +39,7 @@ from guardd.retry import RetryPolicy
 from ibsim.gateway import REQ_POSITIONS, FieldOmission, SimGateway
 from ibsim.scenario import OmitFields, ScenarioError, parse_scenario
 from ibsim.server import build_gateway
-from tests.conftest import SCENARIO
-from tests.guard_harness import wait_until
+from tests.conftest import SCENARIO, eventually
 from tests.unit.core.test_close import KEY, POLICY, SETTINGS, Broker, held, kinds, send_all
 
 ACC = "DU111"
@@ -295,18 +294,18 @@ async def test_quantity_unset_then_positions_asked_again_bounded_until_known() -
         async with broker:
             task = asyncio.create_task(collect_loop(), name="collect_loop")
             # Act / Assert: asked again at most 3 times, each answer still unknown
-            await wait_until(lambda: asked() == 4, 10, what="3 more reqPositions")
+            await eventually(lambda: asked() == 4, "3 more reqPositions", timeout_s=10)
             session = broker._session
             assert session is not None and session.positions_retry_task is not None
-            await wait_until(session.positions_retry_task.done, 5, what="retries exhausted")
+            await eventually(session.positions_retry_task.done, "retries exhausted", timeout_s=5)
             assert asked() == 4 and all(math.isnan(e.quantity) for e in seen)
 
             # Act: the fault ends; a new unknown spell would get its own bound, but the next
             # reconnect or update brings the figure: here a trade of AAPL does
             sim.restore_fields(omission)
             sim.liquidate("DU000001", AAPL, 100)
-            await wait_until(
-                lambda: bool(seen) and seen[-1].quantity == 900.0, 10, what="AAPL's figure"
+            await eventually(
+                lambda: bool(seen) and seen[-1].quantity == 900.0, "AAPL's figure", timeout_s=10
             )
             assert not session.unknown_positions and session.positions_retries == 0
         await task
