@@ -20,7 +20,8 @@ import sys
 import time
 from typing import Any
 
-from ibsim.gateway import FloodStats, GatewayConfig, SimGateway
+from bench.streamflood import FloodStats, flood
+from ibsim.gateway import GatewayConfig, SimGateway
 from ibsim.scenario import parse_scenario
 from ibsim.types import ContractSpec, OrderRequest
 
@@ -157,7 +158,7 @@ async def serve(args: argparse.Namespace) -> None:
         reader = asyncio.StreamReader()
         loop = asyncio.get_running_loop()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        flood: asyncio.Task[FloodStats] | None = None
+        flood_task: asyncio.Task[FloodStats] | None = None
         flood_stop = asyncio.Event()
         while True:
             line = await reader.readline()
@@ -192,20 +193,20 @@ async def serve(args: argparse.Namespace) -> None:
                         )
                 reply.update(cancels=rec.cancels[int(cmd["after"]) :])
             elif name == "flood":
-                if flood is not None and not flood.done():
-                    flood.cancel()
+                if flood_task is not None and not flood_task.done():
+                    flood_task.cancel()
                 flood_stop = asyncio.Event()
-                flood = asyncio.ensure_future(
-                    gateway.flood(float(cmd["rate"]), float(cmd["seconds"]), stop=flood_stop)
+                flood_task = asyncio.ensure_future(
+                    flood(gateway, float(cmd["rate"]), float(cmd["seconds"]), stop=flood_stop)
                 )
                 reply.update(started=time.monotonic())
             elif name == "flood_stop":
                 stats = None
-                if flood is not None:
+                if flood_task is not None:
                     flood_stop.set()
                     with contextlib.suppress(asyncio.CancelledError):
-                        stats = await asyncio.wait_for(flood, 5)
-                    flood = None
+                        stats = await asyncio.wait_for(flood_task, 5)
+                    flood_task = None
                 reply.update(
                     stats=None
                     if stats is None

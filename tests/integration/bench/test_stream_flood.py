@@ -1,4 +1,4 @@
-"""The simulated gateway's flood: streaming updates at a target rate to subscribed clients."""
+"""The benchmarks' stream flood: updates at a target rate on the gateway's subscriptions."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from bench.streamflood import flood
 from ibsim.gateway import SimGateway
 from tests.ibapi_harness import IbapiClient
 
@@ -35,7 +36,7 @@ async def test_flood_at_a_rate_then_about_that_many_stream_messages_arrive(
     client = await _subscribed(sim, 3)
     try:
         before = _streamed(client)
-        stats = await sim.flood(2_000, 0.5)
+        stats = await flood(sim, 2_000, 0.5)
         # answered behind the flood's last batch: once it is decoded, every flood message is too
         client.reqCurrentTime()
         await client.wait_for("currentTime")
@@ -53,7 +54,7 @@ async def test_flood_without_subscribers_then_nothing_sent_and_it_ends_on_time(
 ) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
-    stats = await sim.flood(1_000, 0.2)
+    stats = await flood(sim, 1_000, 0.2)
     assert stats.sent == 0
     assert stats.skipped > 0
     assert loop.time() - started < 1.0
@@ -61,4 +62,4 @@ async def test_flood_without_subscribers_then_nothing_sent_and_it_ends_on_time(
 
 async def test_flood_with_bad_arguments_then_value_error(sim: SimGateway) -> None:
     with pytest.raises(ValueError):
-        await sim.flood(0, 1.0)
+        await flood(sim, 0, 1.0)
