@@ -469,7 +469,7 @@ class IbConnection:
         """Handle one callback on the event loop, in the order the ibapi thread saw it: the
         handshake's and the heartbeat's here, every other message in `_on_message`."""
         if session is not self._session:
-            if isinstance(item, ev.BrokerError):
+            if isinstance(item, ev.BrokerMessage):
                 session.last_error = (item.code, item.message)
             return  # a late message of a session we already gave up
         session.heard.set()

@@ -136,8 +136,8 @@ def managed_accounts(accounts_list: str) -> tuple[str, ...]:
 # ---- events ---------------------------------------------------------------------------------
 
 
-def broker_error(req_id: int, code: int, message: str, ts: float) -> ev.BrokerError:
-    return ev.BrokerError(req_id=int(req_id), code=int(code), message=str(message), ts=ts)
+def broker_message(req_id: int, code: int, message: str, ts: float) -> ev.BrokerMessage:
+    return ev.BrokerMessage(req_id=int(req_id), code=int(code), message=str(message), ts=ts)
 
 
 def position_update(

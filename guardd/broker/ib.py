@@ -96,7 +96,7 @@ class IbBroker(IbRequests):
                 log.warning("contract_hours_unreadable", con_id=con_id, error=why)
             case NextId(order_id=order_id):
                 self._on_next_id(session, order_id)
-            case ev.BrokerError():
+            case ev.BrokerMessage():
                 self._on_error(session, item)
             case ev.OpenOrder() | ev.OrderStatus() | ev.Execution():
                 self._saw_order_id(item.order_id)
@@ -197,7 +197,7 @@ class IbBroker(IbRequests):
             except GuarddError:
                 return  # the session is gone; the next one downloads positions afresh
 
-    def _on_error(self, session: IbSession, error: ev.BrokerError) -> None:
+    def _on_error(self, session: IbSession, error: ev.BrokerMessage) -> None:
         code = error.code
         informational = ib_class(code) is IbClass.INFORMATIONAL
         if not informational:
@@ -245,7 +245,7 @@ class IbBroker(IbRequests):
 
     # ---- Read-only API ---------------------------------------------------------------------
 
-    def _read_only_seen(self, error: ev.BrokerError) -> None:
+    def _read_only_seen(self, error: ev.BrokerMessage) -> None:
         """Error 321 "... Read-Only mode": say so once, then probe until it is switched off."""
         if self.read_only:
             return
@@ -263,7 +263,7 @@ class IbBroker(IbRequests):
                 self._read_only_probe_loop(), name="ib_read_only_probe_loop"
             )
 
-    def _on_probe_answer(self, error: ev.BrokerError) -> None:
+    def _on_probe_answer(self, error: ev.BrokerMessage) -> None:
         if error.code == IbCode.READ_ONLY:
             return  # still read-only
         if self.read_only:

@@ -171,7 +171,7 @@ class IbSession(EWrapper, EClient):  # type: ignore[misc]
         errorString: str,
         advancedOrderRejectJson: str = "",
     ) -> None:
-        self._post(convert.broker_error(reqId, errorCode, errorString, self._ts()))
+        self._post(convert.broker_message(reqId, errorCode, errorString, self._ts()))
 
     def connectionClosed(self) -> None:
         pass  # the end of the run thread is the one signal (see IbConnection._run_session)

@@ -49,8 +49,8 @@ from guardd.core.events import (
     AccountDownloadEnd,
     AccountValue,
     ApiReadOnly,
-    BrokerError,
     BrokerEvent,
+    BrokerMessage,
     ClientId,
     ConId,
     Connected,
@@ -374,7 +374,7 @@ class Book:
         self.next_order_id = 0
         self.server_version = 0
         self.last_event_ts: float | None = None
-        self.last_error: BrokerError | None = None
+        self.last_error: BrokerMessage | None = None
         # TWS's Read-Only API: orders and cancels are refused (error 321); since when (None: not)
         self.read_only_since: float | None = None
 
@@ -499,7 +499,7 @@ class Book:
                 self._learn_perm(event.perm_id, event.client_id, event.order_id)
             case ExecutionsEnd():
                 self.executions_synced = True
-            case BrokerError():
+            case BrokerMessage():
                 self.last_error = event
             case ApiReadOnly(read_only=read_only):
                 if not read_only:

@@ -306,8 +306,10 @@ class ExecutionsEnd:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class BrokerError:
-    """`error`: any IB error or notice not translated into a more specific event."""
+class BrokerMessage:
+    """IB's `error` callback: an error, warning or notice (its class: `guardd.core.ibcodes`) not
+    translated into a more specific event. An event, not an exception: the exception raised when
+    a broker request fails is `guardd.errors.BrokerError`."""
 
     req_id: int
     code: int
@@ -372,7 +374,7 @@ BrokerEvent = (
     | OpenOrdersEnd
     | Execution
     | ExecutionsEnd
-    | BrokerError
+    | BrokerMessage
     | ApiReadOnly
     | ServerTime
     | ContractHours

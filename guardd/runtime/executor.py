@@ -71,7 +71,7 @@ from guardd.core.engine import (
     Reduce,
     State,
 )
-from guardd.core.events import BrokerError, ConId, OrderId
+from guardd.core.events import BrokerMessage, ConId, OrderId
 from guardd.core.hours import Session
 from guardd.core.ibcodes import IbCode
 from guardd.errors import GuarddError, JournalError, LatchError
@@ -473,7 +473,7 @@ class Executor:
         if self.episode is not None:
             self._wake.set()
 
-    def on_broker_error(self, error: BrokerError) -> None:
+    def on_broker_message(self, error: BrokerMessage) -> None:
         """An error naming one of our children's order ids: a reject (201 etc.), a refused id
         (103) or API (321), or the broker's answer to one of our cancels, which the episode
         tells apart (`CloseEpisode.broker_error`). After a refused id the next child waits for

@@ -499,8 +499,8 @@ class Guard:
                 case ev.Disconnected(reason=reason):
                     self.metrics.set_ib_connected(False)
                     self._journal("ib_disconnected", reason=reason)
-                case ev.BrokerError():
-                    self.executor.on_broker_error(event)
+                case ev.BrokerMessage():
+                    self.executor.on_broker_message(event)
                 case ev.ApiReadOnly(read_only=read_only):
                     self.metrics.set_ib_read_only(read_only)
                     self._journal(

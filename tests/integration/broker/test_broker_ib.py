@@ -507,7 +507,7 @@ async def test_gateway_pacing_tighter_than_budget_then_error_100_counted() -> No
     ):
         recorder = Recorder(broker)
         # reqPositions, reqAllOpenOrders, reqAccountUpdates, reqPnL, reqExecutions in 0.1 s.
-        errors = await recorder.wait_for(ev.BrokerError, lambda e: e.code == 100)
+        errors = await recorder.wait_for(ev.BrokerMessage, lambda e: e.code == 100)
         await asyncio.sleep(0.3)  # let the rest of the burst be answered
         assert errors and broker.pacing_violations >= 1
         assert broker.pacing_violations == gateway.pacing_violations
@@ -726,7 +726,7 @@ async def test_error_of_a_price_request_then_its_req_id_is_never_an_order_id(
     await synced(recorder)
     # Act: prices of a contract the gateway does not list (error 200 with the request's id)
     broker.watch_prices([999_999])
-    error = await recorder.wait_for(ev.BrokerError, lambda e: e.code == 200)
+    error = await recorder.wait_for(ev.BrokerMessage, lambda e: e.code == 200)
     # Assert: request ids live far above order ids, so no child can be taken for it
     assert error[0].req_id >= DATA_REQ_ID_BASE > broker.next_order_id()
 
@@ -755,7 +755,7 @@ async def test_bot_order_ids_above_next_valid_id_then_guard_allocates_above_them
         # Assert: above the bot's id, and accepted (no 103)
         await recorder.wait_for(ev.OrderStatus, lambda e: e.order_id == order_id)
         assert order_id == 701
-        assert [e for e in recorder.of(ev.BrokerError) if e.code == 103] == []
+        assert [e for e in recorder.of(ev.BrokerMessage) if e.code == 103] == []
 
 
 async def test_refresh_order_ids_then_next_id_from_reqids(
@@ -783,7 +783,7 @@ async def test_read_only_api_then_said_once_probed_and_lifted(
     # Act: a cancel refused with 321 (Read-Only)
     await broker.global_cancel()
     on = await recorder.wait_for(ev.ApiReadOnly)
-    await recorder.wait_for(ev.BrokerError, lambda e: e.code == 321)
+    await recorder.wait_for(ev.BrokerMessage, lambda e: e.code == 321)
     probes = sim.read_only_refusals
     await eventually(lambda: sim.read_only_refusals >= probes + 2)  # the probe keeps asking
     sim.set_read_only(False)
@@ -791,4 +791,4 @@ async def test_read_only_api_then_said_once_probed_and_lifted(
     # Assert: one event each way; the probe's own answers are not emitted as errors
     assert on[0].read_only and not broker.read_only
     assert len(recorder.of(ev.ApiReadOnly)) == 2 and off
-    assert all(e.req_id != READ_ONLY_PROBE_ID for e in recorder.of(ev.BrokerError))
+    assert all(e.req_id != READ_ONLY_PROBE_ID for e in recorder.of(ev.BrokerMessage))
