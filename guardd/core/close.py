@@ -383,11 +383,6 @@ class CloseEpisode:
         self._refresh_positions = False  # this round asks for positions afresh
         self.waiting_for_open: set[PositionKey] = set()  # to close, their market closed
 
-    @property
-    def decision_ref(self) -> planner.DecisionId:
-        """The decision id as the planner writes it into order refs."""
-        return planner.DecisionId(str(self.decision_id))
-
     def child_by_order_id(self, order_id: int) -> Child | None:
         """One of our children by its order id (our client's), if it is one."""
         return self._by_order_id.get(order_id)
@@ -644,7 +639,7 @@ class CloseEpisode:
                 child_inputs,
                 targets,
                 policy,
-                decision_id=self.decision_ref,
+                decision_id=self.decision_id,
                 budget=budget,
                 now=obs.now,
                 sequence_start=self.sequence,
@@ -655,7 +650,7 @@ class CloseEpisode:
                 inputs,
                 child_inputs,
                 policy,
-                decision_id=self.decision_ref,
+                decision_id=self.decision_id,
                 budget=budget,
                 now=obs.now,
                 sequence_start=self.sequence,

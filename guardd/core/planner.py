@@ -89,7 +89,6 @@ from guardd.core import pricing
 from guardd.core.events import ConId
 
 AccountId = NewType("AccountId", str)
-DecisionId = NewType("DecisionId", str)
 
 ZERO = Decimal(0)
 ONE = Decimal(1)
@@ -448,7 +447,7 @@ def plan_flatten(
     children: Iterable[ChildOrder],
     policy: ClosePolicy,
     *,
-    decision_id: DecisionId,
+    decision_id: int,
     budget: int,
     now: float,
     sequence_start: int = 1,
@@ -484,7 +483,7 @@ def plan_reduce(
     targets: Mapping[PositionKey, Decimal],
     policy: ClosePolicy,
     *,
-    decision_id: DecisionId,
+    decision_id: int,
     budget: int,
     now: float,
     sequence_start: int = 1,
@@ -532,7 +531,7 @@ def _plan(
     children: Iterable[ChildOrder],
     targets: Mapping[PositionKey, Decimal],
     policy: ClosePolicy,
-    decision_id: DecisionId,
+    decision_id: int,
     budget: int,
     sequence_start: int,
     now: float,
@@ -583,7 +582,7 @@ def _plan(
     return Plan(orders=tuple(orders), notes=tuple(notes), at_target=tuple(at_target))
 
 
-def order_ref_prefix(kind: CloseKind, decision_id: DecisionId | int) -> str:
+def order_ref_prefix(kind: CloseKind, decision_id: int) -> str:
     """The orderRef of a close child of decision `decision_id` but its sequence number."""
     return f"{ORDER_REF_PREFIX}{kind}:{decision_id}:"
 

@@ -116,7 +116,7 @@ def test_closed_market_then_no_child_and_a_market_closed_note() -> None:
         [position(market_open=False)],
         [],
         planner.ClosePolicy(),
-        decision_id=planner.DecisionId("1"),
+        decision_id=1,
         budget=10,
         now=0.0,
     )

@@ -16,7 +16,6 @@ from guardd.core.planner import (
     ChildStatus,
     ClosePolicy,
     ConfirmedPosition,
-    DecisionId,
     Note,
     NoteKind,
     OrderType,
@@ -34,7 +33,7 @@ from guardd.core.planner import (
 from guardd.core.pricing import ClosePrices, PricePoint
 
 D = Decimal
-DECISION = DecisionId("k7")
+DECISION = 7
 NOW = 1_000.0
 
 

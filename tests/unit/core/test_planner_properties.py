@@ -31,7 +31,6 @@ from guardd.core.planner import (
     ChildStatus,
     ClosePolicy,
     ConfirmedPosition,
-    DecisionId,
     NoteKind,
     Plan,
     PositionKey,
@@ -43,7 +42,7 @@ from guardd.core.planner import (
 )
 
 KEY = PositionKey(AccountId("DU1"), ConId(1))
-DECISION = DecisionId("d1")
+DECISION = 1
 BROKER_LIVE = "working"
 
 

@@ -25,7 +25,6 @@ from guardd.core.planner import (
     AccountId,
     ClosePolicy,
     ConfirmedPosition,
-    DecisionId,
     NoteKind,
     OrderType,
     OrderTypeRule,
@@ -53,7 +52,7 @@ from guardd.core.pricing import (
 D = Decimal
 NOW = 10_000.0
 KEY = PositionKey(AccountId("DU1"), ConId(1))
-DECISION = DecisionId("k9")
+DECISION = 9
 POLICY = RepricePolicy(
     max_price_age_s=5.0,
     reprice_after_s=10.0,
