@@ -6,6 +6,9 @@ guardd once and forks one child per run, and each child runs exactly what the `g
 script runs (`guardd.cli.main(["run", "-c", FILE, ...])`), so a child is a real guard process that
 a test can SIGKILL at any instant. (A fresh interpreter spends about 1.5 s importing guardd; 100
 of them would not fit the drill's time budget.)
+
+`guardd_run(tmp_path, ib_port)` is the plain way: one `python -m guardd run` child with HTTP
+control, as a `GuardRun` (its log, journal, latch; `stop_with(signal)`).
 """
 
 from __future__ import annotations
@@ -31,11 +34,16 @@ from ibapi.order import Order
 from guardd.config import Config
 from guardd.control.commands import ControlCommand
 from guardd.runtime.guard import Guard
+from guardd.state.journal import read_journal
 from ibsim.bot import RunawayBot
 from ibsim.gateway import PLACE_ORDER, SimGateway
 from ibsim.types import OrderRequest
 from tests.conftest import eventually, free_port
-from tests.guard_harness import ACCOUNT, GUARD_CLIENT_ID
+from tests.guard_harness import (
+    ACCOUNT,
+    GUARD_CLIENT_ID,
+    zero_crossings,
+)
 from tests.ibapi_harness import IbapiClient, connected
 
 REQ_POSITIONS, REQ_ALL_OPEN_ORDERS, REQ_GLOBAL_CANCEL = 61, 16, 58
@@ -315,3 +323,158 @@ async def http_kill(
     headers = {"Authorization": f"Bearer {token}"}
     async with session.post(f"{url}/v1/kill", json=body, headers=headers) as response:
         return response.status, await response.json()
+
+
+STOP_WITHIN_S = 2.0  # the requirement
+
+
+class GuardRun:
+    """`python -m guardd run -c CONFIG --fresh-start` as a child process, its log in a file."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path, state_dir: Path) -> None:
+        self.proc = proc
+        self.log = log
+        self.state_dir = state_dir
+
+    def logged(self, event: str) -> bool:
+        return event in self.log.read_text(errors="replace")
+
+    def journal_kinds(self) -> list[str]:
+        return [str(r.get("kind")) for r in read_journal(self.state_dir / "journal.jsonl")]
+
+    def latch(self) -> bytes:
+        return (self.state_dir / "latch.json").read_bytes()
+
+    async def stop_with(self, sig: signal.Signals) -> float:
+        """Send `sig`; returns how long the process took to exit (fails past the bound)."""
+        assert self.proc.returncode is None, f"the guard already exited: {self.log.read_text()}"
+        sent = time.monotonic()
+        os.kill(self.proc.pid, sig)
+        try:
+            await asyncio.wait_for(self.proc.wait(), STOP_WITHIN_S * 5)
+        except TimeoutError:
+            self.proc.kill()
+            raise AssertionError(f"not stopped: {self.log.read_text()}") from None
+        return time.monotonic() - sent
+
+
+@contextlib.asynccontextmanager
+async def guardd_run(
+    tmp_path: Path, ib_port: int, extra_toml: str = "", env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[GuardRun, str, str]]:
+    """A running `guardd run` process (`env` added to its environment); yields (run, control
+    URL, kill token). Its config file is ``run.state_dir / "guardd.toml"``."""
+    state_dir = tmp_path / "state"
+    config, url, token = write_run_config(state_dir, ib_port, extra_toml)
+    log = tmp_path / "guardd.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "guardd",
+            "run",
+            "-c",
+            str(config),
+            "--fresh-start",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=None if env is None else {**os.environ, **env},
+        )
+    run = GuardRun(proc, log, state_dir)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await control_up(session, url, run)
+        yield run, url, token
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def control_up(session: aiohttp.ClientSession, url: str, run: GuardRun) -> None:
+    async def up() -> bool:
+        assert run.proc.returncode is None, f"guardd exited: {run.log.read_text()}"
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with session.get(f"{url}/healthz") as response:
+                return response.status == 200
+        return False
+
+    try:
+        await eventually(up, "the control plane up", timeout_s=20, interval_s=0.05)
+    except AssertionError as failed:
+        raise AssertionError(f"{failed}: {run.log.read_text()}") from None
+
+
+# The settle time must cover the position stream's lag (guardd.core.close, assumption A3): a
+# figure the guard cannot reconcile with the fills it saw is trusted only after this much quiet.
+FLATTEN = """
+[kill]
+mode = "flatten"
+
+[flatten]
+verify_timeout_s = 30.0
+position_settle_s = 3.0
+lost_order_grace_s = 1.0
+"""
+
+
+# A slow close: each order fills at most 50 per 0.1 s market step, so a child works for seconds.
+SLOW_FILLS = {"partial_fill_quantity": 50, "market_interval_s": 0.1}
+
+
+def guard_totals(sim: SimGateway) -> dict[int, Decimal]:
+    """Signed quantity the guard's client id filled, per contract (BUY +, SELL -)."""
+    totals: dict[int, Decimal] = {}
+    for fill in sim.exchange.fills():
+        if fill.client_id == GUARD_CLIENT_ID and fill.order_id != 0:  # 0: IB's own orders
+            sign = 1 if fill.side == "BOT" else -1
+            con = fill.instrument.con_id
+            totals[con] = totals.get(con, Decimal(0)) + sign * Decimal(str(fill.shares))
+    return totals
+
+
+def others_totals(sim: SimGateway) -> dict[int, Decimal]:
+    """Signed quantity everyone but the guard filled (bots, IB liquidations), per contract."""
+    totals: dict[int, Decimal] = {}
+    for fill in sim.exchange.fills():
+        if fill.client_id != GUARD_CLIENT_ID or fill.order_id == 0:
+            sign = 1 if fill.side == "BOT" else -1
+            con = fill.instrument.con_id
+            totals[con] = totals.get(con, Decimal(0)) + sign * Decimal(str(fill.shares))
+    return totals
+
+
+def child_mid_fill(sim: SimGateway) -> bool:
+    """A close child of the guard is working and has filled part of its quantity."""
+    return any(
+        o.client_id == GUARD_CLIENT_ID and o.order_id != 0 and o.is_working and o.filled > 0
+        for o in sim.exchange.orders()
+    )
+
+
+def flat_and_idle(sim: SimGateway) -> bool:
+    return not sim.exchange.positions(ACCOUNT) and not sim.exchange.working_orders()
+
+
+async def assert_flat_never_crossed(sim: SimGateway, start: dict[int, float]) -> None:
+    """The end state every drill must reach, read three ways (see the module doc)."""
+    positions, working = await gateway_says_flat(sim.port)
+    assert positions == {} and working == 0, (positions, working)
+    assert zero_crossings(sim, start) == [], "a position crossed zero"
+    others = others_totals(sim)
+    want = {
+        con: -(Decimal(str(qty)) + others.get(con, Decimal(0)))
+        for con, qty in start.items()
+        if Decimal(str(qty)) + others.get(con, Decimal(0)) != 0
+    }
+    assert guard_totals(sim) == want, "the guard closed more or less than there was"
+    assert sim.pacing_violations == 0
+
+
+async def guard_confirms_flat(guard: Any, timeout_s: float = 20.0) -> None:
+    await eventually(
+        lambda: guard.executor.episode is not None and guard.executor.episode.at_target,
+        "the guard confirms flat",
+        timeout_s=timeout_s,
+    )

@@ -22,8 +22,8 @@ import pytest
 from guardd.control.http import FD_RESERVE
 from ibsim.gateway import SimGateway
 from tests.conftest import eventually
-from tests.integration.control.test_control_guard import Running, running_guard
-from tests.integration.ops.test_deploy import UNITS, directives
+from tests.control_harness import Running, running_guard
+from tests.deploy_files import UNITS, directives
 from tests.mqtt_broker import Broker, mqtt_broker
 
 __all__ = ["mqtt_broker"]  # fixture used by name

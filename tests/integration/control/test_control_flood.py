@@ -20,7 +20,7 @@ from bench.junk import JunkFlood
 from guardd.state.journal import read_journal
 from ibsim.gateway import SimGateway
 from tests.conftest import eventually
-from tests.integration.control.test_control_guard import ACCOUNT, Running, running_guard, signed
+from tests.control_harness import ACCOUNT, Running, running_guard, signed
 from tests.mqtt_broker import MQTT_USER, Broker, mqtt_broker, start_broker, start_deployed_broker
 
 __all__ = ["mqtt_broker"]  # fixture used by name

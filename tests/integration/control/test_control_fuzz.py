@@ -24,7 +24,7 @@ from guardd.control.auth import signed_payload
 from guardd.state.journal import read_journal
 from ibsim.gateway import SimGateway
 from tests.conftest import eventually
-from tests.integration.control.test_control_guard import ACCOUNT, KEYS, Running, running_guard
+from tests.control_harness import ACCOUNT, KEYS, Running, running_guard
 from tests.mqtt_broker import Broker, mqtt_broker
 
 __all__ = ["mqtt_broker"]  # fixture used by name

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,11 @@ from guardd.control.http import ControlHttpServer
 from guardd.control.mqtt import MqttControl
 from guardd.retry import RetryPolicy
 from tests.conftest import eventually, free_port
+from tests.control_harness import doc_example, guardctl, require_tools, run_shell
 from tests.mqtt_broker import Broker, MemoryHandler, mqtt_broker
 
 __all__ = ["mqtt_broker"]  # fixture used by name
 
-ROOT = Path(__file__).resolve().parents[3]
-DOC = ROOT / "docs" / "control.md"
 ACCOUNT = "DU000001"
 KILL_TOKEN = "kill-token-0123456789"
 READ_TOKEN = "read-token-0123456789"
@@ -43,11 +41,6 @@ def secret_file(tmp_path: Path, name: str, text: str) -> str:
     path.write_text(text + "\n")
     path.chmod(0o600)
     return str(path)
-
-
-async def guardctl(*argv: str) -> int:
-    """Run guardctl in a thread (it runs its own event loop) while the servers run in ours."""
-    return await asyncio.to_thread(main, list(argv))
 
 
 def printed_json(out: str) -> object:
@@ -385,34 +378,6 @@ async def test_mqtt_without_account_then_exit_2(mqtt_broker: Broker) -> None:
 
 
 # ------------------------------------------------------------------ the documented shell examples
-
-
-def doc_example(name: str) -> str:
-    """The first ```sh block after ``<!-- example: name`` in docs/control.md."""
-    text = DOC.read_text()
-    after = text[text.index(f"<!-- example: {name}") :]
-    return after.split("```sh\n", 1)[1].split("```", 1)[0]
-
-
-def require_tools(*tools: str) -> None:
-    missing = [tool for tool in tools if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(
-            f"{', '.join(missing)} not installed; the documented example needs them "
-            "(apt-get install -y openssl mosquitto-clients curl)",
-            pytrace=False,
-        )
-
-
-async def run_shell(script: str, env: dict[str, str]) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        "bash", "-euo", "pipefail", "-c", script,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 20)
-    return proc.returncode or 0, out.decode()
 
 
 async def test_documented_openssl_mosquitto_pub_kill_then_halted(mqtt_broker: Broker) -> None:

@@ -26,15 +26,21 @@ import aiohttp
 import pytest
 
 from guardd.state.journal import journal_segments, read_journal
-from ibsim.gateway import PLACE_ORDER, SimGateway
+from ibsim.gateway import PLACE_ORDER
 from tests.conftest import eventually
 from tests.drill_helpers import (
+    FLATTEN,
+    SLOW_FILLS,
     GuardProcesses,
+    assert_flat_never_crossed,
+    child_mid_fill,
     client,
-    gateway_says_flat,
+    flat_and_idle,
+    guard_confirms_flat,
     http_kill,
     http_ready,
     kill_command,
+    others_totals,
     running,
     wait_gone,
     write_run_config,
@@ -48,7 +54,6 @@ from tests.guard_harness import (
     position,
     sim_gateway,
     starting_positions,
-    zero_crossings,
 )
 from tests.ibapi_harness import market_order, stock
 
@@ -56,76 +61,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
 
 BOT = 7
 DELAY_S = 1.5  # how late the gateway sends position updates in the delayed drills
-# The settle time must cover the position stream's lag (guardd.core.close, assumption A3): a
-# figure the guard cannot reconcile with the fills it saw is trusted only after this much quiet.
-FLATTEN = """
-[kill]
-mode = "flatten"
-
-[flatten]
-verify_timeout_s = 30.0
-position_settle_s = 3.0
-lost_order_grace_s = 1.0
-"""
-# A slow close: each order fills at most 50 per 0.1 s market step, so a child works for seconds.
-SLOW_FILLS = {"partial_fill_quantity": 50, "market_interval_s": 0.1}
-
-
-def guard_totals(sim: SimGateway) -> dict[int, Decimal]:
-    """Signed quantity the guard's client id filled, per contract (BUY +, SELL -)."""
-    totals: dict[int, Decimal] = {}
-    for fill in sim.exchange.fills():
-        if fill.client_id == GUARD_CLIENT_ID and fill.order_id != 0:  # 0: IB's own orders
-            sign = 1 if fill.side == "BOT" else -1
-            con = fill.instrument.con_id
-            totals[con] = totals.get(con, Decimal(0)) + sign * Decimal(str(fill.shares))
-    return totals
-
-
-def others_totals(sim: SimGateway) -> dict[int, Decimal]:
-    """Signed quantity everyone but the guard filled (bots, IB liquidations), per contract."""
-    totals: dict[int, Decimal] = {}
-    for fill in sim.exchange.fills():
-        if fill.client_id != GUARD_CLIENT_ID or fill.order_id == 0:
-            sign = 1 if fill.side == "BOT" else -1
-            con = fill.instrument.con_id
-            totals[con] = totals.get(con, Decimal(0)) + sign * Decimal(str(fill.shares))
-    return totals
-
-
-def child_mid_fill(sim: SimGateway) -> bool:
-    """A close child of the guard is working and has filled part of its quantity."""
-    return any(
-        o.client_id == GUARD_CLIENT_ID and o.order_id != 0 and o.is_working and o.filled > 0
-        for o in sim.exchange.orders()
-    )
-
-
-def flat_and_idle(sim: SimGateway) -> bool:
-    return not sim.exchange.positions(ACCOUNT) and not sim.exchange.working_orders()
-
-
-async def assert_flat_never_crossed(sim: SimGateway, start: dict[int, float]) -> None:
-    """The end state every drill must reach, read three ways (see the module doc)."""
-    positions, working = await gateway_says_flat(sim.port)
-    assert positions == {} and working == 0, (positions, working)
-    assert zero_crossings(sim, start) == [], "a position crossed zero"
-    others = others_totals(sim)
-    want = {
-        con: -(Decimal(str(qty)) + others.get(con, Decimal(0)))
-        for con, qty in start.items()
-        if Decimal(str(qty)) + others.get(con, Decimal(0)) != 0
-    }
-    assert guard_totals(sim) == want, "the guard closed more or less than there was"
-    assert sim.pacing_violations == 0
-
-
-async def guard_confirms_flat(guard: Any, timeout_s: float = 20.0) -> None:
-    await eventually(
-        lambda: guard.executor.episode is not None and guard.executor.episode.at_target,
-        "the guard confirms flat",
-        timeout_s=timeout_s,
-    )
 
 
 # ---- positions delayed by seconds while others trade the same contract --------------------------

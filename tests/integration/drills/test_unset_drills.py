@@ -21,7 +21,16 @@ import pytest
 from guardd.retry import RetryPolicy
 from ibsim.gateway import FieldOmission, SimGateway
 from tests.conftest import eventually
-from tests.drill_helpers import kill_command, running
+from tests.drill_helpers import (
+    FLATTEN,
+    SLOW_FILLS,
+    assert_flat_never_crossed,
+    child_mid_fill,
+    flat_and_idle,
+    guard_confirms_flat,
+    kill_command,
+    running,
+)
 from tests.guard_harness import (
     AAPL,
     ES,
@@ -31,14 +40,6 @@ from tests.guard_harness import (
     position,
     sim_gateway,
     starting_positions,
-)
-from tests.integration.drills.test_close_fault_drills import (
-    FLATTEN,
-    SLOW_FILLS,
-    assert_flat_never_crossed,
-    child_mid_fill,
-    flat_and_idle,
-    guard_confirms_flat,
 )
 
 pytestmark = pytest.mark.integration

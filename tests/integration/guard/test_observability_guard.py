@@ -35,7 +35,7 @@ from ibsim.gateway import SimGateway
 from ibsim.scenario import Scenario
 from ibsim.server import build_gateway
 from tests.conftest import eventually, free_port
-from tests.integration.ops.test_deploy import ALERTS, dashboard, firing_alert, panel_exprs, tool
+from tests.deploy_files import ALERTS, dashboard, firing_alert, panel_exprs, tool
 from tests.mqtt_broker import Broker, start_broker
 
 pytestmark = pytest.mark.integration

@@ -18,9 +18,8 @@ import pytest
 
 from ibsim.gateway import SimGateway
 from tests.conftest import eventually
-from tests.drill_helpers import http_ready
-from tests.integration.guard.test_stop import GuardRun, guardd_run
-from tests.unit.test_sdnotify import FakeSystemd, systemd
+from tests.drill_helpers import GuardRun, guardd_run, http_ready
+from tests.fake_systemd import FakeSystemd, systemd
 
 __all__ = ["systemd"]  # fixture used by name
 

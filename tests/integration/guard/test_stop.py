@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,95 +20,22 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from guardd.state.journal import read_journal
 from ibsim.gateway import PLACE_ORDER, SimGateway
 from ibsim.types import Instrument, OrderRequest
 from tests.conftest import eventually, free_port
-from tests.drill_helpers import REQ_POSITIONS, http_kill, http_ready, write_run_config
+from tests.drill_helpers import (
+    REQ_POSITIONS,
+    STOP_WITHIN_S,
+    GuardRun,
+    guardd_run,
+    http_kill,
+    http_ready,
+)
 from tests.guard_harness import GUARD_CLIENT_ID
 
 pytestmark = pytest.mark.integration
 
-STOP_WITHIN_S = 2.0  # the requirement
 SIGNALS = [signal.SIGTERM, signal.SIGINT]
-
-
-class GuardRun:
-    """`python -m guardd run -c CONFIG --fresh-start` as a child process, its log in a file."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, log: Path, state_dir: Path) -> None:
-        self.proc = proc
-        self.log = log
-        self.state_dir = state_dir
-
-    def logged(self, event: str) -> bool:
-        return event in self.log.read_text(errors="replace")
-
-    def journal_kinds(self) -> list[str]:
-        return [str(r.get("kind")) for r in read_journal(self.state_dir / "journal.jsonl")]
-
-    def latch(self) -> bytes:
-        return (self.state_dir / "latch.json").read_bytes()
-
-    async def stop_with(self, sig: signal.Signals) -> float:
-        """Send `sig`; returns how long the process took to exit (fails past the bound)."""
-        assert self.proc.returncode is None, f"the guard already exited: {self.log.read_text()}"
-        sent = time.monotonic()
-        os.kill(self.proc.pid, sig)
-        try:
-            await asyncio.wait_for(self.proc.wait(), STOP_WITHIN_S * 5)
-        except TimeoutError:
-            self.proc.kill()
-            raise AssertionError(f"not stopped: {self.log.read_text()}") from None
-        return time.monotonic() - sent
-
-
-@contextlib.asynccontextmanager
-async def guardd_run(
-    tmp_path: Path, ib_port: int, extra_toml: str = "", env: dict[str, str] | None = None
-) -> AsyncIterator[tuple[GuardRun, str, str]]:
-    """A running `guardd run` process (`env` added to its environment); yields (run, control
-    URL, kill token). Its config file is ``run.state_dir / "guardd.toml"``."""
-    state_dir = tmp_path / "state"
-    config, url, token = write_run_config(state_dir, ib_port, extra_toml)
-    log = tmp_path / "guardd.log"
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "guardd",
-            "run",
-            "-c",
-            str(config),
-            "--fresh-start",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            env=None if env is None else {**os.environ, **env},
-        )
-    run = GuardRun(proc, log, state_dir)
-    try:
-        async with aiohttp.ClientSession() as session:
-            await control_up(session, url, run)
-        yield run, url, token
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
-async def control_up(session: aiohttp.ClientSession, url: str, run: GuardRun) -> None:
-    async def up() -> bool:
-        assert run.proc.returncode is None, f"guardd exited: {run.log.read_text()}"
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            async with session.get(f"{url}/healthz") as response:
-                return response.status == 200
-        return False
-
-    try:
-        await eventually(up, "the control plane up", timeout_s=20, interval_s=0.05)
-    except AssertionError as failed:
-        raise AssertionError(f"{failed}: {run.log.read_text()}") from None
 
 
 async def waiting_for(url: str) -> object:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -24,30 +22,24 @@ from guardd.core.rules import Thresholds
 from guardd.errors import ConfigError, StartupError
 from guardd.metrics import Metrics, MetricsServer
 from tests.conftest import eventually, free_port
+from tests.deploy_files import (
+    ALERTS,
+    DEPLOY,
+    ROOT,
+    UNITS,
+    dashboard,
+    directives,
+    firing_alert,
+    panel_exprs,
+    tool,
+)
 
-ROOT = Path(__file__).resolve().parents[3]
-DEPLOY = ROOT / "deploy"
-UNITS = {
-    "guardd.service": DEPLOY / "systemd" / "guardd.service",
-    # a template verifies and scores as an instance of it
-    "guardd@DU1234567.service": DEPLOY / "systemd" / "guardd@.service",
-}
-DASHBOARD = DEPLOY / "grafana" / "guardd.json"
-ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
 INSTALLED_BINARY = "/usr/local/bin/guardd"
 
 # Grafana's variables, replaced by plain PromQL before checking an expression.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$account": ".*"}
 METRIC_NAME = re.compile(r"\b(guardd_[a-z0-9_]+)\b")
-
-
-def tool(name: str, package: str) -> str:
-    """The path of `name`, or a test failure naming the package that provides it."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found on PATH: install the {package} package (scripts/bootstrap)")
-    return path
 
 
 def run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -75,15 +67,6 @@ def installable_copy(unit: Path, name: str, directory: Path) -> Path:
     copy = directory / name
     copy.write_text(text.replace(INSTALLED_BINARY, tool("true", "coreutils")))
     return copy
-
-
-def directives(unit: Path) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-    for line in unit.read_text().splitlines():
-        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            found.setdefault(key.strip(), []).append(value.strip())
-    return found
 
 
 # ---------------------------------------------------------------------------------- systemd
@@ -248,21 +231,6 @@ def test_alert_rules_read_then_each_critical_or_warning_with_a_runbook_section()
 # ---------------------------------------------------------------------------------- Grafana
 
 
-def dashboard() -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
-    return loaded
-
-
-def panel_exprs(board: dict[str, Any]) -> list[tuple[str, str]]:
-    """(panel title, expr) of every target of every panel, rows' nested panels included."""
-    found = []
-    for panel in board["panels"]:
-        for inner in [panel, *panel.get("panels", [])]:
-            for target in inner.get("targets", []):
-                found.append((inner["title"], target["expr"]))
-    return found
-
-
 def plain_promql(expr: str) -> str:
     for variable, value in GRAFANA_VARIABLES.items():
         expr = expr.replace(variable, value)
@@ -419,20 +387,3 @@ async def test_real_prometheus_scrapes_a_halted_guard_then_guardd_halted_fires(
 
     assert firing["labels"]["account"] == "DU1"
     assert firing["labels"]["job"] == "guardd"
-
-
-async def firing_alert(
-    session: aiohttp.ClientSession, url: str, name: str
-) -> dict[str, Any] | None:
-    """The firing alert called `name` on the Prometheus at `url`; None while there is none (or
-    Prometheus does not answer yet)."""
-    try:
-        async with session.get(f"{url}/api/v1/alerts") as response:
-            body = await response.json()
-    except aiohttp.ClientError:
-        return None
-    for alert in body["data"]["alerts"]:
-        if alert["labels"]["alertname"] == name and alert["state"] == "firing":
-            found: dict[str, Any] = alert
-            return found
-    return None

@@ -39,8 +39,8 @@ from guardd.retry import RetryPolicy
 from ibsim.gateway import REQ_POSITIONS, FieldOmission, SimGateway
 from ibsim.scenario import OmitFields, ScenarioError, parse_scenario
 from ibsim.server import build_gateway
+from tests.close_view import KEY, POLICY, SETTINGS, BookView, held, kinds, send_all
 from tests.conftest import SCENARIO, eventually
-from tests.unit.core.test_close import KEY, POLICY, SETTINGS, Broker, held, kinds, send_all
 
 ACC = "DU111"
 AAPL = 265598
@@ -217,24 +217,24 @@ def test_unset_client_id_then_never_our_order() -> None:
 
 def test_unknown_figure_then_never_confirmed_flat_and_nothing_planned() -> None:
     # Arrange: long 10, our child sold 10 (status in), the figure arrives unset
-    broker = Broker(10)
+    view = BookView(10)
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
-    (first,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
-    broker.status(first, "Filled", 10)
-    broker.now += 1
+    (first,) = send_all(episode, episode.step(view.obs(), POLICY, 4), view, 100)
+    view.status(first, "Filled", 10)
+    view.now += 1
 
     # Act: the figure is unknown (the Book holds the last known 10, or NaN)
     for last in (Decimal(10), Decimal("NaN"), Decimal(0)):
         unknown = Held(replace(held(0, 0.0).position, quantity=last), 0.0, known=False)
-        plan = episode.step(replace(broker.obs(), positions={KEY: unknown}), POLICY, 4)
+        plan = episode.step(replace(view.obs(), positions={KEY: unknown}), POLICY, 4)
 
         # Assert
         assert not plan.at_target and plan.off_target == 1 and plan.orders == ()
         assert "flat_confirmed" not in kinds(plan) and not episode.at_target
 
     # Act: the figure arrives: 0
-    broker.figure(0)
-    done = episode.step(broker.obs(), POLICY, 4)
+    view.figure(0)
+    done = episode.step(view.obs(), POLICY, 4)
 
     # Assert
     assert "close_position_known" in kinds(done) and "flat_confirmed" in kinds(done)

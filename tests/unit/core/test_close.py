@@ -6,128 +6,54 @@ from __future__ import annotations
 from decimal import Decimal
 
 from guardd.core.close import (
-    Child,
     CloseEpisode,
     CloseSettings,
     Fill,
-    Held,
-    Observation,
     OrderReport,
     Round,
 )
-from guardd.core.events import ConId
 from guardd.core.planner import (
-    AccountId,
-    ClosePolicy,
-    ConfirmedPosition,
-    PositionKey,
     Side,
 )
-
-KEY = PositionKey(AccountId("DU1"), ConId(1))
-OURS = 0
-POLICY = ClosePolicy(max_rejects=None)
-SETTINGS = CloseSettings(client_id=OURS, settle_s=5.0, lost_grace_s=2.0, overdue_s=30.0)
-
-
-def held(quantity: int, updated: float, sec_type: str = "FUT") -> Held:
-    position = ConfirmedPosition(
-        key=KEY,
-        symbol="ES",
-        sec_type=sec_type,
-        exchange="CME",
-        currency="USD",
-        quantity=Decimal(quantity),
-        price=100.0,
-        fx_rate=1.0,
-    )
-    return Held(position, updated)
+from tests.close_view import (
+    KEY,
+    OURS,
+    POLICY,
+    SETTINGS,
+    BookView,
+    child_of,
+    fill,
+    kinds,
+    send_all,
+)
 
 
-def fill(exec_id: str, quantity: int, ts: float, *, client: int = 7, order_id: int = 5) -> Fill:
-    return Fill(exec_id, client, order_id, 0, KEY, Decimal(quantity), ts, True)
-
-
-class Broker:
-    """What the executor would read off the Book, set by hand."""
-
-    def __init__(self, position: int, now: float = 100.0) -> None:
-        self.now = now
-        self.generation = 1
-        self.synced_since: float | None = 0.0
-        self.executions_complete = True
-        self.position = position
-        self.updated = 0.0
-        self.orders: dict[int, OrderReport] = {}
-        self.fills: list[Fill] = []
-        self.foreign_buying: dict[PositionKey, Decimal] = {}
-        self.foreign_selling: dict[PositionKey, Decimal] = {}
-
-    def obs(self) -> Observation:
-        return Observation(
-            now=self.now,
-            generation=self.generation,
-            synced_since=self.synced_since,
-            executions_complete=self.executions_complete,
-            positions={KEY: held(self.position, self.updated)},
-            orders=dict(self.orders),
-            fills=list(self.fills),
-            foreign_buying=dict(self.foreign_buying),
-            foreign_selling=dict(self.foreign_selling),
-        )
-
-    def figure(self, quantity: int) -> None:
-        self.position, self.updated = quantity, self.now
-
-    def status(self, order_id: int, status: str, filled: int) -> None:
-        self.orders[order_id] = OrderReport(order_id, 1000 + order_id, status, Decimal(filled))
-
-
-def send_all(episode: CloseEpisode, plan: Round, broker: Broker, first_id: int) -> list[int]:
-    ids = []
-    for n, order in enumerate(plan.orders):
-        episode.add_child(order, first_id + n, broker.generation, broker.now)
-        broker.status(first_id + n, "Submitted", 0)
-        ids.append(first_id + n)
-    return ids
-
-
-def child_of(episode: CloseEpisode, order_id: int) -> Child:
-    child = episode.child_by_order_id(order_id)
-    assert child is not None
-    return child
-
-
-def kinds(plan: Round) -> list[str]:
-    return [r.kind for r in plan.records]
-
-
-def close_fully(episode: CloseEpisode, broker: Broker, order_id: int, quantity: int) -> Round:
+def close_fully(episode: CloseEpisode, view: BookView, order_id: int, quantity: int) -> Round:
     """Our child fills completely; execution, status and figure all arrive."""
     sign = 1 if child_of(episode, order_id).action is Side.BUY else -1
-    broker.fills.append(
-        fill(f"own{order_id}", sign * quantity, broker.now, client=OURS, order_id=order_id)
+    view.fills.append(
+        fill(f"own{order_id}", sign * quantity, view.now, client=OURS, order_id=order_id)
     )
-    broker.status(order_id, "Filled", quantity)
-    broker.figure(broker.position + sign * quantity)
-    return episode.step(broker.obs(), POLICY, 4)
+    view.status(order_id, "Filled", quantity)
+    view.figure(view.position + sign * quantity)
+    return episode.step(view.obs(), POLICY, 4)
 
 
 def test_flat_confirmed_then_a_new_fill_then_a_new_round_closes_it() -> None:
     # Arrange: long 10, closed and confirmed flat
-    broker = Broker(10)
+    view = BookView(10)
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
-    plan = episode.step(broker.obs(), POLICY, 4)
-    (first,) = send_all(episode, plan, broker, 100)
+    plan = episode.step(view.obs(), POLICY, 4)
+    (first,) = send_all(episode, plan, view, 100)
     assert plan.orders[0].action is Side.SELL and plan.orders[0].quantity == 10
-    done = close_fully(episode, broker, first, 10)
+    done = close_fully(episode, view, first, 10)
     assert "flat_confirmed" in kinds(done) and episode.at_target
 
     # Act: a bot's market order fills after "flat confirmed": BOT 3
-    broker.now += 1
-    broker.fills.append(fill("bot1", 3, broker.now))
-    broker.figure(3)
-    again = episode.step(broker.obs(), POLICY, 4)
+    view.now += 1
+    view.fills.append(fill("bot1", 3, view.now))
+    view.figure(3)
+    again = episode.step(view.obs(), POLICY, 4)
 
     # Assert
     assert "close_round_started" in kinds(again) and episode.round == 2
@@ -136,18 +62,18 @@ def test_flat_confirmed_then_a_new_fill_then_a_new_round_closes_it() -> None:
 
 def test_old_figure_after_flat_then_no_close() -> None:
     # Arrange: long 10, sold 10 (execution in), confirmed flat
-    broker = Broker(10)
+    view = BookView(10)
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
-    (first,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
-    close_fully(episode, broker, first, 10)
+    (first,) = send_all(episode, episode.step(view.obs(), POLICY, 4), view, 100)
+    close_fully(episode, view, first, 10)
 
     # Act: after a reconnect, an update from before the sale arrives late: 10 again
-    broker.now += 1
-    broker.generation += 1
-    broker.synced_since = broker.now
-    broker.orders = {}
-    broker.figure(10)
-    plan = episode.step(broker.obs(), POLICY, 4)
+    view.now += 1
+    view.generation += 1
+    view.synced_since = view.now
+    view.orders = {}
+    view.figure(10)
+    plan = episode.step(view.obs(), POLICY, 4)
 
     # Assert: our own fills say it is gone; nothing is sold twice
     assert plan.orders == ()
@@ -156,20 +82,20 @@ def test_old_figure_after_flat_then_no_close() -> None:
 
 def test_figure_lags_our_fill_then_never_sells_twice() -> None:
     # Arrange: long 10, a child of 10 sent; its execution arrives, the figure does not
-    broker = Broker(10)
+    view = BookView(10)
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
-    (first,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
-    broker.now += 1
-    broker.fills.append(fill("own", -10, broker.now, client=OURS, order_id=first))
-    broker.status(first, "Filled", 10)
+    (first,) = send_all(episode, episode.step(view.obs(), POLICY, 4), view, 100)
+    view.now += 1
+    view.fills.append(fill("own", -10, view.now, client=OURS, order_id=first))
+    view.status(first, "Filled", 10)
 
     # Act: rounds while the position still says 10 (less than the settle time), then 0
     plans = []
     for _ in range(8):
-        broker.now += 0.5
-        plans.append(episode.step(broker.obs(), POLICY, 4))
-    broker.figure(0)
-    last = episode.step(broker.obs(), POLICY, 4)
+        view.now += 0.5
+        plans.append(episode.step(view.obs(), POLICY, 4))
+    view.figure(0)
+    last = episode.step(view.obs(), POLICY, 4)
 
     # Assert: never a second sale while our fill is unconfirmed by the position
     assert all(p.orders == () and not p.at_target for p in plans)
@@ -178,15 +104,15 @@ def test_figure_lags_our_fill_then_never_sells_twice() -> None:
 
 def test_fill_of_a_foreign_order_with_our_ref_style_then_counted_foreign() -> None:
     # Arrange: long 10, our child 100 sells 10 and is working
-    broker = Broker(10)
+    view = BookView(10)
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
-    (first,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
+    (first,) = send_all(episode, episode.step(view.obs(), POLICY, 4), view, 100)
 
     # Act: another client's fill with the same order id (ids are per client)
-    broker.now += 1
-    broker.fills.append(fill("x", -4, broker.now, client=9, order_id=first))
-    broker.figure(6)
-    plan = episode.step(broker.obs(), POLICY, 4)
+    view.now += 1
+    view.fills.append(fill("x", -4, view.now, client=9, order_id=first))
+    view.figure(6)
+    plan = episode.step(view.obs(), POLICY, 4)
 
     # Assert: not ours; our child of 10 is now too big for the 6 left: cancelled
     assert child_of(episode, first).filled == 0
@@ -194,32 +120,32 @@ def test_fill_of_a_foreign_order_with_our_ref_style_then_counted_foreign() -> No
 
 
 def test_duplicate_execution_then_counted_once() -> None:
-    broker = Broker(10)
+    view = BookView(10)
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
-    (first,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
-    own = fill("same", -4, broker.now, client=OURS, order_id=first)
-    broker.fills.extend([own, own])
+    (first,) = send_all(episode, episode.step(view.obs(), POLICY, 4), view, 100)
+    own = fill("same", -4, view.now, client=OURS, order_id=first)
+    view.fills.extend([own, own])
 
-    episode.step(broker.obs(), POLICY, 4)
-    episode.step(broker.obs(), POLICY, 4)
+    episode.step(view.obs(), POLICY, 4)
+    episode.step(view.obs(), POLICY, 4)
 
     assert child_of(episode, first).filled == 4
 
 
 def test_child_missing_after_reconnect_then_lost_only_after_executions_and_grace() -> None:
     # Arrange: long 10, a child of 10 working on connection 1
-    broker = Broker(10)
+    view = BookView(10)
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
-    send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
+    send_all(episode, episode.step(view.obs(), POLICY, 4), view, 100)
 
     # Act: connection 2 synced; its open-order download does not show the child
-    broker.generation, broker.synced_since, broker.orders = 2, broker.now, {}
-    broker.executions_complete = False
-    waiting = episode.step(broker.obs(), POLICY, 4)
-    broker.now += 3
-    still = episode.step(broker.obs(), POLICY, 4)  # grace over, executions not in yet
-    broker.executions_complete = True
-    lost = episode.step(broker.obs(), POLICY, 4)
+    view.generation, view.synced_since, view.orders = 2, view.now, {}
+    view.executions_complete = False
+    waiting = episode.step(view.obs(), POLICY, 4)
+    view.now += 3
+    still = episode.step(view.obs(), POLICY, 4)  # grace over, executions not in yet
+    view.executions_complete = True
+    lost = episode.step(view.obs(), POLICY, 4)
 
     # Assert: counted live (no new child) until then; then lost, and the 10 closed anew
     assert waiting.orders == () and still.orders == ()
@@ -228,32 +154,32 @@ def test_child_missing_after_reconnect_then_lost_only_after_executions_and_grace
 
 
 def test_lost_child_reported_again_then_counts_again() -> None:
-    broker = Broker(10)
+    view = BookView(10)
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
-    (first,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
-    broker.generation, broker.synced_since, broker.orders = 2, broker.now, {}
-    broker.now += 3
-    episode.step(broker.obs(), POLICY, 4)  # lost; a new child would go out now
+    (first,) = send_all(episode, episode.step(view.obs(), POLICY, 4), view, 100)
+    view.generation, view.synced_since, view.orders = 2, view.now, {}
+    view.now += 3
+    episode.step(view.obs(), POLICY, 4)  # lost; a new child would go out now
 
-    broker.status(first, "Submitted", 0)
-    plan = episode.step(broker.obs(), POLICY, 4)
+    view.status(first, "Submitted", 0)
+    plan = episode.step(view.obs(), POLICY, 4)
 
     assert child_of(episode, first).live and plan.orders == ()
 
 
 def test_liquidation_while_child_works_then_excess_cancelled_and_rest_closed() -> None:
     # Arrange: long 10, our child of 10 works; IB liquidates 6
-    broker = Broker(10)
+    view = BookView(10)
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
-    (first,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
-    broker.now += 1
-    broker.fills.append(fill("liq", -6, broker.now, client=0, order_id=0))
+    (first,) = send_all(episode, episode.step(view.obs(), POLICY, 4), view, 100)
+    view.now += 1
+    view.fills.append(fill("liq", -6, view.now, client=0, order_id=0))
 
     # Act
-    plan = episode.step(broker.obs(), POLICY, 4)
-    broker.status(first, "Cancelled", 0)
-    broker.now += 1
-    after = episode.step(broker.obs(), POLICY, 4)  # the figure still says 10 (late)
+    plan = episode.step(view.obs(), POLICY, 4)
+    view.status(first, "Cancelled", 0)
+    view.now += 1
+    after = episode.step(view.obs(), POLICY, 4)  # the figure still says 10 (late)
 
     # Assert: our 10 would cross zero by 6: cancelled; then only the 4 left are sold
     assert [c.why for c in plan.cancels] == ["over_working"]
@@ -261,14 +187,14 @@ def test_liquidation_while_child_works_then_excess_cancelled_and_rest_closed() -
 
 
 def test_position_flips_under_a_live_child_then_it_is_cancelled_and_nothing_added() -> None:
-    broker = Broker(10)
+    view = BookView(10)
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
-    send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
-    broker.now += 1
-    broker.fills.append(fill("bot", -25, broker.now))
-    broker.figure(-15)
+    send_all(episode, episode.step(view.obs(), POLICY, 4), view, 100)
+    view.now += 1
+    view.fills.append(fill("bot", -25, view.now))
+    view.figure(-15)
 
-    plan = episode.step(broker.obs(), POLICY, 4)
+    plan = episode.step(view.obs(), POLICY, 4)
 
     assert [c.why for c in plan.cancels] == ["wrong_side"]
     assert plan.orders == ()
@@ -276,21 +202,21 @@ def test_position_flips_under_a_live_child_then_it_is_cancelled_and_nothing_adde
 
 def test_unseen_fill_then_broker_figure_adopted_after_settle_time() -> None:
     # Arrange: long 10; the figure says 4 with no execution to explain it
-    broker = Broker(10)
+    view = BookView(10)
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
-    episode.step(broker.obs(), POLICY, 0)  # anchored at 10, nothing sent
-    broker.now += 1
-    broker.figure(4)
+    episode.step(view.obs(), POLICY, 0)  # anchored at 10, nothing sent
+    view.now += 1
+    view.figure(4)
 
     # Act: at once only what both witnesses agree on (4) is sold
-    soon = episode.step(broker.obs(), POLICY, 4)
-    (child,) = send_all(episode, soon, broker, 100)
-    broker.now += 1
-    close_fully(episode, broker, child, 4)  # the figure says 0, our fills say 6
-    broker.now += SETTINGS.settle_s - 0.5
-    waiting = episode.step(broker.obs(), POLICY, 4)
-    broker.now += 1
-    settled = episode.step(broker.obs(), POLICY, 4)
+    soon = episode.step(view.obs(), POLICY, 4)
+    (child,) = send_all(episode, soon, view, 100)
+    view.now += 1
+    close_fully(episode, view, child, 4)  # the figure says 0, our fills say 6
+    view.now += SETTINGS.settle_s - 0.5
+    waiting = episode.step(view.obs(), POLICY, 4)
+    view.now += 1
+    settled = episode.step(view.obs(), POLICY, 4)
 
     # Assert: the figure is adopted only after the settle time, and never sold past
     assert [o.quantity for o in soon.orders] == [Decimal(4)]
@@ -301,19 +227,19 @@ def test_unseen_fill_then_broker_figure_adopted_after_settle_time() -> None:
 
 def test_reduce_target_drifts_then_re_pursued() -> None:
     # Arrange: reduce 10 to 6, done
-    broker = Broker(10)
+    view = BookView(10)
     episode = CloseEpisode("reduce", 1, 0.0, SETTINGS, targets={KEY: Decimal(6)})
-    plan = episode.step(broker.obs(), POLICY, 4)
-    (first,) = send_all(episode, plan, broker, 100)
+    plan = episode.step(view.obs(), POLICY, 4)
+    (first,) = send_all(episode, plan, view, 100)
     assert plan.orders[0].quantity == 4
-    done = close_fully(episode, broker, first, 4)
+    done = close_fully(episode, view, first, 4)
     assert "reduce_confirmed" in kinds(done)
 
     # Act: a foreign buy of 3 takes it to 9
-    broker.now += 1
-    broker.fills.append(fill("bot", 3, broker.now))
-    broker.figure(9)
-    again = episode.step(broker.obs(), POLICY, 4)
+    view.now += 1
+    view.fills.append(fill("bot", 3, view.now))
+    view.figure(9)
+    again = episode.step(view.obs(), POLICY, 4)
 
     # Assert
     assert "close_round_started" in kinds(again)
@@ -321,11 +247,11 @@ def test_reduce_target_drifts_then_re_pursued() -> None:
 
 
 def test_position_within_tolerance_then_flat() -> None:
-    broker = Broker(1)
+    view = BookView(1)
     settings = CloseSettings(client_id=OURS, tolerance={"FUT": Decimal(1)})
     episode = CloseEpisode("flatten", 1, 0.0, settings)
 
-    plan = episode.step(broker.obs(), POLICY, 4)
+    plan = episode.step(view.obs(), POLICY, 4)
 
     assert plan.orders == () and plan.at_target and "flat_confirmed" in kinds(plan)
 
@@ -354,16 +280,16 @@ def test_restored_from_journal_then_old_figure_never_closes_twice() -> None:
             "planned_against": "10",
         },
     ]
-    broker = Broker(10)  # the new process's figure is late: still 10
-    broker.fills.append(fill("own", -10, 50.0, client=OURS, order_id=100))
+    view = BookView(10)  # the new process's figure is late: still 10
+    view.fills.append(fill("own", -10, 50.0, client=OURS, order_id=100))
     episode = CloseEpisode("flatten", 1, 90.0, SETTINGS)
 
     # Act
     assert episode.restore(records) == 1
     plans = []
     for _ in range(4):
-        plans.append(episode.step(broker.obs(), POLICY, 4))
-        broker.now += 1
+        plans.append(episode.step(view.obs(), POLICY, 4))
+        view.now += 1
 
     # Assert
     assert all(p.orders == () for p in plans)
@@ -372,15 +298,15 @@ def test_restored_from_journal_then_old_figure_never_closes_twice() -> None:
 
 def test_child_acknowledged_then_perm_id_journaled_once_and_restored_by_it() -> None:
     # Arrange: long 10; child 100 sent, then acknowledged by the broker as permId 1100
-    broker = Broker(10)
+    view = BookView(10)
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
-    plan = episode.step(broker.obs(), POLICY, 4)
-    (first,) = send_all(episode, plan, broker, 100)
+    plan = episode.step(view.obs(), POLICY, 4)
+    (first,) = send_all(episode, plan, view, 100)
     order = plan.orders[0]
 
     # Act
-    acknowledged = episode.step(broker.obs(), POLICY, 4)
-    later = episode.step(broker.obs(), POLICY, 4)
+    acknowledged = episode.step(view.obs(), POLICY, 4)
+    later = episode.step(view.obs(), POLICY, 4)
 
     # Assert: journaled once, with what a restart needs to know the child by
     records = [r for r in acknowledged.records if r.kind == "child_order_acknowledged"]
@@ -404,7 +330,7 @@ def test_child_acknowledged_then_perm_id_journaled_once_and_restored_by_it() -> 
     }
     restored = CloseEpisode("flatten", 1, 50.0, SETTINGS)
     assert restored.restore([sent, {"kind": records[0].kind, **records[0].fields}]) == 1
-    again = Broker(10)
+    again = BookView(10)
     again.generation = 2
     again.orders[first] = OrderReport(first, 2000, "Filled", Decimal(10))
     again.fills.append(Fill("x1", OURS, first, 2000, KEY, Decimal(-10), 99.0, True))
@@ -417,45 +343,45 @@ def test_child_acknowledged_then_perm_id_journaled_once_and_restored_by_it() -> 
 
 def test_foreign_sell_still_working_against_a_long_then_only_the_rest_closed() -> None:
     # Arrange: long 10; a bot's sell of 6 is still working (its cancel has not landed)
-    broker = Broker(10)
-    broker.foreign_selling[KEY] = Decimal(6)
+    view = BookView(10)
+    view.foreign_selling[KEY] = Decimal(6)
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
 
     # Act
-    plan = episode.step(broker.obs(), POLICY, 4)
-    (first,) = send_all(episode, plan, broker, 100)
+    plan = episode.step(view.obs(), POLICY, 4)
+    (first,) = send_all(episode, plan, view, 100)
 
     # Assert: 4 now; the bot's 6 fills, ours fills, nothing more and flat
     assert [(o.action, o.quantity) for o in plan.orders] == [(Side.SELL, Decimal(4))]
-    broker.now += 1
-    broker.fills.append(fill("bot1", -6, broker.now))
-    broker.foreign_selling.clear()
-    broker.figure(4)
-    done = close_fully(episode, broker, first, 4)
+    view.now += 1
+    view.fills.append(fill("bot1", -6, view.now))
+    view.foreign_selling.clear()
+    view.figure(4)
+    done = close_fully(episode, view, first, 4)
     assert done.orders == () and episode.at_target
 
 
 def test_foreign_buy_working_against_a_long_then_the_whole_position_closed() -> None:
-    broker = Broker(10)
-    broker.foreign_buying[KEY] = Decimal(6)  # would add exposure: a later round closes it
+    view = BookView(10)
+    view.foreign_buying[KEY] = Decimal(6)  # would add exposure: a later round closes it
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
 
-    plan = episode.step(broker.obs(), POLICY, 4)
+    plan = episode.step(view.obs(), POLICY, 4)
 
     assert [(o.action, o.quantity) for o in plan.orders] == [(Side.SELL, Decimal(10))]
 
 
 def test_foreign_sells_cover_the_whole_long_then_no_child_until_they_end() -> None:
-    broker = Broker(10)
-    broker.foreign_selling[KEY] = Decimal(12)
+    view = BookView(10)
+    view.foreign_selling[KEY] = Decimal(12)
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
 
-    plan = episode.step(broker.obs(), POLICY, 4)
+    plan = episode.step(view.obs(), POLICY, 4)
     assert plan.orders == () and not episode.at_target
 
-    broker.now += 1
-    broker.foreign_selling.clear()  # cancelled, nothing filled
-    again = episode.step(broker.obs(), POLICY, 4)
+    view.now += 1
+    view.foreign_selling.clear()  # cancelled, nothing filled
+    again = episode.step(view.obs(), POLICY, 4)
     assert [(o.action, o.quantity) for o in again.orders] == [(Side.SELL, Decimal(10))]
 
 
@@ -464,15 +390,15 @@ def test_many_fills_of_uncertain_containment_then_closes_what_every_case_allows(
     # just before the first figure: each may or may not be in it. Their subset sums are all
     # distinct (2^40 of them), so the round must not enumerate them.
     sells = [Decimal(f"0.{(7919 * 104729 * (k + 1)) % 10**8:08d}") for k in range(40)]
-    broker = Broker(100, now=100.0)
-    broker.updated = broker.now
-    broker.fills = [
-        Fill(f"bot{k}", 7, 5, 0, KEY, -q, broker.now - 1, True) for k, q in enumerate(sells)
+    view = BookView(100, now=100.0)
+    view.updated = view.now
+    view.fills = [
+        Fill(f"bot{k}", 7, 5, 0, KEY, -q, view.now - 1, True) for k, q in enumerate(sells)
     ]
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
 
     # Act
-    plan = episode.step(broker.obs(), POLICY, 4)
+    plan = episode.step(view.obs(), POLICY, 4)
     # Assert: closes only what holds whichever of them the figure contains (it may hold none),
     # in whole contracts
     assert 10 < sum(sells) < 30
@@ -483,19 +409,19 @@ def test_many_fills_of_uncertain_containment_then_closes_what_every_case_allows(
 def test_execution_arrives_after_the_figure_that_holds_it_then_not_counted_twice() -> None:
     # Arrange: short 2; a bot buys 1 and the position stream (-1) runs ahead of the execution:
     # the first anchor is -1 with no fill known. Our BUY 1 is cancelled by someone else.
-    broker = Broker(-1, now=100.0)
-    broker.updated = broker.now
+    view = BookView(-1, now=100.0)
+    view.updated = view.now
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
-    (child,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
-    broker.now = 100.1
-    broker.status(child, "Cancelled", 0)
+    (child,) = send_all(episode, episode.step(view.obs(), POLICY, 4), view, 100)
+    view.now = 100.1
+    view.status(child, "Cancelled", 0)
 
     # Act: the bot's execution arrives 0.2 s after the figure that already holds it; then quiet
-    broker.now = 100.2
-    broker.fills.append(fill("bot1", 1, broker.now))
-    waiting = episode.step(broker.obs(), POLICY, 4)
-    broker.now += SETTINGS.settle_s + 1
-    later = episode.step(broker.obs(), POLICY, 4)
+    view.now = 100.2
+    view.fills.append(fill("bot1", 1, view.now))
+    waiting = episode.step(view.obs(), POLICY, 4)
+    view.now += SETTINGS.settle_s + 1
+    later = episode.step(view.obs(), POLICY, 4)
 
     # Assert: the fill is not counted on top of the figure (that said flat, for ever)
     assert waiting.orders == ()
@@ -508,25 +434,25 @@ def test_broker_figure_farther_than_the_fills_then_asked_afresh_and_adopted_when
     # Arrange: short 2 and our BUY 1 cancelled by someone else; the position stream (-1) already
     # holds a bot's BUY 1 whose execution arrives only well after the settle time, so the fills
     # say flat (0) while the broker keeps saying -1.
-    broker = Broker(-1, now=100.0)
-    broker.updated = broker.now
+    view = BookView(-1, now=100.0)
+    view.updated = view.now
     episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
-    (child,) = send_all(episode, episode.step(broker.obs(), POLICY, 4), broker, 100)
-    broker.now = 100.1
-    broker.status(child, "Cancelled", 0)
-    broker.now = 100.1 + SETTINGS.settle_s + 1
-    broker.fills.append(fill("bot1", 1, broker.now))
-    episode.step(broker.obs(), POLICY, 4)  # the late execution is heard
+    (child,) = send_all(episode, episode.step(view.obs(), POLICY, 4), view, 100)
+    view.now = 100.1
+    view.status(child, "Cancelled", 0)
+    view.now = 100.1 + SETTINGS.settle_s + 1
+    view.fills.append(fill("bot1", 1, view.now))
+    episode.step(view.obs(), POLICY, 4)  # the late execution is heard
 
     # Act: quiet for a settle time (the disagreement); much later, still no fresh figure; then
     # the answer to the refresh says -1 again
-    broker.now += SETTINGS.settle_s + 0.1
-    noticed = episode.step(broker.obs(), POLICY, 4)
-    broker.now += 10 * SETTINGS.settle_s
-    stale = episode.step(broker.obs(), POLICY, 4)
-    broker.now += 0.5
-    broker.updated = broker.now  # the reqPositions answer: a figure received after the doubt
-    answered = episode.step(broker.obs(), POLICY, 4)
+    view.now += SETTINGS.settle_s + 0.1
+    noticed = episode.step(view.obs(), POLICY, 4)
+    view.now += 10 * SETTINGS.settle_s
+    stale = episode.step(view.obs(), POLICY, 4)
+    view.now += 0.5
+    view.updated = view.now  # the reqPositions answer: a figure received after the doubt
+    answered = episode.step(view.obs(), POLICY, 4)
 
     # Assert: a farther figure is never trusted on its own age (it may be old): the episode asks
     # for positions afresh (again while no answer comes), and closes the exposure once a fresh
