@@ -23,7 +23,7 @@ from guardd.core.rules import (
 )
 from guardd.core.stress import Scenario, StressLoss
 from guardd.runtime.rulebook import build_rules
-from tests.unit.core.test_rules import GUARD_CLIENT, T, av, book_with, order, pos, tick
+from tests.book_events import GUARD_CLIENT, T, av, book_with, order, pos, tick
 
 CHECKS = OrderChecks(max_quantity=100)
 WARN_CHECKS = OrderChecks(max_quantity=100, level="warn")
