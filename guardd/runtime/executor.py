@@ -42,12 +42,13 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol, assert_never
+from typing import Any, assert_never
 from zoneinfo import ZoneInfo
 
 import structlog
 
 from guardd.broker.pacer import Lane
+from guardd.broker.port import BrokerPort
 from guardd.core import planner
 from guardd.core.book import Book
 from guardd.core.close import (
@@ -87,44 +88,6 @@ _NEW_YORK = ZoneInfo("America/New_York")
 CLOSE_RETRY = RetryPolicy(initial_s=0.5, max_s=10.0)
 """The close loop's back-off while children keep being rejected (market closed...) or a round
 fails; any fill ends it."""
-
-
-class BrokerPort(Protocol):
-    """What the executor needs of the broker adapter (`guardd.broker.ib.IbBroker`)."""
-
-    @property
-    def connected(self) -> bool: ...
-
-    def next_order_id(self) -> OrderId: ...
-
-    async def global_cancel(self) -> None: ...
-
-    def closing(self, con_ids: Iterable[int]) -> None: ...
-
-    async def cancel_order(self, order_id: int, lane: Lane) -> None: ...
-
-    async def refresh_order_ids(self, lane: Lane = Lane.FLATTEN) -> None: ...
-
-    async def refresh_positions(self) -> None: ...
-
-    async def place_order(
-        self,
-        order_id: int,
-        *,
-        con_id: int = 0,
-        symbol: str = "",
-        sec_type: str = "STK",
-        exchange: str = "SMART",
-        currency: str = "USD",
-        action: str,
-        quantity: Decimal | float,
-        order_type: str,
-        lmt_price: float | None = None,
-        order_ref: str = "",
-        outside_rth: bool = False,
-        account: str | None = None,
-        lane: Lane,
-    ) -> None: ...
 
 
 def regular_hours(now: float) -> bool:

@@ -1,17 +1,28 @@
-"""The executor's helpers: child status from the broker, order refs, trading hours, prices."""
+"""The executor against `FakeBroker` (the broker port, no gateway): the kill's cancel, connected,
+disconnected or refused; close children journaled before they are sent; and its helpers: child
+status from the broker, order refs, trading hours, prices."""
 
-import asyncio
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from guardd.broker.ib import IbBroker
+from guardd.broker.fake import FakeBroker
+from guardd.broker.pacer import Lane
 from guardd.core.book import Book
 from guardd.core.close import child_status
-from guardd.core.engine import Decision, Flatten, State
+from guardd.core.engine import (
+    Action,
+    CancelAll,
+    Decision,
+    Flatten,
+    Latch,
+    LatchHalt,
+    State,
+)
 from guardd.core.events import (
     ConId,
     Connected,
@@ -23,8 +34,10 @@ from guardd.core.events import (
     PriceTick,
 )
 from guardd.core.planner import ChildStatus, ClosePolicy, order_ref_prefix, sequence_of
+from guardd.errors import BrokerError
 from guardd.runtime.executor import Executor, regular_hours
 from guardd.state.journal import Journal, read_journal
+from tests.conftest import eventually
 
 NY = ZoneInfo("America/New_York")
 
@@ -114,32 +127,103 @@ def out_of_step_book(*, market_price: float | None) -> Book:
     return book
 
 
-async def planned_children(book: Book, tmp_path: Path) -> list[dict[str, Any]]:
-    """Flatten after hours in dry run (STK closes with a marketable limit): the children the
-    executor journals as what it would send."""
-    journal_path = tmp_path / "journal.jsonl"
-    executor = Executor(
-        broker=IbBroker("127.0.0.1", 1, 0, "DU1"),
+def executor_for(
+    book: Book, broker: FakeBroker, tmp_path: Path, *, dry_run: bool = False
+) -> Executor:
+    return Executor(
+        broker=broker,
         book=book,
-        journal=Journal(journal_path),
+        journal=Journal(tmp_path / "journal.jsonl"),
         latch_path=tmp_path / "latch.json",
         close_policy=ClosePolicy(),
         client_id=0,
         account="DU1",
-        dry_run=True,
+        dry_run=dry_run,
         round_s=0.01,
         clock=lambda: AFTER_HOURS,
     )
-    kill = Decision(1, State.HALTED, State.ARMED, (Flatten(reason="test"),), ("test",))
-    await executor.carry_out(kill)
-    for _ in range(200):  # the dry-run close loop plans one round, then ends
-        if any(r["kind"] == "close_dry_run_planned" for r in read_journal(journal_path)):
-            break
-        await asyncio.sleep(0.01)
+
+
+def kinds(tmp_path: Path) -> list[str]:
+    return [str(r["kind"]) for r in read_journal(tmp_path / "journal.jsonl")]
+
+
+def kill(*actions: Action) -> Decision:
+    return Decision(1, State.HALTED, State.ARMED, actions, ("test",))
+
+
+LATCH = Latch(
+    reason="test", source="cli", principal="tester", mode="flatten", since=1.0, decision_id=1
+)
+
+
+async def planned_children(book: Book, tmp_path: Path) -> list[dict[str, Any]]:
+    """Flatten after hours in dry run (STK closes with a marketable limit): the children the
+    executor journals as what it would send."""
+    broker = FakeBroker()
+    executor = executor_for(book, broker, tmp_path, dry_run=True)
+    await executor.carry_out(kill(Flatten(reason="test")))
+    # the dry-run close loop plans one round, then ends
+    await eventually(lambda: "close_dry_run_planned" in kinds(tmp_path), "a round planned")
     await executor.stop_episode("test over")
-    records = list(read_journal(journal_path))
-    assert any(r["kind"] == "close_dry_run_planned" for r in records), "no round was planned"
+    assert broker.requests == [], "a dry run asked the broker for something"
+    records = list(read_journal(tmp_path / "journal.jsonl"))
     return [r for r in records if r["kind"] == "child_order_dry_run"]
+
+
+async def test_kill_while_connected_then_global_cancel_on_the_kill_lane_then_latch(
+    tmp_path: Path,
+) -> None:
+    broker = FakeBroker()
+    executor = executor_for(out_of_step_book(market_price=None), broker, tmp_path)
+
+    await executor.carry_out(kill(CancelAll(reason="test"), LatchHalt(LATCH)))
+
+    assert [(r.name, r.lane) for r in broker.requests] == [("global_cancel", Lane.KILL)]
+    assert kinds(tmp_path)[:2] == ["global_cancel_sent", "decision"]
+    assert executor.latch_durable and (tmp_path / "latch.json").exists()
+
+
+@pytest.mark.parametrize("fault", ["disconnected", "refused"])
+async def test_cancel_not_sent_then_deferred_and_the_latch_still_written(
+    fault: str, tmp_path: Path
+) -> None:
+    broker = FakeBroker(connected=fault != "disconnected")
+    broker.refuse("global_cancel", BrokerError("socket closed"))
+    executor = executor_for(out_of_step_book(market_price=None), broker, tmp_path)
+
+    await executor.carry_out(kill(CancelAll(reason="test"), LatchHalt(LATCH)))
+
+    assert broker.requests == []
+    assert kinds(tmp_path)[:2] == ["global_cancel_deferred", "decision"]
+    assert (tmp_path / "latch.json").exists(), "a cancel that failed skipped the latch"
+
+
+async def test_flatten_then_child_claimed_and_journaled_before_it_is_sent(tmp_path: Path) -> None:
+    broker = FakeBroker(first_order_id=100)
+    book = out_of_step_book(market_price=190.0)
+    executor = executor_for(book, broker, tmp_path)
+
+    journal_at_send: list[str] = []
+    send = broker.place_order
+
+    async def place_order(order_id: int, **terms: Any) -> None:
+        journal_at_send.extend(kinds(tmp_path))
+        await send(order_id, **terms)
+
+    broker.place_order = place_order  # type: ignore[method-assign]
+
+    await executor.carry_out(kill(Flatten(reason="test")))
+    (sent,) = await broker.wait_for("place_order")
+    await executor.stop_episode("test over")
+
+    assert sent.order_id == 100 and sent.lane is Lane.FLATTEN
+    assert (sent.args["action"], sent.args["quantity"], sent.args["order_type"]) == (
+        "SELL",
+        Decimal(500),
+        "LMT",
+    )
+    assert journal_at_send[-1] == "child_order_sent"  # a restart knows it may exist
 
 
 async def test_value_and_quantity_out_of_step_then_no_limit_price_from_them(
