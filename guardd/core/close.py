@@ -377,6 +377,10 @@ class CloseEpisode:
         self._by_order_id: dict[int, Child] = {}
         self._ledgers: dict[PositionKey, _Ledger] = {}
         self._foreign: dict[str, Fill] = {}  # execId -> fill not of a child
+        # The same children and foreign fills by position: a round looks each position's up
+        # (scanning all of them per position made a 1,000-position round take ~1 s).
+        self._children_of: dict[PositionKey, list[Child]] = {}
+        self._foreign_of: dict[PositionKey, list[Fill]] = {}
         self._own: dict[str, tuple[Child, Decimal]] = {}  # execId -> (child, shares)
         self._unpriced: set[PositionKey] = set()  # reported without a usable price for a limit
         self._unknown: set[PositionKey] = set()  # quantity left unset by IB (journaled once)
@@ -589,7 +593,7 @@ class CloseEpisode:
                 ledger.last_figure = figure
                 ledger.last_activity = max(ledger.last_activity, updated)
             expected = self._expected(key, ledger, figure, updated, obs, records)
-            mine = [c for c in self.children.values() if c.key == key]
+            mine = self._children_of.get(key, [])
             live = [c for c in mine if c.live]
             if expected is None:
                 off_target += 1  # not anchored yet: the executions download is not in
@@ -685,7 +689,11 @@ class CloseEpisode:
     # ---- internals ---------------------------------------------------------------------------
 
     def _keep(self, child: Child) -> None:
+        old = self.children.get(child.order_ref)
         self.children[child.order_ref] = child
+        if old is not None:  # the same child again (a restore): the new record replaces it
+            self._children_of[old.key].remove(old)
+        self._children_of.setdefault(child.key, []).append(child)
         self._by_order_id[child.order_id] = child
         self.sequence = max(self.sequence, sequence_of(child.order_ref) + 1)
 
@@ -712,6 +720,7 @@ class CloseEpisode:
             child = self._child_of(fill)
             if child is None:
                 self._foreign[fill.exec_id] = fill
+                self._foreign_of.setdefault(fill.key, []).append(fill)
             else:
                 self._own[fill.exec_id] = (child, abs(fill.quantity))
                 child.exec_filled += abs(fill.quantity)
@@ -802,8 +811,8 @@ class CloseEpisode:
         Moves the anchor when the broker's figure provably caught up (it equals one of them).
         None while there is no anchor and the executions download is not complete: a first
         anchor must know which fills came before it."""
-        mine = [c for c in self.children.values() if c.key == key]
-        foreign = [f for f in self._foreign.values() if f.key == key]
+        mine = self._children_of.get(key, [])
+        foreign = self._foreign_of.get(key, [])
         if ledger.anchor is None:
             if not obs.executions_complete:
                 return None
