@@ -401,6 +401,7 @@ class Executor:
         )
         self._journal("close_started", decision_id=decision.decision_id, close=kind)
         log.warning("close_started", kind=kind, decision_id=decision.decision_id)
+        self._wake.set()  # the first round at once, not one round period later
         self._ensure_task()
 
     def _ensure_task(self) -> None:

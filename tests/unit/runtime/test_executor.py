@@ -128,7 +128,7 @@ def out_of_step_book(*, market_price: float | None) -> Book:
 
 
 def executor_for(
-    book: Book, broker: FakeBroker, tmp_path: Path, *, dry_run: bool = False
+    book: Book, broker: FakeBroker, tmp_path: Path, *, dry_run: bool = False, round_s: float = 0.01
 ) -> Executor:
     return Executor(
         broker=broker,
@@ -139,7 +139,7 @@ def executor_for(
         client_id=0,
         account="DU1",
         dry_run=dry_run,
-        round_s=0.01,
+        round_s=round_s,
         clock=lambda: AFTER_HOURS,
     )
 
@@ -157,11 +157,13 @@ LATCH = Latch(
 )
 
 
-async def planned_children(book: Book, tmp_path: Path) -> list[dict[str, Any]]:
+async def planned_children(
+    book: Book, tmp_path: Path, *, round_s: float = 0.01
+) -> list[dict[str, Any]]:
     """Flatten after hours in dry run (STK closes with a marketable limit): the children the
-    executor journals as what it would send."""
+    executor journals as what it would send (its first round, planned within 10 s)."""
     broker = FakeBroker()
-    executor = executor_for(book, broker, tmp_path, dry_run=True)
+    executor = executor_for(book, broker, tmp_path, dry_run=True, round_s=round_s)
     await executor.carry_out(kill(Flatten(reason="test")))
     # the dry-run close loop plans one round, then ends
     await eventually(lambda: "close_dry_run_planned" in kinds(tmp_path), "a round planned")
@@ -252,3 +254,17 @@ async def test_market_price_known_then_limit_from_it_not_from_value(tmp_path: Pa
         ("SELL", "500", "LMT")
     ]
     assert 180.0 < children[0]["limit_price"] < 190.0
+
+
+async def test_flatten_started_then_first_round_planned_without_waiting_a_round_period(
+    tmp_path: Path,
+) -> None:
+    # Arrange: a round period far longer than the test (the close loop used to wait one before
+    # its first round: 134-189 ms from the kill to the first child at the default 0.1 s)
+    book = out_of_step_book(market_price=190.0)
+
+    # Act
+    children = await planned_children(book, tmp_path, round_s=3600.0)
+
+    # Assert: the first round was planned at once
+    assert [(c["action"], c["quantity"]) for c in children] == [("SELL", "500")]
