@@ -35,10 +35,10 @@ from pydantic_core import PydanticCustomError
 
 from guardd.core.engine import KillMode
 from guardd.core.notices import NOTICE_KINDS, NoticeKind
+from guardd.core.rules import BREACH_LEVELS, BreachLevel
 from guardd.errors import ConfigError
 
 __all__ = [
-    "LEVELS",
     "AppriseTarget",
     "BotHeartbeat",
     "BudgetConfig",
@@ -53,7 +53,6 @@ __all__ = [
     "HttpControlConfig",
     "IbConfig",
     "KillConfig",
-    "Level",
     "LevelLimit",
     "LeverageLimit",
     "Limits",
@@ -82,8 +81,6 @@ __all__ = [
     "reload_refusals",
 ]
 
-Level = Literal["warn", "reduce", "kill"]
-LEVELS: tuple[Level, ...] = ("warn", "reduce", "kill")  # least to most severe
 SecType = Literal[
     "STK",
     "OPT",
@@ -191,12 +188,12 @@ class LevelLimit(_Model):
         """True when at least one level is set."""
         return bool(self.thresholds())
 
-    def thresholds(self) -> tuple[tuple[Level, float], ...]:
+    def thresholds(self) -> tuple[tuple[BreachLevel, float], ...]:
         """The levels that are set, least severe first: ``(("warn", 1.5), ("kill", 3.0))``."""
         return tuple(
             (level, value)
-            for level in LEVELS
-            if (value := getattr(self, level)) is not None  # getattr: LEVELS names the fields
+            for level in BREACH_LEVELS
+            if (value := getattr(self, level)) is not None  # getattr: the levels name the fields
         )
 
 
@@ -349,7 +346,7 @@ class PositionLimits(_Model):
     max_notional: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     max_count: Annotated[int, Field(ge=0)] | None = None
     allowed_sec_types: Annotated[tuple[SecType, ...], Field(strict=False)] | None = None
-    action: Level = "kill"
+    action: BreachLevel = "kill"
     debounce: Annotated[int, Field(ge=1)] = 1
 
 
@@ -357,7 +354,7 @@ class BotHeartbeat(_Model):
     """One bot's heartbeat: silence longer than ``timeout_s`` triggers ``action``."""
 
     timeout_s: Seconds
-    action: Level = "warn"
+    action: BreachLevel = "warn"
 
 
 class HeartbeatLimits(_Model):

@@ -79,10 +79,11 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from guardd.core.rules import BREACH_LEVELS
+
 __all__ = [
     "EVENT_PROCESSING_BUCKETS",
     "KILL_SOURCES",
-    "LIMIT_LEVELS",
     "STATES",
     "TRIGGER_TO_CANCEL_BUCKETS",
     "WATCHDOG_REASONS",
@@ -97,7 +98,6 @@ __all__ = [
 STATES: Final = ("ARMED", "WARNING", "REDUCING", "HALTED")
 """The engine's states, in the order the dashboard shows them."""
 
-LIMIT_LEVELS: Final = ("warn", "reduce", "kill")
 """The levels a rule's limits are exported for."""
 
 KILL_SOURCES: Final = ("rule", "http", "mqtt", "cli", "restored")
@@ -459,7 +459,7 @@ class Metrics:
         """
         figure = math.nan if value is None else float(value)
         self._rule_value.labels(self.account, rule, subject).set(figure)
-        for level in LIMIT_LEVELS:
+        for level in BREACH_LEVELS:
             limit = _limit(limits, level)
             if limit is None:
                 self._remove(self._rule_limit, rule, level)
@@ -486,7 +486,7 @@ class Metrics:
         """
         previous = self._levels.get(rule)
         self._levels[rule] = level
-        if level in LIMIT_LEVELS and level != previous:
+        if level in BREACH_LEVELS and level != previous:
             self.count_breach(rule, level)
             return True
         return False

@@ -21,13 +21,16 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 from guardd.core.book import Book, Order, Position, Sample, value_fresh
 
 Level = Literal["ok", "data", "warn", "reduce", "kill"]
 SEVERITY: Mapping[Level, int] = {"ok": 0, "data": 1, "warn": 2, "reduce": 3, "kill": 4}
-BREACH_LEVELS: frozenset[Level] = frozenset({"warn", "reduce", "kill"})
+BreachLevel = Literal["warn", "reduce", "kill"]
+"""The levels of a breach, least to most severe: a limit's levels in the config (warn, reduce,
+kill), the findings that breach, the metrics' limit labels."""
+BREACH_LEVELS: tuple[BreachLevel, ...] = get_args(BreachLevel)
 
 
 @dataclass(frozen=True, slots=True)
