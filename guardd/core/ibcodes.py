@@ -67,7 +67,7 @@ class IbCode(IntEnum):
 class IbClass(StrEnum):
     """What a code means to the guard."""
 
-    REJECT = "reject"  # the order (or request) is refused; the default for unknown codes
+    REJECT = "reject"  # the order (or request) is refused; unknown codes outside 2100-2199
     ID_REFUSED = "id_refused"  # the order id is refused, not the order: send again, new id
     READ_ONLY = "read_only"  # TWS's Read-Only API refuses every order and cancel
     CANCEL_NOT_FOUND = "cancel_not_found"  # a cancel found no such order
