@@ -579,6 +579,11 @@ class IbConfig(_Model):
     connect_timeout_s: Seconds = 5.0
     reconnect_backoff_min_s: Seconds = 1.0
     reconnect_backoff_max_s: Seconds = 30.0
+    # Market-data lines guardd may hold (IB: 100 a login by default, shared with TWS and every
+    # other API client): live prices for what moves, chosen by guardd.core.lines (a contract a
+    # close works on first, then the largest exposures); every other position is valued by
+    # the account-updates stream.
+    market_data_lines: Annotated[int, Field(ge=1, le=10_000)] = 90
 
     @model_validator(mode="after")
     def _backoff_in_order(self) -> Self:

@@ -175,6 +175,26 @@ def pnl_update(
     )
 
 
+def portfolio_value(
+    contract: Contract,
+    position: Decimal,
+    market_price: float,
+    market_value: float,
+    account: str,
+    ts: float,
+) -> ev.PortfolioValue:
+    """updatePortfolio(): one position of the account-updates subscription, valued by IB (price
+    and value in the position's currency)."""
+    return ev.PortfolioValue(
+        account=account,
+        con_id=ev.ConId(int(contract.conId)),
+        position=number(position),
+        market_price=number(market_price),
+        market_value=number(market_value),
+        ts=ts,
+    )
+
+
 def position_value(
     account: str,
     con_id: ev.ConId,

@@ -229,6 +229,9 @@ class IbBroker(IbRequests):
                     client_id=self.client_id,
                 )
                 self._emit(error)
+            case IbCode.MAX_TICKERS:
+                self._line_refused_by_ib(session, error)
+                self._emit(error)
             case IbCode.CLIENT_ID_IN_USE:
                 log.error("ib_client_id_in_use", client_id=self.client_id, message=error.message)
                 self._emit(error)

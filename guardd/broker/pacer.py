@@ -5,9 +5,11 @@ it may drop the client. guardd spends a smaller budget (default 40 a second) and
 priority lanes: `Lane.KILL` (global cancel, kill-path cancels) always goes before `Lane.FLATTEN`
 (close orders and their cancels) before `Lane.CLOSE_DATA` (what a close needs to read: prices of
 the positions being closed, the re-sync it waits for) before `Lane.NORMAL` (every other
-subscription and request). Of the budget, `kill_reserve` messages a second are kept for the kill
-path: `Lane.NORMAL` never sends more than `budget - kill_reserve` in any window, so a flood of
-subscriptions can neither fill the window a kill arrives in nor starve a close of its prices.
+subscription and request) before `Lane.BACKGROUND` (per-position requests nothing waits for:
+1,000 positions queue 2,000 of them at start, behind the account stream and the price lines).
+Of the budget, `kill_reserve` messages a second are kept for the kill path: `Lane.NORMAL` and
+`Lane.BACKGROUND` together never send more than `budget - kill_reserve` in any window, so a flood
+of subscriptions can neither fill the window a kill arrives in nor starve a close of its prices.
 
 Two layers:
 - `MessageBudget` and `LaneQueue` are pure: no clock reads, no asyncio. `MessageBudget` is a token
@@ -68,6 +70,7 @@ class Lane(IntEnum):
     FLATTEN = 1
     CLOSE_DATA = 2  # market data and re-sync requests a close in progress waits for
     NORMAL = 3
+    BACKGROUND = 4  # per-position requests nothing waits for (pnlSingle, contract hours)
 
 
 class MessageBudget:
@@ -177,8 +180,9 @@ class PacedSender:
     future that completes when the message has been handed to the socket (or fails with the
     error the send raised). `clock` must be monotonic; it is only read on the event loop.
 
-    `kill_reserve` messages of each window are kept for the kill path (every lane but
-    `Lane.NORMAL`): NORMAL messages also pass a second budget of `budget - kill_reserve`.
+    `kill_reserve` messages of each window are kept for the kill path (every lane ahead of
+    `Lane.NORMAL`): NORMAL and BACKGROUND messages also pass a second budget of
+    `budget - kill_reserve`.
     """
 
     def __init__(
@@ -257,7 +261,8 @@ class PacedSender:
                 await asyncio.sleep(due - now)
                 continue
             lane = self._queue.first_lane()  # chosen only now, when a token is in hand
-            if lane is Lane.NORMAL:
+            shared = lane is not None and lane >= Lane.NORMAL  # NORMAL's share of the budget
+            if shared:
                 normal_due = self._normal.due(now)
                 if normal_due > now:
                     # NORMAL has spent its share: wait for it, or for a more urgent message.
@@ -267,7 +272,7 @@ class PacedSender:
                     continue
             if not self._budget.try_take(now):
                 continue
-            if lane is Lane.NORMAL:
+            if shared:
                 self._normal.try_take(now)
             item = self._queue.pop()
             if item.sent.done():  # the caller gave up waiting
@@ -280,7 +285,7 @@ class PacedSender:
                 continue
             self.sent_by_lane[item.lane] += 1
             item.sent.set_result(None)
-            if item.lane is not Lane.NORMAL:
+            if item.lane < Lane.NORMAL:
                 log.info(
                     "message_sent",
                     label=item.label,

@@ -2,18 +2,31 @@
 
 Every request goes through the connection's one PacedSender on a lane (`guardd.broker.pacer`);
 a request made while disconnected raises BrokerDisconnectedError. After every (re)connect the
-adapter resubscribes: positions, account updates, PnL, every client's open orders, executions,
-per-position PnL and watched prices. The `PositionsEnd` and `OpenOrdersEnd` barriers therefore
-follow every `Connected`.
+adapter resubscribes: positions, account updates (which value every position, updatePortfolio),
+PnL, every client's open orders, executions, per-position PnL and contract hours (on
+`Lane.BACKGROUND`: nothing waits for them) and the market-data lines. The `PositionsEnd` and
+`OpenOrdersEnd` barriers therefore follow every `Connected`.
+
+Market-data lines: IB gives a login a fixed number (100 by default, shared with TWS and every
+other client) and refuses one more with error 101. The adapter holds at most
+`market_data_lines` of them, chosen by `guardd.core.lines.choose_lines` from what it is told:
+`rank_lines` (the guard's positions by exposure), `watch_prices` (contracts wanted at a low
+priority) and `closing` (contracts a close works on: first, always, and not held to the
+configured number, only to what IB grants). Each change re-chooses:
+a line no longer chosen is cancelled (cancelMktData, on `Lane.CLOSE_DATA` so that it is freed
+before a close's request takes its place), a new one requested. On 101 the refused line is
+released and its contract left out for `line_retry_s`, and the limit drops to the lines IB
+granted until then (`LineLimit`); a later re-choice tries again, most urgent first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Iterable
 from decimal import Decimal
-from typing import Final
+from typing import Any, Final
 
 import structlog
 from ibapi.contract import Contract
@@ -26,6 +39,7 @@ from guardd.broker.connection import IbConnection, settle
 from guardd.broker.pacer import Lane
 from guardd.broker.session import IbSession
 from guardd.core import events as ev
+from guardd.core.lines import LineLimit, LineWant, choose_lines
 from guardd.errors import BrokerDisconnectedError
 
 log = structlog.get_logger("guardd.broker.ib")
@@ -40,10 +54,20 @@ READ_ONLY_PROBE_ID: Final = (1 << 31) - 2
 while the API is read-only, answered 10147 (not found) once it is not."""
 ORDER_IDS_TIMEOUT_S: Final = 2.0
 """How long `refresh_order_ids` waits for the answer to reqIds."""
+DEFAULT_MARKET_DATA_LINES: Final = 90
+"""Market-data lines held at most (IB: 100 a login by default; `[ib] market_data_lines`)."""
+LINE_RETRY_S: Final = 60.0
+"""After a 101: how long the refused contract waits and the lowered limit holds."""
 
 
 class IbRequests(IbConnection):
     """What the guard asks of the gateway (see the module doc)."""
+
+    def __init__(
+        self, *args: Any, market_data_lines: int = DEFAULT_MARKET_DATA_LINES, **kwargs: Any
+    ) -> None:
+        self.market_data_lines = market_data_lines
+        super().__init__(*args, **kwargs)
 
     def _init_state(self) -> None:
         super()._init_state()
@@ -56,9 +80,14 @@ class IbRequests(IbConnection):
         self.highest_order_id_seen = 0
         self.order_ids_skipped = 0
         self._req_ids = itertools.count(DATA_REQ_ID_BASE)
-        self._watched: set[ev.ConId] = set()
+        self._watched: set[ev.ConId] = set()  # `watch_prices`: wanted at the lowest priority
+        self._line_wants: dict[ev.ConId, LineWant] = {}  # `rank_lines`: by exposure
         self._closing: frozenset[ev.ConId] = frozenset()  # contracts a close is working on
         self._exchanges: dict[ev.ConId, str] = {}
+        self._line_limit = LineLimit(self.market_data_lines)
+        self._line_refused: dict[ev.ConId, float] = {}  # contract -> retry at (monotonic)
+        self.line_retry_s = LINE_RETRY_S
+        self.lines_refused = 0  # error 101 answers, all told
 
     # ---- subscriptions ---------------------------------------------------------------------
 
@@ -90,8 +119,7 @@ class IbRequests(IbConnection):
             session, normal, "reqAccountUpdates", lambda s: s.reqAccountUpdates(True, account)
         )
         self._request(session, normal, "reqPnL", lambda s: s.reqPnL(pnl_id, account, ""))
-        for con_id in sorted(self._watched):
-            self._request_prices(session, con_id)
+        self._choose_lines(session)
 
     def _request_position_value(self, session: IbSession, con_id: ev.ConId) -> None:
         req_id = next(self._req_ids)
@@ -100,7 +128,7 @@ class IbRequests(IbConnection):
         account = self.account
         self._request(
             session,
-            Lane.NORMAL,
+            Lane.BACKGROUND,
             "reqPnLSingle",
             lambda s: s.reqPnLSingle(req_id, account, "", con_id),
         )
@@ -116,7 +144,7 @@ class IbRequests(IbConnection):
         contract.exchange = self._exchanges.get(con_id) or "SMART"
         self._request(
             session,
-            Lane.NORMAL,
+            Lane.BACKGROUND,
             "reqContractDetails",
             lambda s: s.reqContractDetails(req_id, contract),
         )
@@ -137,46 +165,120 @@ class IbRequests(IbConnection):
         )
 
     def closing(self, con_ids: Iterable[int]) -> None:
-        """The contracts a close is working on now (empty: no close). Their prices are watched,
-        and their price requests (and, after a reconnect, the downloads a close waits for) go on
-        `Lane.CLOSE_DATA`, ahead of every other subscription: a flood of other requests never
-        starves a close of its prices. A price request still queued on NORMAL is moved ahead."""
+        """The contracts a close is working on now (empty: no close). Each gets a line, first
+        (a lower line gives way; beyond `market_data_lines` if need be, only what IB grants
+        bounds them), and their price requests (and, after a reconnect, the
+        downloads a close waits for) go on `Lane.CLOSE_DATA`, ahead of every other subscription:
+        a flood of other requests never starves a close of its prices. A price request still
+        queued on NORMAL is moved ahead."""
         closing = frozenset(ev.ConId(int(c)) for c in con_ids if int(c))
         new = closing - self._closing
         self._closing = closing
         session = self._session
-        live = session is not None and session.announced
+        if session is None or not session.announced:
+            return
         for con_id in sorted(new):
-            if con_id not in self._watched:
-                self._watched.add(con_id)
-                if live:
-                    assert session is not None
-                    self._request_prices(session, con_id)
-                continue
-            queued = session.price_requests.get(con_id) if session is not None else None
-            if live and queued is not None and not queued.done():
-                assert session is not None
+            queued = session.price_requests.get(con_id)
+            if queued is not None and not queued.done():
                 queued.cancel()  # the sender skips it; the same request goes ahead instead
-                self._request_prices(session, con_id)
+                self._forget_line(session, con_id)
+        self._choose_lines(session)
 
     def watch_prices(
         self, con_ids: Iterable[int], *, exchanges: dict[int, str] | None = None
     ) -> None:
-        """Stream bid/ask/last for these contracts, now and after every reconnect.
+        """Stream bid/ask/last for these contracts, now and after every reconnect, as far as
+        the lines allow (at the lowest priority: exposure 0 unless `rank_lines` says more).
 
         The exchange for reqMktData is taken from `exchanges`, else from the contract's position,
         else SMART.
         """
         for con_id, exchange in (exchanges or {}).items():
             self._exchanges[ev.ConId(con_id)] = exchange
+        self._watched.update(ev.ConId(int(c)) for c in con_ids if int(c))
         session = self._session
-        for raw in con_ids:
-            con_id = ev.ConId(raw)
-            if con_id in self._watched:
-                continue
-            self._watched.add(con_id)
-            if session is not None and session.announced:
+        if session is not None and session.announced:
+            self._choose_lines(session)
+
+    def rank_lines(self, wants: Iterable[LineWant]) -> None:
+        """The contracts that want a line, with their exposures (the guard's positions);
+        replaces the previous ranking and re-chooses the lines (`guardd.core.lines`)."""
+        self._line_wants = {w.con_id: w for w in wants if w.con_id}
+        session = self._session
+        if session is not None and session.announced:
+            self._choose_lines(session)
+
+    @property
+    def lines(self) -> frozenset[ev.ConId]:
+        """The contracts with a line now (requested and not refused)."""
+        session = self._session
+        return frozenset() if session is None else frozenset(session.tick_req.values())
+
+    def _choose_lines(self, session: IbSession) -> None:
+        """Cancel the lines no longer chosen, request the newly chosen ones."""
+        now = time.monotonic()
+        wants = dict(self._line_wants)
+        for con_id in self._watched:
+            wants.setdefault(con_id, LineWant(con_id))
+        for con_id in self._closing:
+            exposure = wants[con_id].exposure if con_id in wants else 0.0
+            wants[con_id] = LineWant(con_id, exposure, closing=True)
+        self._line_refused = {c: t for c, t in self._line_refused.items() if t > now}
+        held = {con_id: req_id for req_id, con_id in session.tick_req.items()}
+        chosen = choose_lines(
+            wants.values(),
+            self._line_limit.at(now),
+            closing_limit=self._line_limit.granted(now),
+            held=held,
+            refused=self._line_refused,
+            now=now,
+        )
+        keep = frozenset(chosen)
+        for con_id, req_id in held.items():
+            if con_id not in keep:
+                self._release_line(session, con_id, req_id)
+        for con_id in chosen:
+            if con_id not in held:
                 self._request_prices(session, con_id)
+
+    def _forget_line(self, session: IbSession, con_id: ev.ConId) -> None:
+        for req_id in [r for r, c in session.tick_req.items() if c == con_id]:
+            del session.tick_req[req_id]
+        session.price_requests.pop(con_id, None)
+
+    def _release_line(self, session: IbSession, con_id: ev.ConId, req_id: int) -> None:
+        """Give a line back: a request still queued is dropped, a sent one cancelled."""
+        session.tick_req.pop(req_id, None)
+        queued = session.price_requests.pop(con_id, None)
+        if queued is not None and not queued.done():
+            queued.cancel()  # never sent: nothing to cancel at IB
+            return
+        self._request(session, Lane.CLOSE_DATA, "cancelMktData", lambda s: s.cancelMktData(req_id))
+
+    def _line_refused_by_ib(self, session: IbSession, error: ev.BrokerMessage) -> None:
+        """Error 101 "Max number of tickers has been reached.": the line was not granted.
+        Release it, lower the limit to the lines held, leave the contract out for
+        `line_retry_s` (a closing contract is not left out: a lower line gives way to it), and
+        choose again."""
+        con_id = session.tick_req.pop(error.req_id, None)
+        if con_id is None:
+            return
+        session.price_requests.pop(con_id, None)
+        now = time.monotonic()
+        granted = len(session.tick_req)
+        self._line_limit = self._line_limit.refused(granted, now, self.line_retry_s)
+        if con_id not in self._closing:
+            self._line_refused[con_id] = now + self.line_retry_s
+        self.lines_refused += 1
+        log.warning(
+            "market_data_line_refused",
+            con_id=con_id,
+            lines=granted,
+            limit=self._line_limit.at(now),
+            retry_in_s=self.line_retry_s,
+            closing=con_id in self._closing,
+        )
+        self._choose_lines(session)
 
     # ---- order ids -------------------------------------------------------------------------
 

@@ -185,8 +185,24 @@ class IbSession(EWrapper, EClient):  # type: ignore[misc]
     def updateAccountValue(self, key: str, val: str, currency: str, accountName: str) -> None:
         self._post(convert.account_value(key, val, currency, accountName, self._ts()))
 
-    def updatePortfolio(self, *args: Any) -> None:
-        pass  # per-position values come from reqPnLSingle, which IB refreshes about once a second
+    def updatePortfolio(
+        self,
+        contract: Contract,
+        position: Decimal,
+        marketPrice: float,
+        marketValue: float,
+        averageCost: float,
+        unrealizedPNL: float,
+        realizedPNL: float,
+        accountName: str,
+    ) -> None:
+        # Every position's value at once when the subscription starts, then about every three
+        # minutes: the start-up value of every position (pnlSingle and prices come later).
+        self._post(
+            convert.portfolio_value(
+                contract, position, marketPrice, marketValue, accountName, self._ts()
+            )
+        )
 
     def updateAccountTime(self, timeStamp: str) -> None:
         pass

@@ -370,6 +370,7 @@ class Book:
         self.positions_synced = False
         self.orders_synced = False
         self.executions_synced = False  # the executions download of this connection has ended
+        self.account_download_done = False  # the account-updates download of this connection
         self.managed_accounts: tuple[str, ...] = ()
         self.next_order_id = 0
         self.server_version = 0
@@ -472,7 +473,10 @@ class Book:
             case AccountValue():
                 self._on_account_value(event)
             case AccountDownloadEnd():
-                pass  # nothing waits for it: each account value counts from its own arrival
+                # each account value counts from its own arrival; the download's end says every
+                # position has been valued once (updatePortfolio comes with it)
+                if event.account == self.account:
+                    self.account_download_done = True
             case PnLUpdate():
                 self._on_pnl(event)
             case PositionValue():
@@ -522,6 +526,7 @@ class Book:
         self.managed_accounts = event.managed_accounts
         self.next_order_id = event.next_order_id
         self.server_version = event.server_version
+        self.account_download_done = False
         self._begin_resync()
 
     def _begin_resync(self) -> None:

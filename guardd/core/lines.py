@@ -10,7 +10,9 @@ Pure: the wants, the lines held and the refusals come in, the chosen contracts g
 reads (`now` is passed in).
 
 Priority, most urgent first:
-1. a contract a close is working on (its limit prices need a fresh price), always;
+1. a contract a close is working on (its limit prices need a fresh price), always: closing
+   contracts are not held to the configured number, only to what IB grants (`closing_limit`,
+   learned from 101); they take the lines first, and the rest share what is left;
 2. a held position without any value yet (its exposure is unknown: it may be the largest);
 3. the rest by exposure (|value| in the base currency), largest first.
 Ties go to the lower contract id, so the choice is deterministic.
@@ -65,20 +67,20 @@ def choose_lines(
     wants: Iterable[LineWant],
     limit: int,
     *,
+    closing_limit: int | None = None,
     held: Iterable[ConId] = (),
     refused: Mapping[ConId, float] | None = None,
     now: float = 0.0,
     keep_ratio: float = KEEP_RATIO,
 ) -> tuple[ConId, ...]:
-    """The contracts that should have a line now, most urgent first, at most `limit` of them.
+    """The contracts that should have a line now, most urgent first.
 
-    A contract refused until after `now` is not chosen. Closing contracts come first, then the
-    rest by `line_rank`; a held line keeps its place against a challenger that is not held
-    unless the challenger's exposure is more than `keep_ratio` times the holder's (closing and
-    unvalued wants always win their place).
+    Closing contracts first, at most `closing_limit` of them (None: every one); then the rest by
+    `line_rank` while fewer than `limit` are chosen. A contract refused until after `now` is not
+    chosen. A held line keeps its place against a challenger that is not held unless the
+    challenger's exposure is more than `keep_ratio` times the holder's (closing and unvalued
+    wants always win their place).
     """
-    if limit <= 0:
-        return ()
     blocked = refused or {}
     by_con: dict[ConId, LineWant] = {}
     for want in wants:
@@ -88,8 +90,13 @@ def choose_lines(
         if known is None or line_rank(want) < line_rank(known):
             by_con[want.con_id] = want
     ranked = sorted(by_con.values(), key=line_rank)
-    chosen = ranked[:limit]
-    left = ranked[limit:]
+    closing = [w for w in ranked if w.closing]
+    if closing_limit is not None:
+        closing = closing[: max(0, closing_limit)]
+    others = [w for w in ranked if not w.closing]
+    room = max(0, limit - len(closing))
+    chosen = closing + others[:room]
+    left = others[room:]
     holding = frozenset(held)
     # Give held lines left out a second chance against the weakest chosen newcomers.
     keepers = [w for w in left if w.con_id in holding and line_rank(w)[0] == 2]
@@ -124,8 +131,16 @@ class LineLimit:
             return min(self.configured, self.lowered_to)
         return self.configured
 
+    def granted(self, now: float) -> int | None:
+        """What IB granted when it last refused a line, while that holds (None: no refusal
+        holds): the bound for closing contracts, which the configured number does not bind."""
+        if self.lowered_to is not None and now < self.until:
+            return self.lowered_to
+        return None
+
     def refused(self, granted: int, now: float, retry_s: float) -> LineLimit:
         """IB refused a line while `granted` lines were held: hold at most that many until
-        `now + retry_s` (never below the lowest limit seen in that time)."""
-        current = self.at(now)
-        return LineLimit(self.configured, max(0, min(granted, current)), now + retry_s)
+        `now + retry_s` (never above a lower figure learned in that time)."""
+        known = self.granted(now)
+        lowest = granted if known is None else min(granted, known)
+        return LineLimit(self.configured, max(0, lowest), now + retry_s)

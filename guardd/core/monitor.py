@@ -207,12 +207,11 @@ class Monitor:
 
     def price_watch(self, book: Book, event: ev.BrokerEvent) -> PriceWatch | None:
         """The contract whose live prices `event` (folded into `book`) asks to watch, once per
-        contract: every contract the guarded account holds (volatility, position values between
-        PnL updates, the planner's marketable-limit prices), and the contract of a foreign order
-        when the per-order price collar is configured (it needs a last price)."""
+        contract: the contract of a foreign order when the per-order price collar is configured
+        (it needs a last price). Held positions are not watched here: their market-data lines
+        are chosen by exposure within IB's line limit (`guardd.core.lines`, the guard's
+        `_rank_lines`)."""
         match event:
-            case ev.PositionUpdate(account=account, con_id=con_id, exchange=exchange):
-                wanted = account == book.account and event.quantity != 0
             case ev.OpenOrder(con_id=con_id):
                 exchange = ""
                 checks = self._rules.order_checks

@@ -52,6 +52,7 @@ from guardd.core import events as ev
 from guardd.core.book import Book
 from guardd.core.close import Record
 from guardd.core.engine import Arm, Decision, Engine, Kill, Latch, State
+from guardd.core.lines import LineWant
 from guardd.core.monitor import Monitor, Scale, exposure_figures
 from guardd.core.notices import (
     ConditionKind,
@@ -80,6 +81,8 @@ from guardd.state.journal import Journal, Rotation
 log = structlog.get_logger(__name__)
 
 EVALUATE_EVERY_S = 0.25
+LINES_EVERY_S = 5.0
+"""How often the market-data lines are re-ranked by exposure when positions did not change."""
 PIPELINE_STALL_S = 10.0
 """The evaluate loop not going round for this long means a wedged guard (watchdog)."""
 _NEW_YORK = ZoneInfo("America/New_York")
@@ -195,6 +198,7 @@ class Guard:
             clock=clock,
             reconnect_initial_s=cfg.ib.reconnect_backoff_min_s,
             reconnect_max_s=cfg.ib.reconnect_backoff_max_s,
+            market_data_lines=cfg.ib.market_data_lines,
         )
         self.executor = Executor(
             broker=self.broker,
@@ -232,6 +236,9 @@ class Guard:
         # Refused commands: the first of each kind per interval journaled in full, the rest
         # counted and journaled as one summary per interval (a junk flood costs no fsync each).
         self.refusals = RefusalLedger(cfg.control.refusal_interval_s)
+        # The positions the market-data lines were last ranked by (Book.positions_version) and
+        # when (monotonic): re-ranked when positions change and every LINES_EVERY_S.
+        self._lines_ranked: tuple[int, float] = (-1, time.monotonic())
         self._lock = asyncio.Lock()
         self.http: ControlHttpServer | None = None
         self.mqtt: MqttControl | None = None
@@ -525,6 +532,8 @@ class Guard:
                 await self._on_order_event(event)
             if isinstance(event, _BOOK_CHANGES):
                 self.executor.notice()
+            if isinstance(event, ev.AccountDownloadEnd):
+                self._rank_lines(force=True)  # every position valued: choose the lines
             if isinstance(event, (ev.PositionsEnd, ev.OpenOrdersEnd)) and self.book.synced:
                 await self._evaluate(self.clock(), trigger_ts=event.ts)
                 if not self.ready_event.is_set():
@@ -533,6 +542,31 @@ class Guard:
                     self.notifier.notify("READY=1", f"STATUS={self._sd_status}")
                     log.info("guard_ready", state=self.engine.state)
             self.metrics.observe_event_processing(time.perf_counter() - started)
+
+    def _rank_lines(self, *, force: bool = False) -> None:
+        """Tell the broker which held positions want a market-data line, by exposure (base
+        currency where the rate is known; unvalued first, see guardd.core.lines): when the
+        positions changed, else every LINES_EVERY_S (exposures move, refusals expire). While
+        the account download (every position's value) is under way, at most every
+        LINES_EVERY_S: lines chosen before it would be chosen blind and swapped right after."""
+        version, at = self._lines_ranked
+        now = time.monotonic()
+        unchanged = version == self.book.positions_version
+        if (
+            not force
+            and now - at < LINES_EVERY_S
+            and (unchanged or not self.book.account_download_done)
+        ):
+            return
+        self._lines_ranked = (self.book.positions_version, now)
+        wants = []
+        for p in self.book.guarded_positions():
+            if p.value is None or not p.known:
+                exposure = math.nan
+            else:
+                exposure = abs(p.value) * (self.book.exchange_rate(p.currency) or 1.0)
+            wants.append(LineWant(p.con_id, exposure))
+        self.broker.rank_lines(wants)
 
     async def _on_order_event(self, event: ev.OpenOrder | ev.OrderStatus) -> None:
         """The fast path: a new order may break the order-rate or a per-order limit now."""
@@ -585,6 +619,7 @@ class Guard:
             self._roll_day(now)
             self.monitor.on_timer(self.book, now, halted=self.engine.state == State.HALTED)
             await self._evaluate(now, trigger_ts=now)
+            self._rank_lines()
             self.executor.retry_latch()
             self._watch_journal_rotation()
             self._watch_conditions(now)
@@ -855,6 +890,10 @@ class Guard:
             "base_currency": self.book.base_currency,
             "gross_position_value": exposure.gross,
             "missing_exchange_rates": list(exposure.missing_rates),
+            # held positions without a value yet (start-up: until IB's account-updates
+            # stream has valued them), and the market-data lines held (`[ib] market_data_lines`)
+            "positions_unvalued": exposure.unvalued,
+            "market_data_lines": len(self.broker.lines),
             "close": None
             if episode is None
             else {
@@ -873,6 +912,8 @@ class Guard:
                 for name, f in self.monitor.findings.items()
                 if f.level != "ok"
             },
+            # every rule evaluated so far and its level ("data": it cannot judge now)
+            "rule_levels": {name: f.level for name, f in sorted(self.monitor.findings.items())},
             # each stress scenario's projected loss (base currency) and loss / NetLiquidation,
             # None where an input is missing (`missing` names it); None without [limits.stress]
             "stress": self.stress_losses(),

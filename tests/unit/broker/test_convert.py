@@ -37,6 +37,15 @@ def test_position_with_unset_quantity_then_unknown_never_zero() -> None:
     assert math.isnan(event.strike) and event.right == "" and event.ts == 5.0
 
 
+def test_portfolio_update_then_value_in_the_position_currency_and_unset_is_nan() -> None:
+    event = convert.portfolio_value(stock(), Decimal(100), 190.5, 19050.0, "DU1", ts=3.0)
+    assert (event.account, event.con_id, event.position) == ("DU1", AAPL, 100.0)
+    assert (event.market_price, event.market_value, event.ts) == (190.5, 19050.0, 3.0)
+
+    unset = convert.portfolio_value(stock(), UNSET_DECIMAL, UNSET_DOUBLE, UNSET_DOUBLE, "DU1", 3.0)
+    assert math.isnan(unset.position) and math.isnan(unset.market_value)
+
+
 def test_option_position_then_its_terms() -> None:
     contract = stock()
     contract.secType, contract.strike, contract.right = "OPT", 150.0, "PUT"

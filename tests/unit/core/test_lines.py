@@ -52,8 +52,19 @@ def test_held_line_then_given_up_to_a_much_larger_newcomer() -> None:
     assert choose_lines(wants, 2, held=[ConId(1), ConId(3)]) == (1, 2)
 
 
-def test_zero_limit_then_no_line() -> None:
-    assert choose_lines([want(1, 1.0, closing=True)], 0) == ()
+def test_zero_limit_then_no_line_but_for_a_close() -> None:
+    assert choose_lines([want(1, 1.0)], 0) == ()
+    assert choose_lines([want(1, 1.0, closing=True)], 0) == (1,)
+
+
+def test_more_closing_contracts_than_the_limit_then_each_gets_a_line() -> None:
+    wants = [want(n, float(n), closing=True) for n in range(1, 11)] + [want(99, 1e9)]
+    assert set(choose_lines(wants, 5)) == set(range(1, 11))
+
+
+def test_ib_granted_fewer_then_closing_contracts_held_to_it_largest_first() -> None:
+    wants = [want(n, float(n), closing=True) for n in range(1, 11)] + [want(99, 1e9)]
+    assert choose_lines(wants, 3, closing_limit=3) == (10, 9, 8)
 
 
 def test_refusal_then_limit_lowered_to_what_ib_granted_until_retry() -> None:
@@ -63,6 +74,8 @@ def test_refusal_then_limit_lowered_to_what_ib_granted_until_retry() -> None:
     assert limit.at(130.0) == 90
     again = limit.refused(granted=70, now=110.0, retry_s=30.0)
     assert again.at(110.0) == 60  # never above the lowest seen while it holds
+    assert again.granted(110.0) == 60
+    assert again.granted(140.0) is None
 
 
 wants_st = st.lists(
@@ -76,19 +89,22 @@ wants_st = st.lists(
 )
 
 
-@given(wants_st, st.integers(0, 20), st.sets(st.integers(1, 40)))
-def test_any_wants_then_within_limit_unique_and_urgent_first(
-    wants: list[LineWant], limit: int, held: set[int]
+@given(
+    wants_st,
+    st.integers(0, 20),
+    st.one_of(st.none(), st.integers(0, 20)),
+    st.sets(st.integers(1, 40)),
+)
+def test_any_wants_then_within_limits_unique_and_every_close_first(
+    wants: list[LineWant], limit: int, closing_limit: int | None, held: set[int]
 ) -> None:
-    chosen = choose_lines(wants, limit, held=[ConId(c) for c in held])
-    assert len(chosen) <= limit
+    chosen = choose_lines(wants, limit, closing_limit=closing_limit, held=[ConId(c) for c in held])
     assert len(set(chosen)) == len(chosen)
     assert set(chosen) <= {w.con_id for w in wants}
-    distinct = {w.con_id for w in wants}
-    assert len(chosen) == min(limit, len(distinct))
     closing = {w.con_id for w in wants if w.closing}
-    if len(closing) <= limit:
-        assert closing <= set(chosen)
+    bound = len(closing) if closing_limit is None else min(len(closing), closing_limit)
+    assert len(set(chosen) & closing) == bound
+    assert len(chosen) == max(bound, min(limit, len({w.con_id for w in wants})))
 
 
 @given(wants_st, st.integers(1, 20))
@@ -97,7 +113,10 @@ def test_nothing_held_then_exactly_the_top_ranked(wants: list[LineWant], limit: 
     for w in wants:
         if w.con_id not in best or line_rank(w) < line_rank(best[w.con_id]):
             best[w.con_id] = w
-    top = tuple(w.con_id for w in sorted(best.values(), key=line_rank)[:limit])
+    ranked = sorted(best.values(), key=line_rank)
+    closing = [w.con_id for w in ranked if w.closing]
+    others = [w.con_id for w in ranked if not w.closing]
+    top = tuple(closing + others[: max(0, limit - len(closing))])
     assert choose_lines(wants, limit) == top
 
 

@@ -212,20 +212,12 @@ def test_readings_then_only_finite_figures_on_their_scale() -> None:
     assert all(r.finding.value is not None for r in readings.values())
 
 
-def test_held_contract_then_its_prices_watched_once() -> None:
-    mon = monitor()
-    held = pos(5, 100)
-    book = book_with(held)
+def test_held_position_then_not_watched_here_its_line_is_chosen_by_exposure() -> None:
+    mon = monitor(checks=OrderChecks(collar=0.05))
+    held, flat, stranger = pos(5, 100), pos(6, 0), replace(pos(7, 100), account="DU2")
+    book = book_with(held, flat, stranger)
 
-    assert mon.price_watch(book, held) == PriceWatch(ConId(5), "SMART")
-    assert mon.price_watch(book, held) is None  # already watched
-
-
-def test_closed_position_or_other_account_then_no_watch() -> None:
-    mon = monitor()
-    flat, stranger = pos(5, 0), replace(pos(6, 100), account="DU2")
-    book = book_with(flat, stranger)
-
+    assert mon.price_watch(book, held) is None
     assert mon.price_watch(book, flat) is None
     assert mon.price_watch(book, stranger) is None
 
