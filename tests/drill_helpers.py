@@ -304,14 +304,19 @@ port = {http_port}
     return config, f"http://127.0.0.1:{http_port}", tokens["kill"]
 
 
-async def http_ready(session: aiohttp.ClientSession, url: str, timeout_s: float = 15.0) -> None:
-    async def ready() -> bool:
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            async with session.get(f"{url}/readyz") as response:
-                return response.status == 200
-        return False
+async def http_answers(session: aiohttp.ClientSession, url: str) -> bool:
+    """Whether `url` answers 200 now (False while nothing listens)."""
+    with contextlib.suppress(aiohttp.ClientError, OSError):
+        async with session.get(url) as response:
+            return response.status == 200
+    return False
 
-    await eventually(ready, f"{url} ready", timeout_s=timeout_s)
+
+async def http_ready(session: aiohttp.ClientSession, url: str, timeout_s: float = 15.0) -> None:
+    """Wait until the guard's /readyz at `url` answers 200 (ready: latch restored, synced)."""
+    await eventually(
+        lambda: http_answers(session, f"{url}/readyz"), f"{url} ready", timeout_s=timeout_s
+    )
 
 
 async def http_kill(
@@ -395,10 +400,7 @@ async def guardd_run(
 async def control_up(session: aiohttp.ClientSession, url: str, run: GuardRun) -> None:
     async def up() -> bool:
         assert run.proc.returncode is None, f"guardd exited: {run.log.read_text()}"
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            async with session.get(f"{url}/healthz") as response:
-                return response.status == 200
-        return False
+        return await http_answers(session, f"{url}/healthz")
 
     try:
         await eventually(up, "the control plane up", timeout_s=20, interval_s=0.05)

@@ -396,8 +396,10 @@ async def test_listener_never_answers_then_connect_error_within_timeout(
         await broker.start()
 
     assert time.monotonic() - started < 3.0
-    await asyncio.sleep(0.2)
-    assert not any(name.startswith("ibapi-connect") for name in ibapi_threads())
+    await eventually(
+        lambda: not any(name.startswith("ibapi-connect") for name in ibapi_threads()),
+        "the connect thread ended",
+    )
 
 
 async def test_stopped_while_the_handshake_is_never_answered_then_stop_bounded_and_no_thread_left(
@@ -406,12 +408,11 @@ async def test_stopped_while_the_handshake_is_never_answered_then_stop_bounded_a
     # ibapi's handshake loop has no timeout of its own: only closing its socket ends it.
     broker = IbBroker("127.0.0.1", silent_listener, GUARD_ID, ACCOUNT, connect_timeout_s=60.0)
     task = asyncio.create_task(broker.start())
-    for _ in range(200):
-        if any(name.startswith("ibapi-connect") for name in ibapi_threads()):
-            break
-        await asyncio.sleep(0.01)
-    else:
-        raise AssertionError("no connect attempt")
+    await eventually(
+        lambda: any(name.startswith("ibapi-connect") for name in ibapi_threads()),
+        "a connect attempt",
+        interval_s=0.01,
+    )
     await asyncio.sleep(0.2)  # inside the handshake loop
 
     stopped_at = time.monotonic()
@@ -590,7 +591,7 @@ async def test_gateway_frozen_then_heartbeat_drops_session_and_reconnects_after_
 async def test_idle_gateway_answers_heartbeats_then_session_kept(sim: SimGateway) -> None:
     async with heartbeat_broker(sim, 0.2, 0.5) as (broker, recorder):
         await synced(recorder)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # heartbeats answered: no disconnect may come
         assert recorder.of(ev.Disconnected) == []
         assert broker.heartbeat_failures == 0
         assert sim.received_by_id[49] >= 4  # reqCurrentTime
@@ -600,7 +601,7 @@ async def test_heartbeat_disabled_then_no_periodic_current_time_requests(sim: Si
     async with heartbeat_broker(sim, None) as (_, recorder):
         await synced(recorder)
         await recorder.wait_for(ev.ServerTime)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # no periodic reqCurrentTime may follow
     assert sim.received_by_id[49] == 1  # once on connect: the gateway's clock, for market hours
 
 

@@ -599,7 +599,7 @@ async def test_password_broker_then_connects_only_with_credentials(
     )
     async with good, bad:
         await eventually(lambda: good.connected)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # refused by the broker: it never connects, no event says so
         assert bad.connected is False
 
 

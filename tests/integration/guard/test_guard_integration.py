@@ -194,7 +194,7 @@ mode = "flatten"
     )
     start = starting_positions(sim)
     async with running_guard(cfg) as guard:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # a few evaluations of the starting book: none may halt
         assert guard.engine.state == State.ARMED
 
         # Act
@@ -234,7 +234,7 @@ mode = "flatten"
     )
     start = starting_positions(sim)
     async with running_guard(cfg) as guard:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # a few evaluations of the starting book: none may halt
         assert guard.engine.state == State.ARMED
 
         # Act: AAPL starts moving 8 % a day (far over 50 % a year)
@@ -282,7 +282,7 @@ async def test_disconnect_during_flatten_then_resumes_flat_without_duplicate_chi
                 "flat confirmed",
                 timeout_s=20,
             )
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # after flat confirmed nothing more may happen
 
             # Assert
             assert guard.engine.state == State.HALTED
@@ -395,7 +395,7 @@ async def test_missing_latch_with_fresh_start_then_armed_and_orders_left(
 
         # Act
         async with running_guard(cfg, fresh_start=True) as guard:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # a fresh start must not cancel the bot's order: no event
 
             # Assert
             assert guard.engine.state == State.ARMED
@@ -422,7 +422,7 @@ async def test_dry_run_breach_then_journaled_and_nothing_sent(
         # Act
         async with running_guard(cfg) as guard:
             await eventually(lambda: "close_dry_run_planned" in journal_kinds(cfg), "dry-run plan")
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # a dry run sends nothing, however long it plans
 
             # Assert
             assert guard.engine.state == State.HALTED

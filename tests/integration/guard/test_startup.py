@@ -29,7 +29,7 @@ from ibsim.gateway import PLACE_ORDER, SimGateway
 from ibsim.scenario import parse_scenario
 from ibsim.server import build_gateway
 from tests.conftest import eventually, free_port
-from tests.drill_helpers import REQ_GLOBAL_CANCEL, GuardWire, kill_command
+from tests.drill_helpers import REQ_GLOBAL_CANCEL, GuardWire, http_answers, kill_command
 from tests.fake_systemd import FakeSystemd, systemd
 from tests.guard_harness import flat, guard_config, journal_kinds, scenario_data, zero_crossings
 
@@ -69,20 +69,6 @@ async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
         return response.status, await response.text()
 
 
-async def http_up(session: aiohttp.ClientSession, url: str) -> None:
-    async def answers() -> bool:
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            async with session.get(f"{url}/healthz") as response:
-                return response.status == 200
-        return False
-
-    for _ in range(500):
-        if await answers():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{url} did not answer in 10 s")
-
-
 # ---- the kill is served before the first connect ------------------------------------------------
 
 
@@ -97,7 +83,7 @@ async def test_kill_before_first_connect_then_latched_and_carried_out_on_first_s
         await eventually(lambda: guard.http is not None, "HTTP started")
         assert guard.http is not None
         url = guard.http.url
-        await http_up(session, url)
+        await eventually(lambda: http_answers(session, f"{url}/healthz"), "HTTP up")
 
         # Served before IB: health says what it waits for, readiness refuses, metrics answer.
         assert await get(session, f"{url}/healthz") == (

@@ -14,6 +14,7 @@ import pytest
 from ibsim.gateway import SimGateway
 from ibsim.scenario import Scenario
 from ibsim.server import build_gateway
+from tests.conftest import eventually
 from tests.ibapi_harness import IbapiClient, connected, limit_order, market_order, stock
 
 pytestmark = pytest.mark.integration
@@ -93,11 +94,7 @@ async def gone(sim: SimGateway, client_id: int) -> None:
     ibapi's reader thread holds the socket in a blocking recv with a 1 s timeout, so its FIN can
     take that long to leave; reconnecting sooner is refused with 326, as at a real gateway.
     """
-    for _ in range(100):
-        if client_id not in sim.sessions:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"client {client_id} still connected")
+    await eventually(lambda: client_id not in sim.sessions, f"client {client_id} gone", timeout_s=5)
 
 
 async def test_connect_then_accounts_next_id_and_farm_notices(sim: SimGateway) -> None:

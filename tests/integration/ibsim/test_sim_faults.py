@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
@@ -153,20 +154,17 @@ async def test_guardd_sim_program_then_ib_async_trades_against_it() -> None:
         stderr=asyncio.subprocess.STDOUT,
     )
     ib = IB()
+
+    async def connects() -> bool:
+        with contextlib.suppress(ConnectionRefusedError, OSError, TimeoutError):
+            await ib.connectAsync("127.0.0.1", port, clientId=21, timeout=2)
+        return ib.isConnected()
+
     try:
-        for _ in range(100):
-            try:
-                await ib.connectAsync("127.0.0.1", port, clientId=21, timeout=2)
-                break
-            except (ConnectionRefusedError, OSError, TimeoutError):
-                await asyncio.sleep(0.1)
-        assert ib.isConnected()
+        await eventually(connects, "ib_async connected to the ibsim program", interval_s=0.1)
         [aapl] = await ib.qualifyContractsAsync(Stock("AAPL", "SMART", "USD"))
         trade = ib.placeOrder(aapl, MarketOrder("BUY", 10))
-        for _ in range(100):
-            if trade.isDone():
-                break
-            await asyncio.sleep(0.05)
+        await eventually(trade.isDone, "the order done", timeout_s=5)
         assert trade.orderStatus.status == "Filled"
         ib.disconnect()
     finally:
@@ -238,7 +236,7 @@ async def test_freeze_then_nothing_answered_until_thawed_and_socket_kept(sim: Si
     client = await connected(sim.port, 3)
     try:
         freeze = asyncio.create_task(sim.freeze(1.0))
-        await asyncio.sleep(0.1)
+        await eventually(lambda: sim.frozen, "the gateway frozen")
         client.reqCurrentTime()
         with pytest.raises(TimeoutError):
             await client.wait_for("currentTime", timeout=0.6)
@@ -253,7 +251,7 @@ async def test_freeze_then_nothing_answered_until_thawed_and_socket_kept(sim: Si
 
 async def test_freeze_then_new_connection_waits_for_the_thaw(sim: SimGateway) -> None:
     freeze = asyncio.create_task(sim.freeze(0.8))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: sim.frozen, "the gateway frozen")
     client = IbapiClient()
     started = asyncio.get_running_loop().time()
     try:
@@ -273,7 +271,7 @@ async def test_freeze_then_exchange_keeps_trading_and_fills_reported_after(
         client.placeOrder(oid, stock("AAPL"), limit_order("SELL", 10, 200.0))
         await client.wait_for("orderStatus", lambda a: a[0] == oid and a[1] == "Submitted")
         freeze = asyncio.create_task(sim.freeze(0.8))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: sim.frozen, "the gateway frozen")
         sim.jump_price(265598, 0.10)
         assert sim.exchange.working_orders() == []  # filled at the exchange during the freeze
         assert client.named("execDetails") == []

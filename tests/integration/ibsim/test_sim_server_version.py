@@ -11,7 +11,7 @@ import pytest
 from guardd.cli import main
 from ibsim.gateway import GatewayConfig
 from ibsim.scenario import ScenarioError, parse_scenario
-from tests.conftest import free_port
+from tests.conftest import eventually, free_port
 from tests.ibapi_harness import IbapiClient
 
 
@@ -55,12 +55,15 @@ async def test_guardd_sim_program_with_server_version_then_ibapi_negotiates_it()
     )
     client = IbapiClient()
     try:
-        for _ in range(100):
+
+        async def started() -> bool:
             try:
                 await client.start(port, 4, timeout=2)
-                break
             except (ConnectionRefusedError, OSError, TimeoutError):
-                await asyncio.sleep(0.1)
+                return False
+            return True
+
+        await eventually(started, "ibapi connected to the ibsim program", interval_s=0.1)
         assert client.serverVersion() == 215
         client.reqPositions()
         await client.wait_for("positionEnd")
