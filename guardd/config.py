@@ -33,6 +33,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from guardd.control.commands import Role
 from guardd.core.engine import KillMode
 from guardd.core.notices import NOTICE_KINDS, NoticeKind
 from guardd.core.rules import BREACH_LEVELS, BreachLevel
@@ -668,21 +669,16 @@ class MqttControlConfig(_Model):
         return self
 
 
-HttpTokenRole = Literal["read", "kill", "arm"]
-
-
 class Person(_Model):
     """The credentials one person holds: HTTP role tokens (by role, as in
     ``control.http.token_files``), MQTT operator keys (by key id), and a bearer token of their own
     (``http_token_file``, holding ``http_token_roles``; read only unless given more), so that two
     people can each log in to the console and re-arm with a token that names them."""
 
-    http_tokens: Annotated[tuple[HttpTokenRole, ...], Field(strict=False)] = ()
+    http_tokens: Annotated[tuple[Role, ...], Field(strict=False)] = ()
     mqtt_keys: Annotated[tuple[Name, ...], Field(strict=False)] = ()
     http_token_file: CredentialPath | None = None
-    http_token_roles: Annotated[tuple[HttpTokenRole, ...], Field(strict=False, min_length=1)] = (
-        "read",
-    )
+    http_token_roles: Annotated[tuple[Role, ...], Field(strict=False, min_length=1)] = ("read",)
 
 
 class ControlConfig(_Model):
@@ -777,7 +773,7 @@ class ControlConfig(_Model):
             )
         return self
 
-    def person_of_http_token(self, role: HttpTokenRole) -> str | None:
+    def person_of_http_token(self, role: Role) -> str | None:
         """The person holding the HTTP token of ``role``, or None."""
         return next((p for p, held in self.people.items() if role in held.http_tokens), None)
 
@@ -786,7 +782,7 @@ class ControlConfig(_Model):
         return next((p for p, held in self.people.items() if key_id in held.mqtt_keys), None)
 
     @property
-    def http_token_people(self) -> dict[HttpTokenRole, str]:
+    def http_token_people(self) -> dict[Role, str]:
         """HTTP token role -> person, for the tokens that name one."""
         return {role: p for p, held in self.people.items() for role in held.http_tokens}
 

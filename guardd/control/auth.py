@@ -63,12 +63,13 @@ import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal, Protocol, get_args
+from typing import Final, Protocol
 
 from guardd.control.commands import (
     Channel,
     CommandKind,
     ControlCommand,
+    Role,
     check_force,
     check_mode,
     check_reason,
@@ -79,13 +80,11 @@ from guardd.errors import AuthError, CommandError, ConfigError, NonceNotDurableE
 __all__ = [
     "CANONICAL_VERSION",
     "MIN_SECRET_CHARS",
-    "ROLES",
     "KeyStore",
     "NonceBook",
     "NonceCache",
     "OperatorKey",
     "Principal",
-    "Role",
     "SignedCommand",
     "TokenStore",
     "TwoPersonRule",
@@ -102,8 +101,6 @@ __all__ = [
     "verify_signed_command",
 ]
 
-Role = Literal["read", "kill", "arm"]
-ROLES: Final[tuple[Role, ...]] = get_args(Role)
 CANONICAL_VERSION: Final = "guardd-v1"
 MIN_SECRET_CHARS: Final = 16
 

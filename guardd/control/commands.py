@@ -29,12 +29,16 @@ __all__ = [
     "CommandOutcome",
     "ControlCommand",
     "HttpRefusedError",
+    "Role",
     "check_force",
     "check_mode",
     "check_reason",
     "refusal_record",
 ]
 
+Role = Literal["read", "kill", "arm"]
+"""What a credential allows (an HTTP token's role, in the config and the token store): read the
+status, kill, re-arm."""
 CommandKind = Literal["kill", "arm"]
 """What an operator asks for (the ``action`` of a command on every channel): not the engine's
 actions (`guardd.core.engine.Action`), nor an order's side (`guardd.core.planner.Side`)."""

@@ -51,12 +51,13 @@ from typing import Any, Final, Literal, Self
 import structlog
 from aiohttp import web
 
-from guardd.control.auth import Principal, Role, TokenStore, required_role
+from guardd.control.auth import Principal, TokenStore, required_role
 from guardd.control.commands import (
     CommandHandler,
     CommandKind,
     ControlCommand,
     HttpRefusedError,
+    Role,
     check_force,
     check_mode,
     check_reason,
