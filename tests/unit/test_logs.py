@@ -257,6 +257,7 @@ def test_journal_stream_names_another_file_then_no_prefix(tmp_path: Path) -> Non
     assert json.loads(path.read_text())["event"] == "w"
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 async def test_guardd_run_under_systemd_journal_then_warnings_carry_priority_4(
     tmp_path: Path,

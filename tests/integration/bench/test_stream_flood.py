@@ -10,7 +10,7 @@ from bench.streamflood import flood
 from ibsim.gateway import SimGateway
 from tests.ibapi_harness import IbapiClient
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 AAPL = 265598
 MSFT = 272093

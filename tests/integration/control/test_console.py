@@ -132,6 +132,7 @@ async def _state(page: Any, state: str) -> None:
     await page.wait_for_selector(f"#state[data-state={state}]", timeout=15_000)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_console_in_chromium_then_login_kill_flat_and_two_people_rearm(
     sim: SimGateway, tmp_path: Path

@@ -28,6 +28,8 @@ from tests.mqtt_broker import Broker, mqtt_broker
 
 __all__ = ["mqtt_broker"]  # fixture used by name
 
+pytestmark = pytest.mark.slow
+
 IDLE = 1_100
 SLOW_BODY = 200
 

@@ -25,6 +25,8 @@ from tests.mqtt_broker import MQTT_USER, Broker, mqtt_broker, start_broker, star
 
 __all__ = ["mqtt_broker"]  # fixture used by name
 
+pytestmark = pytest.mark.slow
+
 KILL = f"guardd/{ACCOUNT}/cmd/kill"
 ARM = f"guardd/{ACCOUNT}/cmd/arm"
 ALL_KILL = "guardd/all/cmd/kill"

@@ -57,7 +57,7 @@ from tests.guard_harness import (
 )
 from tests.ibapi_harness import market_order, stock
 
-pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires, pytest.mark.slow]
 
 BOT = 7
 DELAY_S = 1.5  # how late the gateway sends position updates in the delayed drills

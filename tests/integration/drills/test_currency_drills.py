@@ -28,7 +28,7 @@ from tests.guard_harness import (
     zero_crossings,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires, pytest.mark.slow]
 
 USD_STOCK, EUR_STOCK = 265598, 14094  # AAPL (USD), SAP (EUR)
 USD_IN_EUR = 0.90

@@ -38,7 +38,7 @@ from tests.guard_harness import (
 )
 from tests.ibapi_harness import connected
 
-pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires, pytest.mark.slow]
 
 POSITIONS = [
     {"symbol": "AAPL", "quantity": 1000, "avg_price": 180.0},  # long: closes with SELL

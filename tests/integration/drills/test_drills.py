@@ -60,7 +60,7 @@ from tests.guard_harness import (
 )
 from tests.mqtt_broker import start_broker
 
-pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires, pytest.mark.slow]
 
 BOT_CLIENT_ID = 7
 ROOT = Path(__file__).resolve().parents[3]

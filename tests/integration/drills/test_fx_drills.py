@@ -27,7 +27,7 @@ from tests.guard_harness import (
     zero_crossings,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires, pytest.mark.slow]
 
 STOCK, EURUSD, USDJPY = 265598, 12087792, 15016059
 FX_BOOK: dict[str, Any] = {

@@ -36,7 +36,7 @@ from tests.guard_harness import (
     zero_crossings,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires, pytest.mark.slow]
 
 NEW_YORK = dt.timezone(dt.timedelta(hours=-5))  # EST: December
 AT_03_00 = dt.datetime(2026, 12, 1, 3, 0, tzinfo=NEW_YORK)  # a Tuesday

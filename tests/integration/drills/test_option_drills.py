@@ -31,7 +31,7 @@ from tests.guard_harness import (
     zero_crossings,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires, pytest.mark.slow]
 
 # A month out of today: the guard prices options at its own clock, so a fixed date would make the
 # guard and the gateway disagree on time to expiry (and the drill break once the date passed).

@@ -36,7 +36,7 @@ from tests.guard_harness import (
 )
 from tests.ibapi_harness import limit_order, stock
 
-pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires, pytest.mark.slow]
 
 BOT = 7
 FLATTEN = '[kill]\nmode = "flatten"\n\n[flatten]\nverify_timeout_s = 20.0\n'

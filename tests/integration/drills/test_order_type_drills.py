@@ -30,7 +30,7 @@ from tests.guard_harness import (
 )
 from tests.ibapi_harness import IbapiClient, market_order, stock
 
-pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires, pytest.mark.slow]
 
 BOT = 7
 FLATTEN = (

@@ -21,7 +21,7 @@ from tests.drill_helpers import gateway_says_flat, kill_command, running
 from tests.guard_harness import AAPL, ACCOUNT, ES, GUARD_CLIENT_ID, guard_config, zero_crossings
 from tests.sim_process import SimProcess, saved_exchange, saved_state, write_scenario
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FLATTEN = """
 [kill]

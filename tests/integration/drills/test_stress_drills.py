@@ -37,7 +37,7 @@ from tests.guard_harness import (
     zero_crossings,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.both_wires]
+pytestmark = [pytest.mark.integration, pytest.mark.both_wires, pytest.mark.slow]
 
 # a month out of today: the guard prices options at its own clock, the gateway at today's too
 EXPIRY = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).strftime("%Y%m%d")

@@ -42,7 +42,7 @@ from tests.guard_harness import (
     starting_positions,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PROTOBUF = 226  # the wire a current TWS speaks with ibapi 10.50
 QUANTITY_OMITTED = FieldOmission({"position": frozenset({"position"})}, frozenset({AAPL}))

@@ -38,7 +38,7 @@ from tests.conftest import eventually, free_port
 from tests.deploy_files import ALERTS, dashboard, firing_alert, panel_exprs, tool
 from tests.mqtt_broker import Broker, start_broker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ACCOUNT = "DU000001"
 BOT_CLIENT_ID = 7

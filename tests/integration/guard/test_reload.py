@@ -23,7 +23,7 @@ from tests.fake_systemd import FakeSystemd, systemd
 
 __all__ = ["systemd"]  # fixture used by name
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # The simulated account holds two positions (AAPL, ES; tests/conftest.py).
 WARN_ON_TWO_POSITIONS = '[limits.positions]\nmax_count = 1\naction = "warn"\n'

@@ -33,7 +33,7 @@ from tests.drill_helpers import (
 )
 from tests.guard_harness import GUARD_CLIENT_ID
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SIGNALS = [signal.SIGTERM, signal.SIGINT]
 

@@ -9,7 +9,7 @@ import pytest
 
 from guardd.demo import run_demo
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("version", [178, 226])

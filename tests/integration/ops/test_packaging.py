@@ -21,6 +21,8 @@ from guardd import __version__
 from guardd.cli import main
 from guardd.shipped import EX_CANTCREAT, STARTER_FILES, shipped, write_starter
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[3]
 DIST_INFO = f"guardd-{__version__}.dist-info"
 # A shipped name under guardd/_data/ -> the file in this checkout it is a copy of.
