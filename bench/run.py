@@ -888,6 +888,10 @@ def table(results: dict[str, Any]) -> str:
     if g:
         fig = f"first cancel {g['kill_to_first_cancel_ms']} ms, flat {g['kill_to_flat_s']} s"
         add(f"   guardd ({g['positions']} pos)", fig, "baseline", None)
+    if "startup" in results:
+        from bench.startup import row
+
+        add(*row(results["startup"]))
     widths = [max(len(r[i]) for r in rows) for i in range(4)] if rows else [0] * 4
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
@@ -918,6 +922,7 @@ async def run(quick: bool, only: set[str]) -> dict[str, Any]:
                 ("panic", lambda: bench_panic(200)),
                 ("mqtt_flood", lambda: _mqtt_flood(workdir, http, flood_s)),
                 ("http_exhaustion", lambda: _http_exhaustion(workdir, http, 20 if quick else 100)),
+                ("startup", lambda: _startup(workdir, http, quick)),
             ]
             for name, step in steps:
                 if only and name not in only:
@@ -948,6 +953,12 @@ async def _http_exhaustion(
     return await bench_http_exhaustion(workdir, http, kills)
 
 
+async def _startup(workdir: Path, http: aiohttp.ClientSession, quick: bool) -> dict[str, Any]:
+    from bench.startup import bench_startup  # bench.startup imports this module
+
+    return await bench_startup(workdir, http, 1_000, background=not quick)
+
+
 async def _flatten_all(
     workdir: Path, http: aiohttp.ClientSession, sizes: Sequence[int]
 ) -> list[dict[str, Any]]:
@@ -961,7 +972,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only",
         default="",
         help="comma-separated subset: kill,trigger,throughput,flatten,memory,panic,mqtt_flood,"
-        "http_exhaustion",
+        "http_exhaustion,startup",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)

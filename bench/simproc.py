@@ -145,6 +145,7 @@ async def serve(args: argparse.Namespace) -> None:
         pnl_interval_s=1.0,
         market_interval_s=0.1,
         farm_notices=False,
+        max_tickers=args.max_tickers,
     )
     gateway = SimGateway(scenario.build_exchange(now=time.time()), config)
     place_resting_orders(gateway, args.orders)
@@ -227,8 +228,8 @@ async def serve(args: argparse.Namespace) -> None:
                 reply = {"ok": False, "error": f"unknown command {name}"}
             out.write(json.dumps(reply) + "\n")
             out.flush()
-        if flood is not None:
-            flood.cancel()
+        if flood_task is not None:
+            flood_task.cancel()
 
 
 def main() -> None:
@@ -238,6 +239,9 @@ def main() -> None:
     parser.add_argument("--orders", type=int, default=0)
     parser.add_argument("--cash", type=float, default=1e9)
     parser.add_argument("--closers", default="0", help="client ids whose orders close positions")
+    parser.add_argument(
+        "--max-tickers", type=int, default=None, help="market-data lines a client (IB: 100)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s sim %(message)s")
     asyncio.run(serve(args))
