@@ -124,6 +124,20 @@ def dashboard_queries() -> dict[str, str]:
     return queries
 
 
+async def evaluated(session: aiohttp.ClientSession, url: str, alert: str, rounds: int) -> None:
+    """Wait until Prometheus has evaluated the rule group of `alert` `rounds` more times."""
+    seen: set[str] = set()
+
+    async def last_evaluation() -> bool:
+        async with session.get(f"{url}/api/v1/rules") as response:
+            groups = (await response.json())["data"]["groups"]
+        (group,) = [g for g in groups if any(r["name"] == alert for r in g["rules"])]
+        seen.add(group["lastEvaluation"])
+        return len(seen) > rounds  # the one seen first, then `rounds` new ones
+
+    await eventually(last_evaluation, f"{rounds} evaluations of {alert}'s group", interval_s=0.1)
+
+
 async def firing(session: aiohttp.ClientSession, url: str, name: str) -> bool:
     async with session.get(f"{url}/api/v1/alerts") as response:
         body = await response.json()
@@ -166,7 +180,7 @@ async def test_guard_killed_under_real_prometheus_then_every_panel_has_data_and_
             timeout_s=20,
             interval_s=0.25,
         )
-        await asyncio.sleep(2.5)  # two evaluation rounds over an ARMED guard
+        await evaluated(session, url, "GuarddHalted", rounds=2)  # over an ARMED guard
         halted_while_armed = await firing(session, url, "GuarddHalted")
 
         # Act: an operator kill (cancel + flatten), then a runaway bot the HALTED guard sweeps.
