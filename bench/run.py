@@ -309,6 +309,20 @@ class Guard:
             reply: dict[str, Any] = await r.json()
             return reply
 
+    def signed_kill(self) -> str:
+        """A signed MQTT kill (mode cancel) under the bench's operator key, as JSON."""
+        payload = signed_payload(
+            action="kill",
+            target=ACCOUNT,
+            reason="bench kill",
+            key_id="bench",
+            secret=self.mqtt_key.encode(),
+            ts=int(time.time()),
+            nonce=secrets.token_hex(16),
+            mode="cancel",
+        )
+        return json.dumps(payload)
+
     async def arm(self, http: aiohttp.ClientSession) -> dict[str, Any]:
         body = {"reason": "bench re-arm", "force": True}
         async with http.post(f"{self.url}/v1/arm", json=body, headers=self._auth("arm")) as r:
@@ -436,17 +450,7 @@ async def bench_kill(
             async with aiomqtt.Client("127.0.0.1", mqtt_port) as mqtt:
 
                 async def mqtt_kill() -> None:
-                    payload = signed_payload(
-                        action="kill",
-                        target=ACCOUNT,
-                        reason="bench kill",
-                        key_id="bench",
-                        secret=guard.mqtt_key.encode(),
-                        ts=int(time.time()),
-                        nonce=secrets.token_hex(16),
-                        mode="cancel",
-                    )
-                    await mqtt.publish(f"guardd/{ACCOUNT}/cmd/kill", json.dumps(payload), qos=1)
+                    await mqtt.publish(f"guardd/{ACCOUNT}/cmd/kill", guard.signed_kill(), qos=1)
 
                 results["mqtt"] = await kill_series(sim, guard, http, kills, mqtt_kill)
             folded1, t1 = await guard.events_folded(http), time.monotonic()
@@ -817,6 +821,11 @@ def table(results: dict[str, Any]) -> str:
         if s:
             fig = f"p50 {s['p50_ms']} / p99 {s['p99_ms']} / max {s['max_ms']} ms"
             add(label, fig, "(comparison)", None)
+    if results.get("killfloor"):
+        from bench.killfloor import rows as killfloor_rows
+
+        for row in killfloor_rows(results["killfloor"]):
+            add(*row)
     f = k.get("flood")
     if f:
         fig = f"sim sent {f['sent_per_s']}/s, guard folded {f['guard_folded_per_s']}/s"
@@ -915,6 +924,7 @@ async def run(quick: bool, only: set[str]) -> dict[str, Any]:
         async with aiohttp.ClientSession(timeout=timeout) as http:
             steps = [
                 ("kill", lambda: bench_kill(quick, workdir, http, kills)),
+                ("killfloor", lambda: _killfloor(workdir, http, 100 if quick else kills, 200)),
                 ("trigger", lambda: bench_trigger(workdir, http, trials)),
                 ("throughput", lambda: bench_throughput(workdir, http, seconds)),
                 ("flatten", lambda: _flatten_all(workdir, http, sizes)),
@@ -945,6 +955,14 @@ async def _mqtt_flood(workdir: Path, http: aiohttp.ClientSession, seconds: float
     return await bench_mqtt_flood(workdir, http, seconds)
 
 
+async def _killfloor(
+    workdir: Path, http: aiohttp.ClientSession, kills: int, breaches: int
+) -> dict[str, Any]:
+    from bench.killfloor import bench_killfloor  # bench.killfloor imports this module
+
+    return await bench_killfloor(workdir, http, kills, breaches)
+
+
 async def _http_exhaustion(
     workdir: Path, http: aiohttp.ClientSession, kills: int
 ) -> dict[str, Any]:
@@ -971,8 +989,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated subset: kill,trigger,throughput,flatten,memory,panic,mqtt_flood,"
-        "http_exhaustion,startup",
+        help="comma-separated subset: kill,killfloor,trigger,throughput,flatten,memory,panic,"
+        "mqtt_flood,http_exhaustion,startup",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
