@@ -22,8 +22,12 @@ Two layers:
   measured). The burst never lifts the window cap: at most `budget` sends (at most 49: the
   config keeps it under IB's 50) in any 1 s window, whatever the pattern.
 - `PacedSender` owns one queue and one task (`_send_loop`) that drains the lanes in priority
-  order. It sleeps until the next token is due and picks the lane only when it may send, so a
-  kill message enqueued while the task waits goes out on the very next token.
+  order. It sleeps until the next token is due and picks the lane only when it may send.
+- The kill lane waits for nothing but the window cap: a kill message is written by `submit`
+  itself, on the caller's turn (before the caller's next await, so before any fsync it does
+  after), whenever the window has room, ahead of the spacing of the other lanes' messages; it
+  spends a token like any other, so what follows is spaced from it. Only when the window is
+  full (IB would answer error 100) is it queued, first in line.
 """
 
 from __future__ import annotations
@@ -116,9 +120,29 @@ class MessageBudget:
         """Spend one message at `now` if the budget allows it; True when it was spent."""
         if self.due(now) > now:
             return False
+        self._spend(now)
+        return True
+
+    def window_due(self, now: float) -> float:
+        """The earliest time, not before `now`, at which the window has room for one more
+        message, whatever the spacing (the only limit the kill lane keeps)."""
+        while self._sent and now >= self._sent[0] + self.window:
+            self._sent.popleft()
+        if len(self._sent) >= self.budget:
+            return max(now, self._sent[-self.budget] + self.window)
+        return now
+
+    def try_take_unspaced(self, now: float) -> bool:
+        """Spend one message at `now` if the window has room, ahead of the spacing; the messages
+        after it are spaced from it as from any other. True when it was spent."""
+        if self.window_due(now) > now:
+            return False
+        self._spend(now)
+        return True
+
+    def _spend(self, now: float) -> None:
         self._arrival = max(self._arrival, now) + self._interval
         self._sent.append(now)
-        return True
 
 
 @dataclass(slots=True)
@@ -182,7 +206,8 @@ class PacedSender:
 
     `kill_reserve` messages of each window are kept for the kill path (every lane ahead of
     `Lane.NORMAL`): NORMAL and BACKGROUND messages also pass a second budget of
-    `budget - kill_reserve`.
+    `budget - kill_reserve`, so a window full of subscriptions still has room for a
+    kill, which `submit` writes at once.
     """
 
     def __init__(
@@ -231,7 +256,15 @@ class PacedSender:
         """Queue `send` (one message) on `lane`; the future completes once it is sent."""
         sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         sent.add_done_callback(_retrieve)
-        self._queue.push(lane, _Outgoing(lane, label, send, sent, self._clock()))
+        item = _Outgoing(lane, label, send, sent, self._clock())
+        if lane is Lane.KILL and not self._queue.depth(Lane.KILL) and self._task is not None:
+            # Written now, on the caller's turn, when the window has room: a kill waits for
+            # no task wake-up and no spacing behind other lanes' messages.
+            now = item.enqueued
+            if self._budget.try_take_unspaced(now):
+                self._send(item)
+                return sent
+        self._queue.push(lane, item)
         self._wakeup.set()
         return sent
 
@@ -256,11 +289,13 @@ class PacedSender:
                 await self._wakeup.wait()
                 continue
             now = self._clock()
-            due = self._budget.due(now)
+            lane = self._queue.first_lane()
+            # The kill lane keeps only the window cap; every other lane the spacing too.
+            due = self._budget.window_due(now) if lane is Lane.KILL else self._budget.due(now)
             if due > now:
                 await asyncio.sleep(due - now)
                 continue
-            lane = self._queue.first_lane()  # chosen only now, when a token is in hand
+            lane = self._queue.first_lane()  # chosen again now, when a token is in hand
             shared = lane is not None and lane >= Lane.NORMAL  # NORMAL's share of the budget
             if shared:
                 normal_due = self._normal.due(now)
@@ -270,25 +305,34 @@ class PacedSender:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), normal_due - now)
                     continue
-            if not self._budget.try_take(now):
+            took = (
+                self._budget.try_take_unspaced(now)
+                if lane is Lane.KILL
+                else self._budget.try_take(now)
+            )
+            if not took:
                 continue
             if shared:
                 self._normal.try_take(now)
             item = self._queue.pop()
             if item.sent.done():  # the caller gave up waiting
                 continue
-            try:
-                item.send()
-            except Exception as exc:  # the send function translates; never kill the loop
-                log.warning("message_send_failed", label=item.label, error=str(exc))
-                item.sent.set_exception(exc)
-                continue
-            self.sent_by_lane[item.lane] += 1
-            item.sent.set_result(None)
-            if item.lane < Lane.NORMAL:
-                log.info(
-                    "message_sent",
-                    label=item.label,
-                    lane=item.lane.name,
-                    queued_s=round(self._clock() - item.enqueued, 4),
-                )
+            self._send(item)
+
+    def _send(self, item: _Outgoing) -> None:
+        """Hand one message to the socket (its budget already spent) and settle its future."""
+        try:
+            item.send()
+        except Exception as exc:  # the send function translates; never kill the loop
+            log.warning("message_send_failed", label=item.label, error=str(exc))
+            item.sent.set_exception(exc)
+            return
+        self.sent_by_lane[item.lane] += 1
+        item.sent.set_result(None)
+        if item.lane < Lane.NORMAL:
+            log.info(
+                "message_sent",
+                label=item.label,
+                lane=item.lane.name,
+                queued_s=round(self._clock() - item.enqueued, 4),
+            )

@@ -358,3 +358,112 @@ async def test_normal_spent_its_share_then_kill_and_close_prices_go_first_at_ful
 def test_kill_reserve_not_below_budget_then_value_error() -> None:
     with pytest.raises(ValueError, match="kill_reserve"):
         PacedSender(10, kill_reserve=10)
+
+
+def test_spaced_send_then_unspaced_take_at_once_and_next_spaced_after_it() -> None:
+    budget = MessageBudget(40, burst=1, now=0.0)
+    assert budget.try_take(0.0)
+
+    # A spaced message would wait 1/40 s; the kill lane's take does not.
+    assert not budget.try_take(0.001)
+    assert budget.try_take_unspaced(0.001)
+
+    # The next spaced message is spaced from both.
+    assert budget.due(0.001) == pytest.approx(2 / 40)
+
+
+def test_window_full_then_unspaced_take_waits_for_the_window_too() -> None:
+    budget = MessageBudget(3, window=1.0, burst=3, now=0.0)
+    for t in (0.0, 0.1, 0.2):
+        assert budget.try_take_unspaced(t)
+
+    assert budget.window_due(0.5) == pytest.approx(1.0)
+    assert not budget.try_take_unspaced(0.99)
+    assert budget.try_take_unspaced(1.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    budget=st.integers(1, 50),
+    attempts=st.lists(st.tuples(st.floats(0.0, 5.0, allow_nan=False), st.booleans()), max_size=400),
+)
+def test_spaced_and_unspaced_takes_mixed_then_never_more_than_budget_per_window(
+    budget: int, attempts: list[tuple[float, bool]]
+) -> None:
+    pacer = MessageBudget(budget, window=1.0, burst=1, now=0.0)
+    granted = []
+    for now, unspaced in sorted(attempts):
+        if pacer.try_take_unspaced(now) if unspaced else pacer.try_take(now):
+            granted.append(now)
+
+    assert most_in_any_window(granted, 1.0) <= budget
+
+
+async def test_kill_while_others_wait_for_a_token_then_written_before_submit_returns() -> None:
+    # Arrange: 10 a second, a subscription just sent: the next token is 100 ms away
+    sent: list[str] = []
+    async with PacedSender(10) as sender:
+        await sender.submit(Lane.NORMAL, "n0", lambda: sent.append("n0"))
+        sender.submit(Lane.NORMAL, "n1", lambda: sent.append("n1"))
+        sender.submit(Lane.FLATTEN, "f1", lambda: sent.append("f1"))
+
+        # Act: the kill is submitted; nothing awaited yet
+        kill = sender.submit(Lane.KILL, "reqGlobalCancel", lambda: sent.append("kill"))
+
+        # Assert: written on the caller's turn, ahead of what waits for its token
+        assert sent == ["n0", "kill"]
+        assert kill.done() and kill.exception() is None
+        await kill
+        assert sender.sent_by_lane[Lane.KILL] == 1
+
+
+async def test_startup_subscriptions_saturate_budget_then_kill_goes_out_at_once() -> None:
+    # Arrange: guardd's default budget and reserve; 200 start-up subscriptions queued, sent
+    # until NORMAL has spent its share of the window (30 of 40)
+    sent: list[tuple[str, float]] = []
+    async with PacedSender(40, kill_reserve=10) as sender:
+        subs = [
+            sender.submit(Lane.NORMAL, f"sub{i}", lambda i=i: sent.append((f"sub{i}", 0.0)))
+            for i in range(200)
+        ]
+        await subs[29]
+        depth_before = sender.depth(Lane.NORMAL)
+
+        # Act: kills come in, one after another, while 170 subscriptions wait
+        kills = []
+        for n in range(3):
+            kills.append(sender.submit(Lane.KILL, f"kill{n}", lambda: sent.append(("kill", 0.0))))
+
+        # Assert: every kill was written inside submit, none behind a subscription
+        assert all(fut.done() for fut in kills)
+        assert [label for label, _ in sent[-3:]] == ["kill"] * 3
+        assert sender.depth(Lane.NORMAL) == depth_before
+        for sub in subs:
+            sub.cancel()
+
+
+async def test_kill_lane_window_full_then_queued_and_sent_when_it_has_room() -> None:
+    # Arrange: a budget of 2 a second, both spent by kills
+    sent: list[str] = []
+    async with PacedSender(2) as sender:
+        for n in range(2):
+            await sender.submit(Lane.KILL, f"k{n}", lambda n=n: sent.append(f"k{n}"))
+
+        # Act: a third kill in the same window
+        third = sender.submit(Lane.KILL, "k2", lambda: sent.append("k2"))
+
+        # Assert: it waits for the window (IB's limit), then goes out
+        assert not third.done()
+        await asyncio.wait_for(third, 2.0)
+    assert sent == ["k0", "k1", "k2"]
+
+
+async def test_kill_written_directly_and_send_raises_then_future_fails() -> None:
+    def broken() -> None:
+        raise BrokerDisconnectedError("socket gone")
+
+    async with PacedSender(40) as sender:
+        kill = sender.submit(Lane.KILL, "reqGlobalCancel", broken)
+        with pytest.raises(BrokerDisconnectedError):
+            await kill
+    assert sender.sent_by_lane[Lane.KILL] == 0
