@@ -98,6 +98,8 @@ def start_broker(
     port = port or free_port()
     lines = [f"listener {port} 127.0.0.1", "persistence false", "log_type error warning"]
     lines.append("user root" if os.geteuid() == 0 else "")
+    if conf_lines is None:  # the deployment's snippet says it itself
+        lines.append("set_tcp_nodelay true")  # as deploy/mosquitto/guardd.conf: no Nagle
     if conf_lines is not None:
         lines += conf_lines
     elif with_password:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -287,6 +288,7 @@ class IbConnection:
             exc: BaseException | None = None
             try:
                 session.connect(self.host, self.port, self.client_id)
+                no_delay(getattr(session.conn, "socket", None))
             except Exception as err:  # ibapi raises on odd states; report it to the loop
                 exc = err
             with contextlib.suppress(RuntimeError):
@@ -529,6 +531,14 @@ class IbConnection:
             call(session)
 
         return self._sender.submit(lane, label, send)
+
+
+def no_delay(sock: socket.socket | None) -> None:
+    """TCP_NODELAY on a connected socket: each request (a kill's reqGlobalCancel above all)
+    leaves at once instead of waiting, under Nagle, for the ACK of the one before."""
+    if sock is not None:
+        with contextlib.suppress(OSError):  # closed already: the session ends anyway
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 async def cancelled(task: asyncio.Task[None] | None) -> None:
