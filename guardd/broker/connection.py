@@ -526,9 +526,16 @@ class IbConnection:
         assert self._sender is not None
 
         def send() -> None:
-            if session is not self._session or not session.isConnected():
+            if (
+                session is not self._session
+                or not session.isConnected()
+                or session.drop_reason is not None  # aborted: the socket is shut down
+            ):
                 raise BrokerDisconnectedError(f"{label}: not connected to IB")
+            session.send_error = None
             call(session)
+            if session.send_error is not None:  # never counted as sent: a kill is retried
+                raise BrokerDisconnectedError(f"{label} not sent: {session.send_error}")
 
         return self._sender.submit(lane, label, send)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
+from ibapi import errors as ibapi_errors
 from ibapi.client import EClient
 from ibapi.contract import Contract
 from ibapi.order import Order
@@ -26,6 +27,11 @@ from ibapi.wrapper import EWrapper
 from guardd.broker import convert
 from guardd.broker.hours import HoursFormatError
 from guardd.core import events as ev
+
+SEND_FAILURES = frozenset(
+    error.code() for name, error in vars(ibapi_errors).items() if name.startswith("FAIL_SEND")
+)
+"""ibapi's codes for a request it could not write to the socket (538: reqGlobalCancel)."""
 
 
 class SessionOwner(Protocol):
@@ -102,6 +108,8 @@ class IbSession(EWrapper, EClient):  # type: ignore[misc]
         self.heard = asyncio.Event()  # set on the loop by every message of this session
         self.heartbeat_task: asyncio.Task[None] | None = None
         self.drop_reason: str | None = None  # why the broker itself dropped this session
+        # ibapi reports a request it failed to write (a closed socket) as an error, not raised.
+        self.send_error: str | None = None
         # Positions of the guarded account whose latest quantity arrived unset (unknown), and
         # the reqPositions sent again for them on this connection (see `guardd.broker.ib`).
         self.unknown_positions: dict[ev.ConId, str] = {}  # conId -> symbol
@@ -171,6 +179,8 @@ class IbSession(EWrapper, EClient):  # type: ignore[misc]
         errorString: str,
         advancedOrderRejectJson: str = "",
     ) -> None:
+        if int(errorCode) in SEND_FAILURES:  # on the sending thread, during the request
+            self.send_error = f"{errorCode} {errorString}"
         self._post(convert.broker_message(reqId, errorCode, errorString, self._ts()))
 
     def connectionClosed(self) -> None:

@@ -793,3 +793,22 @@ async def test_read_only_api_then_said_once_probed_and_lifted(
     assert on[0].read_only and not broker.read_only
     assert len(recorder.of(ev.ApiReadOnly)) == 2 and off
     assert all(e.req_id != READ_ONLY_PROBE_ID for e in recorder.of(ev.BrokerMessage))
+
+
+async def test_socket_refuses_global_cancel_then_it_raises_and_is_not_counted_sent(
+    guard: tuple[IbBroker, Recorder], sim: SimGateway
+) -> None:
+    # Arrange: connected and synced; then the socket takes no more writes, as the heartbeat's
+    # abort leaves it, while the session still looks connected. ibapi does not raise on a failed
+    # write: it reports it as an error callback (538 for reqGlobalCancel) on the sending thread.
+    broker, recorder = guard
+    await synced(recorder)
+    session = broker._session
+    assert session is not None
+    session.conn.socket.shutdown(socket.SHUT_WR)
+    assert broker.connected
+
+    # Act / Assert: the kill's cancel fails (the executor defers it and repeats it on re-sync)
+    with pytest.raises(BrokerDisconnectedError, match="538"):
+        await broker.global_cancel()
+    assert sim.global_cancels == 0
