@@ -49,7 +49,7 @@ from guardd.control.mqtt import MqttControl
 from guardd.control.nonces import NonceStore
 from guardd.control.refusals import RefusalLedger, RefusalSummary, refusal_kind
 from guardd.core import events as ev
-from guardd.core.book import Book
+from guardd.core.book import Book, Order
 from guardd.core.close import Record
 from guardd.core.engine import Arm, Decision, Engine, Kill, Latch, State
 from guardd.core.lines import LineWant
@@ -566,7 +566,25 @@ class Guard:
             else:
                 exposure = abs(p.value) * (self.book.exchange_rate(p.currency) or 1.0)
             wants.append(LineWant(p.con_id, exposure))
+        checks = self.monitor.rules.order_checks
+        if checks is not None and checks.collar is not None:
+            # The per-order price collar needs a price of each foreign order's contract: an
+            # order ranks by its notional, as a position by its value (the larger of both).
+            for order in self.book.working_orders():
+                if order.con_id and not self.book.is_own(order):
+                    wants.append(LineWant(order.con_id, self._order_exposure(order)))
         self.broker.rank_lines(wants)
+
+    def _order_exposure(self, order: Order) -> float:
+        """|quantity x multiplier x price| of an order in the base currency (its limit, else
+        the contract's reference price; 0 when neither is known)."""
+        price = order.lmt_price
+        if not (math.isfinite(price) and price > 0):
+            price = self.book.quote(order.con_id).reference
+        notional = abs(order.quantity * order.multiplier * price)
+        if not math.isfinite(notional):
+            return 0.0
+        return notional * (self.book.exchange_rate(order.currency) or 1.0)
 
     async def _on_order_event(self, event: ev.OpenOrder | ev.OrderStatus) -> None:
         """The fast path: a new order may break the order-rate or a per-order limit now."""

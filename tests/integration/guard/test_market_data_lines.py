@@ -1,5 +1,6 @@
 """More positions than market-data lines: every position valued from IB's account-updates stream,
-lines for the largest exposures, error 101 answered without a crash, a close still gets its line.
+lines for the largest exposures, error 101 answered without a crash, a close still gets its line,
+and a large foreign order under the price collar gets one for its contract.
 
 Everything real: the guard against the simulated gateway over loopback, the gateway playing IB's
 line limit (`max_tickers`: one more subscription is refused with 101).
@@ -11,13 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from guardd.config import Config
 from guardd.core.events import ConId
+from ibsim.bot import RunawayBot
 from ibsim.gateway import SimGateway
 from tests.conftest import eventually
 from tests.guard_harness import ACCOUNT, GUARD_CLIENT_ID, guard_config, running_guard, sim_gateway
 
 pytestmark = pytest.mark.integration
 
+BOT_CLIENT_ID = 7
 SIM_LINES = 5  # what the gateway grants a client
 POSITIONS = 20
 FIRST_CON_ID = 500_000
@@ -36,6 +40,15 @@ def instruments() -> list[dict[str, object]]:
     ]
 
 
+POSITIONS_HELD = [{"symbol": f"P{n:02d}", "quantity": 100} for n in range(POSITIONS)]
+
+
+def lines_guard_config(port: int, tmp_path: Path, limits_toml: str, lines: int) -> Config:
+    """The guard's config with `limits_toml` and `[ib] market_data_lines = lines`."""
+    cfg = guard_config(port, tmp_path / "state", limits_toml)
+    return cfg.model_copy(update={"ib": cfg.ib.model_copy(update={"market_data_lines": lines})})
+
+
 def lines_at_gateway(sim: SimGateway) -> set[int]:
     session = sim.sessions.get(GUARD_CLIENT_ID)
     return set() if session is None else set(session.subs.market_data.values())
@@ -45,20 +58,12 @@ async def test_more_positions_than_lines_then_all_valued_and_lines_for_the_large
     tmp_path: Path,
 ) -> None:
     # Arrange: 20 positions, a gateway granting 5 lines, a guard configured for 8 (it learns 5)
-    positions = [{"symbol": f"P{n:02d}", "quantity": 100} for n in range(POSITIONS)]
     largest = {FIRST_CON_ID + n for n in range(POSITIONS - SIM_LINES, POSITIONS)}
     smallest = FIRST_CON_ID
     async with sim_gateway(
-        instruments=instruments(),
-        positions=positions,
-        gateway={"max_tickers": SIM_LINES},
+        instruments=instruments(), positions=POSITIONS_HELD, gateway={"max_tickers": SIM_LINES}
     ) as sim:
-        cfg = guard_config(
-            sim.port,
-            tmp_path / "state",
-            "[limits.leverage]\nkill = 50.0\n",
-        )
-        cfg = cfg.model_copy(update={"ib": cfg.ib.model_copy(update={"market_data_lines": 8})})
+        cfg = lines_guard_config(sim.port, tmp_path, "[limits.leverage]\nkill = 50.0\n", 8)
         async with running_guard(cfg) as guard:
             book = guard.book
 
@@ -101,3 +106,38 @@ async def test_more_positions_than_lines_then_all_valued_and_lines_for_the_large
                 lambda: book.quote(ConId(smallest)).bid > 0, what="a price for the close"
             )
             assert book.position(ConId(smallest), ACCOUNT) is not None
+
+
+async def test_large_foreign_order_under_a_price_collar_then_its_contract_gets_a_line(
+    tmp_path: Path,
+) -> None:
+    # Arrange: 20 positions and 5 lines; the per-order collar on; an instrument nobody holds
+    big = FIRST_CON_ID + 100
+    extra = {"symbol": "BIG", "con_id": big, "price": 100.0, "volatility": 0.0}
+    largest = [FIRST_CON_ID + n for n in range(POSITIONS - 1, POSITIONS - SIM_LINES - 1, -1)]
+    collar = '[limits.per_order]\nprice_collar = 0.5\naction = "warn"\n'
+    async with sim_gateway(
+        instruments=[*instruments(), extra],
+        positions=POSITIONS_HELD,
+        gateway={"max_tickers": SIM_LINES},
+    ) as sim:
+        cfg = lines_guard_config(sim.port, tmp_path, collar, SIM_LINES)
+        async with running_guard(cfg) as guard:
+            await eventually(
+                lambda: lines_at_gateway(sim) == set(largest), what="lines for the largest"
+            )
+            bot = RunawayBot("127.0.0.1", sim.port, BOT_CLIENT_ID)
+            await bot.connect()
+            try:
+                # Act: a bot works a buy of 1,000,000 USD of BIG (the largest position: 20,000)
+                bot.place_limit("BIG", "BUY", 10_000, 100.0)
+
+                # Assert: BIG's price is watched, the smallest of the five lines gave way
+                await eventually(
+                    lambda: lines_at_gateway(sim) == {big, *largest[:-1]},
+                    what="a line for the large order's contract",
+                    timeout_s=20,
+                )
+                await eventually(lambda: guard.book.quote(ConId(big)).last > 0, what="its price")
+            finally:
+                await bot.disconnect()
