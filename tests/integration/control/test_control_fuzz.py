@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -111,6 +112,7 @@ def journal_accounts(run: Running) -> int:
     return full + counted
 
 
+@pytest.mark.slow
 async def test_fuzzed_mqtt_then_no_crash_no_state_change_and_every_refusal_journaled(
     sim: SimGateway, mqtt_broker: Broker, tmp_path: Path
 ) -> None:

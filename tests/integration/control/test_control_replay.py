@@ -31,7 +31,7 @@ from tests.drill_helpers import GuardProcesses, http_kill, http_ready, wait_gone
 from tests.guard_harness import ACCOUNT, GUARD_CLIENT_ID
 from tests.mqtt_broker import Broker, start_broker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 WINDOW_S = 30
 KEYS = {"alice": "alice-secret-key-0123456789", "bob": "bob-secret-key-0123456789ab"}

@@ -421,7 +421,13 @@ async def test_dry_run_breach_then_journaled_and_nothing_sent(
 
         # Act
         async with running_guard(cfg) as guard:
-            await eventually(lambda: "close_dry_run_planned" in journal_kinds(cfg), "dry-run plan")
+            await eventually(
+                lambda: (
+                    {"AAPL", "ES"}
+                    <= {r["symbol"] for r in journal(cfg) if r["kind"] == "child_order_dry_run"}
+                ),
+                "both children planned",
+            )
             await asyncio.sleep(0.5)  # a dry run sends nothing, however long it plans
 
             # Assert

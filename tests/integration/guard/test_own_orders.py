@@ -173,6 +173,7 @@ async def test_journal_unwritable_when_bot_labels_order_above_limit_then_kill_an
     assert errors is not None and errors >= 2  # own_ref_impersonated, then the kill's records
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_guard_killed_mid_flatten_then_restart_knows_its_children_and_only_them(
     tmp_path: Path,

@@ -341,6 +341,7 @@ def test_dashboard_scrape_panel_when_the_guard_is_down_then_0_for_its_account(
 # ---------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 async def test_real_prometheus_scrapes_a_halted_guard_then_guardd_halted_fires(
     tmp_path: Path,
