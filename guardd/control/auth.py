@@ -616,9 +616,16 @@ class NonceBook(Protocol):
     """Where ``verify_signed_command`` records a nonce: ``NonceCache`` (memory) or
     ``guardd.control.nonces.NonceStore`` (memory and disk, surviving restarts)."""
 
-    def remember(self, key_id: str, nonce: str, *, ts: float, now: float) -> None:
+    def remember(
+        self, key_id: str, nonce: str, *, ts: float, now: float, durable: bool = True
+    ) -> None:
         """Record a nonce, or ``ReplayError`` if it was used within the window
-        (``NonceNotDurableError``: recorded, but not durably)."""
+        (``NonceNotDurableError``: recorded, but not durably). ``durable=False``: recorded now
+        (a replay is refused at once) and written to disk by the next ``sync``."""
+        ...
+
+    def sync(self) -> None:
+        """Write the nonces recorded with ``durable=False`` (never raises)."""
         ...
 
 
@@ -641,9 +648,11 @@ class NonceCache:
             if self._expiry.get(key) == expires:
                 del self._expiry[key]
 
-    def remember(self, key_id: str, nonce: str, *, ts: float, now: float) -> None:
+    def remember(
+        self, key_id: str, nonce: str, *, ts: float, now: float, durable: bool = True
+    ) -> None:
         """Record a nonce, or ``ReplayError`` if it was seen within the window or the cache is
-        full."""
+        full (in memory only: ``durable`` makes no difference here)."""
         self._prune(now)
         key = (key_id, nonce)
         if key in self._expiry:
@@ -657,6 +666,9 @@ class NonceCache:
         key = (key_id, nonce)
         self._expiry[key] = max(expires, self._expiry.get(key, expires))
         heapq.heappush(self._heap, (self._expiry[key], key))
+
+    def sync(self) -> None:
+        """Nothing to write: the cache is memory only."""
 
 
 def verify_signed_command(
@@ -695,7 +707,11 @@ def verify_signed_command(
             f"timestamp {command.ts} is from the future by {-skew:.0f} s (window {window_s:g} s)"
         )
     try:
-        nonces.remember(command.key_id, command.nonce, ts=command.ts, now=now)
+        # A kill's nonce is written after the kill (``sync``): its replay could only halt again,
+        # and a kill waits for no fsync before its cancel.
+        nonces.remember(
+            command.key_id, command.nonce, ts=command.ts, now=now, durable=command.action != "kill"
+        )
     except NonceNotDurableError:
         if command.action != "kill":
             raise

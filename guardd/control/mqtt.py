@@ -326,7 +326,10 @@ class MqttControl:
     ) -> CommandOutcome | None:
         action = command.action
         try:
-            outcome = await self._handler.handle(command)
+            try:
+                outcome = await self._handler.handle(command)
+            finally:  # a kill's nonce, written once the kill is carried out (verify_signed_command)
+                self._nonces.sync()
         except CommandError as exc:
             self._refuse(topic, action, b"", exc, command=command)
             return None

@@ -10,7 +10,10 @@ valid only while ``|now - ts| <= window_s``, so its nonce must be remembered unt
 
 - ``remember`` checks the nonce in memory (``NonceCache``: a replay is a ``ReplayError``), then
   appends its line and ``fdatasync``s the file BEFORE returning: the command takes effect only
-  once its nonce is on disk (one small append and one sync, on the kill path too).
+  once its nonce is on disk (one small append and one sync). A kill's nonce is the exception
+  (``durable=False``): recorded in memory at once, written by ``sync`` after the kill was carried
+  out (the MQTT listener syncs after each command), so no fsync stands before the kill's cancel;
+  a kill replayed after a crash in between could only halt again.
 - ``NonceStore.open`` reads the file, drops every entry older than the window (bounded: the file
   never holds more than the commands of one window plus those appended since the last compaction),
   and rewrites it with the live entries (temporary file, fsync, rename, directory fsync). A torn
@@ -127,6 +130,7 @@ class NonceStore:
         self._fd: int | None = None
         self._rewrite_next = False  # a failed append may have left a torn line: rewrite instead
         self._unknown_before: float | None = None  # the history was lost: commands before this
+        self._unsynced: list[NonceRecord] = []  # recorded, not yet on disk (a kill's, until sync)
 
     @classmethod
     def open(
@@ -176,29 +180,49 @@ class NonceStore:
         for key in expired:
             del self._live[key]
 
-    def remember(self, key_id: str, nonce: str, *, ts: float, now: float) -> None:
+    def remember(
+        self, key_id: str, nonce: str, *, ts: float, now: float, durable: bool = True
+    ) -> None:
         """Record a nonce durably: ``ReplayError`` if it was used within the window (or too many
-        commands are live), ``NonceNotDurableError`` if it is recorded in memory only."""
+        commands are live), ``NonceNotDurableError`` if it is recorded in memory only.
+
+        ``durable=False`` (a kill's nonce): recorded in memory now, so that a replay is refused
+        at once, and written by the next ``sync`` (or durable ``remember``), after the kill."""
         self._cache.remember(key_id, nonce, ts=ts, now=now)  # ReplayError: nothing recorded
         record = NonceRecord(key_id, nonce, float(ts), float(now))
         self._live[(key_id, nonce)] = record
-        try:
-            if self._rewrite_next or self._appended >= self._compact_after:
-                self._prune(now)
-                self._compact()
-            else:
-                self._append(record.line())
-        except OSError as exc:
-            self._rewrite_next = True
-            log.error("nonce_not_durable", path=str(self.path), key_id=key_id, error=str(exc))
-            raise NonceNotDurableError(
-                f"nonce {nonce!r} not recorded durably ({exc.strerror or exc})"
-            ) from exc
+        self._unsynced.append(record)
+        if durable:
+            self._write(now)
         if self._unknown_before is not None and ts < self._unknown_before:
             raise NonceNotDurableError(
                 "the record of nonces used before this start was unreadable: a command signed "
                 "before the start may be a replay"
             )
+
+    def sync(self) -> None:
+        """Write the nonces recorded with ``durable=False``; a failure is logged (and the file
+        rewritten on the next write), never raised: their commands have been carried out."""
+        if self._unsynced:
+            with contextlib.suppress(NonceNotDurableError):
+                self._write(self._unsynced[-1].seen)
+
+    def _write(self, now: float) -> None:
+        """Append every record not yet on disk (or rewrite the file), then sync it."""
+        pending, self._unsynced = self._unsynced, []
+        try:
+            if self._rewrite_next or self._appended >= self._compact_after:
+                self._prune(now)
+                self._compact()
+            else:
+                self._append(b"".join(r.line() for r in pending))
+        except OSError as exc:
+            self._rewrite_next = True  # the next write rewrites every live entry, these too
+            keys = sorted({r.key_id for r in pending})
+            log.error("nonce_not_durable", path=str(self.path), key_ids=keys, error=str(exc))
+            raise NonceNotDurableError(
+                f"nonce {pending[-1].nonce!r} not recorded durably ({exc.strerror or exc})"
+            ) from exc
 
     def _append(self, line: bytes) -> None:
         if self._fd is None:

@@ -508,9 +508,14 @@ class _NoDisk:
     def __init__(self) -> None:
         self.cache = NonceCache(30)
 
-    def remember(self, key_id: str, nonce: str, *, ts: float, now: float) -> None:
+    def remember(
+        self, key_id: str, nonce: str, *, ts: float, now: float, durable: bool = True
+    ) -> None:
         self.cache.remember(key_id, nonce, ts=ts, now=now)
         raise NonceNotDurableError("disk full")
+
+    def sync(self) -> None:
+        pass
 
 
 def test_nonce_not_durable_then_kill_carried_out_and_arm_refused() -> None:

@@ -163,7 +163,9 @@ class DiskCheckingHandler(MemoryHandler):
         return await super().handle(command)
 
 
-async def test_signed_kill_then_nonce_on_disk_before_the_guard_acts(tmp_path: Path) -> None:
+async def test_signed_kill_then_nonce_on_disk_once_the_guard_has_acted(tmp_path: Path) -> None:
+    # A kill waits for no fsync: its nonce is refused again at once (memory) and written after
+    # the guard acted; a replay after a crash in between could only halt again.
     path = tmp_path / "nonces.jsonl"
     handler = DiskCheckingHandler(path)
     nonces = NonceStore.open(path, window_s=30, now=time.time())
@@ -172,7 +174,20 @@ async def test_signed_kill_then_nonce_on_disk_before_the_guard_acts(tmp_path: Pa
     await mqtt.handle_payload(KILL_TOPIC, encode(payload(nonce="nonce-first")))
     await mqtt.handle_payload(KILL_TOPIC, encode(payload(nonce="nonce-second")))
 
-    assert handler.on_disk_when_handled == [["nonce-first"], ["nonce-first", "nonce-second"]]
+    assert handler.on_disk_when_handled == [[], ["nonce-first"]]
+    assert [r.nonce for r in read_nonce_file(path)[0]] == ["nonce-first", "nonce-second"]
+    assert await mqtt.handle_payload(KILL_TOPIC, encode(payload(nonce="nonce-first"))) is None
+
+
+async def test_signed_arm_then_nonce_on_disk_before_the_guard_acts(tmp_path: Path) -> None:
+    path = tmp_path / "nonces.jsonl"
+    handler = DiskCheckingHandler(path)
+    nonces = NonceStore.open(path, window_s=30, now=time.time())
+    mqtt = control(handler, nonces=nonces)
+
+    await mqtt.handle_payload(ARM_TOPIC, encode(payload("arm", nonce="nonce-arm-1")))
+
+    assert handler.on_disk_when_handled == [["nonce-arm-1"]]
 
 
 def _unsigned() -> dict[str, object]:

@@ -190,3 +190,50 @@ def test_any_history_of_uses_and_restarts_then_refused_exactly_within_window(
     records, skipped = read_nonce_file(directory / "n")
     assert skipped == 0
     assert len(records) <= 5 + 3  # live ones (at most one per nonce) plus appends since compaction
+
+
+def test_kill_nonce_then_refused_at_once_and_on_disk_only_after_sync(tmp_path: Path) -> None:
+    # Arrange
+    nonces = store(tmp_path)
+    path = tmp_path / "nonces.jsonl"
+
+    # Act: a kill is verified (its cancel would go out now, before any fsync)
+    assert accept(nonces, "kill", "nonce-kill-1") == "kill"
+
+    # Assert: a replay is refused at once, from memory; the disk has it only after sync
+    with pytest.raises(ReplayError, match="already used"):
+        accept(nonces, "kill", "nonce-kill-1", now=NOW + 1)
+    assert read_nonce_file(path)[0] == []
+    nonces.sync()
+    assert [r.nonce for r in read_nonce_file(path)[0]] == ["nonce-kill-1"]
+    with pytest.raises(ReplayError):  # a restarted guard refuses it too
+        store(tmp_path, now=NOW + 2).remember("alice", "nonce-kill-1", ts=NOW, now=NOW + 2)
+
+
+def test_arm_after_an_unsynced_kill_then_both_written_before_the_arm_acts(tmp_path: Path) -> None:
+    nonces = store(tmp_path)
+    accept(nonces, "kill", "nonce-kill-1")
+
+    accept(nonces, "arm", "nonce-arm-01", now=NOW + 1)
+
+    assert [r.nonce for r in read_nonce_file(tmp_path / "nonces.jsonl")[0]] == [
+        "nonce-kill-1",
+        "nonce-arm-01",
+    ]
+
+
+def test_kill_nonce_sync_fails_then_no_raise_and_next_write_rewrites_it(tmp_path: Path) -> None:
+    nonces = store(tmp_path)
+    accept(nonces, "kill", "nonce-kill-1")
+    (tmp_path / "nonces.jsonl").unlink()
+    (tmp_path / "nonces.jsonl").mkdir()  # the write fails
+    nonces.close()
+
+    nonces.sync()  # logged, never raised: the kill has been carried out
+
+    (tmp_path / "nonces.jsonl").rmdir()
+    accept(nonces, "arm", "nonce-arm-01", now=NOW + 1)
+    assert {r.nonce for r in read_nonce_file(tmp_path / "nonces.jsonl")[0]} == {
+        "nonce-kill-1",
+        "nonce-arm-01",
+    }
