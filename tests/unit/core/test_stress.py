@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from guardd.config import parse_config
-from guardd.core.book import Book
+from guardd.core.book import PORTFOLIO_MAX_AGE_S, Book
 from guardd.core.events import (
     AccountValue,
     BrokerEvent,
@@ -20,6 +20,7 @@ from guardd.core.events import (
     Connected,
     OpenOrdersEnd,
     OptionComputation,
+    PortfolioValue,
     PositionsEnd,
     PositionUpdate,
     PriceTick,
@@ -286,6 +287,23 @@ def test_stale_computation_then_data() -> None:
     found = rule(DOWN10).evaluate(book, T + 31)
 
     assert found.level == "data" and "no fresh option computation" in found.message
+
+
+def test_position_valued_by_the_portfolio_stream_then_judged_until_it_is_overdue() -> None:
+    # 1,000 shares valued 100,000 by updatePortfolio at T, no line: down 10 % loses 10,000
+    portfolio = PortfolioValue(
+        account=ACC,
+        con_id=ConId(1),
+        position=1_000,
+        market_price=100.0,
+        market_value=100_000.0,
+        ts=T,
+    )
+    book = book_with(pos(1, 1_000), portfolio)
+
+    assert rule(DOWN10).losses(book, T + 120).losses == pytest.approx({"down 10%": 10_000.0})
+    late = rule(DOWN10).evaluate(book, T + PORTFOLIO_MAX_AGE_S + 1)
+    assert late.level == "data" and "no fresh value" in late.message
 
 
 # ------------------------------------------------------------------------- other missing data
