@@ -64,6 +64,7 @@ from guardd.core.notices import (
 )
 from guardd.credentials import load_credentials
 from guardd.errors import ConfigError, GuarddError, JournalError, StartupError
+from guardd.logs import bind_decision
 from guardd.metrics import Metrics, MetricsServer, metrics_handler
 from guardd.notifications import Notifications
 from guardd.runtime.executor import Executor
@@ -656,6 +657,14 @@ class Guard:
         changed = decision.state != decision.previous_state
         if not (changed or decision.actions or decision.refused):
             return
+        # Every log line of the decision carries its id and the account: the executor's, these,
+        # and the close loop's (a task started here keeps the binding for its life).
+        with bind_decision(decision.decision_id, self.cfg.account):
+            await self._carry_out_bound(decision, trigger_ts, changed=changed)
+
+    async def _carry_out_bound(
+        self, decision: Decision, trigger_ts: float | None, *, changed: bool
+    ) -> None:
         # The actions first (on a kill: the cancel, the decision's record, the latch, closing
         # orders); logs and metrics after.
         await self.executor.carry_out(decision, trigger_ts=trigger_ts)

@@ -17,7 +17,11 @@ from typing import Any
 import pytest
 import structlog
 
+from guardd.config import load_config
+from guardd.control.commands import ControlCommand
+from guardd.demo import DEMO_CONFIG, demo_config
 from guardd.logs import bind_decision, configure_logging, get_logger
+from guardd.runtime.guard import Guard
 from tests.conftest import eventually, free_port
 from tests.drill_helpers import write_run_config
 
@@ -285,3 +289,33 @@ async def test_guardd_run_under_systemd_journal_then_warnings_carry_priority_4(
 
     warnings = [line for line in stderr.read_text().splitlines() if '"level": "warning"' in line]
     assert warnings and all(line.startswith("<4>{") for line in warnings)
+
+
+async def test_kill_carried_out_then_each_of_its_log_lines_carries_its_decision_id(
+    tmp_path: Path,
+) -> None:
+    # Arrange: a guard not connected to IB (the cancel is deferred, the latch written)
+    guard = Guard.open(
+        demo_config(load_config(DEMO_CONFIG), ib_port=free_port(), state_dir=tmp_path),
+        fresh_start=True,
+    )
+    out = io.StringIO()
+    configure_logging("json", "info", stream=out)
+    kill = ControlCommand("kill", "alice", "http", "runaway bot", mode="cancel")
+
+    # Act: a kill, then the re-arm (a second decision), then a line of no decision
+    killed = await guard.handle(kill)
+    armed = await guard.handle(ControlCommand("arm", "bob", "http", "bot stopped", force=True))
+    get_logger("test").info("after_the_decisions")
+    guard.journal.close()
+    guard.executor.close()
+
+    # Assert
+    logged = lines(out)
+    kill_lines = [r for r in logged if r.get("decision_id") == int(killed.decision_id or 0)]
+    arm_lines = [r for r in logged if r.get("decision_id") == int(armed.decision_id or 0)]
+    assert {"global_cancel_deferred", "state_changed"} <= {r["event"] for r in kill_lines}
+    assert "state_changed" in {r["event"] for r in arm_lines}
+    assert len(kill_lines) + len(arm_lines) == len(logged) - 1
+    assert all(r["account"] == guard.cfg.account for r in kill_lines + arm_lines)
+    assert "decision_id" not in logged[-1]
