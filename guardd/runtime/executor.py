@@ -25,7 +25,11 @@
 
 Every action and its outcome is a journal record. Child orders are journaled with the position
 they were planned against BEFORE they are sent, so a restarted guard rebuilds the episode from the
-journal and never duplicates a child (`restore_children`).
+journal and never duplicates a child (`restore_children`). A round's records (its facts and every
+child's `child_order_sent`) are one batch with one fsync, written before the first of its children
+is handed to the sender; the sends are then queued together (not awaited one by one), and the next
+round is planned while the last `plan_ahead` of them still wait for the socket, so the pacer never
+runs dry between rounds. Why a batch is as safe as a record per child: see `_close_round`.
 
 Children are ours by identity, never by their orderRef label: each child's order id is claimed in
 the Book (`Book.claim_order_id`) when it is allocated, before the journal record and the send, and
@@ -38,7 +42,8 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -50,7 +55,7 @@ import structlog
 from guardd.broker.pacer import Lane
 from guardd.broker.port import BrokerPort
 from guardd.core import planner
-from guardd.core.book import Book
+from guardd.core.book import Book, Position
 from guardd.core.close import (
     CloseEpisode,
     CloseSettings,
@@ -158,9 +163,14 @@ class Executor:
         self._synced_at: tuple[int, float] | None = None
         # New children per planning round: a quarter of a second's budget, at least one.
         self.round_budget = max(1, messages_per_second // 4)
+        # The next round is planned once at most this many of the last one's children still
+        # wait for the socket: the pacer never runs dry while a round is planned.
+        self.plan_ahead = max(1, self.round_budget // 2)
         self.episode: CloseEpisode | None = None
         self._episode_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # This round's child sends still on their way to the socket (cancelled with the episode).
+        self._sends: list[asyncio.Task[None]] = []
         # The latch as a restart would read it (None: not known yet), the state still to be
         # written when a write failed, and when to try again.
         self.latch_on_disk = latch_on_disk
@@ -464,6 +474,11 @@ class Executor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._episode_task = None
+        # Children still queued for the socket are not sent (the pacer skips a cancelled one).
+        sends, self._sends = self._sends, []
+        for send in sends:
+            send.cancel()
+        await asyncio.gather(*sends, return_exceptions=True)
         self.broker.closing(())
         if self.metrics is not None:
             self.metrics.set_flatten(0, False)
@@ -474,6 +489,7 @@ class Executor:
         delay = 0.0  # between rounds while children keep being rejected
         rejects: int | None = None  # after the previous round
         filled: Decimal | None = None
+        queued = False  # the previous round queued children
         while True:
             episode = self.episode
             if episode is None:
@@ -481,10 +497,15 @@ class Executor:
             if delay > 0:
                 # A rejected close (market closed...): retry slower, whatever wakes us meanwhile.
                 await asyncio.sleep(delay)
+            elif queued:
+                # More may be left to close than one round's budget: plan the next round while
+                # the last of this one's children are still queued, not after a wake-up.
+                await self._until_queued(self.plan_ahead)
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.round_s)
             self._wake.clear()
+            queued = False
             if episode is not self.episode:
                 continue
             if not self.book.synced or (not self.broker.connected and not self.dry_run):
@@ -492,7 +513,7 @@ class Executor:
             if self.book.read_only and not self.dry_run:
                 continue  # every order would be refused (321): wait until it is lifted
             try:
-                await self._close_round(episode)
+                queued = await self._close_round(episode)
             except Exception as exc:  # the flatten must outlive any one bad round
                 log.exception("close_round_failed", error=str(exc))
                 self._journal("close_round_failed", decision_id=episode.decision_id, error=str(exc))
@@ -511,7 +532,16 @@ class Executor:
                 delay = backoff.next()
             rejects, filled = episode.rejects_seen, now_filled
 
-    async def _close_round(self, episode: CloseEpisode) -> None:
+    async def _close_round(self, episode: CloseEpisode) -> bool:
+        """Plan one round and carry it out; True when it queued children.
+
+        The round's facts and its children's records go to the journal in one batch (one fsync)
+        before any child is handed to the sender: a child that reached the gateway always has
+        its durable `child_order_sent` record, so a restarted guard restores it and never sends
+        its quantity twice. A crash after the fsync and before a send leaves a record of a
+        child that never left; the restarted episode counts it as possibly working until a
+        re-sync shows the broker does not have it (assumption A5), as it always did.
+        """
         now = self.clock()
         observation = self._observe(now)
         plan = episode.step(observation, self.close_policy, self.round_budget)
@@ -520,8 +550,10 @@ class Executor:
             {k.con_id for k, held in observation.positions.items() if held.position.quantity}
             | {c.key.con_id for c in episode.children.values() if c.live}
         )
+        in_doubt = bool(plan.orders) and self.order_ids_in_doubt and not self.dry_run
+        children = [] if in_doubt else self._new_children(episode, plan.orders)
+        self._journal_round(episode, plan.records, children)
         for record in plan.records:
-            self._journal_record(record, episode.decision_id)
             if record.kind == "flat_confirmed" or record.kind == "reduce_confirmed":
                 self.last_flat_confirmed = now
         for note in plan.notes:
@@ -536,23 +568,61 @@ class Executor:
             episode.cancel_sent(cancel, self.book.generation, now)
             with contextlib.suppress(GuarddError):
                 await self.broker.cancel_order(cancel.order_id, Lane.FLATTEN)
-        if plan.orders and self.order_ids_in_doubt and not self.dry_run:
+        if in_doubt:
             # An id of ours was refused: ask the gateway for the next valid id first.
             self.order_ids_in_doubt = False
             with contextlib.suppress(GuarddError):
                 await self.broker.refresh_order_ids(Lane.FLATTEN)
-        for order in plan.orders:
-            await self._send_child(episode, order)
+            children = self._new_children(episode, plan.orders)
+            self._journal_round(episode, (), children)
+        for child in children:
+            if child.position is not None:  # None: dry run, journaled only
+                self._sends.append(
+                    asyncio.create_task(self._send_child(child), name="close_child_send")
+                )
         if self.metrics is not None:
             self.metrics.set_flatten(plan.off_target, plan.overdue and plan.off_target > 0)
             self.metrics.set_close_waiting_for_open(len(episode.waiting_for_open))
+        return bool(children) and not self.dry_run
+
+    async def _until_queued(self, left: int) -> None:
+        """Until at most `left` of the children queued so far still wait for the socket (they
+        leave in the order they were queued)."""
+        self._sends = [send for send in self._sends if not send.done()]
+        if len(self._sends) > left:
+            await asyncio.wait(self._sends[: len(self._sends) - left])
+            self._sends = [send for send in self._sends if not send.done()]
+
+    def _journal_round(
+        self, episode: CloseEpisode, records: Sequence[Record], children: Sequence[_NewChild]
+    ) -> None:
+        """Journal a round's facts and its children's records as one batch (one fsync), then
+        log and tell them."""
+        facts = [self._record_fields(record, episode.decision_id) for record in records]
+        batch = [(r.kind, fields) for r, fields in zip(records, facts, strict=True)]
+        batch += [(c.record.kind, dict(c.record.fields)) for c in children]
+        self._journal_many(batch)
+        for record, fields in zip(records, facts, strict=True):
+            self._told(record, fields)
+        if self.metrics is not None and not self.dry_run:
+            for _ in children:
+                self.metrics.count_flatten_child()
 
     def _journal_record(self, record: Record, decision_id: int | None = None) -> None:
         """Journal and log a fact of the close episode."""
+        fields = self._record_fields(record, decision_id)
+        self._journal(record.kind, **fields)
+        self._told(record, fields)
+
+    @staticmethod
+    def _record_fields(record: Record, decision_id: int | None) -> dict[str, Any]:
         fields = dict(record.fields)
         if decision_id is not None:
             fields.setdefault("decision_id", decision_id)
-        self._journal(record.kind, **fields)
+        return fields
+
+    def _told(self, record: Record, fields: dict[str, Any]) -> None:
+        """Log a journaled fact of the close episode and tell the listener."""
         getattr(log, record.level)(record.kind, **_loggable(fields))
         if record.kind == "close_child_repriced" and self.metrics is not None:
             self.metrics.count_close_repriced()
@@ -637,51 +707,60 @@ class Executor:
         position = self.book.position(key.con_id, key.account)
         return position is None or position.known
 
-    async def _send_child(self, episode: CloseEpisode, order: planner.NewChildOrder) -> None:
-        position = self.book.position(order.key.con_id, order.key.account)
-        assert position is not None  # the episode only closes positions the Book holds
-        if self.dry_run:
-            episode.sequence = max(episode.sequence, planner.sequence_of(order.order_ref) + 1)
-            self._journal(
-                "child_order_dry_run",
-                decision_id=episode.decision_id,
-                order_ref=order.order_ref,
-                symbol=order.symbol,
-                action=str(order.action),
-                quantity=str(order.quantity),
-                order_type=str(order.order_type),
-                limit_price=order.limit_price,
-            )
-            return
-        order_id = int(self.broker.next_order_id())
-        # Ours from this instant (the Book knows our orders by id, not by label), before the
-        # journal record and the send: the broker's first report of it is already own.
-        self.book.claim_order_id(OrderId(order_id))
-        child = episode.add_child(order, order_id, self.book.generation, self.clock())
-        # Journaled before it is sent: a restart must know this child may exist.
-        self._journal(
-            "child_order_sent",
-            decision_id=episode.decision_id,
-            order_id=order_id,
-            order_ref=order.order_ref,
-            account=order.key.account,
-            con_id=order.key.con_id,
-            symbol=order.symbol,
-            action=str(order.action),
-            quantity=str(order.quantity),
-            order_type=str(order.order_type),
-            limit_price=order.limit_price,
-            planned_against=str(order.planned_against),
-            round=episode.round,
-            step=order.step,
-            price_source=None if order.basis is None else str(order.basis.source),
-            price_age_s=None if order.basis is None else round(order.basis.age_s, 3),
-        )
-        if self.metrics is not None:
-            self.metrics.count_flatten_child()
+    def _new_children(
+        self, episode: CloseEpisode, orders: Sequence[planner.NewChildOrder]
+    ) -> list[_NewChild]:
+        """Allocate, claim and add each planned child to the episode, with the record that
+        must be journaled before it is sent (in dry run only the record)."""
+        out: list[_NewChild] = []
+        for order in orders:
+            if self.dry_run:
+                episode.sequence = max(episode.sequence, planner.sequence_of(order.order_ref) + 1)
+                fields: dict[str, Any] = {
+                    "decision_id": episode.decision_id,
+                    "order_ref": order.order_ref,
+                    "symbol": order.symbol,
+                    "action": str(order.action),
+                    "quantity": str(order.quantity),
+                    "order_type": str(order.order_type),
+                    "limit_price": order.limit_price,
+                }
+                out.append(_NewChild(order, 0, None, Record("child_order_dry_run", fields)))
+                continue
+            position = self.book.position(order.key.con_id, order.key.account)
+            assert position is not None  # the episode only closes positions the Book holds
+            order_id = int(self.broker.next_order_id())
+            # Ours from this instant (the Book knows our orders by id, not by label), before the
+            # journal record and the send: the broker's first report of it is already own.
+            self.book.claim_order_id(OrderId(order_id))
+            episode.add_child(order, order_id, self.book.generation, self.clock())
+            fields = {
+                "decision_id": episode.decision_id,
+                "order_id": order_id,
+                "order_ref": order.order_ref,
+                "account": order.key.account,
+                "con_id": order.key.con_id,
+                "symbol": order.symbol,
+                "action": str(order.action),
+                "quantity": str(order.quantity),
+                "order_type": str(order.order_type),
+                "limit_price": order.limit_price,
+                "planned_against": str(order.planned_against),
+                "round": episode.round,
+                "step": order.step,
+                "price_source": None if order.basis is None else str(order.basis.source),
+                "price_age_s": None if order.basis is None else round(order.basis.age_s, 3),
+            }
+            out.append(_NewChild(order, order_id, position, Record("child_order_sent", fields)))
+        return out
+
+    async def _send_child(self, child: _NewChild) -> None:
+        """Hand one journaled child to the sender; returns once it is on the socket."""
+        order, position = child.order, child.position
+        assert position is not None
         try:
             await self.broker.place_order(
-                order_id,
+                child.order_id,
                 con_id=position.con_id,
                 symbol=position.symbol,
                 sec_type=position.sec_type,
@@ -701,7 +780,9 @@ class Executor:
         except GuarddError as exc:
             # It may or may not have reached the socket: it stays pending until a re-sync
             # shows whether the broker has it (never a duplicate in between).
-            log.warning("child_order_send_failed", order_ref=child.order_ref, error=str(exc))
+            log.warning("child_order_send_failed", order_ref=order.order_ref, error=str(exc))
+        except Exception as exc:  # a send task must not end unseen; the child stays pending
+            log.exception("child_order_send_failed", order_ref=order.order_ref, error=str(exc))
 
     def _synced_for(self, now: float) -> float:
         """Seconds the Book has been synced on its current connection (0 while unsynced)."""
@@ -772,6 +853,23 @@ class Executor:
             },
         )
 
+    def _journal_many(self, records: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Journal records as one batch (one fsync); like `_journal`, a batch that cannot be
+        written is logged and counted, and the caller carries on."""
+        if not records:
+            return
+        for _, fields in records:
+            fields.setdefault("account", self.account)
+            if self.dry_run:
+                fields["dry_run"] = True
+        try:
+            self.journal.append_many(records)
+        except JournalError as exc:
+            log.error("journal_write_failed", records=[k for k, _ in records], error=str(exc))
+            if self.metrics is not None:
+                for _ in records:
+                    self.metrics.count_journal_error()
+
     def _journal(self, kind: str, **fields: Any) -> None:
         """Journal a record; a record that cannot be written is logged and counted, and the
         caller carries on (no journal error may skip a cancel or a close)."""
@@ -796,6 +894,17 @@ def _loggable(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {
         k: (len(v) if isinstance(v, list | dict) and len(v) > 8 else v) for k, v in fields.items()
     }
+
+
+@dataclass(frozen=True, slots=True)
+class _NewChild:
+    """A child allocated for a round: its order, id, the Book's position (None in dry run)
+    and the record journaled before it is sent."""
+
+    order: planner.NewChildOrder
+    order_id: int
+    position: Position | None
+    record: Record
 
 
 _NOT_OURS = -1  # the client id a fill the Book does not know as ours is given for the episode

@@ -2,7 +2,9 @@
 
 One JSON object per line: ``{"ts": <epoch seconds>, "kind": "<snake_case fact>", ...fields}``.
 ``Journal.append`` returns only after the line is written and fsynced, so a record the caller has
-seen returned survives a crash or power loss. The API is synchronous and thread-safe; the guard
+seen returned survives a crash or power loss. ``Journal.append_many`` does the same for several
+records with one write and one fsync (a close round's facts and child orders: one fsync a round,
+not one a child); a batch lands in one file. The API is synchronous and thread-safe; the guard
 calls it on the event loop (an append with its fsync costs about a millisecond, less than a
 thread hop), and the kill's cancel goes out before the decision's record (runtime/executor.py).
 
@@ -49,7 +51,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
@@ -137,25 +139,42 @@ class Journal:
         Raises ``JournalError`` if a value has no JSON form (any text has one) or the record
         cannot be made durable; the file is then left ending with its last complete record.
         """
-        if not kind:
-            raise JournalError("a journal record needs a kind")
-        ts = fields.pop("ts", None)
-        record = _plain({"ts": self._clock() if ts is None else ts, "kind": kind, **fields}, "")
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        # A lone surrogate (e.g. from a refused JSON payload) cannot be UTF-8: its escape
-        # (backslash u, four hex digits) is exactly the JSON escape, inside a JSON string.
-        data = line.encode("utf-8", "backslashreplace") + b"\n"
+        return self.append_many([(kind, fields)])[0]
+
+    def append_many(self, records: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+        """Write several records, in order, with one write and one fsync; return them as stored.
+
+        All or none: when the batch cannot be made durable, ``JournalError`` is raised and the
+        file is left ending with the last complete record before the batch (a crash in the
+        middle can leave only a prefix of the batch, which reads back as such). Nothing of the
+        batch may be acted on before this returns. Each record as in ``append``.
+        """
+        stored: list[dict[str, Any]] = []
+        lines: list[bytes] = []
+        for kind, given in records:
+            if not kind:
+                raise JournalError("a journal record needs a kind")
+            fields = dict(given)
+            ts = fields.pop("ts", None)
+            record = _plain({"ts": self._clock() if ts is None else ts, "kind": kind, **fields}, "")
+            line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            # A lone surrogate (e.g. from a refused JSON payload) cannot be UTF-8: its escape
+            # (backslash u, four hex digits) is exactly the JSON escape, inside a JSON string.
+            lines.append(line.encode("utf-8", "backslashreplace") + b"\n")
+            stored.append(record)
+        if not stored:
+            return stored
+        data = b"".join(lines)
         with self._lock:
             if self._fd is None:
                 raise JournalError(f"journal {self._path} is closed")
             why = self._rotation_due(len(data))
             if why is not None:
                 self._rotate(why)
-            self._write(data, record)
-        result: dict[str, Any] = record
-        return result
+            self._write(data, *stored)
+        return stored
 
-    def _write(self, data: bytes, record: dict[str, Any]) -> None:
+    def _write(self, data: bytes, *records: dict[str, Any]) -> None:
         assert self._fd is not None
         try:
             write_all(self._fd, data)
@@ -164,7 +183,7 @@ class Journal:
             self._cut_back()
             raise JournalError(f"cannot append to journal {self._fd_path}: {exc}") from exc
         self._size += len(data)
-        self._recent.append(record)
+        self._recent.extend(records)
 
     def _rotation_due(self, incoming: int) -> str | None:
         if self._fd_path != self._path:

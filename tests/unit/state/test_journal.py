@@ -10,6 +10,7 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -56,23 +57,54 @@ def test_explicit_ts_then_kept(tmp_path: Path) -> None:
     assert record["ts"] == 12.0
 
 
+def fsynced_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of the file at each fsync from now on (the list fills as fsyncs happen)."""
+    sizes: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        sizes.append(os.fstat(fd).st_size)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return sizes
+
+
 def test_append_then_fsynced_before_returning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     journal = Journal(tmp_path / "j", clock=_clock)
-    calls: list[int] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        calls.append(os.fstat(fd).st_size)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    calls = fsynced_sizes(monkeypatch)
 
     record = journal.append("order_cancelled", perm_id=7)
 
     line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
     assert calls == [len(line)]  # synced once, with the whole line in the file
+    journal.close()
+
+
+def test_append_many_then_one_fsync_with_every_record_in_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange
+    path = tmp_path / "j"
+    journal = Journal(path, clock=_clock)
+    before = journal.append("decision", n=0)
+    calls = fsynced_sizes(monkeypatch)
+
+    # Act: a close round's three child records
+    records = journal.append_many(
+        [("child_order_sent", {"order_id": n, "quantity": Decimal(n)}) for n in (1, 2, 3)]
+    )
+
+    # Assert: synced once, with the whole batch in the file; read back in order
+    monkeypatch.undo()
+    assert calls == [path.stat().st_size]
+    assert list(read_journal(path)) == [before, *records]
+    assert [r["order_id"] for r in records] == [1, 2, 3]
+    assert records[0]["quantity"] == "1"
+    assert journal.recent()[-3:] == records
+    assert journal.append_many([]) == []
     journal.close()
 
 
@@ -267,8 +299,9 @@ def test_any_text_or_bytes_then_journaled_never_refused(reason: str, key: str, r
         assert record["where"] == {key: raw.decode("utf-8", "backslashreplace")}
 
 
+@pytest.mark.parametrize("batch", [0, 5])  # one append, or a batch of five (append_many)
 def test_failed_write_then_partial_line_cut_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    batch: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "j"
     journal = Journal(path, clock=_clock)
@@ -281,7 +314,10 @@ def test_failed_write_then_partial_line_cut_back(
 
     monkeypatch.setattr(os, "write", half_then_disk_full)
     with pytest.raises(JournalError, match="No space"):
-        journal.append("decision", n=2)
+        if batch:  # none of the batch is kept, not even the records before the cut
+            journal.append_many([("child_order_sent", {"order_id": n}) for n in range(batch)])
+        else:
+            journal.append("decision", n=2)
     monkeypatch.undo()
 
     later = journal.append("decision", n=3)
