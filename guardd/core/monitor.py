@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from guardd.core import events as ev
-from guardd.core.book import Book
+from guardd.core.book import Book, Order
 from guardd.core.engine import Evaluation
+from guardd.core.lines import LineWant
 from guardd.core.rules import (
     DailyLoss,
     Drawdown,
@@ -214,17 +215,39 @@ class Monitor:
         match event:
             case ev.OpenOrder(con_id=con_id):
                 exchange = ""
-                checks = self._rules.order_checks
                 order = book.order(event.perm_id)
-                wanted = (checks is not None and checks.collar is not None) and (
-                    order is None or not book.is_own(order)
-                )
+                wanted = self._collared and (order is None or not book.is_own(order))
             case _:
                 return None
         if not wanted or not con_id or con_id in self._watched:
             return None
         self._watched.add(con_id)
         return PriceWatch(con_id, exchange)
+
+    def line_wants(self, book: Book) -> list[LineWant]:
+        """The contracts that want a market-data line (`guardd.core.lines`): every held position
+        by its exposure (|value| in the base currency; NaN, ranked first, while it has no value)
+        and, when the per-order price collar is configured, the contract of each foreign working
+        order by its notional (`choose_lines` ranks a contract both held and ordered by the
+        more urgent of the two)."""
+        wants = []
+        for p in book.guarded_positions():
+            if p.value is None or not p.known:
+                exposure = math.nan
+            else:
+                exposure = abs(p.value) * (book.exchange_rate(p.currency) or 1.0)
+            wants.append(LineWant(p.con_id, exposure))
+        if self._collared:
+            for order in book.working_orders():
+                if order.con_id and not book.is_own(order):
+                    wants.append(LineWant(order.con_id, _order_exposure(book, order)))
+        return wants
+
+    @property
+    def _collared(self) -> bool:
+        """Whether the per-order price collar is on: it needs a price of each foreign order."""
+        checks = self._rules.order_checks
+        return checks is not None and checks.collar is not None
 
     def stress(self, book: Book, now: float) -> StressFigures | None:
         """Each configured stress scenario's loss now, None when none is configured."""
@@ -258,6 +281,18 @@ def exposure_figures(book: Book) -> ExposureFigures:
         leverage=leverage,
         cushion=cushion.value if cushion is not None else None,
     )
+
+
+def _order_exposure(book: Book, order: Order) -> float:
+    """|quantity x multiplier x price| of an order in the base currency (its limit, else the
+    contract's reference price; 0 when neither is known)."""
+    price = order.lmt_price
+    if not (math.isfinite(price) and price > 0):
+        price = book.quote(order.con_id).reference
+    notional = abs(order.quantity * order.multiplier * price)
+    if not math.isfinite(notional):
+        return 0.0
+    return notional * (book.exchange_rate(order.currency) or 1.0)
 
 
 def _scales(rules: RuleSet) -> dict[str, Scale]:

@@ -49,10 +49,9 @@ from guardd.control.mqtt import MqttControl
 from guardd.control.nonces import NonceStore
 from guardd.control.refusals import RefusalLedger, RefusalSummary, refusal_kind
 from guardd.core import events as ev
-from guardd.core.book import Book, Order
+from guardd.core.book import Book
 from guardd.core.close import Record
 from guardd.core.engine import Arm, Decision, Engine, Kill, Latch, State
-from guardd.core.lines import LineWant
 from guardd.core.monitor import Monitor, Scale, exposure_figures
 from guardd.core.notices import (
     ConditionKind,
@@ -545,8 +544,8 @@ class Guard:
             self.metrics.observe_event_processing(time.perf_counter() - started)
 
     def _rank_lines(self, *, force: bool = False) -> None:
-        """Tell the broker which held positions want a market-data line, by exposure (base
-        currency where the rate is known; unvalued first, see guardd.core.lines): when the
+        """Tell the broker which contracts want a market-data line (`Monitor.line_wants`: held
+        positions and, under the price collar, foreign orders; see guardd.core.lines): when the
         positions changed, else every LINES_EVERY_S (exposures move, refusals expire). While
         the account download (every position's value) is under way, at most every
         LINES_EVERY_S: lines chosen before it would be chosen blind and swapped right after."""
@@ -560,32 +559,7 @@ class Guard:
         ):
             return
         self._lines_ranked = (self.book.positions_version, now)
-        wants = []
-        for p in self.book.guarded_positions():
-            if p.value is None or not p.known:
-                exposure = math.nan
-            else:
-                exposure = abs(p.value) * (self.book.exchange_rate(p.currency) or 1.0)
-            wants.append(LineWant(p.con_id, exposure))
-        checks = self.monitor.rules.order_checks
-        if checks is not None and checks.collar is not None:
-            # The per-order price collar needs a price of each foreign order's contract: an
-            # order ranks by its notional, as a position by its value (the larger of both).
-            for order in self.book.working_orders():
-                if order.con_id and not self.book.is_own(order):
-                    wants.append(LineWant(order.con_id, self._order_exposure(order)))
-        self.broker.rank_lines(wants)
-
-    def _order_exposure(self, order: Order) -> float:
-        """|quantity x multiplier x price| of an order in the base currency (its limit, else
-        the contract's reference price; 0 when neither is known)."""
-        price = order.lmt_price
-        if not (math.isfinite(price) and price > 0):
-            price = self.book.quote(order.con_id).reference
-        notional = abs(order.quantity * order.multiplier * price)
-        if not math.isfinite(notional):
-            return 0.0
-        return notional * (self.book.exchange_rate(order.currency) or 1.0)
+        self.broker.rank_lines(self.monitor.line_wants(self.book))
 
     async def _on_order_event(self, event: ev.OpenOrder | ev.OrderStatus) -> None:
         """The fast path: a new order may break the order-rate or a per-order limit now."""

@@ -294,3 +294,28 @@ def test_orders_of_any_size_then_the_check_says_breach_iff_one_broke_the_limit(
         assert found.subject == f"perm:{breaking[-1]}"
     mon.on_timer(book, T, halted=False)
     assert ("order_checks" in mon.findings) == (not breaking)
+
+
+def test_line_wants_then_held_positions_by_exposure_and_unvalued_as_nan() -> None:
+    book = book_with(pos(1, 1000), pos(2, -50))
+    book.fold(tick(1, 150.0))
+
+    wants = {w.con_id: w.exposure for w in monitor().line_wants(book)}
+
+    assert wants[ConId(1)] == 150_000.0
+    assert math.isnan(wants[ConId(2)])
+
+
+def test_line_wants_under_a_collar_then_foreign_orders_by_notional_and_own_left_out() -> None:
+    # Arrange: a bot's limit order, the guard's own child, no position
+    bot = order(1, qty=10, lmt=120.0)
+    child = replace(order(2, client=GUARD_CLIENT, qty=99), con_id=ConId(3))
+    book = book_with(bot, child, claimed=(2,))
+
+    # Act
+    collared = monitor(checks=OrderChecks(collar=0.05)).line_wants(book)
+    plain = monitor(checks=CHECKS).line_wants(book)
+
+    # Assert
+    assert [(w.con_id, w.exposure) for w in collared] == [(ConId(1), 1200.0)]
+    assert plain == []
