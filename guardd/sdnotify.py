@@ -132,7 +132,7 @@ class HealthWatchdog:
     at half of ``WatchdogSec`` one withheld ping is forgiven (a hiccup); two in a row and systemd
     restarts the guard. The HALTED latch is on disk, so a restarted guard comes back HALTED.
 
-    The guard's `alive` (`Guard._broker_alive`) asks whether the broker adapter keeps its promise
+    The guard's `alive` (`Guard._alive`) asks whether the broker adapter keeps its promise
     of a next sign of life (`IbBroker.alive`) and the evaluate loop went round lately. It must
     answer "is the guard working?", not "is IB up?": while disconnected, a reconnect loop that
     keeps trying is alive. IB Gateway restarts every

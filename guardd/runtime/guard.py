@@ -365,7 +365,7 @@ class Guard:
                         watchdog = HealthWatchdog(
                             self.notifier,
                             interval,
-                            self._broker_alive,
+                            self._alive,
                             on_withheld=self.metrics.count_watchdog_withheld,
                         )
                         tasks.create_task(watchdog.run(), name="watchdog_loop")
@@ -452,12 +452,12 @@ class Guard:
             )
             await stack.enter_async_context(self.mqtt)  # connects in the background
 
-    def _broker_alive(self) -> bool:
-        """Liveness for the systemd watchdog (the event loop's own lag is measured by the
-        watchdog): the broker adapter keeps its promise of a next sign of life (a reconnect loop
-        that keeps retrying does; a wedged one does not, see `IbBroker.alive`), and the evaluate
-        loop went round within `PIPELINE_STALL_S` (it waits for the lock every decision holds,
-        so a decision that never ends stops it too)."""
+    def _alive(self) -> bool:
+        """The guard's liveness for the systemd watchdog, not IB's (the event loop's own lag is
+        measured by the watchdog): the broker adapter keeps its promise of a next sign of life
+        (a reconnect loop that keeps retrying does; a wedged one does not, see
+        `IbBroker.alive`), and the evaluate loop went round within `PIPELINE_STALL_S` (it waits
+        for the lock every decision holds, so a decision that never ends stops it too)."""
         pipeline_alive = time.monotonic() - self._evaluated_at <= PIPELINE_STALL_S
         return self.broker.alive() and pipeline_alive
 

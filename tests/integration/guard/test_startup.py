@@ -200,7 +200,7 @@ async def test_gateway_down_and_reconnecting_then_watchdog_keeps_pinging(
             watched_from = time.monotonic()
             stalled: list[float] = []
             while time.monotonic() - watched_from < 3.0:
-                if not guard._broker_alive():
+                if not guard._alive():
                     stalled.append(time.monotonic() - watched_from)
                 await asyncio.sleep(0.02)
             assert stalled == [], "a retrying connect loop is alive"
@@ -241,13 +241,13 @@ async def test_wedged_broker_adapter_then_watchdog_pings_stop_and_resume_once_un
             # The first heartbeat's answer wedges the ibapi thread: nothing more is decoded, the
             # heartbeat drops the session, but its thread never ends, so nothing reconnects.
             await eventually(lambda: guard.broker.heartbeat_failures == 1, "heartbeat", timeout_s=5)
-            await eventually(lambda: not guard._broker_alive(), "adapter stalled", timeout_s=5)
+            await eventually(lambda: not guard._alive(), "adapter stalled", timeout_s=5)
             stalled_at = time.monotonic()
             await eventually(lambda: time.monotonic() - stalled_at > 1.0, "ten ping decisions")
             # Every decision after the stall (the first at most one interval, 0.1 s, later)
             # withheld its ping.
             assert systemd.pings(after=stalled_at + 0.3) == [], "no ping while wedged"
-            assert not guard._broker_alive()
+            assert not guard._alive()
 
             wedge.set()  # the callback returns: the thread ends, the broker reconnects
             await eventually(lambda: guard.broker.reconnects >= 1, "reconnected", timeout_s=10)
