@@ -139,6 +139,7 @@ class Executor:
         clock: Callable[[], float] = time.time,
         round_s: float = 0.1,
         latch_on_disk: LatchFile | None = None,
+        latch_writer: LatchWriter | None = None,
         latch_retry_s: float = 1.0,
         close_retry: RetryPolicy = CLOSE_RETRY,
         close_settings: CloseSettings | None = None,
@@ -178,10 +179,9 @@ class Executor:
         self.latch_retry_s = latch_retry_s
         self._latch_pending: LatchFile | None = None
         self._latch_retry_at = 0.0
-        # Opened now, before any flood: the latch write's descriptors are held in reserve.
-        self._latch_writer: LatchWriter | None = None
-        with contextlib.suppress(LatchError):  # opened again on the first write
-            self._latch_writer = LatchWriter(latch_path)
+        # Opened by the caller before any flood, its descriptors held in reserve (Guard.open);
+        # None: opened on the first write.
+        self._latch_writer = latch_writer
         self.last_flat_confirmed: float | None = None
         # An order id of ours was refused (103): ask the gateway (reqIds) before the next child.
         self.order_ids_in_doubt = False

@@ -62,7 +62,7 @@ from guardd.core.notices import (
     notices_of,
 )
 from guardd.credentials import load_credentials
-from guardd.errors import ConfigError, GuarddError, JournalError, StartupError
+from guardd.errors import ConfigError, GuarddError, JournalError, LatchError, StartupError
 from guardd.logs import bind_decision
 from guardd.metrics import Metrics, MetricsServer, metrics_handler
 from guardd.notifications import Notifications
@@ -77,6 +77,7 @@ from guardd.runtime.rulebook import (
 from guardd.runtime.startup import Restored, restore
 from guardd.sdnotify import HealthWatchdog, Notifier, watchdog_interval
 from guardd.state.journal import Journal, Rotation
+from guardd.state.latch import LatchWriter
 
 log = structlog.get_logger(__name__)
 
@@ -116,9 +117,9 @@ class Guard:
         Creates the state directory, opens the journal, restores the latch from the file or,
         when the journal records a later kill, from the journal (the second witness: a latch
         write may have failed; the file is then repaired), scanning the journal once
-        (`guardd.runtime.startup`), and journals ``guard_started``. A missing latch file starts
-        HALTED unless `fresh_start`. Raises JournalError when the journal cannot be opened, read
-        or written.
+        (`guardd.runtime.startup`), journals ``guard_started`` and opens the latch writer. A
+        missing latch file starts HALTED unless `fresh_start`. Raises JournalError when the
+        journal cannot be opened, read or written.
         """
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         journal = Journal(
@@ -145,7 +146,19 @@ class Guard:
             log.warning(
                 "latch_restored", reason=latch.reason, mode=latch.mode, principal=latch.principal
             )
-        guard = cls(cfg, restored, journal, clock=clock, registry=registry, notifier=notifier)
+        # Opened now, before any flood: the latch write's descriptors are held in reserve.
+        writer = None
+        with contextlib.suppress(LatchError):  # opened again on the first write
+            writer = LatchWriter(cfg.latch_path)
+        guard = cls(
+            cfg,
+            restored,
+            journal,
+            latch_writer=writer,
+            clock=clock,
+            registry=registry,
+            notifier=notifier,
+        )
         if restored.from_journal:
             log.error("latch_restored_from_journal", decision_id=restored.latch.decision_id)
             guard.executor.persist_latch(restored.latch)  # the file said less than the journal
@@ -159,12 +172,13 @@ class Guard:
         restored: Restored,
         journal: Journal,
         *,
+        latch_writer: LatchWriter | None = None,
         clock: Callable[[], float] = time.time,
         registry: CollectorRegistry | None = None,
         notifier: Notifier | None = None,
     ) -> None:
-        """Wire the guard from the state it starts from (`restored`) and its open `journal`;
-        `Guard.open` reads both."""
+        """Wire the guard from the state it starts from (`restored`), its open `journal` and
+        latch writer (None: opened on the first write); `Guard.open` reads and opens them."""
         self.cfg = cfg
         self.clock = clock
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -214,6 +228,7 @@ class Guard:
             metrics=self.metrics,
             clock=clock,
             latch_on_disk=restored.on_disk,
+            latch_writer=latch_writer,
             close_settings=build_close_settings(cfg),
             on_close_record=self._on_close_record,
         )

@@ -7,7 +7,9 @@ from zoneinfo import ZoneInfo
 from guardd.config import load_config
 from guardd.demo import DEMO_CONFIG, demo_config
 from guardd.runtime.guard import Guard
+from guardd.runtime.startup import Restored
 from guardd.state.journal import Journal, read_journal
+from guardd.state.latch import Armed
 
 NY = ZoneInfo("America/New_York")
 
@@ -79,3 +81,24 @@ def test_reload_of_a_file_nested_too_deep_then_refused_and_journaled(tmp_path: P
     assert applied is False
     assert guard.cfg is cfg
     assert len(refused) == 1 and "nested too deeply" in refused[0]["error"]
+
+
+def test_guard_made_from_restored_state_then_its_constructor_touches_no_file(
+    tmp_path: Path,
+) -> None:
+    # Arrange: a state directory that does not exist, and the state Guard.open would have read
+    state_dir = tmp_path / "state"
+    demo = demo_config(load_config(DEMO_CONFIG), ib_port=7497, state_dir=tmp_path)
+    cfg = demo.model_copy(update={"state_dir": state_dir})
+    armed = Armed("fresh_start", "operator", "operator", since=1.0)
+    restored = Restored(armed, armed, 0, frozenset(), ())
+    journal = Journal(tmp_path / "elsewhere" / "journal.jsonl")
+
+    # Act
+    guard = Guard(cfg, restored, journal)
+
+    # Assert: wired, and nothing created, read or written
+    assert guard.engine.state == "ARMED"
+    assert not state_dir.exists()
+    assert [r["kind"] for r in read_journal(journal.path)] == []
+    journal.close()
