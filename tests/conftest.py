@@ -5,7 +5,8 @@
   awaited. Await an event instead where the code under test offers one.
 - `free_port()`: a loopback TCP port that was free a moment ago, for a program that must be told
   its port before it starts (servers in the test process bind port 0 and report theirs).
-- the `sim` fixture: a simulated gateway on a free loopback port.
+- the `sim` fixture: a simulated gateway on a free loopback port; the support modules' fixtures
+  (`pytest_plugins` below) are there for every test too.
 
 `--sim-server-version N` sets the highest server version every simulated gateway of the run offers
 (unless a test names one): 226 by default, the protobuf wire a current TWS speaks with ibapi;
@@ -28,6 +29,10 @@ from ibsim.gateway import SimGateway
 from ibsim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION
 from ibsim.scenario import Scenario, parse_scenario
 from ibsim.server import build_gateway
+
+# Fixtures of the support modules, for every test to take by name: mqtt_broker and
+# mqtt_broker_with_password (a real mosquitto), systemd (the notify socket), bot (a runaway bot).
+pytest_plugins = ["tests.mqtt_broker", "tests.fake_systemd", "tests.control_harness"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -3,7 +3,7 @@
 - `running_guard(sim, broker, tmp_path, ...)`: the demo config's guard with signed-MQTT and HTTP
   control, ready and MQTT-connected on entry; a `Running` to drive it (publish, post, journal).
 - `signed(action, key_id)`: a signed MQTT command from one of `KEYS`.
-- `bot` (fixture, import it by name), `bot_orders`, `positions`: a runaway bot and what it left.
+- `bot` (a fixture for every test), `bot_orders`, `positions`: a runaway bot and what it left.
 - `guardctl(*argv)`, `doc_example(name)`, `run_shell`, `require_tools`: the CLI and the shell
   examples of docs/control.md as an operator runs them.
 """

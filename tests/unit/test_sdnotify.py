@@ -13,9 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from guardd.metrics import Metrics
 from guardd.sdnotify import HealthWatchdog, Notifier, watchdog_interval
-from tests.fake_systemd import FakeSystemd, systemd
-
-__all__ = ["systemd"]  # fixture used by name
+from tests.fake_systemd import FakeSystemd
 
 
 @pytest.fixture

@@ -24,9 +24,7 @@ from ibsim.gateway import SimGateway
 from tests.conftest import eventually
 from tests.control_harness import Running, running_guard
 from tests.deploy_files import UNITS, directives
-from tests.mqtt_broker import Broker, mqtt_broker
-
-__all__ = ["mqtt_broker"]  # fixture used by name
+from tests.mqtt_broker import Broker
 
 pytestmark = pytest.mark.slow
 

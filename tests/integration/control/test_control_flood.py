@@ -21,9 +21,7 @@ from guardd.state.journal import read_journal
 from ibsim.gateway import SimGateway
 from tests.conftest import eventually
 from tests.control_harness import ACCOUNT, Running, running_guard, signed
-from tests.mqtt_broker import MQTT_USER, Broker, mqtt_broker, start_broker, start_deployed_broker
-
-__all__ = ["mqtt_broker"]  # fixture used by name
+from tests.mqtt_broker import MQTT_USER, Broker, start_broker, start_deployed_broker
 
 pytestmark = pytest.mark.slow
 

@@ -26,9 +26,7 @@ from guardd.state.journal import read_journal
 from ibsim.gateway import SimGateway
 from tests.conftest import eventually
 from tests.control_harness import ACCOUNT, KEYS, Running, running_guard
-from tests.mqtt_broker import Broker, mqtt_broker
-
-__all__ = ["mqtt_broker"]  # fixture used by name
+from tests.mqtt_broker import Broker
 
 KILL = f"guardd/{ACCOUNT}/cmd/kill"
 ARM = f"guardd/{ACCOUNT}/cmd/arm"

@@ -27,7 +27,6 @@ from tests.control_harness import (
     ACCOUNT,
     KEYS,
     Running,
-    bot,
     bot_orders,
     doc_example,
     guardctl,
@@ -38,9 +37,7 @@ from tests.control_harness import (
     signed,
 )
 from tests.drill_helpers import http_ready, write_run_config
-from tests.mqtt_broker import Broker, mqtt_broker
-
-__all__ = ["bot", "mqtt_broker"]  # fixtures used by name
+from tests.mqtt_broker import Broker
 
 
 @pytest.fixture

@@ -25,15 +25,7 @@ from guardd.control.mqtt import MqttControl
 from guardd.control.nonces import NonceStore, read_nonce_file
 from guardd.retry import RetryPolicy
 from tests.conftest import eventually, free_port
-from tests.mqtt_broker import (
-    Broker,
-    MemoryHandler,
-    mqtt_broker,
-    mqtt_broker_with_password,
-    start_broker,
-)
-
-__all__ = ["mqtt_broker", "mqtt_broker_with_password"]  # fixtures used by name
+from tests.mqtt_broker import Broker, MemoryHandler, start_broker
 
 ACCOUNT = "DU000001"
 ALICE_KEY = "alice-secret-key-0123456789"

@@ -20,9 +20,7 @@ from guardd.control.mqtt import MqttControl
 from guardd.retry import RetryPolicy
 from tests.conftest import eventually, free_port
 from tests.control_harness import doc_example, guardctl, require_tools, run_shell
-from tests.mqtt_broker import Broker, MemoryHandler, mqtt_broker
-
-__all__ = ["mqtt_broker"]  # fixture used by name
+from tests.mqtt_broker import Broker, MemoryHandler
 
 ACCOUNT = "DU000001"
 KILL_TOKEN = "kill-token-0123456789"

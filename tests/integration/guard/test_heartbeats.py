@@ -13,9 +13,7 @@ from guardd.demo import DEMO_CONFIG, demo_config
 from guardd.runtime.guard import Guard
 from ibsim.gateway import SimGateway
 from tests.conftest import eventually
-from tests.mqtt_broker import Broker, mqtt_broker
-
-__all__ = ["mqtt_broker"]  # fixture used by name
+from tests.mqtt_broker import Broker
 
 pytestmark = pytest.mark.integration
 

@@ -25,9 +25,7 @@ from ibsim.scenario import Scenario
 from ibsim.server import build_gateway
 from tests.conftest import eventually
 from tests.control_harness import running_guard, signed
-from tests.mqtt_broker import Broker, mqtt_broker
-
-__all__ = ["mqtt_broker"]  # fixtures used by name
+from tests.mqtt_broker import Broker
 
 
 class ThreadedSim:

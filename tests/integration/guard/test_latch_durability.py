@@ -21,18 +21,8 @@ from guardd.state.journal import read_journal
 from ibsim.bot import RunawayBot
 from ibsim.gateway import SimGateway
 from tests.conftest import eventually
-from tests.control_harness import (
-    ACCOUNT,
-    Running,
-    bot,
-    bot_orders,
-    guardctl,
-    positions,
-    running_guard,
-)
-from tests.mqtt_broker import Broker, mqtt_broker
-
-__all__ = ["bot", "mqtt_broker"]  # fixtures used by name
+from tests.control_harness import ACCOUNT, Running, bot_orders, guardctl, positions, running_guard
+from tests.mqtt_broker import Broker
 
 
 @pytest.fixture

@@ -16,9 +16,7 @@ from pathlib import Path
 from guardd.broker.connection import no_delay
 from ibsim.gateway import SimGateway
 from tests.control_harness import running_guard
-from tests.mqtt_broker import DEPLOY_MOSQUITTO, Broker, mqtt_broker
-
-__all__ = ["mqtt_broker"]  # fixtures used by name
+from tests.mqtt_broker import DEPLOY_MOSQUITTO, Broker
 
 
 def tcp_sockets() -> list[tuple[socket.socket, tuple[str, int], tuple[str, int]]]:

@@ -19,9 +19,7 @@ import pytest
 from ibsim.gateway import SimGateway
 from tests.conftest import eventually
 from tests.drill_helpers import GuardRun, guardd_run, http_ready
-from tests.fake_systemd import FakeSystemd, systemd
-
-__all__ = ["systemd"]  # fixture used by name
+from tests.fake_systemd import FakeSystemd
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

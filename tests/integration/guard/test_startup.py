@@ -30,10 +30,8 @@ from ibsim.scenario import parse_scenario
 from ibsim.server import build_gateway
 from tests.conftest import eventually, free_port
 from tests.drill_helpers import REQ_GLOBAL_CANCEL, GuardWire, http_answers, kill_command
-from tests.fake_systemd import FakeSystemd, systemd
+from tests.fake_systemd import FakeSystemd
 from tests.guard_harness import flat, guard_config, journal_kinds, scenario_data, zero_crossings
-
-__all__ = ["systemd"]  # fixture used by name
 
 pytestmark = pytest.mark.integration
 
