@@ -1531,20 +1531,28 @@ class SimGateway:
         (new ones included), and none is closed. The exchange keeps trading. Afterwards what
         clients sent is read and what was held back is sent, as TCP would once the path heals;
         a client that gave up and closed meanwhile is then seen to be gone."""
+        await self.start_freeze(seconds)
+
+    def start_freeze(self, seconds: float) -> asyncio.Task[None]:
+        """`freeze` frozen from this instant; the task thaws the gateway after `seconds`. For a
+        message listener (`on_message`), which must freeze the gateway before the message it is
+        told of is answered: a task of `freeze` would only start at the loop's next turn."""
         if seconds <= 0:
             raise ValueError("seconds must be positive")
         log.warning("fault: every connection frozen for %.1f s", seconds)
         self.freezes += 1
         self.frozen = True
         self._thawed.clear()
-        try:
-            await asyncio.sleep(seconds)
-        finally:
-            self.frozen = False
-            for s in list(self.sessions.values()) + list(self._pending):
-                s.release_held()
-            self._thawed.set()
-            log.warning("fault over: connections thawed")
+        thaw = asyncio.ensure_future(asyncio.sleep(seconds))
+        thaw.add_done_callback(lambda _: self._thaw())  # cancelled too: never left frozen
+        return thaw
+
+    def _thaw(self) -> None:
+        self.frozen = False
+        for s in list(self.sessions.values()) + list(self._pending):
+            s.release_held()
+        self._thawed.set()
+        log.warning("fault over: connections thawed")
 
     def split_modifies(self, enabled: bool = True) -> None:
         """While connectivity is lost (after `connectivity_lost`, before it is restored), a

@@ -300,7 +300,7 @@ async def test_socket_freezes_while_a_child_is_in_flight_then_flat_never_crossed
 
         def freeze_on_first_child(client_id: int, msg_id: int, fields: list[str]) -> None:
             if client_id == GUARD_CLIENT_ID and msg_id == PLACE_ORDER and not freezes:
-                freezes.append(asyncio.ensure_future(sim.freeze(3.0)))
+                freezes.append(sim.start_freeze(3.0))
 
         sim.on_message(freeze_on_first_child)
         async with running(cfg, heartbeat=(0.5, 1.0)) as guard:

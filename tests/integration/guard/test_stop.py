@@ -112,7 +112,7 @@ async def test_signal_while_gateway_frozen_during_sync_then_stops_within_2s(
 
     def freeze_on_sync(client_id: int, msg_id: int, fields: list[str]) -> None:
         if client_id == GUARD_CLIENT_ID and msg_id == REQ_POSITIONS and not freezes:
-            freezes.append(asyncio.ensure_future(sim.freeze(30)))
+            freezes.append(sim.start_freeze(30))
 
     sim.on_message(freeze_on_sync)
     try:

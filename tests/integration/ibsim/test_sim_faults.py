@@ -235,8 +235,7 @@ async def test_version_range_with_too_many_digits_then_refused_as_bad_and_closed
 async def test_freeze_then_nothing_answered_until_thawed_and_socket_kept(sim: SimGateway) -> None:
     client = await connected(sim.port, 3)
     try:
-        freeze = asyncio.create_task(sim.freeze(1.0))
-        await eventually(lambda: sim.frozen, "the gateway frozen")
+        freeze = sim.start_freeze(1.0)
         client.reqCurrentTime()
         with pytest.raises(TimeoutError):
             await client.wait_for("currentTime", timeout=0.6)
@@ -250,8 +249,7 @@ async def test_freeze_then_nothing_answered_until_thawed_and_socket_kept(sim: Si
 
 
 async def test_freeze_then_new_connection_waits_for_the_thaw(sim: SimGateway) -> None:
-    freeze = asyncio.create_task(sim.freeze(0.8))
-    await eventually(lambda: sim.frozen, "the gateway frozen")
+    freeze = sim.start_freeze(0.8)
     client = IbapiClient()
     started = asyncio.get_running_loop().time()
     try:
@@ -270,8 +268,7 @@ async def test_freeze_then_exchange_keeps_trading_and_fills_reported_after(
         oid = client.named("nextValidId")[0][0]
         client.placeOrder(oid, stock("AAPL"), limit_order("SELL", 10, 200.0))
         await client.wait_for("orderStatus", lambda a: a[0] == oid and a[1] == "Submitted")
-        freeze = asyncio.create_task(sim.freeze(0.8))
-        await eventually(lambda: sim.frozen, "the gateway frozen")
+        freeze = sim.start_freeze(0.8)
         sim.jump_price(265598, 0.10)
         assert sim.exchange.working_orders() == []  # filled at the exchange during the freeze
         assert client.named("execDetails") == []
