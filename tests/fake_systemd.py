@@ -23,7 +23,7 @@ class FakeSystemd:
         self._sock.bind(("\0" + address[1:]) if address.startswith("@") else address)
         self._sock.settimeout(0.02)
         self.received: list[tuple[float, str]] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # notified on every message
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name="fake-systemd", daemon=True)
         self._thread.start()
@@ -36,6 +36,7 @@ class FakeSystemd:
                 continue
             with self._lock:
                 self.received.append((time.monotonic(), data.decode()))
+                self._lock.notify_all()
 
     def messages(self) -> list[str]:
         with self._lock:
@@ -47,10 +48,10 @@ class FakeSystemd:
             return [t for t, m in self.received if m == "WATCHDOG=1" and after < t < before]
 
     def wait_for(self, count: int, timeout: float = 2.0) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while len(self.messages()) < count and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return self.messages()
+        """Every message so far, once there are `count` (or `timeout` has passed)."""
+        with self._lock:
+            self._lock.wait_for(lambda: len(self.received) >= count, timeout)
+            return [m for _, m in self.received]
 
     def close(self) -> None:
         self._stop.set()
