@@ -68,6 +68,7 @@ class BookView:
         self.fills: list[Fill] = []
         self.foreign_buying: dict[PositionKey, Decimal] = {}
         self.foreign_selling: dict[PositionKey, Decimal] = {}
+        self.listed_asked: float | None = None  # a positions download asked afresh, answered
 
     def obs(self) -> Observation:
         return Observation(
@@ -80,10 +81,16 @@ class BookView:
             fills=list(self.fills),
             foreign_buying=dict(self.foreign_buying),
             foreign_selling=dict(self.foreign_selling),
+            positions_listed_asked=self.listed_asked,
         )
 
     def figure(self, quantity: int) -> None:
         self.position, self.updated = quantity, self.now
+
+    def download(self, asked: float, quantity: int) -> None:
+        """The answer to a positions download asked for at `asked` says `quantity`."""
+        self.figure(quantity)
+        self.listed_asked = asked
 
     def status(self, order_id: int, status: str, filled: int) -> None:
         self.orders[order_id] = OrderReport(order_id, 1000 + order_id, status, Decimal(filled))

@@ -129,7 +129,9 @@ class IbBroker(IbRequests):
             return
         session.relist = None
         listed = frozenset(relist[1])
-        self._emit(ev.PositionsListed(account=self.account, con_ids=listed, ts=item.ts))
+        self._emit(
+            ev.PositionsListed(account=self.account, con_ids=listed, ts=item.ts, asked=relist[2])
+        )
         for con_id in [c for c in session.unknown_positions if c not in listed]:
             symbol = session.unknown_positions.pop(con_id)
             log.warning("position_not_listed", con_id=con_id, symbol=symbol)

@@ -446,4 +446,4 @@ def relist_positions(session: IbSession) -> None:
     """reqPositions sent again: the guarded account's contracts listed in its answer are noted
     (`session.relist`), so that an unknown position IB leaves out is known to be gone."""
     _req_positions(session)
-    session.relist = (session.positions_requests, set())
+    session.relist = (session.positions_requests, set(), session.now())

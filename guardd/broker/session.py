@@ -120,7 +120,7 @@ class IbSession(EWrapper, EClient):  # type: ignore[misc]
         # contracts listed since it was written.
         self.positions_requests = 0
         self.positions_ends = 0
-        self.relist: tuple[int, set[ev.ConId]] | None = None
+        self.relist: tuple[int, set[ev.ConId], float] | None = None
         self._inbox: deque[object] = deque()  # callbacks posted by the ibapi thread, in order
         self._inbox_lock = threading.Lock()
         self._drain_scheduled = False
@@ -146,6 +146,10 @@ class IbSession(EWrapper, EClient):  # type: ignore[misc]
         self._owner.on_items(self, items)
 
     def _ts(self) -> float:
+        return self._owner.clock()
+
+    def now(self) -> float:
+        """The owner's clock: what every event of this session is stamped with."""
         return self._owner.clock()
 
     def abort(self) -> None:

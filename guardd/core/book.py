@@ -31,7 +31,11 @@ folded as a number or as 0. The position keeps its last known figure (NaN when n
 received) and is marked unknown (`unknown_since`) until a figure arrives: it counts as held
 and as unvalued (the exposure cannot be trusted), it is not swept at `PositionsEnd` (it was
 reported), and the close episode neither anchors on it nor confirms it flat. When a positions
-download asked for again (`PositionsListed`) no longer lists it, it is gone, as at a re-sync.
+download asked for again (`PositionsListed`) no longer lists it, it is gone, as at a re-sync;
+so is a known position that download did not list and that no message has named since it was
+asked for (IB lists every position it holds). `positions_listed_asked` keeps when the last such
+download was asked for: a figure received since then is at least as new as IB's answer (the
+close episode trusts a figure farther from its target than the fills only on that evidence).
 An order status or order terms with an unset fill count, remaining quantity, average fill price
 or order quantity keep the last known value.
 """
@@ -386,6 +390,7 @@ class Book:
         self._unvalued = 0
         self._nonzero = 0
         self.positions_version = 0
+        self.positions_listed_asked: float | None = None  # the last relisting's request time
 
         # account values, PnL, equity
         self._values: dict[tuple[str, str], Sample] = {}
@@ -669,12 +674,18 @@ class Book:
         self.positions_synced = True
 
     def _on_positions_listed(self, event: PositionsListed) -> None:
-        """A download asked for again has ended: an unknown position it did not list is gone."""
+        """A download asked for again has ended: a position it did not list is gone (an unknown
+        one at any rate, a known one unless a message named it after the download was asked
+        for)."""
         gone = [
             key
             for key, p in self._positions.items()
-            if p.account == event.account and not p.known and p.con_id not in event.con_ids
+            if p.account == event.account
+            and p.con_id not in event.con_ids
+            and (not p.known or p.updated < event.asked)
         ]
+        if event.account == self.account:
+            self.positions_listed_asked = event.asked  # downloads end in the order asked
         for key in gone:
             old = self._positions[key]
             if old.account == self.account:

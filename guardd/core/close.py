@@ -38,9 +38,10 @@ expected`: then the anchor moves to `S`, containing every fill known. When they 
 `settle_s` seconds with no child of ours live on the position and nothing new on it (no fill, no
 new figure), the broker's figure is adopted as the anchor when it is nearer the target than the
 fills say (something traded that we did not see); a figure farther from it may be old, so the
-round asks for positions afresh (`Round.refresh_positions`) and adopts it once a figure received
-after the disagreement began still says so (exposure the broker keeps reporting must be closed
-in the end).
+round asks for positions afresh (`Round.refresh_positions`) and adopts it once the answer to a
+request sent after the disagreement began still says so (exposure the broker keeps reporting
+must be closed in the end). A figure merely received later is no evidence: an update IB sent
+before a fill can arrive after the fill's execution, and closing it would cross zero.
 
 Why this never crosses zero
 ---------------------------
@@ -205,7 +206,10 @@ class Observation:
     episode counts each execId once, so passing old ones again is harmless).
     `foreign_buying` / `foreign_selling` are, per position, the unfilled quantity of every
     working buy / sell order that is not ours: the sweep is cancelling them, but until a cancel
-    lands (PendingCancel) they may still fill.
+    lands (PendingCancel) they may still fill. `positions_listed_asked` is when the last positions
+    download asked for afresh (`Round.refresh_positions`) and since completed was asked for
+    (None: none has completed): a figure received since then is at least as new as IB's answer
+    to it; one received earlier may be any old update still on its way when the guard asked.
     """
 
     now: float
@@ -217,6 +221,7 @@ class Observation:
     fills: Iterable[Fill]
     foreign_buying: Mapping[PositionKey, Decimal] = field(default_factory=dict)
     foreign_selling: Mapping[PositionKey, Decimal] = field(default_factory=dict)
+    positions_listed_asked: float | None = None
 
 
 REFRESH_AGAIN_FACTOR = 3
@@ -884,14 +889,16 @@ class CloseEpisode:
         # when it closes less than the fills say (a fill we were not told of closed some of it).
         # A figure that would close more may be old: the episode asks the broker for positions
         # afresh (`Round.refresh_positions`, again while no answer comes) and trusts it over our
-        # fills only once a figure received after the disagreement began still says so. Never
+        # fills only once a download asked for after the disagreement began has ended and the
+        # figure was received no earlier than that request (so it is IB's answer or newer). Never
         # closing exposure the broker keeps reporting would leave the account open
         # while HALTED (e.g. a foreign fill's execution heard late and counted twice).
         nearer = all(
             abs(figure) < abs(c) and (figure == 0 or _sign(c) == _sign(figure)) for c in candidates
         )
         since = ledger.disagree_since
-        refreshed = since is not None and updated > since
+        asked = obs.positions_listed_asked
+        refreshed = since is not None and asked is not None and asked >= since and updated >= asked
         if not nearer and not refreshed:
             if since is None or obs.now - since >= REFRESH_AGAIN_FACTOR * self.settings.settle_s:
                 self._refresh_positions = True  # asked again if an answer never came

@@ -99,11 +99,13 @@ class PositionsListed:
     """A positions download the adapter asked for again (reqPositions, because quantities
     arrived unset) has ended: `con_ids` are the contracts of `account` it listed. A position of
     that account whose quantity is unknown and that it did not list is no longer held (the same
-    inference as the sweep at `PositionsEnd` after a (re)connect)."""
+    inference as the sweep at `PositionsEnd` after a (re)connect). `asked` is when the download
+    was asked for: every figure received since then is at least as new as IB's answer."""
 
     account: str
     con_ids: frozenset[ConId]
     ts: float
+    asked: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -697,6 +697,7 @@ class Executor:
             fills=fills,
             foreign_buying=buying,
             foreign_selling=selling,
+            positions_listed_asked=self.book.positions_listed_asked,
         )
 
     def _updated(self, key: planner.PositionKey) -> float:

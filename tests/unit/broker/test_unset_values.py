@@ -154,7 +154,7 @@ def test_download_asked_again_no_longer_lists_an_unknown_position_then_gone() ->
     book.fold(pos(1, math.nan, ts=2.0))
     book.fold(pos(2, math.nan, ts=2.0))
 
-    book.fold(PositionsListed(account=ACC, con_ids=frozenset({ConId(2)}), ts=3.0))
+    book.fold(PositionsListed(account=ACC, con_ids=frozenset({ConId(2)}), ts=3.0, asked=2.5))
 
     assert book.position(ConId(1)) is None
     still = book.position(ConId(2))

@@ -450,8 +450,12 @@ def test_broker_figure_farther_than_the_fills_then_asked_afresh_and_adopted_when
     noticed = episode.step(view.obs(), POLICY, 4)
     view.now += 10 * SETTINGS.settle_s
     stale = episode.step(view.obs(), POLICY, 4)
+    asked = view.now  # the executor sends reqPositions after the round
     view.now += 0.5
-    view.updated = view.now  # the reqPositions answer: a figure received after the doubt
+    view.updated = view.now  # an update received after the doubt, not an answer: no evidence
+    unanswered = episode.step(view.obs(), POLICY, 4)
+    view.now += 0.5
+    view.download(asked, -1)  # the reqPositions answer
     answered = episode.step(view.obs(), POLICY, 4)
 
     # Assert: a farther figure is never trusted on its own age (it may be old): the episode asks
@@ -460,4 +464,40 @@ def test_broker_figure_farther_than_the_fills_then_asked_afresh_and_adopted_when
     assert noticed.orders == () and noticed.refresh_positions
     assert any(r.kind == "position_disagrees" and r.level == "error" for r in noticed.records)
     assert stale.orders == () and stale.refresh_positions
+    assert unanswered.orders == ()
     assert [(o.action, o.quantity) for o in answered.orders] == [(Side.BUY, Decimal(1))]
+
+
+def test_stale_update_received_after_the_fills_then_not_closed_until_ib_answers_afresh() -> None:
+    # Arrange (found by hypothesis in test_reprice_properties): long 2, our SELL 2 fills 1 + 1
+    # and both executions arrive; the position stream is slow: it still says 2 past the settle
+    # time (the disagreement begins), then delivers the update IB sent after the first fill
+    # only (1): a figure farther from flat than the fills, received after the doubt began
+    view = BookView(2, now=100.0)
+    view.updated = view.now
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    (child,) = send_all(episode, episode.step(view.obs(), POLICY, 4), view, 100)
+    view.now = 100.2
+    view.fills += [fill(e, -1, view.now, client=OURS, order_id=child) for e in ("e1", "e2")]
+    view.status(child, "Filled", 2)
+    episode.step(view.obs(), POLICY, 4)
+    view.now += SETTINGS.settle_s + 1
+    doubt = episode.step(view.obs(), POLICY, 4)
+    view.now += 0.5
+    view.figure(1)  # old news, received late
+
+    # Act: rounds well past the settle time with that figure, then IB's answer to the refresh
+    rounds = [doubt]
+    for _ in range(4):
+        view.now += SETTINGS.settle_s + 1
+        rounds.append(episode.step(view.obs(), POLICY, 4))
+    asked = view.now
+    view.now += 0.3
+    view.download(asked, 0)
+    answered = episode.step(view.obs(), POLICY, 4)
+
+    # Assert: no child on a figure merely received late (the account is flat: a child would
+    # open a short), the episode asks afresh, and IB's answer confirms flat
+    assert all(r.orders == () for r in rounds)
+    assert any(r.refresh_positions for r in rounds)
+    assert answered.orders == () and answered.at_target

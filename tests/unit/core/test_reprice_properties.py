@@ -5,7 +5,9 @@ racing cancels, late order, execution and position messages.
 A simulated broker matches our children against a true market (a sell limit fills at or below
 the bid, a buy limit at or above the ask, a market order always); the episode
 (`guardd.core.close.CloseEpisode.step`) sees only the guard's own view: prices with the time they
-were received, our orders' statuses, our executions and position figures, each delivered late.
+were received, our orders' statuses, our executions and position figures, each delivered late
+(a positions download the episode asks for is answered on the same socket, so every update IB
+sent before it arrives before the answer).
 The test carries out each round as the executor does (cancels, then new children). After every
 step:
 - the worst case (every live order at the broker fills) never crosses zero;
@@ -83,6 +85,8 @@ class RepriceMachine(RuleBasedStateMachine):
         self.figure = 0
         self.figure_at = self.now
         self.position_queue: list[int] = []
+        self.refresh_asked: float | None = None  # a positions download asked for, unanswered
+        self.listed_asked: float | None = None  # when the last answered download was asked
         self.broker: dict[int, BrokerOrder] = {}
         self.events: dict[int, deque[tuple[str, int]]] = {}  # order statuses, in order
         self.exec_queue: list[Fill] = []  # our executions, in any order
@@ -150,6 +154,7 @@ class RepriceMachine(RuleBasedStateMachine):
             positions={KEY: Held(position, self.figure_at)},
             orders=dict(self.reports),
             fills=list(self.fills),
+            positions_listed_asked=self.listed_asked,
         )
 
     def _u(self, quantity: int | Decimal) -> Decimal:
@@ -191,6 +196,8 @@ class RepriceMachine(RuleBasedStateMachine):
         for fact in result.records:
             if fact.kind in ("close_child_reprice_cancel", "close_child_repriced"):
                 event(fact.kind)  # shown by --hypothesis-show-statistics
+        if result.refresh_positions and self.refresh_asked is None:
+            self.refresh_asked = self.now
         for cancel in result.cancels:
             self.episode.cancel_sent(cancel, 1, self.now)
             self.broker[cancel.order_id].cancel_asked = True
@@ -225,6 +232,8 @@ class RepriceMachine(RuleBasedStateMachine):
         self.exec_queue.clear()
         self.position_queue.clear()
         self.figure, self.figure_at = self.true_position, self.now
+        if self.refresh_asked is not None:
+            self.listed_asked, self.refresh_asked = self.refresh_asked, None
 
     def _apply(self, order_id: int, status: str, filled: int) -> None:
         self.reports[order_id] = OrderReport(order_id, 1000 + order_id, status, Decimal(filled))
@@ -278,6 +287,15 @@ class RepriceMachine(RuleBasedStateMachine):
         index = data.draw(st.integers(0, len(self.position_queue) - 1), label="which update")
         snapshot = self.position_queue[index] if duplicate else self.position_queue.pop(index)
         self.figure, self.figure_at = snapshot, self.now
+
+    @precondition(lambda self: self.refresh_asked is not None)
+    @rule()
+    def positions_download_arrives(self) -> None:
+        """IB answers the positions download asked for: every update it sent before comes first,
+        then the position as it is now."""
+        self.position_queue.clear()
+        self.figure, self.figure_at = self.true_position, self.now
+        self.listed_asked, self.refresh_asked = self.refresh_asked, None
 
     @precondition(lambda self: bool(self.exec_queue))
     @rule(data=st.data())
