@@ -31,6 +31,11 @@ Exported (prefix ``guardd_``; counters end in ``_total``)::
     guardd_mqtt_dropped_total{why}                    MQTT messages dropped unhandled (see below)
     guardd_trigger_to_cancel_seconds                  histogram: trigger to first cancel sent
     guardd_event_processing_seconds                   histogram: one broker event, fold to decision
+    guardd_broker_events_coalesced_total              value updates (prices, PnL, values) replaced
+                                                      by a later one of the same contract before
+                                                      the guard folded them (`guardd.broker.buffer`)
+    guardd_broker_reads_paused_total                  times reading from IB paused: the buffer
+                                                      between socket and guard was full
     guardd_flatten_pending                            positions not yet flat while a flatten runs
     guardd_flatten_overdue                            1 when a flatten has not gone flat in time
     guardd_close_waiting_for_open                     positions whose close waits for their market
@@ -76,7 +81,7 @@ from typing import Final, Protocol, Self
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from guardd.core.rules import BREACH_LEVELS
@@ -198,6 +203,36 @@ class _LastEventAge(Collector):
     def describe(self) -> Iterable[Metric]:
         # Describing without collecting keeps the registry from calling the clock at register.
         yield GaugeMetricFamily("guardd_last_event_age_seconds", "", labels=["account"])
+
+
+class _BrokerBuffer(Collector):
+    """The broker adapter's buffer counters, read at scrape."""
+
+    def __init__(self, account: str, coalesced: Callable[[], int], paused: Callable[[], int]):
+        self._account = account
+        self._coalesced = coalesced
+        self._paused = paused
+
+    def collect(self) -> Iterable[Metric]:
+        for name, doc, read in (
+            (
+                "guardd_broker_events_coalesced",
+                "Value updates replaced by a later one of the same contract before the fold.",
+                self._coalesced,
+            ),
+            (
+                "guardd_broker_reads_paused",
+                "Times reading from IB paused because the event buffer was full.",
+                self._paused,
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["account"])
+            family.add_metric([self._account], float(read()))
+            yield family
+
+    def describe(self) -> Iterable[Metric]:
+        yield CounterMetricFamily("guardd_broker_events_coalesced", "", labels=["account"])
+        yield CounterMetricFamily("guardd_broker_reads_paused", "", labels=["account"])
 
 
 class Metrics:
@@ -407,6 +442,7 @@ class Metrics:
         self._levels: dict[str, str] = {}
         self._last_event = _LastEventAge(account, clock, since=clock())
         registry.register(self._last_event)
+        self._registry = registry
         if process:
             # process_*: RSS, CPU, start time (a change is a restart), open and max fds.
             ProcessCollector(registry=registry)
@@ -527,6 +563,10 @@ class Metrics:
     def set_latch_durable(self, durable: bool) -> None:
         """Whether the latch file agrees with the engine's state (0: a write failed, retrying)."""
         self._latch_durable.labels(self.account).set(1 if durable else 0)
+
+    def watch_broker_buffer(self, coalesced: Callable[[], int], paused: Callable[[], int]) -> None:
+        """Export the broker adapter's buffer counters (read at every scrape)."""
+        self._registry.register(_BrokerBuffer(self.account, coalesced, paused))
 
     def count_watchdog_withheld(self, reason: str) -> None:
         """Count one systemd watchdog ping withheld for `reason` (loop_lag, broker_stalled)."""

@@ -1,10 +1,12 @@
 """Connection supervision: connect, handshake, reconnect, liveness, stop.
 
-Threads: ibapi's `connect()` does a blocking handshake (no timeout of its own) and starts an
-EReader thread; `EClient.run()` decodes frames and calls the EWrapper on its own thread. Each
-connection attempt is an `IbSession` (one EClient + EWrapper, `guardd.broker.session`); its
-callbacks cross into the event loop in order and reach `IbConnection.on_items`. Requests are
-sent from the event loop through the one `PacedSender` (ibapi's socket send holds a lock).
+No threads: the socket is read and written by the event loop, and ibapi's own framing and
+`Decoder` run there (`guardd.broker.session`, `guardd.broker.wire`); the handshake
+`EClient.connect` would do is done here (`_connect_once`), bounded by `connect_timeout_s`. Each
+connection attempt is an `IbSession` (one EClient + EWrapper); its callbacks reach
+`IbConnection.on_items` in order and become events in the bounded `EventBuffer`
+(`guardd.broker.buffer`: value updates coalesced, reading paused while it is full). Requests are
+sent from the event loop through the one `PacedSender`.
 
 Connection life: `__aenter__` (`start`) connects once and raises BrokerConnectError when it cannot
 (timeout, refused, client id in use, account not managed by the login); `connect` keeps trying
@@ -14,17 +16,15 @@ AccountNotManagedError. After that the `_reconnect_loop` keeps the session alive
 jittered exponential back-off from `ib.reconnect_backoff_min_s` to `_max_s`; at least
 `client_id_in_use_wait_s` after error 326), never giving up while it runs.
 
-Stopping is bounded: `stop` closes the socket of every session and connect attempt (again and
-again while it waits: ibapi's blocking connect and handshake have no timeout of their own, and a
-connect thread may create its socket just after a first close found none) and waits at most
-`JOIN_TIMEOUT_S` for the ibapi threads; a thread still stuck is a daemon and is left behind.
+Stopping is bounded: `stop` aborts the socket of the session and of any connect attempt; there
+is no thread to wait for.
 
 Liveness (`alive`, for the systemd watchdog): the adapter promises its next sign of life and
 keeps the promise. Connected, every message from the gateway is one, and the heartbeat makes one
 due every `heartbeat_interval_s + heartbeat_timeout_s`; disconnected, each connect attempt and
 each back-off sleep promise the next attempt. A reconnect loop that keeps retrying is alive; one
-wedged (a callback that never returns, an attempt that never ends, a session whose threads never
-end) breaks its promise and is not.
+wedged (an attempt that never ends) breaks its promise and is not; a callback that never returns
+blocks the event loop itself, which the watchdog's own loop-lag check sees.
 
 Silent TCP death (a NAT or firewall forgets the connection; nothing is closed, nothing arrives) is
 noticed by an application heartbeat: every `heartbeat_interval_s` the session sends reqCurrentTime
@@ -39,16 +39,15 @@ import asyncio
 import contextlib
 import itertools
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Final, Self, cast
+from typing import Final, Self
 
 import structlog
-from ibapi.client import EClient
 
+from guardd.broker.buffer import EventBuffer
 from guardd.broker.pacer import DEFAULT_MESSAGES_PER_SECOND, Lane, PacedSender
-from guardd.broker.session import Accounts, IbSession, Pong
+from guardd.broker.session import Accounts, IbSession, Pong, SessionProtocol
 from guardd.core import events as ev
 from guardd.core.ibcodes import IbCode
 from guardd.errors import (
@@ -62,12 +61,10 @@ from guardd.retry import Backoff, RetryPolicy
 log = structlog.get_logger("guardd.broker.ib")
 
 
-JOIN_TIMEOUT_S: Final = 0.75
-"""How long `stop` (and a failed `start`) waits for the ibapi threads to end."""
+YIELD_EVERY: Final = 256
+"""`events` gives the loop a turn after this many events taken from a backlog."""
 ABORT_GRACE_S: Final = 2.5
 """How long a timed-out connect attempt may take to end after its socket is closed."""
-
-_SENTINEL: Final = object()
 
 
 class ClientIdInUseError(BrokerConnectError):
@@ -129,7 +126,6 @@ class IbConnection:
         self._kill_reserve = kill_reserve
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sender: PacedSender | None = None
-        self._events: asyncio.Queue[object] = asyncio.Queue()
         self._session: IbSession | None = None
         self._attempt: IbSession | None = None  # the latest connect attempt's session
         self._sessions = itertools.count(1)
@@ -137,7 +133,9 @@ class IbConnection:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = False
-        self._threads: list[threading.Thread] = []
+        self._events = EventBuffer()
+        self._held = False  # reading paused: the event buffer is full
+        self.events_held = 0
         self.reconnects = 0
         self._init_state()
 
@@ -208,13 +206,13 @@ class IbConnection:
             await self._connect_once()
         except BaseException:
             await self._sender.stop()
-            # A refused or abandoned attempt leaves no ibapi thread behind (bounded).
-            await self._join_threads(self._attempt)
+            if self._attempt is not None:
+                self._attempt.abort()
             raise
         self._reconnect_task = asyncio.create_task(self._reconnect_loop(), name="ib_reconnect_loop")
 
     async def stop(self) -> None:
-        """Disconnect, end the reconnect loop and the sender, join the ibapi threads."""
+        """Disconnect, end the reconnect loop and the sender (bounded: nothing is joined)."""
         if self._stopped:
             return
         self._stopping = True
@@ -229,99 +227,85 @@ class IbConnection:
             session.abort()
             await cancelled(session.heartbeat_task)
             await cancelled(session.positions_retry_task)
+        if self._attempt is not None:
+            self._attempt.abort()
         if self._sender is not None:
             await self._sender.stop()
-        await self._join_threads(session, self._attempt)
         if session is not None and self._session is session:
             self._end_session(session, "stopped")
         self._stopped = True
-        self._events.put_nowait(_SENTINEL)
+        self._events.close()
         log.info("broker_stopped", client_id=self.client_id)
 
     async def events(self) -> AsyncIterator[ev.BrokerEvent]:
-        """Every BrokerEvent in arrival order, until the broker stops."""
+        """Every BrokerEvent in arrival order (value updates coalesced, see `EventBuffer`),
+        until the broker stops."""
+        buffer = self._events
+        taken = 0
         while True:
-            item = await self._events.get()
-            if item is _SENTINEL:
-                self._events.put_nowait(_SENTINEL)  # a second reader ends too
+            event = await buffer.get()
+            if event is None:
                 return
-            yield cast(ev.BrokerEvent, item)
+            if self._held and len(buffer) <= buffer.low:
+                self._hold(False)
+            yield event
+            taken += 1
+            if taken % YIELD_EVERY == 0:
+                # A backlog is folded in turns: a kill or a command is served in between.
+                await asyncio.sleep(0)
+
+    @property
+    def events_coalesced(self) -> int:
+        """Value updates replaced by a later one before the guard took them."""
+        return self._events.coalesced
+
+    def _hold(self, held: bool) -> None:
+        """Pause (True) or resume reading from the gateway: the event buffer is full / has room."""
+        self._held = held
+        if held:
+            self.events_held += 1
+            log.warning("broker_events_held", buffered=len(self._events))
+        session = self._session
+        if session is not None:
+            session.hold(held)
 
     # ---- connecting ------------------------------------------------------------------------
 
-    def _spawn_thread(self, target: Callable[[], None], name: str) -> threading.Thread:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        self._threads = [t for t in self._threads if t.is_alive()]
-        self._threads.append(thread)
-        thread.start()
-        return thread
-
-    async def _join_threads(
-        self, *sessions: IbSession | None, timeout_s: float = JOIN_TIMEOUT_S
-    ) -> None:
-        """Wait at most `timeout_s` for the ibapi threads to end, closing `sessions`' sockets
-        again while waiting (a connect thread may open its socket after a first close found
-        none); a thread still alive then is a daemon, logged and left behind."""
-        threads, self._threads = self._threads, []
-        alive = [t for t in threads if t.is_alive()]
-        deadline = time.monotonic() + timeout_s
-        while alive and time.monotonic() < deadline:
-            for session in sessions:
-                if session is not None:
-                    session.abort()
-            await asyncio.sleep(0.01)
-            alive = [t for t in alive if t.is_alive()]
-        stuck = [t.name for t in alive if t.is_alive()]
-        if stuck:
-            log.warning("ibapi_threads_not_joined", threads=stuck)
-            self._threads.extend(t for t in alive if t.is_alive())
-
     async def _connect_once(self) -> None:
-        """One attempt: handshake, run thread, managedAccounts and nextValidId, resubscribe."""
+        """One attempt: socket and handshake, startApi, managedAccounts and nextValidId, then
+        resubscribe. Bounded by `connect_timeout_s` as a whole."""
         session = IbSession(self, next(self._sessions))
         self._attempt = session
         deadline = self.loop.time() + self.connect_timeout_s
-        handshake: asyncio.Future[None] = self.loop.create_future()
         self._expect_progress(self.connect_timeout_s + ABORT_GRACE_S)
 
-        def do_connect() -> None:
-            exc: BaseException | None = None
-            try:
-                session.connect(self.host, self.port, self.client_id)
-                no_delay(getattr(session.conn, "socket", None))
-            except Exception as err:  # ibapi raises on odd states; report it to the loop
-                exc = err
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(settle, handshake, exc)
-
         log.info("broker_connecting", host=self.host, port=self.port, client_id=self.client_id)
-        connect_thread = self._spawn_thread(do_connect, f"ibapi-connect-{self.client_id}")
+        where = f"{self.host}:{self.port}"
         try:
-            done, _ = await asyncio.wait({handshake}, timeout=self.connect_timeout_s)
-        except BaseException:  # cancelled (stopping): end the blocking handshake now
+            async with asyncio.timeout_at(deadline):
+                transport, _ = await self.loop.create_connection(
+                    lambda: SessionProtocol(session), self.host, self.port
+                )
+                no_delay(transport.get_extra_info("socket"))
+                await asyncio.shield(session.handshaken)
+        except TimeoutError as exc:
+            session.abort()
+            raise BrokerConnectError(
+                f"no API handshake from {where} within {self.connect_timeout_s} s"
+            ) from exc
+        except OSError as exc:  # refused, unreachable; or closed during the handshake
+            session.abort()
+            raise BrokerConnectError(f"cannot connect to {where}: {exc}") from exc
+        except BaseException:  # cancelled (stopping)
             session.abort()
             raise
-        if not done:
-            session.abort()
-            await asyncio.wait({handshake}, timeout=2.0)
-            await asyncio.to_thread(connect_thread.join, 0.5)
-            raise BrokerConnectError(
-                f"no API handshake from {self.host}:{self.port} within {self.connect_timeout_s} s"
-            )
-        if (exc := handshake.exception()) is not None:
-            raise BrokerConnectError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
-        if session.connState != EClient.CONNECTED:  # the handshake itself failed
-            detail = session.last_error[1] if session.last_error else "connection failed"
-            raise BrokerConnectError(f"cannot connect to {self.host}:{self.port}: {detail}")
-        # Even if the socket has closed already (error 326 then close), the run thread decodes
-        # what was received, and its end settles `session.ready`.
-
         self._session = session
-        session.run_thread = self._spawn_thread(
-            lambda: self._run_session(session), f"ibapi-run-{self.client_id}"
-        )
-        if session.reader is not None:  # ibapi's EReader thread
-            self._threads.append(session.reader)
+        session.clientId = self.client_id
+        session.host, session.port = self.host, self.port
+        session.startApi()
+        session.connectAck()
+        if self._held:
+            session.hold(True)
         try:
             remaining = max(0.0, deadline - self.loop.time())
             await asyncio.wait_for(asyncio.shield(session.ready), remaining)
@@ -383,7 +367,7 @@ class IbConnection:
                     client_id=self.client_id,
                     total=self.heartbeat_failures,
                 )
-                session.abort()  # the run thread ends; the reconnect loop takes over
+                session.abort()  # the session ends; the reconnect loop takes over
                 return
 
     def _give_up(self, session: IbSession) -> None:
@@ -391,17 +375,8 @@ class IbConnection:
         if self._session is session:
             self._end_session(session, "connect attempt abandoned")
 
-    def _run_session(self, session: IbSession) -> None:
-        """Target of the run thread: decode until the socket closes, then tell the loop."""
-        try:
-            session.run()
-        except Exception as exc:  # e.g. a message decoded after ibapi reset its state
-            log.warning("ibapi_run_failed", error=repr(exc))
-        finally:
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self._on_session_ended, session)
-
-    def _on_session_ended(self, session: IbSession) -> None:
+    def on_session_ended(self, session: IbSession) -> None:
+        """The socket of `session` closed (the gateway, a drop or `stop`)."""
         if not session.ready.done():
             code, text = session.last_error or (0, "connection closed during the handshake")
             error_type = (
@@ -458,17 +433,20 @@ class IbConnection:
     # ---- callbacks on the loop -------------------------------------------------------------
 
     def _emit(self, event: ev.BrokerEvent) -> None:
-        self._events.put_nowait(event)
+        buffer = self._events
+        buffer.put(event)
+        if not self._held and len(buffer) >= buffer.high:
+            self._hold(True)
 
     def on_items(self, session: IbSession, items: list[object]) -> None:
-        """Callbacks of `session` crossed into the loop, in the order the ibapi thread saw them."""
+        """Callbacks of `session` crossed into the loop, in the order they were decoded."""
         if session is self._session:
             self._heard()
         for item in items:
             self._on_item(session, item)
 
     def _on_item(self, session: IbSession, item: object) -> None:
-        """Handle one callback on the event loop, in the order the ibapi thread saw it: the
+        """Handle one callback on the event loop, in the order it was decoded: the
         handshake's and the heartbeat's here, every other message in `_on_message`."""
         if session is not self._session:
             if isinstance(item, ev.BrokerMessage):

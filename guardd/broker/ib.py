@@ -240,7 +240,7 @@ class IbBroker(IbRequests):
             case IbCode.NOT_CONNECTED:
                 log.warning("ib_not_connected", message=error.message)
                 self._emit(error)
-                session.abort()  # the run thread ends and the reconnect loop takes over
+                session.abort()  # the session ends and the reconnect loop takes over
             case _:
                 if informational:
                     log.info("ib_notice", code=code, message=error.message)

@@ -1,30 +1,39 @@
-"""One connection to the gateway: an ibapi client that is its own wrapper, bridged to the loop.
+"""One connection to the gateway: an ibapi client that is its own wrapper, driven by the loop.
 
-Callbacks run on the ibapi thread; each becomes a BrokerEvent (by `guardd.broker.convert`) or an
-internal note, stamped with the owner's clock and handed to the owner on the event loop in order
-(`SessionOwner.on_items`). Request-id maps are written on the event loop before the request is
-sent, so the ibapi thread only reads them.
+The socket is read by asyncio (`SessionProtocol`); frames are cut and decoded with ibapi's own
+helpers and `Decoder` on the event loop (`guardd.broker.wire`), and requests are written through
+the transport (`TransportConnection` stands in for ibapi's socket `Connection`, so EClient's
+request methods work unchanged). No ibapi thread runs.
+
+Each callback becomes a BrokerEvent (by `guardd.broker.convert`) or an internal note, stamped
+with the owner's clock and handed to the owner in order, once per slice of decoded frames
+(`SessionOwner.on_items`). A slice is at most `FRAMES_PER_TURN` frames: a long backlog yields
+the loop between slices, so an HTTP kill or an MQTT command is served while a flood is decoded.
+The owner can `hold` the session (bounded buffer full): reading pauses, TCP pushes back on the
+gateway, and nothing is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
+import structlog
 from ibapi import errors as ibapi_errors
 from ibapi.client import EClient
+from ibapi.const import NO_VALID_ID
 from ibapi.contract import Contract
+from ibapi.decoder import Decoder
+from ibapi.errors import BAD_LENGTH
 from ibapi.order import Order
+from ibapi.utils import BadMessage, currentTimeMillis
 from ibapi.wrapper import EWrapper
 
-from guardd.broker import convert
+from guardd.broker import convert, wire
 from guardd.broker.hours import HoursFormatError
 from guardd.core import events as ev
 
@@ -32,6 +41,10 @@ SEND_FAILURES = frozenset(
     error.code() for name, error in vars(ibapi_errors).items() if name.startswith("FAIL_SEND")
 )
 """ibapi's codes for a request it could not write to the socket (538: reqGlobalCancel)."""
+log = structlog.get_logger("guardd.broker.ib")
+
+FRAMES_PER_TURN: Final = 256
+"""At most this many frames are decoded before the loop gets a turn."""
 
 
 class SessionOwner(Protocol):
@@ -44,7 +57,10 @@ class SessionOwner(Protocol):
     def loop(self) -> asyncio.AbstractEventLoop: ...
 
     def on_items(self, session: IbSession, items: list[object]) -> None:
-        """Callbacks of `session`, in the order the ibapi thread saw them (on the loop)."""
+        """Callbacks of `session`, in the order they were decoded."""
+
+    def on_session_ended(self, session: IbSession) -> None:
+        """The session's socket closed (either side)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +93,52 @@ class NextId:
     order_id: int
 
 
+class TransportConnection:
+    """What EClient needs of ibapi's `Connection` (`sendMsg`, `isConnected`, `disconnect`), over
+    an asyncio transport: a request is written on the loop, never blocking."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def isConnected(self) -> bool:
+        return not self.transport.is_closing()
+
+    @property
+    def socket(self) -> Any:
+        """The transport's socket (asyncio's view of it), as ibapi's Connection exposes its own."""
+        return self.transport.get_extra_info("socket")
+
+    def sendMsg(self, msg: bytes) -> int:
+        if self.transport.is_closing():
+            return 0  # as ibapi's Connection: nothing sent, no error
+        self.transport.write(msg)
+        if self.transport.is_closing():
+            # The socket refused the write (asyncio closes the transport). ibapi's Connection
+            # raises here; EClient turns it into its FAIL_SEND error for the request.
+            raise OSError(f"the socket refused {len(msg)} bytes")
+        return len(msg)
+
+    def disconnect(self) -> None:
+        self.transport.abort()
+
+
+class SessionProtocol(asyncio.Protocol):
+    """The asyncio side of one session's socket."""
+
+    def __init__(self, session: IbSession) -> None:
+        self.session = session
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.session.attach(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.session.feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.lost(exc)
+
+
 class IbSession(EWrapper, EClient):  # type: ignore[misc]
     """One connection to the gateway: an ibapi client that is its own wrapper (see module doc)."""
 
@@ -90,6 +152,9 @@ class IbSession(EWrapper, EClient):  # type: ignore[misc]
         self.next_id: int | None = None
         self.id_waiters: list[asyncio.Future[None]] = []  # waiting for the answer to reqIds
         self.announced = False
+        # The handshake's answer (server version and connection time) arrived.
+        self.handshaken: asyncio.Future[None] = owner.loop.create_future()
+        self.handshaken.add_done_callback(lambda f: None if f.cancelled() else f.exception())
         self.ready: asyncio.Future[None] = owner.loop.create_future()
         self.ready.add_done_callback(lambda f: None if f.cancelled() else f.exception())
         self.last_error: tuple[int, str] | None = None
@@ -102,9 +167,8 @@ class IbSession(EWrapper, EClient):  # type: ignore[misc]
         # The queued (or sent) price request of each contract: one still queued on NORMAL is
         # moved ahead when the contract comes into a close.
         self.price_requests: dict[ev.ConId, asyncio.Future[None]] = {}
-        # reqIds whose data IB switched to frozen or delayed (marketDataType); ibapi thread only.
+        # reqIds whose data IB switched to frozen or delayed (marketDataType).
         self.stale_data_req: set[int] = set()
-        self.run_thread: threading.Thread | None = None
         self.heard = asyncio.Event()  # set on the loop by every message of this session
         self.heartbeat_task: asyncio.Task[None] | None = None
         self.drop_reason: str | None = None  # why the broker itself dropped this session
@@ -121,28 +185,133 @@ class IbSession(EWrapper, EClient):  # type: ignore[misc]
         self.positions_requests = 0
         self.positions_ends = 0
         self.relist: tuple[int, set[ev.ConId], float] | None = None
-        self._inbox: deque[object] = deque()  # callbacks posted by the ibapi thread, in order
-        self._inbox_lock = threading.Lock()
-        self._drain_scheduled = False
+        self.transport: asyncio.Transport | None = None
+        self.ended = False
+        self._buf = bytearray()  # read from the socket, not framed yet
+        self._items: list[object] = []  # callbacks decoded, not handed to the owner yet
+        self._flush_scheduled = False
+        self._held = False  # the owner's buffer is full: read nothing more
+        self._slice_scheduled = False
+
+    # ---- the socket, on the loop -----------------------------------------------------------
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        """The socket is connected: send the API prefix and the version range (EClient.connect)."""
+        self.transport = transport
+        self.conn = TransportConnection(transport)
+        self.setConnState(EClient.CONNECTING)
+        transport.write(wire.hello())
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        if not self._slice_scheduled:
+            self._decode_slice()
+
+    def lost(self, exc: Exception | None) -> None:
+        """The socket closed: decode what was read (unless aborted by us), then end."""
+        if self.ended:
+            return
+        if self.connState != EClient.DISCONNECTED:
+            while self._buf and self._decode_slice(final=True):
+                pass
+        self.ended = True
+        self.setConnState(EClient.DISCONNECTED)
+        if not self.handshaken.done():
+            detail = self.last_error[1] if self.last_error else "connection closed"
+            self.handshaken.set_exception(ConnectionError(detail))
+        self._flush()
+        self._owner.on_session_ended(self)
+
+    def hold(self, held: bool) -> None:
+        """Pause (True) or resume (False) reading: the owner's bounded buffer is full / has room."""
+        if held == self._held:
+            return
+        self._held = held
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if held:
+            transport.pause_reading()
+        elif not self._slice_scheduled:  # decode what is buffered, then read again
+            self._slice_scheduled = True
+            self._owner.loop.call_soon(self._resume_slice)
+
+    def _decode_slice(self, *, final: bool = False) -> bool:
+        """Decode at most FRAMES_PER_TURN frames; True when complete frames may remain."""
+        if self._held and not final:
+            return False
+        try:
+            frames = wire.take_frames(self._buf, FRAMES_PER_TURN)
+        except wire.FrameTooLongError as exc:
+            self.error(
+                NO_VALID_ID, currentTimeMillis(), BAD_LENGTH.code(), f"{BAD_LENGTH.msg()}:{exc}"
+            )
+            self._buf = bytearray()
+            self._flush()
+            self.abort()
+            return False
+        for payload in frames:
+            if self.connState == EClient.DISCONNECTED:
+                break  # aborted by a callback (e.g. error 504): nothing more is ours
+            if self.decoder is None:
+                self._answer_handshake(payload)
+                continue
+            try:
+                wire.dispatch(self.decoder, self.serverVersion_, payload)
+            except BadMessage:
+                log.info("ibapi_bad_message")  # as EClient.run: skipped
+            except Exception as exc:  # a message ibapi cannot decode ends the session
+                log.warning("ibapi_decode_failed", error=repr(exc))
+                self._flush()
+                self.abort()
+                return False
+        self._flush()
+        more = len(frames) == FRAMES_PER_TURN
+        if more and not final:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.pause_reading()  # the loop's turn first; the rest of `_buf` next
+                self._slice_scheduled = True
+                self._owner.loop.call_soon(self._resume_slice)
+        return more
+
+    def _resume_slice(self) -> None:
+        self._slice_scheduled = False
+        if self.ended:
+            return
+        more = self._decode_slice()
+        transport = self.transport
+        if not more and not self._held and transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def _answer_handshake(self, payload: bytes) -> None:
+        """The frame that carries the server version and connection time completes the
+        handshake (anything before it is ignored, as EClient.connect does)."""
+        answer = wire.server_hello(payload)
+        if answer is None:
+            return
+        self.serverVersion_, self.connTime = answer
+        self.decoder = Decoder(self, self.serverVersion_)
+        self.setConnState(EClient.CONNECTED)
+        if not self.handshaken.done():
+            self.handshaken.set_result(None)
 
     # ---- bridge ----------------------------------------------------------------------------
 
     def _post(self, item: object) -> None:
-        """Hand one callback to the event loop, in order. Under load callbacks are batched: one
-        wake-up of the loop (a self-pipe write) drains everything posted since the last one."""
-        with self._inbox_lock:
-            self._inbox.append(item)
-            if self._drain_scheduled:
-                return
-            self._drain_scheduled = True
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-            self._owner.loop.call_soon_threadsafe(self._drain)
+        """Hand one callback to the owner, in order: with the slice being decoded, or (a
+        callback outside one, e.g. an EClient request that failed) on the loop's next turn."""
+        self._items.append(item)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+                self._owner.loop.call_soon(self._flush)
 
-    def _drain(self) -> None:
-        with self._inbox_lock:
-            items = list(self._inbox)
-            self._inbox.clear()
-            self._drain_scheduled = False
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._items:
+            return
+        items, self._items = self._items, []
         self._owner.on_items(self, items)
 
     def _ts(self) -> float:
@@ -153,16 +322,10 @@ class IbSession(EWrapper, EClient):  # type: ignore[misc]
         return self._owner.clock()
 
     def abort(self) -> None:
-        """Close the socket so that a handshake or the reader thread ends at once (any thread)."""
-        conn = self.conn
-        sock = getattr(conn, "socket", None)
-        if sock is None:
-            return
-        try:
-            sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv; the reader then disconnects
-        except OSError:
-            with contextlib.suppress(Exception):
-                conn.disconnect()
+        """Close the socket at once; what was read and not decoded yet is dropped."""
+        self.setConnState(EClient.DISCONNECTED)
+        if self.transport is not None:
+            self.transport.abort()
 
     # ---- EWrapper --------------------------------------------------------------------------
 
@@ -183,12 +346,12 @@ class IbSession(EWrapper, EClient):  # type: ignore[misc]
         errorString: str,
         advancedOrderRejectJson: str = "",
     ) -> None:
-        if int(errorCode) in SEND_FAILURES:  # on the sending thread, during the request
+        if int(errorCode) in SEND_FAILURES:  # during the request, on the loop
             self.send_error = f"{errorCode} {errorString}"
         self._post(convert.broker_message(reqId, errorCode, errorString, self._ts()))
 
     def connectionClosed(self) -> None:
-        pass  # the end of the run thread is the one signal (see IbConnection._run_session)
+        pass  # the socket closing is the one signal (IbConnection.on_session_ended)
 
     def position(self, account: str, contract: Contract, position: Decimal, avgCost: float) -> None:
         self._post(convert.position_update(account, contract, position, avgCost, self._ts()))

@@ -214,6 +214,9 @@ class Guard:
             reconnect_max_s=cfg.ib.reconnect_backoff_max_s,
             market_data_lines=cfg.ib.market_data_lines,
         )
+        self.metrics.watch_broker_buffer(
+            lambda: self.broker.events_coalesced, lambda: self.broker.events_held
+        )
         self.executor = Executor(
             broker=self.broker,
             book=self.book,

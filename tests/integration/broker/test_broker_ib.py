@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -361,8 +362,14 @@ async def test_connectivity_notices_then_lost_and_restored_with_resync(
     await recorder.wait_for(ev.PnLUpdate, after=resync)
 
 
+@dataclass
+class SilentListener:
+    port: int
+    accepted: list[socket.socket]
+
+
 @pytest.fixture
-def silent_listener() -> Iterator[int]:
+def silent_listener() -> Iterator[SilentListener]:
     """A TCP listener that accepts connections and never says a word."""
     server = socket.create_server(("127.0.0.1", 0))
     accepted: list[socket.socket] = []
@@ -377,7 +384,7 @@ def silent_listener() -> Iterator[int]:
     thread = threading.Thread(target=accept_loop, name="silent_listener", daemon=True)
     thread.start()
     try:
-        yield server.getsockname()[1]
+        yield SilentListener(server.getsockname()[1], accepted)
     finally:
         stop.set()
         thread.join(2)
@@ -386,34 +393,38 @@ def silent_listener() -> Iterator[int]:
         server.close()
 
 
+def read_until_closed(conn: socket.socket, timeout_s: float) -> bytes:
+    """Everything the peer sent until it closed its end (TimeoutError if it never does)."""
+    conn.settimeout(timeout_s)
+    received = b""
+    while chunk := conn.recv(4096):
+        received += chunk
+    return received
+
+
 async def test_listener_never_answers_then_connect_error_within_timeout(
-    silent_listener: int,
+    silent_listener: SilentListener,
 ) -> None:
-    broker = IbBroker("127.0.0.1", silent_listener, GUARD_ID, ACCOUNT, connect_timeout_s=0.5)
+    broker = IbBroker("127.0.0.1", silent_listener.port, GUARD_ID, ACCOUNT, connect_timeout_s=0.5)
     started = time.monotonic()
 
     with pytest.raises(BrokerConnectError, match="handshake"):
         await broker.start()
 
     assert time.monotonic() - started < 3.0
-    await eventually(
-        lambda: not any(name.startswith("ibapi-connect") for name in ibapi_threads()),
-        "the connect thread ended",
-    )
+    [conn] = silent_listener.accepted
+    sent = await asyncio.to_thread(read_until_closed, conn, 2.0)
+    assert sent.startswith(b"API\0")  # the handshake was sent, then the socket closed
 
 
-async def test_stopped_while_the_handshake_is_never_answered_then_stop_bounded_and_no_thread_left(
-    silent_listener: int,
+async def test_stopped_while_the_handshake_is_never_answered_then_stop_bounded_and_closed(
+    silent_listener: SilentListener,
 ) -> None:
-    # ibapi's handshake loop has no timeout of its own: only closing its socket ends it.
-    broker = IbBroker("127.0.0.1", silent_listener, GUARD_ID, ACCOUNT, connect_timeout_s=60.0)
+    # Only the guard's own deadline (60 s here) or a stop ends a handshake nobody answers.
+    broker = IbBroker("127.0.0.1", silent_listener.port, GUARD_ID, ACCOUNT, connect_timeout_s=60.0)
     task = asyncio.create_task(broker.start())
-    await eventually(
-        lambda: any(name.startswith("ibapi-connect") for name in ibapi_threads()),
-        "a connect attempt",
-        interval_s=0.01,
-    )
-    await asyncio.sleep(0.2)  # inside the handshake loop
+    await eventually(lambda: silent_listener.accepted, "a connect attempt", interval_s=0.01)
+    await asyncio.sleep(0.2)  # waiting for the handshake's answer
 
     stopped_at = time.monotonic()
     task.cancel()
@@ -422,6 +433,8 @@ async def test_stopped_while_the_handshake_is_never_answered_then_stop_bounded_a
     await broker.stop()
 
     assert time.monotonic() - stopped_at < 2.0
+    sent = await asyncio.to_thread(read_until_closed, silent_listener.accepted[0], 2.0)
+    assert sent.startswith(b"API\0")
     assert not any(name.startswith("ibapi") for name in ibapi_threads())
 
 

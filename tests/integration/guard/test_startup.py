@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from guardd.broker.session import IbSession
+from guardd.broker.connection import IbConnection
 from guardd.config import Config, MetricsConfig
 from guardd.core.engine import Latch
 from guardd.runtime.guard import Guard
@@ -206,28 +206,36 @@ async def test_gateway_down_and_reconnecting_then_watchdog_keeps_pinging(
             assert guard.waiting_for() == "ib_connect"
 
 
+@dataclass
+class Wedge:
+    """Once armed, every connect attempt of the broker adapter hangs until released, as an
+    attempt that deadlocks would (no timeout of its own ends it)."""
+
+    armed: bool = False
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 @pytest.fixture
-def wedge() -> Iterator[threading.Event]:
-    """A wedged broker adapter: the first heartbeat answer (currentTime) blocks the ibapi
-    thread that decodes messages until the event is set, as a callback that deadlocks would."""
-    release = threading.Event()
-    original = IbSession.currentTime
+def wedge() -> Iterator[Wedge]:
+    state = Wedge()
+    original = IbConnection._connect_once
 
-    def stuck(self: IbSession, time: int) -> None:
-        release.wait(30)
-        original(self, time)
+    async def stuck(self: IbConnection) -> None:
+        if state.armed:
+            await state.release.wait()
+        await original(self)
 
-    IbSession.currentTime = stuck  # type: ignore[method-assign]
+    IbConnection._connect_once = stuck  # type: ignore[method-assign]
     try:
-        yield release
+        yield state
     finally:
-        release.set()
-        IbSession.currentTime = original  # type: ignore[method-assign]
+        state.release.set()
+        IbConnection._connect_once = original  # type: ignore[method-assign]
 
 
 @pytest.mark.usefixtures("watchdog_env")
 async def test_wedged_broker_adapter_then_watchdog_pings_stop_and_resume_once_unwedged(
-    tmp_path: Path, systemd: FakeSystemd, wedge: threading.Event, sim: SimGateway
+    tmp_path: Path, systemd: FakeSystemd, wedge: Wedge, sim: SimGateway
 ) -> None:
     cfg = guard_config(sim.port, tmp_path / "state")
     with Notifier(systemd.address) as notifier:
@@ -236,9 +244,11 @@ async def test_wedged_broker_adapter_then_watchdog_pings_stop_and_resume_once_un
         guard.broker.progress_slack_s = 0.5
         async with guard_task(guard):
             await eventually(lambda: guard.ready_event.is_set(), "ready")
-            # The first heartbeat's answer wedges the ibapi thread: nothing more is decoded, the
-            # heartbeat drops the session, but its thread never ends, so nothing reconnects.
-            await eventually(lambda: guard.broker.heartbeat_failures == 1, "heartbeat", timeout_s=5)
+            # The gateway drops the guard's connection; the reconnect attempt hangs: the
+            # adapter's promise of a next sign of life runs out and nothing reconnects.
+            wedge.armed = True
+            sim.sessions[guard.broker.client_id].close()
+            await eventually(lambda: not guard.broker.connected, "dropped", timeout_s=5)
             await eventually(lambda: not guard._alive(), "adapter stalled", timeout_s=5)
             stalled_at = time.monotonic()
             await eventually(lambda: time.monotonic() - stalled_at > 1.0, "ten ping decisions")
@@ -247,7 +257,7 @@ async def test_wedged_broker_adapter_then_watchdog_pings_stop_and_resume_once_un
             assert systemd.pings(after=stalled_at + 0.3) == [], "no ping while wedged"
             assert not guard._alive()
 
-            wedge.set()  # the callback returns: the thread ends, the broker reconnects
+            wedge.release.set()  # the attempt goes on: the broker reconnects
             await eventually(lambda: guard.broker.reconnects >= 1, "reconnected", timeout_s=10)
             resumed = time.monotonic()
             await eventually(
