@@ -132,17 +132,20 @@ def test_sender_budgets_with_burst_and_late_wakeups_then_never_over_ibs_limit_in
     full = MessageBudget(budget, burst=min(burst, budget), now=0.0)
     normal = MessageBudget(budget - reserve, burst=min(burst, budget - reserve), now=0.0)
 
-    # Act: each message is sent when both its budgets allow, plus the sender's late wake-up
+    # Act: each message is sent when its budgets allow (a kill-lane message keeps only the
+    # window cap, ahead of the spacing, as the sender writes it), plus the late wake-up
     now, sent, sent_normal = 0.0, [], []
     for lane, gap, late in requests:
         now += gap
+        kill = lane is Lane.KILL
+        take = full.try_take_unspaced if kill else full.try_take
         while True:
-            due = full.due(now)
+            due = full.window_due(now) if kill else full.due(now)
             if lane is Lane.NORMAL:
                 due = max(due, normal.due(now))
             if due > now:
                 now = due + late
-            if (lane is not Lane.NORMAL or normal.due(now) <= now) and full.try_take(now):
+            if (lane is not Lane.NORMAL or normal.due(now) <= now) and take(now):
                 if lane is Lane.NORMAL:
                     assert normal.try_take(now)
                     sent_normal.append(now)
