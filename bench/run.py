@@ -39,6 +39,7 @@ import aiomqtt
 
 from guardd.control.auth import signed_payload
 from guardd.core.engine import Latch
+from guardd.runtime.executor import regular_hours
 from guardd.state.journal import Journal, read_journal
 from guardd.state.latch import Armed, write_latch
 from ibsim.bot import RunawayBot
@@ -661,16 +662,28 @@ async def bench_throughput(
 # ---- 4. flatten N positions vs the pacing bound ------------------------------------------------
 
 
+FLATTEN_GOAL = 1.03  # issue 15: kill -> flat at the gateway within 3 % of N / budget
+
+
 async def flatten_once(
     workdir: Path, http: aiohttp.ClientSession, positions: int
 ) -> dict[str, Any]:
+    """Kill in flatten mode with `positions` open; kill -> every position 0 at the sim, against
+    the pacing bound N / budget (the least time N child orders can take at the budget)."""
     bound = positions / BUDGET
+    load_before = round(os.getloadavg()[0], 2)
+    # US stocks close with market orders in regular hours and with marketable limits (each
+    # needing a fresh price) outside them: the figure depends on the time of day it is run.
+    session = "regular" if regular_hours(time.time()) else "outside regular hours"
     async with Sim(positions) as sim:
         setup = GuardSetup(kill_mode="flatten")
         async with running_guard(sim, setup, workdir / f"flatten-{positions}", http) as guard:
-            await sim.wait_subscribed(0, positions, positions / BUDGET * 2 + 30)
+            # Start-up subscribes every position through the budget less the kill reserve (and
+            # slower on a loaded host): wait for all of them, so the flatten has the budget alone.
+            await sim.wait_subscribed(0, positions, positions / (BUDGET - 10) * 4 + 60)
             await asyncio.sleep(1.0)
             await sim.req("marks", clear=True)
+            sent_before = (await sim.req("state"))["received_by_client"].get("0", 0)
             t0 = time.monotonic()
             await guard.kill(http, mode="flatten")
             deadline = t0 + bound * 3 + 30
@@ -700,6 +713,10 @@ async def flatten_once(
         "vs_bound": None if to_flat is None else round(to_flat / bound, 3),
         "children_span_s": None if first is None or last is None else round(last - first, 3),
         "children": report.get("children"),
+        # Everything the guard sent from the kill to the end (children, the global cancel, the
+        # price requests of positions without a market-data line, ...): the pacing bound of
+        # what it actually sent is messages / budget.
+        "guard_messages": state["received_by_client"].get("0", 0) - sent_before,
         "positions_left": report.get("positions_left"),
         "error_100": state["pacing_violations"],
         "overshoot_positions": report.get("overshoot_positions"),
@@ -707,6 +724,8 @@ async def flatten_once(
         "flipped_positions": report.get("flipped_positions"),
         "guard_says_flat": bool((status.get("close") or {}).get("done")),
         "guard_rss_mb": round(rss[0], 1),
+        "loadavg_1m": [load_before, round(os.getloadavg()[0], 2)],
+        "us_session": session,
     }
 
 
@@ -892,21 +911,23 @@ def table(results: dict[str, Any]) -> str:
             f"{th['raw_ibapi']['sustained_per_s']}/s = {th['ratio'] * 100:.0f} %"
         )
         add("3. events/s taken vs raw ibapi", fig, ">= 90 %", th["ratio"] >= 0.9)
+    goal = f"<= {FLATTEN_GOAL} x bound, 0, 0"
     for fl in results.get("flatten", []):
+        name = f"4. flatten {fl['positions']}"
+        if "error" in fl:
+            add(name, f"FAILED: {fl['error']}", goal, False)
+            continue
         if fl.get("kill_to_flat_s") is None:
-            add(f"4. flatten {fl['positions']}", "NOT FLAT in time", "within 10 % of bound", False)
+            add(name, "NOT FLAT in time", goal, False)
             continue
         fig = (
-            f"{fl['kill_to_flat_s']} s vs bound {fl['bound_s']} s (x{fl['vs_bound']}), "
-            f"err100 {fl['error_100']}, overshoot {fl['overshoot_positions']}"
+            f"{fl['kill_to_flat_s']} s vs bound {fl['bound_s']} s = x{fl['vs_bound']}, "
+            f"err100 {fl['error_100']}, overshoot {fl['overshoot_positions']}, "
+            f"{fl['guard_messages']} msgs, "
+            f"first child {fl['kill_to_first_child_ms']} ms, load {fl['loadavg_1m'][0]}"
+            f"->{fl['loadavg_1m'][1]}, US stocks {fl['us_session']}"
         )
-        ok = (
-            fl["vs_bound"] <= 1.10
-            and fl["error_100"] == 0
-            and fl["overshoot_positions"] == 0
-            and fl["positions_left"] == 0
-        )
-        add(f"4. flatten {fl['positions']}", fig, "<= 1.10 x bound, 0, 0", ok)
+        add(name, fig, goal, flatten_goal_met(fl))
     m = results.get("memory")
     if m:
         fig = (
@@ -956,7 +977,7 @@ def table(results: dict[str, Any]) -> str:
     if p:
         fig = f"first cancel {p['kill_to_first_cancel_ms']} ms, flat {p['kill_to_flat_s']} s"
         add(f"6. ib_async panic ({p['positions']} pos)", fig, "baseline", None)
-    if g:
+    if g and "error" not in g:
         fig = f"first cancel {g['kill_to_first_cancel_ms']} ms, flat {g['kill_to_flat_s']} s"
         add(f"   guardd ({g['positions']} pos)", fig, "baseline", None)
     if "startup" in results:
@@ -968,7 +989,9 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def run(quick: bool, only: set[str]) -> dict[str, Any]:
+async def run(
+    quick: bool, only: set[str], sizes: Sequence[int] = (50, 200, 1_000)
+) -> dict[str, Any]:
     results: dict[str, Any] = {
         "mode": "quick" if quick else "full",
         "machine": machine(),
@@ -979,7 +1002,6 @@ async def run(quick: bool, only: set[str]) -> dict[str, Any]:
     seconds = 3.0 if quick else 8.0  # per flood step
     soak = 30.0 if quick else 600.0
     flood_s = 10.0 if quick else 60.0
-    sizes = (50, 200, 1_000)
     with tempfile.TemporaryDirectory(prefix="guardd-bench-") as tmp:
         workdir = Path(tmp)
         timeout = aiohttp.ClientTimeout(total=30)
@@ -1051,10 +1073,30 @@ async def _startup(workdir: Path, http: aiohttp.ClientSession, quick: bool) -> d
     return await bench_startup(workdir, http, 1_000, background=not quick)
 
 
+def flatten_goal_met(fl: dict[str, Any]) -> bool:
+    """Issue 15's flatten goal: within 3 % of the pacing bound, no error 100, no overshoot,
+    every position closed."""
+    return bool(
+        fl.get("vs_bound") is not None
+        and fl["vs_bound"] <= FLATTEN_GOAL
+        and fl["error_100"] == 0
+        and fl["overshoot_positions"] == 0
+        and fl["flipped_positions"] == 0
+        and fl["positions_left"] == 0
+    )
+
+
 async def _flatten_all(
     workdir: Path, http: aiohttp.ClientSession, sizes: Sequence[int]
 ) -> list[dict[str, Any]]:
-    return [await flatten_once(workdir, http, n) for n in sizes]
+    out: list[dict[str, Any]] = []
+    for n in sizes:  # one size failing (a timeout on a loaded host) does not lose the others
+        try:
+            out.append(await flatten_once(workdir, http, n))
+        except Exception as exc:
+            out.append({"positions": n, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"   flatten {n} failed: {exc!r}", file=sys.stderr, flush=True)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1066,10 +1108,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="comma-separated subset: kill,killfloor,trigger,throughput,flatten,memory,overload,"
         "panic,mqtt_flood,http_exhaustion,startup",
     )
+    parser.add_argument(
+        "--flatten-sizes",
+        default="50,200,1000",
+        help="positions per flatten run, comma-separated (each run once)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
     only = {s for s in args.only.split(",") if s}
-    results = asyncio.run(run(args.quick, only))
+    sizes = tuple(int(n) for n in args.flatten_sizes.split(",") if n)
+    results = asyncio.run(run(args.quick, only, sizes))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     m = results["machine"]
