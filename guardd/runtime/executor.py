@@ -29,7 +29,8 @@ journal and never duplicates a child (`restore_children`). A round's records (it
 child's `child_order_sent`) are one batch with one fsync, written before the first of its children
 is handed to the sender; the sends are then queued together (not awaited one by one), and the next
 round is planned as soon as at most `plan_ahead` children (two rounds) still wait for the socket, so
-the pacer never runs dry between rounds. Why a batch is as safe as a record per child: see `_close_round`.
+the pacer never runs dry between rounds. Why a batch is as safe as a record per child: see
+`_close_round`.
 
 Children are ours by identity, never by their orderRef label: each child's order id is claimed in
 the Book (`Book.claim_order_id`) when it is allocated, before the journal record and the send, and
