@@ -563,20 +563,21 @@ async def bench_trigger(workdir: Path, http: aiohttp.ClientSession, trials: int)
 # ---- 3. events/s folded by the guard vs the raw ibapi decode rate ------------------------------
 
 
-STEP_RATES = (5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000, 60_000)
+STEP_RATES = (5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000, 60_000, 80_000, 100_000)
 
 
 async def step_up(
     sim: Sim, consumed: Any, step_s: float, settle_s: float = 1.0
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Flood at rising rates; the highest rate a consumer keeps up with (>= 98 % consumed
-    within `settle_s` after the step, nothing skipped by the gateway), and every step's figures.
+    """Flood the PnL streams (one callback a message: tickPrice would be two, tickPrice and
+    tickSize) at rising rates; the highest rate a consumer keeps up with (>= 98 % consumed within
+    `settle_s` after the step, nothing skipped by the gateway), and every step's figures.
     Stops at the first rate it cannot keep up with: its backlog would spoil the next step."""
     steps: list[dict[str, Any]] = []
     sustained = 0
     for rate in STEP_RATES:
         before = await consumed()
-        await sim.req("flood", rate=rate, seconds=step_s)
+        await sim.req("flood", rate=rate, seconds=step_s, ticks=False)
         await asyncio.sleep(step_s + settle_s)
         stats = (await sim.req("flood_stop"))["stats"]
         got = await consumed() - before

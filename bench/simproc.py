@@ -198,7 +198,13 @@ async def serve(args: argparse.Namespace) -> None:
                     flood_task.cancel()
                 flood_stop = asyncio.Event()
                 flood_task = asyncio.ensure_future(
-                    flood(gateway, float(cmd["rate"]), float(cmd["seconds"]), stop=flood_stop)
+                    flood(
+                        gateway,
+                        float(cmd["rate"]),
+                        float(cmd["seconds"]),
+                        stop=flood_stop,
+                        ticks=bool(cmd.get("ticks", True)),
+                    )
                 )
                 reply.update(started=time.monotonic())
             elif name == "flood_stop":

@@ -38,6 +38,7 @@ async def flood(
     tick_s: float = 0.001,
     max_buffer_bytes: int = 256 * 1024,
     stop: asyncio.Event | None = None,
+    ticks: bool = True,
 ) -> FloodStats:
     """Send streaming updates to `gateway`'s subscribed clients at `events_per_s` for `seconds`.
 
@@ -48,7 +49,8 @@ async def flood(
     An event whose client already has `max_buffer_bytes` unsent is skipped (counted in
     `FloodStats.skipped`): the flood measures what a client absorbs, and never grows memory
     without bound. Bounded in time by `seconds` and in count by `events_per_s * seconds`;
-    setting `stop` ends it early (with its stats, unlike cancelling the task).
+    setting `stop` ends it early (with its stats, unlike cancelling the task). `ticks=False`
+    leaves the market-data streams out (a tickPrice is two callbacks: tickPrice and tickSize).
     """
     if events_per_s <= 0 or seconds <= 0:
         raise ValueError("events_per_s and seconds must be positive")
@@ -67,7 +69,7 @@ async def flood(
         if now >= end or (stop is not None and stop.is_set()):
             break
         if now - refreshed >= 0.1:
-            streams = _frames(gateway)
+            streams = _frames(gateway, ticks=ticks)
             refreshed = now
         due = min(int((now - start) * events_per_s) - attempted, max_batch, limit - attempted)
         if due > 0 and not streams:
@@ -93,8 +95,9 @@ async def flood(
     return stats
 
 
-def _frames(gateway: SimGateway) -> list[tuple[Session, bytes]]:
-    """One encoded message per subscribed stream of every started client."""
+def _frames(gateway: SimGateway, *, ticks: bool) -> list[tuple[Session, bytes]]:
+    """One encoded message per subscribed stream of every started client (`ticks`: the
+    market-data streams too, not only the PnL ones)."""
     out: list[tuple[Session, bytes]] = []
     for s in list(gateway.sessions.values()):
         version = s.client_version
