@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from guardd.broker.buffer import EventBuffer
 from guardd.broker.ib import (
     DATA_REQ_ID_BASE,
     READ_ONLY_PROBE_ID,
@@ -825,3 +826,27 @@ async def test_socket_refuses_global_cancel_then_it_raises_and_is_not_counted_se
     with pytest.raises(BrokerDisconnectedError, match="538"):
         await broker.global_cancel()
     assert sim.global_cancels == 0
+
+
+async def test_events_not_taken_then_reading_pauses_and_nothing_but_values_is_dropped(
+    sim: SimGateway,
+) -> None:
+    # Arrange: a small buffer, and nobody taking events at first
+    broker = IbBroker("127.0.0.1", sim.port, GUARD_ID, ACCOUNT, heartbeat_interval_s=None)
+    broker._events = EventBuffer(high=50, low=10)
+    await broker.start()
+    try:
+        # Act: 300 notices (never coalesced) while the buffer is not read
+        for n in range(300):
+            sim.broadcast_error(2104, f"notice {n}")
+        await eventually(lambda: broker.events_held >= 1, "reading paused")
+        assert len(broker._events) < 300  # the rest waits in the socket, not in memory
+        recorder = Recorder(broker)
+
+        # Assert: every notice arrives, in order, once the guard takes events again
+        notices = await recorder.wait_for(
+            ev.BrokerMessage, lambda e: e.message.startswith("notice "), count=300, timeout=10
+        )
+        assert [e.message for e in notices] == [f"notice {n}" for n in range(300)]
+    finally:
+        await broker.stop()
