@@ -64,7 +64,7 @@ log = structlog.get_logger("guardd.broker.ib")
 YIELD_EVERY: Final = 256
 """`events` gives the loop a turn after this many events taken from a backlog."""
 ABORT_GRACE_S: Final = 2.5
-"""How long a timed-out connect attempt may take to end after its socket is closed."""
+"""Slack on the liveness promise of a connect attempt, beyond its own `connect_timeout_s`."""
 
 
 class ClientIdInUseError(BrokerConnectError):
