@@ -14,6 +14,7 @@ import datetime as dt
 import math
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -33,10 +34,18 @@ from tests.guard_harness import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.both_wires, pytest.mark.slow]
 
-# A month out of today: the guard prices options at its own clock, so a fixed date would make the
+# The gateway starts at 11:00 New York on today's date (the next Monday on a weekend): the US
+# regular session, so the stock closes at market (at 16:00, the start this drill used to take,
+# the session is over and the guard rightly closes a stock by an outsideRth limit). The options
+# expire a month later: the guard prices options at its own clock, so a fixed date would make the
 # guard and the gateway disagree on time to expiry (and the drill break once the date passed).
-EXPIRY = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).strftime("%Y%m%d")
-START = option_expiry(EXPIRY) - 30 * 86_400  # a month before expiry
+_NEW_YORK = ZoneInfo("America/New_York")
+_TODAY = dt.datetime.now(_NEW_YORK).date()
+_START_DAY = _TODAY + dt.timedelta(
+    days=max(0, 7 - _TODAY.weekday()) if _TODAY.weekday() >= 5 else 0
+)
+START = dt.datetime.combine(_START_DAY, dt.time(11, 0), _NEW_YORK).timestamp()
+EXPIRY = (_START_DAY + dt.timedelta(days=30)).strftime("%Y%m%d")
 STOCK, CALL_190, PUT_180, CALL_200, CALL_220 = 265598, 900001, 900002, 900003, 900004
 OPTIONS = {CALL_190: ("C", 190.0), PUT_180: ("P", 180.0), CALL_200: ("C", 200.0)}
 OPTIONS[CALL_220] = ("C", 220.0)
