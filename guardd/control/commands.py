@@ -33,6 +33,8 @@ __all__ = [
     "check_force",
     "check_mode",
     "check_reason",
+    "command_from_body",
+    "http_error_name",
     "refusal_record",
 ]
 
@@ -119,6 +121,55 @@ class HttpRefusedError(Exception):
         super().__init__(str(error))
         self.status = status
         self.error = error
+
+
+_HTTP_ERRORS: Final[Mapping[int, str]] = {
+    400: "malformed",
+    401: "unauthorized",
+    403: "forbidden",
+    408: "timeout",
+    409: "refused",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid",
+}
+
+
+def http_error_name(status: int) -> str:
+    """The ``error`` word of an HTTP refusal (the API's and the console's) for its status."""
+    return _HTTP_ERRORS.get(status, "error")
+
+
+_FIELDS: Final[Mapping[CommandKind, frozenset[str]]] = {
+    "kill": frozenset({"reason", "mode"}),
+    "arm": frozenset({"reason", "force"}),
+}
+"""The JSON fields an HTTP kill or arm may carry (the API's and the console's)."""
+
+
+def command_from_body(
+    body: object, action: CommandKind, principal: str, request_id: str, *, person: str | None
+) -> ControlCommand:
+    """The HTTP command in a JSON `body` (the API's and the console's), or `HttpRefusedError`:
+    400 when it is not an object, 422 for an unknown field or a bad value."""
+    if not isinstance(body, dict):
+        raise HttpRefusedError(400, CommandError("body must be a JSON object"))
+    try:
+        unknown = sorted(str(k) for k in body if k not in _FIELDS[action])
+        if unknown:
+            raise CommandError(f"unknown field(s) for {action}: {', '.join(unknown)}")
+        return ControlCommand(
+            action=action,
+            principal=principal,
+            channel="http",
+            reason=check_reason(body.get("reason")),
+            mode=check_mode(body.get("mode")),
+            force=check_force(body.get("force")),
+            request_id=request_id,
+            person=person,
+        )
+    except CommandError as exc:
+        raise HttpRefusedError(422, exc) from exc
 
 
 class CommandHandler(Protocol):

@@ -54,11 +54,9 @@ from guardd.control.auth import Principal, TokenStore, required_role
 from guardd.control.commands import (
     CommandHandler,
     CommandKind,
-    ControlCommand,
     HttpRefusedError,
-    check_force,
-    check_mode,
-    check_reason,
+    command_from_body,
+    http_error_name,
     refusal_record,
 )
 from guardd.errors import AuthError, CommandError, GuarddError
@@ -75,10 +73,6 @@ MAX_STREAMS: Final = 32
 REFRESH_S: Final = 0.25
 KEEPALIVE_S: Final = 15.0
 _STATIC: Final = {"console.js": "text/javascript", "console.css": "text/css"}
-_FIELDS: Final[Mapping[CommandKind, frozenset[str]]] = {
-    "kill": frozenset({"reason", "mode"}),
-    "arm": frozenset({"reason", "force"}),
-}
 _SECURITY_HEADERS: Final = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -329,7 +323,9 @@ class Console:
             principal = session.principal
             _require(principal, action)
             body = await _read_json(request)
-            command = _command_from_body(body, action, principal, request_id)
+            command = command_from_body(
+                body, action, principal.name, request_id, person=principal.person
+            )
         except HttpRefusedError as refused:
             reason = body.get("reason") if isinstance(body, dict) else None
             self._audit(request, principal, action, reason, refused, request_id)
@@ -442,45 +438,11 @@ async def _read_json(request: web.Request) -> object:
         raise HttpRefusedError(400, CommandError("body is not valid JSON")) from exc
 
 
-def _command_from_body(
-    body: object, action: CommandKind, principal: Principal, request_id: str
-) -> ControlCommand:
-    if not isinstance(body, dict):
-        raise HttpRefusedError(400, CommandError("body must be a JSON object"))
-    try:
-        unknown = sorted(str(k) for k in body if k not in _FIELDS[action])
-        if unknown:
-            raise CommandError(f"unknown field(s) for {action}: {', '.join(unknown)}")
-        return ControlCommand(
-            action=action,
-            principal=principal.name,
-            channel="http",
-            reason=check_reason(body.get("reason")),
-            mode=check_mode(body.get("mode")),
-            force=check_force(body.get("force")),
-            request_id=request_id,
-            person=principal.person,
-        )
-    except CommandError as exc:
-        raise HttpRefusedError(422, exc) from exc
-
-
-_ERRORS: Final = {
-    400: "malformed",
-    401: "unauthorized",
-    403: "forbidden",
-    409: "refused",
-    413: "too_large",
-    415: "unsupported_media_type",
-    422: "invalid",
-}
-
-
 def _refusal_json(refused: HttpRefusedError, request_id: str) -> web.Response:
     return _json(
         refused.status,
         {
-            "error": _ERRORS.get(refused.status, "error"),
+            "error": http_error_name(refused.status),
             "message": str(refused.error),
             "request_id": request_id,
         },

@@ -58,9 +58,8 @@ from guardd.control.commands import (
     ControlCommand,
     HttpRefusedError,
     Role,
-    check_force,
-    check_mode,
-    check_reason,
+    command_from_body,
+    http_error_name,
     refusal_record,
 )
 from guardd.errors import AuthError, CommandError, ConfigError, GuarddError
@@ -87,10 +86,6 @@ ACCEPT_BATCH: Final = 128
 """The listen backlog, which is also how many connections asyncio accepts in one go."""
 _JSON: Final = "application/json"
 _REQUEST_ID: Final = web.RequestKey("request_id", str)
-_FIELDS: Final[Mapping[CommandKind, frozenset[str]]] = {
-    "kill": frozenset({"reason", "mode"}),
-    "arm": frozenset({"reason", "force"}),
-}
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -163,7 +158,7 @@ class _Connection(web.RequestHandler):
             phrase = HTTPStatus(status).phrase
         except ValueError:
             phrase = "Error"
-        name = "unparsable_request" if status == 400 else _error_name(status)
+        name = "unparsable_request" if status == 400 else http_error_name(status)
         response = _error(status, name, phrase, request_id=request_id)
         response.headers["X-Request-Id"] = request_id
         response.force_close()
@@ -363,7 +358,7 @@ class ControlHttpServer:
             log.info("status_refused", remote=request.remote, why=str(refused.error))
             return _error(
                 refused.status,
-                _error_name(refused.status),
+                http_error_name(refused.status),
                 str(refused.error),
                 request_id=request[_REQUEST_ID],
             )
@@ -408,7 +403,7 @@ class ControlHttpServer:
             self._audit_refusal(request, action, principal, reason, refused, request_id)
             return _error(
                 refused.status,
-                _error_name(refused.status),
+                http_error_name(refused.status),
                 str(refused.error),
                 request_id=request_id,
             )
@@ -477,19 +472,6 @@ def _require(principal: Principal, role: Role) -> None:
         raise HttpRefusedError(403, exc) from exc
 
 
-def _error_name(status: int) -> str:
-    return {
-        400: "malformed",
-        401: "unauthorized",
-        403: "forbidden",
-        408: "timeout",
-        409: "refused",
-        413: "too_large",
-        415: "unsupported_media_type",
-        422: "invalid",
-    }.get(status, "error")
-
-
 async def _read_json(request: web.Request, limit: int, timeout_s: float) -> object:
     try:
         async with asyncio.timeout(timeout_s):
@@ -508,23 +490,7 @@ async def _read_json(request: web.Request, limit: int, timeout_s: float) -> obje
 def _command_from_body(
     body: object, action: CommandKind, principal: str, request_id: str, *, person: str | None = None
 ) -> ControlCommand:
-    if not isinstance(body, dict):
-        raise HttpRefusedError(400, CommandError("body must be a JSON object"))
-    if "reason" not in body:
+    # The API asks for the reason by name (400); the console checks it as a value (422).
+    if isinstance(body, dict) and "reason" not in body:
         raise HttpRefusedError(400, CommandError("missing field: reason"))
-    try:
-        unknown = sorted(str(k) for k in body if k not in _FIELDS[action])
-        if unknown:
-            raise CommandError(f"unknown field(s) for {action}: {', '.join(unknown)}")
-        return ControlCommand(
-            action=action,
-            principal=principal,
-            channel="http",
-            reason=check_reason(body["reason"]),
-            mode=check_mode(body.get("mode")),
-            force=check_force(body.get("force")),
-            request_id=request_id,
-            person=person,
-        )
-    except CommandError as exc:
-        raise HttpRefusedError(422, exc) from exc
+    return command_from_body(body, action, principal, request_id, person=person)
