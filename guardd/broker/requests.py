@@ -184,17 +184,10 @@ class IbRequests(IbConnection):
                 self._forget_line(session, con_id)
         self._choose_lines(session)
 
-    def watch_prices(
-        self, con_ids: Iterable[int], *, exchanges: dict[int, str] | None = None
-    ) -> None:
+    def watch_prices(self, con_ids: Iterable[int]) -> None:
         """Stream bid/ask/last for these contracts, now and after every reconnect, as far as
         the lines allow (at the lowest priority: exposure 0 unless `rank_lines` says more).
-
-        The exchange for reqMktData is taken from `exchanges`, else from the contract's position,
-        else SMART.
-        """
-        for con_id, exchange in (exchanges or {}).items():
-            self._exchanges[ev.ConId(con_id)] = exchange
+        The exchange for reqMktData is the contract's position's, else SMART."""
         self._watched.update(ev.ConId(int(c)) for c in con_ids if int(c))
         session = self._session
         if session is not None and session.announced:

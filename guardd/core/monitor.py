@@ -75,10 +75,9 @@ class Reading:
 
 @dataclass(frozen=True, slots=True)
 class PriceWatch:
-    """Watch this contract's live prices; `exchange` is where (empty: the contract's own)."""
+    """Watch this contract's live prices (on its own exchange)."""
 
     con_id: ev.ConId
-    exchange: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,17 +211,14 @@ class Monitor:
         (it needs a last price). Held positions are not watched here: their market-data lines
         are chosen by exposure within IB's line limit (`guardd.core.lines`, the guard's
         `_rank_lines`)."""
-        match event:
-            case ev.OpenOrder(con_id=con_id):
-                exchange = ""
-                order = book.order(event.perm_id)
-                wanted = self._collared and (order is None or not book.is_own(order))
-            case _:
-                return None
-        if not wanted or not con_id or con_id in self._watched:
+        if not isinstance(event, ev.OpenOrder) or not self._collared:
+            return None
+        con_id = event.con_id
+        order = book.order(event.perm_id)
+        if (order is not None and book.is_own(order)) or not con_id or con_id in self._watched:
             return None
         self._watched.add(con_id)
-        return PriceWatch(con_id, exchange)
+        return PriceWatch(con_id)
 
     def line_wants(self, book: Book) -> list[LineWant]:
         """The contracts that want a market-data line (`guardd.core.lines`): every held position

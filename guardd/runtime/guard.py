@@ -542,10 +542,7 @@ class Guard:
                     pass
             watch = self.monitor.price_watch(self.book, event)
             if watch is not None:
-                con_id, exchange = watch.con_id, watch.exchange
-                self.broker.watch_prices(
-                    [con_id], exchanges={con_id: exchange} if exchange else None
-                )
+                self.broker.watch_prices([watch.con_id])
             if isinstance(event, _ORDER_EVENTS):
                 await self._on_order_event(event)
             if isinstance(event, _BOOK_CHANGES):
