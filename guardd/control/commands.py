@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol, get_args
 
-from guardd.core.engine import KILL_MODES, KillMode
+from guardd.core.engine import KillMode, kill_mode
 from guardd.errors import CommandError, GuarddError
 
 __all__ = [
@@ -214,10 +214,10 @@ def check_mode(value: object) -> KillMode | None:
     """A kill mode (``cancel`` / ``flatten``), None when absent, or ``CommandError``."""
     if value is None:
         return None
-    for mode in KILL_MODES:
-        if value == mode:
-            return mode
-    raise CommandError('mode must be "cancel" or "flatten"')
+    mode = kill_mode(value)
+    if mode is None:
+        raise CommandError('mode must be "cancel" or "flatten"')
+    return mode
 
 
 def check_force(value: object) -> bool:

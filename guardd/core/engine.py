@@ -40,6 +40,14 @@ every order and keep them cancelled; flatten: also close every position."""
 KILL_MODES: Final[tuple[KillMode, ...]] = get_args(KillMode)
 
 
+def kill_mode(value: object) -> KillMode | None:
+    """`value` as a kill mode, None when it is not one (read from a command or a file)."""
+    for mode in KILL_MODES:
+        if value == mode:
+            return mode
+    return None
+
+
 class State(StrEnum):
     """The guard's state."""
 

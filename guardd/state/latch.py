@@ -48,7 +48,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
-from guardd.core.engine import KILL_MODES, Latch
+from guardd.core.engine import Latch, kill_mode
 from guardd.errors import LatchError
 from guardd.state.durable import write_all
 
@@ -243,18 +243,18 @@ def witness_step(witness: Latch | None, record: Mapping[str, Any]) -> Latch | No
         or not _finite(since)
     ):
         return witness
-    for mode in KILL_MODES:
-        if latch.get("mode") == mode:
-            return Latch(
-                reason=str(latch.get("reason", "")),
-                source=str(latch.get("source", "")),
-                principal=str(latch.get("principal", _UNKNOWN_PRINCIPAL)),
-                mode=mode,
-                since=float(since),
-                decision_id=decision_id,
-                detail="restored from the journal",
-            )
-    return witness
+    mode = kill_mode(latch.get("mode"))
+    if mode is None:
+        return witness
+    return Latch(
+        reason=str(latch.get("reason", "")),
+        source=str(latch.get("source", "")),
+        principal=str(latch.get("principal", _UNKNOWN_PRINCIPAL)),
+        mode=mode,
+        since=float(since),
+        decision_id=decision_id,
+        detail="restored from the journal",
+    )
 
 
 def later_of(file: LatchFile, witness: Latch | None) -> LatchFile:
@@ -326,7 +326,7 @@ def _parse_v1(document: dict[str, Any], halted: bool) -> LatchFile:
     """A version 1 file: no principal of its own (its writer put ``principal=<name>`` in
     ``detail``) and the decision id as a string."""
     _check_keys(document, _V1_KEYS)
-    if document["mode"] not in KILL_MODES:  # checked even when armed, as version 1 did
+    if kill_mode(document["mode"]) is None:  # checked even when armed, as version 1 did
         raise ValueError(f"latch mode must be 'cancel' or 'flatten', got {document['mode']!r}")
     decision_id = document["decision_id"]
     if decision_id is not None and not isinstance(decision_id, str):
@@ -346,10 +346,10 @@ def _state(document: dict[str, Any], halted: bool, principal: str, decision_id: 
     detail = _typed(document, "detail", str)
     if not halted:
         return Armed(reason, source, principal, float(since), decision_id, detail)
-    for mode in KILL_MODES:
-        if document["mode"] == mode:
-            return Latch(reason, source, principal, mode, float(since), decision_id, detail)
-    raise ValueError(f"latch mode must be 'cancel' or 'flatten', got {document['mode']!r}")
+    mode = kill_mode(document["mode"])
+    if mode is None:
+        raise ValueError(f"latch mode must be 'cancel' or 'flatten', got {document['mode']!r}")
+    return Latch(reason, source, principal, mode, float(since), decision_id, detail)
 
 
 def _check_keys(document: dict[str, Any], expected: frozenset[str]) -> None:
