@@ -46,7 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Self, TypeGuard, TypeVar
 
 from guardd.core.engine import Latch, kill_mode
 from guardd.errors import LatchError
@@ -235,13 +235,7 @@ def witness_step(witness: Latch | None, record: Mapping[str, Any]) -> Latch | No
     if record.get("state") != "HALTED" or not isinstance(latch, dict):
         return witness
     since = latch.get("since")
-    if (
-        not isinstance(decision_id, int)
-        or isinstance(decision_id, bool)
-        or isinstance(since, bool)
-        or not isinstance(since, int | float)
-        or not _finite(since)
-    ):
+    if not _whole(decision_id) or not _time(since):
         return witness
     mode = kill_mode(latch.get("mode"))
     if mode is None:
@@ -317,7 +311,7 @@ def _parse(raw: bytes) -> LatchFile:
         return _parse_v1(document, halted)
     _check_keys(document, _V2_KEYS | {"mode"} if halted else _V2_KEYS)
     decision_id = document["decision_id"]
-    if isinstance(decision_id, bool) or not isinstance(decision_id, int) or decision_id < 0:
+    if not _whole(decision_id) or decision_id < 0:
         raise ValueError(f"latch decision_id must be a whole number >= 0, got {decision_id!r}")
     return _state(document, halted, _typed(document, "principal", str), decision_id)
 
@@ -339,7 +333,7 @@ def _parse_v1(document: dict[str, Any], halted: bool) -> LatchFile:
 
 def _state(document: dict[str, Any], halted: bool, principal: str, decision_id: int) -> LatchFile:
     since = document["since"]
-    if isinstance(since, bool) or not isinstance(since, int | float) or not _finite(since):
+    if not _time(since):
         raise ValueError(f"latch since must be a finite number, got {since!r}")
     reason = _typed(document, "reason", str)
     source = _typed(document, "source", str)
@@ -358,9 +352,17 @@ def _check_keys(document: dict[str, Any], expected: frozenset[str]) -> None:
         raise ValueError(f"latch keys wrong (missing {missing}, unknown {unknown})")
 
 
-def _finite(number: int | float) -> bool:
+def _whole(value: object) -> TypeGuard[int]:
+    """Whether a JSON value is a whole number (not a boolean)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _time(value: object) -> TypeGuard[int | float]:
+    """Whether a JSON value is a finite number of seconds (not a boolean)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
     try:
-        return math.isfinite(number)
+        return math.isfinite(value)
     except OverflowError:  # an int too large for a float (JSON integers are unbounded)
         return False
 
