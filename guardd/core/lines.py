@@ -127,9 +127,8 @@ class LineLimit:
 
     def at(self, now: float) -> int:
         """The limit at `now`."""
-        if self.lowered_to is not None and now < self.until:
-            return min(self.configured, self.lowered_to)
-        return self.configured
+        granted = self.granted(now)
+        return self.configured if granted is None else min(self.configured, granted)
 
     def granted(self, now: float) -> int | None:
         """What IB granted when it last refused a line, while that holds (None: no refusal
