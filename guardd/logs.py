@@ -142,7 +142,10 @@ def configure_logging(
     ]
     renderer: Processor
     if console:
-        renderer = structlog.dev.ConsoleRenderer(colors=_is_terminal(out))
+        # Plain tracebacks: the same with or without rich installed (production has none).
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=_is_terminal(out), exception_formatter=structlog.dev.plain_traceback
+        )
         final: list[Processor] = [renderer]
     else:
         renderer = structlog.processors.JSONRenderer()

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import shtab
 
-from ibsim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION
-
 __all__ = ["EX_CONFIG", "EX_DATAERR", "add_arguments", "main", "run"]
 
 EX_CONFIG = 78  # a scenario the gateway cannot use
@@ -87,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def server_version(text: str) -> int:
     """argparse type of `--server-version`: an int the simulated gateway can speak."""
+    # Here, not at the top: `guardd run` builds this parser too and needs none of the wire.
+    from ibsim.messages import MAX_SERVER_VERSION, MIN_SERVER_VERSION
+
     try:
         version = int(text)
     except ValueError:

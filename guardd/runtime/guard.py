@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -45,7 +45,6 @@ from guardd.control.auth import TwoPersonRule
 from guardd.control.commands import CommandOutcome, ControlCommand
 from guardd.control.console import Console
 from guardd.control.http import ControlHttpServer
-from guardd.control.mqtt import MqttControl
 from guardd.control.nonces import NonceStore
 from guardd.control.refusals import RefusalLedger, RefusalSummary, refusal_kind
 from guardd.core import events as ev
@@ -78,6 +77,9 @@ from guardd.runtime.startup import Restored, restore
 from guardd.sdnotify import HealthWatchdog, Notifier, watchdog_interval
 from guardd.state.journal import Journal, Rotation
 from guardd.state.latch import LatchWriter
+
+if TYPE_CHECKING:  # imported when MQTT is enabled (aiomqtt, paho: nothing else needs them)
+    from guardd.control.mqtt import MqttControl
 
 log = structlog.get_logger(__name__)
 
@@ -451,6 +453,8 @@ class Guard:
                 self.cfg.nonces_path, window_s=mqtt_cfg.window_s, now=self.clock()
             )
             stack.callback(nonces.close)
+            from guardd.control.mqtt import MqttControl
+
             self.mqtt = MqttControl(
                 self,
                 account=self.cfg.account,

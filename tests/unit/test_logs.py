@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -139,6 +140,34 @@ def test_auto_on_a_terminal_then_console_not_json() -> None:
     assert "guard_started" in text and "account" in text
     with pytest.raises(json.JSONDecodeError):
         json.loads(text)
+
+
+def test_exception_on_the_console_then_plain_python_traceback() -> None:
+    # The same lines with or without rich installed (production has none; rich draws boxes).
+    out = FakeTerminal()
+    configure_logging("console", "info", stream=out)
+
+    try:
+        raise RuntimeError("socket gone")
+    except RuntimeError:
+        get_logger("guardd.broker").exception("broker_read_failed")
+
+    text = out.getvalue()
+    assert "Traceback (most recent call last):" in text
+    assert "RuntimeError: socket gone" in text
+    assert "╭" not in text
+
+
+def test_guardd_run_imports_then_no_rich_mqtt_or_simulator_wire() -> None:
+    # What `guardd run` imports before it starts (guardd.cli._run), in a fresh interpreter.
+    code = (
+        "import sys, guardd.cli; guardd.cli.import_structlog(); import guardd.runtime.guard; "
+        "print(sorted(m for m in ('rich', 'aiomqtt', 'paho', 'ibsim.messages', 'apprise') "
+        "if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+
+    assert run.stdout.strip() == "[]"
 
 
 def test_auto_on_a_pipe_then_json() -> None:
