@@ -287,7 +287,10 @@ def test_per_currency_rows_then_base_currency_not_learned_from_them() -> None:
     held=st.lists(
         st.tuples(
             st.sampled_from(["USD", "JPY", "GBP", "CHF", "EUR"]),
-            st.floats(min_value=-1e5, max_value=1e5, allow_nan=False).filter(lambda q: q != 0),
+            # quantities as IB reports them (no subnormal floats: 5e-324 x 1.5 rounds to 1e-323)
+            st.floats(min_value=-1e5, max_value=1e5, allow_nan=False).filter(
+                lambda q: abs(q) >= 1e-4
+            ),
             st.floats(min_value=0.01, max_value=1e4, allow_nan=False),
         ),
         min_size=1,
