@@ -199,12 +199,23 @@ class Executor:
         """Carry out a decision's actions in order and journal it.
 
         A leading cancel goes out before the decision's journal record (an fsync); everything
-        else of the decision after it. Nothing here raises on a latch or journal error.
+        else of the decision after it. Nothing here raises on a latch or journal error. A leading
+        cancel that raises, or is cancelled while it waits for the 1 s window (a shutdown, a
+        control handler cancelled), still leaves the decision journaled and its latch written
+        before the exception goes on: HALTED must outlive whatever became of the cancel (the
+        re-sync sweep and the restart repeat it).
         """
         actions = decision.actions
         first = 1 if actions and isinstance(actions[0], CancelAll) else 0
-        for action in actions[:first]:
-            await self._act(action, decision, trigger_ts)
+        try:
+            for action in actions[:first]:
+                await self._act(action, decision, trigger_ts)
+        except BaseException:
+            self._journal_decision(decision)
+            for action in actions[first:]:
+                if isinstance(action, LatchHalt):
+                    self._latch_halt(action.latch, decision)
+            raise
         self._journal_decision(decision)
         for action in actions[first:]:
             await self._act(action, decision, trigger_ts)
@@ -288,15 +299,7 @@ class Executor:
     async def _act(self, action: Action, decision: Decision, trigger_ts: float | None) -> None:
         match action:
             case LatchHalt(latch=latch):
-                if self.persist_latch(latch):
-                    self._journal(
-                        "latch_written",
-                        decision_id=decision.decision_id,
-                        reason=latch.reason,
-                        source=latch.source,
-                        mode=latch.mode,
-                    )
-                    log.warning("kill_latched", reason=latch.reason, source=latch.source)
+                self._latch_halt(latch, decision)
             case CancelAll(reason=reason):
                 await self._cancel_all(decision, reason, trigger_ts)
             case Flatten():
@@ -322,6 +325,17 @@ class Executor:
                 await self.stop_episode("re-armed")
             case _:
                 assert_never(action)
+
+    def _latch_halt(self, latch: Latch, decision: Decision) -> None:
+        if self.persist_latch(latch):
+            self._journal(
+                "latch_written",
+                decision_id=decision.decision_id,
+                reason=latch.reason,
+                source=latch.source,
+                mode=latch.mode,
+            )
+            log.warning("kill_latched", reason=latch.reason, source=latch.source)
 
     async def _cancel_all(self, decision: Decision, reason: str, trigger_ts: float | None) -> None:
         if self.dry_run:

@@ -2,6 +2,7 @@
 disconnected or refused; close children journaled before they are sent; and its helpers: child
 status from the broker, order refs, trading hours, prices."""
 
+import asyncio
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -37,6 +38,7 @@ from guardd.core.planner import ChildStatus, ClosePolicy, order_ref_prefix, sequ
 from guardd.errors import BrokerError
 from guardd.runtime.executor import Executor, regular_hours
 from guardd.state.journal import Journal, read_journal
+from guardd.state.latch import read_latch
 from tests.conftest import eventually
 
 NY = ZoneInfo("America/New_York")
@@ -199,6 +201,41 @@ async def test_cancel_not_sent_then_deferred_and_the_latch_still_written(
     assert broker.requests == []
     assert kinds(tmp_path)[:2] == ["global_cancel_deferred", "decision"]
     assert (tmp_path / "latch.json").exists(), "a cancel that failed skipped the latch"
+
+
+class StuckCancel(FakeBroker):
+    """A broker whose reqGlobalCancel waits for ever (the 1 s window full) or fails outright."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        super().__init__()
+        self.error = error
+        self.waiting = asyncio.Event()
+
+    async def global_cancel(self) -> None:
+        self.waiting.set()
+        if self.error is not None:
+            raise self.error
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("how", ["cancelled while waiting", "unexpected error"])
+async def test_cancel_that_never_completes_then_decision_and_latch_written_all_the_same(
+    how: str, tmp_path: Path
+) -> None:
+    broker = StuckCancel(None if how == "cancelled while waiting" else RuntimeError("bug"))
+    executor = executor_for(out_of_step_book(market_price=None), broker, tmp_path)
+    task = asyncio.create_task(executor.carry_out(kill(CancelAll(reason="test"), LatchHalt(LATCH))))
+    await broker.waiting.wait()
+
+    task.cancel()  # a shutdown while the cancel waits for its window (no effect once it raised)
+    with pytest.raises((asyncio.CancelledError, RuntimeError)):
+        await task
+
+    # the exception goes on, but HALTED is durable: the decision journaled, the latch on disk
+    assert "decision" in kinds(tmp_path)
+    assert (
+        executor.latch_durable and read_latch(tmp_path / "latch.json", allow_missing=False) == LATCH
+    )
 
 
 async def test_flatten_then_child_claimed_and_journaled_before_it_is_sent(tmp_path: Path) -> None:
