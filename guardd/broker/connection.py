@@ -63,6 +63,10 @@ log = structlog.get_logger("guardd.broker.ib")
 
 YIELD_EVERY: Final = 256
 """`events` gives the loop a turn after this many events taken from a backlog."""
+TURN_BUDGET_S: Final = 0.001
+"""... or once the events taken in this turn (and the consumer's work on them) took this long
+(checked every CHECK_EVERY events): the loop's longest stretch in the fold."""
+CHECK_EVERY: Final = 8
 ABORT_GRACE_S: Final = 2.5
 """Slack on the liveness promise of a connect attempt, beyond its own `connect_timeout_s`."""
 
@@ -241,18 +245,29 @@ class IbConnection:
         """Every BrokerEvent in arrival order (value updates coalesced, see `EventBuffer`),
         until the broker stops."""
         buffer = self._events
+        clock = time.perf_counter
         taken = 0
+        turn_started = clock()
         while True:
-            event = await buffer.get()
+            if not buffer:  # `get` waits: the turn ends there
+                event = await buffer.get()
+                taken = 0
+                turn_started = clock()
+            else:
+                event = await buffer.get()
             if event is None:
                 return
             if self._held and len(buffer) <= buffer.low:
                 self._hold(False)
             yield event
             taken += 1
-            if taken % YIELD_EVERY == 0:
+            if taken == YIELD_EVERY or (
+                taken % CHECK_EVERY == 0 and clock() - turn_started >= TURN_BUDGET_S
+            ):
                 # A backlog is folded in turns: a kill or a command is served in between.
                 await asyncio.sleep(0)
+                taken = 0
+                turn_started = clock()
 
     @property
     def events_coalesced(self) -> int:

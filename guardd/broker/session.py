@@ -7,8 +7,9 @@ request methods work unchanged). No ibapi thread runs.
 
 Each callback becomes a BrokerEvent (by `guardd.broker.convert`) or an internal note, stamped
 with the owner's clock and handed to the owner in order, once per slice of decoded frames
-(`SessionOwner.on_items`). A slice is at most `FRAMES_PER_TURN` frames: a long backlog yields
-the loop between slices, so an HTTP kill or an MQTT command is served while a flood is decoded.
+(`SessionOwner.on_items`). A slice is at most `FRAMES_PER_TURN` frames and ends early once it
+has taken `TURN_BUDGET_S`: a long backlog yields the loop between slices, so an HTTP kill or an
+MQTT command is served while a flood is decoded, after at most about one budget.
 The owner can `hold` the session (bounded buffer full): reading pauses, TCP pushes back on the
 gateway, and nothing is dropped.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -45,6 +47,10 @@ log = structlog.get_logger("guardd.broker.ib")
 
 FRAMES_PER_TURN: Final = 256
 """At most this many frames are decoded before the loop gets a turn."""
+TURN_BUDGET_S: Final = 0.001
+"""A slice ends once it has decoded for this long (checked every FRAMES_PER_CHECK frames): the
+loop's longest stretch in the decoder, whatever a frame costs on this machine."""
+FRAMES_PER_CHECK: Final = 16
 
 
 class SessionOwner(Protocol):
@@ -237,19 +243,41 @@ class IbSession(EWrapper, EClient):  # type: ignore[misc]
             self._owner.loop.call_soon(self._resume_slice)
 
     def _decode_slice(self, *, final: bool = False) -> bool:
-        """Decode at most FRAMES_PER_TURN frames; True when complete frames may remain."""
+        """Decode at most FRAMES_PER_TURN frames, for about TURN_BUDGET_S at most; True when
+        complete frames may remain."""
         if self._held and not final:
             return False
-        try:
-            frames = wire.take_frames(self._buf, FRAMES_PER_TURN)
-        except wire.FrameTooLongError as exc:
-            self.error(
-                NO_VALID_ID, currentTimeMillis(), BAD_LENGTH.code(), f"{BAD_LENGTH.msg()}:{exc}"
-            )
-            self._buf = bytearray()
-            self._flush()
-            self.abort()
-            return False
+        deadline = time.perf_counter() + TURN_BUDGET_S
+        decoded = 0
+        while True:
+            chunk = min(FRAMES_PER_CHECK, FRAMES_PER_TURN - decoded)
+            try:
+                frames = wire.take_frames(self._buf, chunk)
+            except wire.FrameTooLongError as exc:
+                self.error(
+                    NO_VALID_ID, currentTimeMillis(), BAD_LENGTH.code(), f"{BAD_LENGTH.msg()}:{exc}"
+                )
+                self._buf = bytearray()
+                self._flush()
+                self.abort()
+                return False
+            if not self._dispatch(frames):
+                return False
+            decoded += len(frames)
+            more = len(frames) == chunk
+            if not more or decoded >= FRAMES_PER_TURN or time.perf_counter() >= deadline:
+                break
+        self._flush()
+        if more and not final:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.pause_reading()  # the loop's turn first; the rest of `_buf` next
+                self._slice_scheduled = True
+                self._owner.loop.call_soon(self._resume_slice)
+        return more
+
+    def _dispatch(self, frames: list[bytes]) -> bool:
+        """Decode `frames` in order; False when the session ended on one (aborted)."""
         for payload in frames:
             if self.connState == EClient.DISCONNECTED:
                 break  # aborted by a callback (e.g. error 504): nothing more is ours
@@ -265,15 +293,7 @@ class IbSession(EWrapper, EClient):  # type: ignore[misc]
                 self._flush()
                 self.abort()
                 return False
-        self._flush()
-        more = len(frames) == FRAMES_PER_TURN
-        if more and not final:
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                transport.pause_reading()  # the loop's turn first; the rest of `_buf` next
-                self._slice_scheduled = True
-                self._owner.loop.call_soon(self._resume_slice)
-        return more
+        return True
 
     def _resume_slice(self) -> None:
         self._slice_scheduled = False
