@@ -74,6 +74,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Final, Protocol, Self
@@ -81,8 +82,14 @@ from typing import Final, Protocol, Self
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from guardd.core.rules import BREACH_LEVELS
 
@@ -203,6 +210,38 @@ class _LastEventAge(Collector):
     def describe(self) -> Iterable[Metric]:
         # Describing without collecting keeps the registry from calling the clock at register.
         yield GaugeMetricFamily("guardd_last_event_age_seconds", "", labels=["account"])
+
+
+class _EventProcessing(Collector):
+    """``guardd_event_processing_seconds``: a histogram counted in plain ints on the event loop
+    (one per broker event, so no lock and no label lookup) and exported at scrape."""
+
+    NAME: Final = "guardd_event_processing_seconds"
+    DOC: Final = "Folding one broker event and deciding."
+
+    def __init__(self, account: str, buckets: tuple[float, ...]) -> None:
+        self._account = account
+        self._bounds = buckets
+        self._counts = [0] * (len(buckets) + 1)  # the last: above every bound (+Inf only)
+        self._sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self._counts[bisect_left(self._bounds, seconds)] += 1
+        self._sum += seconds
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.NAME, self.DOC, labels=["account"])
+        buckets: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip((*self._bounds, math.inf), self._counts, strict=True):
+            total += count
+            le = floatToGoString(bound)  # type: ignore[no-untyped-call]  # as Histogram does
+            buckets.append((le, float(total)))
+        family.add_metric([self._account], buckets, self._sum)
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        yield HistogramMetricFamily(self.NAME, "", labels=["account"])
 
 
 class _BrokerBuffer(Collector):
@@ -351,13 +390,8 @@ class Metrics:
             buckets=TRIGGER_TO_CANCEL_BUCKETS,
             registry=r,
         )
-        self._event_processing = Histogram(
-            "guardd_event_processing_seconds",
-            "Folding one broker event and deciding.",
-            a,
-            buckets=EVENT_PROCESSING_BUCKETS,
-            registry=r,
-        )
+        self._event_processing = _EventProcessing(account, EVENT_PROCESSING_BUCKETS)
+        r.register(self._event_processing)
         self._flatten_pending = Gauge(
             "guardd_flatten_pending", "Positions not yet flat while a flatten runs.", a, registry=r
         )
@@ -466,7 +500,6 @@ class Metrics:
         for reason in WATCHDOG_REASONS:
             self._watchdog_withheld.labels(account, reason)
         self._trigger_to_cancel.labels(account)
-        self._event_processing.labels(account)
         # guardd_mqtt_connected appears on the first set_mqtt_connected(): a guard without MQTT
         # exports no such series, so the MqttDisconnected alert stays quiet for it.
 
@@ -688,7 +721,7 @@ class Metrics:
 
     def observe_event_processing(self, seconds: float) -> None:
         """Record the time taken to fold one broker event and decide."""
-        self._event_processing.labels(self.account).observe(seconds)
+        self._event_processing.observe(seconds)
 
     # ------------------------------------------------------------------------------ helpers
 
