@@ -202,8 +202,9 @@ class Observation:
     `synced_since` is when the current connection (`generation`) finished its position and
     open-order downloads (None while it has not); `executions_complete` is whether its
     executions download has ended too. `orders` are our client's orders of the current
-    connection by order id; `fills` every execution of the guarded account known so far (the
-    episode counts each execId once, so passing old ones again is harmless).
+    connection by order id; `fills` every execution of the guarded account known so far, or at
+    least every one the episode does not know yet (`CloseEpisode.knows_fill`: it counts each
+    execId once, so passing old ones again is harmless, and leaving them out changes nothing).
     `foreign_buying` / `foreign_selling` are, per position, the unfilled quantity of every
     working buy / sell order that is not ours: the sweep is cancelling them, but until a cancel
     lands (PendingCancel) they may still fill. `positions_listed_asked` is when the last positions
@@ -386,11 +387,17 @@ class CloseEpisode:
         # (scanning all of them per position made a 1,000-position round take ~1 s).
         self._children_of: dict[PositionKey, list[Child]] = {}
         self._foreign_of: dict[PositionKey, list[Fill]] = {}
+        self._keys: set[PositionKey] = set()  # the keys of the last round, and sorted
+        self._sorted_keys: list[PositionKey] = []
         self._own: dict[str, tuple[Child, Decimal]] = {}  # execId -> (child, shares)
         self._unpriced: set[PositionKey] = set()  # reported without a usable price for a limit
         self._unknown: set[PositionKey] = set()  # quantity left unset by IB (journaled once)
         self._refresh_positions = False  # this round asks for positions afresh
         self.waiting_for_open: set[PositionKey] = set()  # to close, their market closed
+
+    def knows_fill(self, exec_id: str) -> bool:
+        """Whether an execution was given to the episode already (it counts each once)."""
+        return exec_id in self._own or exec_id in self._foreign
 
     def child_by_order_id(self, order_id: int) -> Child | None:
         """One of our children by its order id (our client's), if it is one."""
@@ -566,7 +573,13 @@ class CloseEpisode:
         self._refresh_positions = False
         self._account_fills(obs, records)
         self._refresh_children(obs, records)
-        keys = set(obs.positions) | {c.key for c in self.children.values()} | set(self._ledgers)
+        # Every position the Book shows, has a child or a ledger, in key order: sorted again
+        # only when that set changes (sorting 1,000 keys every round cost more than the round).
+        keys = set(obs.positions)
+        keys.update(self._children_of)
+        keys.update(self._ledgers)
+        if keys != self._keys:
+            self._keys, self._sorted_keys = keys, sorted(keys)
         cancels: list[Cancel] = []
         inputs: list[ConfirmedPosition] = []
         child_inputs: list[ChildOrder] = []
@@ -574,7 +587,7 @@ class CloseEpisode:
         steps: dict[PositionKey, int] = {}
         notes: list[Note] = []
         off_target = 0
-        for key in sorted(keys):
+        for key in self._sorted_keys:
             held = obs.positions.get(key)
             figure = held.position.quantity if held is not None else ZERO
             target = self._target(key)
@@ -597,13 +610,19 @@ class CloseEpisode:
             if ledger.last_figure != figure:
                 ledger.last_figure = figure
                 ledger.last_activity = max(ledger.last_activity, updated)
-            expected = self._expected(key, ledger, figure, updated, obs, records)
             mine = self._children_of.get(key, [])
+            tolerance = self.settings.tolerance_for(held.position.sec_type if held else "")
+            if held is not None and self._settled_flat(key, ledger, figure, target, tolerance):
+                # Nothing new on a flat position: the rest of the round would change nothing
+                # for it but this.
+                if ledger.replacing is not None and ledger.replacing.status is ChildStatus.FILLED:
+                    ledger.replacing = None
+                continue
+            expected = self._expected(key, ledger, figure, updated, obs, records)
             live = [c for c in mine if c.live]
             if expected is None:
                 off_target += 1  # not anchored yet: the executions download is not in
                 continue
-            tolerance = self.settings.tolerance_for(held.position.sec_type if held else "")
             if (
                 live
                 or _off_target(figure, target, tolerance)
@@ -697,10 +716,42 @@ class CloseEpisode:
         old = self.children.get(child.order_ref)
         self.children[child.order_ref] = child
         if old is not None:  # the same child again (a restore): the new record replaces it
-            self._children_of[old.key].remove(old)
+            siblings = self._children_of[old.key]
+            siblings.remove(old)
+            if not siblings:  # the keys of `_children_of` are those of the children
+                del self._children_of[old.key]
         self._children_of.setdefault(child.key, []).append(child)
         self._by_order_id[child.order_id] = child
         self.sequence = max(self.sequence, sequence_of(child.order_ref) + 1)
+
+    def _settled_flat(
+        self,
+        key: PositionKey,
+        ledger: _Ledger,
+        figure: Decimal,
+        target: Decimal,
+        tolerance: Decimal,
+    ) -> bool:
+        """Whether a position the broker shows at 0 is at its anchor of 0 with nothing new: no
+        live child, no fill that the anchor does not hold, no uncertain fill. Then `_expected`
+        is (0,) and moves nothing, nothing is closable or cancelled and the position is at
+        target: the round has nothing to do for it (at 1,000 positions most of them are in this
+        state for most of a flatten, and the full path cost most of the round)."""
+        anchor = ledger.anchor
+        if (
+            figure != 0
+            or anchor is None
+            or anchor.quantity != 0
+            or anchor.uncertain
+            or _off_target(figure, target, tolerance)
+        ):
+            return False
+        mine = self._children_of.get(key, ())
+        if any(c.live for c in mine):
+            return False
+        if any(f.exec_id not in anchor.fills for f in self._foreign_of.get(key, ())):
+            return False
+        return {c.order_ref: c.filled for c in mine if c.filled} == dict(anchor.child_fills)
 
     def _ledger(self, key: PositionKey) -> _Ledger:
         ledger = self._ledgers.get(key)

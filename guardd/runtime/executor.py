@@ -561,7 +561,7 @@ class Executor:
         re-sync shows the broker does not have it (assumption A5), as it always did.
         """
         now = self.clock()
-        observation = self._observe(now)
+        observation = self._observe(now, episode)
         plan = episode.step(observation, self.close_policy, self.round_budget)
         # The prices of what is being closed go ahead of other traffic (the pacer's CLOSE_DATA).
         self.broker.closing(
@@ -650,12 +650,9 @@ class Executor:
             except Exception as exc:  # a listener never costs the close a round
                 log.exception("close_record_listener_failed", record=record.kind, error=str(exc))
 
-    def _observe(self, now: float) -> Observation:
+    def _observe(self, now: float, episode: CloseEpisode | None = None) -> Observation:
         """What the Book shows now, in the close episode's terms."""
-        positions = {
-            p.key: Held(p, self._updated(p.key), known=self._known(p.key))
-            for p in self._confirmed_positions(all_=True)
-        }
+        positions = {held.position.key: held for held in self._held_positions()}
         # Ours by identity, as the Book knows it (our client id and an order id we claimed, or
         # its learned permId); a fill or order of anyone else, whatever its orderRef or its id,
         # reaches the episode under another client id and is foreign there.
@@ -675,9 +672,13 @@ class Executor:
                 status=order.status,
                 filled=_decimal(order.filled),
             )
+        # Only executions the episode has not been given yet (it counts each execId once and
+        # ignores one it knows: handing it every execution of the day each round was O(fills)).
         fills = []
         for e in book.executions.values():
             if e.account != self.account or not math.isfinite(e.shares):
+                continue
+            if episode is not None and episode.knows_fill(e.exec_id):
                 continue
             oid = book.own_order_id(e.perm_id, e.client_id, e.order_id)
             fills.append(
@@ -718,13 +719,12 @@ class Executor:
             positions_listed_asked=self.book.positions_listed_asked,
         )
 
-    def _updated(self, key: planner.PositionKey) -> float:
-        position = self.book.position(key.con_id, key.account)
-        return position.updated if position is not None else self.clock()
-
-    def _known(self, key: planner.PositionKey) -> bool:
-        position = self.book.position(key.con_id, key.account)
-        return position is None or position.known
+    def _held_positions(self) -> Iterable[Held]:
+        """Every position of the guarded account, zero ones included, as the episode sees it."""
+        now = self.clock()
+        for p in self.book.positions.values():
+            if p.account == self.account:
+                yield Held(self._confirmed(p, now), p.updated, known=p.known)
 
     def _new_children(
         self, episode: CloseEpisode, orders: Sequence[planner.NewChildOrder]
@@ -812,8 +812,8 @@ class Executor:
             self._synced_at = (self.book.generation, now)
         return now - self._synced_at[1]
 
-    def _confirmed_positions(self, *, all_: bool = False) -> Iterable[planner.ConfirmedPosition]:
-        """Broker-confirmed positions of the guarded account (non-zero ones, or `all_`).
+    def _confirmed_positions(self) -> Iterable[planner.ConfirmedPosition]:
+        """Broker-confirmed non-zero positions of the guarded account.
 
         The price is the contract's latest market price, never a position value divided by a
         quantity: value (pnlSingle) and quantity (position) come on separate streams and may be
@@ -823,32 +823,44 @@ class Executor:
         allows it)."""
         now = self.clock()
         for p in self.book.positions.values():
-            if p.account != self.account or (p.quantity == 0 and not all_):
+            if p.account != self.account or p.quantity == 0:
                 continue
-            if not p.known and not all_:
+            if not p.known:
                 continue  # no figure to size anything from (the close episode sees it unknown)
-            session = market_session(self.book, p.con_id, p.sec_type, now)
-            key = planner.PositionKey(planner.AccountId(p.account), ConId(p.con_id))
-            quote = self.book.quote(p.con_id)
-            price = quote.reference
-            yield planner.ConfirmedPosition(
-                key=key,
-                symbol=p.symbol,
-                sec_type=p.sec_type,
-                exchange=p.exchange,
-                currency=p.currency,
-                quantity=_decimal(p.quantity),
-                price=price if math.isfinite(price) and price > 0 else None,
-                fx_rate=self.book.exchange_rate(p.currency),
-                multiplier=p.multiplier or 1.0,
-                # The Book does not know contract tick sizes; futures close with MKT by default.
-                min_tick=Decimal("0.01"),
-                regular_hours=session == "regular",
-                market_open=session != "closed",
-                # A close limit comes only from these, each with the time it was received, and
-                # only from a fresh one (guardd.core.pricing); `price` ranks by exposure.
-                prices=quote.close_prices(),
-            )
+            yield self._confirmed(p, now)
+
+    def _confirmed(self, p: Position, now: float) -> planner.ConfirmedPosition:
+        """One position of the Book as the planner sees it (see `_confirmed_positions`).
+
+        A position at 0 comes without its session, prices and exchange rate (not looked up:
+        at 1,000 positions, most of them closed, that was a third of a close round): with a
+        figure of 0 nothing is closable, so the close episode never plans a child for it and
+        the planner never prices or ranks it (the defaults say nothing about its market)."""
+        key = planner.PositionKey(planner.AccountId(p.account), ConId(p.con_id))
+        if p.known and p.quantity == 0:
+            terms = (p.symbol, p.sec_type, p.exchange, p.currency)
+            return planner.ConfirmedPosition(key, *terms, _decimal(p.quantity), None, None)
+        session = market_session(self.book, p.con_id, p.sec_type, now)
+        quote = self.book.quote(p.con_id)
+        price = quote.reference
+        return planner.ConfirmedPosition(
+            key=key,
+            symbol=p.symbol,
+            sec_type=p.sec_type,
+            exchange=p.exchange,
+            currency=p.currency,
+            quantity=_decimal(p.quantity),
+            price=price if math.isfinite(price) and price > 0 else None,
+            fx_rate=self.book.exchange_rate(p.currency),
+            multiplier=p.multiplier or 1.0,
+            # The Book does not know contract tick sizes; futures close with MKT by default.
+            min_tick=Decimal("0.01"),
+            regular_hours=session == "regular",
+            market_open=session != "closed",
+            # A close limit comes only from these, each with the time it was received, and
+            # only from a fresh one (guardd.core.pricing); `price` ranks by exposure.
+            prices=quote.close_prices(),
+        )
 
     def _journal_decision(self, decision: Decision) -> None:
         latch = next((a.latch for a in decision.actions if isinstance(a, LatchHalt)), None)

@@ -60,6 +60,26 @@ def test_flat_confirmed_then_a_new_fill_then_a_new_round_closes_it() -> None:
     assert [(o.action, o.quantity) for o in again.orders] == [(Side.SELL, Decimal(3))]
 
 
+def test_flat_confirmed_then_a_fill_before_its_figure_then_off_target_at_once() -> None:
+    # Arrange: long 10, closed and confirmed flat; rounds go on with nothing new
+    view = BookView(10)
+    episode = CloseEpisode("flatten", 1, 0.0, SETTINGS)
+    (first,) = send_all(episode, episode.step(view.obs(), POLICY, 4), view, 100)
+    close_fully(episode, view, first, 10)
+    view.now += 1
+    assert episode.step(view.obs(), POLICY, 4).at_target
+
+    # Act: a foreign BOT 3 is heard; the broker's figure still says 0
+    view.now += 1
+    view.fills.append(fill("bot1", 3, view.now))
+    plan = episode.step(view.obs(), POLICY, 4)
+
+    # Assert: flat no longer confirmed (a settled flat position is one with nothing new), and
+    # nothing sold before the figure agrees
+    assert "close_round_started" in kinds(plan) and not plan.at_target
+    assert plan.orders == ()
+
+
 def test_old_figure_after_flat_then_no_close() -> None:
     # Arrange: long 10, sold 10 (execution in), confirmed flat
     view = BookView(10)

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from guardd.core.close import (
+    Cancel,
     CloseEpisode,
     CloseSettings,
     Fill,
@@ -38,6 +39,7 @@ from guardd.core.planner import (
     AccountId,
     ClosePolicy,
     ConfirmedPosition,
+    NewChildOrder,
     PositionKey,
     Side,
 )
@@ -224,7 +226,7 @@ class World:
             fills=list(self.fills),
         )
 
-    def carry_out(self, episode: CloseEpisode, plan: Round, reach: bool) -> None:
+    def carry_out(self, episode: CloseEpisode | _Twins, plan: Round, reach: bool) -> None:
         for cancel in plan.cancels:
             episode.cancel_sent(cancel, self.generation, self.now)
             order = self.orders.get(cancel.order_id)
@@ -260,9 +262,43 @@ OPS = st.one_of(
 )
 
 
+class _Unhurried(CloseEpisode):
+    """The episode without its shortcut for settled flat positions: every position takes the
+    full path every round."""
+
+    def _settled_flat(self, *args: object) -> bool:
+        return False
+
+
+class _Twins:
+    """The episode and an `_Unhurried` twin fed the same: every round of theirs must be the
+    same (the shortcut for a settled flat position changes nothing but the round's cost)."""
+
+    def __init__(self, start: float) -> None:
+        self.quick = CloseEpisode("flatten", 1, start, SETTINGS)
+        self.full = _Unhurried("flatten", 1, start, SETTINGS)
+
+    @property
+    def at_target(self) -> bool:
+        return self.quick.at_target
+
+    def step(self, obs: Observation, policy: ClosePolicy, budget: int) -> Round:
+        quick = self.quick.step(obs, policy, budget)
+        assert self.full.step(obs, policy, budget) == quick
+        return quick
+
+    def add_child(self, order: NewChildOrder, order_id: int, generation: int, now: float) -> None:
+        self.quick.add_child(order, order_id, generation, now)
+        self.full.add_child(order, order_id, generation, now)
+
+    def cancel_sent(self, cancel: Cancel, generation: int, now: float) -> None:
+        self.quick.cancel_sent(cancel, generation, now)
+        self.full.cancel_sent(cancel, generation, now)
+
+
 def _play(start: int, max_child: int, ops: list[tuple[object, ...]], foreign: bool) -> None:
     world = World(true=start)
-    episode = CloseEpisode("flatten", 1, world.now, SETTINGS)
+    episode = _Twins(world.now)
     policy = ClosePolicy(max_child_quantity=Decimal(max_child), max_rejects=None)
     delays = iter([0.0, 0.3, 1.9, 0.7, 1.2, 0.05] * 1000)
     for op in ops:
