@@ -73,6 +73,16 @@ class Latch:
     decision_id: int
     detail: str = ""
 
+    def summary(self) -> dict[str, str | float]:
+        """What people and the journal are told of it: reason, source, principal, mode, since."""
+        return {
+            "reason": self.reason,
+            "source": self.source,
+            "principal": self.principal,
+            "mode": self.mode,
+            "since": self.since,
+        }
+
 
 # ---------------------------------------------------------------------------- inputs
 

@@ -873,15 +873,7 @@ class Executor:
             reasons=list(decision.reasons),
             refused=decision.refused,
             # What the latch file is about to say: the journal's witness of the kill on start.
-            latch=None
-            if latch is None
-            else {
-                "reason": latch.reason,
-                "source": latch.source,
-                "principal": latch.principal,
-                "mode": latch.mode,
-                "since": latch.since,
-            },
+            latch=None if latch is None else latch.summary(),
         )
 
     def _journal_many(self, records: Sequence[tuple[str, dict[str, Any]]]) -> None:

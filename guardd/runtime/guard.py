@@ -878,14 +878,7 @@ class Guard:
             "waiting_for": self.waiting_for(),
             "latch": None
             if latch is None
-            else {
-                "reason": latch.reason,
-                "source": latch.source,
-                "principal": latch.principal,
-                "mode": latch.mode,
-                "since": latch.since,
-                "decision_id": latch.decision_id,
-            },
+            else {**latch.summary(), "decision_id": latch.decision_id},
             # What a restart would read from the latch file. It differs from `state` only while
             # a latch write fails (`latch_durable` false, `latch_error` says why; retried).
             "latch_durable": self.executor.latch_durable,
